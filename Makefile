@@ -1,0 +1,45 @@
+# The two README commands: `make demo` (main job, built-in default) and
+# `make test` (everything CI checks). Both start from nothing: they create
+# .venv, install the pinned requirements, and build fastvlm._C.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.fastvlm-built
+CSRC := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
+CMAKE_BUILD ?= build-cmake
+JOBS ?= 2
+
+.PHONY: venv build ctest pytest test demo bench clean
+
+venv: $(DEPS_STAMP)
+$(DEPS_STAMP): requirements/test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements/test.txt
+	touch $@
+
+# Editable install: compiles fastvlm._C (CUDA kernels too when nvcc and a CUDA torch exist).
+build: $(BUILD_STAMP)
+$(BUILD_STAMP): $(DEPS_STAMP) $(CSRC)
+	MAX_JOBS=$(JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# The same csrc/ built standalone by CMake; ctest runs the C++ (and, with a GPU, CUDA) tests.
+ctest: $(DEPS_STAMP)
+	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(CMAKE_BUILD) -j $(JOBS)
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+pytest: build
+	$(PY) -m pytest -q tests
+
+test: build ctest pytest
+
+demo: build
+	$(PY) -m fastvlm demo
+
+bench: build
+	$(PY) benchmarks/bench_mask.py
+
+clean:
+	rm -rf $(VENV) build $(CMAKE_BUILD) fastvlm/_C*.so *.egg-info

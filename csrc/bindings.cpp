@@ -1,0 +1,116 @@
+// The only translation unit that includes torch: argument checks, output
+// allocation, and registration of fastvlm's compiled ops as torch.ops.fastvlm.*.
+// Kernel sources (block_map/*.cpp, *.cu) see raw pointers only.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "block_map/block_map.h"
+
+#if defined(FASTVLM_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#ifndef FASTVLM_CUDA_ARCHS
+#define FASTVLM_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+using fastvlm::BlockMapOut;
+
+void check_metadata(const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& is_image,
+                    int64_t kind, int64_t block_q, int64_t block_k) {
+  TORCH_CHECK(lo.dim() == 2, "block_map: lo must be [B, N], got ", lo.sizes());
+  TORCH_CHECK(lo.scalar_type() == at::kInt && hi.scalar_type() == at::kInt,
+              "block_map: lo and hi must be int32");
+  TORCH_CHECK(is_image.scalar_type() == at::kBool || is_image.scalar_type() == at::kByte,
+              "block_map: is_image must be bool or uint8");
+  TORCH_CHECK(hi.sizes() == lo.sizes() && is_image.sizes() == lo.sizes(),
+              "block_map: lo, hi, is_image must share one shape [B, N]");
+  TORCH_CHECK(hi.device() == lo.device() && is_image.device() == lo.device(),
+              "block_map: lo, hi, is_image must be on one device");
+  TORCH_CHECK(kind >= fastvlm::kCausal && kind <= fastvlm::kMMCA, "block_map: unknown kind ", kind);
+  TORCH_CHECK(block_q > 0 && block_k > 0, "block_map: block sizes must be positive");
+  TORCH_CHECK(lo.size(1) < (int64_t(1) << 30), "block_map: sequence too long for int32 indices");
+}
+
+std::vector<at::Tensor> allocate_outputs(const at::Tensor& lo, int64_t block_q, int64_t block_k,
+                                         BlockMapOut& out) {
+  const int64_t b = lo.size(0), n = lo.size(1);
+  const int64_t tq = (n + block_q - 1) / block_q, tk = (n + block_k - 1) / block_k;
+  auto opts = lo.options().dtype(at::kInt);
+  std::vector<at::Tensor> t = {
+      at::empty({b, tq}, opts), at::empty({b, tq, tk}, opts), at::empty({b, tq}, opts),
+      at::empty({b, tq, tk}, opts), at::empty({b, tk}, opts), at::empty({b, tk, tq}, opts),
+      at::empty({b, tk}, opts), at::empty({b, tk, tq}, opts)};
+  int32_t** slots[] = {&out.kv_num, &out.kv_idx, &out.full_kv_num, &out.full_kv_idx,
+                       &out.q_num,  &out.q_idx,  &out.full_q_num,  &out.full_q_idx};
+  for (size_t i = 0; i < t.size(); ++i) *slots[i] = t[i].data_ptr<int32_t>();
+  return t;
+}
+
+std::vector<at::Tensor> block_map_cpu(const at::Tensor& lo_in, const at::Tensor& hi_in,
+                                      const at::Tensor& is_image_in, int64_t kind,
+                                      int64_t block_q, int64_t block_k) {
+  check_metadata(lo_in, hi_in, is_image_in, kind, block_q, block_k);
+  auto lo = lo_in.contiguous(), hi = hi_in.contiguous();
+  auto is_image = is_image_in.to(at::kByte).contiguous();
+  BlockMapOut out{};
+  auto result = allocate_outputs(lo, block_q, block_k, out);
+  fastvlm::block_map_cpu(lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(),
+                         is_image.data_ptr<uint8_t>(), lo.size(0), lo.size(1), kind, block_q,
+                         block_k, out);
+  return result;
+}
+
+#if defined(FASTVLM_WITH_CUDA)
+std::vector<at::Tensor> block_map_cuda(const at::Tensor& lo_in, const at::Tensor& hi_in,
+                                       const at::Tensor& is_image_in, int64_t kind,
+                                       int64_t block_q, int64_t block_k) {
+  check_metadata(lo_in, hi_in, is_image_in, kind, block_q, block_k);
+  c10::cuda::CUDAGuard guard(lo_in.device());
+  auto lo = lo_in.contiguous(), hi = hi_in.contiguous();
+  auto is_image = is_image_in.to(at::kByte).contiguous();
+  BlockMapOut out{};
+  auto result = allocate_outputs(lo, block_q, block_k, out);
+  const int64_t ws_bytes =
+      fastvlm::block_map_cuda_workspace_bytes(lo.size(0), lo.size(1), block_q, block_k);
+  auto workspace = at::empty({ws_bytes}, lo.options().dtype(at::kByte));
+  const int err = fastvlm::block_map_cuda(
+      lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(), is_image.data_ptr<uint8_t>(), lo.size(0),
+      lo.size(1), kind, block_q, block_k, out, workspace.data_ptr(),
+      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == 0, "block_map CUDA kernel failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  return result;
+}
+#endif
+
+bool built_with_cuda() {
+#if defined(FASTVLM_WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastvlm, m) {
+  m.def("block_map(Tensor lo, Tensor hi, Tensor is_image, int kind, int block_q, int block_k)"
+        " -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastvlm, CPU, m) { m.impl("block_map", &block_map_cpu); }
+
+#if defined(FASTVLM_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fastvlm, CUDA, m) { m.impl("block_map", &block_map_cuda); }
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastvlm compiled ops (registered under torch.ops.fastvlm)";
+  m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
+  m.def("cuda_archs", []() { return std::string(FASTVLM_CUDA_ARCHS); },
+        "TORCH_CUDA_ARCH_LIST the CUDA kernels were compiled for");
+}

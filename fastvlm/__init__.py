@@ -1,0 +1,9 @@
+"""fastvlm: efficient kernels and a training stack for vision-language models.
+
+Importing never fails for want of an optional piece (GPU, compiled extension,
+flash-attn, xformers): each op falls back to its reference implementation, and
+`fastvlm info` says what is in use.
+"""
+__version__ = "0.1.0"
+
+from fastvlm import ops  # noqa: E402,F401

@@ -1,0 +1,49 @@
+"""The one boundary between Python and the compiled extension fastvlm._C.
+
+Everything else in fastvlm asks this module whether a compiled op exists and
+calls it through here, so a missing or broken build degrades to the reference
+implementations instead of failing at import.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from fastvlm import _C  # noqa: F401  (registers torch.ops.fastvlm.*)
+
+    load_error: str | None = None
+except (ImportError, OSError) as exc:  # not built, or built against another torch
+    _C = None
+    load_error = f"{type(exc).__name__}: {exc}"
+
+
+def available() -> bool:
+    """Whether fastvlm._C imported."""
+    return _C is not None
+
+
+def cuda_built() -> bool:
+    """Whether fastvlm._C carries its CUDA kernels."""
+    return _C is not None and bool(_C.built_with_cuda())
+
+
+def cuda_archs() -> str:
+    """The TORCH_CUDA_ARCH_LIST the CUDA kernels were built for ('' if none)."""
+    return _C.cuda_archs() if cuda_built() else ""
+
+
+def supports_device(device: torch.device) -> bool:
+    """Whether the compiled ops have a kernel for tensors on `device`."""
+    if device.type == "cpu":
+        return available()
+    if device.type == "cuda":
+        return cuda_built()
+    return False
+
+
+def block_map(lo, hi, is_image, kind: int, block_q: int, block_k: int) -> list[torch.Tensor]:
+    """torch.ops.fastvlm.block_map: the 8 count/index tensors of a BlockMap."""
+    if not supports_device(lo.device):
+        raise RuntimeError(f"fastvlm._C has no block_map kernel for device {lo.device} "
+                           f"(extension: {'built' if available() else load_error})")
+    return torch.ops.fastvlm.block_map(lo, hi, is_image, kind, block_q, block_k)

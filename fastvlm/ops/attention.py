@@ -1,0 +1,232 @@
+"""multimodal_attention: scaled dot-product attention under an AttentionLayout.
+
+q: [B, Hq, N, D], k/v: [B, Hkv, N, D] (SDPA layout), Hq a multiple of Hkv
+(GQA, k/v never repeated in memory by the fast paths). A query row that may
+attend to nothing outputs 0 and gets zero gradient, never NaN.
+
+The reference backend has two paths that compute the same function:
+- ``dense``: materialises the [B, N, N] mask (tests, small N);
+- ``blockwise``: walks the layout's block map with an online softmax over
+  chunks of kv blocks and recomputes tiles in backward from the saved
+  log-sum-exp, so memory stays O(N * block). Partial tiles evaluate the same
+  interval predicate the kernels use; full tiles evaluate none.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastvlm.ops._backend import register_op, resolve_backend
+from fastvlm.ops.layout import AttentionLayout, BlockMap
+
+register_op("multimodal_attention", {"reference": lambda device: True},
+            {"cpu": ("reference",), "cuda": ("reference",)})
+DENSE_MAX_ELEMENTS = 1 << 24  # B*Hq*N*N scores above which the reference goes blockwise
+REFERENCE_BLOCK = 128
+REFERENCE_KV_CHUNK = 8  # kv blocks per online-softmax step
+
+
+def check_attention_inputs(q, k, v, layout: AttentionLayout):
+    """Shape/dtype/device validation shared by every backend."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected shape [B, H, N, D], got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+    if not isinstance(layout, AttentionLayout):
+        raise ValueError(f"layout: expected an AttentionLayout, got {type(layout).__name__}")
+    b, hq, n, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k, v: shapes differ, {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d:
+        raise ValueError(f"k: expected [B={b}, Hkv, N={n}, D={d}], got {tuple(k.shape)}")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"k: GQA needs q heads ({hq}) to be a multiple of k/v heads ({hkv})")
+    if not d or d > 256:
+        raise ValueError(f"q: head_dim must be in 1..256, got {d}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k, v: dtype must match q ({q.dtype}), got {k.dtype} and {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"k, v: must be on q's device {q.device}")
+    if layout.shape != (b, n):
+        raise ValueError(f"layout: expected shape (B={b}, N={n}) to match q, got {layout.shape}")
+    if layout.device != q.device:
+        raise ValueError(f"layout: on {layout.device}, q on {q.device}; use layout.to(q.device)")
+
+
+def multimodal_attention(q, k, v, layout: AttentionLayout, *, scale: float | None = None,
+                         backend: str = "auto") -> torch.Tensor:
+    """softmax(q kᵀ · scale, masked by `layout`) v, per head; returns q's shape and dtype."""
+    check_attention_inputs(q, k, v, layout)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    resolve_backend("multimodal_attention", backend, q.device)
+    return attention_reference(q, k, v, layout, scale=scale)
+
+
+def attention_reference(q, k, v, layout: AttentionLayout, *, scale: float | None = None,
+                        impl: str = "auto", block: int = REFERENCE_BLOCK) -> torch.Tensor:
+    """The reference: ``dense`` or ``blockwise`` (``auto`` picks by size)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if impl == "auto":
+        b, h, n, _ = q.shape
+        impl = "dense" if b * h * n * n <= DENSE_MAX_ELEMENTS else "blockwise"
+    if impl == "dense":
+        return _dense_attention(q, k, v, layout, scale)
+    if impl == "blockwise":
+        return _BlockwiseAttention.apply(q, k, v, layout, scale, layout.block_map(block, block))
+    raise ValueError(f"impl: expected 'auto', 'dense' or 'blockwise', got {impl!r}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _masked_softmax_av(scores, mask, v):
+    """softmax over allowed keys, times v; rows with no allowed key give 0 (and 0 grad)."""
+    s = scores.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(-1, keepdim=True)
+    return (p @ v) / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _dense_attention(q, k, v, layout, scale):
+    group = q.shape[1] // k.shape[1]
+    ct = _compute_dtype(q.dtype)
+    qc = q.to(ct)
+    kc = k.to(ct).repeat_interleave(group, 1)
+    vc = v.to(ct).repeat_interleave(group, 1)
+    scores = (qc @ kc.transpose(-1, -2)) * scale
+    masks = layout.dense_split() if layout.split_softmax else (layout.dense(),)
+    out = sum(_masked_softmax_av(scores, m[:, None], vc) for m in masks)
+    return out.to(q.dtype)
+
+
+def tile_predicate(layout: AttentionLayout, b: int, rows: torch.Tensor, cols: torch.Tensor):
+    """Allowed pairs for query rows x key cols of batch row b, from the per-token
+    intervals (the predicate the kernels evaluate in partial tiles)."""
+    lo, hi = layout.lo[b, rows][:, None], layout.hi[b, rows][:, None]
+    c = cols[None, :]
+    allowed = (c >= lo) & (c <= hi)
+    if layout.kind == "mmca":
+        img_q, img_k = layout.is_image[b, rows][:, None], layout.is_image[b, cols][None, :]
+        allowed &= ~img_q | ~img_k | (c == rows[:, None])
+    return allowed
+
+
+def _tile_masks(layout: AttentionLayout, bm: BlockMap, b: int, qb: int, kv_blocks, n: int):
+    """Key positions and per-branch masks [rows, keys] for one q block against a
+    chunk of (kv block, is_full) pairs."""
+    dev = layout.device
+    q0, q1 = qb * bm.block_q, min(n, (qb + 1) * bm.block_q)
+    rows = torch.arange(q0, q1, device=dev)
+    cols, masks = [], []
+    for kb, full in kv_blocks:
+        c = torch.arange(kb * bm.block_k, min(n, (kb + 1) * bm.block_k), device=dev)
+        cols.append(c)
+        masks.append(torch.ones(len(rows), len(c), dtype=torch.bool, device=dev) if full
+                     else tile_predicate(layout, b, rows, c))
+    cols, allowed = torch.cat(cols), torch.cat(masks, 1)
+    if not layout.split_softmax:
+        return rows, cols, (allowed,)
+    image_k = layout.is_image[b, cols][None, :]
+    return rows, cols, (allowed & ~image_k, allowed & image_k)
+
+
+def _kv_schedule(bm: BlockMap, b: int, qb: int):
+    """The kv blocks of one q block, ascending, with whether each is full; chunked."""
+    part = bm.kv_indices[b, qb, :int(bm.kv_num_blocks[b, qb])].tolist()
+    full = bm.full_kv_indices[b, qb, :int(bm.full_kv_num_blocks[b, qb])].tolist()
+    blocks = sorted([(kb, False) for kb in part] + [(kb, True) for kb in full])
+    return [blocks[i:i + REFERENCE_KV_CHUNK] for i in range(0, len(blocks), REFERENCE_KV_CHUNK)]
+
+
+class _BlockwiseAttention(torch.autograd.Function):
+    """Flash-style reference: online softmax forward, recompute-from-LSE backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: AttentionLayout, scale: float, bm: BlockMap):
+        bsz, hq, n, d = q.shape
+        group = hq // k.shape[1]
+        ct = _compute_dtype(q.dtype)
+        branches = 2 if layout.split_softmax else 1
+        outs = torch.zeros(branches, bsz, hq, n, d, dtype=ct, device=q.device)
+        lse = torch.full((branches, bsz, hq, n), float("-inf"), dtype=ct, device=q.device)
+        for b in range(bsz):
+            for qb in range(bm.num_q_blocks):
+                chunks = _kv_schedule(bm, b, qb)
+                if not chunks:
+                    continue
+                rows = None
+                m = l = acc = None
+                for chunk in chunks:
+                    rows, cols, masks = _tile_masks(layout, bm, b, qb, chunk, n)
+                    qs = q[b, :, rows].to(ct)
+                    ks = k[b, :, cols].to(ct).repeat_interleave(group, 0)
+                    vs = v[b, :, cols].to(ct).repeat_interleave(group, 0)
+                    s = (qs @ ks.transpose(-1, -2)) * scale  # [H, rows, keys]
+                    if m is None:
+                        m = torch.full((branches, hq, len(rows), 1), float("-inf"), dtype=ct, device=q.device)
+                        l = torch.zeros_like(m)
+                        acc = torch.zeros(branches, hq, len(rows), d, dtype=ct, device=q.device)
+                    for br, mask in enumerate(masks):
+                        sm = s.masked_fill(~mask, float("-inf"))
+                        m_new = torch.maximum(m[br], sm.amax(-1, keepdim=True))
+                        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+                        alpha = torch.exp(m[br] - m_safe)  # exp(-inf) = 0 on the first hit
+                        p = torch.exp(sm - m_safe)
+                        l[br] = l[br] * alpha + p.sum(-1, keepdim=True)
+                        acc[br] = acc[br] * alpha + p @ vs
+                        m[br] = m_new
+                for br in range(branches):
+                    has = l[br] > 0
+                    outs[br, b, :, rows] = torch.where(has, acc[br] / torch.where(has, l[br], 1), 0)
+                    lse[br, b, :, rows] = torch.where(has, m[br] + torch.log(torch.where(has, l[br], 1)),
+                                                      float("-inf"))[..., 0]
+        ctx.save_for_backward(q, k, v, outs, lse)
+        ctx.layout, ctx.scale, ctx.bm = layout, scale, bm
+        return outs.sum(0).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, outs, lse = ctx.saved_tensors
+        layout, scale, bm = ctx.layout, ctx.scale, ctx.bm
+        bsz, hq, n, d = q.shape
+        hkv = k.shape[1]
+        group = hq // hkv
+        ct = outs.dtype
+        do = dout.to(ct)
+        delta = (do[None] * outs).sum(-1)  # per branch: rowsum(dO * O_branch)
+        dq = torch.zeros(bsz, hq, n, d, dtype=ct, device=q.device)
+        dk = torch.zeros(bsz, hkv, n, d, dtype=ct, device=q.device)
+        dv = torch.zeros_like(dk)
+        for b in range(bsz):
+            for qb in range(bm.num_q_blocks):
+                for chunk in _kv_schedule(bm, b, qb):
+                    rows, cols, masks = _tile_masks(layout, bm, b, qb, chunk, n)
+                    qs = q[b, :, rows].to(ct)
+                    ks = k[b, :, cols].to(ct).repeat_interleave(group, 0)
+                    vs = v[b, :, cols].to(ct).repeat_interleave(group, 0)
+                    dos = do[b, :, rows]
+                    s = (qs @ ks.transpose(-1, -2)) * scale
+                    dp = dos @ vs.transpose(-1, -2)
+                    dq_t = torch.zeros_like(qs)
+                    dk_t = torch.zeros_like(ks)
+                    dv_t = torch.zeros_like(vs)
+                    for br, mask in enumerate(masks):
+                        row_lse = lse[br, b, :, rows][..., None]
+                        live = torch.isfinite(row_lse)
+                        p = torch.where(mask & live, torch.exp(s - torch.where(live, row_lse, 0)), 0)
+                        ds = p * (dp - delta[br, b, :, rows][..., None])
+                        dv_t += p.transpose(-1, -2) @ dos
+                        dq_t += ds @ ks
+                        dk_t += ds.transpose(-1, -2) @ qs
+                    dq[b, :, rows] += dq_t * scale
+                    dk[b, :, cols] += (dk_t * scale).view(hkv, group, len(cols), d).sum(1)
+                    dv[b, :, cols] += dv_t.view(hkv, group, len(cols), d).sum(1)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None

@@ -1,0 +1,97 @@
+"""Builds fastvlm._C from csrc/ (the source list lives in csrc/sources.txt).
+
+Environment:
+  FASTVLM_CUDA=auto|1|0   compile the CUDA kernels: auto = when a CUDA toolkit and a
+                          CUDA build of torch are both present; 1 = required; 0 = never.
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0": A100 and H100).
+  MAX_JOBS                parallel compile jobs (torch's ninja build honours it).
+"""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def read_sources():
+    sections, current = {}, None
+    for raw in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+        else:
+            current.append(line)
+    return sections
+
+
+def locate_cuda_home():
+    """Point CUDA_HOME at the real toolkit before torch guesses it.
+
+    torch derives CUDA_HOME from `which nvcc`, which is wrong when nvcc is a
+    wrapper script (as /usr/local/bin/nvcc is on our machines); nvcc itself
+    knows its install root.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
+                             timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return
+    m = re.search(r"^#\$ TOP=(.+)$", out, re.M)
+    if m and (Path(m.group(1).strip()) / "include" / "cuda_runtime.h").exists():
+        os.environ["CUDA_HOME"] = str(Path(m.group(1).strip()).resolve())
+
+
+def want_cuda():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    mode = os.environ.get("FASTVLM_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "1", "0"):
+        raise SystemExit(f"FASTVLM_CUDA must be auto, 1 or 0, got {mode!r}")
+    have = CUDA_HOME is not None and torch.version.cuda is not None
+    if mode == "1" and not have:
+        raise SystemExit(
+            "FASTVLM_CUDA=1 but no CUDA toolkit (nvcc / CUDA_HOME) or no CUDA build of torch "
+            f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
+        )
+    return have and mode != "0"
+
+
+def extensions():
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    src = read_sources()
+    cxx = ["-O3"]  # the C++ standard is torch's choice (C++17 for 2.11, C++20 for 2.14)
+    include_dirs = [str(ROOT / "csrc")]
+    if want_cuda():
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        ext = CUDAExtension(
+            "fastvlm._C",
+            src["cpu"] + src["cuda"] + src["bindings"],
+            include_dirs=include_dirs,
+            define_macros=[("FASTVLM_WITH_CUDA", None), ("FASTVLM_CUDA_ARCHS", f'"{archs}"')],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-DFASTVLM_WITH_CUDA"]},
+        )
+    else:
+        ext = CppExtension(
+            "fastvlm._C", src["cpu"] + src["bindings"], include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+locate_cuda_home()
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
