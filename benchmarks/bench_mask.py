@@ -1,0 +1,107 @@
+"""Block-map construction: fastvlm's C++ op vs its torch reference vs FlexAttention's
+create_block_mask, on the same packed VLM layouts, plus the bytes each representation holds.
+
+    python benchmarks/bench_mask.py                       # N = 4k, 16k, 64k on CPU
+    python benchmarks/bench_mask.py --device cuda         # adds the CUDA op (GPU machines)
+    python benchmarks/bench_mask.py --sizes 1024 --smoke  # seconds; what the tests run
+
+FlexAttention builds its block mask by evaluating mask_mod over all N x N pairs
+(in chunks); fastvlm derives tiles from per-block summaries in O(N + (N/B)^2).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, markdown_table, median_time, print_header, write_json  # noqa: E402
+
+from fastvlm.ops import KINDS  # noqa: E402
+from fastvlm.synthetic import vlm_layout  # noqa: E402
+
+BLOCK = 128
+
+
+def flex_mask_mod(layout):
+    seg, img, pre, kind = layout.segment_ids, layout.image_ids, layout.prefix_mask, layout.kind
+
+    def mask_mod(b, h, q, k):
+        same = (seg[b, q] == seg[b, k]) & (seg[b, q] >= 0)
+        causal = k <= q
+        if kind == "causal":
+            return same & causal
+        if kind == "prefix_lm":
+            return same & (causal | (pre[b, q] & pre[b, k]))
+        if kind == "image_bidirectional":
+            return same & (causal | ((img[b, q] == img[b, k]) & (img[b, q] >= 0)))
+        return same & causal & ((img[b, q] < 0) | (img[b, k] < 0) | (q == k))
+
+    return mask_mod
+
+
+def bench(sizes, kinds, device, repeats, flex_max_n):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows = []
+    for n in sizes:
+        for kind in kinds:
+            layout = vlm_layout(n, kind, "multi_image", device=device)
+            backends = ["reference", "cpp" if device == "cpu" else "cuda"]
+            row = {"N": n, "kind": kind, "layout_bytes": layout.nbytes(), "dense_mask_bytes": n * n,
+                   "block_map_bytes": layout.block_map(BLOCK).nbytes()}
+            for backend in backends:
+                row[f"{backend}_s"] = median_time(lambda: layout.block_map(BLOCK, backend=backend),
+                                                  repeats, device=device)
+            if n <= flex_max_n:
+                mm = flex_mask_mod(layout)
+                row["flex_s"] = median_time(
+                    lambda: create_block_mask(mm, 1, None, n, n, device=device, BLOCK_SIZE=BLOCK),
+                    1 if n > 8192 else repeats, warmup=0 if n > 8192 else 1, device=device)
+            rows.append(row)
+            compiled = row.get("cpp_s", row.get("cuda_s"))
+            flex = f"{row['flex_s'] * 1e3:.1f}" if "flex_s" in row else "not run"
+            print(f"  N={n:6d} {kind:20s} compiled {compiled * 1e3:8.3f} ms  reference "
+                  f"{row['reference_s'] * 1e3:8.2f} ms  flex {flex} ms", flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--flex-max-n", type=int, default=65536, help="skip FlexAttention above this N")
+    p.add_argument("--smoke", action="store_true", help="tiny run, results not saved")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    args = p.parse_args(argv)
+    env = environment(args.device)
+    print_header("block-map construction (bench_mask.py)", env)
+    rows = bench(args.sizes, args.kinds, args.device, 1 if args.smoke else args.repeats, args.flex_max_n)
+    compiled = "cpp" if args.device == "cpu" else "cuda"
+    table = []
+    for r in rows:
+        c = r[f"{compiled}_s"]
+        flex = r.get("flex_s")
+        table.append([r["N"], r["kind"], f"{c * 1e3:.3f}", f"{r['reference_s'] * 1e3:.2f}",
+                      f"{flex * 1e3:.1f}" if flex else "not run", f"{flex / c:.0f}x" if flex else "-",
+                      f"{r['layout_bytes'] / 2**10:.0f} KiB", f"{r['block_map_bytes'] / 2**10:.0f} KiB",
+                      f"{r['dense_mask_bytes'] / 2**20:.0f} MiB"])
+    md = markdown_table([f"N", "kind", f"{compiled} ms", "reference ms", "flex create_block_mask ms",
+                         f"flex / {compiled}", "layout", "block map", "dense bool mask"], table)
+    print(md)
+    payload = {"benchmark": "bench_mask", "block": BLOCK, "scenario": "multi_image", "env": env, "rows": rows}
+    if args.out or not args.smoke:
+        tag = env["device"].split(":")[0].replace(" ", "_")
+        out = args.out or RESULTS / f"bench_mask_{tag}_{env['date'][:10]}.json"
+        write_json(out, payload)
+        out.with_suffix(".md").write_text(f"# bench_mask\n\n{env}\n\n{md}\n")
+        print(f"wrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from fastvlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""The compiled extension, `fastvlm info`, the demo and the benchmark scripts run."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastvlm import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_extension_built_with_cuda_when_toolkit_present():
+    """On our machines (nvcc + CUDA torch) the CUDA part must compile, even without a GPU."""
+    assert _ext.available(), _ext.load_error
+    if shutil.which("nvcc") and torch.version.cuda and os.environ.get("FASTVLM_CUDA", "auto") != "0":
+        assert _ext.cuda_built()
+        assert _ext.cuda_archs() == os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    assert hasattr(torch.ops.fastvlm, "block_map")
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def test_info_tells_the_truth():
+    res = _run("-m", "fastvlm", "info", "--json")
+    assert res.returncode == 0, res.stderr
+    env = json.loads(res.stdout)
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert env["extension"]["built"] == _ext.available()
+    assert env["extension"]["cuda_kernels"] == _ext.cuda_built()
+    assert (env["gpu"] is not None) == torch.cuda.is_available()
+    assert env["ops"]["block_map"]["cpu"] == ("cpp" if _ext.available() else "reference")
+    text = _run("-m", "fastvlm", "info")
+    assert text.returncode == 0 and "backend chosen by backend='auto'" in text.stdout
+
+
+def test_import_without_extension_falls_back():
+    """A missing _C never breaks `import fastvlm`: block maps come from the reference."""
+    code = ("import sys; sys.modules['fastvlm._C'] = None\n"
+            "import torch, fastvlm\n"
+            "from fastvlm import _ext\n"
+            "from fastvlm.ops import AttentionLayout\n"
+            "assert not _ext.available() and _ext.load_error\n"
+            "L = AttentionLayout(torch.zeros(1, 9, dtype=torch.int32))\n"
+            "assert L.block_map(4).visited_tiles() == 6\n"
+            "from fastvlm.cli import environment\n"
+            "assert environment()['ops']['block_map']['cpu'] == 'reference'\n")
+    res = _run("-c", code)
+    assert res.returncode == 0, res.stderr
+
+
+def test_demo_runs():
+    res = _run("-m", "fastvlm", "demo", "--seq-len", "1024")
+    assert res.returncode == 0, res.stderr
+    assert "max |blockwise - dense|" in res.stdout
+
+
+def test_bench_mask_smoke(tmp_path):
+    out = tmp_path / "mask.json"
+    res = _run("benchmarks/bench_mask.py", "--sizes", "700", "--smoke", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["kind"] for r in rows} == {"causal", "prefix_lm", "image_bidirectional", "mmca"}
+    assert all(r["flex_s"] > 0 and r["reference_s"] > 0 for r in rows)
