@@ -111,3 +111,20 @@ def test_bad_input_names_the_argument(mutate, arg):
     q, k, v = (t.detach() for t in _inputs(1, 4, 2, 13, 16, torch.float32))
     with pytest.raises(ValueError, match=f"^{arg}"):
         multimodal_attention(*mutate(q, k, v, layout))
+
+
+def test_auto_goes_blockwise_for_large_inputs(monkeypatch, seed):
+    """Above the size threshold the reference walks the block map (O(N * block) memory)."""
+    import fastvlm.ops.attention as attn
+
+    rng = random.Random(seed)
+    layout = random_layout(rng, 1, 300, "mmca", True)
+    q, k, v = _inputs(1, 2, 1, 300, 16)
+    monkeypatch.setattr(attn, "DENSE_MAX_ELEMENTS", 0)
+
+    def no_dense(*args):
+        raise AssertionError("dense path taken")
+
+    monkeypatch.setattr(attn, "_dense_attention", no_dense)
+    out = multimodal_attention(q, k, v, layout)
+    torch.testing.assert_close(out, _expected(q, k, v, layout, 16 ** -0.5), rtol=1e-10, atol=1e-10)
