@@ -1,0 +1,119 @@
+"""Memory and time of the LM-head loss: fastvlm's linear_cross_entropy vs the naive
+fp32-logits head, forward + backward, at vocab 32k (Llama/Vicuna) and 152k (Qwen2).
+
+    python benchmarks/bench_linear_ce.py                    # CPU, small hidden size
+    python benchmarks/bench_linear_ce.py --device cuda      # GPU: 7B shapes, bf16
+    python benchmarks/bench_linear_ce.py --smoke            # seconds; what the tests run
+
+Peak memory: torch.cuda.max_memory_allocated on a GPU; on CPU each case runs in a
+fresh process and reports its peak resident-set growth over the inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, markdown_table, median_time, print_header, write_json  # noqa: E402
+
+from fastvlm.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
+
+METHODS = {"naive": "reference", "fastvlm": "auto"}
+
+
+def one_case(method, tokens, hidden, vocab, supervised, dtype, device, repeats):
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=gen).to(device, dtype).requires_grad_()
+    head = torch.nn.Linear(hidden, vocab, bias=False).to(device, dtype)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    labels[torch.rand(tokens, generator=gen) > supervised] = -100
+    labels = labels.to(device)
+
+    def step():
+        loss = linear_cross_entropy(h, head, labels, backend=METHODS[method])
+        loss.backward()
+        h.grad = head.weight.grad = None
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        step()
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+    return {"peak_bytes": peak, "seconds": median_time(step, repeats, device=device)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--vocabs", type=int, nargs="+", default=[32000, 152064])
+    p.add_argument("--supervised", type=float, default=0.3, help="fraction of tokens with a label")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one CPU case in a fresh process
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    tokens = args.tokens or (8192 if gpu else 2048)
+    hidden = args.hidden or (4096 if gpu else 256)
+    if args.smoke:
+        tokens, hidden, args.vocabs, args.repeats = 256, 32, [2000], 1
+    if args.case:
+        method, vocab = args.case.split(":")
+        print(json.dumps(one_case(method, tokens, hidden, int(vocab), args.supervised, dtype, "cpu",
+                                  args.repeats)))
+        return None
+    env = environment(args.device)
+    print_header("LM head + cross-entropy (bench_linear_ce.py)", env)
+    rows = []
+    for vocab in args.vocabs:
+        for method in METHODS:
+            if gpu:
+                res = one_case(method, tokens, hidden, vocab, args.supervised, dtype, "cuda", args.repeats)
+            else:
+                cmd = [sys.executable, __file__, "--case", f"{method}:{vocab}", "--tokens", str(tokens),
+                       "--hidden", str(hidden), "--supervised", str(args.supervised),
+                       "--repeats", str(args.repeats)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append({"vocab": vocab, "method": method, **res})
+            print(f"  vocab {vocab:6d} {method:8s} peak {res['peak_bytes'] / 2**20:9.1f} MiB  "
+                  f"{res['seconds'] * 1e3:9.1f} ms", flush=True)
+    table = []
+    for vocab in args.vocabs:
+        naive, ours = (next(r for r in rows if r["vocab"] == vocab and r["method"] == m) for m in METHODS)
+        table.append([vocab, f"{naive['peak_bytes'] / 2**20:.0f}", f"{ours['peak_bytes'] / 2**20:.0f}",
+                      f"{naive['peak_bytes'] / max(ours['peak_bytes'], 1):.1f}x",
+                      f"{naive['seconds'] * 1e3:.1f}", f"{ours['seconds'] * 1e3:.1f}",
+                      f"{naive['seconds'] / ours['seconds']:.2f}x"])
+    md = markdown_table(["vocab", "naive peak MiB", "fastvlm peak MiB", "memory saved", "naive ms",
+                         "fastvlm ms", "speedup"], table)
+    print(f"tokens={tokens} hidden={hidden} dtype={dtype} supervised={args.supervised}")
+    print(md)
+    payload = {"benchmark": "bench_linear_ce", "env": env, "tokens": tokens, "hidden": hidden,
+               "dtype": str(dtype), "supervised": args.supervised, "rows": rows}
+    if args.out or not args.smoke:
+        tag = env["device"].split(":")[0].replace(" ", "_")
+        out = args.out or RESULTS / f"bench_linear_ce_{tag}_sup{round(100 * args.supervised)}_{env['date'][:10]}.json"
+        write_json(out, payload)
+        out.with_suffix(".md").write_text(f"# bench_linear_ce\n\n{env}\n\n{md}\n")
+        print(f"wrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

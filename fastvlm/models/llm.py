@@ -1,0 +1,298 @@
+"""Llama / Qwen2 / Mistral-family decoder on fastvlm attention, top to bottom.
+
+RMSNorm -> attention (GQA, RoPE, optional qkv bias) -> RMSNorm -> SwiGLU MLP,
+with module names and parameter shapes of transformers' ``*ForCausalLM`` so that
+Hugging Face checkpoints load as they are, without transformers at run time.
+
+Attention goes through ``fastvlm.ops.multimodal_attention`` with the batch's
+``AttentionLayout``: packed samples (``segment_ids``) never see each other, and
+RoPE positions restart at every segment. The loss goes through
+``linear_cross_entropy`` and never materialises the [tokens x vocab] logits.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastvlm.ops import AttentionLayout, multimodal_attention
+from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+HF_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None = num_attention_heads (no GQA)
+    head_dim: int | None = None             # None = hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=lambda: {"rope_type": "default"})
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: True
+    o_bias: bool = False
+    mlp_bias: bool = False
+    attention_kind: str = "causal"  # layout kind when the caller gives only segment ids
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads: {self.num_key_value_heads} must divide "
+                             f"num_attention_heads {self.num_attention_heads}")
+        rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling: unsupported rope_type {rope_type!r}; expected one of "
+                             f"{', '.join(ROPE_TYPES)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LLMConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LLMConfig":
+        """From a transformers config.json (Llama, Qwen2, Mistral; rope settings in
+        either the 4.x `rope_theta`/`rope_scaling` or the 5.x `rope_parameters` form)."""
+        model_type = hf.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"config: model_type {model_type!r} is not one of {', '.join(HF_MODEL_TYPES)}")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=rope,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=attention_bias if model_type == "llama" else False,
+            mlp_bias=bool(hf.get("mlp_bias", False)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()  # the variance in fp32 whatever the compute dtype, as the HF models do
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions; the scaling variants of the Llama family."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.rope_type = cfg.rope_scaling.get("rope_type", "default")
+        self.register_buffer("inv_freq", self._inv_freq(cfg.rope_theta), persistent=False)
+
+    def _inv_freq(self, base: float) -> torch.Tensor:
+        d = self.cfg.head_dim
+        inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        s = self.cfg.rope_scaling
+        if self.rope_type == "linear":
+            inv = inv / s["factor"]
+        elif self.rope_type == "llama3":
+            factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+            old_len = s["original_max_position_embeddings"]
+            wavelen = 2 * math.pi / inv
+            scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+            smooth = (old_len / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+            inv = torch.where(medium, smoothed, scaled)
+        return inv
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        inv = self.inv_freq.to(positions.device)
+        if self.rope_type == "dynamic":  # NTK-aware base growth past the trained length
+            seq = int(positions.max()) + 1
+            if seq > self.cfg.max_position_embeddings:
+                factor, d = self.cfg.rope_scaling["factor"], self.cfg.head_dim
+                base = self.cfg.rope_theta * ((factor * seq / self.cfg.max_position_embeddings)
+                                              - (factor - 1)) ** (d / (d - 2))
+                inv = self._inv_freq(base).to(positions.device)
+        freqs = positions[..., None].float() * inv  # [B, N, D/2]
+        emb = torch.cat([freqs, freqs], -1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, H, N, D]; rotate the two halves of the head dim (the HF convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_attention_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, layout: AttentionLayout):
+        b, n, _ = x.shape
+        d = self.cfg.head_dim
+        q = self.q_proj(x).view(b, n, -1, d).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, -1, d).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, -1, d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = multimodal_attention(q, k, v.contiguous(), layout)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layout):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+
+class LLM(nn.Module):
+    """Decoder LM: ``forward(input_ids | inputs_embeds, layout | segment_ids, labels)``."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def layout_for(self, segment_ids: torch.Tensor) -> AttentionLayout:
+        return AttentionLayout(segment_ids, kind=self.config.attention_kind)
+
+    def hidden_states(self, input_ids=None, *, inputs_embeds=None, layout: AttentionLayout | None = None,
+                      segment_ids=None, position_ids=None) -> torch.Tensor:
+        """Final-norm hidden states [B, N, H]."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids: give exactly one of input_ids and inputs_embeds")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, n = x.shape[:2]
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [B, N], got {tuple(input_ids.shape)}")
+        if layout is None:
+            if segment_ids is None:
+                segment_ids = torch.zeros(b, n, dtype=torch.int32, device=x.device)
+            layout = self.layout_for(segment_ids)
+        if layout.shape != (b, n):
+            raise ValueError(f"layout: shape {layout.shape} does not match the tokens ({b}, {n})")
+        if position_ids is None:  # restart at every packed segment
+            position_ids = torch.arange(n, device=x.device)[None] - layout.lo.long()
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, layout)
+        return self.model.norm(x)
+
+    def forward(self, input_ids=None, *, inputs_embeds=None, layout=None, segment_ids=None,
+                position_ids=None, labels=None):
+        """Logits [B, N, V] without labels; with labels, the mean next-token loss
+        (label -100 is ignored; a token never predicts across a segment boundary)."""
+        h = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, layout=layout,
+                               segment_ids=segment_ids, position_ids=position_ids)
+        if labels is None:
+            return self.lm_head(h)
+        if labels.shape != h.shape[:2]:
+            raise ValueError(f"labels: expected shape {tuple(h.shape[:2])}, got {tuple(labels.shape)}")
+        seg = layout.segment_ids if layout is not None else segment_ids
+        return linear_cross_entropy(h[:, :-1], self.lm_head, shift_labels(labels, seg))
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None) -> "LLM":
+        """Load a local Hugging Face checkpoint directory (Llama/Qwen2/Mistral layout)."""
+        path = Path(path)
+        cfg = LLMConfig.from_hf(json.loads((path / "config.json").read_text()))
+        model = cls(cfg)
+        state = load_state_dict(path)
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+        model.load_state_dict(state, strict=False)
+        return model.to(dtype) if dtype is not None else model
+
+
+def shift_labels(labels: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """Labels for positions 0..N-2 (the next token), -100 where the next token
+    starts another packed segment or the position is padding."""
+    nxt = labels[:, 1:].clone()
+    if segment_ids is not None:
+        nxt[(segment_ids[:, 1:] != segment_ids[:, :-1]) | (segment_ids[:, :-1] < 0)] = -100
+    return nxt
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint dir: (sharded) safetensors, else pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ValueError(f"path: no *.safetensors or pytorch_model*.bin in {path}")
+    state = {}
+    for f in bins:
+        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state

@@ -1,0 +1,176 @@
+"""linear_cross_entropy: LM head + cross-entropy without the [tokens x vocab] logits.
+
+The naive head materialises fp32 logits for every token (a 7B LLaVA step at
+4k tokens and a 152k vocabulary holds 2.5 GB of them, twice with the softmax
+gradient). Here only tokens whose label is not ``ignore_index`` are projected
+at all (in a VLM step, image and prompt tokens are usually ignored), and they
+are projected ``chunk_size`` tokens at a time:
+
+- ``fused`` (a plain weight, or an ``nn.Linear`` without hooks): each chunk's
+  loss and its gradients w.r.t. hidden states and weight are computed in the
+  forward pass, so backward only rescales them: one matmul pass less than
+  recomputation, and no logits kept.
+- ``checkpointed`` (any other head module: a LoRA-wrapped or 4-bit Linear):
+  each chunk calls the module under non-reentrant activation checkpointing, so
+  the adapter or quantised weight is honoured (Liger's fused loss reads
+  ``lm_head.weight`` directly and silently drops a LoRA adapter there).
+
+Logits are always upcast to fp32 before the softmax, as the naive fp32 head
+does, so bf16 models do not lose accuracy in the loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastvlm.ops._backend import register_op, resolve_backend
+
+register_op("linear_cross_entropy",
+            {"reference": lambda device: True, "fused": lambda device: True,
+             "checkpointed": lambda device: True},
+            {"cpu": ("fused", "checkpointed"), "cuda": ("fused", "checkpointed")})
+
+
+
+def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk so one chunk's logits are about as large as the hidden states
+    (tokens x hidden), rounded up to a power of two for GEMM-friendly shapes."""
+    rows = max(1, -(-tokens // max(1, -(-vocab // hidden))))
+    return 1 << (rows - 1).bit_length()
+
+
+def linear_cross_entropy_reference(hidden, head, labels, *, ignore_index: int = -100,
+                                   reduction: str = "mean") -> torch.Tensor:
+    """The naive head: all logits in fp32, then cross-entropy (0 if nothing is supervised)."""
+    logits = _project(head, hidden.reshape(-1, hidden.shape[-1])).to(_loss_dtype(hidden.dtype))
+    flat = labels.reshape(-1)
+    loss = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="sum")
+    return loss / max(int((flat != ignore_index).sum()), 1) if reduction == "mean" else loss
+
+
+def linear_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, *, ignore_index: int = -100,
+                         reduction: str = "mean", chunk_size: int | None = None,
+                         backend: str = "auto") -> torch.Tensor:
+    """Cross-entropy of ``head(hidden)`` against ``labels``, never holding all logits.
+
+    hidden: [..., H]; labels: integer [...] (same leading shape); head: a weight
+    [V, H] or a module mapping [n, H] -> [n, V]. reduction: ``mean`` over
+    supervised tokens (0 when there are none) or ``sum``. chunk_size: supervised
+    tokens projected at once (default: see default_chunk_size). backend: ``auto``
+    (fused for a plain weight / nn.Linear, else checkpointed), ``fused``,
+    ``checkpointed`` or ``reference``.
+    """
+    _check(hidden, head, labels, reduction, chunk_size)
+    plain = _plain_weight(head)
+    if backend == "auto":
+        backend = "fused" if plain is not None else "checkpointed"
+    backend = resolve_backend("linear_cross_entropy", backend, hidden.device)
+    if backend == "reference":
+        return linear_cross_entropy_reference(hidden, head, labels, ignore_index=ignore_index,
+                                              reduction=reduction)
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_y = labels.reshape(-1)
+    keep = (flat_y != ignore_index).nonzero().squeeze(1)
+    count = keep.numel()
+    h, y = flat_h.index_select(0, keep), flat_y.index_select(0, keep)
+    scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
+    if chunk_size is None:
+        vocab = head.shape[0] if isinstance(head, torch.Tensor) else getattr(head, "out_features", 0)
+        chunk_size = default_chunk_size(count, hidden.shape[-1], vocab or 32768)
+    if backend == "fused":
+        if plain is None:
+            raise ValueError("head: backend='fused' needs a weight tensor or a plain nn.Linear; "
+                             f"got {type(head).__name__} (use backend='checkpointed')")
+        weight, bias = plain
+        return _FusedLinearCE.apply(h, weight, bias, y, scale, chunk_size)
+    # Starts as 0 * sum(h) so that a batch with nothing supervised still returns a
+    # loss attached to the graph (zero gradient) rather than a constant.
+    total = (h.sum() * 0).to(_loss_dtype(hidden.dtype))
+    for start in range(0, count, chunk_size):
+        total = total + checkpoint(_chunk_loss_sum, head, h[start:start + chunk_size],
+                                   y[start:start + chunk_size], use_reentrant=False)
+    return total * scale
+
+
+def _check(hidden, head, labels, reduction, chunk_size):
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() < 2:
+        raise ValueError("hidden: expected a floating tensor [..., H]")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError("labels: expected an integer tensor")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden without its last "
+                         f"dim), got {tuple(labels.shape)}")
+    if isinstance(head, torch.Tensor):
+        if head.dim() != 2 or head.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"head: expected a weight [V, {hidden.shape[-1]}], got {tuple(head.shape)}")
+    elif not callable(head):
+        raise ValueError(f"head: expected a weight tensor or a module, got {type(head).__name__}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+
+
+def _plain_weight(head):
+    """(weight, bias) when the head is a bare matrix or an nn.Linear with nothing hooked on."""
+    if isinstance(head, torch.Tensor):
+        return head, None
+    if type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
+        return head.weight, head.bias
+    return None
+
+
+def _project(head, h):
+    return F.linear(h, head) if isinstance(head, torch.Tensor) else head(h)
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Logits and loss in fp32, or fp64 for fp64 inputs (tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_loss_sum(head, h, y):
+    return F.cross_entropy(_project(head, h).to(_loss_dtype(h.dtype)), y, reduction="sum")
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Loss and its input/weight gradients in one chunked forward pass."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, scale: float, chunk_size: int):
+        need_h, need_w = h.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        ct = _loss_dtype(h.dtype)
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=ct) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=ct) if need_b else None
+        total = torch.zeros((), dtype=ct, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]
+            logits = F.linear(hc, weight, bias).to(ct)
+            lse = torch.logsumexp(logits, -1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            # d(loss)/d(logits) = softmax - onehot, reusing the logits buffer.
+            dlogits = logits.sub_(lse[:, None]).exp_()
+            dlogits[torch.arange(len(yc), device=yc.device), yc] -= 1.0
+            dlogits *= scale
+            if need_h:
+                grad_h[start:start + chunk_size] = (dlogits.to(weight.dtype) @ weight).to(h.dtype)
+            if need_w:
+                grad_w += dlogits.t() @ hc.to(ct)
+            if need_b:
+                grad_b += dlogits.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_out).to(w_dtype),
+                None if grad_b is None else (grad_b * grad_out).to(b_dtype),
+                None, None, None)

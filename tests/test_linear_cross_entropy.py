@@ -1,0 +1,109 @@
+"""Chunked / fused linear + cross-entropy vs the naive fp32 head."""
+import pytest
+import torch
+from torch import nn
+
+from fastvlm.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+
+class LoRAHead(nn.Module):
+    """A LoRA-wrapped head: the adapter must change the loss."""
+
+    def __init__(self, base: nn.Linear, r=4):
+        super().__init__()
+        self.base = base
+        self.a = nn.Parameter(torch.randn(r, base.in_features, dtype=base.weight.dtype) * 0.1)
+        self.b = nn.Parameter(torch.randn(base.out_features, r, dtype=base.weight.dtype) * 0.1)
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a.t()) @ self.b.t()
+
+
+def _data(b, t, h, v, dtype, ignore_frac=0.4):
+    hidden = torch.randn(b, t, h, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, v, (b, t))
+    labels[torch.rand(b, t) < ignore_frac] = -100
+    return hidden, labels
+
+
+def _grads(loss, params):
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("backend", ["fused", "checkpointed"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_naive_head_fp64(backend, reduction, bias, seed):
+    hidden, labels = _data(2, 37, 24, 101, torch.float64)
+    head = nn.Linear(24, 101, bias=bias, dtype=torch.float64)
+    params = [hidden, *head.parameters()]
+    got = linear_cross_entropy(hidden, head, labels, reduction=reduction, chunk_size=16, backend=backend)
+    want = linear_cross_entropy_reference(hidden, head, labels, reduction=reduction)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-9)
+    g_out = torch.rand(()) + 0.5  # a non-unit upstream gradient (loss scaling)
+    for a, b in zip(_grads(got * g_out, params), _grads(want * g_out, params)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-9)
+
+
+def test_lora_head_is_honoured(seed):
+    hidden, labels = _data(2, 29, 16, 64, torch.float32)
+    head = LoRAHead(nn.Linear(16, 64))
+    got = linear_cross_entropy(hidden, head, labels, chunk_size=8)  # auto -> checkpointed
+    want = linear_cross_entropy_reference(hidden, head, labels)
+    plain = linear_cross_entropy_reference(hidden, head.base, labels)
+    assert not torch.allclose(want, plain)  # the adapter matters...
+    torch.testing.assert_close(got, want)   # ...and is not dropped
+    params = [hidden, head.a, head.b]
+    for a, b in zip(_grads(got, params), _grads(want, params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_within_tolerance_of_fp32(seed):
+    hidden, labels = _data(1, 300, 64, 1000, torch.float32)
+    head = nn.Linear(64, 1000, bias=False)
+    ref = linear_cross_entropy_reference(hidden, head, labels)
+    ref_g = _grads(ref, [hidden, head.weight])
+    h16 = hidden.detach().bfloat16().requires_grad_()
+    head16 = nn.Linear(64, 1000, bias=False, dtype=torch.bfloat16)
+    head16.weight.data.copy_(head.weight.data)
+    got = linear_cross_entropy(h16, head16, labels, chunk_size=128)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(_grads(got, [h16, head16.weight]), ref_g):
+        assert a.dtype == torch.bfloat16
+        rel = (a.float() - b).norm() / b.norm()
+        assert rel < 3e-2
+
+
+def test_frozen_head_and_weight_tensor(seed):
+    hidden, labels = _data(3, 11, 8, 20, torch.float64)
+    w = torch.randn(20, 8, dtype=torch.float64)  # frozen: no grad requested
+    got = linear_cross_entropy(hidden, w, labels, chunk_size=5)
+    want = linear_cross_entropy_reference(hidden, w, labels)
+    torch.testing.assert_close(got.double(), want)
+    torch.testing.assert_close(_grads(got, [hidden])[0], _grads(want, [hidden])[0])
+
+
+def test_nothing_supervised_gives_zero():
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    for backend in ("fused", "checkpointed", "reference"):
+        loss = linear_cross_entropy(hidden, nn.Linear(8, 10), labels, backend=backend)
+        assert float(loss.detach()) == 0.0
+        (g,) = torch.autograd.grad(loss, hidden, allow_unused=True, materialize_grads=True)
+        assert torch.all(g == 0)
+
+
+@pytest.mark.parametrize("call,arg", [
+    (lambda h, w, y: linear_cross_entropy(h[0, 0], w, y), "hidden"),
+    (lambda h, w, y: linear_cross_entropy(h, w, y.float()), "labels"),
+    (lambda h, w, y: linear_cross_entropy(h, w, y[:, :3]), "labels"),
+    (lambda h, w, y: linear_cross_entropy(h, w[:, :3], y), "head"),
+    (lambda h, w, y: linear_cross_entropy(h, w, y, reduction="max"), "reduction"),
+    (lambda h, w, y: linear_cross_entropy(h, w, y, chunk_size=0), "chunk_size"),
+    (lambda h, w, y: linear_cross_entropy(h, LoRAHead(nn.Linear(8, 10)), y, backend="fused"), "head"),
+])
+def test_bad_input_names_the_argument(call, arg):
+    h, w, y = torch.randn(2, 5, 8), torch.randn(10, 8), torch.randint(0, 10, (2, 5))
+    with pytest.raises(ValueError, match=f"^{arg}"):
+        call(h, w, y)
