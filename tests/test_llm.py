@@ -105,3 +105,40 @@ def test_config_and_checkpoint_errors(tmp_path):
         ours(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="^labels"):
         ours(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 3, dtype=torch.long))
+
+
+def _greedy_by_recompute(model, prompt, steps):
+    """Reference: run the whole sequence again for every new token, no cache."""
+    seq = prompt.clone()
+    for _ in range(steps):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq[:, prompt.shape[1]:]
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_cached_generation_equals_recompute(padding, seed):
+    model = LLM(LLMConfig.from_dict(dict(TINY, qkv_bias=True))).eval()
+    lengths = [9, 4, 13]
+    prompts = [torch.randint(1, 97, (1, n)) for n in lengths]
+    n = max(lengths)
+    ids = torch.zeros(3, n, dtype=torch.long)
+    mask = torch.zeros(3, n, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        sl = slice(n - p.shape[1], n) if padding == "left" else slice(0, p.shape[1])
+        ids[i, sl], mask[i, sl] = p[0], 1
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6)
+    for i, p in enumerate(prompts):
+        assert torch.equal(got[i], _greedy_by_recompute(model, p, 6)[0]), i
+
+
+def test_sampling_is_reproducible_and_top_p_narrows_to_greedy(seed):
+    model = LLM(LLMConfig.from_dict(dict(TINY))).eval()
+    ids = torch.randint(0, 97, (2, 7))
+    draw = [model.generate(ids, max_new_tokens=5, temperature=1.0, top_p=0.9,
+                           generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(draw[0], draw[1])
+    near_greedy = model.generate(ids, max_new_tokens=5, temperature=1.0, top_p=1e-6)
+    assert torch.equal(near_greedy, model.generate(ids, max_new_tokens=5))
+    eos = int(model.generate(ids[:1], max_new_tokens=1)[0, 0])
+    stopped = model.generate(ids[:1], max_new_tokens=4, eos_token_id=eos, pad_token_id=-1)
+    assert stopped.tolist() == [[eos, -1, -1, -1]]

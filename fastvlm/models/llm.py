@@ -158,14 +158,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, layout: AttentionLayout):
+    def forward(self, x, cos, sin, layout: AttentionLayout | None, cache: "KVCache | None" = None,
+                layer: int = 0):
         b, n, _ = x.shape
         d = self.cfg.head_dim
         q = self.q_proj(x).view(b, n, -1, d).transpose(1, 2)
         k = self.k_proj(x).view(b, n, -1, d).transpose(1, 2)
         v = self.v_proj(x).view(b, n, -1, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = multimodal_attention(q, k, v.contiguous(), layout)
+        if cache is not None:
+            k_all, v_all = cache.write(layer, k, v)
+        if layout is not None:  # training, or the prefill of generation
+            out = multimodal_attention(q, k, v.contiguous(), layout)
+        else:  # a decode step: the new tokens see every valid cached key of their row
+            valid = cache.key_valid[:, None, None, :k_all.shape[2]]
+            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=valid,
+                                                 enable_gqa=k_all.shape[1] != q.shape[1])
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -189,8 +197,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layout):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
+    def forward(self, x, cos, sin, layout, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -201,6 +209,26 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
+
+
+class KVCache:
+    """Per-layer keys/values (after RoPE) for generation, [B, Hkv, max_len, D].
+
+    Every row appends at the same index; `key_valid` marks which cached
+    positions are real tokens (padding of the prompt stays invalid)."""
+
+    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # positions written by completed steps
+
+    def write(self, layer: int, k, v):
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class LLM(nn.Module):
@@ -233,11 +261,65 @@ class LLM(nn.Module):
         if layout.shape != (b, n):
             raise ValueError(f"layout: shape {layout.shape} does not match the tokens ({b}, {n})")
         if position_ids is None:  # restart at every packed segment
-            position_ids = torch.arange(n, device=x.device)[None] - layout.lo.long()
+            position_ids = positions_of(layout)
+        return self._run_layers(x, position_ids, layout)
+
+    def _run_layers(self, x, position_ids, layout, cache: KVCache | None = None):
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        for block in self.model.layers:
-            x = block(x, cos, sin, layout)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, layout, cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
         return self.model.norm(x)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
+                 layout: AttentionLayout | None = None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
+                 pad_token_id: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """New tokens [B, max_new_tokens] (pad_token_id after a row's eos).
+
+        Batched prompts may be left- or right-padded (attention_mask 0 = padding).
+        The prefill runs on `layout` (e.g. a multimodal one built with the images'
+        token metadata) or a causal layout from the mask; decode steps reuse the
+        KV cache. temperature 0 = greedy; otherwise sampling with nucleus top_p.
+        """
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, n = x.shape[:2]
+        mask = (torch.ones(b, n, dtype=torch.bool, device=x.device) if attention_mask is None
+                else attention_mask.bool())
+        if mask.shape != (b, n):
+            raise ValueError(f"attention_mask: expected shape {(b, n)}, got {tuple(mask.shape)}")
+        if not bool(mask.any(1).all()):
+            raise ValueError("attention_mask: every row needs at least one prompt token")
+        if layout is None:
+            layout = AttentionLayout(torch.where(mask, 0, -1).to(torch.int32), kind=self.config.attention_kind)
+        elif not torch.equal(layout.segment_ids >= 0, mask):
+            raise ValueError("layout: its padding must match attention_mask")
+        if not (temperature >= 0 and 0 < top_p <= 1):
+            raise ValueError(f"temperature: must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        cache = KVCache(self.config, b, n + max_new_tokens, x.dtype, x.device)
+        cache.key_valid[:, :n] = mask
+        h = self._run_layers(x, positions_of(layout), layout, cache)
+        last = n - 1 - mask.flip(1).long().argmax(1)  # last prompt token of each row
+        logits = self.lm_head(h[torch.arange(b), last])
+        next_pos = mask.sum(1, keepdim=True)
+        done = torch.zeros(b, dtype=torch.bool, device=x.device)
+        out = []
+        for step in range(max_new_tokens):
+            tok = sample_next(logits.float(), temperature, top_p, generator)
+            tok = torch.where(done, pad_token_id, tok)
+            out.append(tok)
+            if eos_token_id is not None:
+                done |= tok == eos_token_id
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            cache.key_valid[:, n + step] = True
+            h = self._run_layers(self.model.embed_tokens(tok[:, None]), next_pos, None, cache)
+            logits = self.lm_head(h[:, -1])
+            next_pos = next_pos + 1
+        tokens = torch.stack(out, 1)
+        return F.pad(tokens, (0, max_new_tokens - tokens.shape[1]), value=pad_token_id)
 
     def forward(self, input_ids=None, *, inputs_embeds=None, layout=None, segment_ids=None,
                 position_ids=None, labels=None):
@@ -268,6 +350,25 @@ class LLM(nn.Module):
                              f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
         model.load_state_dict(state, strict=False)
         return model.to(dtype) if dtype is not None else model
+
+
+def positions_of(layout: AttentionLayout) -> torch.Tensor:
+    """RoPE positions: the index within each packed segment."""
+    n = layout.seq_len
+    return torch.arange(n, device=layout.device)[None] - layout.lo.long()
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """Greedy at temperature 0; else sample from the smallest set of tokens whose
+    probability mass reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the first token is always kept
+    sorted_p = torch.where(keep, sorted_p, 0)
+    choice = torch.multinomial(sorted_p, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
 
 
 def shift_labels(labels: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:

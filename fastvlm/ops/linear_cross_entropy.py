@@ -34,11 +34,14 @@ register_op("linear_cross_entropy",
 
 
 
+MIN_CHUNK = 256  # below this the per-chunk GEMMs get too thin to run efficiently
+
+
 def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
     """Rows per chunk so one chunk's logits are about as large as the hidden states
-    (tokens x hidden), rounded up to a power of two for GEMM-friendly shapes."""
+    (tokens x hidden), rounded up to a power of two, at least MIN_CHUNK."""
     rows = max(1, -(-tokens // max(1, -(-vocab // hidden))))
-    return 1 << (rows - 1).bit_length()
+    return max(MIN_CHUNK, 1 << (rows - 1).bit_length())
 
 
 def linear_cross_entropy_reference(hidden, head, labels, *, ignore_index: int = -100,
