@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, markdown_table, median_time, print_header, write_json  # noqa: E402
+from common import environment, markdown_table, median_time, print_header, save_results  # noqa: E402
 
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 
@@ -107,11 +107,7 @@ def main(argv=None):
     payload = {"benchmark": "bench_linear_ce", "env": env, "tokens": tokens, "hidden": hidden,
                "dtype": str(dtype), "supervised": args.supervised, "rows": rows}
     if args.out or not args.smoke:
-        tag = env["device"].split(":")[0].replace(" ", "_")
-        out = args.out or RESULTS / f"bench_linear_ce_{tag}_sup{round(100 * args.supervised)}_{env['date'][:10]}.json"
-        write_json(out, payload)
-        out.with_suffix(".md").write_text(f"# bench_linear_ce\n\n{env}\n\n{md}\n")
-        print(f"wrote {out}")
+        save_results(f"bench_linear_ce_sup{round(100 * args.supervised)}", env, payload, md, args.out)
     return payload
 
 

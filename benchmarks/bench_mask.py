@@ -17,29 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, markdown_table, median_time, print_header, write_json  # noqa: E402
+from common import environment, markdown_table, median_time, print_header, save_results  # noqa: E402
 
 from fastvlm.ops import KINDS  # noqa: E402
 from fastvlm.synthetic import vlm_layout  # noqa: E402
 
 BLOCK = 128
-
-
-def flex_mask_mod(layout):
-    seg, img, pre, kind = layout.segment_ids, layout.image_ids, layout.prefix_mask, layout.kind
-
-    def mask_mod(b, h, q, k):
-        same = (seg[b, q] == seg[b, k]) & (seg[b, q] >= 0)
-        causal = k <= q
-        if kind == "causal":
-            return same & causal
-        if kind == "prefix_lm":
-            return same & (causal | (pre[b, q] & pre[b, k]))
-        if kind == "image_bidirectional":
-            return same & (causal | ((img[b, q] == img[b, k]) & (img[b, q] >= 0)))
-        return same & causal & ((img[b, q] < 0) | (img[b, k] < 0) | (q == k))
-
-    return mask_mod
 
 
 def bench(sizes, kinds, device, repeats, flex_max_n):
@@ -56,7 +39,7 @@ def bench(sizes, kinds, device, repeats, flex_max_n):
                 row[f"{backend}_s"] = median_time(lambda: layout.block_map(BLOCK, backend=backend),
                                                   repeats, device=device)
             if n <= flex_max_n:
-                mm = flex_mask_mod(layout)
+                mm = layout.flex_mask_mod()
                 row["flex_s"] = median_time(
                     lambda: create_block_mask(mm, 1, None, n, n, device=device, BLOCK_SIZE=BLOCK),
                     1 if n > 8192 else repeats, warmup=0 if n > 8192 else 1, device=device)
@@ -95,11 +78,7 @@ def main(argv=None):
     print(md)
     payload = {"benchmark": "bench_mask", "block": BLOCK, "scenario": "multi_image", "env": env, "rows": rows}
     if args.out or not args.smoke:
-        tag = env["device"].split(":")[0].replace(" ", "_")
-        out = args.out or RESULTS / f"bench_mask_{tag}_{env['date'][:10]}.json"
-        write_json(out, payload)
-        out.with_suffix(".md").write_text(f"# bench_mask\n\n{env}\n\n{md}\n")
-        print(f"wrote {out}")
+        save_results("bench_mask", env, payload, md, args.out)
     return payload
 
 

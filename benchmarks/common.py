@@ -76,3 +76,13 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def save_results(name: str, env: dict, payload: dict, markdown: str, out: Path | None = None) -> Path:
+    """JSON (+ a markdown twin) under benchmarks/results/, named by device and date."""
+    tag = env["device"].split(":")[0].split("(")[0].strip().replace(" ", "_")
+    out = out or RESULTS / f"{name}_{tag}_{env['date'][:10]}.json"
+    write_json(out, payload)
+    out.with_suffix(".md").write_text(f"# {name}\n\n{json.dumps(env)}\n\n{markdown}\n")
+    print(f"wrote {out}")
+    return out

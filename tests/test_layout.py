@@ -149,25 +149,6 @@ def test_constructors_agree():
 
 
 # ---- agreement with FlexAttention's create_mask ----------------------------------------------
-def _flex_mask_mod(layout: AttentionLayout):
-    seg, img = layout.segment_ids, layout.image_ids
-    pre = layout.prefix_mask
-    kind = layout.kind
-
-    def mask_mod(b, h, q, k):
-        same = (seg[b, q] == seg[b, k]) & (seg[b, q] >= 0)
-        causal = k <= q
-        if kind == "causal":
-            return same & causal
-        if kind == "prefix_lm":
-            return same & (causal | (pre[b, q] & pre[b, k]))
-        if kind == "image_bidirectional":
-            return same & (causal | ((img[b, q] == img[b, k]) & (img[b, q] >= 0)))
-        return same & causal & ((img[b, q] < 0) | (img[b, k] < 0) | (q == k))
-
-    return mask_mod
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_dense_matches_flex_create_mask(kind, seed):
     from torch.nn.attention.flex_attention import create_mask
@@ -176,7 +157,7 @@ def test_dense_matches_flex_create_mask(kind, seed):
     for _ in range(4):
         n = rng.randint(1, 150)
         layout = random_layout(rng, rng.randint(1, 3), n, kind)
-        flex = create_mask(_flex_mask_mod(layout), layout.batch_size, None, n, n, device="cpu")
+        flex = create_mask(layout.flex_mask_mod(), layout.batch_size, None, n, n, device="cpu")
         assert torch.equal(flex[:, 0], layout.dense())
 
 

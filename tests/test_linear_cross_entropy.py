@@ -107,3 +107,18 @@ def test_bad_input_names_the_argument(call, arg):
     h, w, y = torch.randn(2, 5, 8), torch.randn(10, 8), torch.randint(0, 10, (2, 5))
     with pytest.raises(ValueError, match=f"^{arg}"):
         call(h, w, y)
+
+
+def test_benchmark_smoke(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ce.json"
+    res = subprocess.run([sys.executable, "benchmarks/bench_linear_ce.py", "--smoke", "--out", str(out)],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"naive", "fastvlm"} and all(r["seconds"] > 0 for r in rows)

@@ -337,6 +337,24 @@ class AttentionLayout:
             allowed = same & causal & (text_q | text_k | diag)
         return allowed & text_k, allowed & ~text_k
 
+    def flex_mask_mod(self):
+        """The same mask as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``, for
+        interoperability and as the baseline in tests and benchmarks."""
+        seg, img, pre, kind = self.segment_ids, self.image_ids, self.prefix_mask, self.kind
+
+        def mask_mod(b, h, q, k):
+            same = (seg[b, q] == seg[b, k]) & (seg[b, q] >= 0)
+            causal = k <= q
+            if kind == "causal":
+                return same & causal
+            if kind == "prefix_lm":
+                return same & (causal | (pre[b, q] & pre[b, k]))
+            if kind == "image_bidirectional":
+                return same & (causal | ((img[b, q] == img[b, k]) & (img[b, q] >= 0)))
+            return same & causal & ((img[b, q] < 0) | (img[b, k] < 0) | (q == k))
+
+        return mask_mod
+
     # ---- block map ------------------------------------------------------------------
     def block_map(self, block_q: int = 128, block_k: int | None = None, *,
                   backend: str = "auto") -> BlockMap:
