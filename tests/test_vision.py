@@ -159,3 +159,28 @@ def test_config_validation():
         good.replace(family="vit")
     with pytest.raises(ValueError, match="act"):
         good.replace(act="relu6")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, None])
+def test_frozen_encoder_builds_no_graph(dtype, seed):
+    encoder = tiny_encoder().set_checkpointing("full")
+    pixels = torch.randn(2, 3, 28, 28)
+    reference = encoder(pixels, select_layers=[-2, -1])
+    encoder.freeze(dtype=dtype)
+    connector = torch.nn.Linear(32, 8, dtype=dtype or torch.float32)
+    saved = []
+    # Inside a training step: grad enabled, autocast on, saved-tensor hooks watching.
+    with torch.enable_grad(), torch.autocast("cpu", dtype=torch.float16), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        features = encoder(pixels, select_layers=[-2, -1])
+        assert not saved
+        loss = connector(features[0]).float().square().mean()
+    expected = dtype or torch.float32
+    for f in features:
+        assert f.dtype == expected and f.grad_fn is None and not f.requires_grad
+    loss.backward()  # features are ordinary tensors the trainable connector can save
+    assert connector.weight.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
+    tol = 0.05 if dtype else 0.0
+    for f, r in zip(features, reference):
+        torch.testing.assert_close(f.float(), r.detach(), rtol=tol, atol=tol)
