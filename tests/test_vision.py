@@ -184,3 +184,32 @@ def test_frozen_encoder_builds_no_graph(dtype, seed):
     tol = 0.05 if dtype else 0.0
     for f, r in zip(features, reference):
         torch.testing.assert_close(f.float(), r.detach(), rtol=tol, atol=tol)
+
+
+def test_encoder_ensemble(seed):
+    from PIL import Image
+
+    from fastvlm.models.ensemble import EncoderEnsemble
+
+    siglip = tiny_encoder("siglip")
+    dino = VisionEncoder(VisionConfig.dinov2(image_size=42, patch_size=7, hidden_size=24, num_layers=2,
+                                             num_heads=3, intermediate_size=48, num_register_tokens=1))
+    ensemble = EncoderEnsemble([siglip, dino.freeze(dtype=None)], select_layers=[[-2, -1], [1]])
+    images = [Image.fromarray(torch.randint(0, 256, (50 + 9 * i, 61, 3), dtype=torch.uint8).numpy())
+              for i in range(2)]
+    pixels = ensemble.preprocess(images)
+    assert [tuple(p.shape) for p in pixels] == [(2, 3, 28, 28), (2, 3, 42, 42)]
+    features = ensemble(pixels)
+    assert [[tuple(f.shape) for f in per] for per in features] == [[(2, 16, 32)] * 2, [(2, 38, 24)]]
+    torch.testing.assert_close(features[0][0], siglip(pixels[0], select_layers=[-2])[0], rtol=0, atol=0)
+    torch.testing.assert_close(features[1][0], dino(pixels[1], select_layers=[1])[0], rtol=0, atol=0)
+    assert features[0][1].requires_grad and not features[1][0].requires_grad
+
+    with pytest.raises(ValueError, match="one list per encoder"):
+        EncoderEnsemble([siglip, dino], select_layers=[[-1]])
+    with pytest.raises(ValueError, match="select_layers"):
+        EncoderEnsemble([siglip], select_layers=[[9]])
+    with pytest.raises(ValueError, match="list of 2 tensors"):
+        ensemble(pixels[0])
+    with pytest.raises(ValueError, match="same batch size"):
+        ensemble([pixels[0], pixels[1][:1]])
