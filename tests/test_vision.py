@@ -159,6 +159,8 @@ def test_config_validation():
         good.replace(family="vit")
     with pytest.raises(ValueError, match="act"):
         good.replace(act="relu6")
+    with pytest.raises(ValueError, match="class_token=True"):
+        good.replace(class_token=False, num_register_tokens=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, None])

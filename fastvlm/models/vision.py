@@ -72,11 +72,12 @@ class VisionConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_heads ({self.num_heads})")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of "
-                             f"patch_size ({self.patch_size})")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be at least patch_size ({self.patch_size})")
         if self.num_register_tokens < 0:
             raise ValueError(f"num_register_tokens: expected >= 0, got {self.num_register_tokens}")
+        if self.num_register_tokens and not self.class_token:
+            raise ValueError("num_register_tokens: registers follow the class token; set class_token=True")
 
     @classmethod
     def from_dict(cls, values: dict) -> VisionConfig:
@@ -94,6 +95,7 @@ class VisionConfig:
 
     @property
     def grid_size(self) -> int:
+        # Pixels past the last whole patch are dropped (SigLIP-so400m: 384 px, 14 px patches).
         return self.image_size // self.patch_size
 
     @property
@@ -258,9 +260,9 @@ class VisionEncoder(nn.Module):
         if not cfg.interpolate_pos and (height, width) != (cfg.image_size, cfg.image_size):
             raise ValueError(f"pixel_values: expected {cfg.image_size}x{cfg.image_size} images, got "
                              f"{height}x{width}; set interpolate_pos=True to resample the position grid")
-        if height % cfg.patch_size or width % cfg.patch_size:
-            raise ValueError(f"pixel_values: height and width must be multiples of the patch size "
-                             f"{cfg.patch_size}, got {height}x{width}")
+        if height < cfg.patch_size or width < cfg.patch_size:
+            raise ValueError(f"pixel_values: images must be at least one patch ({cfg.patch_size}) "
+                             f"high and wide, got {height}x{width}")
 
     def position_embeddings(self, grid_h: int, grid_w: int) -> torch.Tensor:
         cfg = self.config

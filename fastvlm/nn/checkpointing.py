@@ -34,8 +34,8 @@ MODES = ("none", "full", "selective", "every_k", "offload")
 aten = torch.ops.aten
 # Matmul outputs kept by `selective`; linear layers reach the dispatcher as mm/addmm
 # (3-D inputs are flattened) and bmm/baddbmm for batched products.
-SAVED_OPS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
-                       aten.linear.default, aten.convolution.default})
+SAVED_OPS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default,
+                       aten.baddbmm.default, aten.linear.default, aten.convolution.default})
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,10 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, policy: CheckpointP
 class OffloadSavedTensors(torch.autograd.graph.saved_tensors_hooks):
     """Keep tensors saved for backward in pinned CPU memory instead of on the GPU.
 
-    Why not torch.autograd.graph.save_on_cpu: it copies *every* saved tensor,
-    parameters included (a linear layer saves its weight), and its device-to-host
-    copy is synchronous on the compute stream; neither it nor this class prefetches
-    for backward. Here:
+    Why not torch.autograd.graph.save_on_cpu(pin_memory=True): it copies *every*
+    saved tensor, parameters included (a linear layer saves its weight), and it
+    issues the device-to-host copy on the compute stream, so the next kernels
+    queue behind the PCIe transfer; its copy back is not prefetched either. Here:
     - parameters, CPU tensors and tensors under `min_bytes` stay where they are;
     - the copy to pinned memory runs on a side stream after the producing kernels
       (wait_stream), so compute does not wait for PCIe; `record_stream` keeps the
