@@ -16,10 +16,12 @@ Policies:
 - ``every_k:K``: blocks 0, K, 2K, ... are checkpointed (``full``), the others kept.
 - ``offload``: nothing is recomputed; tensors saved for backward that live on a
   GPU are copied to pinned CPU memory on a side stream while compute goes on,
-  and copied back when backward needs them (see OffloadSavedTensors).
+  and prefetched back one block ahead during backward (see OffloadSavedTensors).
+  Tensors on the CPU stay where they are, so on a CPU-only run it equals ``none``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -85,7 +87,7 @@ _selective_context = functools.partial(create_selective_checkpoint_contexts, _ke
 def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, policy: CheckpointPolicy,
                keep: Collection[int] = (), **block_kwargs) -> list[torch.Tensor]:
     """Run `x` through `blocks`; return the outputs of the blocks whose indices are in
-    `keep` (ascending, duplicates once), plus the last output if `keep` is empty.
+    `keep` (ascending, each once), or only the last output if `keep` is empty.
 
     Only the kept outputs are referenced here, so a no-grad (frozen) pass frees each
     intermediate as soon as the next block has consumed it."""
@@ -94,10 +96,10 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, policy: CheckpointP
     # Without autograd there is nothing to save, so no policy has anything to do.
     tracking = torch.is_grad_enabled()
     offload = OffloadSavedTensors() if tracking and policy.mode == "offload" else None
-    if offload is not None:
-        offload.__enter__()
-    try:
+    with offload or contextlib.nullcontext():
         for i, block in enumerate(blocks):
+            if offload is not None:
+                offload.block = i
             if tracking and policy.checkpoints(i):
                 extra = {"context_fn": _selective_context} if policy.mode == "selective" else {}
                 x = checkpoint(block, x, use_reentrant=False, **extra, **block_kwargs)
@@ -105,10 +107,17 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, policy: CheckpointP
                 x = block(x, **block_kwargs)
             if i in wanted:
                 outputs.append(x)
-    finally:
-        if offload is not None:
-            offload.__exit__(None, None, None)
     return outputs
+
+
+class _Offloaded:
+    """A saved tensor's pinned host copy, and its way back to the GPU."""
+
+    __slots__ = ("device", "host", "copied", "block", "prefetched", "ready")
+
+    def __init__(self, device, host, copied, block):
+        self.device, self.host, self.copied, self.block = device, host, copied, block
+        self.prefetched = self.ready = None
 
 
 class OffloadSavedTensors(torch.autograd.graph.saved_tensors_hooks):
@@ -122,36 +131,58 @@ class OffloadSavedTensors(torch.autograd.graph.saved_tensors_hooks):
     - the copy to pinned memory runs on a side stream after the producing kernels
       (wait_stream), so compute does not wait for PCIe; `record_stream` keeps the
       GPU buffer from being reused before that copy has finished;
-    - in backward the copy back is issued on the compute stream (non_blocking),
-      ordered after the offload copy by an event. It is not prefetched: each
-      unpack waits for its own host-to-device copy (benchmarks/bench_encoder.py
-      measures what that costs).
+    - backward walks the blocks in reverse: the first time it needs a tensor of
+      block i, the copies back of all of block i-1's tensors start on the side
+      stream, overlapping block i's backward. So at most about two blocks' saved
+      tensors are on the GPU at once. A tensor not prefetched (the last block's,
+      or one unpacked a second time) is copied back on the compute stream.
+    The caller sets `block` before running each block.
     """
 
     def __init__(self, min_bytes: int = 1 << 16):
         self.min_bytes = min_bytes
-        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.block = 0
+        self.stream: torch.cuda.Stream | None = None
+        self.pending: dict[int, list[_Offloaded]] = {}  # per block, not yet prefetched
         super().__init__(self.pack, self.unpack)
 
     def pack(self, tensor: torch.Tensor):
         if (tensor.device.type != "cuda" or isinstance(tensor, nn.Parameter)
                 or tensor.numel() * tensor.element_size() < self.min_bytes):
             return tensor
-        stream = self.streams.get(tensor.device)
-        if stream is None:
-            stream = self.streams[tensor.device] = torch.cuda.Stream(tensor.device)
-        stream.wait_stream(torch.cuda.current_stream(tensor.device))
-        with torch.cuda.stream(stream):
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(tensor.device)
+        self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(self.stream):
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             host.copy_(tensor, non_blocking=True)
-            copied = stream.record_event()
-        tensor.record_stream(stream)
-        return tensor.device, host, copied
+            copied = self.stream.record_event()
+        tensor.record_stream(self.stream)
+        item = _Offloaded(tensor.device, host, copied, self.block)
+        self.pending.setdefault(self.block, []).append(item)
+        return item
 
-    @staticmethod
-    def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        device, host, copied = packed
-        torch.cuda.current_stream(device).wait_event(copied)
-        return host.to(device, non_blocking=True)
+    def unpack(self, item):
+        if isinstance(item, torch.Tensor):
+            return item
+        self._prefetch(item.block - 1)
+        current = torch.cuda.current_stream(item.device)
+        if item.prefetched is not None:
+            tensor, item.prefetched = item.prefetched, None  # autograd owns it from here
+            current.wait_event(item.ready)
+            tensor.record_stream(current)  # allocated on the side stream, used and freed here
+            return tensor
+        current.wait_event(item.copied)
+        return item.host.to(item.device, non_blocking=True)
+
+    def _prefetch(self, block: int) -> None:
+        group = self.pending.pop(block, None)
+        if not group:
+            return
+        # Same stream as the offload copies, so each copy back follows its copy out.
+        with torch.cuda.stream(self.stream):
+            for item in group:
+                item.prefetched = item.host.to(item.device, non_blocking=True)
+            ready = self.stream.record_event()
+        for item in group:
+            item.ready = ready
