@@ -8,7 +8,7 @@ from fastvlm.models.vision import VisionConfig, VisionEncoder
 from fastvlm.nn.activation_memory import LiveTensorBytes
 from fastvlm.nn.checkpointing import CheckpointPolicy
 
-POLICIES = ["full", "selective", "every_k:2", "every_k:3", "offload"]
+POLICIES = ["full", "selective", "every_k:2", "every_k:3", "offload", "full+offload"]
 
 
 def tiny_encoder(family="clip", layers=4, image_size=28):
@@ -111,9 +111,12 @@ def test_no_grad_forward_keeps_nothing(seed):
 
 def test_policy_parsing():
     assert CheckpointPolicy.parse("every_k:3") == CheckpointPolicy("every_k", 3)
-    assert str(CheckpointPolicy.parse("every_k:3")) == "every_k:3"
+    assert CheckpointPolicy.parse("offload") == CheckpointPolicy("none", offload=True)
+    assert CheckpointPolicy.parse("every_k:4+offload") == CheckpointPolicy("every_k", 4, offload=True)
+    for text in ["none", "full", "selective", "every_k:3", "offload", "full+offload", "selective+offload"]:
+        assert str(CheckpointPolicy.parse(text)) == text
     assert [CheckpointPolicy("every_k", 3).checkpoints(i) for i in range(4)] == [True, False, False, True]
-    for bad in ["fulll", "full:2", "every_k:x", "every_k:0"]:
+    for bad in ["fulll", "full:2", "every_k:x", "every_k:0", "full+fast", "offload+full"]:
         with pytest.raises(ValueError, match="checkpointing"):
             CheckpointPolicy.parse(bad)
 
