@@ -119,3 +119,16 @@ def test_requires_frozen_encoder(tmp_path):
         FeatureCache(tmp_path, VisionEncoder(config))
     with pytest.raises(ValueError, match="image file bytes"):
         FeatureCache(tmp_path, frozen_encoder()).key("not bytes")
+
+
+@pytest.mark.gpu
+def test_cache_on_gpu_bf16(tmp_path, seed):
+    encoder, decode = frozen_encoder(torch.bfloat16).cuda(), Decoder()
+    cache = FeatureCache(tmp_path, encoder)
+    images = make_images(3)
+    expected = encoder(decode(images).cuda(), select_layers=[-2])[0]
+    for _ in range(2):  # a miss, then a hit
+        (features,) = cache.features(images, decode)
+        assert features.device.type == "cuda" and features.dtype == torch.bfloat16
+        torch.testing.assert_close(features, expected, rtol=0, atol=0)
+    assert (cache.misses, cache.hits) == (3, 3)

@@ -38,10 +38,9 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 MODES = ("none", "full", "selective", "every_k")
 
 aten = torch.ops.aten
-# Matmul outputs kept by `selective`; linear layers reach the dispatcher as mm/addmm
-# (3-D inputs are flattened) and bmm/baddbmm for batched products.
-SAVED_OPS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default,
-                       aten.baddbmm.default, aten.linear.default, aten.convolution.default})
+# Matmul outputs kept by `selective`. The checkpoint sees ops after decomposition:
+# nn.Linear arrives as mm/addmm (3-D inputs flattened), batched products as bmm/baddbmm.
+SAVED_OPS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default})
 
 
 @dataclass(frozen=True)
