@@ -49,7 +49,7 @@ class CheckpointPolicy:
     every_k: int = 2  # used by mode "every_k"
     # Move what the blocks save for backward to pinned CPU memory. Alone ("offload")
     # that is every activation; with "full" only the block inputs the checkpoints
-    # keep (Unsloth's offloaded checkpointing), a 20x smaller PCIe traffic.
+    # keep (Unsloth's offloaded checkpointing): one tensor per block instead of ~20.
     offload: bool = False
 
     def __post_init__(self):
