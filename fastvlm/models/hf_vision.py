@@ -1,0 +1,179 @@
+"""Load local Hugging Face vision checkpoints into fastvlm's VisionEncoder.
+
+Supported layouts (config.json `model_type`):
+- ``clip_vision_model`` (CLIPVisionModel) and ``clip`` (a full CLIPModel, as in
+  openai/clip-vit-large-patch14-336 that LLaVA uses; only its vision tower is read);
+- ``siglip_vision_model`` / ``siglip`` likewise;
+- ``dinov2`` and ``dinov2_with_registers``.
+Weights from model.safetensors, a sharded model.safetensors.index.json, or
+pytorch_model.bin. The final LayerNorm and SigLIP's pooling head are not part of
+the encoder (features are hidden states, as in transformers' `hidden_states`), so
+their keys are accepted and skipped; any other unexpected or missing key is an error.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from fastvlm.models.vision import VisionConfig, VisionEncoder
+
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                  "gelu_new": "gelu_tanh"}
+FULL_MODEL_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+
+
+def _activation(hf: dict) -> str:
+    act = hf.get("hidden_act", "gelu")
+    if act not in HF_ACTIVATIONS:
+        raise ValueError(f"config.json: hidden_act {act!r} not supported; expected one of {sorted(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[act]
+
+
+def config_from_hf(hf: dict) -> VisionConfig:
+    """VisionConfig from a transformers config.json dict (vision model or full CLIP/SigLIP)."""
+    model_type = hf.get("model_type")
+    if model_type in FULL_MODEL_TYPES:
+        hf, model_type = hf["vision_config"], FULL_MODEL_TYPES[model_type]
+    sizes = dict(image_size=hf["image_size"], patch_size=hf["patch_size"], hidden_size=hf["hidden_size"],
+                 num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+                 num_channels=hf.get("num_channels", 3), layer_norm_eps=hf["layer_norm_eps"])
+    if model_type == "clip_vision_model":
+        return VisionConfig.clip(intermediate_size=hf["intermediate_size"], act=_activation(hf), **sizes)
+    if model_type == "siglip_vision_model":
+        return VisionConfig.siglip(intermediate_size=hf["intermediate_size"], act=_activation(hf), **sizes)
+    if model_type in ("dinov2", "dinov2_with_registers"):
+        if hf.get("use_swiglu_ffn"):
+            raise ValueError("config.json: DINOv2 with a SwiGLU MLP (use_swiglu_ffn) is not supported")
+        registers = hf.get("num_register_tokens", 0) if model_type == "dinov2_with_registers" else 0
+        return VisionConfig.dinov2(intermediate_size=int(hf["hidden_size"] * hf["mlp_ratio"]),
+                                   qkv_bias=hf.get("qkv_bias", True), num_register_tokens=registers,
+                                   interpolate_antialias=model_type == "dinov2_with_registers",
+                                   act=_activation(hf), **sizes)
+    raise ValueError(f"config.json: model_type {model_type!r} not supported; expected one of "
+                     "clip, clip_vision_model, siglip, siglip_vision_model, dinov2, dinov2_with_registers")
+
+
+# (HF name pattern, fastvlm name) per family; {i} is the block index.
+CLIP_SIGLIP_NAMES = [
+    ("embeddings.patch_embedding.weight", "patch_embed.weight"),
+    ("embeddings.patch_embedding.bias", "patch_embed.bias"),
+    ("embeddings.class_embedding", "class_token"),
+    ("embeddings.position_embedding.weight", "pos_embed"),
+    ("pre_layrnorm.weight", "pre_norm.weight"),
+    ("pre_layrnorm.bias", "pre_norm.bias"),
+    ("encoder.layers.{i}.layer_norm1.{p}", "blocks.{i}.norm1.{p}"),
+    ("encoder.layers.{i}.self_attn.{proj}.{p}", "blocks.{i}.attn.{proj}.{p}"),
+    ("encoder.layers.{i}.layer_norm2.{p}", "blocks.{i}.norm2.{p}"),
+    ("encoder.layers.{i}.mlp.{fc}.{p}", "blocks.{i}.mlp.{fc}.{p}"),
+]
+CLIP_SIGLIP_SKIPPED = [r"post_layernorm\..*", r"head\..*", r"embeddings\.position_ids"]
+DINOV2_PROJ = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
+DINOV2_NAMES = [
+    ("embeddings.patch_embeddings.projection.{p}", "patch_embed.{p}"),
+    ("embeddings.cls_token", "class_token"),
+    ("embeddings.register_tokens", "registers"),
+    ("embeddings.position_embeddings", "pos_embed"),
+    ("encoder.layer.{i}.norm1.{p}", "blocks.{i}.norm1.{p}"),
+    ("encoder.layer.{i}.attention.attention.{dproj}.{p}", "blocks.{i}.attn.{dproj}.{p}"),
+    ("encoder.layer.{i}.attention.output.dense.{p}", "blocks.{i}.attn.out_proj.{p}"),
+    ("encoder.layer.{i}.layer_scale1.lambda1", "blocks.{i}.scale1.scale"),
+    ("encoder.layer.{i}.norm2.{p}", "blocks.{i}.norm2.{p}"),
+    ("encoder.layer.{i}.mlp.{fc}.{p}", "blocks.{i}.mlp.{fc}.{p}"),
+    ("encoder.layer.{i}.layer_scale2.lambda1", "blocks.{i}.scale2.scale"),
+]
+DINOV2_SKIPPED = [r"layernorm\..*", r"embeddings\.mask_token"]
+FIELDS = {"i": r"(?P<i>\d+)", "p": r"(?P<p>weight|bias)", "proj": r"(?P<proj>[qkv]_proj|out_proj)",
+          "fc": r"(?P<fc>fc[12])", "dproj": r"(?P<dproj>query|key|value)"}
+
+
+def _compile(names):
+    rules = []
+    for hf_name, ours in names:
+        pattern = re.escape(hf_name).replace(r"\{", "{").replace(r"\}", "}").format(**FIELDS)
+        rules.append((re.compile(pattern + "$"), ours))
+    return rules
+
+
+# Hub checkpoints saved by transformers < 5 prefix the vision tower with "vision_model.".
+RULES = {"clip": (_compile(CLIP_SIGLIP_NAMES), CLIP_SIGLIP_SKIPPED, "vision_model."),
+         "siglip": (_compile(CLIP_SIGLIP_NAMES), CLIP_SIGLIP_SKIPPED, "vision_model."),
+         "dinov2": (_compile(DINOV2_NAMES), DINOV2_SKIPPED, "")}
+
+
+def convert_state_dict(hf_state: dict[str, torch.Tensor], config: VisionConfig, full_model: bool = False):
+    """Rename an HF state dict to fastvlm names; returns (state, unexpected HF keys).
+
+    `full_model`: the checkpoint is a CLIPModel/SiglipModel, whose text tower and
+    projections are skipped."""
+    rules, skipped, prefix = RULES[config.family]
+    skip = re.compile("|".join(skipped))
+    state, unexpected = {}, []
+    for name, tensor in hf_state.items():
+        if prefix and name.startswith(prefix):
+            short = name[len(prefix):]
+        elif full_model:  # text tower, projections, logit scale
+            continue
+        else:
+            short = name
+        for pattern, ours in rules:
+            match = pattern.match(short)
+            if match:
+                fields = match.groupdict()
+                if "dproj" in fields:
+                    fields["dproj"] = DINOV2_PROJ[fields["dproj"]]
+                state[ours.format(**fields)] = tensor
+                break
+        else:
+            if not skip.fullmatch(short):
+                unexpected.append(name)
+    # HF keeps these with a leading batch dim or as an embedding table.
+    for key in ("pos_embed", "registers"):
+        if key in state:
+            state[key] = state[key].reshape(-1, config.hidden_size)
+    if "class_token" in state:
+        state["class_token"] = state["class_token"].reshape(config.hidden_size)
+    return state, unexpected
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        state = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(path / shard))
+        return state
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ValueError(f"path: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path}")
+
+
+def load_hf_vision_encoder(path, **overrides) -> VisionEncoder:
+    """`overrides` replace config fields, e.g. interpolate_pos=True."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"path: expected a Hugging Face checkpoint directory with config.json, got {path}")
+    hf = json.loads((path / "config.json").read_text())
+    config = config_from_hf(hf)
+    if overrides:
+        config = config.replace(**overrides)
+    encoder = VisionEncoder(config)
+    state, unexpected = convert_state_dict(read_weights(path), config,
+                                           full_model=hf.get("model_type") in FULL_MODEL_TYPES)
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected += [k for k in state if k not in expected]  # e.g. registers for a config without
+    shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: checkpoint does not match a {config.family} encoder: "
+                         f"missing keys (fastvlm names) {missing}, unexpected keys {sorted(unexpected)}, "
+                         f"shape mismatches {shapes}")
+    encoder.load_state_dict(state)
+    return encoder

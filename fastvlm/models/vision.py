@@ -1,0 +1,309 @@
+"""One Vision Transformer, configurable as CLIP-ViT, SigLIP or DINOv2.
+
+The three families differ only in a handful of switches, all in VisionConfig:
+
+| switch               | CLIP        | SigLIP    | DINOv2               |
+| -------------------- | ----------- | --------- | -------------------- |
+| class token          | yes         | no        | yes (+ registers)    |
+| LayerNorm after embed| yes         | no        | no                   |
+| patch conv bias      | no          | yes       | yes                  |
+| MLP activation       | quick_gelu  | gelu_tanh | gelu                 |
+| layer scale          | no          | no        | yes                  |
+| position interpolation | opt-in    | opt-in    | always (bicubic)     |
+
+`encoder(pixel_values, select_layers=[-2])` returns hidden states indexed like
+transformers' `hidden_states` (0 = the input of the first block) and runs no
+block past the deepest selected one. Loading Hugging Face checkpoints lives in
+fastvlm/models/hf_vision.py; checkpointing policies in fastvlm/nn/checkpointing.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
+
+FAMILIES = ("clip", "siglip", "dinov2")
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    family: str
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    num_channels: int = 3
+    act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    qkv_bias: bool = True
+    patch_bias: bool = True
+    class_token: bool = False
+    pre_norm: bool = False
+    layer_scale: bool = False
+    num_register_tokens: int = 0
+    # Accept other resolutions by resampling the position grid (bicubic).
+    interpolate_pos: bool = False
+    # DINOv2-with-registers resamples with antialiasing, plain DINOv2 without.
+    interpolate_antialias: bool = False
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family: expected one of {FAMILIES}, got {self.family!r}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act: expected one of {tuple(ACTIVATIONS)}, got {self.act!r}")
+        for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
+                     "intermediate_size", "num_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of "
+                             f"num_heads ({self.num_heads})")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be at least patch_size ({self.patch_size})")
+        if self.num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens: expected >= 0, got {self.num_register_tokens}")
+        if self.num_register_tokens and not self.class_token:
+            raise ValueError("num_register_tokens: registers follow the class token; set class_token=True")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> VisionConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"VisionConfig: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> VisionConfig:
+        return VisionConfig.from_dict({**self.to_dict(), **changes})
+
+    @property
+    def grid_size(self) -> int:
+        # Pixels past the last whole patch are dropped (SigLIP-so400m: 384 px, 14 px patches).
+        return self.image_size // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens: class token, then registers."""
+        return int(self.class_token) + self.num_register_tokens
+
+    # Family presets: the switches of the table above; keyword arguments override them.
+    @classmethod
+    def clip(cls, **fields) -> VisionConfig:
+        return cls(**{"family": "clip", "act": "quick_gelu", "patch_bias": False, "class_token": True,
+                      "pre_norm": True, **fields})
+
+    @classmethod
+    def siglip(cls, **fields) -> VisionConfig:
+        return cls(**{"family": "siglip", "act": "gelu_tanh", "layer_norm_eps": 1e-6, **fields})
+
+    @classmethod
+    def dinov2(cls, **fields) -> VisionConfig:
+        return cls(**{"family": "dinov2", "act": "gelu", "layer_norm_eps": 1e-6, "class_token": True,
+                      "layer_scale": True, "interpolate_pos": True, **fields})
+
+
+# Shapes of the encoders LLaVA-style VLMs use most (for benchmarks and random init).
+CLIP_L14_336 = dict(image_size=336, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16,
+                    intermediate_size=4096)
+SIGLIP_SO400M_384 = dict(image_size=384, patch_size=14, hidden_size=1152, num_layers=27,
+                         num_heads=16, intermediate_size=4304)
+
+
+class Attention(nn.Module):
+    """Full bidirectional self-attention. An unmasked square attention is exactly
+    what SDPA's flash/efficient kernels are best at, so it goes there directly."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        dim, bias = config.hidden_size, config.qkv_bias
+        self.num_heads = config.num_heads
+        # Separate projections so LoRA can target q/k/v individually.
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, dim, bias=bias)
+        self.v_proj = nn.Linear(dim, dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+
+        def heads(t):
+            return t.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)),
+                                             heads(self.v_proj(x)))
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACTIVATIONS[config.act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        dim, eps = config.hidden_size, config.layer_norm_eps
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(config)
+        self.scale1 = LayerScale(dim) if config.layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(config)
+        self.scale2 = LayerScale(dim) if config.layer_scale else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.scale1(self.attn(self.norm1(x)))
+        return x + self.scale2(self.mlp(self.norm2(x)))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        c = config.hidden_size
+        self.patch_embed = nn.Conv2d(config.num_channels, c, config.patch_size, config.patch_size,
+                                     bias=config.patch_bias)
+        self.class_token = nn.Parameter(torch.randn(c) * 0.02) if config.class_token else None
+        self.registers = (nn.Parameter(torch.randn(config.num_register_tokens, c) * 0.02)
+                          if config.num_register_tokens else None)
+        # Positions cover the class token (not the registers) and the patch grid.
+        num_positions = int(config.class_token) + config.grid_size ** 2
+        self.pos_embed = nn.Parameter(torch.randn(num_positions, c) * 0.02)
+        self.pre_norm = nn.LayerNorm(c, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.checkpointing = CheckpointPolicy()
+        self.frozen_dtype: torch.dtype | None = None
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> VisionEncoder:
+        """Load a local Hugging Face checkpoint directory (CLIP, SigLIP, DINOv2)."""
+        from fastvlm.models.hf_vision import load_hf_vision_encoder
+
+        return load_hf_vision_encoder(path, **overrides)
+
+    # -- modes -------------------------------------------------------------
+
+    def set_checkpointing(self, policy: CheckpointPolicy | str) -> VisionEncoder:
+        self.checkpointing = CheckpointPolicy.parse(policy)
+        return self
+
+    def freeze(self, dtype: torch.dtype | None = torch.bfloat16) -> VisionEncoder:
+        """Frozen tower: no parameter trains and forward builds no autograd graph,
+        even inside a training step; weights are cast to `dtype` (None keeps them)."""
+        self.requires_grad_(False)
+        self.eval()
+        if dtype is not None:
+            self.to(dtype)
+        self.frozen_dtype = self.patch_embed.weight.dtype
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return self.frozen_dtype is not None
+
+    # -- forward -----------------------------------------------------------
+
+    def resolve_layers(self, select_layers: Sequence[int]) -> list[int]:
+        """Map hidden-state indices (negative from the end) to 0..num_layers."""
+        count = self.config.num_layers + 1
+        if isinstance(select_layers, int) or not len(select_layers):
+            raise ValueError(f"select_layers: expected a non-empty sequence of ints, got {select_layers!r}")
+        resolved = []
+        for index in select_layers:
+            if not -count <= index < count:
+                raise ValueError(f"select_layers: {index} out of range for {count} hidden states "
+                                 f"(embeddings + {self.config.num_layers} layers)")
+            resolved.append(index % count)
+        return resolved
+
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        cfg = self.config
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(f"pixel_values: expected a [B, {cfg.num_channels}, H, W] tensor, got {shape}")
+        _, channels, height, width = pixel_values.shape
+        if channels != cfg.num_channels:
+            raise ValueError(f"pixel_values: expected {cfg.num_channels} channels, got {channels}")
+        if not cfg.interpolate_pos and (height, width) != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"pixel_values: expected {cfg.image_size}x{cfg.image_size} images, got "
+                             f"{height}x{width}; set interpolate_pos=True to resample the position grid")
+        if height < cfg.patch_size or width < cfg.patch_size:
+            raise ValueError(f"pixel_values: images must be at least one patch ({cfg.patch_size}) "
+                             f"high and wide, got {height}x{width}")
+
+    def position_embeddings(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        cfg = self.config
+        n_cls = int(cfg.class_token)
+        if (grid_h, grid_w) == (cfg.grid_size, cfg.grid_size):
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:n_cls], self.pos_embed[n_cls:]
+        grid = patch_pos.reshape(1, cfg.grid_size, cfg.grid_size, -1).permute(0, 3, 1, 2)
+        # Resample in fp32: bicubic in half precision visibly shifts the embeddings.
+        grid = F.interpolate(grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False,
+                             antialias=cfg.interpolate_antialias).to(patch_pos.dtype)
+        return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        b, c, grid_h, grid_w = patches.shape
+        x = patches.flatten(2).transpose(1, 2)
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(b, 1, c), x], dim=1)
+        x = x + self.position_embeddings(grid_h, grid_w)
+        if self.registers is not None:  # after the class token, without positions
+            x = torch.cat([x[:, :1], self.registers.expand(b, -1, -1), x[:, 1:]], dim=1)
+        return self.pre_norm(x)
+
+    def forward(self, pixel_values: torch.Tensor, select_layers: Sequence[int] = (-1,)) -> list[torch.Tensor]:
+        """Hidden states at `select_layers` (0 = embeddings, -1 = last block), each [B, T, C]."""
+        self.check_pixels(pixel_values)
+        layers = self.resolve_layers(select_layers)
+        if self.frozen:
+            # no_grad rather than inference_mode: inference tensors could not be
+            # saved for backward by the trainable connector that consumes them.
+            with torch.no_grad(), torch.autocast(pixel_values.device.type, enabled=False):
+                return self._forward(pixel_values.to(self.frozen_dtype), layers)
+        return self._forward(pixel_values, layers)
+
+    def _forward(self, pixel_values: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        x = self.embed(pixel_values)
+        depth = max(layers)
+        outputs = run_blocks(self.blocks[:depth], x, self.checkpointing,
+                             keep=[i - 1 for i in layers if i > 0])
+        states = dict(zip(sorted({i for i in layers if i > 0}), outputs))
+        states[0] = x
+        return [states[i] for i in layers]
+
