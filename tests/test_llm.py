@@ -142,3 +142,17 @@ def test_sampling_is_reproducible_and_top_p_narrows_to_greedy(seed):
     eos = int(model.generate(ids[:1], max_new_tokens=1)[0, 0])
     stopped = model.generate(ids[:1], max_new_tokens=4, eos_token_id=eos, pad_token_id=-1)
     assert stopped.tolist() == [[eos, -1, -1, -1]]
+
+
+@pytest.mark.parametrize("policy", ["full", "selective", "every_k:2", "offload", "full+offload"])
+def test_checkpointing_policies_keep_gradients(policy, seed):
+    cfg = LLMConfig.from_dict(dict(TINY, num_hidden_layers=3))
+    model = LLM(cfg)
+    ids = torch.randint(0, 97, (2, 21))
+    seg = torch.tensor([[0] * 10 + [1] * 11, [0] * 21], dtype=torch.int32)
+    model(ids, segment_ids=seg, labels=ids).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_checkpointing(policy)(ids, segment_ids=seg, labels=ids).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-6, atol=1e-7, msg=n)

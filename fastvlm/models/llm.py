@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
 from fastvlm.ops import AttentionLayout, multimodal_attention
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
 
@@ -241,6 +242,13 @@ class LLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.checkpointing = CheckpointPolicy()
+
+    def set_checkpointing(self, policy: CheckpointPolicy | str) -> "LLM":
+        """Activation checkpointing of the decoder blocks, the same policies as the
+        vision encoder's (none, full, selective, every_k:K, offload, <mode>+offload)."""
+        self.checkpointing = CheckpointPolicy.parse(policy)
+        return self
 
     def layout_for(self, segment_ids: torch.Tensor) -> AttentionLayout:
         return AttentionLayout(segment_ids, kind=self.config.attention_kind)
@@ -266,9 +274,11 @@ class LLM(nn.Module):
 
     def _run_layers(self, x, position_ids, layout, cache: KVCache | None = None):
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, layout, cache, i)
-        if cache is not None:
+        if cache is None:
+            (x,) = run_blocks(self.model.layers, x, self.checkpointing, cos=cos, sin=sin, layout=layout)
+        else:  # generation: no autograd, so no checkpointing, and each layer has its cache slot
+            for i, block in enumerate(self.model.layers):
+                x = block(x, cos, sin, layout, cache, i)
             cache.length += x.shape[1]
         return self.model.norm(x)
 
