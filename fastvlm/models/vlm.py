@@ -1,0 +1,226 @@
+"""The VLM: vision encoder -> connector -> decoder LLM, LLaVA style.
+
+``VLM.forward(input_ids, images, labels)`` encodes the images, projects their
+features to the LLM's width, splices them into the token embeddings at the
+image placeholders (fastvlm.models.splice), builds the attention layout of the
+batch from its token metadata (segments, image runs) and runs the LLM with the
+fused LM-head loss. Hugging Face LLaVA checkpoints (``LlavaForConditionalGeneration``,
+old and new key layouts) load with ``VLM.from_pretrained``; ``save_pretrained``
+writes fastvlm's own directory format, which from_pretrained also reads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastvlm.models.hf_vision import config_from_hf, convert_state_dict
+from fastvlm.models.llm import LLM, LLMConfig, load_state_dict
+from fastvlm.models.splice import splice_image_features
+from fastvlm.models.vision import VisionConfig, VisionEncoder
+from fastvlm.nn.connector import FusedMLPConnector
+from fastvlm.ops import KINDS, AttentionLayout
+
+VISION_FEATURES = ("patch", "full")  # LLaVA's "default" drops the class (and register) tokens
+FORMAT = "fastvlm_vlm"
+
+
+@dataclass
+class VLMConfig:
+    vision: VisionConfig
+    llm: LLMConfig
+    image_token_id: int
+    select_layer: int = -2          # hidden-state index of the encoder fed to the connector
+    vision_feature: str = "patch"
+    projector_act: str = "gelu"
+    projector_bias: bool = True
+    attention_kind: str = "causal"  # causal | image_bidirectional | mmca | prefix_lm
+    split_softmax: bool = False
+
+    def __post_init__(self):
+        if self.vision_feature not in VISION_FEATURES:
+            raise ValueError(f"vision_feature: expected one of {VISION_FEATURES}, got {self.vision_feature!r}")
+        if self.attention_kind not in KINDS:
+            raise ValueError(f"attention_kind: unknown layout kind {self.attention_kind!r}; expected one of "
+                             f"{', '.join(KINDS)}")
+        if not 0 <= self.image_token_id:
+            raise ValueError(f"image_token_id: expected a token id >= 0, got {self.image_token_id}")
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["vision"], d["llm"] = self.vision.to_dict(), dataclasses.asdict(self.llm)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        d = dict(d)
+        d["vision"] = VisionConfig.from_dict(d["vision"])
+        d["llm"] = LLMConfig.from_dict(d["llm"])
+        return cls(**d)
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = VisionEncoder(cfg.vision)
+        self.multi_modal_projector = FusedMLPConnector(cfg.vision.hidden_size, cfg.llm.hidden_size,
+                                                       cfg.llm.hidden_size, activation=cfg.projector_act,
+                                                       bias=cfg.projector_bias)
+        self.language_model = LLM(cfg.llm)
+
+    # ---- pieces ------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[num_images, C, H, W] -> projected features [num_images, T, llm hidden]."""
+        (feats,) = self.vision_tower(images, select_layers=[self.config.select_layer])
+        if self.config.vision_feature == "patch":
+            feats = feats[:, self.config.vision.num_prefix_tokens:]
+        return self.multi_modal_projector(feats.to(self.multi_modal_projector[0].weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        image_id = self.config.image_token_id
+        is_image = input_ids == image_id
+        # The placeholder id may lie outside the vocabulary; its rows are overwritten anyway.
+        embeds = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
+        if images is None:
+            if bool(is_image.any()):
+                raise ValueError(f"images: input_ids hold image tokens (id {image_id}) but no images were given")
+            return embeds
+        return splice_image_features(embeds, input_ids, image_id, self.encode_images(images))
+
+    def layout(self, input_ids, attention_mask=None, segment_ids=None, prefix_mask=None) -> AttentionLayout:
+        """The batch's attention layout: each run of image tokens is one image."""
+        return AttentionLayout.from_input_ids(input_ids, self.config.image_token_id,
+                                              attention_mask=attention_mask, segment_ids=segment_ids,
+                                              prefix_mask=prefix_mask, kind=self.config.attention_kind,
+                                              split_softmax=self.config.split_softmax)
+
+    # ---- training / inference ------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None, labels=None, *,
+                attention_mask=None, segment_ids=None, prefix_mask=None):
+        """Logits [B, N, V], or the mean next-token loss when labels are given
+        (image tokens and label -100 are never targets)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids: expected an integer tensor [B, N]")
+        max_len = self.config.llm.max_position_embeddings
+        if self.config.llm.rope_scaling.get("rope_type", "default") == "default" and input_ids.shape[1] > max_len:
+            raise ValueError(f"input_ids: sequence of {input_ids.shape[1]} tokens is longer than "
+                             f"max_position_embeddings ({max_len}) and RoPE is not scaled")
+        layout = self.layout(input_ids, attention_mask, segment_ids, prefix_mask)
+        embeds = self.embed(input_ids, images)
+        if labels is not None:
+            labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+        return self.language_model(inputs_embeds=embeds, layout=layout, labels=labels)
+
+    @torch.no_grad()
+    def generate(self, input_ids, images=None, *, attention_mask=None, **kwargs) -> torch.Tensor:
+        """New tokens [B, max_new_tokens]; the prompt is prefilled with the multimodal
+        layout, then decoded with the KV cache (see LLM.generate for the options)."""
+        layout = self.layout(input_ids, attention_mask)
+        return self.language_model.generate(inputs_embeds=self.embed(input_ids, images),
+                                            attention_mask=layout.segment_ids >= 0, layout=layout, **kwargs)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None) -> "VLM":
+        """A Hugging Face LLaVA directory, or one written by save_pretrained."""
+        path = Path(path)
+        raw = json.loads((path / "config.json").read_text())
+        if raw.get("model_type") == FORMAT:
+            model = cls(VLMConfig.from_dict(raw["config"]))
+            state = load_state_dict(path)
+            if model.config.llm.tie_word_embeddings:
+                state.setdefault("language_model.lm_head.weight",
+                                 state.get("language_model.model.embed_tokens.weight"))
+        elif raw.get("model_type") == "llava":
+            model, state = _from_hf_llava(raw, load_state_dict(path))
+        else:
+            raise ValueError(f"path: {path}/config.json has model_type {raw.get('model_type')!r}; expected "
+                             f"'llava' or {FORMAT!r}")
+        _load_exact(model, state, path)
+        return model.to(dtype) if dtype is not None else model
+
+    def save_pretrained(self, path) -> None:
+        """config.json + model.safetensors, each written to a temp file and renamed
+        into place, so an interrupted save never leaves a half-written file."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name, write in (("model.safetensors", lambda f: save_model(self, f)),
+                            ("config.json", lambda f: Path(f).write_text(json.dumps(
+                                {"model_type": FORMAT, "config": self.config.to_dict()}, indent=2)))):
+            fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
+            os.close(fd)
+            try:
+                write(tmp)
+                os.replace(tmp, path / name)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+
+def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
+    """Config and renamed weights of a transformers LLaVA checkpoint (the 4.x layout
+    `vision_tower.* / multi_modal_projector.* / language_model.model.*` and the
+    newer `model.vision_tower.* / model.language_model.* / lm_head.*`)."""
+    strategy = raw.get("vision_feature_select_strategy", "default")
+    layer = raw.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ValueError(f"config.json: vision_feature_layer {layer!r} (several layers) is not supported yet")
+    vision = config_from_hf(raw["vision_config"])
+    llm = LLMConfig.from_hf(raw["text_config"])
+    act = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
+           "silu": "silu"}.get(raw.get("projector_hidden_act", "gelu"))
+    if act is None:
+        raise ValueError(f"config.json: projector_hidden_act {raw.get('projector_hidden_act')!r} not supported")
+    image_id = raw.get("image_token_id", raw.get("image_token_index"))
+    cfg = VLMConfig(vision=vision, llm=llm, image_token_id=image_id, select_layer=layer,
+                    vision_feature="patch" if strategy == "default" else "full", projector_act=act,
+                    projector_bias=raw.get("multimodal_projector_bias", True))
+    model = VLM(cfg)
+    vision_hf, state = {}, {}
+    for key, tensor in hf_state.items():
+        key = re.sub(r"^model\.", "", key)  # the newer layout nests everything under model.
+        if key.startswith("vision_tower."):
+            vision_hf[key[len("vision_tower."):]] = tensor
+        elif key.startswith("multi_modal_projector.linear_"):
+            n = int(key[len("multi_modal_projector.linear_")]) - 1
+            state[f"multi_modal_projector.{2 * n}{key[len('multi_modal_projector.linear_') + 1:]}"] = tensor
+        elif key.startswith("language_model.model."):
+            state["language_model.model." + key[len("language_model.model."):]] = tensor
+        elif key.startswith("language_model.lm_head.") or key.startswith("lm_head."):
+            state["language_model.lm_head." + key.split("lm_head.", 1)[1]] = tensor
+        elif key.startswith("language_model."):  # newer layout: the decoder without its .model
+            state["language_model.model." + key[len("language_model."):]] = tensor
+        else:
+            state[key] = tensor  # reported as unexpected by _load_exact
+    converted, unexpected = convert_state_dict(vision_hf, vision)
+    state.update({f"vision_tower.{k}": v for k, v in converted.items()})
+    state.update({f"vision_tower.{k}": v for k in unexpected for v in [vision_hf[k]]})
+    if llm.tie_word_embeddings:
+        state.setdefault("language_model.lm_head.weight", state.get("language_model.model.embed_tokens.weight"))
+    return model, state
+
+
+def _load_exact(model: nn.Module, state: dict, path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"path: checkpoint {path} does not match the model: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}, shape mismatches {shapes[:4]}")
+    model.load_state_dict(state)
