@@ -29,7 +29,7 @@ def test_matches_loop_and_backward(seed, mode, grid):
 
 
 def test_bad_grid():
-    with pytest.raises(ValueError, match="grid: 3x4"):
+    with pytest.raises(ValueError, match="grid: 2x2 reduction needs an even grid, got 3x4"):
         reduce_tokens(torch.randn(1, 12, 2), "avg_pool", (3, 4))
     with pytest.raises(ValueError, match="reduce: expected"):
         reduce_tokens(torch.randn(1, 16, 2), "max_pool")
