@@ -43,21 +43,25 @@ def _act_and_grad(x, ACT: tl.constexpr):
     """(act(x), act'(x)) in fp32; the compiler drops whichever a caller ignores."""
     if ACT == 1:  # exact GELU
         cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
-        return x * cdf, cdf + x * pdf
+        value = x * cdf
+        grad = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
     elif ACT == 2:  # tanh GELU; tanh via exp so it saturates cleanly to +-1
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-        du = 0.7978845608028654 * (1.0 + 0.134145 * x * x)
-        return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+        value = 0.5 * x * (1.0 + t)
+        grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
     elif ACT == 3:  # quick GELU (CLIP): x * sigmoid(1.702 x)
         s = tl.sigmoid(1.702 * x)
-        return x * s, s + 1.702 * x * s * (1.0 - s)
+        value = x * s
+        grad = s + 1.702 * x * s * (1.0 - s)
     elif ACT == 4:  # SiLU
         s = tl.sigmoid(x)
-        return x * s, s * (1.0 + x * (1.0 - s))
+        value = x * s
+        grad = s * (1.0 + x * (1.0 - s))
     else:
-        return x, x * 0.0 + 1.0
+        value = x
+        grad = x * 0.0 + 1.0
+    return value, grad
 
 
 @triton.jit
@@ -65,13 +69,13 @@ def _a_row_offsets(rm, s_ab, s_am, REDUCE: tl.constexpr, GRID_W, TOKENS):
     """Offset of each A row; with a reduction, of the top-left token of its 2x2 block."""
     rm = rm.to(tl.int64)
     if REDUCE == 0:
-        return rm * s_am
+        off = rm * s_am
     else:
         per_image = TOKENS // 4
         half_w = GRID_W // 2
-        img = rm // per_image
         r = rm % per_image
-        return img * s_ab + (2 * (r // half_w) * GRID_W + 2 * (r % half_w)) * s_am
+        off = (rm // per_image) * s_ab + (2 * (r // half_w) * GRID_W + 2 * (r % half_w)) * s_am
+    return off
 
 
 @triton.jit
@@ -89,9 +93,10 @@ def _load_a(a_ptr, row_off, rk, mask_m, K, s_am, s_ak, REDUCE: tl.constexpr, GRI
         s += tl.load(ptrs + s_am, mask=mask, other=0.0).to(tl.float32)
         s += tl.load(ptrs + GRID_W * s_am, mask=mask, other=0.0).to(tl.float32)
         s += tl.load(ptrs + (GRID_W + 1) * s_am, mask=mask, other=0.0).to(tl.float32)
-        return (s * 0.25).to(a_ptr.dtype.element_ty)
+        tile = (s * 0.25).to(a_ptr.dtype.element_ty)
     else:
-        return tl.load(ptrs, mask=mask, other=0.0)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    return tile
 
 
 @triton.jit
