@@ -1,0 +1,88 @@
+"""Shared benchmark plumbing: environment header, timing, result files."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: str) -> dict:
+    import triton
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit(), "device": device_name(device), "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def print_header(title: str, env: dict) -> None:
+    print(f"# {title}")
+    print(f"{env['date']}  commit {env['commit']}  device {env['device']}  torch {env['torch']}  "
+          f"triton {env['triton']}")
+
+
+def median_time(fn, repeats: int = 5, warmup: int = 1, device: str = "cpu") -> float:
+    """Median wall seconds over `repeats` calls (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_results(name: str, env: dict, payload: dict, markdown: str, out: Path | None = None) -> Path:
+    """JSON (+ a markdown twin) under benchmarks/results/, named by device and date."""
+    tag = env["device"].split(":")[0].split("(")[0].strip().replace(" ", "_")
+    out = out or RESULTS / f"{name}_{tag}_{env['date'][:10]}.json"
+    write_json(out, payload)
+    out.with_suffix(".md").write_text(f"# {name}\n\n{json.dumps(env)}\n\n{markdown}\n")
+    print(f"wrote {out}")
+    return out
