@@ -1,0 +1,110 @@
+"""The VLM: HF LLaVA parity, splicing + layout, save/load, overfitting, errors."""
+import pytest
+import torch
+
+from fastvlm.models.vlm import VLM
+
+transformers = pytest.importorskip("transformers")
+IMG = 119  # image token id (inside the vocabulary, as in llava-hf checkpoints)
+
+
+def _hf_llava(select_strategy="default"):
+    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                       num_attention_heads=4, image_size=28, patch_size=14, projection_dim=16)
+    tc = transformers.LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG, vision_feature_layer=-2,
+                                   vision_feature_select_strategy=select_strategy, projector_hidden_act="gelu")
+    model = transformers.LlavaForConditionalGeneration(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0.5 if "norm" in name else 0.0, 0.1)
+    return model
+
+
+def _batch(tokens_per_image, images=2):
+    """Two rows: text, image, text / image, text, with right padding in row 2."""
+    t = tokens_per_image
+    row1 = [5, 6] + [IMG] * t + [7, 8, 9]
+    row2 = [IMG] * t + [10, 11]
+    n = max(len(row1), len(row2))
+    ids = torch.tensor([row1 + [0] * (n - len(row1)), row2 + [0] * (n - len(row2))])
+    mask = torch.tensor([[1] * len(row1) + [0] * (n - len(row1)), [1] * len(row2) + [0] * (n - len(row2))])
+    return ids, mask, torch.randn(images, 3, 28, 28)
+
+
+@pytest.mark.parametrize("strategy,tokens", [("default", 4), ("full", 5)])
+def test_logits_match_hf_llava(strategy, tokens, tmp_path, seed):
+    hf = _hf_llava(strategy)
+    hf.save_pretrained(tmp_path)
+    ours = VLM.from_pretrained(tmp_path).eval()
+    ids, mask, pixels = _batch(tokens)
+    want = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    got = ours(ids, pixels, attention_mask=mask)
+    live = mask.bool()
+    torch.testing.assert_close(got[live], want[live], rtol=1e-4, atol=1e-5)
+
+
+def test_save_load_round_trip_and_overfit(tmp_path, seed):
+    hf = _hf_llava()
+    hf.save_pretrained(tmp_path / "hf")
+    model = VLM.from_pretrained(tmp_path / "hf")
+    ids, mask, pixels = _batch(4)
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    first = None
+    for _ in range(40):  # a handful of image-question-answer triples, memorised
+        loss = model(ids, pixels, labels, attention_mask=mask)
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.05 * first
+    model.save_pretrained(tmp_path / "ours")
+    assert not list((tmp_path / "ours").glob(".*"))  # no temp files left behind
+    again = VLM.from_pretrained(tmp_path / "ours")
+    model.eval(), again.eval()
+    torch.testing.assert_close(again(ids, pixels, attention_mask=mask), model(ids, pixels, attention_mask=mask))
+    greedy = again.generate(ids, pixels, attention_mask=mask, max_new_tokens=3)
+    assert greedy.shape == (2, 3)
+
+
+@pytest.mark.parametrize("kind", ["image_bidirectional", "mmca"])
+def test_layout_kind_reaches_attention(kind, tmp_path, seed):
+    """With a non-causal kind, image tokens see later tokens of their image: outputs change."""
+    hf = _hf_llava()
+    hf.save_pretrained(tmp_path)
+    causal = VLM.from_pretrained(tmp_path).eval()
+    other = VLM.from_pretrained(tmp_path).eval()
+    other.config.attention_kind = kind
+    ids, mask, pixels = _batch(4)
+    layout = other.layout(ids, mask)
+    assert layout.kind == kind and layout.image_ids[0].tolist()[:7] == [-1, -1, 0, 0, 0, 0, -1]
+    a, b = causal(ids, pixels, attention_mask=mask), other(ids, pixels, attention_mask=mask)
+    assert not torch.allclose(a[0, 2:6], b[0, 2:6])
+    torch.testing.assert_close(a[0, :2], b[0, :2])  # text before the image is unaffected
+
+
+def test_mismatch_and_bad_input_errors(tmp_path):
+    hf = _hf_llava()
+    hf.save_pretrained(tmp_path)
+    model = VLM.from_pretrained(tmp_path)
+    ids, mask, pixels = _batch(4)
+    with pytest.raises(ValueError, match="^image_features: 1 images for 2"):
+        model(ids, pixels[:1], attention_mask=mask)
+    bad = ids.clone()
+    bad[0, 2] = 5  # one image run now has 3 tokens for 4 features
+    with pytest.raises(ValueError, match="^image_features: image 0 has 4 feature vectors"):
+        model(bad, pixels, attention_mask=mask)
+    with pytest.raises(ValueError, match="^images"):
+        model(ids, None, attention_mask=mask)
+    with pytest.raises(ValueError, match="^pixel_values"):
+        model(ids, pixels[:, :1], attention_mask=mask)
+    with pytest.raises(ValueError, match="^input_ids"):
+        model(ids[0], pixels)
+    with pytest.raises(ValueError, match="^attention_kind"):
+        type(model.config)(model.config.vision, model.config.llm, IMG, attention_kind="sliding")
+    long = torch.zeros(1, model.config.llm.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="^input_ids: sequence of"):
+        model(long)
