@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, median_time, print_header, save_results  # noqa: E402
+from common import (environment, markdown_table, median_time, peak_memory, print_header, run_isolated,  # noqa: E402
+                    save_results)
 
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 
@@ -40,18 +39,7 @@ def one_case(method, tokens, hidden, vocab, supervised, dtype, device, repeats):
         loss.backward()
         h.grad = head.weight.grad = None
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        step()
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
-    return {"peak_bytes": peak, "seconds": median_time(step, repeats, device=device)}
+    return {"peak_bytes": peak_memory(step, device), "seconds": median_time(step, repeats, device=device)}
 
 
 def main(argv=None):
@@ -85,11 +73,9 @@ def main(argv=None):
             if gpu:
                 res = one_case(method, tokens, hidden, vocab, args.supervised, dtype, "cuda", args.repeats)
             else:
-                cmd = [sys.executable, __file__, "--case", f"{method}:{vocab}", "--tokens", str(tokens),
-                       "--hidden", str(hidden), "--supervised", str(args.supervised),
-                       "--repeats", str(args.repeats)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                res = json.loads(out.stdout.strip().splitlines()[-1])
+                res = run_isolated(__file__, ["--case", f"{method}:{vocab}", "--tokens", str(tokens),
+                                              "--hidden", str(hidden), "--supervised", str(args.supervised),
+                                              "--repeats", str(args.repeats)])
             rows.append({"vocab": vocab, "method": method, **res})
             print(f"  vocab {vocab:6d} {method:8s} peak {res['peak_bytes'] / 2**20:9.1f} MiB  "
                   f"{res['seconds'] * 1e3:9.1f} ms", flush=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import resource
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,3 +88,28 @@ def save_results(name: str, env: dict, payload: dict, markdown: str, out: Path |
     out.with_suffix(".md").write_text(f"# {name}\n\n{json.dumps(env)}\n\n{markdown}\n")
     print(f"wrote {out}")
     return out
+
+
+def peak_memory(step, device: str) -> int:
+    """Bytes a call of `step` adds at its peak: CUDA's allocator peak over what was
+    allocated before, or on CPU the growth of the process's peak resident set
+    (meaningful in a fresh process: see run_isolated)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+
+
+def run_isolated(script: str, args: list[str]) -> dict:
+    """Run one benchmark case in a fresh Python process (so CPU peak memory is its
+    own) and return the JSON object it prints last."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{Path(script).name} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

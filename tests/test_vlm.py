@@ -108,3 +108,18 @@ def test_mismatch_and_bad_input_errors(tmp_path):
     long = torch.zeros(1, model.config.llm.max_position_embeddings + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="^input_ids: sequence of"):
         model(long)
+
+
+def test_benchmark_smoke(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "vlm.json"
+    res = subprocess.run([sys.executable, "benchmarks/bench_vlm.py", "--smoke", "--out", str(out)],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    results = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in results] == ["fastvlm", "naive head", "dense-mask SDPA"]
+    assert all(r["tokens_per_s"] > 0 for r in results)
