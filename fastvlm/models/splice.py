@@ -68,8 +68,8 @@ def splice_image_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, 
                              f"got {tuple(f.shape)}")
         if f.shape[0] != length:
             raise ValueError(f"image_features: image {i} has {f.shape[0]} feature vectors but its "
-                             f"placeholder run has {length} tokens (expand placeholders to the "
-                             "feature count, or pass one placeholder per image with expand=True)")
+                             f"placeholder run has {length} tokens (expand each placeholder to the "
+                             "feature count, e.g. with fastvlm.models.splice.expand_placeholders)")
     mask = (input_ids == image_token_id)
     if not feats:
         return inputs_embeds
