@@ -10,38 +10,7 @@ from torch import nn
 from fastvlm.train.lora import (LoRALinear, apply_lora, load_adapter, lora_layers, lora_parameter_count, merge,
                                 save_adapter, unmerge)
 
-ALL_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-
-def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(cfg).eval()
-
-
-class TinyVLM(nn.Module):
-    """Stand-in: encoder -> connector -> decoder, names as a LLaVA model has them."""
-
-    def __init__(self):
-        super().__init__()
-        self.vision_tower = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 16))
-        self.connector = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 24))
-        self.norm = nn.LayerNorm(24)
-        self.q_proj = nn.Linear(24, 24)
-        self.down_proj = nn.Linear(24, 10)
-
-    def forward(self, x):
-        h = self.norm(self.connector(self.vision_tower(x)))
-        return self.down_proj(torch.tanh(self.q_proj(h)))
-
-
-def randomize_adapters(model):
-    with torch.no_grad():
-        for m in lora_layers(model).values():
-            m.lora_B.normal_(0, 0.2)
-
+from lora_models import ALL_PROJ, TinyVLM, randomize_adapters, tiny_llama
 
 def test_lora_linear_matches_float64_formula(seed):
     base = nn.Linear(37, 29)
