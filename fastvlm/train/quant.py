@@ -18,7 +18,11 @@ NF4_BLOCKSIZE = 64  # QLoRA's block; absmax of each block is itself 8-bit quanti
 
 
 def to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
-    """A frozen bitsandbytes Linear4bit (NF4, double quant) holding `linear`'s weights."""
+    """A frozen bitsandbytes Linear4bit (NF4, double quant) holding `linear`'s weights.
+
+    The weight is quantized in the dtype it has (load a model in bf16 to quantize
+    bf16 weights); `compute_dtype` is what the matmul runs in.
+    """
     import bitsandbytes as bnb
 
     w = linear.weight
@@ -26,7 +30,7 @@ def to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
                           compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
                           device="meta")
     # Params4bit quantizes when moved to a real device.
-    q.weight = bnb.nn.Params4bit(w.data.to(compute_dtype), requires_grad=False, quant_type="nf4",
+    q.weight = bnb.nn.Params4bit(w.data, requires_grad=False, quant_type="nf4",
                                  compress_statistics=True, blocksize=NF4_BLOCKSIZE, module=q).to(w.device)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
