@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -127,4 +126,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -29,7 +29,6 @@ import datetime
 import json
 import math
 import os
-import sys
 import weakref
 from dataclasses import asdict, dataclass
 
@@ -319,4 +318,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -133,3 +133,23 @@ def test_one_step_matches_fp32_cuda(mode, seed):
     want, got = run(MixedPrecision("fp32")), run(MixedPrecision(**MODES[mode]))
     for n in want:
         assert (got[n] - want[n]).norm() / want[n].norm() < STEP_RTOL[mode], n
+
+
+def test_fp16_unscale_gives_true_gradients_before_clipping(seed):
+    x, target = torch.randn(16, 12), torch.randn(16, 10)
+
+    def grads(mp):
+        model = build("lora", mp.precision, seed)
+        mp.prepare(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        with mp.autocast("cpu"):
+            loss = (model(x).float() - target).square().mean()
+        mp.backward(loss)
+        mp.unscale_(opt)  # where gradient clipping would go
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert mp.step(opt)
+        return out
+
+    want, got = grads(MixedPrecision("fp32")), grads(MixedPrecision("fp16", init_scale=2.0 ** 10))
+    for n in want:
+        assert (got[n] - want[n]).norm() < STEP_RTOL["fp16"] * want[n].norm(), n

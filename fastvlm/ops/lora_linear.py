@@ -8,6 +8,7 @@ reference's F.linear calls would. ``auto`` uses it on CUDA when it applies.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -19,9 +20,7 @@ FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _triton_available(device: torch.device):
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return True

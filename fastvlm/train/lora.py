@@ -61,6 +61,11 @@ class LoRAConfig:
                    rslora=bool(cfg.get("use_rslora", False)))
 
 
+def check_rank(r):
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"r: LoRA rank must be a positive int, got {r!r}")
+
+
 def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
     # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r) keeps the update's scale stable as r grows.
     return alpha / math.sqrt(r) if rslora else alpha / r
@@ -76,8 +81,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, backend: str = "auto"):
         super().__init__()
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r: LoRA rank must be a positive int, got {r!r}")
+        check_rank(r)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {dropout!r}")
         self.base_layer = base_layer
@@ -204,8 +208,7 @@ def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, drop
     """
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("model: already has LoRA adapters (apply_lora was called on it before)")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"r: LoRA rank must be a positive int, got {r!r}")
+    check_rank(r)
     if alpha <= 0:
         raise ValueError(f"alpha: must be positive, got {alpha!r}")
     targets = parse_targets(targets)

@@ -20,7 +20,7 @@ from torch import nn
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _is_norm(name: str, module: nn.Module) -> bool:
+def is_norm(module: nn.Module) -> bool:
     # Norm scales are tiny and precision-sensitive (RMSNorm, LayerNorm, GroupNorm, HF's *RMSNorm).
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower()
 
@@ -53,8 +53,8 @@ class MixedPrecision:
         floating tensors -> compute dtype except norms. Quantized weights are untouched."""
         if self.precision == "fp32":
             return model
-        for name, module in model.named_modules():
-            keep_fp32 = _is_norm(name, module)
+        for module in model.modules():
+            keep_fp32 = is_norm(module)
             for p in module.parameters(recurse=False):
                 if not p.is_floating_point():
                     continue  # packed NF4 / int8 storage

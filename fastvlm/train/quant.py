@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvlm.train.lora import _match_modules, _set_submodule, apply_lora, parse_targets
-from fastvlm.train.precision import _is_norm
+from fastvlm.train.lora import _match_modules, _set_submodule, apply_lora, check_rank, parse_targets
+from fastvlm.train.precision import is_norm
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NF4_BLOCKSIZE = 64  # QLoRA's block; absmax of each block is itself 8-bit quantized (double quant)
@@ -38,7 +38,7 @@ def to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The weight an NF4 Linear4bit actually multiplies by (for tests and merging)."""
+    """The weight an NF4 Linear4bit actually multiplies by (for inspection and tests)."""
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
@@ -64,8 +64,7 @@ def apply_qlora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, dro
     `trainable` modules in fp32. Arguments as ``apply_lora``."""
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"r: LoRA rank must be a positive int, got {r!r}")
+    check_rank(r)  # before anything is quantized
     targets = parse_targets(targets)
     found = _match_modules(model, targets, "targets")
     not_linear = {n: type(m).__name__ for n, m in found.items() if type(m) is not nn.Linear}
@@ -75,8 +74,8 @@ def apply_qlora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, dro
     for name, module in found.items():
         _set_submodule(model, name, to_nf4(module, cd))
     apply_lora(model, targets, r, alpha, dropout, trainable, rslora)
-    for name, module in model.named_modules():
-        if _is_norm(name, module):
+    for module in model.modules():
+        if is_norm(module):
             module.float()
     for p in model.parameters():
         if p.requires_grad:
