@@ -265,8 +265,8 @@ def measure(s: VLMShape, method: str, optimizer: str, r: int, device, batch: int
             "peak_bytes": peak}
 
 
-def gib(n: int) -> str:
-    return f"{n / 2 ** 30:.2f}" if n >= 2 ** 26 else f"{n / 2 ** 20:.2f} MiB"
+def human(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.2f} MiB"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -274,11 +274,11 @@ def markdown(rows: list[dict]) -> str:
              "| weights+grads+opt | peak |", "|" + "---|" * 10]
     for row in rows:
         static = row["weights_bytes"] + row["grads_bytes"] + row["optimizer_bytes"]
-        peak = gib(row["peak_bytes"]) if "peak_bytes" in row else "n/a (activations not modelled)"
+        peak = human(row["peak_bytes"]) if "peak_bytes" in row else "n/a (activations not modelled)"
         lines.append(f"| {row['shape']} | {row['method']} | {row['optimizer']} | {row['source']} | "
-                     f"{row['trainable_params']:,} | {gib(row['weights_bytes'])} | {gib(row['grads_bytes'])} | "
-                     f"{gib(row['optimizer_bytes'])} | {gib(static)} | {peak} |")
-    return "\n".join(lines) + "\n\nsizes in GiB unless marked MiB\n"
+                     f"{row['trainable_params']:,} | {human(row['weights_bytes'])} | {human(row['grads_bytes'])} | "
+                     f"{human(row['optimizer_bytes'])} | {human(static)} | {peak} |")
+    return "\n".join(lines) + "\n"
 
 
 def run(small: bool, r: int, device: str) -> list[dict]:

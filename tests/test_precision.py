@@ -21,9 +21,9 @@ MODES = {"bf16": dict(precision="bf16"), "fp16": dict(precision="fp16", init_sca
          "pure_bf16": dict(precision="bf16", pure_bf16=True)}
 
 
-def build(kind: str, precision: str, seed: int):
+def build(kind: str, precision: str, seed: int, device: str = "cpu"):
     torch.manual_seed(seed)
-    model = TinyVLM()
+    model = TinyVLM().to(device)  # NF4 quantizes where the weights are
     if kind == "lora":
         apply_lora(model, "q_proj,down_proj,vision_tower.2", r=4, alpha=8, trainable="connector")
     else:
@@ -119,7 +119,7 @@ def test_one_step_matches_fp32_cuda(mode, seed):
 
     def run(mp):
         torch.manual_seed(seed)
-        model = build("qlora", mp.precision, seed).cuda()
+        model = build("qlora", mp.precision, seed, "cuda")
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         mp.prepare(model)
         before = {n: p.detach().float().clone() for n, p in params.items()}
