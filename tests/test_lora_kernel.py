@@ -3,11 +3,17 @@
 Without a GPU the kernels run in Triton's interpreter (fp32 / fp16 only: its
 bf16 dot is wrong); bf16 and large shapes are GPU-marked.
 """
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 from fastvlm.ops._backend import resolve_backend
-from fastvlm.ops.lora_linear import lora_linear, lora_linear_reference
+from fastvlm.ops.lora_linear import MAX_FUSED_RANK, lora_linear, lora_linear_reference
 from fastvlm.train.lora import LoRALinear
 
 # max |err| / max |ref|: fp32 dots run in IEEE fp32; fp16 operands round to 2^-11
@@ -123,9 +129,50 @@ def test_dispatch(monkeypatch):
         lora_linear(x, w.requires_grad_(), bb, a, b, 1.0, backend="triton")
     with pytest.raises(ValueError, match="backend:.*float64"):
         lora_linear(x.double(), w.detach().double(), None, a.double(), b.double(), 1.0, backend="triton")
+    with pytest.raises(ValueError, match="backend:.*ranks up to"):
+        r = MAX_FUSED_RANK + 1
+        lora_linear(x, w.detach(), bb, torch.randn(r, 8), torch.randn(6, r), 1.0, backend="triton")
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="CUDA"):
         lora_linear(x, w.detach(), bb, a, b, 1.0, backend="triton")
+
+
+# Compiles both kernels to cubin for real GPUs (Triton ships ptxas, no GPU needed) in
+# every dtype and at the largest fused rank: catches what the interpreter cannot
+# (bf16 lowering, dot shape rules) and checks shared memory fits consumer GPUs.
+AOT_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastvlm.kernels import lora as L
+    out = {}
+    for arch in (80, 90):
+        for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+            bm, bn, bk = L._default_blocks(torch_dt)
+            const = dict(PRECISION=L._precision(torch_dt), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                         BLOCK_R=L._rank_block(int(sys.argv[1])))
+            for fn, extra in ((L._lora_fwd_kernel, dict(HAS_BIAS=True, WRITE_U=True)), (L._lora_bwd_dx_kernel, {})):
+                c = {**const, **extra}
+                sig = {a: "constexpr" if a in c else "fp32" if a == "scaling" else
+                       "i32" if a in "MNKR" or a.startswith("stride") else "*" + dt for a in fn.arg_names}
+                k = triton.compile(ASTSource(fn, sig, c), target=GPUTarget("cuda", arch, 32))
+                out[f"sm_{arch} {dt} {fn.__name__}"] = k.metadata.shared
+    print(json.dumps(out))
+""")
+SM86_SHARED_LIMIT = 99 * 1024  # opt-in shared memory per block on sm_86 / sm_89 (same tiles as sm_80)
+
+
+def test_kernels_compile_for_gpus_and_fit_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real @triton.jit functions
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT, str(MAX_FUSED_RANK)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(shared) == 2 * 3 * 2
+    too_big = {k: v for k, v in shared.items() if v > SM86_SHARED_LIMIT}
+    assert not too_big, too_big
 
 
 @pytest.mark.gpu

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from fastvlm.ops._backend import register_op, resolve_backend
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_FUSED_RANK = 128  # the kernels' rank tiles fit shared memory up to here (see the kernel tests)
 
 
 def _triton_available(device: torch.device):
@@ -60,7 +61,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def _why_not_fused(x, weight, bias) -> str | None:
+def _why_not_fused(x, weight, bias, rank: int) -> str | None:
+    if rank > MAX_FUSED_RANK:
+        return f"it serves ranks up to {MAX_FUSED_RANK}, got {rank}"
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return "it serves frozen weight and bias only (LoRA training)"
     if _compute_dtype(x) not in FUSED_DTYPES:
@@ -100,7 +103,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, *, backend: str
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
     name = resolve_backend("lora_linear", backend, x.device)
     if name == "triton":
-        reason = _why_not_fused(x, weight, bias)
+        reason = _why_not_fused(x, weight, bias, lora_A.shape[0])
         if reason is None:
             return _FusedLoRALinear.apply(x, weight, bias, lora_A, lora_B, float(scaling))
         if backend == "triton":
