@@ -137,17 +137,18 @@ def test_dispatch(monkeypatch):
         lora_linear(x, w.detach(), bb, a, b, 1.0, backend="triton")
 
 
-# Compiles both kernels to cubin for real GPUs (Triton ships ptxas, no GPU needed) in
-# every dtype and at the largest fused rank: catches what the interpreter cannot
-# (bf16 lowering, dot shape rules) and checks shared memory fits consumer GPUs.
+# Compiles both kernels to cubin for sm_80 (Triton ships ptxas, no GPU needed) in bf16
+# (which the interpreter cannot check) and fp32 (the largest tiles) at the largest fused
+# rank: catches lowering errors and checks shared memory fits consumer GPUs (sm_86/89
+# compile the same tiles). fp16 lowers as bf16 does; ~30 s with a cold Triton cache.
 AOT_SCRIPT = textwrap.dedent("""
     import json, sys, torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from fastvlm.kernels import lora as L
     out = {}
-    for arch in (80, 90):
-        for dt, torch_dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+    for arch in (80,):
+        for dt, torch_dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             bm, bn, bk = L._default_blocks(torch_dt)
             const = dict(PRECISION=L._precision(torch_dt), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                          BLOCK_R=L._rank_block(int(sys.argv[1])))
@@ -170,7 +171,7 @@ def test_kernels_compile_for_gpus_and_fit_shared_memory():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(shared) == 2 * 3 * 2
+    assert len(shared) == 2 * 2
     too_big = {k: v for k, v in shared.items() if v > SM86_SHARED_LIMIT}
     assert not too_big, too_big
 
