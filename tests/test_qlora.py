@@ -95,6 +95,13 @@ def test_transformers_checkpointing_reaches_qlora_adapters():
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_merge_into_nf4_is_refused():
+    model = TinyVLM()
+    apply_qlora(model, "q_proj", r=2, alpha=2)
+    with pytest.raises(ValueError, match="merge:.*quantized"):
+        model.q_proj.merge()
+
+
 @pytest.mark.parametrize("kwargs, arg", [
     (dict(targets="connector"), "targets:.*nn.Linear"),
     (dict(targets="q_proj", compute_dtype="int8"), "compute_dtype:"),

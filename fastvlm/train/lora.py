@@ -111,26 +111,25 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    @torch.no_grad()
     def merge(self):
         """Fold s·BA into the base weight (inference); forward then skips the adapter."""
         if self.merged:
             return
-        self._require_plain_base("merge")
+        if self.quantized:
+            raise ValueError(f"merge: base layer is quantized ({type(self.base_layer).__name__}); merging "
+                             "into NF4 weights would re-quantize them, keep the adapter separate")
         w = self.base_layer.weight
-        w.data += self.delta_weight().to(w.dtype)
+        w += self.delta_weight().to(w.dtype)
         self.merged = True
 
+    @torch.no_grad()
     def unmerge(self):
         if not self.merged:
             return
         w = self.base_layer.weight
-        w.data -= self.delta_weight().to(w.dtype)
+        w -= self.delta_weight().to(w.dtype)
         self.merged = False
-
-    def _require_plain_base(self, what: str):
-        if self.quantized:
-            raise ValueError(f"{what}: base layer is quantized ({type(self.base_layer).__name__}); "
-                             "merging into NF4 weights would re-quantize them, dequantize the model first")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
