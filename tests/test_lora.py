@@ -55,6 +55,13 @@ def test_regex_targets_and_trainable_connector():
     assert not model.down_proj.weight.requires_grad and not model.norm.weight.requires_grad
 
 
+def test_regex_trainable_saves_outermost_module_names():
+    model = TinyVLM()
+    apply_lora(model, "q_proj", r=2, alpha=4, trainable=r"connector(\.\d+)?")
+    assert model.lora_config.trainable == ["connector"]
+    assert all(p.requires_grad for p in model.connector.parameters())
+
+
 @pytest.mark.parametrize("kwargs, arg", [
     (dict(targets="q_proj", r=0), "r:"),
     (dict(targets="q_proj", r=-2), "r:"),
@@ -62,6 +69,8 @@ def test_regex_targets_and_trainable_connector():
     (dict(targets="connector", r=4), "targets:.*nn.Linear"),
     (dict(targets="q_proj", r=4, trainable="projector_xyz"), "trainable:.*projector_xyz"),
     (dict(targets="q_proj", r=4, alpha=0), "alpha:"),
+    (dict(targets="q_proj", r=4, trainable=r"conn.*tor\.[5-9]"), "trainable:"),
+    (dict(targets="q_proj[", r=4), "targets:.*regex"),
     (dict(targets=[], r=4), "targets:"),
 ])
 def test_bad_config_raises_naming_argument(kwargs, arg):

@@ -151,7 +151,7 @@ def _weight_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def parse_targets(targets) -> list[str] | str:
+def parse_targets(targets, arg: str = "targets") -> list[str] | str:
     """A list of name suffixes, or one full-match regex (PEFT's two forms).
 
     A string of identifiers, dots and commas ("q_proj,v_proj") is a suffix list;
@@ -163,11 +163,11 @@ def parse_targets(targets) -> list[str] | str:
         try:
             re.compile(targets)
         except re.error as e:
-            raise ValueError(f"targets: invalid regex {targets!r}: {e}") from None
+            raise ValueError(f"{arg}: invalid regex {targets!r}: {e}") from None
         return targets
     targets = list(targets or [])
     if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"targets: expected a regex or a non-empty list of module names, got {targets!r}")
+        raise ValueError(f"{arg}: expected a regex or a non-empty list of module names, got {targets!r}")
     return targets
 
 
@@ -211,14 +211,14 @@ def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, drop
     if alpha <= 0:
         raise ValueError(f"alpha: must be positive, got {alpha!r}")
     targets = parse_targets(targets)
-    trainable = parse_targets(trainable) if trainable else []
-    if isinstance(trainable, str):
-        trainable = [n for n in dict(model.named_modules()) if n and name_matches(n, trainable)]
+    trainable = parse_targets(trainable, "trainable") if trainable else []
     found = _match_modules(model, targets, "targets")
     not_linear = {n: type(m).__name__ for n, m in found.items() if not isinstance(m, nn.Linear)}
     if not_linear:
         raise ValueError(f"targets: LoRA wraps nn.Linear layers only; matched non-Linear modules {not_linear}")
     keep = _match_modules(model, trainable, "trainable") if trainable else {}
+    if isinstance(trainable, str):  # PEFT's modules_to_save is a name list: the outermost matches
+        trainable = [n for n in keep if not any(n.startswith(k + ".") for k in keep)]
 
     model.requires_grad_(False)
     for name, module in found.items():
