@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastvlm.train.lora import lora_layers
+from fastvlm.train.lora import LoRALinear, lora_layers
 from fastvlm.train.quant import apply_qlora, dequantized_weight, to_nf4
 from lora_models import ALL_PROJ, TinyVLM, tiny_llama
 
@@ -107,10 +107,15 @@ def test_merge_into_nf4_is_refused():
     (dict(targets="q_proj", compute_dtype="int8"), "compute_dtype:"),
     (dict(targets="q_proj", r=0), "r:"),
     (dict(targets="nonexistent"), "targets:.*nonexistent"),
+    (dict(targets="q_proj", trainable="no_such_module"), "trainable:"),
+    (dict(targets="q_proj", alpha=-1), "alpha:"),
 ])
 def test_qlora_bad_config(kwargs, arg):
+    model = TinyVLM()
     with pytest.raises(ValueError, match=arg):
-        apply_qlora(TinyVLM(), **kwargs)
+        apply_qlora(model, **kwargs)
+    assert all(type(m) is not LoRALinear and m.weight.is_floating_point()  # left untouched
+               for m in model.modules() if isinstance(m, nn.Linear))
 
 
 @pytest.mark.gpu

@@ -61,9 +61,11 @@ class LoRAConfig:
                    rslora=bool(cfg.get("use_rslora", False)))
 
 
-def check_rank(r):
+def check_rank_and_dropout(r, dropout):
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"r: LoRA rank must be a positive int, got {r!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: must be in [0, 1), got {dropout!r}")
 
 
 def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
@@ -81,9 +83,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, backend: str = "auto"):
         super().__init__()
-        check_rank(r)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: must be in [0, 1), got {dropout!r}")
+        check_rank_and_dropout(r, dropout)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.rslora = r, alpha, rslora
@@ -198,16 +198,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
-               trainable=(), rslora: bool = False, backend: str = "auto") -> nn.Module:
-    """Replace targeted nn.Linear layers by LoRALinear in place; freeze all else but `trainable`.
+def resolve_lora_targets(model: nn.Module, targets, r, alpha, dropout, trainable):
+    """Validate an adapter configuration against `model` without changing it.
 
-    `targets` and `trainable` take a list (or comma string) of module-name suffixes,
-    or a full-match regex over module names, as PEFT's target_modules does.
+    Returns (targets, trainable names, {name: Linear to wrap}, {name: module to train}).
     """
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("model: already has LoRA adapters (apply_lora was called on it before)")
-    check_rank(r)
+    check_rank_and_dropout(r, dropout)
     if alpha <= 0:
         raise ValueError(f"alpha: must be positive, got {alpha!r}")
     targets = parse_targets(targets)
@@ -219,13 +217,23 @@ def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, drop
     keep = _match_modules(model, trainable, "trainable") if trainable else {}
     if isinstance(trainable, str):  # PEFT's modules_to_save is a name list: the outermost matches
         trainable = [n for n in keep if not any(n.startswith(k + ".") for k in keep)]
+    return targets, list(trainable), found, keep
 
+
+def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+               trainable=(), rslora: bool = False, backend: str = "auto") -> nn.Module:
+    """Replace targeted nn.Linear layers by LoRALinear in place; freeze all else but `trainable`.
+
+    `targets` and `trainable` take a list (or comma string) of module-name suffixes,
+    or a full-match regex over module names, as PEFT's target_modules does.
+    """
+    targets, trainable, found, keep = resolve_lora_targets(model, targets, r, alpha, dropout, trainable)
     model.requires_grad_(False)
     for name, module in found.items():
         _set_submodule(model, name, LoRALinear(module, r, alpha, dropout, rslora, backend))
     for module in keep.values():
         module.requires_grad_(True)
-    model.lora_config = LoRAConfig(r, alpha, dropout, targets, list(trainable), rslora)
+    model.lora_config = LoRAConfig(r, alpha, dropout, targets, trainable, rslora)
     return model
 
 

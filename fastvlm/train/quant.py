@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvlm.train.lora import _match_modules, _set_submodule, apply_lora, check_rank, parse_targets
+from fastvlm.train.lora import _set_submodule, apply_lora, resolve_lora_targets
 from fastvlm.train.precision import is_norm
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -64,9 +64,8 @@ def apply_qlora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, dro
     `trainable` modules in fp32. Arguments as ``apply_lora``."""
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
-    check_rank(r)  # before anything is quantized
-    targets = parse_targets(targets)
-    found = _match_modules(model, targets, "targets")
+    # everything is validated before the first layer is quantized
+    targets, _, found, _ = resolve_lora_targets(model, targets, r, alpha, dropout, trainable)
     not_linear = {n: type(m).__name__ for n, m in found.items() if type(m) is not nn.Linear}
     if not_linear:
         raise ValueError(f"targets: QLoRA quantizes plain nn.Linear layers only; matched {not_linear}")
