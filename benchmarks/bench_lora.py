@@ -47,7 +47,7 @@ def timer(fn, device: str, reps: int) -> float:
     """Median milliseconds per call."""
     if device == "cuda":
         import triton.testing
-        return triton.testing.do_bench(fn, rep=max(50, reps))
+        return triton.testing.do_bench(fn, rep=max(50, reps), return_mode="median")
     fn()
     times = []
     for _ in range(reps):
