@@ -132,6 +132,8 @@ def test_dispatch(monkeypatch):
     with pytest.raises(ValueError, match="backend:.*ranks up to"):
         r = MAX_FUSED_RANK + 1
         lora_linear(x, w.detach(), bb, torch.randn(r, 8), torch.randn(6, r), 1.0, backend="triton")
+    with pytest.raises(ValueError, match="backend:.*empty"):  # auto on CUDA hands it to the reference
+        lora_linear(torch.randn(0, 8), w.detach(), bb, a, b, 1.0, backend="triton")
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="CUDA"):
         lora_linear(x, w.detach(), bb, a, b, 1.0, backend="triton")

@@ -62,6 +62,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _why_not_fused(x, weight, bias, rank: int) -> str | None:
+    if x.numel() == 0:
+        return "the input is empty"
     if rank > MAX_FUSED_RANK:
         return f"it serves ranks up to {MAX_FUSED_RANK}, got {rank}"
     if weight.requires_grad or (bias is not None and bias.requires_grad):
