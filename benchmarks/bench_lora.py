@@ -1,0 +1,129 @@
+"""LoRA linear layer: fastvlm's fused Triton kernel vs PEFT's LoRA layer vs our reference.
+
+Each layer computes base(x) + s·B(A(x)) with a frozen bf16 base and fp32 adapters
+under bf16 autocast (the mixed-precision LoRA training setup); the plain frozen
+nn.Linear is timed as the floor. Forward (no grad) and forward+backward (grads
+for x, A, B) are timed separately; outputs are checked against each other first.
+
+    python benchmarks/bench_lora.py            # GPU, LLaVA-7B-like shapes
+    python benchmarks/bench_lora.py --smoke    # CPU, tiny shape, Triton interpreter, fp32
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+import torch
+
+if not torch.cuda.is_available():  # the interpreter must be on before Triton kernels load
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastvlm.train.lora import LoRALinear  # noqa: E402
+
+# (tokens, in, out, r): attention and MLP projections of a 7B LLM, a ViT-L block
+GPU_SHAPES = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 11008, 16),
+              (8192, 11008, 4096, 16), (4096, 1024, 4096, 16)]
+SMOKE_SHAPES = [(40, 48, 36, 8)]
+
+
+def peft_layer(base: torch.nn.Linear, r: int, alpha: float, ours: LoRALinear) -> torch.nn.Module:
+    """PEFT's lora.Linear around the same base, with our adapter weights copied in."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    holder = torch.nn.Module()
+    holder.proj = base
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"]), holder)
+    with torch.no_grad():
+        holder.proj.lora_A["default"].weight.copy_(ours.lora_A)
+        holder.proj.lora_B["default"].weight.copy_(ours.lora_B)
+    return holder.proj
+
+
+def timer(fn, device: str, reps: int) -> float:
+    """Median milliseconds per call."""
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, rep=max(50, reps), return_mode="median")
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def case(tokens: int, k: int, n: int, r: int, device: str, dtype: torch.dtype, reps: int) -> list[dict]:
+    torch.manual_seed(0)
+    base = torch.nn.Linear(k, n, bias=False, device=device).to(dtype).requires_grad_(False)
+    ours = LoRALinear(base, r=r, alpha=2 * r, backend="triton")
+    torch.nn.init.normal_(ours.lora_B, std=0.02)
+    layers = {"linear (floor)": base, "fastvlm triton": ours,
+              "fastvlm reference": LoRALinear(base, r=r, alpha=2 * r, backend="reference"),
+              "peft": peft_layer(base, r, 2 * r, ours)}
+    layers["fastvlm reference"].load_state_dict(ours.state_dict())
+    x = torch.randn(tokens, k, device=device, dtype=dtype)
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+    with torch.no_grad(), autocast:
+        want = layers["peft"](x).double()
+        for name in ("fastvlm triton", "fastvlm reference"):
+            err = ((layers[name](x).double() - want).abs().max() / want.abs().max()).item()
+            if err > (1e-4 if dtype == torch.float32 else 2e-2):
+                raise AssertionError(f"{name} disagrees with peft: max rel err {err:.3g}")
+
+    rows = []
+    xg = x.clone().requires_grad_()
+    for name, layer in layers.items():
+        def fwd():
+            with torch.no_grad(), autocast:
+                layer(x)
+
+        def fwd_bwd():
+            with autocast:
+                y = layer(xg)
+            y.backward(torch.ones_like(y))
+        rows.append({"shape": [tokens, k, n, r], "impl": name, "dtype": str(dtype).split(".")[-1],
+                     "fwd_ms": timer(fwd, device, reps), "fwd_bwd_ms": timer(fwd_bwd, device, reps)})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| tokens x in -> out, r | impl | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
+    for row in rows:
+        t, k, n, r = row["shape"]
+        lines.append(f"| {t} x {k} -> {n}, r={r} | {row['impl']} | {row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shape, Triton interpreter, fp32")
+    ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "_local"))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        device, dtype, shapes, reps = "cpu", torch.float32, SMOKE_SHAPES, min(args.reps, 3)
+    elif torch.cuda.is_available():
+        device, dtype, shapes, reps = "cuda", torch.bfloat16, GPU_SHAPES, args.reps
+    else:
+        ap.error("needs a CUDA GPU; use --smoke on CPU")
+    rows = [row for shape in shapes for row in case(*shape, device, dtype, reps)]
+    dev = torch.cuda.get_device_name().replace(" ", "-") if device == "cuda" else "cpu-interpreter"
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"lora_{datetime.date.today()}_{dev}{'_smoke' if args.smoke else ''}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"device": dev, "torch": torch.__version__, "rows": rows}, f, indent=2)
+    table = markdown(rows)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""LoRA adapters for any nn.Module, saved and loaded in PEFT's file format.
+
+``apply_lora`` swaps targeted ``nn.Linear`` layers for ``LoRALinear`` (frozen
+base + trainable low-rank A, B), freezes everything else except the modules
+named ``trainable`` (e.g. the connector), and records the configuration on the
+model so ``save_adapter`` can write PEFT's ``adapter_config.json`` and
+``adapter_model.safetensors`` (keys ``base_model.model.<path>.lora_A.weight``),
+which ``peft.PeftModel.from_pretrained`` loads on the same architecture.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from fastvlm.ops.lora_linear import lora_delta, lora_linear
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_SUFFIX_LIST = re.compile(r"^[\w.]+(\s*,\s*[\w.]+)*$")
+
+
+@dataclass
+class LoRAConfig:
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    targets: list[str] | str = field(default_factory=list)  # suffix list, or a full-match regex
+    trainable: list[str] = field(default_factory=list)  # modules trained fully (PEFT's modules_to_save)
+    rslora: bool = False
+
+    def to_peft(self) -> dict:
+        """The adapter_config.json PEFT reads (fields it needs; the rest take PEFT's defaults)."""
+        return {"peft_type": "LORA", "task_type": None, "r": self.r, "lora_alpha": self.alpha,
+                "lora_dropout": self.dropout, "target_modules": self.targets, "bias": "none",
+                "use_rslora": self.rslora, "fan_in_fan_out": False,
+                "modules_to_save": list(self.trainable) or None, "inference_mode": True,
+                "init_lora_weights": True, "base_model_name_or_path": None}
+
+    @classmethod
+    def from_peft(cls, cfg: dict) -> "LoRAConfig":
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"adapter_config.json: peft_type {cfg.get('peft_type')!r} is not LORA")
+        unsupported = {k: cfg[k] for k in ("rank_pattern", "alpha_pattern", "layers_to_transform",
+                                           "layers_pattern", "use_dora", "fan_in_fan_out", "lora_bias",
+                                           "exclude_modules", "target_parameters",
+                                           "trainable_token_indices", "layer_replication") if cfg.get(k)}
+        if cfg.get("bias", "none") != "none":
+            unsupported["bias"] = cfg["bias"]
+        if unsupported:
+            raise ValueError(f"adapter_config.json: unsupported PEFT options {unsupported}")
+        return cls(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
+                   targets=cfg["target_modules"], trainable=list(cfg.get("modules_to_save") or []),
+                   rslora=bool(cfg.get("use_rslora", False)))
+
+
+def check_rank_and_dropout(r, dropout):
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"r: LoRA rank must be a positive int, got {r!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: must be in [0, 1), got {dropout!r}")
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
+    # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r) keeps the update's scale stable as r grows.
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + s · dropout(x) Aᵀ Bᵀ with A: [r, in], B: [out, r], s = alpha/r (or alpha/√r).
+
+    ``base_layer`` is an ``nn.Linear`` or a bitsandbytes ``Linear4bit`` and stays
+    frozen. A starts kaiming-uniform and B at zero, so a fresh adapter is a no-op.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, backend: str = "auto"):
+        super().__init__()
+        check_rank_and_dropout(r, dropout)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = lora_scaling(r, alpha, rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.backend = backend
+        # Adapters live in fp32 (master precision) whatever the base dtype; autocast or
+        # the precision policy decides the compute dtype.
+        dev = _weight_device(base_layer)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=dev))
+        self.merged = False
+        self.reset_lora_parameters()
+        base_layer.requires_grad_(False)
+
+    def reset_lora_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def quantized(self) -> bool:
+        # bitsandbytes' Linear4bit subclasses nn.Linear; its packed weight is not floating.
+        return not self.base_layer.weight.is_floating_point()
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold s·BA into the base weight (inference); forward then skips the adapter."""
+        if self.merged:
+            return
+        if self.quantized:
+            raise ValueError(f"merge: base layer is quantized ({type(self.base_layer).__name__}); merging "
+                             "into NF4 weights would re-quantize them, keep the adapter separate")
+        w = self.base_layer.weight
+        w += self.delta_weight().to(w.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w -= self.delta_weight().to(w.dtype)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        if self.quantized or (self.training and not isinstance(self.dropout, nn.Identity)):
+            # Dropout puts a different x on the adapter branch, and NF4 bases run their own
+            # matmul: both need the unfused form.
+            return self.base_layer(x) + lora_delta(self.dropout(x), self.lora_A, self.lora_B, self.scaling)
+        base = self.base_layer
+        return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling,
+                           backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+                f"scaling={self.scaling:.4g}, merged={self.merged}")
+
+
+def _weight_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def parse_targets(targets, arg: str = "targets") -> list[str] | str:
+    """A list of name suffixes, or one full-match regex (PEFT's two forms).
+
+    A string of identifiers, dots and commas ("q_proj,v_proj") is a suffix list;
+    any other string is a regex.
+    """
+    if isinstance(targets, str):
+        if _SUFFIX_LIST.match(targets.strip()):
+            return [t.strip() for t in targets.split(",")]
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"{arg}: invalid regex {targets!r}: {e}") from None
+        return targets
+    targets = list(targets or [])
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"{arg}: expected a regex or a non-empty list of module names, got {targets!r}")
+    return targets
+
+
+def name_matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _match_modules(model: nn.Module, targets, arg: str) -> dict[str, nn.Module]:
+    """Named modules matched by `targets`; every list entry must match something."""
+    found = {n: m for n, m in model.named_modules() if n and name_matches(n, targets)}
+    entries = [targets] if isinstance(targets, str) else targets
+    for t in entries:
+        if not any(name_matches(n, [t] if isinstance(targets, list) else t) for n in found):
+            raise ValueError(f"{arg}: no module of {type(model).__name__} is named {t!r} "
+                             f"(names look like {_example_names(model)})")
+    return found
+
+
+def _example_names(model: nn.Module, k: int = 4) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:k]
+    return ", ".join(repr(n) for n in names) or "no nn.Linear found"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def resolve_lora_targets(model: nn.Module, targets, r, alpha, dropout, trainable):
+    """Validate an adapter configuration against `model` without changing it.
+
+    Returns (targets, trainable names, {name: Linear to wrap}, {name: module to train}).
+    """
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError("model: already has LoRA adapters (apply_lora was called on it before)")
+    check_rank_and_dropout(r, dropout)
+    if alpha <= 0:
+        raise ValueError(f"alpha: must be positive, got {alpha!r}")
+    targets = parse_targets(targets)
+    trainable = parse_targets(trainable, "trainable") if trainable else []
+    found = _match_modules(model, targets, "targets")
+    not_linear = {n: type(m).__name__ for n, m in found.items() if not isinstance(m, nn.Linear)}
+    if not_linear:
+        raise ValueError(f"targets: LoRA wraps nn.Linear layers only; matched non-Linear modules {not_linear}")
+    keep = _match_modules(model, trainable, "trainable") if trainable else {}
+    if isinstance(trainable, str):  # PEFT's modules_to_save is a name list: the outermost matches
+        trainable = [n for n in keep if not any(n.startswith(k + ".") for k in keep)]
+    return targets, list(trainable), found, keep
+
+
+def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+               trainable=(), rslora: bool = False, backend: str = "auto") -> nn.Module:
+    """Replace targeted nn.Linear layers by LoRALinear in place; freeze all else but `trainable`.
+
+    `targets` and `trainable` take a list (or comma string) of module-name suffixes,
+    or a full-match regex over module names, as PEFT's target_modules does.
+    """
+    targets, trainable, found, keep = resolve_lora_targets(model, targets, r, alpha, dropout, trainable)
+    model.requires_grad_(False)
+    for name, module in found.items():
+        _set_submodule(model, name, LoRALinear(module, r, alpha, dropout, rslora, backend))
+    for module in keep.values():
+        module.requires_grad_(True)
+    model.lora_config = LoRAConfig(r, alpha, dropout, targets, trainable, rslora)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge(model: nn.Module):
+    for m in lora_layers(model).values():
+        m.merge()
+
+
+def unmerge(model: nn.Module):
+    for m in lora_layers(model).values():
+        m.unmerge()
+
+
+def lora_parameter_count(model: nn.Module) -> int:
+    """Σ r·(in + out) over LoRA layers: the adapter's own parameters."""
+    return sum(m.r * (m.in_features + m.out_features) for m in lora_layers(model).values())
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter + fully-trained modules under PEFT's key names."""
+    cfg = _config_of(model)
+    out = {}
+    for name, m in lora_layers(model).items():
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach()
+    for name in _match_modules(model, cfg.trainable, "trainable") if cfg.trainable else {}:
+        for pname, p in model.get_submodule(name).named_parameters():
+            out[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach()
+    return out
+
+
+def _config_of(model: nn.Module) -> LoRAConfig:
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise ValueError("model: has no LoRA adapters; call apply_lora first")
+    return cfg
+
+
+def _atomic_write(path: str, write):
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_adapter(model: nn.Module, directory: str):
+    """Write adapter_model.safetensors + adapter_config.json (PEFT's format), atomically."""
+    from safetensors.torch import save_file
+
+    cfg = _config_of(model)
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    _atomic_write(os.path.join(directory, ADAPTER_WEIGHTS),
+                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+
+    def write_config(p):
+        with open(p, "w") as f:
+            json.dump(cfg.to_peft(), f, indent=2)
+    _atomic_write(os.path.join(directory, ADAPTER_CONFIG), write_config)
+
+
+def load_adapter(model: nn.Module, directory: str, backend: str = "auto") -> nn.Module:
+    """Apply LoRA as adapter_config.json says (unless already applied) and load the weights.
+
+    Reads adapters PEFT saved too: keys may carry PEFT's adapter name
+    (``lora_A.default.weight``) or not.
+    """
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
+        cfg = LoRAConfig.from_peft(json.load(f))
+    if getattr(model, "lora_config", None) is None:
+        apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.dropout, cfg.trainable, cfg.rslora, backend)
+    elif asdict(model.lora_config) != asdict(cfg):
+        raise ValueError(f"model: has LoRA config {model.lora_config}, adapter in {directory} has {cfg}")
+    saved = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+    saved = {re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k): v for k, v in saved.items()}
+    expected = adapter_state_dict(model)
+    missing, unexpected = expected.keys() - saved.keys(), saved.keys() - expected.keys()
+    if missing or unexpected:
+        raise ValueError(f"{directory}: adapter keys do not fit the model; missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(unexpected)[:4]}")
+    with torch.no_grad():
+        for k, dst in expected.items():
+            if dst.shape != saved[k].shape:
+                raise ValueError(f"{directory}: {k} has shape {tuple(saved[k].shape)}, model expects "
+                                 f"{tuple(dst.shape)}")
+            dst.copy_(saved[k])
+    return model

@@ -1,0 +1,84 @@
+"""QLoRA: targeted Linear layers' frozen weights in NF4 with double quantization
+(bitsandbytes ``Linear4bit``), LoRA adapters on top.
+
+Only the targeted Linears are quantized; norms and fully-trained modules (the
+connector) are kept in fp32, embeddings and the LM head as they are. bitsandbytes
+runs the NF4 matmul on CPU and CUDA alike.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastvlm.train.lora import _set_submodule, apply_lora, resolve_lora_targets
+from fastvlm.train.precision import is_norm
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NF4_BLOCKSIZE = 64  # QLoRA's block; absmax of each block is itself 8-bit quantized (double quant)
+
+
+def to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    """A frozen bitsandbytes Linear4bit (NF4, double quant) holding `linear`'s weights.
+
+    The weight is quantized in the dtype it has (load a model in bf16 to quantize
+    bf16 weights); `compute_dtype` is what the matmul runs in.
+    """
+    import bitsandbytes as bnb
+
+    w = linear.weight
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                          device="meta")
+    # Params4bit quantizes when moved to a real device.
+    q.weight = bnb.nn.Params4bit(w.data, requires_grad=False, quant_type="nf4",
+                                 compress_statistics=True, blocksize=NF4_BLOCKSIZE, module=q).to(w.device)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    return q
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The weight an NF4 Linear4bit actually multiplies by (for inspection and tests)."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+
+
+def enable_input_require_grads(model: nn.Module):
+    """Make embedding outputs require grad, so activation checkpointing (which needs
+    an input that requires grad) still back-propagates into adapters when the
+    embeddings are frozen."""
+    def hook(module, args, output):
+        output.requires_grad_(True)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not handles:
+        raise ValueError(f"model: {type(model).__name__} has no nn.Embedding to enable input grads on")
+    return handles
+
+
+def apply_qlora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+                trainable=(), rslora: bool = False, compute_dtype: str = "bf16",
+                input_grads: bool = True) -> nn.Module:
+    """Quantize the targeted Linears to NF4, put LoRA on them, keep norms and
+    `trainable` modules in fp32. Arguments as ``apply_lora``."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    # everything is validated before the first layer is quantized
+    targets, _, found, _ = resolve_lora_targets(model, targets, r, alpha, dropout, trainable)
+    not_linear = {n: type(m).__name__ for n, m in found.items() if type(m) is not nn.Linear}
+    if not_linear:
+        raise ValueError(f"targets: QLoRA quantizes plain nn.Linear layers only; matched {not_linear}")
+    cd = COMPUTE_DTYPES[compute_dtype]
+    for name, module in found.items():
+        _set_submodule(model, name, to_nf4(module, cd))
+    apply_lora(model, targets, r, alpha, dropout, trainable, rslora)
+    for module in model.modules():
+        if is_norm(module):
+            module.float()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if input_grads and any(isinstance(m, nn.Embedding) for m in model.modules()):
+        enable_input_require_grads(model)
+    return model

@@ -1,0 +1,16 @@
+"""benchmarks/bench_lora.py --smoke: runs, checks the fused layer against PEFT's, writes its tables."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_lora  # noqa: E402
+
+
+def test_smoke_mode(tmp_path):
+    rows = bench_lora.main(["--smoke", "--reps", "1", "--out", str(tmp_path)])
+    assert {r["impl"] for r in rows} == {"linear (floor)", "fastvlm triton", "fastvlm reference", "peft"}
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows)
+    json_file, md_file = sorted(os.listdir(tmp_path))
+    assert json.loads((tmp_path / json_file).read_text())["rows"] == rows
+    assert "fastvlm triton" in (tmp_path / md_file).read_text()
