@@ -122,3 +122,25 @@ def test_benchmark_smoke(tmp_path):
     assert res.returncode == 0, res.stderr
     rows = json.loads(out.read_text())["rows"]
     assert {r["method"] for r in rows} == {"naive", "fastvlm"} and all(r["seconds"] > 0 for r in rows)
+
+
+def test_qlora_head_is_honoured(seed):
+    """A 4-bit (bitsandbytes NF4) lm_head with a LoRA adapter: the chunked loss calls
+    the module, so both the quantised weight and the adapter count."""
+    from fastvlm.train.quant import apply_qlora
+
+    model = nn.Sequential()
+    model.lm_head = nn.Linear(32, 96, bias=False)
+    apply_qlora(model, "lm_head", r=4, compute_dtype="fp32")
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_()  # zero-initialised B would hide a dropped adapter
+    hidden, labels = _data(2, 19, 32, 96, torch.float32)
+    got = linear_cross_entropy(hidden, model.lm_head, labels, chunk_size=8)
+    want = linear_cross_entropy_reference(hidden, model.lm_head, labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    no_adapter = linear_cross_entropy_reference(hidden, model.lm_head.base_layer, labels)
+    assert not torch.allclose(want, no_adapter)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable
+    for a, b in zip(_grads(got, [hidden, *trainable]), _grads(want, [hidden, *trainable])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
