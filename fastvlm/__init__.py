@@ -7,3 +7,6 @@ flash-attn, xformers): each op falls back to its reference implementation, and
 __version__ = "0.1.0"
 
 from fastvlm import ops  # noqa: E402,F401
+from fastvlm.models.vlm import VLM, VLMConfig  # noqa: E402
+
+__all__ = ["VLM", "VLMConfig", "ops"]
