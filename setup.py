@@ -69,6 +69,29 @@ def want_cuda():
     return have and mode != "0"
 
 
+def cublaslt_location():
+    """(include dir, library path) of cuBLASLt: the CUDA toolkit's, else the one in the
+    nvidia-cublas wheel that a pip-installed torch itself loads (toolkits may lack it)."""
+    import importlib.util
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    roots = [Path(CUDA_HOME)] if CUDA_HOME else []
+    for package in ("nvidia.cu13", "nvidia.cublas"):  # CUDA 13 wheels; CUDA 12 wheels
+        try:
+            spec = importlib.util.find_spec(package)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            roots += [Path(p) for p in spec.submodule_search_locations]
+    for root in roots:
+        libs = sorted(lib for d in ("lib64", "lib") for lib in (root / d).glob("libcublasLt.so*"))
+        if (root / "include" / "cublasLt.h").exists() and libs:
+            return root / "include", libs[0]
+    raise SystemExit("cuBLASLt not found (cublasLt.h + libcublasLt.so) under "
+                     f"{', '.join(map(str, roots)) or 'CUDA_HOME'}; set FASTVLM_CUDA=0 to build without CUDA")
+
+
 def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -77,10 +100,13 @@ def extensions():
     include_dirs = [str(ROOT / "csrc")]
     if want_cuda():
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        lt_include, lt_lib = cublaslt_location()
         ext = CUDAExtension(
             "fastvlm._C",
-            src["cpu"] + src["cuda"] + src["bindings"],
-            include_dirs=include_dirs,
+            src["cpu"] + src["cuda"] + src.get("cuda_cublaslt", []) + src["bindings"],
+            include_dirs=include_dirs + [str(lt_include)],
+            # the exact file (wheels ship only libcublasLt.so.N); rpath for use without torch's copy loaded
+            extra_link_args=[str(lt_lib), f"-Wl,-rpath,{lt_lib.parent}"],
             define_macros=[("FASTVLM_WITH_CUDA", None), ("FASTVLM_CUDA_ARCHS", f'"{archs}"')],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-DFASTVLM_WITH_CUDA"]},
         )

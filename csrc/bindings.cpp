@@ -9,6 +9,8 @@
 #if defined(FASTVLM_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include "connector/cublaslt_epilogue.h"
 #endif
 
 #ifndef FASTVLM_CUDA_ARCHS
@@ -87,6 +89,60 @@ std::vector<at::Tensor> block_map_cuda(const at::Tensor& lo_in, const at::Tensor
 }
 #endif
 
+#if defined(FASTVLM_WITH_CUDA)
+// The connector's cuBLASLt GEMMs (gelu_tanh epilogues); see connector/cublaslt_epilogue.h.
+constexpr int64_t kLtWorkspaceBytes = int64_t(32) << 20;
+
+fastvlm::LtDtype lt_operands(const char* op, std::initializer_list<const at::Tensor*> ts) {
+  const at::Tensor& first = **ts.begin();
+  TORCH_CHECK(first.scalar_type() == at::kHalf || first.scalar_type() == at::kBFloat16, op,
+              ": takes float16 or bfloat16, got ", first.scalar_type());
+  for (const at::Tensor* t : ts) {
+    TORCH_CHECK(t->scalar_type() == first.scalar_type(), op, ": operands must share one dtype");
+    TORCH_CHECK(t->is_cuda() && t->device() == first.device(), op, ": operands must be on one GPU");
+  }
+  return first.scalar_type() == at::kBFloat16 ? fastvlm::LtDtype::kBF16 : fastvlm::LtDtype::kF16;
+}
+
+std::tuple<at::Tensor, at::Tensor> cublaslt_linear_gelu(const at::Tensor& x_in, const at::Tensor& w_in,
+                                                        const at::Tensor& b_in) {
+  const auto dtype = lt_operands("cublaslt_linear_gelu", {&x_in, &w_in, &b_in});
+  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && b_in.dim() == 1 && x_in.size(1) == w_in.size(1) &&
+                  b_in.size(0) == w_in.size(0),
+              "cublaslt_linear_gelu: expected x [M, K], w [N, K], b [N]");
+  const int64_t m = x_in.size(0), n = w_in.size(0), k = x_in.size(1);
+  TORCH_CHECK(n % 8 == 0, "cublaslt_linear_gelu: N must be a multiple of 8 (aux leading dim), got ", n);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  auto x = x_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+  auto out = at::empty({m, n}, x.options()), pre = at::empty({m, n}, x.options());
+  auto workspace = at::empty({kLtWorkspaceBytes}, x.options().dtype(at::kByte));
+  const int status = fastvlm::lt_linear_gelu_aux_bias(
+      x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), pre.data_ptr(), m, n, k, dtype,
+      workspace.data_ptr(), kLtWorkspaceBytes, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == 0, "cublaslt_linear_gelu: ", fastvlm::lt_status_string(status));
+  return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor> cublaslt_dgelu_bgrad(const at::Tensor& dy_in, const at::Tensor& w2_in,
+                                                        const at::Tensor& pre_in) {
+  const auto dtype = lt_operands("cublaslt_dgelu_bgrad", {&dy_in, &w2_in, &pre_in});
+  TORCH_CHECK(dy_in.dim() == 2 && w2_in.dim() == 2 && pre_in.dim() == 2 && dy_in.size(1) == w2_in.size(0) &&
+                  pre_in.size(0) == dy_in.size(0) && pre_in.size(1) == w2_in.size(1),
+              "cublaslt_dgelu_bgrad: expected dy [M, P], w2 [P, N], pre [M, N]");
+  const int64_t m = dy_in.size(0), p = dy_in.size(1), n = w2_in.size(1);
+  TORCH_CHECK(n % 8 == 0, "cublaslt_dgelu_bgrad: N must be a multiple of 8 (aux leading dim), got ", n);
+  c10::cuda::CUDAGuard guard(dy_in.device());
+  auto dy = dy_in.contiguous(), w2 = w2_in.contiguous(), pre = pre_in.contiguous();
+  auto dz = at::empty({m, n}, dy.options()), dbias = at::empty({n}, dy.options());
+  auto workspace = at::empty({kLtWorkspaceBytes}, dy.options().dtype(at::kByte));
+  const int status = fastvlm::lt_dgelu_bgrad(
+      dy.data_ptr(), w2.data_ptr(), pre.data_ptr(), dz.data_ptr(), dbias.data_ptr(), m, n, p, dtype,
+      workspace.data_ptr(), kLtWorkspaceBytes, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == 0, "cublaslt_dgelu_bgrad: ", fastvlm::lt_status_string(status));
+  return {dz, dbias};
+}
+#endif
+
 bool built_with_cuda() {
 #if defined(FASTVLM_WITH_CUDA)
   return true;
@@ -100,12 +156,18 @@ bool built_with_cuda() {
 TORCH_LIBRARY(fastvlm, m) {
   m.def("block_map(Tensor lo, Tensor hi, Tensor is_image, int kind, int block_q, int block_k)"
         " -> Tensor[]");
+  m.def("cublaslt_linear_gelu(Tensor x, Tensor w, Tensor b) -> (Tensor, Tensor)");
+  m.def("cublaslt_dgelu_bgrad(Tensor dy, Tensor w2, Tensor pre) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm, CPU, m) { m.impl("block_map", &block_map_cpu); }
 
 #if defined(FASTVLM_WITH_CUDA)
-TORCH_LIBRARY_IMPL(fastvlm, CUDA, m) { m.impl("block_map", &block_map_cuda); }
+TORCH_LIBRARY_IMPL(fastvlm, CUDA, m) {
+  m.impl("block_map", &block_map_cuda);
+  m.impl("cublaslt_linear_gelu", &cublaslt_linear_gelu);
+  m.impl("cublaslt_dgelu_bgrad", &cublaslt_dgelu_bgrad);
+}
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -3,13 +3,16 @@
 CPU runs use the Triton interpreter (fp32/fp16, tiny odd shapes); the
 `gpu`-marked tests run bf16 at real projector shapes.
 """
+import importlib
+
 import pytest
 import torch
 
 from fastvlm.kernels import fused_linear as kernel
-from fastvlm.ops import fused_mlp as op
 from fastvlm.ops.fused_mlp import (ACTIVATIONS, fused_linear_act, fused_linear_act_reference,
                                    fused_mlp, fused_mlp_reference)
+
+op = importlib.import_module("fastvlm.ops.fused_mlp")  # the module; fastvlm.ops.fused_mlp is the function
 
 # relative error bound on max |fast - ref| / max |ref|, per compute dtype
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -226,3 +229,30 @@ def test_autocast_on_gpu(seed):
     assert w1.grad.dtype == torch.float32
     ref = fused_mlp_reference(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), "gelu")
     assert rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+def test_cublaslt_backend_limits():
+    x, w1, b1 = torch.randn(4, 16), torch.randn(24, 16), torch.randn(24)
+    w2, b2 = torch.randn(8, 24), torch.randn(8)
+    with pytest.raises(RuntimeError, match="cuBLASLt runs on CUDA devices only"):
+        fused_mlp(x, w1, b1, w2, b2, "gelu_tanh", backend="cublaslt")
+    limit = op.cublaslt_limitation
+    h = [x.half()], [w1.half()]
+    assert limit(*h, b1, b2, "gelu_tanh", None) is None
+    assert "gelu_tanh" in limit(*h, b1, b2, "gelu", None)
+    assert "one input" in limit([x.half(), x.half()], [w1.half()] * 2, b1, b2, "gelu_tanh", None)
+    assert "both biases" in limit(*h, None, b2, "gelu_tanh", None)
+    assert "float16/bfloat16" in limit([x], [w1], b1, b2, "gelu_tanh", None)
+    assert "multiple of 8" in limit([x.half()], [w1[:20].half()], b1, b2, "gelu_tanh", None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [2 * 576, 999])
+def test_cublaslt_gelu_tanh_on_gpu(seed, m):
+    """GELU_AUX_BIAS forward and DGELU_BGRAD backward against the float64 reference."""
+    dtype = torch.bfloat16
+    x = leaf(m, 1024, dtype=dtype)
+    w1, b1 = leaf(4096, 1024, dtype=dtype, scale=1024 ** -0.5), leaf(4096, dtype=dtype, scale=0.1)
+    w2, b2 = leaf(4096, 4096, dtype=dtype, scale=4096 ** -0.5), leaf(4096, dtype=dtype, scale=0.1)
+    check_against_reference(lambda *a: fused_mlp(*a, "gelu_tanh", backend="cublaslt"),
+                            lambda *a: fused_mlp_reference(*a, "gelu_tanh"), [x, w1, b1, w2, b2], dtype)
