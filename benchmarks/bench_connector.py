@@ -1,7 +1,8 @@
 """The connector MLP (Linear -> GELU -> Linear) at real projector shapes:
-fastvlm's fused connector vs eager nn.Sequential, torch.compile of it, and
-torch._addmm_activation (cuBLASLt's tanh-GELU epilogue; a different activation,
-shown for speed only).
+fastvlm's fused connector (Triton; recompute on/off) vs eager nn.Sequential,
+torch.compile of it, and torch._addmm_activation. Two rows compute tanh-GELU
+instead of exact GELU and are shown for speed only: addmm_act (cuBLASLt's
+epilogue via torch) and fastvlm_cublaslt (our cuBLASLt path, plain variant only).
 
     python benchmarks/bench_connector.py                 # one GPU, bf16, the default grid
     python benchmarks/bench_connector.py --full          # every shape x images x variant
@@ -123,6 +124,8 @@ def build(method, seq, fused_options, reduce):
     if method == "addmm_act":
         return AddmmActivationConnector(seq, reduce)
     fused = FusedMLPConnector.from_sequential(seq, reduce=reduce, **fused_options)
+    if method == "fastvlm_cublaslt":
+        fused.activation = "gelu_tanh"
     return FusedConnector(fused)
 
 
@@ -132,7 +135,8 @@ def methods(args):
         names.append("compile")
     if args.device == "cuda":
         names.append("addmm_act")
-    return names + ["fastvlm", "fastvlm_recompute"]
+    names += ["fastvlm", "fastvlm_recompute"]
+    return names + (["fastvlm_cublaslt"] if args.device == "cuda" else [])
 
 
 def one_case(args, name, k, n, images, variant):
@@ -147,8 +151,10 @@ def one_case(args, name, k, n, images, variant):
     fwd_flops, total_flops = flops(images, args.tokens, k, n, inputs, reduce, args.input_grad)
     row = {"projector": name, "K": k, "N": n, "images": images, "M": images * args.tokens,
            "variant": variant, "dtype": str(dtype).replace("torch.", "")}
-    backend = "auto" if dev == "cuda" else "triton"
     for method in methods(args):
+        if method == "fastvlm_cublaslt" and variant != "plain":
+            continue
+        backend = {"fastvlm_cublaslt": "cublaslt", "fastvlm": "triton", "fastvlm_recompute": "triton"}.get(method)
         options = {"backend": backend, "recompute": method == "fastvlm_recompute"}
         module = build(method, seq, options, reduce)
 
@@ -208,7 +214,9 @@ def table(rows, names):
     body = []
     for row in rows:
         for m in names:
-            r = row.get(m, {})
+            if m not in row:  # not run for this variant
+                continue
+            r = row[m]
             if "error" in r:
                 body.append([row["projector"], row["images"], row["variant"], m, r["error"], *[""] * 6])
                 continue

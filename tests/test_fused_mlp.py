@@ -256,3 +256,36 @@ def test_cublaslt_gelu_tanh_on_gpu(seed, m):
     w2, b2 = leaf(4096, 4096, dtype=dtype, scale=4096 ** -0.5), leaf(4096, dtype=dtype, scale=0.1)
     check_against_reference(lambda *a: fused_mlp(*a, "gelu_tanh", backend="cublaslt"),
                             lambda *a: fused_mlp_reference(*a, "gelu_tanh"), [x, w1, b1, w2, b2], dtype)
+
+
+def test_fastest_backend_measures_once_and_skips_failures(monkeypatch):
+    import time
+    monkeypatch.setattr(op, "FASTEST", {})
+    calls = {"slow": 0, "fast": 0}
+
+    def runner(name, delay):
+        def run():
+            calls[name] += 1
+            time.sleep(delay)
+        return run
+
+    def broken():
+        raise RuntimeError("no algorithm")
+
+    runners = {"slow": runner("slow", 0.02), "broken": broken, "fast": runner("fast", 0.0)}
+    cpu = torch.device("cpu")
+    assert op.fastest_backend(("k",), runners, cpu) == "fast"
+    measured = dict(calls)
+    assert op.fastest_backend(("k",), runners, cpu) == "fast" and calls == measured  # cached
+    assert op.fastest_backend(("all broken",), {"a": broken, "b": broken}, cpu) == "a"
+
+
+@pytest.mark.gpu
+def test_auto_picks_a_measured_backend_on_gpu(seed, monkeypatch):
+    monkeypatch.setattr(op, "FASTEST", {})
+    dtype = torch.bfloat16
+    args = [leaf(300, 256, dtype=dtype), leaf(512, 256, dtype=dtype, scale=0.06), leaf(512, dtype=dtype),
+            leaf(128, 512, dtype=dtype, scale=0.04), leaf(128, dtype=dtype)]
+    check_against_reference(lambda *a: fused_mlp(*a, "gelu_tanh"), lambda *a: fused_mlp_reference(*a, "gelu_tanh"),
+                            args, dtype)
+    assert list(op.FASTEST.values()) in (["triton"], ["cublaslt"])

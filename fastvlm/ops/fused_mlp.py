@@ -19,11 +19,16 @@ keeps the activation itself (eager keeps both the pre-activation and it).
 Backends: ``reference`` (plain torch, any dtype), ``triton`` (fastvlm.kernels.
 fused_linear; CPU only under TRITON_INTERPRET=1) and, for fused_mlp with
 gelu_tanh, ``cublaslt`` (csrc/connector: GELU_AUX_BIAS forward, DGELU_BGRAD
-backward). ``auto`` takes triton on CUDA, the reference elsewhere.
+backward). ``auto`` takes triton on CUDA, the reference elsewhere; where the cuBLASLt path
+can serve a fused_mlp call too, the first call of each shape times both (forward
++ backward on copies) and the faster one serves that shape from then on.
 """
 from __future__ import annotations
 
 import os
+import statistics
+import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -223,6 +228,64 @@ class _CublasLtMLP(torch.autograd.Function):
                 dy.sum(0) if need_b2 else None)
 
 
+FASTEST: dict[tuple, str] = {}  # shape key -> the backend measured fastest for it
+
+
+def _median_ms(run: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
+    run()  # warm-up: compilation, autotuning
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def fastest_backend(key: tuple, runners: dict[str, Callable[[], None]], device: torch.device) -> str:
+    """The backend whose runner is fastest, measured once per key and then cached;
+    a runner that raises is out of the running (the first one is kept if all do)."""
+    if key not in FASTEST:
+        times = {}
+        for name, run in runners.items():
+            try:
+                times[name] = _median_ms(run, device)
+            except (RuntimeError, ValueError):
+                continue
+        FASTEST[key] = min(times, key=times.get) if times else next(iter(runners))
+    return FASTEST[key]
+
+
+def _trial(backend, xs, w1, b1, w2, b2, activation):
+    """Forward + backward of fused_mlp on detached copies (no effect on the caller's graph)."""
+    def run():
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in (xs[0], w1, b1, w2, b2)]
+            fused_mlp(*leaves, activation, backend=backend).sum().backward()
+    return run
+
+
+def _auto_mlp_backend(xs, ws, b1, w2, b2, activation, reduce, recompute) -> str:
+    """triton, or cublaslt where it can serve the call and was measured faster for the
+    shape (measured only in training calls, where the backward is what gets timed)."""
+    x = xs[0]
+    if (recompute or not torch.is_grad_enabled() or x.device.type != "cuda" or _cublaslt_serves(x.device) is not True
+            or cublaslt_limitation(xs, ws, b1, b2, activation, reduce) is not None
+            or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
+        return "triton"
+    m = x.numel() // x.shape[-1]
+    key = (1 << max(m - 1, 0).bit_length(), x.shape[-1], ws[0].shape[0], w2.shape[0], x.dtype, x.device)
+    runners = {name: _trial(name, xs, ws[0], b1, w2, b2, activation) for name in ("triton", "cublaslt")}
+    return fastest_backend(key, runners, x.device)
+
+
 def _kernel_inputs(xs, reduce):
     """2-D views of the inputs (3-D [B, T, C] under a token reduction) and the output's leading dims."""
     if reduce is not None:
@@ -261,6 +324,8 @@ def fused_mlp(x, w1, b1, w2, b2, activation: str = "gelu", *, reduce: str | None
         raise ValueError(f"w2: dtype/device must match x ({xs[0].dtype}, {xs[0].device})")
     _check_bias("b2", b2, w2.shape[0], xs[0])
     chosen = _pick_backend("fused_mlp", backend, xs[0])
+    if backend == "auto" and chosen == "triton":
+        chosen = _auto_mlp_backend(xs, ws, b1, w2, b2, activation, reduce, recompute)
     if chosen == "reference":
         return fused_mlp_reference(xs, ws, b1, w2, b2, activation, reduce=reduce, grid=grid)
     if chosen == "cublaslt":
