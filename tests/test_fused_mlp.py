@@ -289,3 +289,21 @@ def test_auto_picks_a_measured_backend_on_gpu(seed, monkeypatch):
     check_against_reference(lambda *a: fused_mlp(*a, "gelu_tanh"), lambda *a: fused_mlp_reference(*a, "gelu_tanh"),
                             args, dtype)
     assert list(op.FASTEST.values()) in (["triton"], ["cublaslt"])
+
+
+def test_inference_keeps_nothing(seed, monkeypatch):
+    """Under no_grad the forward stores no pre-activation (one output write per GEMM)."""
+    x, w1, b1 = torch.randn(9, 16), torch.randn(24, 16), torch.randn(24)
+    w2, b2 = torch.randn(8, 24), torch.randn(8)
+    allocated, poisoned = [], kernel.alloc
+
+    def counting_alloc(like, *shape, dtype=None):
+        allocated.append(shape)
+        return poisoned(like, *shape, dtype=dtype)
+
+    monkeypatch.setattr(kernel, "alloc", counting_alloc)
+    with torch.no_grad():
+        y = fused_mlp(x, w1, b1, w2, b2, "gelu", backend="triton")
+    assert allocated == [(9, 24), (9, 8)]
+    ref = fused_mlp_reference(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), "gelu")
+    assert rel_err(y, ref) < TOL[torch.float32]
