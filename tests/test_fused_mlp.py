@@ -307,3 +307,16 @@ def test_inference_keeps_nothing(seed, monkeypatch):
     assert allocated == [(9, 24), (9, 8)]
     ref = fused_mlp_reference(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), "gelu")
     assert rel_err(y, ref) < TOL[torch.float32]
+
+
+def test_empty_batch(seed):
+    """No tokens: empty output, zero weight and bias gradients (a zero-length reduction)."""
+    x = torch.randn(0, 12, requires_grad=True)
+    w1, b1 = leaf(16, 12, dtype=torch.float32), leaf(16, dtype=torch.float32)
+    w2, b2 = leaf(8, 16, dtype=torch.float32), leaf(8, dtype=torch.float32)
+    y = fused_mlp(x, w1, b1, w2, b2, "gelu", backend="triton")
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 12)
+    for p in (w1, b1, w2, b2):
+        assert torch.equal(p.grad, torch.zeros_like(p))

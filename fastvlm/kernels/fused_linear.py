@@ -236,6 +236,8 @@ def launch(out, operands, *, act=0, epilogue=0, aux=None, bias=None, c_in=None, 
     (at `gate`) multiplies A_0 as it is loaded.
     """
     m, n = out.shape
+    if m == 0 or n == 0:  # an empty batch: nothing to write, and a zero grid is not launchable everywhere
+        return out
     if (gate is None) != (gate_act == 0):
         raise ValueError("gate: a gate tensor needs a gate_act, and a gate_act needs a gate")
     if len(operands) > MAX_OPERANDS:
