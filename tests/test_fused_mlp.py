@@ -293,8 +293,8 @@ def test_auto_picks_a_measured_backend_on_gpu(seed, monkeypatch):
 
 def test_inference_keeps_nothing(seed, monkeypatch):
     """Under no_grad the forward stores no pre-activation (one output write per GEMM)."""
-    x, w1, b1 = torch.randn(9, 16), torch.randn(24, 16), torch.randn(24)
-    w2, b2 = torch.randn(8, 24), torch.randn(8)
+    x, w1, b1 = (torch.randn(*s, device=DEVICE) for s in ((9, 16), (24, 16), (24,)))
+    w2, b2 = torch.randn(8, 24, device=DEVICE), torch.randn(8, device=DEVICE)
     allocated, poisoned = [], kernel.alloc
 
     def counting_alloc(like, *shape, dtype=None):
@@ -311,7 +311,7 @@ def test_inference_keeps_nothing(seed, monkeypatch):
 
 def test_empty_batch(seed):
     """No tokens: empty output, zero weight and bias gradients (a zero-length reduction)."""
-    x = torch.randn(0, 12, requires_grad=True)
+    x = torch.randn(0, 12, device=DEVICE, requires_grad=True)
     w1, b1 = leaf(16, 12, dtype=torch.float32), leaf(16, dtype=torch.float32)
     w2, b2 = leaf(8, 16, dtype=torch.float32), leaf(8, dtype=torch.float32)
     y = fused_mlp(x, w1, b1, w2, b2, "gelu", backend="triton")
