@@ -320,3 +320,16 @@ def test_empty_batch(seed):
     assert x.grad.shape == (0, 12)
     for p in (w1, b1, w2, b2):
         assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_autocast_casts_inputs_like_linear(seed):
+    x = torch.randn(5, 8)
+    w1, b1 = leaf(12, 8, dtype=torch.float32).cpu(), leaf(12, dtype=torch.float32).cpu()
+    w2, b2 = leaf(4, 12, dtype=torch.float32).cpu(), leaf(4, dtype=torch.float32).cpu()
+    for p in (w1, b1, w2, b2):
+        p.retain_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused_mlp([x], [w1], b1, w2, b2, "gelu", backend="reference")
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in (w1, b1, w2, b2))
