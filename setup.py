@@ -88,8 +88,9 @@ def cublaslt_location():
         libs = sorted(lib for d in ("lib64", "lib") for lib in (root / d).glob("libcublasLt.so*"))
         if (root / "include" / "cublasLt.h").exists() and libs:
             return root / "include", libs[0]
-    raise SystemExit("cuBLASLt not found (cublasLt.h + libcublasLt.so) under "
-                     f"{', '.join(map(str, roots)) or 'CUDA_HOME'}; set FASTVLM_CUDA=0 to build without CUDA")
+    print(f"fastvlm: cuBLASLt (cublasLt.h + libcublasLt.so) not found under {', '.join(map(str, roots))}; "
+          "building the CUDA kernels without the cuBLASLt connector path")
+    return None
 
 
 def extensions():
@@ -100,14 +101,21 @@ def extensions():
     include_dirs = [str(ROOT / "csrc")]
     if want_cuda():
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-        lt_include, lt_lib = cublaslt_location()
+        sources, macros, link = src["cpu"] + src["cuda"], [], []
+        cublaslt = cublaslt_location()
+        if cublaslt is not None:
+            lt_include, lt_lib = cublaslt
+            sources += src.get("cuda_cublaslt", [])
+            include_dirs.append(str(lt_include))
+            macros.append(("FASTVLM_WITH_CUBLASLT", None))
+            # the exact file (wheels ship only libcublasLt.so.N); rpath for use without torch's copy loaded
+            link = [str(lt_lib), f"-Wl,-rpath,{lt_lib.parent}"]
         ext = CUDAExtension(
             "fastvlm._C",
-            src["cpu"] + src["cuda"] + src.get("cuda_cublaslt", []) + src["bindings"],
-            include_dirs=include_dirs + [str(lt_include)],
-            # the exact file (wheels ship only libcublasLt.so.N); rpath for use without torch's copy loaded
-            extra_link_args=[str(lt_lib), f"-Wl,-rpath,{lt_lib.parent}"],
-            define_macros=[("FASTVLM_WITH_CUDA", None), ("FASTVLM_CUDA_ARCHS", f'"{archs}"')],
+            sources + src["bindings"],
+            include_dirs=include_dirs,
+            extra_link_args=link,
+            define_macros=[("FASTVLM_WITH_CUDA", None), ("FASTVLM_CUDA_ARCHS", f'"{archs}"'), *macros],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-DFASTVLM_WITH_CUDA"]},
         )
     else:

@@ -9,7 +9,9 @@
 #if defined(FASTVLM_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
+#if defined(FASTVLM_WITH_CUDA) && defined(FASTVLM_WITH_CUBLASLT)
 #include "connector/cublaslt_epilogue.h"
 #endif
 
@@ -89,7 +91,7 @@ std::vector<at::Tensor> block_map_cuda(const at::Tensor& lo_in, const at::Tensor
 }
 #endif
 
-#if defined(FASTVLM_WITH_CUDA)
+#if defined(FASTVLM_WITH_CUDA) && defined(FASTVLM_WITH_CUBLASLT)
 // The connector's cuBLASLt GEMMs (gelu_tanh epilogues); see connector/cublaslt_epilogue.h.
 constexpr int64_t kLtWorkspaceBytes = int64_t(32) << 20;
 
@@ -151,6 +153,14 @@ bool built_with_cuda() {
 #endif
 }
 
+bool built_with_cublaslt() {
+#if defined(FASTVLM_WITH_CUDA) && defined(FASTVLM_WITH_CUBLASLT)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastvlm, m) {
@@ -165,14 +175,18 @@ TORCH_LIBRARY_IMPL(fastvlm, CPU, m) { m.impl("block_map", &block_map_cpu); }
 #if defined(FASTVLM_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fastvlm, CUDA, m) {
   m.impl("block_map", &block_map_cuda);
+#if defined(FASTVLM_WITH_CUBLASLT)
   m.impl("cublaslt_linear_gelu", &cublaslt_linear_gelu);
   m.impl("cublaslt_dgelu_bgrad", &cublaslt_dgelu_bgrad);
+#endif
 }
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastvlm compiled ops (registered under torch.ops.fastvlm)";
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
+  m.def("built_with_cublaslt", &built_with_cublaslt,
+        "whether the cuBLASLt connector GEMMs were compiled in");
   m.def("cuda_archs", []() { return std::string(FASTVLM_CUDA_ARCHS); },
         "TORCH_CUDA_ARCH_LIST the CUDA kernels were compiled for");
 }

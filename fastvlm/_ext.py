@@ -49,8 +49,13 @@ def block_map(lo, hi, is_image, kind: int, block_q: int, block_k: int) -> list[t
     return torch.ops.fastvlm.block_map(lo, hi, is_image, kind, block_q, block_k)
 
 
+def cublaslt_built() -> bool:
+    """Whether fastvlm._C carries the cuBLASLt connector GEMMs."""
+    return cuda_built() and bool(getattr(_C, "built_with_cublaslt", lambda: False)())
+
+
 def _require_cuda_ops(name: str, device: torch.device):
-    if device.type != "cuda" or not cuda_built():
+    if device.type != "cuda" or not cublaslt_built():
         raise RuntimeError(f"fastvlm._C has no {name} kernel for device {device} "
                            f"(extension: {'built without CUDA' if available() else load_error})")
 

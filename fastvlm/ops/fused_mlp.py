@@ -53,7 +53,7 @@ def _triton_serves(device: torch.device):
 def _cublaslt_serves(device: torch.device):
     if device.type != "cuda":
         return "cuBLASLt runs on CUDA devices only"
-    return True if _ext.cuda_built() else "fastvlm._C was built without CUDA"
+    return True if _ext.cublaslt_built() else "fastvlm._C was built without CUDA or without cuBLASLt"
 
 
 register_op("fused_linear_act", {"reference": lambda device: True, "triton": _triton_serves},
