@@ -69,6 +69,30 @@ def want_cuda():
     return have and mode != "0"
 
 
+def cublaslt_location():
+    """(include dir, library path) of cuBLASLt: the CUDA toolkit's, else the one in the
+    nvidia-cublas wheel that a pip-installed torch itself loads (toolkits may lack it)."""
+    import importlib.util
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    roots = [Path(CUDA_HOME)] if CUDA_HOME else []
+    for package in ("nvidia.cu13", "nvidia.cublas"):  # CUDA 13 wheels; CUDA 12 wheels
+        try:
+            spec = importlib.util.find_spec(package)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            roots += [Path(p) for p in spec.submodule_search_locations]
+    for root in roots:
+        libs = sorted(lib for d in ("lib64", "lib") for lib in (root / d).glob("libcublasLt.so*"))
+        if (root / "include" / "cublasLt.h").exists() and libs:
+            return root / "include", libs[0]
+    print(f"fastvlm: cuBLASLt (cublasLt.h + libcublasLt.so) not found under {', '.join(map(str, roots))}; "
+          "building the CUDA kernels without the cuBLASLt connector path")
+    return None
+
+
 def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -77,11 +101,21 @@ def extensions():
     include_dirs = [str(ROOT / "csrc")]
     if want_cuda():
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        sources, macros, link = src["cpu"] + src["cuda"], [], []
+        cublaslt = cublaslt_location()
+        if cublaslt is not None:
+            lt_include, lt_lib = cublaslt
+            sources += src.get("cuda_cublaslt", [])
+            include_dirs.append(str(lt_include))
+            macros.append(("FASTVLM_WITH_CUBLASLT", None))
+            # the exact file (wheels ship only libcublasLt.so.N); rpath for use without torch's copy loaded
+            link = [str(lt_lib), f"-Wl,-rpath,{lt_lib.parent}"]
         ext = CUDAExtension(
             "fastvlm._C",
-            src["cpu"] + src["cuda"] + src["bindings"],
+            sources + src["bindings"],
             include_dirs=include_dirs,
-            define_macros=[("FASTVLM_WITH_CUDA", None), ("FASTVLM_CUDA_ARCHS", f'"{archs}"')],
+            extra_link_args=link,
+            define_macros=[("FASTVLM_WITH_CUDA", None), ("FASTVLM_CUDA_ARCHS", f'"{archs}"'), *macros],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-DFASTVLM_WITH_CUDA"]},
         )
     else:

@@ -1,12 +1,17 @@
 """The connector MLP (Linear -> GELU -> Linear) at real projector shapes:
-fastvlm's fused connector vs eager nn.Sequential, torch.compile of it, and
-torch._addmm_activation (cuBLASLt's tanh-GELU epilogue; a different activation,
-shown for speed only).
+fastvlm's fused connector (Triton; recompute on/off) vs eager nn.Sequential,
+torch.compile of it, and torch._addmm_activation. Two rows compute tanh-GELU
+instead of exact GELU and are shown for speed only: addmm_act (cuBLASLt's
+epilogue via torch) and fastvlm_cublaslt (our cuBLASLt path, plain variant only).
 
     python benchmarks/bench_connector.py                 # one GPU, bf16, the default grid
     python benchmarks/bench_connector.py --full          # every shape x images x variant
     python benchmarks/bench_connector.py --only clip-l/336->4096 --no-compile
     python benchmarks/bench_connector.py --smoke         # CPU, tiny, seconds: NOT a speed test
+
+Each case compiles (torch.compile) and autotunes (Triton) once, so the default
+grid takes several minutes per projector; results are rewritten after every
+case, so split long runs with --only / --images.
 
 Shapes: CLIP-L/336 (1024) -> 4096 and -> 5120, SigLIP-so400m (1152) -> 3584, with
 M = 576 x {8, 32, 64} images. Variants: plain; 4 encoder layers as multi-level
@@ -123,6 +128,8 @@ def build(method, seq, fused_options, reduce):
     if method == "addmm_act":
         return AddmmActivationConnector(seq, reduce)
     fused = FusedMLPConnector.from_sequential(seq, reduce=reduce, **fused_options)
+    if method == "fastvlm_cublaslt":
+        fused.activation = "gelu_tanh"
     return FusedConnector(fused)
 
 
@@ -132,7 +139,8 @@ def methods(args):
         names.append("compile")
     if args.device == "cuda":
         names.append("addmm_act")
-    return names + ["fastvlm", "fastvlm_recompute"]
+    names += ["fastvlm", "fastvlm_recompute"]
+    return names + (["fastvlm_cublaslt"] if args.device == "cuda" else [])
 
 
 def one_case(args, name, k, n, images, variant):
@@ -147,8 +155,10 @@ def one_case(args, name, k, n, images, variant):
     fwd_flops, total_flops = flops(images, args.tokens, k, n, inputs, reduce, args.input_grad)
     row = {"projector": name, "K": k, "N": n, "images": images, "M": images * args.tokens,
            "variant": variant, "dtype": str(dtype).replace("torch.", "")}
-    backend = "auto" if dev == "cuda" else "triton"
     for method in methods(args):
+        if method == "fastvlm_cublaslt" and variant != "plain":
+            continue
+        backend = {"fastvlm_cublaslt": "cublaslt", "fastvlm": "triton", "fastvlm_recompute": "triton"}.get(method)
         options = {"backend": backend, "recompute": method == "fastvlm_recompute"}
         module = build(method, seq, options, reduce)
 
@@ -187,7 +197,7 @@ def one_case(args, name, k, n, images, variant):
 
 def cases(args):
     projectors = SMOKE_PROJECTORS if args.smoke else PROJECTORS
-    images = (2,) if args.smoke else IMAGES
+    images = (2,) if args.smoke else tuple(args.images or IMAGES)
     for name, (k, n) in projectors.items():
         if args.only and name not in args.only:
             continue
@@ -208,7 +218,9 @@ def table(rows, names):
     body = []
     for row in rows:
         for m in names:
-            r = row.get(m, {})
+            if m not in row:  # not run for this variant
+                continue
+            r = row[m]
             if "error" in r:
                 body.append([row["projector"], row["images"], row["variant"], m, r["error"], *[""] * 6])
                 continue
@@ -225,6 +237,7 @@ def main():
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter: not a speed test")
     p.add_argument("--full", action="store_true", help="every variant at every image count")
     p.add_argument("--only", nargs="*", help=f"projector names, from {list(PROJECTORS)}")
+    p.add_argument("--images", nargs="*", type=int, help=f"images per batch (default {IMAGES})")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--input-grad", action="store_true", help="also compute the input gradient (unfrozen encoder)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -242,15 +255,16 @@ def main():
     print_header("connector MLP: fused vs eager / torch.compile / _addmm_activation", env)
     if args.smoke:
         print("SMOKE MODE: CPU, tiny shapes, Triton interpreter. This checks the plumbing; it is NOT a speed test.")
-    rows = []
+    rows, name = [], "bench_connector" + ("_smoke" if args.smoke else "")
     for case in cases(args):
         rows.append(one_case(args, *case))
         print("\n".join(table(rows[-1:], methods(args)).splitlines()[2:]), flush=True)  # progress
-    md = table(rows, methods(args))
-    print(f"\n{md}")
-    payload = {"env": env, "smoke": args.smoke, "tokens_per_image": args.tokens,
-               "input_grad": args.input_grad, "rows": rows}
-    save_results("bench_connector" + ("_smoke" if args.smoke else ""), env, payload, md, args.out)
+        payload = {"env": env, "smoke": args.smoke, "tokens_per_image": args.tokens,
+                   "input_grad": args.input_grad, "rows": rows}
+        # rewritten after every case, so a run cut short still leaves its results
+        out = save_results(name, env, payload, table(rows, methods(args)), args.out)
+        args.out = out
+    print(f"\n{table(rows, methods(args))}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#if defined(FASTVLM_WITH_CUDA) && defined(FASTVLM_WITH_CUBLASLT)
+#include "connector/cublaslt_epilogue.h"
+#endif
+
 #ifndef FASTVLM_CUDA_ARCHS
 #define FASTVLM_CUDA_ARCHS ""
 #endif
@@ -87,8 +91,70 @@ std::vector<at::Tensor> block_map_cuda(const at::Tensor& lo_in, const at::Tensor
 }
 #endif
 
+#if defined(FASTVLM_WITH_CUDA) && defined(FASTVLM_WITH_CUBLASLT)
+// The connector's cuBLASLt GEMMs (gelu_tanh epilogues); see connector/cublaslt_epilogue.h.
+constexpr int64_t kLtWorkspaceBytes = int64_t(32) << 20;
+
+fastvlm::LtDtype lt_operands(const char* op, std::initializer_list<const at::Tensor*> ts) {
+  const at::Tensor& first = **ts.begin();
+  TORCH_CHECK(first.scalar_type() == at::kHalf || first.scalar_type() == at::kBFloat16, op,
+              ": takes float16 or bfloat16, got ", first.scalar_type());
+  for (const at::Tensor* t : ts) {
+    TORCH_CHECK(t->scalar_type() == first.scalar_type(), op, ": operands must share one dtype");
+    TORCH_CHECK(t->is_cuda() && t->device() == first.device(), op, ": operands must be on one GPU");
+  }
+  return first.scalar_type() == at::kBFloat16 ? fastvlm::LtDtype::kBF16 : fastvlm::LtDtype::kF16;
+}
+
+std::tuple<at::Tensor, at::Tensor> cublaslt_linear_gelu(const at::Tensor& x_in, const at::Tensor& w_in,
+                                                        const at::Tensor& b_in) {
+  const auto dtype = lt_operands("cublaslt_linear_gelu", {&x_in, &w_in, &b_in});
+  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && b_in.dim() == 1 && x_in.size(1) == w_in.size(1) &&
+                  b_in.size(0) == w_in.size(0),
+              "cublaslt_linear_gelu: expected x [M, K], w [N, K], b [N]");
+  const int64_t m = x_in.size(0), n = w_in.size(0), k = x_in.size(1);
+  TORCH_CHECK(n % 8 == 0, "cublaslt_linear_gelu: N must be a multiple of 8 (aux leading dim), got ", n);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  auto x = x_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+  auto out = at::empty({m, n}, x.options()), pre = at::empty({m, n}, x.options());
+  auto workspace = at::empty({kLtWorkspaceBytes}, x.options().dtype(at::kByte));
+  const int status = fastvlm::lt_linear_gelu_aux_bias(
+      x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), pre.data_ptr(), m, n, k, dtype,
+      workspace.data_ptr(), kLtWorkspaceBytes, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == 0, "cublaslt_linear_gelu: ", fastvlm::lt_status_string(status));
+  return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor> cublaslt_dgelu_bgrad(const at::Tensor& dy_in, const at::Tensor& w2_in,
+                                                        const at::Tensor& pre_in) {
+  const auto dtype = lt_operands("cublaslt_dgelu_bgrad", {&dy_in, &w2_in, &pre_in});
+  TORCH_CHECK(dy_in.dim() == 2 && w2_in.dim() == 2 && pre_in.dim() == 2 && dy_in.size(1) == w2_in.size(0) &&
+                  pre_in.size(0) == dy_in.size(0) && pre_in.size(1) == w2_in.size(1),
+              "cublaslt_dgelu_bgrad: expected dy [M, P], w2 [P, N], pre [M, N]");
+  const int64_t m = dy_in.size(0), p = dy_in.size(1), n = w2_in.size(1);
+  TORCH_CHECK(n % 8 == 0, "cublaslt_dgelu_bgrad: N must be a multiple of 8 (aux leading dim), got ", n);
+  c10::cuda::CUDAGuard guard(dy_in.device());
+  auto dy = dy_in.contiguous(), w2 = w2_in.contiguous(), pre = pre_in.contiguous();
+  auto dz = at::empty({m, n}, dy.options()), dbias = at::empty({n}, dy.options());
+  auto workspace = at::empty({kLtWorkspaceBytes}, dy.options().dtype(at::kByte));
+  const int status = fastvlm::lt_dgelu_bgrad(
+      dy.data_ptr(), w2.data_ptr(), pre.data_ptr(), dz.data_ptr(), dbias.data_ptr(), m, n, p, dtype,
+      workspace.data_ptr(), kLtWorkspaceBytes, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == 0, "cublaslt_dgelu_bgrad: ", fastvlm::lt_status_string(status));
+  return {dz, dbias};
+}
+#endif
+
 bool built_with_cuda() {
 #if defined(FASTVLM_WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool built_with_cublaslt() {
+#if defined(FASTVLM_WITH_CUDA) && defined(FASTVLM_WITH_CUBLASLT)
   return true;
 #else
   return false;
@@ -100,17 +166,27 @@ bool built_with_cuda() {
 TORCH_LIBRARY(fastvlm, m) {
   m.def("block_map(Tensor lo, Tensor hi, Tensor is_image, int kind, int block_q, int block_k)"
         " -> Tensor[]");
+  m.def("cublaslt_linear_gelu(Tensor x, Tensor w, Tensor b) -> (Tensor, Tensor)");
+  m.def("cublaslt_dgelu_bgrad(Tensor dy, Tensor w2, Tensor pre) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm, CPU, m) { m.impl("block_map", &block_map_cpu); }
 
 #if defined(FASTVLM_WITH_CUDA)
-TORCH_LIBRARY_IMPL(fastvlm, CUDA, m) { m.impl("block_map", &block_map_cuda); }
+TORCH_LIBRARY_IMPL(fastvlm, CUDA, m) {
+  m.impl("block_map", &block_map_cuda);
+#if defined(FASTVLM_WITH_CUBLASLT)
+  m.impl("cublaslt_linear_gelu", &cublaslt_linear_gelu);
+  m.impl("cublaslt_dgelu_bgrad", &cublaslt_dgelu_bgrad);
+#endif
+}
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastvlm compiled ops (registered under torch.ops.fastvlm)";
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
+  m.def("built_with_cublaslt", &built_with_cublaslt,
+        "whether the cuBLASLt connector GEMMs were compiled in");
   m.def("cuda_archs", []() { return std::string(FASTVLM_CUDA_ARCHS); },
         "TORCH_CUDA_ARCH_LIST the CUDA kernels were compiled for");
 }

@@ -47,3 +47,26 @@ def block_map(lo, hi, is_image, kind: int, block_q: int, block_k: int) -> list[t
         raise RuntimeError(f"fastvlm._C has no block_map kernel for device {lo.device} "
                            f"(extension: {'built' if available() else load_error})")
     return torch.ops.fastvlm.block_map(lo, hi, is_image, kind, block_q, block_k)
+
+
+def cublaslt_built() -> bool:
+    """Whether fastvlm._C carries the cuBLASLt connector GEMMs."""
+    return cuda_built() and bool(getattr(_C, "built_with_cublaslt", lambda: False)())
+
+
+def _require_cuda_ops(name: str, device: torch.device):
+    if device.type != "cuda" or not cublaslt_built():
+        raise RuntimeError(f"fastvlm._C has no {name} kernel for device {device} "
+                           f"(extension: {'built without CUDA' if available() else load_error})")
+
+
+def cublaslt_linear_gelu(x, w, b) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gelu_tanh(x w^T + b), x w^T + b) from one cuBLASLt GEMM (GELU_AUX_BIAS epilogue)."""
+    _require_cuda_ops("cublaslt_linear_gelu", x.device)
+    return torch.ops.fastvlm.cublaslt_linear_gelu(x, w, b)
+
+
+def cublaslt_dgelu_bgrad(dy, w2, pre) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz, dbias): dz = (dy @ w2) * gelu_tanh'(pre), dbias = dz.sum(0), one cuBLASLt GEMM."""
+    _require_cuda_ops("cublaslt_dgelu_bgrad", dy.device)
+    return torch.ops.fastvlm.cublaslt_dgelu_bgrad(dy, w2, pre)

@@ -13,6 +13,7 @@ from fastvlm.ops.fused_mlp import activation_reference
 from fastvlm.ops.token_reduction import reduce_tokens
 
 BACKENDS = ["reference", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU only under the interpreter
 
 
 def rel_err(fast, ref):
@@ -29,11 +30,11 @@ def grads(module, inputs, out, grad):
                                               (QuickGELU(), "quick_gelu"), (nn.SiLU(), "silu")])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_llava_projector_state_dict_loads_unchanged(seed, act_module, name, backend):
-    seq = nn.Sequential(nn.Linear(40, 56), act_module, nn.Linear(56, 24))
-    fused = FusedMLPConnector(40, 56, 24, activation=name, backend=backend)
+    seq = nn.Sequential(nn.Linear(40, 56), act_module, nn.Linear(56, 24)).to(DEVICE)
+    fused = FusedMLPConnector(40, 56, 24, activation=name, backend=backend, device=DEVICE)
     assert list(fused.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
     fused.load_state_dict(seq.state_dict())  # strict
-    x = torch.randn(2, 9, 40, requires_grad=True)
+    x = torch.randn(2, 9, 40, device=DEVICE, requires_grad=True)
     out, expect = fused(x), seq(x)
     assert rel_err(out, expect) < 1e-5
     g = torch.randn_like(expect)
@@ -70,13 +71,13 @@ def multi_level_in_float64(module, features):
 def test_multi_level_connector(seed, mode, reduce):
     """Four layers of a 24-wide encoder plus one 16-wide encoder on a 4x4 grid."""
     widths = [24, 24, 24, 24, 16]
-    module = MultiLevelConnector(widths, 40, 20, mode=mode, reduce=reduce, backend="triton")
+    module = MultiLevelConnector(widths, 40, 20, mode=mode, reduce=reduce, backend="triton", device=DEVICE)
     for p in module.parameters():  # LayerNorm starts at 1/0: make it a real test
         nn.init.normal_(p, std=0.3)
-    feats = [torch.randn(2, 16, k, requires_grad=True) for k in widths]
+    feats = [torch.randn(2, 16, k, device=DEVICE, requires_grad=True) for k in widths]
     out = module(feats)
     assert out.shape == (2, 16 if reduce is None else 4, 20)
-    ref_module = MultiLevelConnector(widths, 40, 20, mode=mode, reduce=reduce)
+    ref_module = MultiLevelConnector(widths, 40, 20, mode=mode, reduce=reduce, device=DEVICE)
     ref_module.load_state_dict(module.state_dict())
     ref_feats = [f.detach().double().requires_grad_() for f in feats]
     expect = multi_level_in_float64(ref_module, ref_feats)

@@ -3,13 +3,16 @@
 CPU runs use the Triton interpreter (fp32/fp16, tiny odd shapes); the
 `gpu`-marked tests run bf16 at real projector shapes.
 """
+import importlib
+
 import pytest
 import torch
 
 from fastvlm.kernels import fused_linear as kernel
-from fastvlm.ops import fused_mlp as op
 from fastvlm.ops.fused_mlp import (ACTIVATIONS, fused_linear_act, fused_linear_act_reference,
                                    fused_mlp, fused_mlp_reference)
+
+op = importlib.import_module("fastvlm.ops.fused_mlp")  # the module; fastvlm.ops.fused_mlp is the function
 
 # relative error bound on max |fast - ref| / max |ref|, per compute dtype
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -226,3 +229,107 @@ def test_autocast_on_gpu(seed):
     assert w1.grad.dtype == torch.float32
     ref = fused_mlp_reference(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), "gelu")
     assert rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+def test_cublaslt_backend_limits():
+    x, w1, b1 = torch.randn(4, 16), torch.randn(24, 16), torch.randn(24)
+    w2, b2 = torch.randn(8, 24), torch.randn(8)
+    with pytest.raises(RuntimeError, match="cuBLASLt runs on CUDA devices only"):
+        fused_mlp(x, w1, b1, w2, b2, "gelu_tanh", backend="cublaslt")
+    limit = op.cublaslt_limitation
+    h = [x.half()], [w1.half()]
+    assert limit(*h, b1, b2, "gelu_tanh", None) is None
+    assert "gelu_tanh" in limit(*h, b1, b2, "gelu", None)
+    assert "one input" in limit([x.half(), x.half()], [w1.half()] * 2, b1, b2, "gelu_tanh", None)
+    assert "both biases" in limit(*h, None, b2, "gelu_tanh", None)
+    assert "float16/bfloat16" in limit([x], [w1], b1, b2, "gelu_tanh", None)
+    assert "multiple of 8" in limit([x.half()], [w1[:20].half()], b1, b2, "gelu_tanh", None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [2 * 576, 999])
+def test_cublaslt_gelu_tanh_on_gpu(seed, m):
+    """GELU_AUX_BIAS forward and DGELU_BGRAD backward against the float64 reference."""
+    dtype = torch.bfloat16
+    x = leaf(m, 1024, dtype=dtype)
+    w1, b1 = leaf(4096, 1024, dtype=dtype, scale=1024 ** -0.5), leaf(4096, dtype=dtype, scale=0.1)
+    w2, b2 = leaf(4096, 4096, dtype=dtype, scale=4096 ** -0.5), leaf(4096, dtype=dtype, scale=0.1)
+    check_against_reference(lambda *a: fused_mlp(*a, "gelu_tanh", backend="cublaslt"),
+                            lambda *a: fused_mlp_reference(*a, "gelu_tanh"), [x, w1, b1, w2, b2], dtype)
+
+
+def test_fastest_backend_measures_once_and_skips_failures(monkeypatch):
+    import time
+    monkeypatch.setattr(op, "FASTEST", {})
+    calls = {"slow": 0, "fast": 0}
+
+    def runner(name, delay):
+        def run():
+            calls[name] += 1
+            time.sleep(delay)
+        return run
+
+    def broken():
+        raise RuntimeError("no algorithm")
+
+    runners = {"slow": runner("slow", 0.02), "broken": broken, "fast": runner("fast", 0.0)}
+    cpu = torch.device("cpu")
+    assert op.fastest_backend(("k",), runners, cpu) == "fast"
+    measured = dict(calls)
+    assert op.fastest_backend(("k",), runners, cpu) == "fast" and calls == measured  # cached
+    assert op.fastest_backend(("all broken",), {"a": broken, "b": broken}, cpu) == "a"
+
+
+@pytest.mark.gpu
+def test_auto_picks_a_measured_backend_on_gpu(seed, monkeypatch):
+    monkeypatch.setattr(op, "FASTEST", {})
+    dtype = torch.bfloat16
+    args = [leaf(300, 256, dtype=dtype), leaf(512, 256, dtype=dtype, scale=0.06), leaf(512, dtype=dtype),
+            leaf(128, 512, dtype=dtype, scale=0.04), leaf(128, dtype=dtype)]
+    check_against_reference(lambda *a: fused_mlp(*a, "gelu_tanh"), lambda *a: fused_mlp_reference(*a, "gelu_tanh"),
+                            args, dtype)
+    assert list(op.FASTEST.values()) in (["triton"], ["cublaslt"])
+
+
+def test_inference_keeps_nothing(seed, monkeypatch):
+    """Under no_grad the forward stores no pre-activation (one output write per GEMM)."""
+    x, w1, b1 = (torch.randn(*s, device=DEVICE) for s in ((9, 16), (24, 16), (24,)))
+    w2, b2 = torch.randn(8, 24, device=DEVICE), torch.randn(8, device=DEVICE)
+    allocated, poisoned = [], kernel.alloc
+
+    def counting_alloc(like, *shape, dtype=None):
+        allocated.append(shape)
+        return poisoned(like, *shape, dtype=dtype)
+
+    monkeypatch.setattr(kernel, "alloc", counting_alloc)
+    with torch.no_grad():
+        y = fused_mlp(x, w1, b1, w2, b2, "gelu", backend="triton")
+    assert allocated == [(9, 24), (9, 8)]
+    ref = fused_mlp_reference(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), "gelu")
+    assert rel_err(y, ref) < TOL[torch.float32]
+
+
+def test_empty_batch(seed):
+    """No tokens: empty output, zero weight and bias gradients (a zero-length reduction)."""
+    x = torch.randn(0, 12, device=DEVICE, requires_grad=True)
+    w1, b1 = leaf(16, 12, dtype=torch.float32), leaf(16, dtype=torch.float32)
+    w2, b2 = leaf(8, 16, dtype=torch.float32), leaf(8, dtype=torch.float32)
+    y = fused_mlp(x, w1, b1, w2, b2, "gelu", backend="triton")
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 12)
+    for p in (w1, b1, w2, b2):
+        assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_autocast_casts_inputs_like_linear(seed):
+    x = torch.randn(5, 8)
+    w1, b1 = leaf(12, 8, dtype=torch.float32).cpu(), leaf(12, dtype=torch.float32).cpu()
+    w2, b2 = leaf(4, 12, dtype=torch.float32).cpu(), leaf(4, dtype=torch.float32).cpu()
+    for p in (w1, b1, w2, b2):
+        p.retain_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused_mlp([x], [w1], b1, w2, b2, "gelu", backend="reference")
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in (w1, b1, w2, b2))

@@ -236,6 +236,8 @@ def launch(out, operands, *, act=0, epilogue=0, aux=None, bias=None, c_in=None, 
     (at `gate`) multiplies A_0 as it is loaded.
     """
     m, n = out.shape
+    if m == 0 or n == 0:  # an empty batch: nothing to write, and a zero grid is not launchable everywhere
+        return out
     if (gate is None) != (gate_act == 0):
         raise ValueError("gate: a gate tensor needs a gate_act, and a gate_act needs a gate")
     if len(operands) > MAX_OPERANDS:
@@ -353,7 +355,8 @@ class FusedLinearActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: FirstLayer, bias, *xs_ws):
         xs, ws = xs_ws[:spec.n_inputs], xs_ws[spec.n_inputs:]
-        out, pre = first_layer_forward(spec, xs, ws, bias, spec.act, keep_pre=not spec.recompute)
+        keep_pre = not spec.recompute and any(ctx.needs_input_grad)  # nothing to keep in inference
+        out, pre = first_layer_forward(spec, xs, ws, bias, spec.act, keep_pre=keep_pre)
         ctx.spec = spec
         ctx.save_for_backward(bias, pre, *xs, *ws)
         return out
@@ -378,7 +381,8 @@ class FusedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: FirstLayer, b1, w2, b2, *xs_ws):
         xs, ws = xs_ws[:spec.n_inputs], xs_ws[spec.n_inputs:]
-        hidden, pre = first_layer_forward(spec, xs, ws, b1, spec.act, keep_pre=not spec.recompute)
+        keep_pre = not spec.recompute and any(ctx.needs_input_grad)  # nothing to keep in inference
+        hidden, pre = first_layer_forward(spec, xs, ws, b1, spec.act, keep_pre=keep_pre)
         y = alloc(hidden, hidden.shape[0], w2.shape[0])
         launch(y, [Operand(hidden, w2.t())], bias=b2)
         ctx.spec = spec

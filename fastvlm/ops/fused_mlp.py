@@ -15,14 +15,25 @@ Memory kept for backward by the Triton path: the inputs, the weights and the
 pre-activation (M x N); with ``recompute=True`` only inputs and weights, and
 backward recomputes the pre-activation with one more GEMM. fused_mlp never
 keeps the activation itself (eager keeps both the pre-activation and it).
+
+Backends: ``reference`` (plain torch, any dtype), ``triton`` (fastvlm.kernels.
+fused_linear; CPU only under TRITON_INTERPRET=1) and, for fused_mlp with
+gelu_tanh, ``cublaslt`` (csrc/connector: GELU_AUX_BIAS forward, DGELU_BGRAD
+backward). ``auto`` takes triton on CUDA, the reference elsewhere; where the cuBLASLt path
+can serve a fused_mlp call too, the first call of each shape times both (forward
++ backward on copies) and the faster one serves that shape from then on.
 """
 from __future__ import annotations
 
 import os
+import statistics
+import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from fastvlm import _ext
 from fastvlm.ops._backend import register_op, resolve_backend
 from fastvlm.ops.token_reduction import check_reduce, reduce_tokens
 
@@ -39,9 +50,20 @@ def _triton_serves(device: torch.device):
     return f"no Triton backend for {device.type}"
 
 
-for _op in ("fused_linear_act", "fused_mlp"):
-    register_op(_op, {"reference": lambda device: True, "triton": _triton_serves},
-                {"cpu": ("reference",), "cuda": ("triton", "reference")})
+def _cublaslt_serves(device: torch.device):
+    if device.type != "cuda":
+        return "cuBLASLt runs on CUDA devices only"
+    return True if _ext.cublaslt_built() else "fastvlm._C was built without CUDA or without cuBLASLt"
+
+
+register_op("fused_linear_act", {"reference": lambda device: True, "triton": _triton_serves},
+            {"cpu": ("reference",), "cuda": ("triton", "reference")})
+# cublaslt: gelu_tanh only (cuBLASLt's GELU epilogues are the tanh form), one input, no
+# token reduction, both biases, float16/bfloat16, hidden width a multiple of 8 (see
+# cublaslt_limitation); never picked by "auto" until it has been benchmarked on a GPU.
+register_op("fused_mlp", {"reference": lambda device: True, "triton": _triton_serves,
+                          "cublaslt": _cublaslt_serves},
+            {"cpu": ("reference",), "cuda": ("triton", "reference")})
 
 
 def activation_reference(z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -169,6 +191,101 @@ def _pick_backend(op, backend, x):
     return chosen
 
 
+def cublaslt_limitation(xs, ws, b1, b2, activation, reduce) -> str | None:
+    """Why the cuBLASLt path cannot compute this fused_mlp call (None if it can)."""
+    if activation != "gelu_tanh":
+        return f"activation: cuBLASLt's GELU epilogue is gelu_tanh, got {activation!r}"
+    if len(xs) != 1 or reduce is not None:
+        return "x: cuBLASLt path takes one input without token reduction"
+    if b1 is None or b2 is None:
+        return "b1, b2: cuBLASLt path needs both biases"
+    if xs[0].dtype not in (torch.float16, torch.bfloat16):
+        return f"x: cuBLASLt path takes float16/bfloat16, got {xs[0].dtype}"
+    if ws[0].shape[0] % 8:
+        return f"w1: cuBLASLt needs a hidden width that is a multiple of 8, got {ws[0].shape[0]}"
+    return None
+
+
+class _CublasLtMLP(torch.autograd.Function):
+    """gelu_tanh MLP on cuBLASLt: GELU_AUX_BIAS forward keeps the pre-activation,
+    DGELU_BGRAD backward gives the hidden gradient and b1's gradient in one GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        hidden, pre = _ext.cublaslt_linear_gelu(x, w1, b1)
+        ctx.save_for_backward(x, w1, pre, w2)
+        return torch.addmm(b2, hidden, w2.t())
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, pre, w2 = ctx.saved_tensors
+        dy = dy.contiguous()
+        dz, db1 = _ext.cublaslt_dgelu_bgrad(dy, w2, pre)
+        need_x, need_w1, _, need_w2, need_b2 = ctx.needs_input_grad
+        # W2's gradient needs the activation, rebuilt elementwise rather than kept from forward
+        dw2 = dy.t() @ F.gelu(pre, approximate="tanh") if need_w2 else None
+        return (dz @ w1 if need_x else None, dz.t() @ x if need_w1 else None, db1, dw2,
+                dy.sum(0) if need_b2 else None)
+
+
+FASTEST: dict[tuple, str] = {}  # shape key -> the backend measured fastest for it
+
+
+def _median_ms(run: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
+    run()  # warm-up: compilation, autotuning
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def fastest_backend(key: tuple, runners: dict[str, Callable[[], None]], device: torch.device) -> str:
+    """The backend whose runner is fastest, measured once per key and then cached;
+    a runner that raises is out of the running (the first one is kept if all do)."""
+    if key not in FASTEST:
+        times = {}
+        for name, run in runners.items():
+            try:
+                times[name] = _median_ms(run, device)
+            except (RuntimeError, ValueError):
+                continue
+        FASTEST[key] = min(times, key=times.get) if times else next(iter(runners))
+    return FASTEST[key]
+
+
+def _trial(backend, xs, w1, b1, w2, b2, activation):
+    """Forward + backward of fused_mlp on detached copies (no effect on the caller's graph)."""
+    def run():
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in (xs[0], w1, b1, w2, b2)]
+            fused_mlp(*leaves, activation, backend=backend).sum().backward()
+    return run
+
+
+def _auto_mlp_backend(xs, ws, b1, w2, b2, activation, reduce, recompute) -> str:
+    """triton, or cublaslt where it can serve the call and was measured faster for the
+    shape (measured only in training calls, where the backward is what gets timed)."""
+    x = xs[0]
+    if (recompute or not torch.is_grad_enabled() or x.device.type != "cuda" or _cublaslt_serves(x.device) is not True
+            or cublaslt_limitation(xs, ws, b1, b2, activation, reduce) is not None
+            or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
+        return "triton"
+    m = x.numel() // x.shape[-1]
+    key = (1 << max(m - 1, 0).bit_length(), x.shape[-1], ws[0].shape[0], w2.shape[0], x.dtype, x.device)
+    runners = {name: _trial(name, xs, ws[0], b1, w2, b2, activation) for name in ("triton", "cublaslt")}
+    return fastest_backend(key, runners, x.device)
+
+
 def _kernel_inputs(xs, reduce):
     """2-D views of the inputs (3-D [B, T, C] under a token reduction) and the output's leading dims."""
     if reduce is not None:
@@ -206,8 +323,20 @@ def fused_mlp(x, w1, b1, w2, b2, activation: str = "gelu", *, reduce: str | None
     if w2.dtype != xs[0].dtype or w2.device != xs[0].device:
         raise ValueError(f"w2: dtype/device must match x ({xs[0].dtype}, {xs[0].device})")
     _check_bias("b2", b2, w2.shape[0], xs[0])
-    if _pick_backend("fused_mlp", backend, xs[0]) == "reference":
+    chosen = _pick_backend("fused_mlp", backend, xs[0])
+    if backend == "auto" and chosen == "triton":
+        chosen = _auto_mlp_backend(xs, ws, b1, w2, b2, activation, reduce, recompute)
+    if chosen == "reference":
         return fused_mlp_reference(xs, ws, b1, w2, b2, activation, reduce=reduce, grid=grid)
+    if chosen == "cublaslt":
+        reason = cublaslt_limitation(xs, ws, b1, b2, activation, reduce)
+        if recompute:
+            reason = "recompute: the cuBLASLt path keeps the pre-activation (GELU_AUX); use backend='triton'"
+        if reason is not None:
+            raise ValueError(reason)
+        x2d = xs[0].reshape(-1, xs[0].shape[-1])
+        out = _CublasLtMLP.apply(x2d, ws[0], b1, w2, b2)
+        return out.view(*xs[0].shape[:-1], out.shape[-1])
     from fastvlm.kernels.fused_linear import ACTIVATIONS as IDS, FirstLayer, FusedMLPFunction
 
     flat, lead = _kernel_inputs(xs, reduce)
