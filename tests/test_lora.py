@@ -10,7 +10,7 @@ from torch import nn
 from fastvlm.train.lora import (LoRALinear, apply_lora, load_adapter, lora_layers, lora_parameter_count, merge,
                                 save_adapter, unmerge)
 
-from lora_models import ALL_PROJ, TinyVLM, randomize_adapters, tiny_llama
+from tests.lora_models import ALL_PROJ, TinyVLM, randomize_adapters, tiny_llama
 
 def test_lora_linear_matches_float64_formula(seed):
     base = nn.Linear(37, 29)

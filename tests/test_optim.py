@@ -6,7 +6,7 @@ from torch import nn
 from fastvlm.train.lora import apply_lora
 from fastvlm.train.optim import build_optimizer, param_groups
 
-from lora_models import TinyVLM
+from tests.lora_models import TinyVLM
 
 LRS = {"connector": 1e-3, "encoder_adapters": 2e-5, "llm_adapters": 2e-4}
 

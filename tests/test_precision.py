@@ -6,7 +6,7 @@ from fastvlm.train.lora import apply_lora, lora_layers
 from fastvlm.train.precision import MixedPrecision
 from fastvlm.train.quant import apply_qlora
 
-from lora_models import TinyVLM
+from tests.lora_models import TinyVLM
 
 # Relative error of one step's update (SGD, so update = -lr * grad) vs the fp32 step.
 # bf16 keeps 8 mantissa bits (2^-8 ~ 4e-3 per rounding), fp16 11; errors compound over

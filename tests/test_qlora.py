@@ -5,7 +5,7 @@ from torch import nn
 
 from fastvlm.train.lora import LoRALinear, lora_layers
 from fastvlm.train.quant import apply_qlora, dequantized_weight, to_nf4
-from lora_models import ALL_PROJ, TinyVLM, tiny_llama
+from tests.lora_models import ALL_PROJ, TinyVLM, tiny_llama
 
 # NF4 has 16 levels per 64-weight block: a gaussian weight's quantization error is
 # ~10% of its scale, which averages down over K products to a few % of the output.
