@@ -11,11 +11,11 @@ for x, A, B) are timed separately; outputs are checked against each other first.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,6 +23,9 @@ if not torch.cuda.is_available():  # the interpreter must be on before Triton ke
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastvlm.train.lora import LoRALinear  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, print_header, save_results  # noqa: E402
 
 # (tokens, in, out, r): attention and MLP projections of a 7B LLM, a ViT-L block
 GPU_SHAPES = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 11008, 16),
@@ -104,7 +107,7 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shape, Triton interpreter, fp32")
     ap.add_argument("--reps", type=int, default=100)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "_local"))
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = ap.parse_args(argv)
     if args.smoke:
         device, dtype, shapes, reps = "cpu", torch.float32, SMOKE_SHAPES, min(args.reps, 3)
@@ -112,16 +115,14 @@ def main(argv=None) -> list[dict]:
         device, dtype, shapes, reps = "cuda", torch.bfloat16, GPU_SHAPES, args.reps
     else:
         ap.error("needs a CUDA GPU; use --smoke on CPU")
+    env = environment(device)
+    print_header("fused LoRA linear vs PEFT (bench_lora.py)" + (" -- SMOKE, interpreter: not a speed test"
+                                                               if args.smoke else ""), env)
     rows = [row for shape in shapes for row in case(*shape, device, dtype, reps)]
-    dev = torch.cuda.get_device_name().replace(" ", "-") if device == "cuda" else "cpu-interpreter"
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"lora_{datetime.date.today()}_{dev}{'_smoke' if args.smoke else ''}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"device": dev, "torch": torch.__version__, "rows": rows}, f, indent=2)
     table = markdown(rows)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
     print(table)
+    if args.out or not args.smoke:
+        save_results("bench_lora", env, {"benchmark": "bench_lora", "env": env, "rows": rows}, table, args.out)
     return rows
 
 

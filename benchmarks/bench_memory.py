@@ -25,11 +25,10 @@ QLoRA's targeted LLM Linears NF4 with double quantization; AdamW 8 B/param (+ a
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
+import sys
 import weakref
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,6 +40,9 @@ from fastvlm.train.lora import apply_lora
 from fastvlm.train.optim import build_optimizer
 from fastvlm.train.precision import MixedPrecision
 from fastvlm.train.quant import NF4_BLOCKSIZE, apply_qlora
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, print_header, save_results  # noqa: E402
 
 LLM_TARGETS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 NF4_CODE_BYTES = 16 * 4 + 256 * 4 + 4  # per tensor: NF4 code, nested 8-bit code, nested offset (fp32)
@@ -301,19 +303,18 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--small", action="store_true", help="tiny measured shape, no 7B rows (the test)")
     ap.add_argument("--rank", type=int, default=128, help="LoRA rank (LLaVA-1.5's LoRA recipe: 128)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "_local"))
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = ap.parse_args(argv)
+    env = environment(args.device)
+    print_header("training memory: full vs LoRA vs QLoRA (bench_memory.py)", env)
     rows = run(args.small, args.rank, args.device)
-    os.makedirs(args.out, exist_ok=True)
-    dev = torch.cuda.get_device_name().replace(" ", "-") if args.device == "cuda" else "cpu"
-    stem = os.path.join(args.out, f"memory_{datetime.date.today()}_{dev}{'_small' if args.small else ''}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"rank": args.rank, "shapes": {"llava-1.5-7b": asdict(LLAVA_7B), "small": asdict(SMALL),
-                                                 "tiny": asdict(TINY)}, "rows": rows}, f, indent=2)
     table = markdown(rows)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
     print(table)
+    payload = {"benchmark": "bench_memory", "env": env, "rank": args.rank,
+               "shapes": {"llava-1.5-7b": asdict(LLAVA_7B), "small": asdict(SMALL), "tiny": asdict(TINY)},
+               "rows": rows}
+    if args.out or not args.small:
+        save_results("bench_memory", env, payload, table, args.out)
     return rows
 
 
