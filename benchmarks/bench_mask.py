@@ -40,12 +40,17 @@ def bench(sizes, kinds, device, repeats, flex_max_n):
                                                   repeats, device=device)
             if n <= flex_max_n:
                 mm = layout.flex_mask_mod()
-                row["flex_s"] = median_time(
-                    lambda: create_block_mask(mm, 1, None, n, n, device=device, BLOCK_SIZE=BLOCK),
-                    1 if n > 8192 else repeats, warmup=0 if n > 8192 else 1, device=device)
+                try:
+                    row["flex_s"] = median_time(
+                        lambda: create_block_mask(mm, 1, None, n, n, device=device, BLOCK_SIZE=BLOCK),
+                        1 if n > 8192 else repeats, warmup=0 if n > 8192 else 1, device=device)
+                except (RuntimeError, torch.OutOfMemoryError) as exc:  # it materialises N x N values
+                    if "allocate" not in str(exc) and not isinstance(exc, torch.OutOfMemoryError):
+                        raise
+                    row["flex_error"] = "out of memory: " + str(exc).split("you tried to allocate")[-1].split(".")[0]
             rows.append(row)
             compiled = row.get("cpp_s", row.get("cuda_s"))
-            flex = f"{row['flex_s'] * 1e3:.1f}" if "flex_s" in row else "not run"
+            flex = f"{row['flex_s'] * 1e3:.1f}" if "flex_s" in row else row.get("flex_error", "not run")
             print(f"  N={n:6d} {kind:20s} compiled {compiled * 1e3:8.3f} ms  reference "
                   f"{row['reference_s'] * 1e3:8.2f} ms  flex {flex} ms", flush=True)
     return rows
@@ -70,7 +75,8 @@ def main(argv=None):
         c = r[f"{compiled}_s"]
         flex = r.get("flex_s")
         table.append([r["N"], r["kind"], f"{c * 1e3:.3f}", f"{r['reference_s'] * 1e3:.2f}",
-                      f"{flex * 1e3:.1f}" if flex else "not run", f"{flex / c:.0f}x" if flex else "-",
+                      f"{flex * 1e3:.1f}" if flex else r.get("flex_error", "not run"),
+                      f"{flex / c:.0f}x" if flex else "-",
                       f"{r['layout_bytes'] / 2**10:.0f} KiB", f"{r['block_map_bytes'] / 2**10:.0f} KiB",
                       f"{r['dense_mask_bytes'] / 2**20:.0f} MiB"])
     md = markdown_table([f"N", "kind", f"{compiled} ms", "reference ms", "flex create_block_mask ms",
