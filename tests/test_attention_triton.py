@@ -93,8 +93,9 @@ def check_against_reference(layout, q, k, v, dout, results, tol):
     assert (out.transpose(1, 2)[dead] == 0).all() and (dq.transpose(1, 2)[dead] == 0).all()
 
 
-# (batch, q heads, kv heads, N, head_dim, dtype): GQA, odd N, non-power-of-two head_dim
-SHAPES = [(2, 4, 2, 77, 64, torch.float32), (1, 2, 1, 100, 80, torch.float16),
+# (batch, q heads, kv heads, N, head_dim, dtype): GQA, odd N and N filling its blocks (96),
+# non-power-of-two head_dim
+SHAPES = [(2, 4, 2, 77, 64, torch.float32), (1, 2, 1, 96, 80, torch.float16),
           (1, 2, 2, 45, 128, torch.float32), (2, 3, 1, 129, 32, torch.float16)]
 
 

@@ -47,10 +47,11 @@ def _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N,
 
 
 @triton.jit
-def _online_softmax_step(m, l, acc, s, ok, v, PRECISION: tl.constexpr):
+def _online_softmax_step(m, l, acc, s, ok, v, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """One kv tile of a flash-style online softmax (log2 units); masked-out
     rows stay at m = -inf, l = 0 without producing NaN."""
-    s = tl.where(ok, s, float("-inf"))
+    if MASKED:
+        s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m - m_safe)
@@ -77,7 +78,7 @@ def _load_lse(lse_base, offs_m, N):
 @triton.jit
 def _fwd_tile(q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base, N, D,
               qk_scale, m0, l0, acc0, m1, l1, acc1,
-              IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr,
+              IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, D)
@@ -87,10 +88,11 @@ def _fwd_tile(q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, i
     ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, IS_MMCA)
     if SPLIT:
         key_is_image = img_k[None, :] != 0
-        m0, l0, acc0 = _online_softmax_step(m0, l0, acc0, s, ok & ~key_is_image, v, PRECISION)
-        m1, l1, acc1 = _online_softmax_step(m1, l1, acc1, s, ok & key_is_image, v, PRECISION)
+        m0, l0, acc0 = _online_softmax_step(m0, l0, acc0, s, ok & ~key_is_image, v, True, PRECISION)
+        m1, l1, acc1 = _online_softmax_step(m1, l1, acc1, s, ok & key_is_image, v, True, PRECISION)
     else:
-        m0, l0, acc0 = _online_softmax_step(m0, l0, acc0, s, ok, v, PRECISION)
+        # a full tile of an N that fills its kv blocks needs no mask at all
+        m0, l0, acc0 = _online_softmax_step(m0, l0, acc0, s, ok, v, not (IS_FULL and EVEN_N), PRECISION)
     return m0, l0, acc0, m1, l1, acc1
 
 
@@ -108,7 +110,7 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
               stride_ob, stride_oh, stride_on, stride_rbr, stride_rb, stride_rh, stride_rn, stride_lse,
               H, GROUP, N, D, TQ, TK, qk_scale,
-              IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+              IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -134,12 +136,12 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG,
         kb = tl.load(KV_IDX + lists * TK + i)
         m0, l0, acc0, m1, l1, acc1 = _fwd_tile(
             q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base, N, D,
-            qk_scale, m0, l0, acc0, m1, l1, acc1, False, IS_MMCA, SPLIT, BLOCK_N, PRECISION)
+            qk_scale, m0, l0, acc0, m1, l1, acc1, False, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
     for i in range(tl.load(FULL_KV_NUM + lists)):
         kb = tl.load(FULL_KV_IDX + lists * TK + i)
         m0, l0, acc0, m1, l1, acc1 = _fwd_tile(
             q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base, N, D,
-            qk_scale, m0, l0, acc0, m1, l1, acc1, True, IS_MMCA, SPLIT, BLOCK_N, PRECISION)
+            qk_scale, m0, l0, acc0, m1, l1, acc1, True, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
 
     row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     lse_ptrs = LSE + bh * N + offs_m
@@ -176,7 +178,7 @@ def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_obr,
 
 
 @triton.jit
-def _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT: tl.constexpr):
+def _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT: tl.constexpr, MASKED: tl.constexpr):
     """P and dS of one tile (dS without the softmax scale), summed over the branches."""
     if SPLIT:
         key_is_image = img_k[None, :] != 0
@@ -185,7 +187,9 @@ def _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT: tl.constexpr):
         ds = p0 * (dp - delta0[:, None]) + p1 * (dp - delta1[:, None])
         p = p0 + p1
     else:
-        p = tl.where(ok, tl.math.exp2(s - lse0[:, None]), 0.0)
+        p = tl.math.exp2(s - lse0[:, None])
+        if MASKED:
+            p = tl.where(ok, p, 0.0)
         ds = p * (dp - delta0[:, None])
     return p, ds
 
@@ -193,7 +197,7 @@ def _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT: tl.constexpr):
 @triton.jit
 def _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base,
              N, D, qk_scale, lse0, delta0, lse1, delta1,
-             IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr,
+             IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, D)
@@ -202,7 +206,7 @@ def _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, i
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, IS_MMCA)
-    p, ds = _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT)
+    p, ds = _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT, not (IS_FULL and EVEN_N))
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
@@ -212,7 +216,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                  stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_lse,
                  H, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
-                 IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -241,12 +245,12 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
         kb = tl.load(KV_IDX + lists * TK + i)
         dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q,
                       img_base, N, D, qk_scale, lse0, delta0, lse1, delta1,
-                      False, IS_MMCA, SPLIT, BLOCK_N, PRECISION)
+                      False, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
     for i in range(tl.load(FULL_KV_NUM + lists)):
         kb = tl.load(FULL_KV_IDX + lists * TK + i)
         dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q,
                       img_base, N, D, qk_scale, lse0, delta0, lse1, delta1,
-                      True, IS_MMCA, SPLIT, BLOCK_N, PRECISION)
+                      True, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
     mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
     tl.store(ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
@@ -255,7 +259,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
 @triton.jit
 def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
                stride_lse, lo_base, hi_base, img_base, offs_n, offs_d, img_k, N, D, qk_scale,
-               IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr,
+               IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, D)
@@ -272,7 +276,7 @@ def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don, lse_bas
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, IS_MMCA)
-    p, ds = _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT)
+    p, ds = _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT, not (IS_FULL and EVEN_N))
     dv = dv + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
     dk = dk + tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     return dk, dv
@@ -284,7 +288,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, IMG,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_lse,
                    H, HKV, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
-                   IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                   IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -311,13 +315,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, IMG,
             dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don,
                                 lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
                                 offs_n, offs_d, img_k, N, D, qk_scale,
-                                False, IS_MMCA, SPLIT, BLOCK_M, PRECISION)
+                                False, IS_MMCA, SPLIT, EVEN_N, BLOCK_M, PRECISION)
         for i in range(n_full):
             qb = tl.load(FULL_Q_IDX + lists * TQ + i)
             dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don,
                                 lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
                                 offs_n, offs_d, img_k, N, D, qk_scale,
-                                True, IS_MMCA, SPLIT, BLOCK_M, PRECISION)
+                                True, IS_MMCA, SPLIT, EVEN_N, BLOCK_M, PRECISION)
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     ptrs = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
@@ -402,7 +406,7 @@ def attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, fu
         out.stride(0), out.stride(1), out.stride(2), obr.stride(0), obr.stride(1), obr.stride(2),
         obr.stride(3), b * h * n,
         h, h // hkv, n, d, tq, tk, scale * LOG2E,
-        IS_MMCA=kind == MMCA, SPLIT=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        IS_MMCA=kind == MMCA, SPLIT=split, EVEN_N=n % cfg.block_n == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, obr, lse
@@ -429,7 +433,7 @@ def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, k
         dout.stride(0), dout.stride(1), dout.stride(2), h, n, d, BLOCK_M=64, BLOCK_D=block_d)
     tq, tk = kv_num.shape[1], kv_idx.shape[2]
     img = is_image.view(torch.uint8)
-    common = dict(IS_MMCA=kind == MMCA, SPLIT=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+    common = dict(IS_MMCA=kind == MMCA, SPLIT=split, EVEN_N=n % cfg.block_n == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                   BLOCK_D=block_d, PRECISION=_precision(q.dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
