@@ -220,7 +220,8 @@ def test_custom_op_passes_opcheck(seed):
             layout.is_image, *bm.tensors, layout.kind_code, True, 0.2, cfg.block_m, cfg.block_n,
             cfg.num_warps, cfg.num_stages)
     torch.library.opcheck(torch.ops.fastvlm.mm_attention_fwd.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
 
 
 def test_compiles_without_graph_break(seed):
