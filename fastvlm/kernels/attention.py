@@ -338,12 +338,13 @@ class TileConfig:
 
 
 INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
-# (compute capability major, head_dim <= bound) -> config; first match wins. Forward and
-# backward share one block map, hence one (block_m, block_n).
-_GPU_CONFIGS = {
-    9: ((64, TileConfig(128, 64, 4, 3)), (128, TileConfig(128, 64, 8, 3)), (256, TileConfig(64, 32, 4, 2))),
-    8: ((64, TileConfig(128, 64, 4, 3)), (128, TileConfig(64, 64, 4, 3)), (256, TileConfig(64, 32, 4, 2))),
-}
+# compute capability -> ((head_dim <= bound, config), ...), first match wins. Forward
+# and backward share one block map, hence one (block_m, block_n). Sized for the shared
+# memory of A100 (sm80, 164 KiB) and H100/B200 (sm90/sm100, 227 KiB); other parts (sm86/89,
+# sm120: ~100 KiB) get the small fallback. Not yet tuned by measurement.
+_SM80 = ((64, TileConfig(128, 64, 4, 3)), (128, TileConfig(64, 64, 4, 3)), (256, TileConfig(64, 32, 4, 2)))
+_SM90 = ((64, TileConfig(128, 64, 4, 3)), (128, TileConfig(128, 64, 8, 3)), (256, TileConfig(64, 32, 4, 2)))
+_GPU_CONFIGS = {(8, 0): _SM80, (9, 0): _SM90, (10, 0): _SM90}
 _FALLBACK_CONFIGS = ((64, TileConfig(64, 64, 4, 2)), (128, TileConfig(64, 32, 4, 2)),
                      (256, TileConfig(32, 32, 4, 1)))
 
@@ -356,8 +357,7 @@ def pick_config(device: torch.device, head_dim: int) -> TileConfig:
     """Tile sizes for this GPU generation and head_dim (the block map is built at them)."""
     if device.type != "cuda" or INTERPRETED:
         return INTERPRETER_CONFIG
-    major = torch.cuda.get_device_capability(device)[0]
-    table = _GPU_CONFIGS.get(min(major, 9) if major >= 8 else -1, _FALLBACK_CONFIGS)
+    table = _GPU_CONFIGS.get(torch.cuda.get_device_capability(device), _FALLBACK_CONFIGS)
     return next(cfg for bound, cfg in table if head_dim <= bound)
 
 
@@ -435,7 +435,8 @@ def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, k
     img = is_image.view(torch.uint8)
     common = dict(IS_MMCA=kind == MMCA, SPLIT=split, EVEN_N=n % cfg.block_n == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                   BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  # backward loops stage q and dO tiles (twice the forward's bytes): at most 2 stages
+                  num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, 2))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                dout.stride(0), dout.stride(1), dout.stride(2))
     _attn_bwd_dq[(tq, b * h)](
