@@ -122,36 +122,39 @@ def test_public_op_autograd_matches_launchers(seed):
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the poisoned rows themselves, in the interpreter
-def test_empty_tiles_are_never_visited(seed):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_empty_tiles_are_never_visited(device, seed):
     """NaN in every k/v row that only empty tiles of a query block touch (and in every q/dO
     row that only empty tiles of a kv block touch) must not reach that block's results."""
-    cfg = kernels.INTERPRETER_CONFIG
-    n, d = 150, 32
-    layout = AttentionLayout.from_lengths([[70, 80]], n, image_spans=[[(10, 30), (90, 40)]],
-                                          kind="mmca")
-    classes = layout.block_map(cfg.block_m, cfg.block_n).tile_classes()[0]
-    q, k, v, dout = make_inputs(1, 1, 1, n, d, torch.float32)
-    clean = run_kernels(q, k, v, dout, layout, d ** -0.5)
-    tq, tk = classes.shape
-    for qb in (tq - 1, 1):  # one query block per segment
-        assert (classes[qb] == 0).any() and (classes[qb] > 0).any()
-        keys = torch.cat([torch.arange(kb * cfg.block_n, min(n, (kb + 1) * cfg.block_n))
-                          for kb in range(tk) if classes[qb, kb] == 0])
+    d = 32
+    cfg = kernels.pick_config(torch.device(device), d)
+    x = cfg.block_m // 16  # the same geometry in tiles at the GPU's tile size
+    n = 150 * x
+    layout = AttentionLayout.from_lengths([[70 * x, 80 * x]], n, kind="mmca", device=device,
+                                          image_spans=[[(10 * x, 30 * x), (90 * x, 40 * x)]])
+    classes = layout.block_map(cfg.block_m, cfg.block_n).tile_classes()[0].cpu()
+    q, k, v, dout = make_inputs(1, 1, 1, n, d, torch.float32, device)
+    clean = run_kernels(q, k, v, dout, layout, d ** -0.5, cfg)
+    mixed_q = [qb for qb in range(classes.shape[0]) if (classes[qb] == 0).any() and (classes[qb] > 0).any()]
+    mixed_k = [kb for kb in range(classes.shape[1])
+               if (classes[:, kb] == 0).any() and (classes[:, kb] > 0).any()]
+    assert len(mixed_q) >= 2 and len(mixed_k) >= 2
+    block_rows = lambda blk, size: torch.arange(blk * size, min(n, (blk + 1) * size))  # noqa: E731
+    for qb in (mixed_q[0], mixed_q[-1]):
+        keys = torch.cat([block_rows(kb, cfg.block_n) for kb in range(classes.shape[1]) if classes[qb, kb] == 0])
         k2, v2 = k.clone(), v.clone()
-        k2[:, :, keys] = float("nan")
-        v2[:, :, keys] = float("nan")
-        out, dq, _, _ = run_kernels(q, k2, v2, dout, layout, d ** -0.5)
+        k2[:, :, keys.to(device)] = float("nan")
+        v2[:, :, keys.to(device)] = float("nan")
+        out, dq, _, _ = run_kernels(q, k2, v2, dout, layout, d ** -0.5, cfg)
         rows = slice(qb * cfg.block_m, (qb + 1) * cfg.block_m)
         assert torch.equal(out[:, :, rows], clean[0][:, :, rows])
         assert torch.equal(dq[:, :, rows], clean[1][:, :, rows])
-    for kb in (0, tk - 1):
-        assert (classes[:, kb] == 0).any() and (classes[:, kb] > 0).any()
-        queries = torch.cat([torch.arange(qb * cfg.block_m, min(n, (qb + 1) * cfg.block_m))
-                             for qb in range(tq) if classes[qb, kb] == 0])
+    for kb in (mixed_k[0], mixed_k[-1]):
+        queries = torch.cat([block_rows(qb, cfg.block_m) for qb in range(classes.shape[0]) if classes[qb, kb] == 0])
         q2, do2 = q.clone(), dout.clone()
-        q2[:, :, queries] = float("nan")
-        do2[:, :, queries] = float("nan")
-        _, _, dk, dv = run_kernels(q2, k, v, do2, layout, d ** -0.5)
+        q2[:, :, queries.to(device)] = float("nan")
+        do2[:, :, queries.to(device)] = float("nan")
+        _, _, dk, dv = run_kernels(q2, k, v, do2, layout, d ** -0.5, cfg)
         cols = slice(kb * cfg.block_n, (kb + 1) * cfg.block_n)
         assert torch.equal(dk[:, :, cols], clean[2][:, :, cols])
         assert torch.equal(dv[:, :, cols], clean[3][:, :, cols])
@@ -253,6 +256,16 @@ def test_gpu_bf16_matches_reference(kind, split, shape, seed):
     results = run_kernels(q, k, v, dout, layout, d ** -0.5, cfg)
     # the float64 dense reference at N = 16k, 2 heads needs ~40 GiB: sized for an 80 GiB GPU
     check_against_reference(layout, q, k, v, dout, results, TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic(seed):
+    """No atomics: GQA gradients summed inside one program give bitwise-equal reruns."""
+    layout = random_layout("image_bidirectional", False, 2, 3000, seed, device="cuda")
+    q, k, v, dout = make_inputs(2, 8, 2, 3000, 128, torch.bfloat16, device="cuda")
+    cfg = kernels.pick_config(q.device, 128)
+    first, second = (run_kernels(q, k, v, dout, layout, 128 ** -0.5, cfg) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 @pytest.mark.gpu
