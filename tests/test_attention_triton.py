@@ -112,8 +112,10 @@ def test_kernels_match_reference(kind, split, shape, seed):
 def test_public_op_autograd_matches_launchers(seed):
     layout = random_layout("mmca", True, 2, 70, seed)
     q, k, v, dout = make_inputs(2, 4, 2, 70, 64, torch.float32)
+    k = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # head_dim not unit-stride: copied once
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = multimodal_attention(*leaves, layout, backend="triton", scale=0.1)
+    assert out.stride() == q.stride()
     out.backward(dout)
     got = (out.detach(), *(t.grad for t in leaves))
     want = reference_grads(q, k, v, dout, layout, 0.1)
