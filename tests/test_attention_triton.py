@@ -96,7 +96,8 @@ def check_against_reference(layout, q, k, v, dout, results, tol):
 # (batch, q heads, kv heads, N, head_dim, dtype): GQA, odd N and N filling its blocks (96),
 # non-power-of-two head_dim
 SHAPES = [(2, 4, 2, 77, 64, torch.float32), (1, 2, 1, 96, 80, torch.float16),
-          (1, 2, 2, 45, 128, torch.float32), (2, 3, 1, 129, 32, torch.float16)]
+          (1, 2, 2, 45, 128, torch.float32), (2, 3, 1, 129, 32, torch.float16),
+          (1, 2, 1, 40, 256, torch.float16)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}D{s[4]}-{s[5]}".replace("torch.", ""))
