@@ -375,7 +375,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _same_strides(q, k, v):
+def kernel_inputs(q, k, v):
     """k and v share one set of strides in the kernels (true for views of one packed qkv too)."""
     q, k, v = _rows(q), _rows(k), _rows(v)
     if k.stride() != v.stride():
@@ -390,7 +390,7 @@ def attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, fu
     q [B, H, N, D], k/v [B, Hkv, N, D], any strides with unit stride on D; out
     is allocated like q (same strides) unless given.
     """
-    q, k, v = _same_strides(q, k, v)
+    q, k, v = kernel_inputs(q, k, v)
     b, h, n, d = q.shape
     hkv = k.shape[1]
     out = torch.empty_like(q) if out is None else out
@@ -406,8 +406,8 @@ def attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, fu
         out.stride(0), out.stride(1), out.stride(2), obr.stride(0), obr.stride(1), obr.stride(2),
         obr.stride(3), b * h * n,
         h, h // hkv, n, d, tq, tk, scale * LOG2E,
-        IS_MMCA=kind == MMCA, SPLIT=split, EVEN_N=n % cfg.block_n == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype),
+        IS_MMCA=kind == MMCA, SPLIT=split, EVEN_N=n % cfg.block_n == 0, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, obr, lse
 
@@ -416,7 +416,7 @@ def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, k
                        full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, *, kind: int, split: bool,
                        scale: float, cfg: TileConfig, grads=None):
     """Returns (dq, dk, dv); grads, if given, are the preallocated output tensors."""
-    q, k, v = _same_strides(q, k, v)
+    q, k, v = kernel_inputs(q, k, v)
     dout = _rows(dout)
     b, h, n, d = q.shape
     hkv = k.shape[1]
@@ -433,8 +433,8 @@ def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, k
         dout.stride(0), dout.stride(1), dout.stride(2), h, n, d, BLOCK_M=64, BLOCK_D=block_d)
     tq, tk = kv_num.shape[1], kv_idx.shape[2]
     img = is_image.view(torch.uint8)
-    common = dict(IS_MMCA=kind == MMCA, SPLIT=split, EVEN_N=n % cfg.block_n == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+    common = dict(IS_MMCA=kind == MMCA, SPLIT=split, EVEN_N=n % cfg.block_n == 0, BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
                   # backward loops stage q and dO tiles (twice the forward's bytes): at most 2 stages
                   num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, 2))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

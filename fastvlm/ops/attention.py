@@ -125,8 +125,8 @@ def multimodal_attention_varlen(q, k, v, cu_seqlens, *, image_ids=None, prefix_m
 def _triton_attention(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tensor:
     cfg = _kernels.pick_config(q.device, q.shape[-1])
     bm = layout.block_map(cfg.block_m, cfg.block_n)  # the map must match the kernel's tiles
-    # unit stride along head_dim here, so the fake impl's empty_like(q) has the real strides
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # strides the kernels take, fixed here so the fake impls' empty_like match the real outputs
+    q, k, v = _kernels.kernel_inputs(q, k, v)
     out, _, _ = torch.ops.fastvlm.mm_attention_fwd(
         q, k, v, layout.lo, layout.hi, layout.is_image, *bm.tensors, layout.kind_code,
         layout.split_softmax, scale, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
