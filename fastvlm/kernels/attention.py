@@ -359,7 +359,11 @@ def pick_config(device: torch.device, head_dim: int) -> TileConfig:
     """Tile sizes for this GPU generation and head_dim (the block map is built at them)."""
     if device.type != "cuda" or INTERPRETED:
         return INTERPRETER_CONFIG
-    table = _GPU_CONFIGS.get(torch.cuda.get_device_capability(device), _FALLBACK_CONFIGS)
+    return gpu_config(torch.cuda.get_device_capability(device), head_dim)
+
+
+def gpu_config(capability: tuple[int, int], head_dim: int) -> TileConfig:
+    table = _GPU_CONFIGS.get(tuple(capability), _FALLBACK_CONFIGS)
     return next(cfg for bound, cfg in table if head_dim <= bound)
 
 
