@@ -341,7 +341,7 @@ INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
 # compute capability -> ((head_dim <= bound, config), ...), first match wins. Forward
 # and backward share one block map, hence one (block_m, block_n). Chosen without a GPU,
 # from ptxas register-spill reports of all three kernels (plain and split) compiled for
-# sm80/sm90 (scripts in the report of issue 3), within A100's 164 KiB and H100's 227 KiB
+# sm80/sm90 (benchmarks/attention_resources.py), within A100's 164 KiB and H100's 227 KiB
 # of shared memory; not yet tuned by timing. Other parts (sm86/89, sm120: ~100 KiB) get
 # the small fallback.
 _SM80_SM90 = ((64, TileConfig(64, 64, 4, 3)), (128, TileConfig(64, 64, 8, 3)),
