@@ -20,8 +20,30 @@ import torch
 from fastvlm.ops._backend import register_op, resolve_backend
 from fastvlm.ops.layout import AttentionLayout, BlockMap
 
-register_op("multimodal_attention", {"reference": lambda device: True},
-            {"cpu": ("reference",), "cuda": ("reference",)})
+try:
+    from fastvlm.kernels import attention as _kernels
+
+    _kernel_import_error: str | None = None
+except ImportError as exc:  # triton missing: the reference still serves
+    _kernels = None
+    _kernel_import_error = f"{type(exc).__name__}: {exc}"
+
+
+def _triton_available(device: torch.device):
+    if _kernels is None:
+        return f"triton is not importable ({_kernel_import_error})"
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        # triton decides interpreter vs compiler when the kernels are defined, at import
+        return True if _kernels.INTERPRETED else (
+            "Triton kernels run on CPU tensors only in the interpreter: set TRITON_INTERPRET=1 "
+            "in the environment before importing fastvlm (tests only; it is not fast)")
+    return f"no Triton kernels for device type {device.type!r}"
+
+
+register_op("multimodal_attention", {"triton": _triton_available, "reference": lambda device: True},
+            {"cpu": ("reference",), "cuda": ("triton", "reference")})
 DENSE_MAX_ELEMENTS = 1 << 24  # B*Hq*N*N scores above which the reference goes blockwise
 REFERENCE_BLOCK = 128
 REFERENCE_KV_CHUNK = 8  # kv blocks per online-softmax step
@@ -60,11 +82,55 @@ def check_attention_inputs(q, k, v, layout: AttentionLayout):
 
 def multimodal_attention(q, k, v, layout: AttentionLayout, *, scale: float | None = None,
                          backend: str = "auto") -> torch.Tensor:
-    """softmax(q kᵀ · scale, masked by `layout`) v, per head; returns q's shape and dtype."""
+    """softmax(q kᵀ · scale, masked by `layout`) v, per head; returns q's shape and dtype.
+
+    backend: ``auto`` (Triton on CUDA, reference on CPU), ``triton`` (on CPU
+    only under TRITON_INTERPRET=1) or ``reference``. Both are deterministic:
+    the Triton backward uses no atomics (each dK/dV program sums its GQA group).
+    """
     check_attention_inputs(q, k, v, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    resolve_backend("multimodal_attention", backend, q.device)
+    if resolve_backend("multimodal_attention", backend, q.device) == "triton":
+        return _triton_attention(q, k, v, layout, scale)
     return attention_reference(q, k, v, layout, scale=scale)
+
+
+def multimodal_attention_varlen(q, k, v, cu_seqlens, *, image_ids=None, prefix_mask=None,
+                                kind: str = "causal", split_softmax: bool = False,
+                                scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Packed samples without padding, like flash-attn's varlen API.
+
+    q: [T, Hq, D], k/v: [T, Hkv, D]; cu_seqlens: int [num_samples + 1], from 0
+    to T; image_ids / prefix_mask: [T] per-token metadata (see AttentionLayout).
+    Returns [T, Hq, D]. The kernels run on a [1, H, T, D] view (no copy).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name}: expected a tensor of shape [T, H, D], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    total = q.shape[0]
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+        raise ValueError("cu_seqlens: expected a 1-D integer tensor [num_samples + 1]")
+    if cu_seqlens.numel() < 2 or int(cu_seqlens[-1]) != total:
+        raise ValueError(f"cu_seqlens: expected at least one sample and cu_seqlens[-1] == T = {total}, "
+                         f"got {cu_seqlens.tolist()}")
+    layout = AttentionLayout.from_cu_seqlens(cu_seqlens.to(q.device), total, image_ids=image_ids,
+                                             prefix_mask=prefix_mask, kind=kind,
+                                             split_softmax=split_softmax)
+    out = multimodal_attention(*(t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)), layout,
+                               scale=scale, backend=backend)
+    return out.transpose(1, 2).squeeze(0)
+
+
+def _triton_attention(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tensor:
+    cfg = _kernels.pick_config(q.device, q.shape[-1])
+    bm = layout.block_map(cfg.block_m, cfg.block_n)  # the map must match the kernel's tiles
+    # strides the kernels take, fixed here so the fake impls' empty_like match the real outputs
+    q, k, v = _kernels.kernel_inputs(q, k, v)
+    out, _, _ = torch.ops.fastvlm.mm_attention_fwd(
+        q, k, v, layout.lo, layout.hi, layout.is_image, *bm.tensors, layout.kind_code,
+        layout.split_softmax, scale, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+    return out
 
 
 def attention_reference(q, k, v, layout: AttentionLayout, *, scale: float | None = None,
@@ -230,3 +296,60 @@ class _BlockwiseAttention(torch.autograd.Function):
                     dk[b, :, cols] += (dk_t * scale).view(hkv, group, len(cols), d).sum(1)
                     dv[b, :, cols] += dv_t.view(hkv, group, len(cols), d).sum(1)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+# ---- torch.library custom ops (torch.compile traces them without a graph break) ---------------
+# The layout's per-token metadata and the block-map lists are tensor inputs; the tile
+# sizes the map was built at travel with them as ints.
+
+
+if _kernels is not None:
+    @torch.library.custom_op("fastvlm::mm_attention_fwd", mutates_args=())
+    def _mm_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor,
+                          hi: torch.Tensor, is_image: torch.Tensor, kv_num: torch.Tensor,
+                          kv_idx: torch.Tensor, full_kv_num: torch.Tensor, full_kv_idx: torch.Tensor,
+                          q_num: torch.Tensor, q_idx: torch.Tensor, full_q_num: torch.Tensor,
+                          full_q_idx: torch.Tensor, kind: int, split: bool, scale: float,
+                          block_m: int, block_n: int, num_warps: int, num_stages: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(out, branch outputs [2 or 0, B, H, N, D], lse [branches, B, H, N] in log2 units)."""
+        cfg = _kernels.TileConfig(block_m, block_n, num_warps, num_stages)
+        return _kernels.attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num,
+                                          full_kv_idx, kind=kind, split=split, scale=scale, cfg=cfg)
+
+    @_mm_attention_fwd.register_fake
+    def _(q, k, v, lo, hi, is_image, *rest):
+        split = rest[9]
+        b, h, n, d = q.shape
+        return (torch.empty_like(q), q.new_empty((2 if split else 0, b, h, n, d)),
+                q.new_empty((2 if split else 1, b, h, n), dtype=torch.float32))
+
+    @torch.library.custom_op("fastvlm::mm_attention_bwd", mutates_args=())
+    def _mm_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          out: torch.Tensor, obr: torch.Tensor, lse: torch.Tensor, lo: torch.Tensor,
+                          hi: torch.Tensor, is_image: torch.Tensor, kv_num: torch.Tensor,
+                          kv_idx: torch.Tensor, full_kv_num: torch.Tensor, full_kv_idx: torch.Tensor,
+                          q_num: torch.Tensor, q_idx: torch.Tensor, full_q_num: torch.Tensor,
+                          full_q_idx: torch.Tensor, kind: int, split: bool, scale: float,
+                          block_m: int, block_n: int, num_warps: int, num_stages: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = _kernels.TileConfig(block_m, block_n, num_warps, num_stages)
+        return _kernels.attention_backward(
+            dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx,
+            q_num, q_idx, full_q_num, full_q_idx, kind=kind, split=split, scale=scale, cfg=cfg)
+
+    @_mm_attention_bwd.register_fake
+    def _(dout, q, k, v, *rest):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def _setup_fwd_context(ctx, inputs, output):
+        q, k, v, lo, hi, is_image, *block_map = inputs[:14]
+        out, obr, lse = output
+        ctx.save_for_backward(q, k, v, out, obr, lse, lo, hi, is_image, *block_map)
+        ctx.params = inputs[14:]
+
+    def _fwd_backward(ctx, dout, _dobr, _dlse):
+        dq, dk, dv = torch.ops.fastvlm.mm_attention_bwd(dout, *ctx.saved_tensors, *ctx.params)
+        return (dq, dk, dv) + (None,) * 18
+
+    _mm_attention_fwd.register_autograd(_fwd_backward, setup_context=_setup_fwd_context)

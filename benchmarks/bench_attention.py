@@ -1,0 +1,503 @@
+"""Multimodal attention: fastvlm's Triton kernel vs SDPA, FlexAttention, flash-attn, xformers.
+
+    python benchmarks/bench_attention.py                 # CUDA: the full table
+    python benchmarks/bench_attention.py --smoke         # CPU, tiny, Triton interpreter
+    python benchmarks/bench_attention.py --n 8192 --head-dims 128 --kinds mmca image_bidirectional
+                                                         # the issue's target cases only (the full
+                                                         # grid takes tens of minutes: flex compiles)
+
+Per (layout, kind, N, head_dim): median ms (CUDA events) of forward and
+forward+backward, TFLOP/s counted on allowed (query, key) pairs only, ratio
+of each baseline's time to fastvlm's, and peak memory of one fwd+bwd.
+FlexAttention's block-mask construction and fastvlm's layout + block-map
+construction are timed separately. A training-loop scenario runs 50
+consecutive batches whose lengths and image layouts all differ, end to end
+(metadata, masks, compilation, fwd+bwd), against FlexAttention compiled with
+dynamic=False and dynamic=True. Writes a markdown table, JSON and a PNG plot
+under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # the interpreter must be on before triton kernels are defined
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastvlm.kernels import attention as kernels  # noqa: E402
+from fastvlm.ops import AttentionLayout, multimodal_attention  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KINDS = ("causal", "prefix_lm", "image_bidirectional", "mmca", "mmca_split")
+IMAGE = 576  # LLaVA-1.5: 24 x 24 patches
+
+
+# ---- layouts that look like VLM batches ------------------------------------------------------
+def _sample(rng, n_images, image_len, text_lo, text_hi):
+    """(length, [(offset, size)] images, prefix length): system text, images, then turns."""
+    spans, pos = [], rng.randint(text_lo // 4, text_lo)
+    for _ in range(n_images):
+        spans.append((pos, image_len))
+        pos += image_len + rng.randint(text_lo // 2, text_hi)
+    length = pos + rng.randint(text_lo, text_hi)
+    return length, spans, spans[-1][0] + spans[-1][1] if spans else pos
+
+
+def build_layout(name: str, kind: str, n: int, batch: int, rng: random.Random, device) -> AttentionLayout:
+    """Packs samples of the named family into `batch` rows of n tokens (tail = padding)."""
+    image = min(IMAGE, n // 4)
+    families = {
+        "plain": lambda: (n, [], 0),
+        "llava15": lambda: _sample(rng, 1, image, 32, 400),
+        "multi_image": lambda: _sample(rng, 4, max(16, min(IMAGE, n // 8)), 16, 120),
+        "packed": lambda: _sample(rng, rng.randint(0, 2), max(16, image // 2), 16, 300),
+        "qwen2vl": lambda: _sample(rng, rng.randint(1, 2), rng.randint(n // 8, n // 3), 32, 200),
+    }
+    rows = []
+    for _ in range(batch):
+        lengths, spans, prefixes, start = [], [], [], 0
+        while True:
+            length, sample_spans, prefix = families[name]()
+            if start + length > n:
+                if lengths:
+                    break
+                length = n  # a sample longer than the row is truncated to it
+                sample_spans = [(o, s) for o, s in sample_spans if o + s <= n]
+                prefix = min(prefix, n)
+            lengths.append(length)
+            spans += [(start + o, s) for o, s in sample_spans]
+            prefixes.append(prefix)
+            start += length
+            if name == "plain":
+                break
+        rows.append((lengths, spans, prefixes))
+    kw = {"prefix_lengths": [r[2] for r in rows]} if kind == "prefix_lm" else {}
+    return AttentionLayout.from_lengths([r[0] for r in rows], n, image_spans=[r[1] for r in rows],
+                                        kind="mmca" if kind == "mmca_split" else kind,
+                                        split_softmax=kind == "mmca_split", device=device, **kw)
+
+
+def allowed_pairs(layout: AttentionLayout) -> int:
+    """(query, key) pairs the mask allows, in O(N), from the per-token intervals."""
+    lo, hi = layout.lo.long(), layout.hi.long()
+    width = (hi - lo + 1).clamp_min(0)
+    if layout.kind == "mmca":  # an image query sees the text in [lo, q) and itself
+        text = torch.nn.functional.pad((~layout.is_image).long().cumsum(1), (1, 0))
+        text_before = text.gather(1, hi) - text.gather(1, lo)  # text keys in [lo, hi)
+        width = torch.where(layout.is_image & (width > 0), text_before + 1, width)
+    return int(width.sum())
+
+
+# ---- methods ---------------------------------------------------------------------------------
+def _flex():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        return create_block_mask, flex_attention
+    except ImportError:
+        return None
+
+
+_GRID_FLEX = []
+
+
+def _grid_flex():
+    """One compiled flex_attention for the whole grid: it recompiles per shape, not per case."""
+    if not _GRID_FLEX:
+        _GRID_FLEX.append(torch.compile(_flex()[1], dynamic=False))
+    return _GRID_FLEX[0]
+
+
+def flex_mask_mod(layout: AttentionLayout):
+    lo, hi, img = layout.lo, layout.hi, layout.is_image
+    mmca = layout.kind == "mmca"
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = (kv_idx >= lo[b, q_idx]) & (kv_idx <= hi[b, q_idx])
+        if mmca:
+            ok = ok & (~(img[b, q_idx] & img[b, kv_idx]) | (q_idx == kv_idx))
+        return ok
+    return mask_mod
+
+
+def flex_block_mask(layout: AttentionLayout):
+    create_block_mask, _ = _flex()
+    b, n = layout.shape
+    return create_block_mask(flex_mask_mod(layout), b, None, n, n, device=layout.device)
+
+
+def packed_causal_segments(layout: AttentionLayout):
+    """cu_seqlens and token index of a causal layout's live tokens (flash-attn / xformers varlen)."""
+    if layout.kind != "causal":
+        return None
+    seg = layout.segment_ids
+    live = (seg >= 0).flatten()
+    key = (seg.long() + torch.arange(seg.shape[0], device=seg.device)[:, None] * (seg.shape[1] + 1)).flatten()[live]
+    lengths = torch.unique_consecutive(key, return_counts=True)[1]
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return cu, live.nonzero().squeeze(1), int(lengths.max())
+
+
+def methods_for(layout: AttentionLayout, plain: bool, device: str, smoke: bool):
+    """name -> (callable(q, k, v) -> out, setup seconds or None), for those that express the mask."""
+    group_kw = {"enable_gqa": True}
+    out = {"fastvlm": (lambda q, k, v: multimodal_attention(q, k, v, layout, backend="triton"), None)}
+    if smoke:
+        out["reference"] = (lambda q, k, v: multimodal_attention(q, k, v, layout, backend="reference"), None)
+    if not layout.split_softmax:  # one softmax over a boolean mask: not mmca's split definition
+        dense = layout.dense()[:, None]
+        out["sdpa_dense"] = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense,
+                                                                            **group_kw), None)
+        if plain and layout.kind == "causal" and device == "cuda":
+            def sdpa_flash(q, k, v):
+                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, **group_kw)
+            out["sdpa_flash"] = (sdpa_flash, None)
+        if _flex() is not None and device == "cuda":
+            start = _sync_time(device)
+            block_mask = flex_block_mask(layout)
+            setup = _sync_time(device) - start
+            flex = _grid_flex()
+            out["flex"] = (lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True), setup)
+        seg = packed_causal_segments(layout) if device == "cuda" else None
+        if seg is not None:
+            out.update(_varlen_baselines(*seg))
+    return out
+
+
+def _varlen_baselines(cu, index, max_len):
+    found = {}
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        def fa(q, k, v):
+            pack = lambda t: t.transpose(1, 2).flatten(0, 1)[index]  # noqa: E731
+            return flash_attn_varlen_func(pack(q), pack(k), pack(v), cu, cu, max_len, max_len, causal=True)
+        found["flash_attn_varlen"] = (fa, None)
+    except ImportError:
+        pass
+    try:
+        import xformers.ops as xops
+        from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
+        bias = BlockDiagonalCausalMask.from_seqlens(torch.diff(cu).tolist())
+
+        def xf(q, k, v):
+            # xformers wants [1, T, H, D] with k/v heads expanded (views, no copy)
+            pack = lambda t: t.transpose(1, 2).flatten(0, 1)[index][None]  # noqa: E731
+            hq, hk = q.shape[1], k.shape[1]
+            kk, vv = (pack(t).unflatten(2, (hk, 1)).expand(-1, -1, -1, hq // hk, -1).flatten(2, 3) for t in (k, v))
+            return xops.memory_efficient_attention(pack(q), kk, vv, attn_bias=bias)
+        found["xformers"] = (xf, None)
+    except ImportError:
+        pass
+    return found
+
+
+# ---- timing ----------------------------------------------------------------------------------
+def _sync_time(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def median_ms(fn, device: str, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(fn, q, k, v, device: str, repeats: int) -> dict:
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    dout = torch.randn_like(q)
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def fwd_bwd():
+        out = fn(*leaves)
+        torch.autograd.grad(out, leaves, dout)
+
+    res = {}
+    try:
+        res["fwd_ms"] = median_ms(fwd, device, repeats)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        res["fwd_bwd_ms"] = median_ms(fwd_bwd, device, repeats, warmup=1)
+        if device == "cuda":
+            res["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    except torch.OutOfMemoryError:
+        res["error"] = "out of memory"
+    except (RuntimeError, NotImplementedError) as exc:  # a backend refusing this shape/dtype
+        res["error"] = str(exc).splitlines()[0][:120]
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+# ---- the table -------------------------------------------------------------------------------
+def run_grid(args, device: str, dtype) -> list[dict]:
+    # the grid compiles flex once per (N, head_dim, kind): keep it compiled rather than
+    # falling back to eager at dynamo's default recompile limit (the training-loop
+    # scenario keeps the defaults a user has)
+    limit = torch._dynamo.config.cache_size_limit
+    torch._dynamo.config.cache_size_limit = max(limit, 256)
+    try:
+        return _run_grid(args, device, dtype)
+    finally:
+        torch._dynamo.config.cache_size_limit = limit
+
+
+def _run_grid(args, device: str, dtype) -> list[dict]:
+    rows = []
+    rng = random.Random(0)
+    layouts = ["plain", "llava15", "multi_image", "packed", "qwen2vl"]
+    for n in args.n:
+        for d in args.head_dims:
+            for name in layouts:
+                for kind in (("causal",) if name == "plain" else KINDS):
+                    if kind not in args.kinds:
+                        continue
+                    t0 = _sync_time(device)
+                    layout = build_layout(name, kind, n, args.batch, rng, device)
+                    cfg = kernels.pick_config(torch.device(device), d)
+                    layout.block_map(cfg.block_m, cfg.block_n)
+                    meta_ms = (_sync_time(device) - t0) * 1e3
+                    pairs = allowed_pairs(layout) * args.heads
+                    hkv = max(1, args.heads // args.gqa)
+                    q = torch.randn(args.batch, args.heads, n, d, device=device, dtype=dtype)
+                    k = torch.randn(args.batch, hkv, n, d, device=device, dtype=dtype)
+                    v = torch.randn_like(k)
+                    for method, (fn, setup_s) in methods_for(layout, name == "plain", device, args.smoke).items():
+                        res = measure(fn, q, k, v, device, args.repeats)
+                        row = {"layout": name, "kind": kind, "N": n, "head_dim": d, "method": method, **res}
+                        if method == "fastvlm":
+                            row["setup_ms"] = meta_ms
+                        elif setup_s is not None:
+                            row["setup_ms"] = setup_s * 1e3
+                        flops = 4.0 * pairs * d
+                        if "fwd_ms" in res:
+                            row["fwd_tflops"] = flops / res["fwd_ms"] / 1e9
+                            row["fwd_bwd_tflops"] = 3.5 * flops / res["fwd_bwd_ms"] / 1e9
+                        rows.append(row)
+                        print(_row_line(row), flush=True)
+    _add_ratios(rows)
+    return rows
+
+
+def _row_line(row) -> str:
+    if "error" in row:
+        return f"{row['layout']:12s} {row['kind']:20s} N={row['N']:6d} D={row['head_dim']:4d} {row['method']:18s} {row['error']}"
+    return (f"{row['layout']:12s} {row['kind']:20s} N={row['N']:6d} D={row['head_dim']:4d} {row['method']:18s} "
+            f"fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwd_bwd_ms']:9.3f} ms")
+
+
+def _add_ratios(rows):
+    """ratio = baseline time / fastvlm time (> 1: fastvlm faster), per case."""
+    ours = {(r["layout"], r["kind"], r["N"], r["head_dim"]): r for r in rows if r["method"] == "fastvlm"}
+    for r in rows:
+        mine = ours.get((r["layout"], r["kind"], r["N"], r["head_dim"]))
+        if mine and "fwd_ms" in r and "fwd_ms" in mine:
+            r["fwd_ratio"] = r["fwd_ms"] / mine["fwd_ms"]
+            r["fwd_bwd_ratio"] = r["fwd_bwd_ms"] / mine["fwd_bwd_ms"]
+
+
+# ---- training-loop scenario ------------------------------------------------------------------
+def training_loop(args, device: str, dtype) -> list[dict]:
+    """Consecutive batches whose lengths and layouts all differ; wall time of the whole loop."""
+    rng = random.Random(1)
+    steps = 3 if args.smoke else 50
+    n_max = max(args.n)
+    batches = []
+    for _ in range(steps):
+        n = rng.randint(n_max // 2, n_max)
+        batches.append((n, rng.choice(["llava15", "multi_image", "packed", "qwen2vl"]), rng.randint(0, 2**31)))
+    d = args.head_dims[-1]
+    hkv = max(1, args.heads // args.gqa)
+    kind = "image_bidirectional"
+
+    def run(step_fn):
+        t0 = _sync_time(device)
+        for n, family, seed in batches:
+            layout = build_layout(family, kind, n, args.batch, random.Random(seed), device)
+            q, k, v = (torch.randn(args.batch, h, n, d, device=device, dtype=dtype, requires_grad=True)
+                       for h in (args.heads, hkv, hkv))
+            out = step_fn(q, k, v, layout)
+            out.backward(torch.ones_like(out))
+        return _sync_time(device) - t0
+
+    results = [{"method": "fastvlm", "total_s": run(
+        lambda q, k, v, layout: multimodal_attention(q, k, v, layout, backend="triton"))}]
+    try:
+        results.append({"method": "sdpa_dense", "total_s": run(lambda q, k, v, layout: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=layout.dense()[:, None], enable_gqa=True))})
+    except torch.OutOfMemoryError:
+        results.append({"method": "sdpa_dense", "error": "out of memory"})
+    if _flex() is not None and device == "cuda":
+        create_block_mask, flex_attention = _flex()
+        for dynamic in (False, True):
+            torch._dynamo.reset()
+            flex = torch.compile(flex_attention, dynamic=dynamic)
+
+            def step(q, k, v, layout, flex=flex):
+                return flex(q, k, v, block_mask=flex_block_mask(layout), enable_gqa=True)
+            try:
+                results.append({"method": f"flex_dynamic={dynamic}", "total_s": run(step)})
+            except Exception as exc:  # noqa: BLE001  recompile limits etc. are a result too
+                results.append({"method": f"flex_dynamic={dynamic}", "error": str(exc).splitlines()[0][:160]})
+    for r in results:
+        if "total_s" in r:
+            r["ratio"] = r["total_s"] / results[0]["total_s"]
+    return results
+
+
+# ---- output ----------------------------------------------------------------------------------
+def environment(device: str) -> dict:
+    import triton
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU {platform.machine()}"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def markdown(env, args, rows, loop) -> str:
+    lines = [f"# bench_attention — {env['device']}", "",
+             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, "
+             f"dtype {args.dtype}, batch {args.batch}, heads {args.heads} (GQA {args.gqa})", ""]
+    if args.smoke:
+        lines += ["**Smoke run on CPU: the Triton kernel runs in the interpreter. This is NOT a speed test;"
+                  " the numbers only show that the script works.**", ""]
+    lines += ["ratio = baseline time / fastvlm time (> 1 means fastvlm is faster); TFLOP/s on allowed pairs only;"
+              " setup = layout + block map (fastvlm) or create_block_mask (flex), not in the timings.", "",
+              "| layout | kind | N | D | method | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | ratio fwd | ratio fwd+bwd | peak MiB | setup ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda x, p=3: "" if x is None else f"{x:.{p}f}"  # noqa: E731
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['layout']} | {r['kind']} | {r['N']} | {r['head_dim']} | {r['method']} | "
+                         f"{r['error']} | | | | | | |")
+            continue
+        lines.append(f"| {r['layout']} | {r['kind']} | {r['N']} | {r['head_dim']} | {r['method']} | "
+                     f"{fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])} | {fmt(r.get('fwd_bwd_tflops'), 1)} | "
+                     f"{fmt(r.get('fwd_ratio'), 2)} | {fmt(r.get('fwd_bwd_ratio'), 2)} | "
+                     f"{fmt(r.get('peak_mib'), 0)} | {fmt(r.get('setup_ms'), 2)} |")
+    lines += ["", f"## Training loop: {3 if args.smoke else 50} batches of differing lengths/layouts "
+              "(image_bidirectional), total wall time incl. metadata, masks, compilation", "",
+              "| method | total s | ratio to fastvlm |", "|---|---|---|"]
+    for r in loop:
+        lines.append(f"| {r['method']} | {fmt(r.get('total_s'))} | {fmt(r.get('ratio'), 2) or r.get('error', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(r["layout"], r["kind"], r["N"], r["head_dim"]) for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(8, len(cases) * 0.5), 5))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        ys = [next((r.get("fwd_bwd_ms") for r in rows if r["method"] == m and
+                    (r["layout"], r["kind"], r["N"], r["head_dim"]) == c), None) for c in cases]
+        xs = [j + i * width for j, y in enumerate(ys) if y]
+        ax.bar(xs, [y for y in ys if y], width, label=m)
+    ax.set_xticks([j + 0.4 for j in range(len(cases))])
+    ax.set_xticklabels([f"{c[0]}/{c[1]}/N{c[2]}/D{c[3]}" for c in cases], rotation=90, fontsize=6)
+    ax.set_yscale("log")
+    ax.set_ylabel("fwd+bwd ms (log)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, Triton interpreter (not a speed test)")
+    p.add_argument("--n", type=int, nargs="+", default=None, help="sequence lengths (default 2k 4k 8k 16k)")
+    p.add_argument("--head-dims", type=int, nargs="+", default=None, help="default 64 128")
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None, help="query heads")
+    p.add_argument("--gqa", type=int, default=None, help="query heads per kv head")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    tiny = args.smoke
+    defaults = {"n": [48] if tiny else [2048, 4096, 8192, 16384], "head_dims": [32] if tiny else [64, 128],
+                "batch": 1 if tiny else 2, "heads": 2 if tiny else 16, "gqa": 2 if tiny else 1,
+                "dtype": "float32" if tiny else "bfloat16", "repeats": 1 if tiny else 10}
+    for key, val in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, val)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_attention: no CUDA device; run with --smoke for the CPU interpreter check")
+    if args.smoke:
+        args.kinds = [k for k in args.kinds if k in ("causal", "mmca_split")]
+    dtype = getattr(torch, args.dtype)
+    env = environment(device)
+    print(f"# bench_attention  {env['date']}  commit {env['commit']}  device {env['device']}  "
+          f"torch {env['torch']}  triton {env['triton']}  cuda {env['cuda']}")
+    if args.smoke:
+        print("SMOKE MODE: CPU + Triton interpreter at tiny size. This is NOT a speed test.")
+    rows = run_grid(args, device, dtype)
+    loop = training_loop(args, device, dtype)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "smoke" if args.smoke else env["device"].replace(" ", "_")
+    stem = args.out / f"bench_attention_{tag}_{env['date'][:10]}"
+    text = markdown(env, args, rows, loop)
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
+                                                     "rows": rows, "training_loop": loop}, indent=1))
+    if not args.no_plot:
+        plot(rows, stem.with_suffix(".png"))
+    print(text)
+    print(f"wrote {stem}.md/.json" + ("" if args.no_plot else "/.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,456 @@
+"""Triton kernels for multimodal_attention: forward, backward, launchers.
+
+Every kernel walks the layout's block map instead of the N x N grid: the
+forward and dQ kernels take, per query block, the kv blocks listed as
+*partial* (mask predicate evaluated from lo/hi/is_image loaded for the tile)
+and as *full* (no predicate, only the bounds check of a tail tile); the dK/dV
+kernel walks the transposed lists. Tiles in neither list are never touched.
+
+Scores are kept in log2 units (scaled by log2(e)) so the softmax uses exp2;
+the saved LSE is in the same units and stays internal to this module.
+
+split_softmax (mmca): two online softmaxes per row, over text keys (branch 0)
+and image keys (branch 1); both LSEs are saved, the branch outputs are kept
+for backward, where each branch has its own delta = rowsum(dO * O_branch).
+
+GQA: the dK/dV program of a kv head loops over the q heads of its group, so
+every gradient element is written by exactly one program (no atomics): the
+backward is deterministic by construction.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MMCA = 3  # fastvlm.ops.layout.KIND_CODES["mmca"]
+
+
+# ---- shared device helpers -------------------------------------------------------------------
+@triton.jit
+def _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N,
+             IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr):
+    """Allowed (query, key) pairs of one tile: the only mask logic of all kernels."""
+    if IS_FULL:
+        # every real pair of a full tile is allowed; only a tail tile's padding columns are not
+        ok = (offs_n[None, :] < N) & (offs_m[:, None] >= 0)
+    else:
+        ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None])
+        if IS_MMCA:
+            both_image = (img_q[:, None] != 0) & (img_k[None, :] != 0)
+            ok = ok & (~both_image | (offs_n[None, :] == offs_m[:, None]))
+    return ok
+
+
+@triton.jit
+def _online_softmax_step(m, l, acc, s, ok, v, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One kv tile of a flash-style online softmax (log2 units); masked-out
+    rows stay at m = -inf, l = 0 without producing NaN."""
+    if MASKED:
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _load_rows(base, offs, offs_d, stride_n, N, D):
+    mask = (offs[:, None] < N) & (offs_d[None, :] < D)
+    return tl.load(base + offs[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_lse(lse_base, offs_m, N):
+    """LSE of rows; rows with nothing allowed (-inf) or past N read +inf, so exp2(s - lse) = 0."""
+    lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+# ---- forward ---------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tile(q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base, N, D,
+              qk_scale, m0, l0, acc0, m1, l1, acc1,
+              IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
+              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, D)
+    v = _load_rows(v_base, offs_n, offs_d, stride_kn, N, D)
+    img_k = tl.load(img_base + offs_n, mask=offs_n < N, other=0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, IS_MMCA)
+    if SPLIT:
+        key_is_image = img_k[None, :] != 0
+        m0, l0, acc0 = _online_softmax_step(m0, l0, acc0, s, ok & ~key_is_image, v, True, PRECISION)
+        m1, l1, acc1 = _online_softmax_step(m1, l1, acc1, s, ok & key_is_image, v, True, PRECISION)
+    else:
+        # a full tile of an N that fills its kv blocks needs no mask at all
+        m0, l0, acc0 = _online_softmax_step(m0, l0, acc0, s, ok, v, not (IS_FULL and EVEN_N), PRECISION)
+    return m0, l0, acc0, m1, l1, acc1
+
+
+@triton.jit
+def _finish_branch(m, l, acc):
+    has = l > 0
+    out = tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0)
+    lse = tl.where(has, m + tl.math.log2(tl.where(has, l, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG,
+              KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
+              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+              stride_ob, stride_oh, stride_on, stride_rbr, stride_rb, stride_rh, stride_rn, stride_lse,
+              H, GROUP, N, D, TQ, TK, qk_scale,
+              IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, D)
+    lo = tl.load(LO + b * N + offs_m, mask=offs_m < N, other=0)
+    hi = tl.load(HI + b * N + offs_m, mask=offs_m < N, other=-1)
+    img_q = tl.load(IMG + b * N + offs_m, mask=offs_m < N, other=0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_kb + hk * stride_kh
+    img_base = IMG + b * N
+
+    m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l0 = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m1, l1, acc1 = m0, l0, acc0
+    lists = b * TQ + qb
+    for i in range(tl.load(KV_NUM + lists)):
+        kb = tl.load(KV_IDX + lists * TK + i)
+        m0, l0, acc0, m1, l1, acc1 = _fwd_tile(
+            q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base, N, D,
+            qk_scale, m0, l0, acc0, m1, l1, acc1, False, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
+    for i in range(tl.load(FULL_KV_NUM + lists)):
+        kb = tl.load(FULL_KV_IDX + lists * TK + i)
+        m0, l0, acc0, m1, l1, acc1 = _fwd_tile(
+            q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base, N, D,
+            qk_scale, m0, l0, acc0, m1, l1, acc1, True, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
+
+    row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    lse_ptrs = LSE + bh * N + offs_m
+    out0, lse0 = _finish_branch(m0, l0, acc0)
+    tl.store(lse_ptrs, lse0, mask=offs_m < N)
+    if SPLIT:
+        out1, lse1 = _finish_branch(m1, l1, acc1)
+        tl.store(lse_ptrs + stride_lse, lse1, mask=offs_m < N)
+        obr = OBR + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rn + offs_d[None, :]
+        tl.store(obr, out0.to(OBR.dtype.element_ty), mask=row_mask)
+        tl.store(obr + stride_rbr, out1.to(OBR.dtype.element_ty), mask=row_mask)
+        out0 = out0 + out1
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out0.to(O.dtype.element_ty), mask=row_mask)
+
+
+# ---- backward --------------------------------------------------------------------------------
+@triton.jit
+def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_obr,
+               stride_dob, stride_doh, stride_don, H, N, D,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[br, b, h, n] = rowsum(dO * O_branch), in fp32."""
+    mb = tl.program_id(0)
+    bh = tl.program_id(1)
+    br = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + br * stride_obr + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_on, N, D)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, N, D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (br * tl.num_programs(1) + bh) * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT: tl.constexpr, MASKED: tl.constexpr):
+    """P and dS of one tile (dS without the softmax scale), summed over the branches."""
+    if SPLIT:
+        key_is_image = img_k[None, :] != 0
+        p0 = tl.where(ok & ~key_is_image, tl.math.exp2(s - lse0[:, None]), 0.0)
+        p1 = tl.where(ok & key_is_image, tl.math.exp2(s - lse1[:, None]), 0.0)
+        ds = p0 * (dp - delta0[:, None]) + p1 * (dp - delta1[:, None])
+        p = p0 + p1
+    else:
+        p = tl.math.exp2(s - lse0[:, None])
+        if MASKED:
+            p = tl.where(ok, p, 0.0)
+        ds = p * (dp - delta0[:, None])
+    return p, ds
+
+
+@triton.jit
+def _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base,
+             N, D, qk_scale, lse0, delta0, lse1, delta1,
+             IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
+             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, D)
+    v = _load_rows(v_base, offs_n, offs_d, stride_kn, N, D)
+    img_k = tl.load(img_base + offs_n, mask=offs_n < N, other=0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, IS_MMCA)
+    p, ds = _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT, not (IS_FULL and EVEN_N))
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
+                 KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_lse,
+                 H, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
+                 IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, D)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, N, D)
+    lo = tl.load(LO + b * N + offs_m, mask=offs_m < N, other=0)
+    hi = tl.load(HI + b * N + offs_m, mask=offs_m < N, other=-1)
+    img_q = tl.load(IMG + b * N + offs_m, mask=offs_m < N, other=0)
+    lse0 = _load_lse(LSE + bh * N, offs_m, N)
+    delta0 = tl.load(DELTA + bh * N + offs_m, mask=offs_m < N, other=0.0)
+    lse1, delta1 = lse0, delta0
+    if SPLIT:
+        lse1 = _load_lse(LSE + stride_lse + bh * N, offs_m, N)
+        delta1 = tl.load(DELTA + stride_lse + bh * N + offs_m, mask=offs_m < N, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_kb + hk * stride_kh
+    img_base = IMG + b * N
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lists = b * TQ + qb
+    for i in range(tl.load(KV_NUM + lists)):
+        kb = tl.load(KV_IDX + lists * TK + i)
+        dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q,
+                      img_base, N, D, qk_scale, lse0, delta0, lse1, delta1,
+                      False, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
+    for i in range(tl.load(FULL_KV_NUM + lists)):
+        kb = tl.load(FULL_KV_IDX + lists * TK + i)
+        dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q,
+                      img_base, N, D, qk_scale, lse0, delta0, lse1, delta1,
+                      True, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    tl.store(ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
+               stride_lse, lo_base, hi_base, img_base, offs_n, offs_d, img_k, N, D, qk_scale,
+               IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
+               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, D)
+    do = _load_rows(do_base, offs_m, offs_d, stride_don, N, D)
+    lo = tl.load(lo_base + offs_m, mask=offs_m < N, other=0)
+    hi = tl.load(hi_base + offs_m, mask=offs_m < N, other=-1)
+    img_q = tl.load(img_base + offs_m, mask=offs_m < N, other=0)
+    lse0 = _load_lse(lse_base, offs_m, N)
+    delta0 = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
+    lse1, delta1 = lse0, delta0
+    if SPLIT:
+        lse1 = _load_lse(lse_base + stride_lse, offs_m, N)
+        delta1 = tl.load(delta_base + stride_lse + offs_m, mask=offs_m < N, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, IS_MMCA)
+    p, ds = _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT, not (IS_FULL and EVEN_N))
+    dv = dv + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    dk = dk + tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, IMG,
+                   Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_lse,
+                   H, HKV, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
+                   IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    kb = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, N, D)
+    v = _load_rows(V + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, N, D)
+    img_k = tl.load(IMG + b * N + offs_n, mask=offs_n < N, other=0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lists = b * TK + kb
+    n_part = tl.load(Q_NUM + lists)
+    n_full = tl.load(FULL_Q_NUM + lists)
+    for g in range(GROUP):  # the q heads sharing this kv head: sums stay in registers
+        h = hk * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LSE + (b * H + h) * N
+        delta_base = DELTA + (b * H + h) * N
+        for i in range(n_part):
+            qb = tl.load(Q_IDX + lists * TQ + i)
+            dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don,
+                                lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
+                                offs_n, offs_d, img_k, N, D, qk_scale,
+                                False, IS_MMCA, SPLIT, EVEN_N, BLOCK_M, PRECISION)
+        for i in range(n_full):
+            qb = tl.load(FULL_Q_IDX + lists * TQ + i)
+            dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don,
+                                lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
+                                offs_n, offs_d, img_k, N, D, qk_scale,
+                                True, IS_MMCA, SPLIT, EVEN_N, BLOCK_M, PRECISION)
+    mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    ptrs = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+# ---- tile configs ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
+# compute capability -> ((head_dim <= bound, config), ...), first match wins. Forward
+# and backward share one block map, hence one (block_m, block_n). Chosen without a GPU,
+# from ptxas register-spill reports of all three kernels (plain and split) compiled for
+# sm80/sm90 (benchmarks/attention_resources.py), within A100's 164 KiB and H100's 227 KiB
+# of shared memory; not yet tuned by timing. Other parts (sm86/89, sm120: ~100 KiB) get
+# the small fallback.
+_SM80_SM90 = ((64, TileConfig(64, 64, 4, 3)), (128, TileConfig(64, 64, 8, 3)),
+              (256, TileConfig(32, 32, 8, 2)))
+_GPU_CONFIGS = {(8, 0): _SM80_SM90, (9, 0): _SM80_SM90, (10, 0): _SM80_SM90}
+_FALLBACK_CONFIGS = ((64, TileConfig(64, 64, 4, 2)), (128, TileConfig(64, 32, 4, 2)),
+                     (256, TileConfig(32, 32, 4, 1)))
+
+
+# triton.jit picks interpreter or compiler when a kernel is defined, i.e. at this import
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pick_config(device: torch.device, head_dim: int) -> TileConfig:
+    """Tile sizes for this GPU generation and head_dim (the block map is built at them)."""
+    if device.type != "cuda" or INTERPRETED:
+        return INTERPRETER_CONFIG
+    return gpu_config(torch.cuda.get_device_capability(device), head_dim)
+
+
+def gpu_config(capability: tuple[int, int], head_dim: int) -> TileConfig:
+    table = _GPU_CONFIGS.get(tuple(capability), _FALLBACK_CONFIGS)
+    return next(cfg for bound, cfg in table if head_dim <= bound)
+
+
+# ---- launchers -------------------------------------------------------------------------------
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """Kernels need a unit stride along head_dim; anything else is copied once."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def kernel_inputs(q, k, v):
+    """k and v share one set of strides in the kernels (true for views of one packed qkv too)."""
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v
+
+
+def attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx, *,
+                      kind: int, split: bool, scale: float, cfg: TileConfig, out=None):
+    """Returns (out, branch_outs or empty, lse [branches, B, H, N] in log2 units).
+
+    q [B, H, N, D], k/v [B, Hkv, N, D], any strides with unit stride on D; out
+    is allocated like q (same strides) unless given.
+    """
+    q, k, v = kernel_inputs(q, k, v)
+    b, h, n, d = q.shape
+    hkv = k.shape[1]
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(2 if split else 1, b, h, n, dtype=torch.float32, device=q.device)
+    # branch outputs, kept for the per-branch delta of backward
+    obr = torch.empty((2 if split else 0, b, h, n, d), dtype=q.dtype, device=q.device)
+    tq, tk = kv_num.shape[1], kv_idx.shape[2]
+    img = is_image.view(torch.uint8)
+    grid = (tq, b * h)
+    _attn_fwd[grid](
+        q, k, v, out, obr, lse, lo, hi, img, kv_num, kv_idx, full_kv_num, full_kv_idx,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), obr.stride(0), obr.stride(1), obr.stride(2),
+        obr.stride(3), b * h * n,
+        h, h // hkv, n, d, tq, tk, scale * LOG2E,
+        IS_MMCA=kind == MMCA, SPLIT=split, EVEN_N=n % cfg.block_n == 0, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, obr, lse
+
+
+def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num,
+                       full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, *, kind: int, split: bool,
+                       scale: float, cfg: TileConfig, grads=None):
+    """Returns (dq, dk, dv); grads, if given, are the preallocated output tensors."""
+    q, k, v = kernel_inputs(q, k, v)
+    dout = _rows(dout)
+    b, h, n, d = q.shape
+    hkv = k.shape[1]
+    branches = 2 if split else 1
+    block_d = _block_d(d)
+    dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k),
+                                                  torch.empty_like(v))
+    if dk.stride() != dv.stride():
+        raise ValueError("dk, dv: expected equal strides")
+    delta = torch.empty(branches, b, h, n, dtype=torch.float32, device=q.device)
+    src = obr if split else out[None]
+    _bwd_delta[(triton.cdiv(n, 64), b * h, branches)](
+        src, dout, delta, src.stride(1), src.stride(2), src.stride(3), src.stride(0),
+        dout.stride(0), dout.stride(1), dout.stride(2), h, n, d, BLOCK_M=64, BLOCK_D=block_d)
+    tq, tk = kv_num.shape[1], kv_idx.shape[2]
+    img = is_image.view(torch.uint8)
+    common = dict(IS_MMCA=kind == MMCA, SPLIT=split, EVEN_N=n % cfg.block_n == 0, BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+                  # backward loops stage q and dO tiles (twice the forward's bytes): at most 2 stages
+                  num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, 2))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               dout.stride(0), dout.stride(1), dout.stride(2))
+    _attn_bwd_dq[(tq, b * h)](
+        q, k, v, dout, dq, lse, delta, lo, hi, img, kv_num, kv_idx, full_kv_num, full_kv_idx,
+        *strides, dq.stride(0), dq.stride(1), dq.stride(2), b * h * n,
+        h, h // hkv, n, d, tq, tk, scale * LOG2E, scale, **common)
+    _attn_bwd_dkdv[(tk, b * hkv)](
+        q, k, v, dout, dk, dv, lse, delta, lo, hi, img, q_num, q_idx, full_q_num, full_q_idx,
+        *strides, dk.stride(0), dk.stride(1), dk.stride(2), b * h * n,
+        h, hkv, h // hkv, n, d, tq, tk, scale * LOG2E, scale, **common)
+    return dq, dk, dv

@@ -1,0 +1,287 @@
+"""Triton multimodal attention vs the float64 dense reference.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest) at tiny
+sizes, fp32 and fp16 only (the interpreter's bf16 tl.dot is wrong); the
+bf16 matrix at realistic sizes is marked `gpu`.
+"""
+import random
+
+import pytest
+import torch
+
+from fastvlm.kernels import attention as kernels
+from fastvlm.ops import AttentionLayout, multimodal_attention, multimodal_attention_varlen
+from fastvlm.ops._backend import resolve_backend
+from fastvlm.ops.attention import attention_reference
+
+KIND_CASES = [("causal", False), ("prefix_lm", False), ("image_bidirectional", False),
+              ("mmca", False), ("mmca", True)]
+KIND_IDS = ["causal", "prefix_lm", "image_bidirectional", "mmca", "mmca_split"]
+# norm-wise relative error bounds: fp32 accumulates exactly enough for 1e-5; fp16 rounds
+# inputs of every tl.dot (P and dS included) to 11 bits
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def random_samples(rng: random.Random, n: int, with_padding: bool = True):
+    """Packed sample lengths, image spans (row coordinates) and prefix lengths for one row."""
+    used = rng.randint(n // 2, n) if with_padding else n
+    cuts = sorted(rng.sample(range(1, used), k=min(rng.randint(0, 2), used - 1)))
+    lengths = [b - a for a, b in zip([0] + cuts, cuts + [used])]
+    spans, prefixes, start = [], [], 0
+    for length in lengths:
+        pos = start
+        for _ in range(rng.randint(0, 2)):  # up to two images per sample
+            if start + length - pos < 2:
+                break
+            begin = rng.randint(pos, start + length - 2)
+            size = rng.randint(1, start + length - begin)
+            spans.append((begin, size))
+            pos = begin + size
+        prefixes.append(rng.randint(0, length))
+        start += length
+    return lengths, spans, prefixes
+
+
+def random_layout(kind: str, split: bool, batch: int, n: int, seed: int, device="cpu") -> AttentionLayout:
+    rng = random.Random(seed)
+    rows = [random_samples(rng, n, with_padding=b > 0 or rng.random() < 0.5) for b in range(batch)]
+    kw = {"prefix_lengths": [r[2] for r in rows]} if kind == "prefix_lm" else {}
+    return AttentionLayout.from_lengths([r[0] for r in rows], n, image_spans=[r[1] for r in rows],
+                                        kind=kind, split_softmax=split, device=device, **kw)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert torch.isfinite(got).all(), "non-finite values"
+    return float((got.double() - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def reference_grads(q, k, v, dout, layout, scale):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = attention_reference(*leaves, layout, scale=scale, impl="dense")
+    out.backward(dout.double())
+    return out.detach(), *(t.grad for t in leaves)
+
+
+def run_kernels(q, k, v, dout, layout, scale, cfg=kernels.INTERPRETER_CONFIG):
+    """Forward + backward through the launchers, every output buffer NaN-poisoned first."""
+    bm = layout.block_map(cfg.block_m, cfg.block_n)
+    meta = (layout.lo, layout.hi, layout.is_image)
+    kw = dict(kind=layout.kind_code, split=layout.split_softmax, scale=scale, cfg=cfg)
+    out = torch.full_like(q, float("nan"))
+    out, obr, lse = kernels.attention_forward(q, k, v, *meta, *bm.tensors[:4], out=out, **kw)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    grads = kernels.attention_backward(dout, q, k, v, out, obr, lse, *meta, *bm.tensors, grads=grads, **kw)
+    return out, *grads
+
+
+def make_inputs(batch, hq, hkv, n, d, dtype, device="cpu"):
+    q = torch.randn(batch, hq, n, d, device=device).to(dtype)
+    k = torch.randn(batch, hkv, n, d, device=device).to(dtype)
+    v = torch.randn(batch, hkv, n, d, device=device).to(dtype)
+    return q, k, v, torch.randn(batch, hq, n, d, device=device).to(dtype)
+
+
+def check_against_reference(layout, q, k, v, dout, results, tol):
+    scale = q.shape[-1] ** -0.5
+    want = reference_grads(q, k, v, dout, layout, scale)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), results, want):
+        assert got.dtype == q.dtype and got.shape == ref.shape, name
+        err = rel_err(got, ref)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+    dead = layout.hi < layout.lo  # rows that attend to nothing: exactly 0 out and dq
+    out, dq = results[0], results[1]
+    assert (out.transpose(1, 2)[dead] == 0).all() and (dq.transpose(1, 2)[dead] == 0).all()
+
+
+# (batch, q heads, kv heads, N, head_dim, dtype): GQA, odd N and N filling its blocks (96),
+# non-power-of-two head_dim
+SHAPES = [(2, 4, 2, 77, 64, torch.float32), (1, 2, 1, 96, 80, torch.float16),
+          (1, 2, 2, 45, 128, torch.float32), (2, 3, 1, 129, 32, torch.float16),
+          (1, 2, 1, 40, 256, torch.float16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}D{s[4]}-{s[5]}".replace("torch.", ""))
+@pytest.mark.parametrize("kind,split", KIND_CASES, ids=KIND_IDS)
+def test_kernels_match_reference(kind, split, shape, seed):
+    batch, hq, hkv, n, d, dtype = shape
+    layout = random_layout(kind, split, batch, n, seed)
+    q, k, v, dout = make_inputs(batch, hq, hkv, n, d, dtype)
+    results = run_kernels(q, k, v, dout, layout, d ** -0.5)
+    check_against_reference(layout, q, k, v, dout, results, TOLERANCE[dtype])
+
+
+def test_public_op_autograd_matches_launchers(seed):
+    layout = random_layout("mmca", True, 2, 70, seed)
+    q, k, v, dout = make_inputs(2, 4, 2, 70, 64, torch.float32)
+    k = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # head_dim not unit-stride: copied once
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = multimodal_attention(*leaves, layout, backend="triton", scale=0.1)
+    assert out.stride() == q.stride()
+    out.backward(dout)
+    got = (out.detach(), *(t.grad for t in leaves))
+    want = reference_grads(q, k, v, dout, layout, 0.1)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(a, b) < TOLERANCE[torch.float32], name
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the poisoned rows themselves, in the interpreter
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_empty_tiles_are_never_visited(device, seed):
+    """NaN in every k/v row that only empty tiles of a query block touch (and in every q/dO
+    row that only empty tiles of a kv block touch) must not reach that block's results."""
+    d = 32
+    cfg = kernels.pick_config(torch.device(device), d)
+    x = cfg.block_m // 16  # the same geometry in tiles at the GPU's tile size
+    n = 150 * x
+    layout = AttentionLayout.from_lengths([[70 * x, 80 * x]], n, kind="mmca", device=device,
+                                          image_spans=[[(10 * x, 30 * x), (90 * x, 40 * x)]])
+    classes = layout.block_map(cfg.block_m, cfg.block_n).tile_classes()[0].cpu()
+    q, k, v, dout = make_inputs(1, 1, 1, n, d, torch.float32, device)
+    clean = run_kernels(q, k, v, dout, layout, d ** -0.5, cfg)
+    mixed_q = [qb for qb in range(classes.shape[0]) if (classes[qb] == 0).any() and (classes[qb] > 0).any()]
+    mixed_k = [kb for kb in range(classes.shape[1])
+               if (classes[:, kb] == 0).any() and (classes[:, kb] > 0).any()]
+    assert len(mixed_q) >= 2 and len(mixed_k) >= 2
+    block_rows = lambda blk, size: torch.arange(blk * size, min(n, (blk + 1) * size))  # noqa: E731
+    for qb in (mixed_q[0], mixed_q[-1]):
+        keys = torch.cat([block_rows(kb, cfg.block_n) for kb in range(classes.shape[1]) if classes[qb, kb] == 0])
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, keys.to(device)] = float("nan")
+        v2[:, :, keys.to(device)] = float("nan")
+        out, dq, _, _ = run_kernels(q, k2, v2, dout, layout, d ** -0.5, cfg)
+        rows = slice(qb * cfg.block_m, (qb + 1) * cfg.block_m)
+        assert torch.equal(out[:, :, rows], clean[0][:, :, rows])
+        assert torch.equal(dq[:, :, rows], clean[1][:, :, rows])
+    for kb in (mixed_k[0], mixed_k[-1]):
+        queries = torch.cat([block_rows(qb, cfg.block_m) for qb in range(classes.shape[0]) if classes[qb, kb] == 0])
+        q2, do2 = q.clone(), dout.clone()
+        q2[:, :, queries.to(device)] = float("nan")
+        do2[:, :, queries.to(device)] = float("nan")
+        _, _, dk, dv = run_kernels(q2, k, v, do2, layout, d ** -0.5, cfg)
+        cols = slice(kb * cfg.block_n, (kb + 1) * cfg.block_n)
+        assert torch.equal(dk[:, :, cols], clean[2][:, :, cols])
+        assert torch.equal(dv[:, :, cols], clean[3][:, :, cols])
+
+
+# ---- dispatch --------------------------------------------------------------------------------
+def test_auto_is_reference_on_cpu_and_triton_runs_in_interpreter():
+    assert resolve_backend("multimodal_attention", "auto", "cpu") == "reference"
+    assert resolve_backend("multimodal_attention", "triton", "cpu") == "triton"
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    layout = AttentionLayout.from_lengths([8])
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        multimodal_attention(q, q, q, layout, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        multimodal_attention(q, q, q, layout, backend="flash")
+
+
+# ---- varlen ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,split", [("causal", False), ("image_bidirectional", False), ("mmca", True)],
+                         ids=["causal", "image_bidirectional", "mmca_split"])
+def test_varlen_matches_reference(kind, split, seed):
+    rng = random.Random(seed)
+    lengths, spans, _ = random_samples(rng, 90, with_padding=False)
+    total = sum(lengths)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    image_ids = torch.full((total,), -1, dtype=torch.int32)
+    for i, (start, size) in enumerate(spans):
+        image_ids[start:start + size] = i
+    q = torch.randn(total, 4, 48)
+    k, v = torch.randn(total, 2, 48), torch.randn(total, 2, 48)
+    dout = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = multimodal_attention_varlen(*leaves, cu, image_ids=image_ids, kind=kind,
+                                      split_softmax=split, backend="triton")
+    assert out.shape == q.shape and out.is_contiguous()
+    out.backward(dout)
+    layout = AttentionLayout.from_cu_seqlens(cu, total, image_ids=image_ids, kind=kind,
+                                             split_softmax=split)
+    as4 = lambda t: t.unsqueeze(0).transpose(1, 2)  # noqa: E731
+    want = reference_grads(as4(q), as4(k), as4(v), as4(dout), layout, 48 ** -0.5)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in leaves)), want):
+        assert rel_err(as4(got), ref) < TOLERANCE[torch.float32], name
+
+
+def test_varlen_rejects_bad_input():
+    q = torch.randn(10, 2, 16)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        multimodal_attention_varlen(q, q, q, torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        multimodal_attention_varlen(q, q, q, torch.tensor([0.0, 10.0]))
+    with pytest.raises(ValueError, match="q: expected a tensor of shape"):
+        multimodal_attention_varlen(q[None], q, q, torch.tensor([0, 10]))
+
+
+# ---- torch.library custom op -----------------------------------------------------------------
+def test_custom_op_passes_opcheck(seed):
+    layout = random_layout("mmca", True, 1, 40, seed)
+    cfg = kernels.INTERPRETER_CONFIG
+    bm = layout.block_map(cfg.block_m, cfg.block_n)
+    q, k, v, _ = make_inputs(1, 2, 1, 40, 32, torch.float32)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), layout.lo, layout.hi,
+            layout.is_image, *bm.tensors, layout.kind_code, True, 0.2, cfg.block_m, cfg.block_n,
+            cfg.num_warps, cfg.num_stages)
+    torch.library.opcheck(torch.ops.fastvlm.mm_attention_fwd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+def test_compiles_without_graph_break(seed):
+    layout = random_layout("image_bidirectional", False, 1, 40, seed)
+    layout.block_map(kernels.INTERPRETER_CONFIG.block_m, kernels.INTERPRETER_CONFIG.block_n)
+    q, k, v, dout = make_inputs(1, 2, 1, 40, 32, torch.float32)
+
+    def step(q, k, v):
+        return multimodal_attention(q, k, v, layout, backend="triton") * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(q, k, v)
+    assert rel_err(got, step(q, k, v).double()) < 1e-6
+
+
+# ---- GPU: bf16 at realistic sizes ------------------------------------------------------------
+GPU_SHAPES = [(1, 4, 2, 1000, 128), (2, 4, 4, 4096, 64), (1, 2, 1, 8192, 96), (1, 2, 1, 16384, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"N{s[3]}D{s[4]}")
+@pytest.mark.parametrize("kind,split", KIND_CASES, ids=KIND_IDS)
+def test_gpu_bf16_matches_reference(kind, split, shape, seed):
+    batch, hq, hkv, n, d = shape
+    layout = random_layout(kind, split, batch, n, seed, device="cuda")
+    q, k, v, dout = make_inputs(batch, hq, hkv, n, d, torch.bfloat16, device="cuda")
+    cfg = kernels.pick_config(q.device, d)
+    results = run_kernels(q, k, v, dout, layout, d ** -0.5, cfg)
+    # the float64 dense reference at N = 16k, 2 heads needs ~40 GiB: sized for an 80 GiB GPU
+    check_against_reference(layout, q, k, v, dout, results, TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic(seed):
+    """No atomics: GQA gradients summed inside one program give bitwise-equal reruns."""
+    layout = random_layout("image_bidirectional", False, 2, 3000, seed, device="cuda")
+    q, k, v, dout = make_inputs(2, 8, 2, 3000, 128, torch.bfloat16, device="cuda")
+    cfg = kernels.pick_config(q.device, 128)
+    first, second = (run_kernels(q, k, v, dout, layout, 128 ** -0.5, cfg) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_inductor(seed):
+    layout = random_layout("mmca", True, 1, 2048, seed, device="cuda")
+    q, k, v, dout = make_inputs(1, 4, 2, 2048, 128, torch.bfloat16, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    cfg = kernels.pick_config(q.device, 128)
+    layout.block_map(cfg.block_m, cfg.block_n)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: multimodal_attention(q, k, v, layout), fullgraph=True)
+    out = compiled(*leaves)
+    out.backward(dout)
+    want = reference_grads(q, k, v, dout, layout, 128 ** -0.5)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in leaves)), want):
+        assert rel_err(got, ref) < TOLERANCE[torch.bfloat16], name
