@@ -19,14 +19,10 @@ under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,10 +34,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment  # noqa: E402
+
 from fastvlm.kernels import attention as kernels  # noqa: E402
 from fastvlm.ops import AttentionLayout, multimodal_attention  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("causal", "prefix_lm", "image_bidirectional", "mmca", "mmca_split")
 IMAGE = 576  # LLaVA-1.5: 24 x 24 patches
 
@@ -121,22 +119,10 @@ def _grid_flex():
     return _GRID_FLEX[0]
 
 
-def flex_mask_mod(layout: AttentionLayout):
-    lo, hi, img = layout.lo, layout.hi, layout.is_image
-    mmca = layout.kind == "mmca"
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        ok = (kv_idx >= lo[b, q_idx]) & (kv_idx <= hi[b, q_idx])
-        if mmca:
-            ok = ok & (~(img[b, q_idx] & img[b, kv_idx]) | (q_idx == kv_idx))
-        return ok
-    return mask_mod
-
-
 def flex_block_mask(layout: AttentionLayout):
     create_block_mask, _ = _flex()
     b, n = layout.shape
-    return create_block_mask(flex_mask_mod(layout), b, None, n, n, device=layout.device)
+    return create_block_mask(layout.flex_mask_mod(), b, None, n, n, device=layout.device)
 
 
 def packed_causal_segments(layout: AttentionLayout):
@@ -381,19 +367,6 @@ def training_loop(args, device: str, dtype) -> list[dict]:
 
 
 # ---- output ----------------------------------------------------------------------------------
-def environment(device: str) -> dict:
-    import triton
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU {platform.machine()}"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit, "device": name, "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version()}
-
-
 def markdown(env, args, rows, loop) -> str:
     lines = [f"# bench_attention — {env['device']}", "",
              f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, "

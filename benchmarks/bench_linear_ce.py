@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (environment, markdown_table, median_time, peak_memory, print_header, run_isolated,  # noqa: E402
                     save_results)
 
-from fastvlm.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
+from fastvlm.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
 METHODS = {"naive": "reference", "fastvlm": "auto"}
 

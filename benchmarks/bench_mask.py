@@ -79,7 +79,7 @@ def main(argv=None):
                       f"{flex / c:.0f}x" if flex else "-",
                       f"{r['layout_bytes'] / 2**10:.0f} KiB", f"{r['block_map_bytes'] / 2**10:.0f} KiB",
                       f"{r['dense_mask_bytes'] / 2**20:.0f} MiB"])
-    md = markdown_table([f"N", "kind", f"{compiled} ms", "reference ms", "flex create_block_mask ms",
+    md = markdown_table(["N", "kind", f"{compiled} ms", "reference ms", "flex create_block_mask ms",
                          f"flex / {compiled}", "layout", "block map", "dense bool mask"], table)
     print(md)
     payload = {"benchmark": "bench_mask", "block": BLOCK, "scenario": "multi_image", "env": env, "rows": rows}
