@@ -117,7 +117,8 @@ def one_case(shape, variant, rows, seq_len, kind, device, repeats, seed=0):
     batch = tuple(t.to(device) for t in make_batch(model, rows, seq_len, seed))
     step = step_fn(model, batch, variant, dtype)
     with dense_mask_attention() if variant == "dense-mask SDPA" else contextlib.nullcontext():
-        step()  # warm-up (kernel compilation, allocator)
+        # The first step is measured for memory: on CPU the peak is a process high-water
+        # mark, which a warm-up step would already have raised. It also warms up the timing.
         peak = peak_memory(step, device)
         secs = median_time(step, repeats, warmup=0, device=device)
     tokens = int((batch[2] >= 0).sum())

@@ -208,7 +208,7 @@ def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
             state[key] = tensor  # reported as unexpected by _load_exact
     converted, unexpected = convert_state_dict(vision_hf, vision)
     state.update({f"vision_tower.{k}": v for k, v in converted.items()})
-    state.update({f"vision_tower.{k}": v for k in unexpected for v in [vision_hf[k]]})
+    state.update({f"vision_tower.{k}": vision_hf[k] for k in unexpected})  # reported by _load_exact
     if llm.tie_word_embeddings:
         state.setdefault("language_model.lm_head.weight", state.get("language_model.model.embed_tokens.weight"))
     return model, state
