@@ -68,6 +68,16 @@ def _load_rows(base, offs, offs_d, stride_n, N, D):
 
 
 @triton.jit
+def _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N: tl.constexpr):
+    """Key block kb: its positions, k and v rows (zero past N), and its image flags."""
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, D)
+    v = _load_rows(v_base, offs_n, offs_d, stride_kn, N, D)
+    img_k = tl.load(img_base + offs_n, mask=offs_n < N, other=0)
+    return offs_n, k, v, img_k
+
+
+@triton.jit
 def _load_lse(lse_base, offs_m, N):
     """LSE of rows; rows with nothing allowed (-inf) or past N read +inf, so exp2(s - lse) = 0."""
     lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=float("inf"))
@@ -80,10 +90,7 @@ def _fwd_tile(q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, i
               qk_scale, m0, l0, acc0, m1, l1, acc1,
               IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, D)
-    v = _load_rows(v_base, offs_n, offs_d, stride_kn, N, D)
-    img_k = tl.load(img_base + offs_n, mask=offs_n < N, other=0)
+    offs_n, k, v, img_k = _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, IS_MMCA)
     if SPLIT:
@@ -199,10 +206,7 @@ def _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, i
              N, D, qk_scale, lse0, delta0, lse1, delta1,
              IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, D)
-    v = _load_rows(v_base, offs_n, offs_d, stride_kn, N, D)
-    img_k = tl.load(img_base + offs_n, mask=offs_n < N, other=0)
+    offs_n, k, v, img_k = _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, IS_MMCA)
