@@ -78,6 +78,15 @@ def _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N
 
 
 @triton.jit
+def _load_row_meta(LO, HI, IMG, b, offs_m, N):
+    """Allowed-key interval and image flag of query rows; rows past N allow nothing."""
+    lo = tl.load(LO + b * N + offs_m, mask=offs_m < N, other=0)
+    hi = tl.load(HI + b * N + offs_m, mask=offs_m < N, other=-1)
+    img_q = tl.load(IMG + b * N + offs_m, mask=offs_m < N, other=0)
+    return lo, hi, img_q
+
+
+@triton.jit
 def _load_lse(lse_base, offs_m, N):
     """LSE of rows; rows with nothing allowed (-inf) or past N read +inf, so exp2(s - lse) = 0."""
     lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=float("inf"))
@@ -127,9 +136,7 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG,
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, D)
-    lo = tl.load(LO + b * N + offs_m, mask=offs_m < N, other=0)
-    hi = tl.load(HI + b * N + offs_m, mask=offs_m < N, other=-1)
-    img_q = tl.load(IMG + b * N + offs_m, mask=offs_m < N, other=0)
+    lo, hi, img_q = _load_row_meta(LO, HI, IMG, b, offs_m, N)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_kb + hk * stride_kh
     img_base = IMG + b * N
@@ -231,9 +238,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, D)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, N, D)
-    lo = tl.load(LO + b * N + offs_m, mask=offs_m < N, other=0)
-    hi = tl.load(HI + b * N + offs_m, mask=offs_m < N, other=-1)
-    img_q = tl.load(IMG + b * N + offs_m, mask=offs_m < N, other=0)
+    lo, hi, img_q = _load_row_meta(LO, HI, IMG, b, offs_m, N)
     lse0 = _load_lse(LSE + bh * N, offs_m, N)
     delta0 = tl.load(DELTA + bh * N + offs_m, mask=offs_m < N, other=0.0)
     lse1, delta1 = lse0, delta0
@@ -268,9 +273,7 @@ def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don, lse_bas
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, D)
     do = _load_rows(do_base, offs_m, offs_d, stride_don, N, D)
-    lo = tl.load(lo_base + offs_m, mask=offs_m < N, other=0)
-    hi = tl.load(hi_base + offs_m, mask=offs_m < N, other=-1)
-    img_q = tl.load(img_base + offs_m, mask=offs_m < N, other=0)
+    lo, hi, img_q = _load_row_meta(lo_base, hi_base, img_base, 0, offs_m, N)  # bases are per row b
     lse0 = _load_lse(lse_base, offs_m, N)
     delta0 = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
     lse1, delta1 = lse0, delta0
