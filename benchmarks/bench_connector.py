@@ -57,23 +57,20 @@ class EagerConnector(nn.Module):
         super().__init__()
         self.seq, self.reduce = seq, reduce
 
-    def forward(self, xs):
+    def merged_input(self, xs):
         if self.reduce is not None:
             xs = [reduce_tokens(x, self.reduce) for x in xs]
-        return self.seq(xs[0] if len(xs) == 1 else torch.cat(xs, -1))
+        return xs[0] if len(xs) == 1 else torch.cat(xs, -1)
+
+    def forward(self, xs):
+        return self.seq(self.merged_input(xs))
 
 
-class AddmmActivationConnector(nn.Module):
+class AddmmActivationConnector(EagerConnector):
     """torch._addmm_activation(use_gelu=True): bias + tanh-GELU in cuBLASLt's epilogue."""
 
-    def __init__(self, seq: nn.Sequential, reduce: str | None):
-        super().__init__()
-        self.seq, self.reduce = seq, reduce
-
     def forward(self, xs):
-        if self.reduce is not None:
-            xs = [reduce_tokens(x, self.reduce) for x in xs]
-        x = xs[0] if len(xs) == 1 else torch.cat(xs, -1)
+        x = self.merged_input(xs)
         flat = x.reshape(-1, x.shape[-1])
         h = torch._addmm_activation(self.seq[0].bias, flat, self.seq[0].weight.t(), use_gelu=True)
         out = torch.addmm(self.seq[2].bias, h, self.seq[2].weight.t())
