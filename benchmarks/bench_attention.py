@@ -39,6 +39,7 @@ from common import RESULTS, environment  # noqa: E402
 
 from fastvlm.kernels import attention as kernels  # noqa: E402
 from fastvlm.ops import AttentionLayout, multimodal_attention  # noqa: E402
+from fastvlm.ops._backend import why_unavailable  # noqa: E402
 
 KINDS = ("causal", "prefix_lm", "image_bidirectional", "mmca", "mmca_split")
 IMAGE = 576  # LLaVA-1.5: 24 x 24 patches
@@ -125,22 +126,15 @@ def flex_block_mask(layout: AttentionLayout):
     return create_block_mask(layout.flex_mask_mod(), b, None, n, n, device=layout.device)
 
 
-def packed_causal_segments(layout: AttentionLayout):
-    """cu_seqlens and token index of a causal layout's live tokens (flash-attn / xformers varlen)."""
-    if layout.kind != "causal":
-        return None
-    seg = layout.segment_ids
-    live = (seg >= 0).flatten()
-    key = (seg.long() + torch.arange(seg.shape[0], device=seg.device)[:, None] * (seg.shape[1] + 1)).flatten()[live]
-    lengths = torch.unique_consecutive(key, return_counts=True)[1]
-    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return cu, live.nonzero().squeeze(1), int(lengths.max())
-
-
 def methods_for(layout: AttentionLayout, plain: bool, device: str, smoke: bool):
     """name -> (callable(q, k, v) -> out, setup seconds or None), for those that express the mask."""
     group_kw = {"enable_gqa": True}
+    # the Triton kernel (tiles timed per shape on CUDA); "fastvlm_auto" is what backend="auto"
+    # serves, which differs only where flash-attn is installed and the mask is packed causal
     out = {"fastvlm": (lambda q, k, v: multimodal_attention(q, k, v, layout, backend="triton"), None)}
+    if (device == "cuda" and layout.is_packed_causal
+            and why_unavailable("multimodal_attention", "flash_attn", layout.device) is None):
+        out["fastvlm_auto"] = (lambda q, k, v: multimodal_attention(q, k, v, layout), None)
     if smoke:
         out["reference"] = (lambda q, k, v: multimodal_attention(q, k, v, layout, backend="reference"), None)
     if not layout.split_softmax:  # one softmax over a boolean mask: not mmca's split definition
@@ -158,9 +152,8 @@ def methods_for(layout: AttentionLayout, plain: bool, device: str, smoke: bool):
             setup = _sync_time(device) - start
             flex = _grid_flex()
             out["flex"] = (lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True), setup)
-        seg = packed_causal_segments(layout) if device == "cuda" else None
-        if seg is not None:
-            out.update(_varlen_baselines(*seg))
+        if device == "cuda" and layout.is_packed_causal:
+            out.update(_varlen_baselines(*layout.varlen_segments()))
     return out
 
 
@@ -170,7 +163,7 @@ def _varlen_baselines(cu, index, max_len):
         from flash_attn import flash_attn_varlen_func
 
         def fa(q, k, v):
-            pack = lambda t: t.transpose(1, 2).flatten(0, 1)[index]  # noqa: E731
+            pack = lambda t: t.transpose(1, 2).flatten(0, 1)[slice(None) if index is None else index]  # noqa: E731
             return flash_attn_varlen_func(pack(q), pack(k), pack(v), cu, cu, max_len, max_len, causal=True)
         found["flash_attn_varlen"] = (fa, None)
     except ImportError:
@@ -182,7 +175,7 @@ def _varlen_baselines(cu, index, max_len):
 
         def xf(q, k, v):
             # xformers wants [1, T, H, D] with k/v heads expanded (views, no copy)
-            pack = lambda t: t.transpose(1, 2).flatten(0, 1)[index][None]  # noqa: E731
+            pack = lambda t: t.transpose(1, 2).flatten(0, 1)[slice(None) if index is None else index][None]  # noqa: E731
             hq, hk = q.shape[1], k.shape[1]
             kk, vv = (pack(t).unflatten(2, (hk, 1)).expand(-1, -1, -1, hq // hk, -1).flatten(2, 3) for t in (k, v))
             return xops.memory_efficient_attention(pack(q), kk, vv, attn_bias=bias)

@@ -374,6 +374,27 @@ def gpu_config(capability: tuple[int, int], head_dim: int) -> TileConfig:
     return next(cfg for bound, cfg in table if head_dim <= bound)
 
 
+# Alternatives that `auto` times against the table's entry on the first call of each
+# shape (fastvlm.ops.attention): wider query tiles amortise the k/v loads on long
+# rows, narrower ones waste less on partial tiles. One that does not fit (out of
+# shared memory on that part) is dropped by the measurement.
+_SM80_SM90_ALTERNATIVES = ((64, (TileConfig(128, 64, 4, 3), TileConfig(128, 32, 4, 3),
+                                 TileConfig(64, 32, 4, 3))),
+                           (128, (TileConfig(128, 64, 8, 3), TileConfig(128, 32, 8, 3),
+                                  TileConfig(64, 32, 4, 3))),
+                           (256, (TileConfig(64, 32, 8, 2), TileConfig(32, 64, 8, 2))))
+_ALTERNATIVES = {(8, 0): _SM80_SM90_ALTERNATIVES, (9, 0): _SM80_SM90_ALTERNATIVES,
+                 (10, 0): _SM80_SM90_ALTERNATIVES}
+
+
+def candidate_configs(capability: tuple[int, int], head_dim: int) -> tuple[TileConfig, ...]:
+    """The table's config first, then the alternatives worth timing on this part."""
+    table = _ALTERNATIVES.get(tuple(capability), ())
+    extra = next((cfgs for bound, cfgs in table if head_dim <= bound), ())
+    first = gpu_config(capability, head_dim)
+    return (first,) + tuple(c for c in extra if c != first)
+
+
 # ---- launchers -------------------------------------------------------------------------------
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))

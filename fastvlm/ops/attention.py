@@ -4,6 +4,14 @@ q: [B, Hq, N, D], k/v: [B, Hkv, N, D] (SDPA layout), Hq a multiple of Hkv
 (GQA, k/v never repeated in memory by the fast paths). A query row that may
 attend to nothing outputs 0 and gets zero gradient, never NaN.
 
+Backends: ``triton`` (fastvlm.kernels.attention: visits only the tiles the
+layout's block map lists), ``flash_attn`` (flash-attn 2's varlen kernel, for
+plain or packed causal layouts only, where it is installed) and ``reference``.
+On CUDA, ``auto`` times the candidate tile configs of the Triton kernel — and
+flash-attn where it can serve the call — on the first call of each shape, and
+the fastest serves that shape from then on (FASTVLM_AUTOTUNE=0: the static
+per-GPU table, no flash-attn).
+
 The reference backend has two paths that compute the same function:
 - ``dense``: materialises the [B, N, N] mask (tests, small N);
 - ``blockwise``: walks the layout's block map with an online softmax over
@@ -14,10 +22,11 @@ The reference backend has two paths that compute the same function:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from fastvlm.ops._backend import register_op, resolve_backend
+from fastvlm.ops._backend import fastest_backend, register_op, resolve_backend
 from fastvlm.ops.layout import AttentionLayout, BlockMap
 
 try:
@@ -42,8 +51,30 @@ def _triton_available(device: torch.device):
     return f"no Triton kernels for device type {device.type!r}"
 
 
-register_op("multimodal_attention", {"triton": _triton_available, "reference": lambda device: True},
+def _flash_varlen():
+    """flash-attn 2's varlen entry point, or None where flash-attn is not installed."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _flash_available(device: torch.device):
+    if device.type != "cuda":
+        return f"flash-attn runs on CUDA tensors only, not {device.type!r}"
+    if _flash_varlen() is None:
+        return "flash-attn is not installed (pip install fastvlm[flash])"
+    return True
+
+
+register_op("multimodal_attention", {"triton": _triton_available, "flash_attn": _flash_available,
+                                     "reference": lambda device: True},
             {"cpu": ("reference",), "cuda": ("triton", "reference")})
+# "auto" on CUDA times the tile configs (and flash-attn where it expresses the mask)
+# on the first call of each shape; FASTVLM_AUTOTUNE=0 keeps the table's config and
+# never considers flash-attn, for bitwise-identical results across processes.
+AUTOTUNE = os.environ.get("FASTVLM_AUTOTUNE", "1") != "0"
 DENSE_MAX_ELEMENTS = 1 << 24  # B*Hq*N*N scores above which the reference goes blockwise
 REFERENCE_BLOCK = 128
 REFERENCE_KV_CHUNK = 8  # kv blocks per online-softmax step
@@ -84,14 +115,26 @@ def multimodal_attention(q, k, v, layout: AttentionLayout, *, scale: float | Non
                          backend: str = "auto") -> torch.Tensor:
     """softmax(q kᵀ · scale, masked by `layout`) v, per head; returns q's shape and dtype.
 
-    backend: ``auto`` (Triton on CUDA, reference on CPU), ``triton`` (on CPU
-    only under TRITON_INTERPRET=1) or ``reference``. Both are deterministic:
-    the Triton backward uses no atomics (each dK/dV program sums its GQA group).
+    backend: ``auto`` (on CUDA the Triton kernel, or flash-attn's varlen kernel
+    where it is installed, the layout is plain/packed causal and it was measured
+    faster; the reference on CPU), ``triton`` (on CPU only under
+    TRITON_INTERPRET=1), ``flash_attn`` (packed-causal layouts only) or
+    ``reference``. The Triton and reference backwards use no atomics (each dK/dV
+    program sums its GQA group) and are deterministic for a given tile config.
     """
     check_attention_inputs(q, k, v, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if resolve_backend("multimodal_attention", backend, q.device) == "triton":
-        return _triton_attention(q, k, v, layout, scale)
+    chosen = resolve_backend("multimodal_attention", backend, q.device)
+    if chosen == "flash_attn":
+        reason = flash_limitation(q, layout)
+        if reason is not None:
+            raise ValueError(f"backend='flash_attn' cannot serve this call: {reason}")
+        return _flash_attention(q, k, v, layout, scale)
+    if chosen == "triton":
+        cfg = _measured_choice(q, k, v, layout, scale, with_flash=backend == "auto")
+        if cfg == "flash_attn":
+            return _flash_attention(q, k, v, layout, scale)
+        return _triton_attention(q, k, v, layout, scale, cfg)
     return attention_reference(q, k, v, layout, scale=scale)
 
 
@@ -122,8 +165,70 @@ def multimodal_attention_varlen(q, k, v, cu_seqlens, *, image_ids=None, prefix_m
     return out.transpose(1, 2).squeeze(0)
 
 
-def _triton_attention(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tensor:
-    cfg = _kernels.pick_config(q.device, q.shape[-1])
+def flash_limitation(q, layout: AttentionLayout) -> str | None:
+    """Why flash-attn's varlen kernel cannot compute this call, or None if it can."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn takes float16/bfloat16, got {q.dtype}"
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        return f"flash-attn needs head_dim a multiple of 8 up to 256, got {q.shape[-1]}"
+    if not layout.is_packed_causal:
+        return (f"flash-attn expresses plain or packed causal masks only; this layout "
+                f"(kind={layout.kind!r}) lets some tokens see later ones or hides earlier ones")
+    return None
+
+
+def _flash_attention(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tensor:
+    """Every segment of every row as one packed causal sequence; padding rows output 0."""
+    cu, index, max_len = layout.varlen_segments()
+    b, h, n, d = q.shape
+
+    def pack(t):  # [B, H, N, D] -> [live tokens, H, D]; a view when B == 1 and t came from [N, H, D]
+        t = t.transpose(1, 2).reshape(b * n, t.shape[1], d)
+        return t if index is None else t[index]
+
+    out = _flash_varlen()(pack(q), pack(k), pack(v), cu, cu, max_len, max_len,
+                          softmax_scale=scale, causal=True)
+    if index is not None:
+        out = out.new_zeros(b * n, h, d).index_copy(0, index, out)
+    return out.view(b, n, h, d).transpose(1, 2)
+
+
+def _measured_choice(q, k, v, layout: AttentionLayout, scale: float, with_flash: bool):
+    """The tile config (or "flash_attn") for this call: on CUDA, each candidate is
+    timed on the first call of a shape key (forward + backward when training) and
+    the fastest serves that key from then on; elsewhere, and while torch.compile
+    traces or a CUDA graph captures, the table's config."""
+    first = _kernels.pick_config(q.device, q.shape[-1])
+    if (not AUTOTUNE or q.device.type != "cuda" or torch.compiler.is_compiling()
+            or torch.cuda.is_current_stream_capturing()):
+        return first
+    candidates = list(_kernels.candidate_configs(torch.cuda.get_device_capability(q.device), q.shape[-1]))
+    flash = with_flash and _flash_available(q.device) is True and flash_limitation(q, layout) is None
+    if flash:
+        candidates.append("flash_attn")
+    if len(candidates) == 1:
+        return first
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    b, hq, n, d = q.shape
+    key = ("multimodal_attention", q.device, q.dtype, hq, k.shape[1], d, 1 << max(b * n - 1, 0).bit_length(),
+           layout.kind, layout.split_softmax, flash, training)
+    runners = {c: _trial(c, q, k, v, layout, scale, training) for c in candidates}
+    return fastest_backend(key, runners, q.device)
+
+
+def _trial(choice, q, k, v, layout: AttentionLayout, scale: float, training: bool):
+    """One call (and backward) on detached views of the inputs: the caller's graph is untouched."""
+    def run():
+        with torch.set_grad_enabled(training):
+            leaves = [t.detach().requires_grad_(training) for t in (q, k, v)]
+            out = (_flash_attention(*leaves, layout, scale) if choice == "flash_attn"
+                   else _triton_attention(*leaves, layout, scale, choice))
+            if training:
+                out.backward(torch.ones_like(out))
+    return run
+
+
+def _triton_attention(q, k, v, layout: AttentionLayout, scale: float, cfg) -> torch.Tensor:
     bm = layout.block_map(cfg.block_m, cfg.block_n)  # the map must match the kernel's tiles
     # strides the kernels take, fixed here so the fake impls' empty_like match the real outputs
     q, k, v = _kernels.kernel_inputs(q, k, v)

@@ -26,15 +26,12 @@ can serve a fused_mlp call too, the first call of each shape times both (forward
 from __future__ import annotations
 
 import os
-import statistics
-import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from fastvlm import _ext
-from fastvlm.ops._backend import register_op, resolve_backend
+from fastvlm.ops._backend import fastest_backend, register_op, resolve_backend
 from fastvlm.ops.token_reduction import check_reduce, reduce_tokens
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
@@ -226,41 +223,6 @@ class _CublasLtMLP(torch.autograd.Function):
         dw2 = dy.t() @ F.gelu(pre, approximate="tanh") if need_w2 else None
         return (dz @ w1 if need_x else None, dz.t() @ x if need_w1 else None, db1, dw2,
                 dy.sum(0) if need_b2 else None)
-
-
-FASTEST: dict[tuple, str] = {}  # shape key -> the backend measured fastest for it
-
-
-def _median_ms(run: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
-    run()  # warm-up: compilation, autotuning
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def fastest_backend(key: tuple, runners: dict[str, Callable[[], None]], device: torch.device) -> str:
-    """The backend whose runner is fastest, measured once per key and then cached;
-    a runner that raises is out of the running (the first one is kept if all do)."""
-    if key not in FASTEST:
-        times = {}
-        for name, run in runners.items():
-            try:
-                times[name] = _median_ms(run, device)
-            except (RuntimeError, ValueError):
-                continue
-        FASTEST[key] = min(times, key=times.get) if times else next(iter(runners))
-    return FASTEST[key]
 
 
 def _trial(backend, xs, w1, b1, w2, b2, activation):

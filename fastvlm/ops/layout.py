@@ -253,6 +253,7 @@ class AttentionLayout:
         self.kind, self.split_softmax = kind, bool(split_softmax)
         self.lo, self.hi, self.is_image = self._intervals()
         self._block_maps: dict[tuple[int, int], BlockMap] = {}
+        self._packed_causal: bool | None = None
 
     # ---- derived metadata ------------------------------------------------------------
     def _intervals(self):
@@ -304,6 +305,34 @@ class AttentionLayout:
     def __repr__(self):
         return (f"AttentionLayout(kind={self.kind!r}, split_softmax={self.split_softmax}, "
                 f"shape={self.shape}, device={self.device})")
+
+    # ---- as flash-attn's varlen arguments ----------------------------------------------
+    @property
+    def is_packed_causal(self) -> bool:
+        """True if every live token sees exactly the earlier tokens of its own segment:
+        plain or packed causal attention, whatever ``kind`` says (e.g. mmca of text only).
+        Conservative for mmca: any image token makes it False."""
+        if self._packed_causal is None:
+            idx = torch.arange(self.seq_len, device=self.device, dtype=torch.int32)
+            live = self.segment_ids >= 0
+            causal_rows = bool(((self.hi == idx) | ~live).all())
+            # mmca also removes image keys from image queries' rows: only without images is it causal
+            self._packed_causal = causal_rows and not (self.kind == "mmca" and bool(self.is_image.any()))
+        return self._packed_causal
+
+    def varlen_segments(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(cu_seqlens int32 [S + 1], index of the live tokens in the flattened [B * N]
+        rows or None if there is no padding, longest segment): every segment of every
+        row, in order, as one packed sequence (flash-attn / xformers varlen)."""
+        seg = self.segment_ids
+        b, n = seg.shape
+        live = (seg >= 0).flatten()
+        # a key unique per (row, segment), so equal ids in different rows stay apart
+        key = (seg.long() + torch.arange(b, device=seg.device)[:, None] * (n + 1)).flatten()[live]
+        lengths = torch.unique_consecutive(key, return_counts=True)[1]
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        index = None if bool(live.all()) else live.nonzero().squeeze(1)
+        return cu, index, int(lengths.max()) if lengths.numel() else 0
 
     # ---- dense masks (tests / small N) ----------------------------------------------
     def dense(self) -> torch.Tensor:

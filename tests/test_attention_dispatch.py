@@ -1,0 +1,173 @@
+"""multimodal_attention's dispatch: which layouts flash-attn can serve, the packing
+into its varlen arguments, and the measured choice of `auto`.
+
+flash-attn is GPU-only and not installed here; its varlen function is replaced by
+a float64 per-segment implementation with the same signature, so the packing,
+padding and GQA plumbing around it is checked against the reference on CPU.
+"""
+import random
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvlm.kernels import attention as kernels
+from fastvlm.ops import AttentionLayout, multimodal_attention
+from fastvlm.ops import _backend
+from fastvlm.ops import attention as attention_module
+from fastvlm.ops.attention import attention_reference, flash_limitation
+from tests.layouts import random_layout
+
+
+def causal_twin(layout: AttentionLayout) -> AttentionLayout:
+    return AttentionLayout(layout.segment_ids, kind="causal")
+
+
+@pytest.mark.parametrize("kind", ["causal", "prefix_lm", "image_bidirectional", "mmca"])
+def test_is_packed_causal_agrees_with_the_dense_mask(kind):
+    rng = random.Random(7)
+    seen = set()
+    for trial in range(40):
+        layout = random_layout(rng, rng.randint(1, 3), rng.randint(5, 40), kind)
+        want = bool(torch.equal(layout.dense(), causal_twin(layout).dense()))
+        if kind == "mmca":  # conservative there: images of one token each are causal too
+            assert want or not layout.is_packed_causal, trial
+        else:
+            assert layout.is_packed_causal == want, (trial, kind)
+        seen.add(layout.is_packed_causal)
+    assert seen == ({True} if kind == "causal" else {True, False})
+
+
+def test_text_only_multimodal_layouts_are_packed_causal():
+    seg = torch.tensor([[0, 0, 0, 1, 1, -1]])
+    text = torch.full_like(seg, -1)
+    assert AttentionLayout(seg, text, kind="mmca", split_softmax=True).is_packed_causal
+    image = torch.tensor([[-1, 0, 0, -1, -1, -1]])
+    assert not AttentionLayout(seg, image, kind="mmca").is_packed_causal
+    assert not AttentionLayout(seg, image, kind="image_bidirectional").is_packed_causal
+
+
+def test_varlen_segments_lists_every_segment_of_every_row():
+    seg = torch.tensor([[0, 0, 1, 1, 1, -1], [4, 4, 4, 4, -1, -1], [0, 0, 0, 0, 0, 0]])
+    cu, index, max_len = AttentionLayout(seg).varlen_segments()
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 2, 5, 9, 15]
+    assert index.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17]
+    assert max_len == 6
+    cu, index, max_len = AttentionLayout(seg[2:]).varlen_segments()
+    assert cu.tolist() == [0, 6] and index is None and max_len == 6
+
+
+def fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False):
+    """flash-attn 2's flash_attn_varlen_func, in float64, one segment at a time."""
+    assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    lengths = torch.diff(cu_q)
+    assert int(lengths.max()) == max_q == max_k and q.stride(-1) == 1
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (t[start:end].transpose(0, 1).double() for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=softmax_scale)
+        out[start:end] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+@pytest.fixture
+def fake_flash_attn(monkeypatch):
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_varlen_func = fake_flash_varlen
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+
+
+@pytest.mark.parametrize("batch,hq,hkv,n,d", [(1, 2, 2, 37, 16), (3, 4, 2, 29, 24), (2, 6, 1, 50, 8)])
+def test_flash_path_matches_reference_with_padding_and_gqa(fake_flash_attn, batch, hq, hkv, n, d, seed):
+    rng = random.Random(seed)
+    layout = random_layout(rng, batch, n, "causal")
+    for _ in range(50):  # with padding, so the scatter back into [B * N] rows is exercised
+        if layout.varlen_segments()[1] is not None:
+            break
+        layout = random_layout(rng, batch, n, "causal")
+    leaves = [torch.randn(batch, h, n, d, dtype=torch.float32).requires_grad_() for h in (hq, hkv, hkv)]
+    dout = torch.randn(batch, hq, n, d)
+    scale = 0.3
+    out = attention_module._flash_attention(*leaves, layout, scale)
+    out.backward(dout)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = attention_reference(*ref_leaves, layout, scale=scale, impl="dense")
+    ref.backward(dout.double())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in leaves)),
+                               (ref.detach(), *(t.grad for t in ref_leaves))):
+        err = float((got.double() - want).norm() / want.norm())
+        assert err < 1e-5, (name, err)
+    live = (layout.segment_ids >= 0)[:, None, :, None]
+    assert bool((out.detach() * ~live == 0).all())  # padding rows are exactly 0
+
+
+def test_flash_limitations_name_what_is_wrong():
+    causal = AttentionLayout(torch.zeros(1, 8, dtype=torch.int32))
+    half = torch.randn(1, 2, 8, 64, dtype=torch.float16)
+    assert flash_limitation(half, causal) is None
+    assert "float16/bfloat16" in flash_limitation(half.float(), causal)
+    assert "head_dim" in flash_limitation(torch.randn(1, 2, 8, 36, dtype=torch.float16), causal)
+    image = torch.tensor([[-1, 0, 0, 0, -1, -1, -1, -1]])
+    bidir = AttentionLayout(torch.zeros(1, 8, dtype=torch.int32), image, kind="image_bidirectional")
+    assert "causal" in flash_limitation(half, bidir)
+
+
+def test_explicit_flash_backend_refuses_cpu_tensors(fake_flash_attn):
+    layout = AttentionLayout(torch.zeros(1, 8, dtype=torch.int32))
+    q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="flash_attn.*CUDA"):
+        multimodal_attention(q, q, q, layout, backend="flash_attn")
+
+
+def test_measured_choice_off_cuda_is_the_table_config():
+    layout = AttentionLayout(torch.zeros(1, 8, dtype=torch.int32))
+    q = torch.randn(1, 2, 8, 64)
+    cfg = attention_module._measured_choice(q, q, q, layout, 0.1, with_flash=True)
+    assert cfg == kernels.pick_config(q.device, 64)
+
+
+def test_trial_runs_leave_the_callers_graph_alone(seed):
+    """`auto` times candidates on detached views: no gradient reaches the caller's tensors."""
+    layout = random_layout(random.Random(seed), 1, 21, "mmca", split_softmax=True)
+    q, k, v = (torch.randn(1, 2, 21, 16, requires_grad=True) for _ in range(3))
+    attention_module._trial(kernels.INTERPRETER_CONFIG, q, k, v, layout, 0.25, training=True)()
+    assert q.grad is None and k.grad is None and v.grad is None
+
+
+def test_a_candidate_that_raises_any_error_is_dropped(monkeypatch):
+    class OutOfResources(Exception):  # what Triton raises when a config needs too much shared memory
+        pass
+
+    def too_big():
+        raise OutOfResources("shared memory")
+
+    monkeypatch.setattr(_backend, "FASTEST", {})
+    choice = _backend.fastest_backend(("k",), {"big": too_big, "fits": lambda: None}, torch.device("cpu"))
+    assert choice == "fits"
+
+
+def test_candidate_configs_start_with_the_table_entry():
+    for cap in ((8, 0), (9, 0), (8, 9)):
+        for d in (32, 64, 80, 128, 256):
+            cands = kernels.candidate_configs(cap, d)
+            assert cands[0] == kernels.gpu_config(cap, d) and len(set(cands)) == len(cands)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_times_candidates_once_and_matches_reference(seed, monkeypatch):
+    monkeypatch.setattr(_backend, "FASTEST", {})
+    layout = random_layout(random.Random(seed), 2, 3000, "image_bidirectional", device="cuda")
+    leaves = [torch.randn(2, h, 3000, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
+              for h in (8, 2, 2)]
+    out = multimodal_attention(*leaves, layout)
+    out.float().square().sum().backward()
+    (choice,) = _backend.FASTEST.values()
+    assert choice in kernels.candidate_configs(torch.cuda.get_device_capability(), 128)
+    want = attention_reference(*(t.detach().double() for t in leaves), layout, impl="blockwise")
+    assert float((out.double() - want).norm() / want.norm()) < 3e-2
+    multimodal_attention(*leaves, layout)
+    assert len(_backend.FASTEST) == 1  # the second call reuses the measurement
