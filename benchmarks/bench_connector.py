@@ -1,5 +1,6 @@
 """The connector MLP (Linear -> GELU -> Linear) at real projector shapes:
-fastvlm's fused connector (Triton; recompute on/off) vs eager nn.Sequential,
+fastvlm's fused connector (Triton; recompute — the module's default — and
+keep_preact, which keeps the pre-activation instead) vs eager nn.Sequential,
 torch.compile of it, and torch._addmm_activation. Two rows compute tanh-GELU
 instead of exact GELU and are shown for speed only: addmm_act (cuBLASLt's
 epilogue via torch) and fastvlm_cublaslt (our cuBLASLt path, plain variant only).
@@ -47,7 +48,7 @@ PROJECTORS = {"clip-l/336->4096": (1024, 4096), "clip-l/336->5120": (1024, 5120)
               "siglip-so400m->3584": (1152, 3584)}
 IMAGES = (8, 32, 64)
 VARIANTS = ("plain", "multilevel4", "pixel_shuffle", "avg_pool", "multilevel4+pixel_shuffle")
-SMOKE_PROJECTORS = {"tiny": (32, 48)}
+SMOKE_PROJECTORS = {"tiny": (16, 64)}  # K:N = 1:4 as CLIP-L -> 4096, so kept-byte ratios match
 
 
 class EagerConnector(nn.Module):
@@ -136,7 +137,7 @@ def methods(args):
         names.append("compile")
     if args.device == "cuda":
         names.append("addmm_act")
-    names += ["fastvlm", "fastvlm_recompute"]
+    names += ["fastvlm", "fastvlm_keep_preact"]
     return names + (["fastvlm_cublaslt"] if args.device == "cuda" else [])
 
 
@@ -155,8 +156,8 @@ def one_case(args, name, k, n, images, variant):
     for method in methods(args):
         if method == "fastvlm_cublaslt" and variant != "plain":
             continue
-        backend = {"fastvlm_cublaslt": "cublaslt", "fastvlm": "triton", "fastvlm_recompute": "triton"}.get(method)
-        options = {"backend": backend, "recompute": method == "fastvlm_recompute"}
+        backend = {"fastvlm_cublaslt": "cublaslt", "fastvlm": "triton", "fastvlm_keep_preact": "triton"}.get(method)
+        options = {"backend": backend, "recompute": method != "fastvlm_keep_preact"}
         module = build(method, seq, options, reduce)
 
         def fwd():

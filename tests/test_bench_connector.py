@@ -20,8 +20,14 @@ def test_bench_connector_smoke(tmp_path):
     variants = {r["variant"] for r in payload["rows"]}
     assert variants == {"plain", "multilevel4", "pixel_shuffle", "avg_pool", "multilevel4+pixel_shuffle"}
     for row in payload["rows"]:
-        for method in ("eager", "fastvlm", "fastvlm_recompute"):
+        for method in ("eager", "fastvlm", "fastvlm_keep_preact"):
             assert row[method]["fwd_bwd_ms"] > 0 and row[method]["kept_bytes"] > 0, (row["variant"], method)
         # recompute keeps strictly less than keeping the pre-activation
-        assert row["fastvlm_recompute"]["kept_bytes"] < row["fastvlm"]["kept_bytes"]
+        assert row["fastvlm"]["kept_bytes"] < row["fastvlm_keep_preact"]["kept_bytes"]
+        if row["variant"] == "multilevel4+pixel_shuffle":
+            # the four inputs alone are 2/3 of eager's bytes; W1's gradient needs them, so
+            # keeping exactly them (fp32 here) is the minimum any implementation can reach
+            assert row["fastvlm"]["kept_bytes"] == 4 * row["M"] * row["K"] * 4
+        else:  # issue 4's target, at the smoke projector's K:N = 1:4 of CLIP-L -> 4096
+            assert row["fastvlm"]["kept_vs_eager"] <= 0.5, row["variant"]
     assert out.with_suffix(".md").exists()

@@ -248,15 +248,28 @@ def test_cublaslt_backend_limits():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("m", [2 * 576, 999])
-def test_cublaslt_gelu_tanh_on_gpu(seed, m):
+def test_cublaslt_gelu_tanh_on_gpu(seed, m, recompute):
     """GELU_AUX_BIAS forward and DGELU_BGRAD backward against the float64 reference."""
     dtype = torch.bfloat16
     x = leaf(m, 1024, dtype=dtype)
     w1, b1 = leaf(4096, 1024, dtype=dtype, scale=1024 ** -0.5), leaf(4096, dtype=dtype, scale=0.1)
     w2, b2 = leaf(4096, 4096, dtype=dtype, scale=4096 ** -0.5), leaf(4096, dtype=dtype, scale=0.1)
-    check_against_reference(lambda *a: fused_mlp(*a, "gelu_tanh", backend="cublaslt"),
+    check_against_reference(lambda *a: fused_mlp(*a, "gelu_tanh", recompute=recompute, backend="cublaslt"),
                             lambda *a: fused_mlp_reference(*a, "gelu_tanh"), [x, w1, b1, w2, b2], dtype)
+
+
+@pytest.mark.gpu
+def test_cublaslt_recompute_keeps_no_hidden_tensor(seed):
+    x = torch.randn(576, 1024, device="cuda", dtype=torch.bfloat16)
+    w1, b1 = leaf(4096, 1024, dtype=torch.bfloat16), leaf(4096, dtype=torch.bfloat16)
+    w2, b2 = leaf(512, 4096, dtype=torch.bfloat16), leaf(512, dtype=torch.bfloat16)
+    params = {t.untyped_storage().data_ptr() for t in (x, w1, b1, w2, b2)}
+    for recompute, want in ((False, 576 * 4096 * 2), (True, 0)):
+        found = saved_bytes(lambda: fused_mlp(x, w1, b1, w2, b2, "gelu_tanh", recompute=recompute,
+                                              backend="cublaslt"))
+        assert sum(v for k, v in found.items() if k not in params) == want, recompute
 
 
 def test_fastest_backend_measures_once_and_skips_failures(monkeypatch):

@@ -62,12 +62,15 @@ class FusedMLPConnector(nn.Sequential):
 
     `in_features` is the first Linear's width; with ``reduce="pixel_shuffle"``
     that is 4x the encoder width (the input is [B, H*W, in_features / 4]).
-    Backward keeps the hidden pre-activation, or nothing with ``recompute=True``.
+    Backward keeps nothing but the input by default (``recompute=True``): it reruns
+    the first GEMM, which costs one GEMM of the smaller layer (+7% of the step's
+    FLOPs for 1024 -> 4096 -> 4096) and keeps ~0.11x of eager's activations, where
+    keeping the pre-activation (``recompute=False``) keeps ~0.56x.
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
                  activation: str = "gelu", bias: bool = True, *, reduce: str | None = None,
-                 grid: tuple[int, int] | None = None, recompute: bool = False, backend: str = "auto",
+                 grid: tuple[int, int] | None = None, recompute: bool = True, backend: str = "auto",
                  device=None, dtype=None):
         if reduce == "pixel_shuffle" and in_features % 4:
             raise ValueError(f"in_features: pixel_shuffle needs a multiple of 4, got {in_features}")
@@ -114,7 +117,7 @@ class MultiLevelConnector(nn.Module):
 
     def __init__(self, in_features: Sequence[int], hidden_features: int, out_features: int | None = None,
                  *, mode: str = "sum", layer_norm: bool | None = None, activation: str = "gelu",
-                 reduce: str | None = None, grid: tuple[int, int] | None = None, recompute: bool = False,
+                 reduce: str | None = None, grid: tuple[int, int] | None = None, recompute: bool = True,
                  backend: str = "auto", device=None, dtype=None):
         super().__init__()
         if mode not in ("sum", "concat"):

@@ -204,33 +204,41 @@ def cublaslt_limitation(xs, ws, b1, b2, activation, reduce) -> str | None:
 
 
 class _CublasLtMLP(torch.autograd.Function):
-    """gelu_tanh MLP on cuBLASLt: GELU_AUX_BIAS forward keeps the pre-activation,
-    DGELU_BGRAD backward gives the hidden gradient and b1's gradient in one GEMM."""
+    """gelu_tanh MLP on cuBLASLt: GELU_AUX_BIAS forward writes the activation and the
+    pre-activation in one GEMM, DGELU_BGRAD backward gives the hidden gradient and b1's
+    gradient in one GEMM. Keeps the pre-activation, or (recompute) nothing: backward
+    then reruns the GELU_AUX_BIAS GEMM, which returns the activation W2's gradient
+    needs as well."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
+    def forward(ctx, x, w1, b1, w2, b2, recompute: bool):
         hidden, pre = _ext.cublaslt_linear_gelu(x, w1, b1)
-        ctx.save_for_backward(x, w1, pre, w2)
+        ctx.recompute = recompute
+        ctx.save_for_backward(x, w1, b1 if recompute else pre, w2)
         return torch.addmm(b2, hidden, w2.t())
 
     @staticmethod
     def backward(ctx, dy):
-        x, w1, pre, w2 = ctx.saved_tensors
+        x, w1, kept, w2 = ctx.saved_tensors
         dy = dy.contiguous()
+        if ctx.recompute:
+            hidden, pre = _ext.cublaslt_linear_gelu(x, w1, kept)
+        else:  # W2's gradient needs the activation, rebuilt elementwise rather than kept from forward
+            pre, hidden = kept, None
         dz, db1 = _ext.cublaslt_dgelu_bgrad(dy, w2, pre)
-        need_x, need_w1, _, need_w2, need_b2 = ctx.needs_input_grad
-        # W2's gradient needs the activation, rebuilt elementwise rather than kept from forward
-        dw2 = dy.t() @ F.gelu(pre, approximate="tanh") if need_w2 else None
-        return (dz @ w1 if need_x else None, dz.t() @ x if need_w1 else None, db1, dw2,
-                dy.sum(0) if need_b2 else None)
+        need_x, need_w1, _, need_w2, need_b2, _ = ctx.needs_input_grad
+        if need_w2 and hidden is None:
+            hidden = F.gelu(pre, approximate="tanh")
+        return (dz @ w1 if need_x else None, dz.t() @ x if need_w1 else None, db1,
+                dy.t() @ hidden if need_w2 else None, dy.sum(0) if need_b2 else None, None)
 
 
-def _trial(backend, xs, w1, b1, w2, b2, activation):
+def _trial(backend, xs, w1, b1, w2, b2, activation, recompute):
     """Forward + backward of fused_mlp on detached copies (no effect on the caller's graph)."""
     def run():
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(t.requires_grad) for t in (xs[0], w1, b1, w2, b2)]
-            fused_mlp(*leaves, activation, backend=backend).sum().backward()
+            fused_mlp(*leaves, activation, recompute=recompute, backend=backend).sum().backward()
     return run
 
 
@@ -238,13 +246,14 @@ def _auto_mlp_backend(xs, ws, b1, w2, b2, activation, reduce, recompute) -> str:
     """triton, or cublaslt where it can serve the call and was measured faster for the
     shape (measured only in training calls, where the backward is what gets timed)."""
     x = xs[0]
-    if (recompute or not torch.is_grad_enabled() or x.device.type != "cuda" or _cublaslt_serves(x.device) is not True
+    if (not torch.is_grad_enabled() or x.device.type != "cuda" or _cublaslt_serves(x.device) is not True
             or cublaslt_limitation(xs, ws, b1, b2, activation, reduce) is not None
             or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
         return "triton"
     m = x.numel() // x.shape[-1]
-    key = (1 << max(m - 1, 0).bit_length(), x.shape[-1], ws[0].shape[0], w2.shape[0], x.dtype, x.device)
-    runners = {name: _trial(name, xs, ws[0], b1, w2, b2, activation) for name in ("triton", "cublaslt")}
+    key = (1 << max(m - 1, 0).bit_length(), x.shape[-1], ws[0].shape[0], w2.shape[0], x.dtype, x.device,
+           bool(recompute))
+    runners = {name: _trial(name, xs, ws[0], b1, w2, b2, activation, recompute) for name in ("triton", "cublaslt")}
     return fastest_backend(key, runners, x.device)
 
 
@@ -292,12 +301,10 @@ def fused_mlp(x, w1, b1, w2, b2, activation: str = "gelu", *, reduce: str | None
         return fused_mlp_reference(xs, ws, b1, w2, b2, activation, reduce=reduce, grid=grid)
     if chosen == "cublaslt":
         reason = cublaslt_limitation(xs, ws, b1, b2, activation, reduce)
-        if recompute:
-            reason = "recompute: the cuBLASLt path keeps the pre-activation (GELU_AUX); use backend='triton'"
         if reason is not None:
             raise ValueError(reason)
         x2d = xs[0].reshape(-1, xs[0].shape[-1])
-        out = _CublasLtMLP.apply(x2d, ws[0], b1, w2, b2)
+        out = _CublasLtMLP.apply(x2d, ws[0], b1, w2, b2, bool(recompute))
         return out.view(*xs[0].shape[:-1], out.shape[-1])
     from fastvlm.kernels.fused_linear import ACTIVATIONS as IDS, FirstLayer, FusedMLPFunction
 
