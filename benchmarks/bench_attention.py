@@ -40,54 +40,22 @@ from common import RESULTS, environment  # noqa: E402
 from fastvlm.kernels import attention as kernels  # noqa: E402
 from fastvlm.ops import AttentionLayout, multimodal_attention  # noqa: E402
 from fastvlm.ops._backend import why_unavailable  # noqa: E402
+from fastvlm.synthetic import vlm_layout  # noqa: E402
 
 KINDS = ("causal", "prefix_lm", "image_bidirectional", "mmca", "mmca_split")
-IMAGE = 576  # LLaVA-1.5: 24 x 24 patches
 
 
 # ---- layouts that look like VLM batches ------------------------------------------------------
-def _sample(rng, n_images, image_len, text_lo, text_hi):
-    """(length, [(offset, size)] images, prefix length): system text, images, then turns."""
-    spans, pos = [], rng.randint(text_lo // 4, text_lo)
-    for _ in range(n_images):
-        spans.append((pos, image_len))
-        pos += image_len + rng.randint(text_lo // 2, text_hi)
-    length = pos + rng.randint(text_lo, text_hi)
-    return length, spans, spans[-1][0] + spans[-1][1] if spans else pos
+# families of fastvlm.synthetic (LLaVA-1.5, 4-image multi-turn, packed, Qwen2-VL), plus plain causal
+FAMILIES = {"llava15": "llava", "multi_image": "multi_image", "packed": "packed", "qwen2vl": "qwen2vl"}
 
 
-def build_layout(name: str, kind: str, n: int, batch: int, rng: random.Random, device) -> AttentionLayout:
-    """Packs samples of the named family into `batch` rows of n tokens (tail = padding)."""
-    image = min(IMAGE, n // 4)
-    families = {
-        "plain": lambda: (n, [], 0),
-        "llava15": lambda: _sample(rng, 1, image, 32, 400),
-        "multi_image": lambda: _sample(rng, 4, max(16, min(IMAGE, n // 8)), 16, 120),
-        "packed": lambda: _sample(rng, rng.randint(0, 2), max(16, image // 2), 16, 300),
-        "qwen2vl": lambda: _sample(rng, rng.randint(1, 2), rng.randint(n // 8, n // 3), 32, 200),
-    }
-    rows = []
-    for _ in range(batch):
-        lengths, spans, prefixes, start = [], [], [], 0
-        while True:
-            length, sample_spans, prefix = families[name]()
-            if start + length > n:
-                if lengths:
-                    break
-                length = n  # a sample longer than the row is truncated to it
-                sample_spans = [(o, s) for o, s in sample_spans if o + s <= n]
-                prefix = min(prefix, n)
-            lengths.append(length)
-            spans += [(start + o, s) for o, s in sample_spans]
-            prefixes.append(prefix)
-            start += length
-            if name == "plain":
-                break
-        rows.append((lengths, spans, prefixes))
-    kw = {"prefix_lengths": [r[2] for r in rows]} if kind == "prefix_lm" else {}
-    return AttentionLayout.from_lengths([r[0] for r in rows], n, image_spans=[r[1] for r in rows],
-                                        kind="mmca" if kind == "mmca_split" else kind,
-                                        split_softmax=kind == "mmca_split", device=device, **kw)
+def build_layout(name: str, kind: str, n: int, batch: int, seed: int, device) -> AttentionLayout:
+    """`batch` rows of n tokens packed with samples of the named family (tail = padding)."""
+    if name == "plain":
+        return AttentionLayout.from_lengths([[n]] * batch, n, device=device)
+    return vlm_layout(n, "mmca" if kind == "mmca_split" else kind, FAMILIES[name], batch=batch, seed=seed,
+                      split_softmax=kind == "mmca_split", device=device)
 
 
 def allowed_pairs(layout: AttentionLayout) -> int:
@@ -258,7 +226,6 @@ def run_grid(args, device: str, dtype) -> list[dict]:
 
 def _run_grid(args, device: str, dtype) -> list[dict]:
     rows = []
-    rng = random.Random(0)
     layouts = ["plain", "llava15", "multi_image", "packed", "qwen2vl"]
     for n in args.n:
         for d in args.head_dims:
@@ -267,7 +234,7 @@ def _run_grid(args, device: str, dtype) -> list[dict]:
                     if kind not in args.kinds:
                         continue
                     t0 = _sync_time(device)
-                    layout = build_layout(name, kind, n, args.batch, rng, device)
+                    layout = build_layout(name, kind, n, args.batch, 0, device)
                     cfg = kernels.pick_config(torch.device(device), d)
                     layout.block_map(cfg.block_m, cfg.block_n)
                     meta_ms = (_sync_time(device) - t0) * 1e3
@@ -327,7 +294,7 @@ def training_loop(args, device: str, dtype) -> list[dict]:
     def run(step_fn):
         t0 = _sync_time(device)
         for n, family, seed in batches:
-            layout = build_layout(family, kind, n, args.batch, random.Random(seed), device)
+            layout = build_layout(family, kind, n, args.batch, seed, device)
             q, k, v = (torch.randn(args.batch, h, n, d, device=device, dtype=dtype, requires_grad=True)
                        for h in (args.heads, hkv, hkv))
             out = step_fn(q, k, v, layout)
