@@ -51,7 +51,8 @@ FAMILIES = {"llava15": "llava", "multi_image": "multi_image", "packed": "packed"
 
 
 def build_layout(name: str, kind: str, n: int, batch: int, seed: int, device) -> AttentionLayout:
-    """`batch` rows of n tokens packed with samples of the named family (tail = padding)."""
+    """`batch` rows of n tokens packed with samples of the named family (the last sample of
+    a row is cut to fit, as packing data loaders do; "plain" is one causal sample per row)."""
     if name == "plain":
         return AttentionLayout.from_lengths([[n]] * batch, n, device=device)
     return vlm_layout(n, "mmca" if kind == "mmca_split" else kind, FAMILIES[name], batch=batch, seed=seed,

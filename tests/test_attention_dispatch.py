@@ -57,9 +57,20 @@ def test_varlen_segments_lists_every_segment_of_every_row():
     assert max_len == 6
     cu, index, max_len = AttentionLayout(seg[2:]).varlen_segments()
     assert cu.tolist() == [0, 6] and index is None and max_len == 6
+    # ids are arbitrary: equal or large ids in consecutive rows stay separate segments
+    for ids in ([[5, 5, 5, 5], [0, 0, 0, 0]], [[3, 3, 7, 7], [7, 7, 3, 3]], [[2**30] * 4, [2**30] * 4]):
+        cu, _, _ = AttentionLayout(torch.tensor(ids)).varlen_segments()
+        assert torch.diff(cu).tolist() == ([4, 4] if ids[0][0] == ids[0][-1] else [2, 2, 2, 2]), ids
 
 
-def fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False):
+def test_an_all_padding_layout_is_not_packed_causal():
+    layout = AttentionLayout(torch.full((2, 5), -1))
+    assert not layout.is_packed_causal
+    assert "all padding" in flash_limitation(torch.randn(2, 1, 5, 8, dtype=torch.float16), layout)
+
+
+def fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False,
+                      deterministic=False):
     """flash-attn 2's flash_attn_varlen_func, in float64, one segment at a time."""
     assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
     lengths = torch.diff(cu_q)
@@ -89,6 +100,7 @@ def test_flash_path_matches_reference_with_padding_and_gqa(fake_flash_attn, batc
         if layout.varlen_segments()[1] is not None:
             break
         layout = random_layout(rng, batch, n, "causal")
+    assert layout.varlen_segments()[1] is not None, "no layout with padding drawn"
     leaves = [torch.randn(batch, h, n, d, dtype=torch.float32).requires_grad_() for h in (hq, hkv, hkv)]
     dout = torch.randn(batch, hq, n, d)
     scale = 0.3
@@ -138,7 +150,7 @@ def test_trial_runs_leave_the_callers_graph_alone(seed):
     assert q.grad is None and k.grad is None and v.grad is None
 
 
-def test_a_candidate_that_raises_any_error_is_dropped(monkeypatch):
+def test_a_candidate_that_raises_any_error_is_dropped_with_a_warning(monkeypatch):
     class OutOfResources(Exception):  # what Triton raises when a config needs too much shared memory
         pass
 
@@ -146,8 +158,68 @@ def test_a_candidate_that_raises_any_error_is_dropped(monkeypatch):
         raise OutOfResources("shared memory")
 
     monkeypatch.setattr(_backend, "FASTEST", {})
-    choice = _backend.fastest_backend(("k",), {"big": too_big, "fits": lambda: None}, torch.device("cpu"))
-    assert choice == "fits"
+    with pytest.warns(RuntimeWarning, match="big: OutOfResources: shared memory"):
+        choice = _backend.fastest_backend(("k",), {"big": too_big, "fits": lambda: None}, torch.device("cpu"))
+    assert choice == "fits" and _backend.FASTEST == {("k",): "fits"}
+
+
+def test_a_decision_taken_out_of_memory_is_not_cached(monkeypatch):
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(_backend, "FASTEST", {})
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        assert _backend.fastest_backend(("k",), {"a": oom, "b": lambda: None}, torch.device("cpu")) == "b"
+    assert _backend.FASTEST == {}
+
+
+def test_autotune_off_takes_the_first_candidate_untimed(monkeypatch):
+    monkeypatch.setattr(_backend, "FASTEST", {})
+    monkeypatch.setattr(_backend, "AUTOTUNE", False)
+
+    def never():
+        raise AssertionError("timed although FASTVLM_AUTOTUNE=0")
+
+    assert _backend.fastest_backend(("k",), {"table": never, "other": never}, torch.device("cpu")) == "table"
+
+
+def test_timing_inside_a_non_reentrant_checkpoint_leaves_it_intact(monkeypatch, seed):
+    """The first call of a shape may come inside activation checkpointing; its trials must
+    not hand their tensors to the checkpoint (which would replay the region mid-forward)."""
+    monkeypatch.setattr(_backend, "FASTEST", {})
+    w = torch.randn(8, 8, requires_grad=True)
+
+    def region(x):
+        def trial():
+            leaf = x.detach().requires_grad_()
+            (leaf @ w.detach()).tanh().sum().backward()
+        _backend.fastest_backend(("ckpt", x.shape), {"only": trial}, x.device)
+        return (x @ w).tanh()
+
+    x = torch.randn(4, 8, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(region, x, use_reentrant=False)
+    out.sum().backward()
+    want_x, want_w = torch.autograd.grad((x @ w).tanh().sum(), (x, w))
+    assert torch.allclose(x.grad, want_x) and torch.allclose(w.grad, want_w)
+    assert _backend.FASTEST == {("ckpt", x.shape): "only"}
+
+
+def test_choice_key_separates_what_changes_the_winner():
+    causal = AttentionLayout(torch.zeros(2, 1000, dtype=torch.int32))
+    q, k = torch.randn(2, 8, 1000, 64, dtype=torch.float16), torch.randn(2, 2, 1000, 64, dtype=torch.float16)
+    base = attention_module.choice_key(q, k, causal, flash=True, training=True)
+    # N rounds up to a power of two: 1000 and 1024 share a measurement
+    q1024 = torch.randn(2, 8, 1024, 64, dtype=torch.float16)
+    assert attention_module.choice_key(q1024, k, causal, True, True) == base
+    others = [attention_module.choice_key(q[:1], k[:1], causal, True, True),  # batch
+              attention_module.choice_key(q.float(), k, causal, True, True),  # dtype
+              attention_module.choice_key(q, k[:, :1], causal, True, True),  # GQA group
+              attention_module.choice_key(q[..., :32], k, causal, True, True),  # head_dim
+              attention_module.choice_key(q, k, causal, False, True),  # flash not in the running
+              attention_module.choice_key(q, k, causal, True, False),  # forward only
+              attention_module.choice_key(q, k, AttentionLayout(causal.segment_ids, kind="mmca",
+                                                                split_softmax=True), True, True)]
+    assert len({base, *others}) == len(others) + 1
 
 
 def test_candidate_configs_start_with_the_table_entry():

@@ -262,6 +262,17 @@ def test_gpu_bf16_matches_reference(kind, split, shape, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_every_candidate_config_matches_reference(d, seed):
+    """`auto` may pick any of the configs it times: each must be correct on this GPU."""
+    layout = random_layout("mmca", True, 2, 1500, seed, device="cuda")
+    q, k, v, dout = make_inputs(2, 4, 2, 1500, d, torch.bfloat16, device="cuda")
+    for cfg in kernels.candidate_configs(torch.cuda.get_device_capability(), d):
+        results = run_kernels(q, k, v, dout, layout, d ** -0.5, cfg)
+        check_against_reference(layout, q, k, v, dout, results, TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.gpu
 def test_gpu_backward_is_deterministic(seed):
     """No atomics: GQA gradients summed inside one program give bitwise-equal reruns."""
     layout = random_layout("image_bidirectional", False, 2, 3000, seed, device="cuda")

@@ -13,8 +13,10 @@ shape key on the caller's device and caches the winner for the process.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,36 +66,57 @@ def resolve_backend(op: str, requested: str, device) -> str:
 
 
 FASTEST: dict[tuple, object] = {}  # shape key -> the candidate measured fastest for it
+# FASTVLM_AUTOTUNE=0: never time, always take the first candidate (the static choice), so
+# that every process and every rank runs the same kernels with the same results.
+AUTOTUNE = os.environ.get("FASTVLM_AUTOTUNE", "1") != "0"
 
 
 def _median_ms(run: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
-    run()  # warm-up: compilation, autotuning
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
+    # The trials build and free their own small graphs. Pass-through hooks keep an enclosing
+    # saved-tensor hook (non-reentrant activation checkpointing, offloading) from taking
+    # their tensors, which would make a checkpoint replay its whole region mid-forward.
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        run()  # warm-up: compilation, autotuning
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
 def fastest_backend(key: tuple, runners: dict, device: torch.device):
-    """The candidate whose runner is fastest, measured once per key and then cached;
-    a runner that raises (no algorithm, out of shared memory, a compile error) is out
-    of the running; if all do, the first candidate is kept."""
-    if key not in FASTEST:
-        times = {}
-        for name, run in runners.items():
-            try:
-                times[name] = _median_ms(run, device)
-            except Exception:  # noqa: BLE001 - any failure only disqualifies the candidate
-                continue
-        FASTEST[key] = min(times, key=times.get) if times else next(iter(runners))
-    return FASTEST[key]
+    """The candidate whose runner is fastest, measured once per key and then cached.
+
+    A runner that raises (no algorithm, out of shared memory, a compile error) is out
+    of the running, with a warning naming the error; if all do, the first candidate is
+    kept. A decision taken while a candidate ran out of GPU memory is not cached: the
+    next call measures again."""
+    if key in FASTEST:
+        return FASTEST[key]
+    if not AUTOTUNE:
+        return next(iter(runners))
+    times, dropped, out_of_memory = {}, [], False
+    for name, run in runners.items():
+        try:
+            times[name] = _median_ms(run, device)
+        except torch.cuda.OutOfMemoryError as exc:
+            out_of_memory = True
+            dropped.append(f"{name}: {exc}".splitlines()[0])
+        except Exception as exc:  # noqa: BLE001 - any failure only disqualifies the candidate
+            dropped.append(f"{name}: {type(exc).__name__}: {exc}".splitlines()[0][:200])
+    if dropped:
+        warnings.warn(f"fastvlm: candidates dropped while timing {key[0]}: " + "; ".join(dropped),
+                      RuntimeWarning, stacklevel=2)
+    choice = min(times, key=times.get) if times else next(iter(runners))
+    if not out_of_memory:
+        FASTEST[key] = choice
+    return choice

@@ -7,10 +7,14 @@ attend to nothing outputs 0 and gets zero gradient, never NaN.
 Backends: ``triton`` (fastvlm.kernels.attention: visits only the tiles the
 layout's block map lists), ``flash_attn`` (flash-attn 2's varlen kernel, for
 plain or packed causal layouts only, where it is installed) and ``reference``.
-On CUDA, ``auto`` times the candidate tile configs of the Triton kernel — and
-flash-attn where it can serve the call — on the first call of each shape, and
-the fastest serves that shape from then on (FASTVLM_AUTOTUNE=0: the static
-per-GPU table, no flash-attn).
+On CUDA the Triton kernel's candidate tile configs for the GPU — and, for
+``auto``, flash-attn where it can serve the call — are timed (forward and
+backward, on detached views) on the first call of each shape key, and the
+fastest serves that key from then on. That first call is slower and briefly
+needs the memory of one more attention call with gradients. While torch.compile
+traces or a CUDA graph captures, and with FASTVLM_AUTOTUNE=0, the static per-GPU
+table's config serves instead (every process and rank then runs the same
+kernels; flash-attn is then never picked by ``auto``).
 
 The reference backend has two paths that compute the same function:
 - ``dense``: materialises the [B, N, N] mask (tests, small N);
@@ -21,11 +25,12 @@ The reference backend has two paths that compute the same function:
 """
 from __future__ import annotations
 
+import functools
 import math
-import os
 
 import torch
 
+from fastvlm.ops import _backend
 from fastvlm.ops._backend import fastest_backend, register_op, resolve_backend
 from fastvlm.ops.layout import AttentionLayout, BlockMap
 
@@ -51,6 +56,7 @@ def _triton_available(device: torch.device):
     return f"no Triton kernels for device type {device.type!r}"
 
 
+@functools.cache
 def _flash_varlen():
     """flash-attn 2's varlen entry point, or None where flash-attn is not installed."""
     try:
@@ -65,16 +71,15 @@ def _flash_available(device: torch.device):
         return f"flash-attn runs on CUDA tensors only, not {device.type!r}"
     if _flash_varlen() is None:
         return "flash-attn is not installed (pip install fastvlm[flash])"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "flash-attn 2 needs compute capability 8.0 or newer"
     return True
 
 
 register_op("multimodal_attention", {"triton": _triton_available, "flash_attn": _flash_available,
                                      "reference": lambda device: True},
             {"cpu": ("reference",), "cuda": ("triton", "reference")})
-# "auto" on CUDA times the tile configs (and flash-attn where it expresses the mask)
-# on the first call of each shape; FASTVLM_AUTOTUNE=0 keeps the table's config and
-# never considers flash-attn, for bitwise-identical results across processes.
-AUTOTUNE = os.environ.get("FASTVLM_AUTOTUNE", "1") != "0"
+
 DENSE_MAX_ELEMENTS = 1 << 24  # B*Hq*N*N scores above which the reference goes blockwise
 REFERENCE_BLOCK = 128
 REFERENCE_KV_CHUNK = 8  # kv blocks per online-softmax step
@@ -117,10 +122,12 @@ def multimodal_attention(q, k, v, layout: AttentionLayout, *, scale: float | Non
 
     backend: ``auto`` (on CUDA the Triton kernel, or flash-attn's varlen kernel
     where it is installed, the layout is plain/packed causal and it was measured
-    faster; the reference on CPU), ``triton`` (on CPU only under
-    TRITON_INTERPRET=1), ``flash_attn`` (packed-causal layouts only) or
-    ``reference``. The Triton and reference backwards use no atomics (each dK/dV
-    program sums its GQA group) and are deterministic for a given tile config.
+    faster; the reference on CPU), ``triton`` (tile config measured per shape on
+    CUDA, see the module docstring; on CPU only under TRITON_INTERPRET=1),
+    ``flash_attn`` (packed-causal layouts only) or ``reference``. The Triton and
+    reference backwards use no atomics (each dK/dV program sums its GQA group)
+    and are deterministic for a given tile config; flash-attn's is when
+    torch.use_deterministic_algorithms(True) is on.
     """
     check_attention_inputs(q, k, v, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -168,17 +175,19 @@ def multimodal_attention_varlen(q, k, v, cu_seqlens, *, image_ids=None, prefix_m
 def flash_limitation(q, layout: AttentionLayout) -> str | None:
     """Why flash-attn's varlen kernel cannot compute this call, or None if it can."""
     if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"flash-attn takes float16/bfloat16, got {q.dtype}"
+        return f"q: flash-attn takes float16/bfloat16, got {q.dtype}"
     if q.shape[-1] % 8 or q.shape[-1] > 256:
-        return f"flash-attn needs head_dim a multiple of 8 up to 256, got {q.shape[-1]}"
+        return f"q: flash-attn needs head_dim a multiple of 8 up to 256, got {q.shape[-1]}"
     if not layout.is_packed_causal:
-        return (f"flash-attn expresses plain or packed causal masks only; this layout "
-                f"(kind={layout.kind!r}) lets some tokens see later ones or hides earlier ones")
+        return (f"layout: flash-attn expresses plain or packed causal masks of at least one token "
+                f"only; this one (kind={layout.kind!r}) lets some tokens see later ones, hides "
+                f"earlier ones, or is all padding")
     return None
 
 
 def _flash_attention(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tensor:
-    """Every segment of every row as one packed causal sequence; padding rows output 0."""
+    """Every segment of every row as one packed causal sequence; padding rows output 0.
+    Returns [B, H, N, D] with the strides of [B, N, H, D] (a transposed view, as SDPA's)."""
     cu, index, max_len = layout.varlen_segments()
     b, h, n, d = q.shape
 
@@ -186,8 +195,9 @@ def _flash_attention(q, k, v, layout: AttentionLayout, scale: float) -> torch.Te
         t = t.transpose(1, 2).reshape(b * n, t.shape[1], d)
         return t if index is None else t[index]
 
-    out = _flash_varlen()(pack(q), pack(k), pack(v), cu, cu, max_len, max_len,
-                          softmax_scale=scale, causal=True)
+    # its backward accumulates dQ with atomics unless asked not to
+    out = _flash_varlen()(pack(q), pack(k), pack(v), cu, cu, max_len, max_len, softmax_scale=scale,
+                          causal=True, deterministic=torch.are_deterministic_algorithms_enabled())
     if index is not None:
         out = out.new_zeros(b * n, h, d).index_copy(0, index, out)
     return out.view(b, n, h, d).transpose(1, 2)
@@ -199,21 +209,27 @@ def _measured_choice(q, k, v, layout: AttentionLayout, scale: float, with_flash:
     the fastest serves that key from then on; elsewhere, and while torch.compile
     traces or a CUDA graph captures, the table's config."""
     first = _kernels.pick_config(q.device, q.shape[-1])
-    if (not AUTOTUNE or q.device.type != "cuda" or torch.compiler.is_compiling()
+    if (not _backend.AUTOTUNE or q.device.type != "cuda" or torch.compiler.is_compiling()
             or torch.cuda.is_current_stream_capturing()):
         return first
-    candidates = list(_kernels.candidate_configs(torch.cuda.get_device_capability(q.device), q.shape[-1]))
     flash = with_flash and _flash_available(q.device) is True and flash_limitation(q, layout) is None
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = choice_key(q, k, layout, flash, training)
+    if key in _backend.FASTEST:
+        return _backend.FASTEST[key]
+    candidates = list(_kernels.candidate_configs(torch.cuda.get_device_capability(q.device), q.shape[-1]))
     if flash:
         candidates.append("flash_attn")
-    if len(candidates) == 1:
-        return first
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    b, hq, n, d = q.shape
-    key = ("multimodal_attention", q.device, q.dtype, hq, k.shape[1], d, 1 << max(b * n - 1, 0).bit_length(),
-           layout.kind, layout.split_softmax, flash, training)
     runners = {c: _trial(c, q, k, v, layout, scale, training) for c in candidates}
     return fastest_backend(key, runners, q.device)
+
+
+def choice_key(q, k, layout: AttentionLayout, flash: bool, training: bool) -> tuple:
+    """What decides the fastest candidate: shapes (N to the next power of two), dtype,
+    the mask kind, whether flash-attn is in the running, and whether backward is timed."""
+    b, hq, n, d = q.shape
+    return ("multimodal_attention", q.device, q.dtype, b, hq, k.shape[1], d, 1 << max(n - 1, 0).bit_length(),
+            layout.kind, layout.split_softmax, flash, training)
 
 
 def _trial(choice, q, k, v, layout: AttentionLayout, scale: float, training: bool):

@@ -21,7 +21,8 @@ fused_linear; CPU only under TRITON_INTERPRET=1) and, for fused_mlp with
 gelu_tanh, ``cublaslt`` (csrc/connector: GELU_AUX_BIAS forward, DGELU_BGRAD
 backward). ``auto`` takes triton on CUDA, the reference elsewhere; where the cuBLASLt path
 can serve a fused_mlp call too, the first call of each shape times both (forward
-+ backward on copies) and the faster one serves that shape from then on.
++ backward on detached views) and the faster one serves that shape from then
+on (FASTVLM_AUTOTUNE=0: always triton).
 """
 from __future__ import annotations
 
@@ -251,7 +252,7 @@ def _auto_mlp_backend(xs, ws, b1, w2, b2, activation, reduce, recompute) -> str:
             or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
         return "triton"
     m = x.numel() // x.shape[-1]
-    key = (1 << max(m - 1, 0).bit_length(), x.shape[-1], ws[0].shape[0], w2.shape[0], x.dtype, x.device,
+    key = ("fused_mlp", 1 << max(m - 1, 0).bit_length(), x.shape[-1], ws[0].shape[0], w2.shape[0], x.dtype, x.device,
            bool(recompute))
     runners = {name: _trial(name, xs, ws[0], b1, w2, b2, activation, recompute) for name in ("triton", "cublaslt")}
     return fastest_backend(key, runners, x.device)

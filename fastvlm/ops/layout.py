@@ -254,6 +254,7 @@ class AttentionLayout:
         self.lo, self.hi, self.is_image = self._intervals()
         self._block_maps: dict[tuple[int, int], BlockMap] = {}
         self._packed_causal: bool | None = None
+        self._varlen: tuple | None = None
 
     # ---- derived metadata ------------------------------------------------------------
     def _intervals(self):
@@ -311,11 +312,11 @@ class AttentionLayout:
     def is_packed_causal(self) -> bool:
         """True if every live token sees exactly the earlier tokens of its own segment:
         plain or packed causal attention, whatever ``kind`` says (e.g. mmca of text only).
-        Conservative for mmca: any image token makes it False."""
+        Conservative for mmca: any image token makes it False. False without live tokens."""
         if self._packed_causal is None:
             idx = torch.arange(self.seq_len, device=self.device, dtype=torch.int32)
             live = self.segment_ids >= 0
-            causal_rows = bool(((self.hi == idx) | ~live).all())
+            causal_rows = bool(((self.hi == idx) | ~live).all()) and bool(live.any())
             # mmca also removes image keys from image queries' rows: only without images is it causal
             self._packed_causal = causal_rows and not (self.kind == "mmca" and bool(self.is_image.any()))
         return self._packed_causal
@@ -323,12 +324,20 @@ class AttentionLayout:
     def varlen_segments(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """(cu_seqlens int32 [S + 1], index of the live tokens in the flattened [B * N]
         rows or None if there is no padding, longest segment): every segment of every
-        row, in order, as one packed sequence (flash-attn / xformers varlen)."""
+        row, in order, as one packed sequence (flash-attn / xformers varlen). Cached:
+        computing it syncs with the host, and every layer of a model asks again."""
+        if self._varlen is None:
+            self._varlen = self._varlen_segments()
+        return self._varlen
+
+    def _varlen_segments(self):
         seg = self.segment_ids
-        b, n = seg.shape
-        live = (seg >= 0).flatten()
-        # a key unique per (row, segment), so equal ids in different rows stay apart
-        key = (seg.long() + torch.arange(b, device=seg.device)[:, None] * (n + 1)).flatten()[live]
+        live_rows = seg >= 0
+        live = live_rows.flatten()
+        # number the segments by their first tokens (a row's first live token always starts
+        # one), so equal ids in different rows, or any id values, never merge two segments
+        starts = (live_rows & (seg != _shift(seg, -2))).flatten()
+        key = starts.long().cumsum(0)[live]
         lengths = torch.unique_consecutive(key, return_counts=True)[1]
         cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         index = None if bool(live.all()) else live.nonzero().squeeze(1)
