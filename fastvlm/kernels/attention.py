@@ -463,13 +463,13 @@ def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, k
                                                   torch.empty_like(v))
     if dk.stride() != dv.stride():
         raise ValueError("dk, dv: expected equal strides")
+    _check_block_map(n, cfg, kv_num, kv_idx)  # before any launch
+    _check_block_map(n, cfg, q_num, q_idx, transposed=True)
     delta = torch.empty(branches, b, h, n, dtype=torch.float32, device=q.device)
     src = obr if split else out[None]
     _bwd_delta[(triton.cdiv(n, 64), b * h, branches)](
         src, dout, delta, src.stride(1), src.stride(2), src.stride(3), src.stride(0),
         dout.stride(0), dout.stride(1), dout.stride(2), h, n, d, BLOCK_M=64, BLOCK_D=block_d)
-    _check_block_map(n, cfg, kv_num, kv_idx)
-    _check_block_map(n, cfg, q_num, q_idx, transposed=True)
     tq, tk = kv_num.shape[1], kv_idx.shape[2]
     img = is_image.view(torch.uint8)
     common = dict(IS_MMCA=kind == MMCA, SPLIT=split, EVEN_N=n % cfg.block_n == 0, BLOCK_M=cfg.block_m,
