@@ -4,7 +4,12 @@ On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest) at tiny
 sizes, fp32 and fp16 only (the interpreter's bf16 tl.dot is wrong); the
 bf16 matrix at realistic sizes is marked `gpu`.
 """
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,8 @@ from fastvlm.kernels import attention as kernels
 from fastvlm.ops import AttentionLayout, multimodal_attention, multimodal_attention_varlen
 from fastvlm.ops._backend import resolve_backend
 from fastvlm.ops.attention import attention_reference
+
+ROOT = Path(__file__).resolve().parents[1]
 
 KIND_CASES = [("causal", False), ("prefix_lm", False), ("image_bidirectional", False),
               ("mmca", False), ("mmca", True)]
@@ -161,6 +168,89 @@ def test_empty_tiles_are_never_visited(device, seed):
         cols = slice(kb * cfg.block_n, (kb + 1) * cfg.block_n)
         assert torch.equal(dk[:, :, cols], clean[2][:, :, cols])
         assert torch.equal(dv[:, :, cols], clean[3][:, :, cols])
+
+
+# ---- int32 offsets ---------------------------------------------------------------------------
+def _huge_view(buf: torch.Tensor, like: torch.Tensor, strides, offset: int) -> torch.Tensor:
+    view = buf.as_strided(like.shape, strides, offset)
+    view.copy_(like)  # touches only the view's elements: the rest of the buffer is never committed
+    return view
+
+
+def int64_offsets_check():
+    """Runs in a subprocess (see the test below); returns the names of wrong outputs.
+
+    The kernels read and write tensors whose batch stride S (or row stride) fits int32
+    but b * S (or row * stride) does not: what a tensor of more than 2^31 elements gives
+    on a GPU (B=16, H=32, N=32k, D=128; or a varlen [T, H, D] view with T*H*D > 2^31).
+    The interpreter computes int32 offsets with numpy's wrapping int32 like the GPU, so
+    unwidened offsets read and write ~4 GiB away from the tensors (garbage or SIGSEGV).
+    Buffers are torch.empty of ~4.3 GiB: the OS commits only the pages the views touch."""
+    torch.manual_seed(0)
+    n, d, bad = 40, 32, []
+    layout_args = ("mmca", True)  # split: the branch outputs (obr) and both LSE rows are written too
+    for case in ("batch_stride", "row_stride"):
+        batch = 3 if case == "batch_stride" else 1
+        layout = random_layout(*layout_args, batch, n, seed=1)
+        q, k, v, dout = make_inputs(batch, 2, 1, n, d, torch.float16)
+        want = run_kernels(q, k, v, dout, layout, d ** -0.5)
+        if case == "batch_stride":  # [B, H, N, D] slabs 2^30 + 64 elements apart: b = 2 -> 2^31 + 128
+            big = 2 ** 30 + 64
+            size = 2 * big + 8 * n * d
+            strides = lambda t: (big, n * d, d, 1)  # noqa: E731
+            slots = (0, 2 * n * d, 4 * n * d, 5 * n * d)  # q, dout (2 heads), k, v (1 head)
+        else:  # varlen-like [1, H, N, D] with a row stride of ~2^31 / (N - 1): the last row wraps
+            big = 2 ** 31 // (n - 1) + 64
+            size = n * big
+            strides = lambda t: (t.shape[1] * d, d, big, 1)  # noqa: E731
+            slots = (0, 2 * d, 4 * d, 5 * d)
+        src = torch.empty(size, dtype=torch.float16)
+        dst = torch.empty(size, dtype=torch.float16)
+        q2, dout2, k2, v2 = (_huge_view(src, t, strides(t), o) for t, o in zip((q, dout, k, v), slots))
+        # out, dq, dk, dv: NaN-poisoned, at the same places in a second buffer
+        out2, dq2, dk2, dv2 = (_huge_view(dst, torch.full_like(t, float("nan")), strides(t), o)
+                               for t, o in zip((q, q, k, v), slots))
+        cfg = kernels.INTERPRETER_CONFIG
+        bm = layout.block_map(cfg.block_m, cfg.block_n)
+        meta = (layout.lo, layout.hi, layout.is_image)
+        kw = dict(kind=layout.kind_code, split=layout.split_softmax, scale=d ** -0.5, cfg=cfg)
+        out2, obr, lse = kernels.attention_forward(q2, k2, v2, *meta, *bm.tensors[:4], out=out2, **kw)
+        got = (out2, *kernels.attention_backward(dout2, q2, k2, v2, out2, obr, lse, *meta, *bm.tensors,
+                                                  grads=(dq2, dk2, dv2), **kw))
+        bad += [f"{case}: {name}" for name, g, w in zip(("out", "dq", "dk", "dv"), got, want)
+                if not torch.equal(g, w)]
+        del src, dst, q2, dout2, k2, v2, out2, dq2, dk2, dv2, got
+    return bad
+
+
+def test_offsets_past_int32_range():
+    """Pointer offsets are int64 where batch/head/row products can pass 2^31 (a GPU-only
+    wrap the small interpreter tests cannot see). In a subprocess: an unwidened offset may
+    SIGSEGV, which must fail this test, not kill the session."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "from tests.test_attention_triton import int64_offsets_check as f; print(json.dumps(f()))"
+    proc = subprocess.run([sys.executable, "-c", "import json; " + code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_launchers_reject_a_block_map_at_other_tiles():
+    """The grid and list widths come from the map's shapes: a map built at other tiles
+    than the config would silently leave rows unwritten or mis-masked, so it is refused."""
+    layout = random_layout("causal", False, 1, 70, seed=0)
+    q, k, v, dout = make_inputs(1, 1, 1, 70, 16, torch.float32)
+    cfg = kernels.INTERPRETER_CONFIG
+    wrong = layout.block_map(cfg.block_m * 2, cfg.block_n)
+    meta = (layout.lo, layout.hi, layout.is_image)
+    kw = dict(kind=layout.kind_code, split=False, scale=0.25, cfg=cfg)
+    with pytest.raises(ValueError, match="block map"):
+        kernels.attention_forward(q, k, v, *meta, *wrong.tensors[:4], **kw)
+    right = layout.block_map(cfg.block_m, cfg.block_n)
+    out, obr, lse = kernels.attention_forward(q, k, v, *meta, *right.tensors[:4], **kw)
+    mixed = right.tensors[:4] + wrong.tensors[4:]  # dK/dV lists of the other tiling
+    with pytest.raises(ValueError, match="block map"):
+        kernels.attention_backward(dout, q, k, v, out, obr, lse, *meta, *mixed, **kw)
 
 
 # ---- dispatch --------------------------------------------------------------------------------

@@ -74,6 +74,50 @@ def test_backward_dx_kernel_vs_float64(shape, dtype, seed):
     assert dx_buf[:, k:].isnan().all() and du_buf[:, r:].isnan().all()
 
 
+def int64_offsets_check():
+    """Runs in a subprocess (see the test below); returns the names of wrong outputs.
+
+    x, y, u, gy, dx, du get a row stride S that fits int32 while 2 * S does not: the
+    products rm * stride of an [M, K] tensor with M * K > 2^31 on a GPU (131k tokens x
+    14336 features). The interpreter wraps int32 like the GPU, so unwidened offsets
+    land ~4 GiB away. The ~4.3 GiB buffers are committed only where the views touch."""
+    from fastvlm.kernels.lora import lora_backward_dx, lora_forward
+
+    torch.manual_seed(0)
+    m, n, k, r = 3, 33, 40, 5
+    x, w, bb, a, b = make(m, n, k, r, torch.float16)
+    gy = torch.randn(m, n).to(torch.float16)
+    want = (*lora_forward(x, w, bb, a, b, 0.75, blocks=SMALL_BLOCKS),
+            *lora_backward_dx(gy, w, a, b, 0.5, blocks=SMALL_BLOCKS))
+    stride = 2 ** 30 + 64  # row 2 starts at 2^31 + 128 elements
+    src = torch.empty(2 * stride + 256, dtype=torch.float16)
+    dst = torch.empty(2 * stride + 256, dtype=torch.float16)
+
+    def view(buf, like, offset):
+        v = buf.as_strided(like.shape, (stride, 1), offset)
+        v.copy_(like)  # only these elements' pages are committed
+        return v
+
+    x2, gy2 = view(src, x, 0), view(src, gy, 64)
+    y2, u2, dx2, du2 = (view(dst, torch.full_like(t, float("nan")), o)
+                        for t, o in ((want[0], 0), (want[1], 48), (want[2], 64), (want[3], 112)))
+    got = (*lora_forward(x2, w, bb, a, b, 0.75, y=y2, u=u2, blocks=SMALL_BLOCKS),
+           *lora_backward_dx(gy2, w, a, b, 0.5, dx=dx2, du=du2, blocks=SMALL_BLOCKS))
+    return [name for name, g, e in zip(("y", "u", "dx", "du"), got, want) if not torch.equal(g, e)]
+
+
+def test_offsets_past_int32_range():
+    """Row offsets are int64 (a GPU-only wrap at realistic M * K). In a subprocess: an
+    unwidened offset may SIGSEGV, which must fail this test, not kill the session."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "import json; from tests.test_lora_kernel import int64_offsets_check as f; print(json.dumps(f()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_autograd_matches_float64(dtype, seed):
     x, w, bb, a, b = make(2 * 21, 40, 36, 6, dtype)

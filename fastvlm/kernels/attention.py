@@ -62,9 +62,17 @@ def _online_softmax_step(m, l, acc, s, ok, v, MASKED: tl.constexpr, PRECISION: t
 
 
 @triton.jit
+def _row_offsets(offs, offs_d, stride_n):
+    """Element offsets of a [rows, D] tile. Row * stride in int64: a row stride of a
+    packed or varlen view ([T, H, D] seen as [1, H, T, D] has stride H*D) times a
+    position past 2^31 / stride wraps in int32 on a GPU (e.g. T = 512k, H = 32, D = 128)."""
+    return offs.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
+
+
+@triton.jit
 def _load_rows(base, offs, offs_d, stride_n, N, D):
     mask = (offs[:, None] < N) & (offs_d[None, :] < D)
-    return tl.load(base + offs[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+    return tl.load(base + _row_offsets(offs, offs_d, stride_n), mask=mask, other=0.0)
 
 
 @triton.jit
@@ -129,7 +137,9 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG,
               IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    # int64 from here on: b * stride_qb (and bh * N * branches) exceeds 2^31 once a tensor
+    # holds more than 2^31 elements (B=16, H=32, N=32k, D=128), and int32 wraps on a GPU
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -164,11 +174,11 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG,
     if SPLIT:
         out1, lse1 = _finish_branch(m1, l1, acc1)
         tl.store(lse_ptrs + stride_lse, lse1, mask=offs_m < N)
-        obr = OBR + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rn + offs_d[None, :]
+        obr = OBR + b * stride_rb + h * stride_rh + _row_offsets(offs_m, offs_d, stride_rn)
         tl.store(obr, out0.to(OBR.dtype.element_ty), mask=row_mask)
         tl.store(obr + stride_rbr, out1.to(OBR.dtype.element_ty), mask=row_mask)
         out0 = out0 + out1
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    o_ptrs = O + b * stride_ob + h * stride_oh + _row_offsets(offs_m, offs_d, stride_on)
     tl.store(o_ptrs, out0.to(O.dtype.element_ty), mask=row_mask)
 
 
@@ -179,7 +189,7 @@ def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_obr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta[br, b, h, n] = rowsum(dO * O_branch), in fp32."""
     mb = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
     br = tl.program_id(2)
     b = bh // H
     h = bh % H
@@ -230,7 +240,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
                  IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -261,7 +271,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
                       img_base, N, D, qk_scale, lse0, delta0, lse1, delta1,
                       True, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
     mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    ptrs = DQ + b * stride_dqb + h * stride_dqh + _row_offsets(offs_m, offs_d, stride_dqn)
     tl.store(ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
 
@@ -298,7 +308,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, IMG,
                    IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     kb = tl.program_id(0)
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
     b = bhk // HKV
     hk = bhk % HKV
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -330,7 +340,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, IMG,
                                 offs_n, offs_d, img_k, N, D, qk_scale,
                                 True, IS_MMCA, SPLIT, EVEN_N, BLOCK_M, PRECISION)
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    ptrs = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    ptrs = b * stride_dkb + hk * stride_dkh + _row_offsets(offs_n, offs_d, stride_dkn)
     tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
@@ -409,6 +419,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _check_block_map(n: int, cfg: TileConfig, num: torch.Tensor, idx: torch.Tensor, transposed=False):
+    """The kernels take their grid and list widths from the map's shapes: a map built at
+    other tile sizes than cfg would silently skip or misplace rows and columns."""
+    want = (triton.cdiv(n, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    got = (num.shape[1], idx.shape[2])
+    if transposed:
+        want = want[::-1]
+    if got != want:
+        raise ValueError(f"block map: {got[0]} x {got[1]} tiles, expected {want[0]} x {want[1]} for "
+                         f"N={n} at block_m={cfg.block_m}, block_n={cfg.block_n}; build it with "
+                         f"layout.block_map(cfg.block_m, cfg.block_n)")
+
+
 def kernel_inputs(q, k, v):
     """k and v share one set of strides in the kernels (true for views of one packed qkv too)."""
     q, k, v = _rows(q), _rows(k), _rows(v)
@@ -431,6 +454,7 @@ def attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, fu
     lse = torch.empty(2 if split else 1, b, h, n, dtype=torch.float32, device=q.device)
     # branch outputs, kept for the per-branch delta of backward
     obr = torch.empty((2 if split else 0, b, h, n, d), dtype=q.dtype, device=q.device)
+    _check_block_map(n, cfg, kv_num, kv_idx)
     tq, tk = kv_num.shape[1], kv_idx.shape[2]
     img = is_image.view(torch.uint8)
     grid = (tq, b * h)
@@ -460,6 +484,8 @@ def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, k
                                                   torch.empty_like(v))
     if dk.stride() != dv.stride():
         raise ValueError("dk, dv: expected equal strides")
+    _check_block_map(n, cfg, kv_num, kv_idx)  # before any launch
+    _check_block_map(n, cfg, q_num, q_idx, transposed=True)
     delta = torch.empty(branches, b, h, n, dtype=torch.float32, device=q.device)
     src = obr if split else out[None]
     _bwd_delta[(triton.cdiv(n, 64), b * h, branches)](

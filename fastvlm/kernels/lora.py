@@ -31,12 +31,15 @@ def _lora_fwd_kernel(X, W, A, B, BIAS, Y, U, M, N, K, R, scaling,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
+    # row * stride in int64: M * K (x) or M * N (y) passes 2^31 at realistic sizes
+    # (131k tokens x 14336 features), and int32 offsets wrap on a GPU
+    rm64, rn64 = rm.to(tl.int64), rn.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        wt = tl.load(W + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
+        x = tl.load(X + rm64[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        wt = tl.load(W + rn64[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
         at = tl.load(A + rr[None, :] * stride_ar + kk[:, None], mask=(rr[None, :] < R) & (kk[:, None] < K), other=0.0)
         acc = tl.dot(x, wt, acc, input_precision=PRECISION)
         u = tl.dot(x, at, u, input_precision=PRECISION)
@@ -47,11 +50,11 @@ def _lora_fwd_kernel(X, W, A, B, BIAS, Y, U, M, N, K, R, scaling,
     acc += tl.dot(u_lp, bt, input_precision=PRECISION) * scaling
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
+    tl.store(Y + rm64[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
     if WRITE_U:
         if pid_n == 0:
-            tl.store(U + rm[:, None] * stride_um + rr[None, :], u_lp, mask=(rm[:, None] < M) & (rr[None, :] < R))
+            tl.store(U + rm64[:, None] * stride_um + rr[None, :], u_lp, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
 @triton.jit
@@ -64,22 +67,23 @@ def _lora_bwd_dx_kernel(G, W, B, A, DX, DU, M, N, K, R, scaling,
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
     rn = tl.arange(0, BLOCK_N)
+    rm64 = rm.to(tl.int64)  # int64 row offsets, as in the forward (M * N, M * K past 2^31)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     gb = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         nn = n0 + rn
-        g = tl.load(G + rm[:, None] * stride_gm + nn[None, :], mask=(rm[:, None] < M) & (nn[None, :] < N), other=0.0)
-        w = tl.load(W + nn[:, None] * stride_wn + rk[None, :], mask=(nn[:, None] < N) & (rk[None, :] < K), other=0.0)
+        g = tl.load(G + rm64[:, None] * stride_gm + nn[None, :], mask=(rm[:, None] < M) & (nn[None, :] < N), other=0.0)
+        w = tl.load(W + nn.to(tl.int64)[:, None] * stride_wn + rk[None, :], mask=(nn[:, None] < N) & (rk[None, :] < K), other=0.0)
         b = tl.load(B + nn[:, None] * stride_bn + rr[None, :], mask=(nn[:, None] < N) & (rr[None, :] < R), other=0.0)
         acc = tl.dot(g, w, acc, input_precision=PRECISION)
         gb = tl.dot(g, b, gb, input_precision=PRECISION)
     du = (gb * scaling).to(G.dtype.element_ty)
     a = tl.load(A + rr[:, None] * stride_ar + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
     acc = tl.dot(du, a, acc, input_precision=PRECISION)
-    tl.store(DX + rm[:, None] * stride_dxm + rk[None, :], acc.to(DX.dtype.element_ty),
+    tl.store(DX + rm64[:, None] * stride_dxm + rk[None, :], acc.to(DX.dtype.element_ty),
              mask=(rm[:, None] < M) & (rk[None, :] < K))
     if pid_k == 0:
-        tl.store(DU + rm[:, None] * stride_dum + rr[None, :], du, mask=(rm[:, None] < M) & (rr[None, :] < R))
+        tl.store(DU + rm64[:, None] * stride_dum + rr[None, :], du, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
 def _rank_block(r: int) -> int:
