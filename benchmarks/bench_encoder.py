@@ -5,18 +5,19 @@ frozen-encoder feature cache against re-encoding every epoch.
     python benchmarks/bench_encoder.py --batch-size 8   # fixed batch instead of "fill the GPU"
     python benchmarks/bench_encoder.py --smoke          # tiny shapes on CPU, seconds; what the tests run
 
-On a CPU the default is a reduced run (a few minutes on 2 cores): the real widths,
+On a CPU the default is a reduced run (10-20 minutes on 2 cores): the real widths,
 heads and resolution but --layers 6 (5 blocks run, LLaVA's layer -2), batch 1,
 and a 16-image cache epoch. What a policy keeps and recomputes is per block, so
 the ratios are close to the full depth's; a full-depth CPU run (--layers 0,
---batch-size 2 --images 256 as before) takes well over half an hour.
+--batch-size 2 --images 256 as before) would take hours on such a machine.
 
 Random weights, full fine-tuning of the tower (every parameter trains), bf16
 autocast on a GPU, fp32 on CPU, LLaVA's select_layers=[-2]. Per policy:
 - activation memory: on CUDA, peak max_memory_allocated during a training step
   minus what is allocated before it (weights, gradients, input); on CPU, the
   bytes the forward leaves alive for backward (fastvlm.nn.activation_memory);
-- step time: median of --repeats steps; both as ratios to `none`.
+- step time: median of --repeats steps, taken in rounds of one step per policy;
+  both as ratios to `none`.
 On a GPU the batch size defaults to the largest that lets `none` use ~80% of the
 free memory (and at most half the host RAM, which `offload` pins), so the ratios
 are those of a run that fills the device.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -101,14 +103,22 @@ def bench_policies(name, config, device, batch_size, repeats, amp_dtype):
     if batch_size is None:
         batch_size = auto_batch_size(encoder, config, device, amp_dtype) if device == "cuda" else 2
     pixels = torch.randn(batch_size, 3, config.image_size, config.image_size, device=device)
+    step = lambda: forward_loss(encoder, pixels, amp_dtype).backward()  # noqa: E731
     rows = []
     for policy in POLICIES:
         encoder.set_checkpointing(policy)
-        step = lambda: forward_loss(encoder, pixels, amp_dtype).backward()  # noqa: E731
         step()  # warm-up; gradients stay allocated, so they count as "before" memory
-        memory = activation_bytes(encoder, pixels, amp_dtype)
-        rows.append({"model": name, "policy": policy, "batch": batch_size, "activation_bytes": memory,
-                     "step_s": median_time(step, repeats, warmup=0, device=device)})
+        rows.append({"model": name, "policy": policy, "batch": batch_size,
+                     "activation_bytes": activation_bytes(encoder, pixels, amp_dtype)})
+    # Timed in rounds of one step per policy: on a shared machine a change of load
+    # then shifts every policy's median alike instead of the ratios.
+    times = {policy: [] for policy in POLICIES}
+    for _ in range(repeats):
+        for policy in POLICIES:
+            encoder.set_checkpointing(policy)
+            times[policy].append(median_time(step, 1, warmup=0, device=device))
+    for row in rows:
+        row["step_s"] = statistics.median(times[row["policy"]])
     base = rows[0]
     for row in rows:
         row["memory_ratio"] = row["activation_bytes"] / base["activation_bytes"]
