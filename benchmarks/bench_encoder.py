@@ -5,7 +5,7 @@ frozen-encoder feature cache against re-encoding every epoch.
     python benchmarks/bench_encoder.py --batch-size 8   # fixed batch instead of "fill the GPU"
     python benchmarks/bench_encoder.py --smoke          # tiny shapes on CPU, seconds; what the tests run
 
-On a CPU the default is a reduced run (10-20 minutes on 2 cores): the real widths,
+On a CPU the default is a reduced run (7 minutes on 2 idle cores): the real widths,
 heads and resolution but --layers 6 (5 blocks run, LLaVA's layer -2), batch 1,
 and a 16-image cache epoch. What a policy keeps and recomputes is per block, so
 the ratios are close to the full depth's; a full-depth CPU run (--layers 0,
