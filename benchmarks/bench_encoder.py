@@ -5,12 +5,19 @@ frozen-encoder feature cache against re-encoding every epoch.
     python benchmarks/bench_encoder.py --batch-size 8   # fixed batch instead of "fill the GPU"
     python benchmarks/bench_encoder.py --smoke          # tiny shapes on CPU, seconds; what the tests run
 
+On a CPU the default is a reduced run (7 minutes on 2 idle cores): the real widths,
+heads and resolution but --layers 6 (5 blocks run, LLaVA's layer -2), batch 1,
+and a 16-image cache epoch. What a policy keeps and recomputes is per block, so
+the ratios are close to the full depth's; a full-depth CPU run (--layers 0,
+--batch-size 2 --images 256 as before) would take hours on such a machine.
+
 Random weights, full fine-tuning of the tower (every parameter trains), bf16
 autocast on a GPU, fp32 on CPU, LLaVA's select_layers=[-2]. Per policy:
 - activation memory: on CUDA, peak max_memory_allocated during a training step
   minus what is allocated before it (weights, gradients, input); on CPU, the
   bytes the forward leaves alive for backward (fastvlm.nn.activation_memory);
-- step time: median of --repeats steps; both as ratios to `none`.
+- step time: median of --repeats steps, taken in rounds of one step per policy;
+  both as ratios to `none`.
 On a GPU the batch size defaults to the largest that lets `none` use ~80% of the
 free memory (and at most half the host RAM, which `offload` pins), so the ratios
 are those of a run that fills the device.
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +41,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, markdown_table, median_time, print_header, write_json  # noqa: E402
+from common import environment, markdown_table, median_time, print_header, save_results  # noqa: E402
 
 from fastvlm.models.feature_cache import FeatureCache  # noqa: E402
 from fastvlm.models.preprocess import ImagePreprocessor  # noqa: E402
@@ -50,6 +58,8 @@ POLICIES = ["none", "full", "selective", "every_k:2", "offload", "full+offload"]
 TARGETS = {"full": (0.25, 1.35), "selective": (0.50, 1.15), "offload": (0.30, 1.10),
            "full+offload": (0.30, 1.10)}
 SELECT = [-2]
+# The reduced CPU run (see the docstring): (layers, batch, cache-epoch images, cache batch).
+CPU_DEFAULTS = (6, 1, 16, 8)
 
 
 def forward_loss(encoder, pixels, amp_dtype):
@@ -93,14 +103,22 @@ def bench_policies(name, config, device, batch_size, repeats, amp_dtype):
     if batch_size is None:
         batch_size = auto_batch_size(encoder, config, device, amp_dtype) if device == "cuda" else 2
     pixels = torch.randn(batch_size, 3, config.image_size, config.image_size, device=device)
+    step = lambda: forward_loss(encoder, pixels, amp_dtype).backward()  # noqa: E731
     rows = []
     for policy in POLICIES:
         encoder.set_checkpointing(policy)
-        step = lambda: forward_loss(encoder, pixels, amp_dtype).backward()  # noqa: E731
         step()  # warm-up; gradients stay allocated, so they count as "before" memory
-        memory = activation_bytes(encoder, pixels, amp_dtype)
-        rows.append({"model": name, "policy": policy, "batch": batch_size, "activation_bytes": memory,
-                     "step_s": median_time(step, repeats, warmup=0, device=device)})
+        rows.append({"model": name, "policy": policy, "batch": batch_size,
+                     "activation_bytes": activation_bytes(encoder, pixels, amp_dtype)})
+    # Timed in rounds of one step per policy: on a shared machine a change of load
+    # then shifts every policy's median alike instead of the ratios.
+    times = {policy: [] for policy in POLICIES}
+    for _ in range(repeats):
+        for policy in POLICIES:
+            encoder.set_checkpointing(policy)
+            times[policy].append(median_time(step, 1, warmup=0, device=device))
+    for row in rows:
+        row["step_s"] = statistics.median(times[row["policy"]])
     base = rows[0]
     for row in rows:
         row["memory_ratio"] = row["activation_bytes"] / base["activation_bytes"]
@@ -173,48 +191,57 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", default=None, help=f"subset of {list(MODELS)}")
-    p.add_argument("--batch-size", type=int, default=None, help="default: fill the GPU (2 on CPU)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="blocks per model, 0 = the model's own depth (default: 0 on a GPU, 6 on CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: fill the GPU (1 on CPU)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--images", type=int, default=256, help="images in the cache-stage epoch")
-    p.add_argument("--cache-batch", type=int, default=32)
+    p.add_argument("--images", type=int, default=None, help="images in the cache-stage epoch (default: 256, 16 on CPU)")
+    p.add_argument("--cache-batch", type=int, default=None, help="default: 32 (8 on CPU)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU; results not saved")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = p.parse_args(argv)
 
-    models = SMOKE_MODELS if args.smoke else {k: MODELS[k] for k in (args.models or MODELS)}
     device = "cpu" if args.smoke else args.device
-    repeats, num_images = (2, 8) if args.smoke else (args.repeats, args.images)
-    cache_batch = 4 if args.smoke else args.cache_batch
+    layers, batch_size, num_images, cache_batch = CPU_DEFAULTS if device == "cpu" else (0, None, 256, 32)
+    layers = layers if args.layers is None else args.layers
+    batch_size = args.batch_size or batch_size
+    num_images, cache_batch = args.images or num_images, args.cache_batch or cache_batch
+    models = {k: MODELS[k] for k in (args.models or MODELS)}
+    if layers:
+        models = {k: c.replace(num_layers=layers) for k, c in models.items()}
+    if args.smoke:
+        models, layers, batch_size, num_images, cache_batch = SMOKE_MODELS, 0, args.batch_size, 8, 4
+    repeats = 2 if args.smoke else args.repeats
     amp_dtype = torch.bfloat16 if device == "cuda" else None
     env = environment(device)
+    depth = f"{layers} layers" if layers else "full depth"
     mode = ("SMOKE: tiny shapes on CPU, a plumbing check; ratios are indicative only" if args.smoke
-            else f"{device}, random weights, {'bf16 autocast' if amp_dtype else 'fp32'}")
+            else f"{device}, {depth}, random weights, {'bf16 autocast' if amp_dtype else 'fp32'}")
     print_header(f"bench_encoder ({mode})", env)
 
     policy_rows = [row for name, config in models.items()
-                   for row in bench_policies(name, config, device, args.batch_size, repeats, amp_dtype)]
+                   for row in bench_policies(name, config, device, batch_size, repeats, amp_dtype)]
     cache_rows = [bench_cache(name, config, device, num_images, cache_batch) for name, config in models.items()]
 
     memory_kind = "peak CUDA bytes" if device == "cuda" else "bytes kept for backward"
-    print(markdown_table(
+    md = markdown_table(
         ["model", "policy", "batch", f"activation MiB ({memory_kind})", "memory / none", "step ms",
          "time / none", "target", "meets"],
         [[r["model"], r["policy"], r["batch"], f"{r['activation_bytes'] / 2**20:.1f}", f"{r['memory_ratio']:.2f}",
           f"{r['step_s'] * 1e3:.1f}", f"{r['time_ratio']:.2f}", r.get("target", ""),
-          {True: "yes", False: "NO"}.get(r.get("meets_target"), "")] for r in policy_rows]))
-    print()
-    print(markdown_table(
+          {True: "yes", False: "NO"}.get(r.get("meets_target"), "")] for r in policy_rows])
+    md += "\n\n" + markdown_table(
         ["model", "images", "fill epoch s", "cached epoch s", "re-encode epoch s", "encode-only epoch s",
          "speedup vs re-encode", "speedup vs encode-only"],
         [[r["model"], r["images"], f"{r['fill_epoch_s']:.3f}", f"{r['cached_epoch_s']:.3f}",
           f"{r['reencode_epoch_s']:.3f}", f"{r['encode_only_epoch_s']:.3f}",
-          f"{r['speedup_vs_reencode']:.1f}x", f"{r['speedup_vs_encode_only']:.1f}x"] for r in cache_rows]))
-
+          f"{r['speedup_vs_reencode']:.1f}x", f"{r['speedup_vs_encode_only']:.1f}x"] for r in cache_rows])
+    print(md)
+    payload = {"benchmark": "bench_encoder", "env": env, "mode": mode, "layers": layers or "full",
+               "repeats": repeats, "policies": policy_rows, "cache": cache_rows}
     if args.out or not args.smoke:
-        tag = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
-        out = args.out or RESULTS / f"bench_encoder_{tag}_{env['date'][:10]}.json"
-        write_json(out, {"env": env, "mode": mode, "policies": policy_rows, "cache": cache_rows})
-        print(f"\nwrote {out}")
+        save_results("bench_encoder", env, payload, f"{mode}\n\n{md}", args.out)
+    return payload
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ def test_bench_encoder_smoke(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "SMOKE" in res.stdout
     result = json.loads(out.read_text())
+    # Written by common.save_results, like every benchmark: the JSON and its markdown twin.
+    assert result["benchmark"] == "bench_encoder" and result["env"]["commit"]
+    assert "| selective |" in out.with_suffix(".md").read_text()
     policies = {(r["model"], r["policy"]): r for r in result["policies"]}
     assert {p for _, p in policies} == {"none", "full", "selective", "every_k:2", "offload", "full+offload"}
     for (model, policy), row in policies.items():

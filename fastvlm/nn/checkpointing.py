@@ -10,9 +10,19 @@ original call, and the gradients are those of the plain forward.
 Policies:
 - ``none``: autograd keeps every activation.
 - ``full``: each block keeps only its input and is recomputed in backward.
-- ``selective``: each block keeps its matmul outputs (the expensive part to
-  recompute) and recomputes norms, activations and attention from them
-  (torch's selective-checkpoint API, policy on op types).
+- ``selective``: each block keeps its input, the attention kernel's output (and
+  softmax statistics) and, after attention, the outputs of the linear layers
+  that read a hidden-size input without narrowing it: out_proj and fc1 (LLM:
+  o_proj, gate_proj, up_proj). Backward recomputes the q/k/v projections, norms
+  and activations. Why these (measured in bench_encoder, CLIP-L/SigLIP shapes):
+  attention's output is 1 hidden-size tensor whose recompute is O(N^2); fc1's
+  output is 4 of them but the costliest GEMM to redo; q, k and v are 3 tensors
+  and 3 cheap GEMMs (~8% of a step), and keeping them is what held the old
+  keep-every-matmul policy at 0.5-0.63x of ``none``; this one keeps ~0.35-0.44x.
+  fc2's output is never needed in backward (the recompute stops once every
+  tensor backward needs is back, before fc2 runs), and LoRA's rank-r products
+  are cheap, so they are recomputed. Attention made of batched matmuls (the
+  CPU reference) is recomputed, never its O(N^2) scores kept.
 - ``every_k:K``: blocks 0, K, 2K, ... are checkpointed (``full``), the others kept.
 - ``offload``: nothing is recomputed; tensors saved for backward that live on a
   GPU are copied to pinned CPU memory on a side stream while compute goes on,
@@ -20,7 +30,7 @@ Policies:
   Tensors on the CPU stay where they are, so on a CPU-only run it equals ``none``.
 - ``<mode>+offload``: a checkpointing mode whose saved tensors are offloaded;
   ``full+offload`` moves only the block inputs (what the checkpoints save through
-  autograd). The selective mode's cached matmul outputs live in
+  autograd). The selective mode's cached outputs live in
   torch.utils.checkpoint's own storage, not in saved tensors, and stay on the GPU.
 """
 from __future__ import annotations
@@ -38,9 +48,18 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 MODES = ("none", "full", "selective", "every_k")
 
 aten = torch.ops.aten
-# Matmul outputs kept by `selective`. The checkpoint sees ops after decomposition:
-# nn.Linear arrives as mm/addmm (3-D inputs flattened), batched products as bmm/baddbmm.
-SAVED_OPS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default})
+# The checkpoint sees ops after decomposition: nn.Linear arrives as mm/addmm (3-D
+# inputs flattened), products of two activations (composite attention) as bmm/baddbmm.
+LINEAR_OPS = frozenset({aten.mm.default, aten.addmm.default})
+BATCHED_MATMUL_OPS = frozenset({aten.bmm.default, aten.baddbmm.default})
+# Fused attention kernels: outputs kept by `selective` (SDPA's CPU/CUDA backends,
+# and fastvlm's multimodal attention, matched by name: it exists only with Triton).
+ATTENTION_OPS = frozenset({aten._scaled_dot_product_flash_attention_for_cpu.default,
+                           aten._scaled_dot_product_flash_attention.default,
+                           aten._scaled_dot_product_efficient_attention.default,
+                           aten._scaled_dot_product_cudnn_attention.default,
+                           aten._scaled_dot_product_fused_attention_overrideable.default})
+ATTENTION_OP_NAMES = frozenset({"fastvlm::mm_attention_fwd"})
 
 
 @dataclass(frozen=True)
@@ -91,11 +110,29 @@ class CheckpointPolicy:
         return self.mode == "every_k" and index % self.every_k == 0
 
 
-def _keep_matmuls(ctx, op, *args, **kwargs):
-    return OpPolicy.MUST_SAVE if op in SAVED_OPS else OpPolicy.PREFER_RECOMPUTE
+def _selective_policy(width: int):
+    """The `selective` op policy for one block whose hidden size is `width` (see the
+    module docstring). Stateful: whether the block's attention has run yet."""
+    # One flag per pass: older torch also calls the policy while recomputing.
+    after_attention = {False: False, True: False}
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in ATTENTION_OPS or op.name() in ATTENTION_OP_NAMES:
+            after_attention[ctx.is_recompute] = True
+            return OpPolicy.MUST_SAVE
+        if op in BATCHED_MATMUL_OPS:  # composite attention: recomputed
+            after_attention[ctx.is_recompute] = True
+        elif op in LINEAR_OPS and after_attention[ctx.is_recompute]:
+            inputs, weight = args[:2] if op == aten.mm.default else args[1:3]
+            if inputs.shape[-1] == width <= weight.shape[-1]:
+                return OpPolicy.MUST_SAVE
+        return OpPolicy.PREFER_RECOMPUTE
+
+    return policy
 
 
-_selective_context = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)
+def _selective_context(width: int):
+    return create_selective_checkpoint_contexts(_selective_policy(width))
 
 
 def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, policy: CheckpointPolicy,
@@ -115,7 +152,9 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, policy: CheckpointP
             if offload is not None:
                 offload.block = i
             if tracking and policy.checkpoints(i):
-                extra = {"context_fn": _selective_context} if policy.mode == "selective" else {}
+                # A fresh policy (and attention flag) per block and per call.
+                extra = ({"context_fn": functools.partial(_selective_context, x.shape[-1])}
+                         if policy.mode == "selective" else {})
                 x = checkpoint(block, x, use_reentrant=False, **extra, **block_kwargs)
             else:
                 x = block(x, **block_kwargs)
