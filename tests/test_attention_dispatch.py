@@ -204,6 +204,32 @@ def test_timing_inside_a_non_reentrant_checkpoint_leaves_it_intact(monkeypatch, 
     assert _backend.FASTEST == {("ckpt", x.shape): "only"}
 
 
+def test_timing_inside_selective_checkpointing_leaves_its_cache_alone(monkeypatch, seed):
+    """Selective checkpointing caches the outputs of chosen ops in order and hands them back
+    in recompute: a trial's output (other inputs) must not be among them."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    monkeypatch.setattr(_backend, "FASTEST", {})
+    w, other = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8)
+
+    def keep_mm(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op == torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+    def region(x):
+        def trial():  # the same op on other values, as a candidate config would run
+            (x.detach() @ other).tanh().sum()
+        _backend.fastest_backend(("sac", x.shape), {"only": trial}, x.device)
+        return (x @ w).tanh()
+
+    x = torch.randn(4, 8, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(
+        region, x, use_reentrant=False,
+        context_fn=lambda: create_selective_checkpoint_contexts(keep_mm))
+    out.sum().backward()
+    want_x, want_w = torch.autograd.grad((x @ w).tanh().sum(), (x, w))
+    assert torch.allclose(x.grad, want_x) and torch.allclose(w.grad, want_w)
+
+
 def test_choice_key_separates_what_changes_the_winner():
     causal = AttentionLayout(torch.zeros(2, 1000, dtype=torch.int32))
     q, k = torch.randn(2, 8, 1000, 64, dtype=torch.float16), torch.randn(2, 2, 1000, 64, dtype=torch.float16)
@@ -243,3 +269,13 @@ def test_gpu_auto_times_candidates_once_and_matches_reference(seed, monkeypatch)
     assert float((out.double() - want).norm() / want.norm()) < 3e-2
     multimodal_attention(*leaves, layout)
     assert len(_backend.FASTEST) == 1  # the second call reuses the measurement
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_goes_to_the_reference_under_auto_and_is_refused_by_triton(seed):
+    layout = random_layout(random.Random(seed), 1, 300, "mmca", device="cuda")
+    q = torch.randn(1, 2, 300, 64, device="cuda")
+    want = attention_reference(q.double(), q.double(), q.double(), layout)
+    assert float((multimodal_attention(q, q, q, layout).double() - want).norm() / want.norm()) < 1e-5
+    with pytest.raises(ValueError, match="q: the Triton attention kernel takes float16/bfloat16 on CUDA"):
+        multimodal_attention(q, q, q, layout, backend="triton")

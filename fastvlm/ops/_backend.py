@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes  # private, stable since torch 1.13
 
 Availability = Callable[[torch.device], "bool | str"]
 
@@ -72,10 +73,12 @@ AUTOTUNE = os.environ.get("FASTVLM_AUTOTUNE", "1") != "0"
 
 
 def _median_ms(run: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
-    # The trials build and free their own small graphs. Pass-through hooks keep an enclosing
-    # saved-tensor hook (non-reentrant activation checkpointing, offloading) from taking
-    # their tensors, which would make a checkpoint replay its whole region mid-forward.
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    # The trials build and free their own small graphs, outside whatever encloses the
+    # call: pass-through hooks keep an enclosing saved-tensor hook (non-reentrant
+    # checkpointing, offloading) from taking their tensors, which would make a checkpoint
+    # replay its region mid-forward; and with dispatch modes off, selective checkpointing
+    # does not cache the trials' outputs, to be handed back for the real op's in recompute.
+    with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         run()  # warm-up: compilation, autotuning
         times = []
         for _ in range(repeats):

@@ -80,6 +80,7 @@ register_op("multimodal_attention", {"triton": _triton_available, "flash_attn": 
                                      "reference": lambda device: True},
             {"cpu": ("reference",), "cuda": ("triton", "reference")})
 
+GPU_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # fp32 runs on GPUs only in the reference
 DENSE_MAX_ELEMENTS = 1 << 24  # B*Hq*N*N scores above which the reference goes blockwise
 REFERENCE_BLOCK = 128
 REFERENCE_KV_CHUNK = 8  # kv blocks per online-softmax step
@@ -120,10 +121,11 @@ def multimodal_attention(q, k, v, layout: AttentionLayout, *, scale: float | Non
                          backend: str = "auto") -> torch.Tensor:
     """softmax(q kᵀ · scale, masked by `layout`) v, per head; returns q's shape and dtype.
 
-    backend: ``auto`` (on CUDA the Triton kernel, or flash-attn's varlen kernel
-    where it is installed, the layout is plain/packed causal and it was measured
-    faster; the reference on CPU), ``triton`` (tile config measured per shape on
-    CUDA, see the module docstring; on CPU only under TRITON_INTERPRET=1),
+    backend: ``auto`` (on CUDA the Triton kernel for fp16/bf16, or flash-attn's
+    varlen kernel where it is installed, the layout is plain/packed causal and it
+    was measured faster; the reference for other dtypes and on CPU), ``triton``
+    (fp16/bf16 on CUDA, tile config measured per shape, see the module
+    docstring; on CPU only under TRITON_INTERPRET=1, any float dtype),
     ``flash_attn`` (packed-causal layouts only) or ``reference``. The Triton and
     reference backwards use no atomics (each dK/dV program sums its GQA group)
     and are deterministic for a given tile config; flash-attn's is when
@@ -137,6 +139,11 @@ def multimodal_attention(q, k, v, layout: AttentionLayout, *, scale: float | Non
         if reason is not None:
             raise ValueError(f"backend='flash_attn' cannot serve this call: {reason}")
         return _flash_attention(q, k, v, layout, scale)
+    if chosen == "triton" and q.device.type == "cuda" and q.dtype not in GPU_KERNEL_DTYPES:
+        if backend == "triton":  # fp32 tiles do not fit shared memory at the tuned sizes
+            raise ValueError(f"q: the Triton attention kernel takes float16/bfloat16 on CUDA, got "
+                             f"{q.dtype}; use backend='reference' or autocast")
+        chosen = "reference"
     if chosen == "triton":
         cfg = _measured_choice(q, k, v, layout, scale, with_flash=backend == "auto")
         if cfg == "flash_attn":
