@@ -2,7 +2,7 @@
 
 CUDA has max_memory_allocated; CPU has no allocator statistics, and counting
 bytes in saved_tensors_hooks misses what checkpointing keeps outside autograd's
-saved tensors (the selective policy's cached matmul outputs live in
+saved tensors (the outputs the selective policy keeps — attention, out_proj, fc1 — live in
 torch.utils.checkpoint's own storage). So this tracker records, through a
 TorchDispatchMode, the storage of every tensor the forward creates, and after
 the forward sums the bytes of those still alive: exactly what the graph (and
