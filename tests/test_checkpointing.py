@@ -154,3 +154,26 @@ def test_gpu_gradients_and_memory(policy, seed):
     assert policy_bytes < 0.75 * none_bytes
     for (name, p), q in zip(encoder.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_selective_keeps_fused_attention_outputs_including_fastvlms_own_op():
+    """The Triton attention op is matched by name (it exists only where Triton imports):
+    a rename would silently make `selective` recompute attention."""
+    import types
+
+    from torch.utils.checkpoint import CheckpointPolicy as OpPolicy
+
+    from fastvlm.nn.checkpointing import _selective_policy
+    import fastvlm.ops.attention  # noqa: F401  (registers torch.ops.fastvlm.*)
+
+    ctx = types.SimpleNamespace(is_recompute=False)
+    for op in (torch.ops.fastvlm.mm_attention_fwd.default,
+               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default):
+        assert _selective_policy(64)(ctx, op) == OpPolicy.MUST_SAVE, op
+    # q/k/v before attention: recomputed; out_proj after it: kept; fc2 (narrowing): recomputed
+    policy = _selective_policy(64)
+    x, w_in, w_down = torch.empty(4, 64), torch.empty(64, 64), torch.empty(64, 256)
+    assert policy(ctx, torch.ops.aten.mm.default, x, w_in) == OpPolicy.PREFER_RECOMPUTE
+    policy(ctx, torch.ops.fastvlm.mm_attention_fwd.default)
+    assert policy(ctx, torch.ops.aten.mm.default, x, w_in) == OpPolicy.MUST_SAVE
+    assert policy(ctx, torch.ops.aten.mm.default, torch.empty(4, 256), w_down) == OpPolicy.PREFER_RECOMPUTE
