@@ -106,23 +106,35 @@ def test_multi_level_inputs(seed, n_inputs, weights):
                             lambda *a: fused_mlp_reference(*a, "gelu"), [xs, w1, b1, w2, b2], dtype)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("reduce", ["pixel_shuffle", "avg_pool"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_token_reduction_folded_into_gemm(seed, reduce, dtype):
-    """A 6x4 patch grid (24 tokens -> 6) read through the 2x2 index map."""
+def test_token_reduction_folded_into_gemm(seed, reduce, dtype, recompute):
+    """A 6x4 patch grid (24 tokens -> 6) read through the 2x2 index map (with recompute
+    under avg_pool: pooled once, the pooled tokens kept)."""
     widths = [12, 7]
     xs = [leaf(2, 24, k, dtype=dtype) for k in widths]
     mult = 4 if reduce == "pixel_shuffle" else 1
     w1 = [leaf(26, mult * k, dtype=dtype, scale=0.2) for k in widths]
     b1, w2, b2 = leaf(26, dtype=dtype), leaf(13, 26, dtype=dtype, scale=0.2), leaf(13, dtype=dtype)
     kw = dict(reduce=reduce, grid=(6, 4))
-    check_against_reference(lambda *a: fused_mlp(*a, "silu", backend="triton", **kw),
+    check_against_reference(lambda *a: fused_mlp(*a, "silu", backend="triton", recompute=recompute, **kw),
                             lambda *a: fused_mlp_reference(*a, "silu", **kw), [xs, w1, b1, w2, b2], dtype)
     x, w = leaf(1, 36, 10, dtype=dtype), leaf(21, 10 * mult, dtype=dtype, scale=0.3)
     check_against_reference(lambda x, w: fused_linear_act(x, w, None, "gelu", reduce=reduce,
-                                                          backend="triton"),
+                                                          recompute=recompute, backend="triton"),
                             lambda x, w: fused_linear_act_reference(x, w, None, "gelu", reduce=reduce),
                             [x, w], dtype)
+
+
+def test_avg_pool_recompute_keeps_the_pooled_tokens_only(seed):
+    x = torch.randn(2, 24, 16, device=DEVICE)  # a frozen encoder's 6x4 grid of features
+    w1, b1 = leaf(40, 16, dtype=torch.float32), leaf(40, dtype=torch.float32)
+    w2, b2 = leaf(8, 40, dtype=torch.float32), leaf(8, dtype=torch.float32)
+    params = {t.untyped_storage().data_ptr() for t in (w1, b1, w2, b2)}
+    found = saved_bytes(lambda: fused_mlp(x, w1, b1, w2, b2, "gelu", reduce="avg_pool", grid=(6, 4),
+                                          recompute=True, backend="triton"))
+    assert sum(v for k, v in found.items() if k not in params) == x.numel() * 4 // 4  # pooled: M/4 rows
 
 
 def saved_bytes(fn):

@@ -24,7 +24,7 @@ on a GPU it is autotuned.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -306,11 +306,22 @@ class FirstLayer:
         r = reduce_tokens(x, self.reduce, self.grid)
         return r.reshape(-1, r.shape[-1])
 
-    def input_grad(self, x: torch.Tensor, d_gathered: torch.Tensor) -> torch.Tensor:
+    def input_grad(self, batch: int, d_gathered: torch.Tensor) -> torch.Tensor:
+        """The gradient of an input with `batch` images, from that of its gathered rows."""
         if self.reduce is None:
             return d_gathered
-        return reduce_tokens_backward(d_gathered.view(x.shape[0], -1, d_gathered.shape[-1]),
+        return reduce_tokens_backward(d_gathered.view(batch, -1, d_gathered.shape[-1]),
                                       self.reduce, self.grid)
+
+
+def kept_inputs(spec: FirstLayer, xs, training: bool):
+    """(inputs, spec) that the first layer runs on and backward keeps. With recompute
+    under avg_pool, the pooled tokens: 4x fewer bytes than x, and all backward reads of
+    it (the recomputed GEMM, W's gradient; x's gradient needs only its shape). Pooling
+    them once here costs one pass over x, which the fused read would have saved."""
+    if training and spec.recompute and spec.reduce == "avg_pool":
+        return [spec.gathered(x) for x in xs], replace(spec, reduce=None, grid=None)
+    return list(xs), spec
 
 
 def first_layer_forward(spec: FirstLayer, xs, ws, bias, act: int, keep_pre: bool):
@@ -334,7 +345,7 @@ def first_layer_backward(spec: FirstLayer, dz, gate, xs, ws, needs_x, needs_w, n
             continue
         d_gathered = alloc(dz, dz.shape[0], w.shape[1])
         launch(d_gathered, [Operand(dz, w)], gate=gate, gate_act=gate_act)
-        dxs.append(spec.input_grad(x, d_gathered))
+        dxs.append(spec.input_grad(x.shape[0], d_gathered))
     db = alloc(dz, dz.shape[1]) if needs_b else None
     dws = []
     for i, (x, w, need) in enumerate(zip(xs, ws, needs_w)):
@@ -349,29 +360,37 @@ def first_layer_backward(spec: FirstLayer, dz, gate, xs, ws, needs_x, needs_w, n
     return dxs, dws, db
 
 
+def _to_input_grads(spec: FirstLayer, run: FirstLayer, batches, dxs):
+    """Gradients of the caller's inputs from those of the inputs the layer ran on."""
+    if run is spec:
+        return dxs
+    return [None if d is None else spec.input_grad(b, d) for b, d in zip(batches, dxs)]
+
+
 class FusedLinearActFunction(torch.autograd.Function):
     """act(sum_i x_i W_i^T + b); keeps the pre-activation (or nothing, with recompute)."""
 
     @staticmethod
     def forward(ctx, spec: FirstLayer, bias, *xs_ws):
         xs, ws = xs_ws[:spec.n_inputs], xs_ws[spec.n_inputs:]
-        keep_pre = not spec.recompute and any(ctx.needs_input_grad)  # nothing to keep in inference
-        out, pre = first_layer_forward(spec, xs, ws, bias, spec.act, keep_pre=keep_pre)
-        ctx.spec = spec
-        ctx.save_for_backward(bias, pre, *xs, *ws)
+        training = any(ctx.needs_input_grad)  # nothing to keep in inference
+        kept, run = kept_inputs(spec, xs, training)
+        out, pre = first_layer_forward(run, kept, ws, bias, spec.act, keep_pre=training and not spec.recompute)
+        ctx.spec, ctx.run, ctx.batches = spec, run, [x.shape[0] for x in xs]
+        ctx.save_for_backward(bias, pre, *kept, *ws)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        spec, n = ctx.spec, ctx.spec.n_inputs
+        spec, run, n = ctx.spec, ctx.run, ctx.spec.n_inputs
         bias, pre, *rest = ctx.saved_tensors
         xs, ws = rest[:n], rest[n:]
         if pre is None:
-            pre, _ = first_layer_forward(spec, xs, ws, bias, act=0, keep_pre=False)
+            pre, _ = first_layer_forward(run, xs, ws, bias, act=0, keep_pre=False)
         needs = ctx.needs_input_grad
-        dxs, dws, db = first_layer_backward(spec, dy, pre, xs, ws, needs[2:2 + n], needs[2 + n:],
+        dxs, dws, db = first_layer_backward(run, dy, pre, xs, ws, needs[2:2 + n], needs[2 + n:],
                                             needs[1])
-        return None, db, *dxs, *dws
+        return None, db, *_to_input_grads(spec, run, ctx.batches, dxs), *dws
 
 
 class FusedMLPFunction(torch.autograd.Function):
@@ -381,21 +400,22 @@ class FusedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: FirstLayer, b1, w2, b2, *xs_ws):
         xs, ws = xs_ws[:spec.n_inputs], xs_ws[spec.n_inputs:]
-        keep_pre = not spec.recompute and any(ctx.needs_input_grad)  # nothing to keep in inference
-        hidden, pre = first_layer_forward(spec, xs, ws, b1, spec.act, keep_pre=keep_pre)
+        training = any(ctx.needs_input_grad)  # nothing to keep in inference
+        kept, run = kept_inputs(spec, xs, training)
+        hidden, pre = first_layer_forward(run, kept, ws, b1, spec.act, keep_pre=training and not spec.recompute)
         y = alloc(hidden, hidden.shape[0], w2.shape[0])
         launch(y, [Operand(hidden, w2.t())], bias=b2)
-        ctx.spec = spec
-        ctx.save_for_backward(b1, pre, w2, *xs, *ws)
+        ctx.spec, ctx.run, ctx.batches = spec, run, [x.shape[0] for x in xs]
+        ctx.save_for_backward(b1, pre, w2, *kept, *ws)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        spec, n = ctx.spec, ctx.spec.n_inputs
+        spec, run, n = ctx.spec, ctx.run, ctx.spec.n_inputs
         b1, pre, w2, *rest = ctx.saved_tensors
         xs, ws = rest[:n], rest[n:]
         if pre is None:
-            pre, _ = first_layer_forward(spec, xs, ws, b1, act=0, keep_pre=False)
+            pre, _ = first_layer_forward(run, xs, ws, b1, act=0, keep_pre=False)
         needs = ctx.needs_input_grad
         need_w2 = needs[2] or needs[3]
         # dgrad through W2 with act'(pre) in the epilogue; the same pass rebuilds
@@ -409,6 +429,6 @@ class FusedMLPFunction(torch.autograd.Function):
             db2 = alloc(dy, dy.shape[1]) if needs[3] else None
             launch(dw2, [Operand(dy.t(), hidden)], rowsum=db2)
         del hidden, pre
-        dxs, dws, db1 = first_layer_backward(spec, dz, None, xs, ws, needs[4:4 + n], needs[4 + n:],
+        dxs, dws, db1 = first_layer_backward(run, dz, None, xs, ws, needs[4:4 + n], needs[4 + n:],
                                              needs[1])
-        return None, db1, dw2 if needs[2] else None, db2, *dxs, *dws
+        return None, db1, dw2 if needs[2] else None, db2, *_to_input_grads(spec, run, ctx.batches, dxs), *dws

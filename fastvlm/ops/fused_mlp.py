@@ -12,8 +12,9 @@ Linears); the fast path never builds the concatenation. ``reduce`` applies a
 are then [B, H*W, C] and the output is [B, H*W/4, N].
 
 Memory kept for backward by the Triton path: the inputs, the weights and the
-pre-activation (M x N); with ``recompute=True`` only inputs and weights, and
-backward recomputes the pre-activation with one more GEMM. fused_mlp never
+pre-activation (M x N); with ``recompute=True`` only inputs and weights (under
+``reduce="avg_pool"`` the pooled tokens instead of the inputs: 4x fewer bytes),
+and backward recomputes the pre-activation with one more GEMM. fused_mlp never
 keeps the activation itself (eager keeps both the pre-activation and it).
 
 Backends: ``reference`` (plain torch, any dtype), ``triton`` (fastvlm.kernels.
