@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment  # noqa: E402
+from common import RESULTS, environment, median_time  # noqa: E402
 
 from fastvlm.kernels import attention as kernels  # noqa: E402
 from fastvlm.ops import AttentionLayout, multimodal_attention  # noqa: E402
@@ -162,22 +161,7 @@ def _sync_time(device: str) -> float:
 
 
 def median_ms(fn, device: str, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_time(fn, repeats, warmup, device) * 1e3
 
 
 def measure(fn, q, k, v, device: str, repeats: int) -> dict:
