@@ -63,6 +63,7 @@ which the constructor checks.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -171,6 +172,11 @@ def _shift(x: torch.Tensor, fill, right: bool = True) -> torch.Tensor:
     return torch.cat([edge, x[:, :-1]], 1) if right else torch.cat([x[:, 1:], edge], 1)
 
 
+def _segment_starts(seg: torch.Tensor) -> torch.Tensor:
+    """bool [B, N]: the first token of each segment (a row's first live token always is)."""
+    return (seg >= 0) & (seg != _shift(seg, -2))
+
+
 def _runs_contiguous(key: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     """Per row: does every key value among `member` tokens form one run? -> bool [B]."""
     prev_key, prev_member = _shift(key, -1), _shift(member, False)
@@ -253,8 +259,6 @@ class AttentionLayout:
         self.kind, self.split_softmax = kind, bool(split_softmax)
         self.lo, self.hi, self.is_image = self._intervals()
         self._block_maps: dict[tuple[int, int], BlockMap] = {}
-        self._packed_causal: bool | None = None
-        self._varlen: tuple | None = None
 
     # ---- derived metadata ------------------------------------------------------------
     def _intervals(self):
@@ -262,8 +266,7 @@ class AttentionLayout:
         n = seg.shape[1]
         idx = torch.arange(n, device=seg.device, dtype=torch.int32).expand_as(seg)
         live = seg >= 0
-        prev = _shift(seg, -2)
-        lo = torch.where(live & (seg != prev), idx, 0).cummax(1).values
+        lo = torch.where(_segment_starts(seg), idx, 0).cummax(1).values
         hi = idx
         if self.kind == "prefix_lm":
             hi = torch.where(self.prefix_mask, _run_end(seg.long(), self.prefix_mask), idx)
@@ -308,36 +311,31 @@ class AttentionLayout:
                 f"shape={self.shape}, device={self.device})")
 
     # ---- as flash-attn's varlen arguments ----------------------------------------------
-    @property
+    @functools.cached_property
     def is_packed_causal(self) -> bool:
         """True if every live token sees exactly the earlier tokens of its own segment:
         plain or packed causal attention, whatever ``kind`` says (e.g. mmca of text only).
         Conservative for mmca: any image token makes it False. False without live tokens."""
-        if self._packed_causal is None:
-            idx = torch.arange(self.seq_len, device=self.device, dtype=torch.int32)
-            live = self.segment_ids >= 0
-            causal_rows = bool(((self.hi == idx) | ~live).all()) and bool(live.any())
-            # mmca also removes image keys from image queries' rows: only without images is it causal
-            self._packed_causal = causal_rows and not (self.kind == "mmca" and bool(self.is_image.any()))
-        return self._packed_causal
+        idx = torch.arange(self.seq_len, device=self.device, dtype=torch.int32)
+        live = self.segment_ids >= 0
+        causal_rows = bool(((self.hi == idx) | ~live).all()) and bool(live.any())
+        # mmca also removes image keys from image queries' rows: only without images is it causal
+        return causal_rows and not (self.kind == "mmca" and bool(self.is_image.any()))
 
     def varlen_segments(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """(cu_seqlens int32 [S + 1], index of the live tokens in the flattened [B * N]
         rows or None if there is no padding, longest segment): every segment of every
         row, in order, as one packed sequence (flash-attn / xformers varlen). Cached:
         computing it syncs with the host, and every layer of a model asks again."""
-        if self._varlen is None:
-            self._varlen = self._varlen_segments()
-        return self._varlen
+        return self._varlen_segments
 
+    @functools.cached_property
     def _varlen_segments(self):
         seg = self.segment_ids
-        live_rows = seg >= 0
-        live = live_rows.flatten()
-        # number the segments by their first tokens (a row's first live token always starts
-        # one), so equal ids in different rows, or any id values, never merge two segments
-        starts = (live_rows & (seg != _shift(seg, -2))).flatten()
-        key = starts.long().cumsum(0)[live]
+        live = (seg >= 0).flatten()
+        # number the segments by their first tokens, so equal ids in different rows, or
+        # any id values, never merge two segments
+        key = _segment_starts(seg).flatten().long().cumsum(0)[live]
         lengths = torch.unique_consecutive(key, return_counts=True)[1]
         cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         index = None if bool(live.all()) else live.nonzero().squeeze(1)
