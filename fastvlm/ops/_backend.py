@@ -72,6 +72,13 @@ FASTEST: dict[tuple, object] = {}  # shape key -> the candidate measured fastest
 AUTOTUNE = os.environ.get("FASTVLM_AUTOTUNE", "1") != "0"
 
 
+def can_measure(device: torch.device) -> bool:
+    """Whether a call on `device` may be timed now: CUDA, autotuning on, and neither
+    torch.compile tracing nor a CUDA graph capturing (timing would break both)."""
+    return (AUTOTUNE and device.type == "cuda" and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
+
+
 def _median_ms(run: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
     # The trials build and free their own small graphs, outside whatever encloses the
     # call: pass-through hooks keep an enclosing saved-tensor hook (non-reentrant

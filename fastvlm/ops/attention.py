@@ -31,7 +31,7 @@ import math
 import torch
 
 from fastvlm.ops import _backend
-from fastvlm.ops._backend import fastest_backend, register_op, resolve_backend
+from fastvlm.ops._backend import register_op, resolve_backend
 from fastvlm.ops.layout import AttentionLayout, BlockMap
 
 try:
@@ -216,8 +216,7 @@ def _measured_choice(q, k, v, layout: AttentionLayout, scale: float, with_flash:
     the fastest serves that key from then on; elsewhere, and while torch.compile
     traces or a CUDA graph captures, the table's config."""
     first = _kernels.pick_config(q.device, q.shape[-1])
-    if (not _backend.AUTOTUNE or q.device.type != "cuda" or torch.compiler.is_compiling()
-            or torch.cuda.is_current_stream_capturing()):
+    if not _backend.can_measure(q.device):
         return first
     flash = with_flash and _flash_available(q.device) is True and flash_limitation(q, layout) is None
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -228,7 +227,7 @@ def _measured_choice(q, k, v, layout: AttentionLayout, scale: float, with_flash:
     if flash:
         candidates.append("flash_attn")
     runners = {c: _trial(c, q, k, v, layout, scale, training) for c in candidates}
-    return fastest_backend(key, runners, q.device)
+    return _backend.fastest_backend(key, runners, q.device)
 
 
 def choice_key(q, k, layout: AttentionLayout, flash: bool, training: bool) -> tuple:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _ext
-from fastvlm.ops._backend import fastest_backend, register_op, resolve_backend
+from fastvlm.ops._backend import can_measure, fastest_backend, register_op, resolve_backend
 from fastvlm.ops.token_reduction import check_reduce, reduce_tokens
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
@@ -248,9 +248,8 @@ def _auto_mlp_backend(xs, ws, b1, w2, b2, activation, reduce, recompute) -> str:
     """triton, or cublaslt where it can serve the call and was measured faster for the
     shape (measured only in training calls, where the backward is what gets timed)."""
     x = xs[0]
-    if (not torch.is_grad_enabled() or x.device.type != "cuda" or _cublaslt_serves(x.device) is not True
-            or cublaslt_limitation(xs, ws, b1, b2, activation, reduce) is not None
-            or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
+    if (not torch.is_grad_enabled() or not can_measure(x.device) or _cublaslt_serves(x.device) is not True
+            or cublaslt_limitation(xs, ws, b1, b2, activation, reduce) is not None):
         return "triton"
     m = x.numel() // x.shape[-1]
     key = ("fused_mlp", 1 << max(m - 1, 0).bit_length(), x.shape[-1], ws[0].shape[0], w2.shape[0], x.dtype, x.device,
