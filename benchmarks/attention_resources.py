@@ -114,11 +114,6 @@ def compile_kernel(fn, cap: int, dtype: str, consts: dict, num_warps: int, num_s
     return {"shared": compiled.metadata.shared, **usage}
 
 
-def ptxas_usage(ptx: str, cap: int) -> str:
-    u = run_ptxas(ptx, cap)
-    return f"{u['regs']} regs, spills {u['spill_st']}/{u['spill_ld']} B st/ld"
-
-
 def kernel_jobs(cap: int, head_dim: int, cfg: K.TileConfig, dtype: str) -> list[dict]:
     """Every kernel launch of one tile config, with the constexprs and options the
     launchers give it (backward at most 2 stages; delta at its own fixed tiles)."""
