@@ -32,13 +32,12 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"  # compile for real, before the kernels are defined
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints its own ptxas -v log: no second ptxas run
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.cache import get_cache_manager  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.cache import get_cache_manager
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastvlm.kernels import attention as K  # noqa: E402
+from fastvlm.kernels import attention as K
 
 FLOATS = ("qk_scale", "sm_scale")
 INT_SCALARS = ("H", "HKV", "GROUP", "N", "D", "TQ", "TK")  # upper-case but not pointers

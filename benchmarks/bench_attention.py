@@ -29,17 +29,15 @@ from pathlib import Path
 if "--smoke" in sys.argv:  # the interpreter must be on before triton kernels are defined
     os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, median_time  # noqa: E402
+from common import RESULTS, environment, median_time
 
-from fastvlm.kernels import attention as kernels  # noqa: E402
-from fastvlm.ops import AttentionLayout, multimodal_attention  # noqa: E402
-from fastvlm.ops._backend import why_unavailable  # noqa: E402
-from fastvlm.synthetic import vlm_layout  # noqa: E402
+from fastvlm.kernels import attention as kernels
+from fastvlm.ops import AttentionLayout, multimodal_attention
+from fastvlm.ops.backend import why_unavailable
+from fastvlm.synthetic import vlm_layout
 
 KINDS = ("causal", "prefix_lm", "image_bidirectional", "mmca", "mmca_split")
 

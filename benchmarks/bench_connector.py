@@ -36,8 +36,6 @@ if SMOKE:  # the Triton path runs under the interpreter on CPU; must precede any
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the checkout's fastvlm, installed or not
 from common import environment, markdown_table, median_time, print_header, save_results  # noqa: E402
 
 from fastvlm.nn import FusedMLPConnector  # noqa: E402

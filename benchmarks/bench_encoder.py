@@ -15,7 +15,7 @@ Random weights, full fine-tuning of the tower (every parameter trains), bf16
 autocast on a GPU, fp32 on CPU, LLaVA's select_layers=[-2]. Per policy:
 - activation memory: on CUDA, peak max_memory_allocated during a training step
   minus what is allocated before it (weights, gradients, input); on CPU, the
-  bytes the forward leaves alive for backward (fastvlm.nn.activation_memory);
+  bytes the forward leaves alive for backward (fastvlm.utils.activation_memory);
 - step time: median of --repeats steps, taken in rounds of one step per policy;
   both as ratios to `none`.
 On a GPU the batch size defaults to the largest that lets `none` use ~80% of the
@@ -31,7 +31,6 @@ import argparse
 import io
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,13 +39,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, median_time, print_header, save_results  # noqa: E402
+from common import environment, markdown_table, median_time, print_header, save_results
 
-from fastvlm.models.feature_cache import FeatureCache  # noqa: E402
-from fastvlm.models.preprocess import ImagePreprocessor  # noqa: E402
-from fastvlm.models.vision import CLIP_L14_336, SIGLIP_SO400M_384, VisionConfig, VisionEncoder  # noqa: E402
-from fastvlm.nn.activation_memory import LiveTensorBytes  # noqa: E402
+from fastvlm.models.feature_cache import FeatureCache
+from fastvlm.models.preprocess import ImagePreprocessor
+from fastvlm.models.vision import CLIP_L14_336, SIGLIP_SO400M_384, VisionConfig, VisionEncoder
+from fastvlm.utils.activation_memory import LiveTensorBytes
 
 MODELS = {"clip-l14-336": VisionConfig.clip(**CLIP_L14_336),
           "siglip-so400m-384": VisionConfig.siglip(**SIGLIP_SO400M_384)}

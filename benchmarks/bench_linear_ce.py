@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (environment, markdown_table, median_time, peak_memory, print_header, run_isolated,  # noqa: E402
+from common import (environment, markdown_table, median_time, peak_memory, print_header, run_isolated,
                     save_results)
 
-from fastvlm.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
 
 METHODS = {"naive": "reference", "fastvlm": "auto"}
 

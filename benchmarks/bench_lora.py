@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -22,10 +21,9 @@ import torch
 if not torch.cuda.is_available():  # the interpreter must be on before Triton kernels load
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastvlm.train.lora import LoRALinear  # noqa: E402
+from fastvlm.nn.lora import LoRALinear
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, print_header, save_results  # noqa: E402
+from common import environment, print_header, save_results
 
 # (tokens, in, out, r): attention and MLP projections of a 7B LLM, a ViT-L block
 GPU_SHAPES = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 11008, 16),

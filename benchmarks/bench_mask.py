@@ -11,16 +11,14 @@ FlexAttention builds its block mask by evaluating mask_mod over all N x N pairs
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, median_time, print_header, save_results  # noqa: E402
+from common import environment, markdown_table, median_time, print_header, save_results
 
-from fastvlm.ops import KINDS  # noqa: E402
-from fastvlm.synthetic import vlm_layout  # noqa: E402
+from fastvlm.ops import KINDS
+from fastvlm.synthetic import vlm_layout
 
 BLOCK = 128
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import weakref
 from pathlib import Path
 from dataclasses import asdict, dataclass
@@ -41,8 +40,7 @@ from fastvlm.train.optim import build_optimizer
 from fastvlm.train.precision import MixedPrecision
 from fastvlm.train.quant import NF4_BLOCKSIZE, apply_qlora
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, print_header, save_results  # noqa: E402
+from common import environment, print_header, save_results
 
 LLM_TARGETS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 NF4_CODE_BYTES = 16 * 4 + 256 * 4 + 4  # per tensor: NF4 code, nested 8-bit code, nested offset (fp32)

@@ -17,22 +17,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (environment, markdown_table, median_time, peak_memory, print_header, run_isolated,  # noqa: E402
+from common import (environment, markdown_table, median_time, peak_memory, print_header, run_isolated,
                     save_results)
 
-import fastvlm.models.llm as llm_module  # noqa: E402
-from fastvlm.models.llm import LLMConfig, shift_labels  # noqa: E402
-from fastvlm.models.vision import CLIP_L14_336, VisionConfig  # noqa: E402
-from fastvlm.models.vlm import VLM, VLMConfig  # noqa: E402
-from fastvlm.ops import KINDS  # noqa: E402
-from fastvlm.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+import fastvlm.models.llm as llm_module
+from fastvlm.models.llm import LLMConfig, shift_labels
+from fastvlm.models.vision import CLIP_L14_336, VisionConfig
+from fastvlm.models.vlm import VLM, VLMConfig
+from fastvlm.ops import KINDS
+from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
 
 SHAPES = {
     "llava-1.5-7b": dict(vision=VisionConfig.clip(**CLIP_L14_336),

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from fastvlm.utils.io import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -69,9 +71,7 @@ def median_time(fn, repeats: int = 5, warmup: int = 1, device: str = "cpu") -> f
 
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

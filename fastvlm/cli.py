@@ -26,7 +26,7 @@ def environment() -> dict:
 
     import fastvlm
     from fastvlm import _ext
-    from fastvlm.ops._backend import REGISTRY, why_unavailable
+    from fastvlm.ops.backend import REGISTRY, why_unavailable
 
     gpu = None
     if torch.cuda.is_available():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastvlm.kernels import attention as kernels
 from fastvlm.ops import AttentionLayout, multimodal_attention
-from fastvlm.ops import _backend
+from fastvlm.ops import backend
 from fastvlm.ops import attention as attention_module
 from fastvlm.ops.attention import attention_reference, flash_limitation
 from tests.layouts import random_layout
@@ -157,43 +157,43 @@ def test_a_candidate_that_raises_any_error_is_dropped_with_a_warning(monkeypatch
     def too_big():
         raise OutOfResources("shared memory")
 
-    monkeypatch.setattr(_backend, "FASTEST", {})
+    monkeypatch.setattr(backend, "FASTEST", {})
     with pytest.warns(RuntimeWarning, match="big: OutOfResources: shared memory"):
-        choice = _backend.fastest_backend(("k",), {"big": too_big, "fits": lambda: None}, torch.device("cpu"))
-    assert choice == "fits" and _backend.FASTEST == {("k",): "fits"}
+        choice = backend.fastest_backend(("k",), {"big": too_big, "fits": lambda: None}, torch.device("cpu"))
+    assert choice == "fits" and backend.FASTEST == {("k",): "fits"}
 
 
 def test_a_decision_taken_out_of_memory_is_not_cached(monkeypatch):
     def oom():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(_backend, "FASTEST", {})
+    monkeypatch.setattr(backend, "FASTEST", {})
     with pytest.warns(RuntimeWarning, match="out of memory"):
-        assert _backend.fastest_backend(("k",), {"a": oom, "b": lambda: None}, torch.device("cpu")) == "b"
-    assert _backend.FASTEST == {}
+        assert backend.fastest_backend(("k",), {"a": oom, "b": lambda: None}, torch.device("cpu")) == "b"
+    assert backend.FASTEST == {}
 
 
 def test_autotune_off_takes_the_first_candidate_untimed(monkeypatch):
-    monkeypatch.setattr(_backend, "FASTEST", {})
-    monkeypatch.setattr(_backend, "AUTOTUNE", False)
+    monkeypatch.setattr(backend, "FASTEST", {})
+    monkeypatch.setattr(backend, "AUTOTUNE", False)
 
     def never():
         raise AssertionError("timed although FASTVLM_AUTOTUNE=0")
 
-    assert _backend.fastest_backend(("k",), {"table": never, "other": never}, torch.device("cpu")) == "table"
+    assert backend.fastest_backend(("k",), {"table": never, "other": never}, torch.device("cpu")) == "table"
 
 
 def test_timing_inside_a_non_reentrant_checkpoint_leaves_it_intact(monkeypatch, seed):
     """The first call of a shape may come inside activation checkpointing; its trials must
     not hand their tensors to the checkpoint (which would replay the region mid-forward)."""
-    monkeypatch.setattr(_backend, "FASTEST", {})
+    monkeypatch.setattr(backend, "FASTEST", {})
     w = torch.randn(8, 8, requires_grad=True)
 
     def region(x):
         def trial():
             leaf = x.detach().requires_grad_()
             (leaf @ w.detach()).tanh().sum().backward()
-        _backend.fastest_backend(("ckpt", x.shape), {"only": trial}, x.device)
+        backend.fastest_backend(("ckpt", x.shape), {"only": trial}, x.device)
         return (x @ w).tanh()
 
     x = torch.randn(4, 8, requires_grad=True)
@@ -201,7 +201,7 @@ def test_timing_inside_a_non_reentrant_checkpoint_leaves_it_intact(monkeypatch, 
     out.sum().backward()
     want_x, want_w = torch.autograd.grad((x @ w).tanh().sum(), (x, w))
     assert torch.allclose(x.grad, want_x) and torch.allclose(w.grad, want_w)
-    assert _backend.FASTEST == {("ckpt", x.shape): "only"}
+    assert backend.FASTEST == {("ckpt", x.shape): "only"}
 
 
 def test_timing_inside_selective_checkpointing_leaves_its_cache_alone(monkeypatch, seed):
@@ -209,7 +209,7 @@ def test_timing_inside_selective_checkpointing_leaves_its_cache_alone(monkeypatc
     in recompute: a trial's output (other inputs) must not be among them."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-    monkeypatch.setattr(_backend, "FASTEST", {})
+    monkeypatch.setattr(backend, "FASTEST", {})
     w, other = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8)
 
     def keep_mm(ctx, op, *args, **kwargs):
@@ -218,7 +218,7 @@ def test_timing_inside_selective_checkpointing_leaves_its_cache_alone(monkeypatc
     def region(x):
         def trial():  # the same op on other values, as a candidate config would run
             (x.detach() @ other).tanh().sum()
-        _backend.fastest_backend(("sac", x.shape), {"only": trial}, x.device)
+        backend.fastest_backend(("sac", x.shape), {"only": trial}, x.device)
         return (x @ w).tanh()
 
     x = torch.randn(4, 8, requires_grad=True)
@@ -257,18 +257,18 @@ def test_candidate_configs_start_with_the_table_entry():
 
 @pytest.mark.gpu
 def test_gpu_auto_times_candidates_once_and_matches_reference(seed, monkeypatch):
-    monkeypatch.setattr(_backend, "FASTEST", {})
+    monkeypatch.setattr(backend, "FASTEST", {})
     layout = random_layout(random.Random(seed), 2, 3000, "image_bidirectional", device="cuda")
     leaves = [torch.randn(2, h, 3000, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
               for h in (8, 2, 2)]
     out = multimodal_attention(*leaves, layout)
     out.float().square().sum().backward()
-    (choice,) = _backend.FASTEST.values()
+    (choice,) = backend.FASTEST.values()
     assert choice in kernels.candidate_configs(torch.cuda.get_device_capability(), 128)
     want = attention_reference(*(t.detach().double() for t in leaves), layout, impl="blockwise")
     assert float((out.double() - want).norm() / want.norm()) < 3e-2
     multimodal_attention(*leaves, layout)
-    assert len(_backend.FASTEST) == 1  # the second call reuses the measurement
+    assert len(backend.FASTEST) == 1  # the second call reuses the measurement
 
 
 @pytest.mark.gpu

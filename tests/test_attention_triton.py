@@ -16,7 +16,7 @@ import torch
 
 from fastvlm.kernels import attention as kernels
 from fastvlm.ops import AttentionLayout, multimodal_attention, multimodal_attention_varlen
-from fastvlm.ops._backend import resolve_backend
+from fastvlm.ops.backend import resolve_backend
 from fastvlm.ops.attention import attention_reference
 
 ROOT = Path(__file__).resolve().parents[1]

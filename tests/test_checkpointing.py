@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastvlm.models.vision import VisionConfig, VisionEncoder
-from fastvlm.nn.activation_memory import LiveTensorBytes
+from fastvlm.utils.activation_memory import LiveTensorBytes
 from fastvlm.nn.checkpointing import CheckpointPolicy
 
 POLICIES = ["full", "selective", "every_k:2", "every_k:3", "offload", "full+offload"]

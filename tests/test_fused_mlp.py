@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastvlm.kernels import fused_linear as kernel
-from fastvlm.ops import _backend
+from fastvlm.ops import backend
 from fastvlm.ops.fused_mlp import (ACTIVATIONS, fused_linear_act, fused_linear_act_reference,
                                    fused_mlp, fused_mlp_reference)
 
@@ -286,7 +286,7 @@ def test_cublaslt_recompute_keeps_no_hidden_tensor(seed):
 
 def test_fastest_backend_measures_once_and_skips_failures(monkeypatch):
     import time
-    monkeypatch.setattr(_backend, "FASTEST", {})
+    monkeypatch.setattr(backend, "FASTEST", {})
     calls = {"slow": 0, "fast": 0}
 
     def runner(name, delay):
@@ -301,22 +301,22 @@ def test_fastest_backend_measures_once_and_skips_failures(monkeypatch):
     runners = {"slow": runner("slow", 0.02), "broken": broken, "fast": runner("fast", 0.0)}
     cpu = torch.device("cpu")
     with pytest.warns(RuntimeWarning, match="broken: RuntimeError: no algorithm"):
-        assert _backend.fastest_backend(("k",), runners, cpu) == "fast"
+        assert backend.fastest_backend(("k",), runners, cpu) == "fast"
     measured = dict(calls)
-    assert _backend.fastest_backend(("k",), runners, cpu) == "fast" and calls == measured  # cached
+    assert backend.fastest_backend(("k",), runners, cpu) == "fast" and calls == measured  # cached
     with pytest.warns(RuntimeWarning):
-        assert _backend.fastest_backend(("all broken",), {"a": broken, "b": broken}, cpu) == "a"
+        assert backend.fastest_backend(("all broken",), {"a": broken, "b": broken}, cpu) == "a"
 
 
 @pytest.mark.gpu
 def test_auto_picks_a_measured_backend_on_gpu(seed, monkeypatch):
-    monkeypatch.setattr(_backend, "FASTEST", {})
+    monkeypatch.setattr(backend, "FASTEST", {})
     dtype = torch.bfloat16
     args = [leaf(300, 256, dtype=dtype), leaf(512, 256, dtype=dtype, scale=0.06), leaf(512, dtype=dtype),
             leaf(128, 512, dtype=dtype, scale=0.04), leaf(128, dtype=dtype)]
     check_against_reference(lambda *a: fused_mlp(*a, "gelu_tanh"), lambda *a: fused_mlp_reference(*a, "gelu_tanh"),
                             args, dtype)
-    assert list(_backend.FASTEST.values()) in (["triton"], ["cublaslt"])
+    assert list(backend.FASTEST.values()) in (["triton"], ["cublaslt"])
 
 
 def test_inference_keeps_nothing(seed, monkeypatch):

@@ -12,9 +12,9 @@ import textwrap
 import pytest
 import torch
 
-from fastvlm.ops._backend import resolve_backend
+from fastvlm.ops.backend import resolve_backend
 from fastvlm.ops.lora_linear import MAX_FUSED_RANK, lora_linear, lora_linear_reference
-from fastvlm.train.lora import LoRALinear
+from fastvlm.nn.lora import LoRALinear
 
 # max |err| / max |ref|: fp32 dots run in IEEE fp32; fp16 operands round to 2^-11
 # and u = x Aᵀ is rounded to fp16 before multiplying by B, as torch's own chain does.

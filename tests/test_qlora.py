@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastvlm.train.lora import LoRALinear, lora_layers
+from fastvlm.nn.lora import LoRALinear
+from fastvlm.train.lora import lora_layers
 from fastvlm.train.quant import apply_qlora, dequantized_weight, to_nf4
 from tests.lora_models import ALL_PROJ, TinyVLM, tiny_llama
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import uuid
 import warnings
@@ -29,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fastvlm.models.vision import VisionEncoder
+from fastvlm.utils.io import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -44,17 +44,6 @@ def weights_digest(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class FeatureCache:
@@ -92,7 +81,7 @@ class FeatureCache:
                                       f"(differs in {differs}); use another directory or on_stale='reset'")
             shutil.rmtree(self.root / "shards", ignore_errors=True)
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
-        _write_atomically(manifest, lambda p: p.write_text(json.dumps(self.fingerprint, sort_keys=True)))
+        atomic_write(manifest, lambda p: Path(p).write_text(json.dumps(self.fingerprint, sort_keys=True)))
 
     def refresh(self) -> None:
         """Index the shards on disk (also those written by other processes since)."""
@@ -137,7 +126,7 @@ class FeatureCache:
         tensors = {f"{key}.{n}": layer[i].detach().cpu().clone(memory_format=torch.contiguous_format)
                    for i, key in enumerate(keys) for n, layer in enumerate(features)}
         shard = self.root / "shards" / f"{uuid.uuid4().hex}.safetensors"
-        _write_atomically(shard, lambda p: save_file(tensors, p))
+        atomic_write(shard, lambda p: save_file(tensors, p))
         self.index.update({key: shard for key in keys})
 
     def features(self, images: Sequence[bytes], preprocess: Callable[[list[bytes]], torch.Tensor]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
 from fastvlm.ops import AttentionLayout, multimodal_attention
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
+from fastvlm.utils.config import check_known_keys
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 HF_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -60,10 +61,7 @@ class LLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LLMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"config: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        check_known_keys(cls, d, 'config')
         return cls(**d)
 
     @classmethod

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
+from fastvlm.utils.config import check_known_keys
 
 FAMILIES = ("clip", "siglip", "dinov2")
 ACTIVATIONS = {
@@ -81,10 +82,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> VisionConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"VisionConfig: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        check_known_keys(cls, values, 'VisionConfig')
         return cls(**values)
 
     def to_dict(self) -> dict:

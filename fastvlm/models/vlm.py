@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,8 @@ from fastvlm.models.splice import splice_image_features
 from fastvlm.models.vision import VisionConfig, VisionEncoder
 from fastvlm.nn.connector import FusedMLPConnector
 from fastvlm.ops import KINDS, AttentionLayout
+from fastvlm.utils.config import check_known_keys
+from fastvlm.utils.io import atomic_write
 
 VISION_FEATURES = ("patch", "full")  # LLaVA's "default" drops the class (and register) tokens
 FORMAT = "fastvlm_vlm"
@@ -60,10 +60,7 @@ class VLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VLMConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"config: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        check_known_keys(cls, d, 'config')
         d = dict(d)
         d["vision"] = VisionConfig.from_dict(d["vision"])
         d["llm"] = LLMConfig.from_dict(d["llm"])
@@ -161,14 +158,7 @@ class VLM(nn.Module):
         for name, write in (("model.safetensors", lambda f: save_model(self, f)),
                             ("config.json", lambda f: Path(f).write_text(json.dumps(
                                 {"model_type": FORMAT, "config": self.config.to_dict()}, indent=2)))):
-            fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
-            os.close(fd)
-            try:
-                write(tmp)
-                os.replace(tmp, path / name)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(path / name, write)
 
 
 def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:

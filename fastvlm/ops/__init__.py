@@ -1,6 +1,6 @@
 """fastvlm ops: public functions with autograd wiring and backend dispatch.
 
-Importing this package registers every op's backends (see fastvlm.ops._backend),
+Importing this package registers every op's backends (see fastvlm.ops.backend),
 which is what `fastvlm info` reports.
 """
 from fastvlm.ops.attention import multimodal_attention, multimodal_attention_varlen

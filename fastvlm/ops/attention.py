@@ -30,8 +30,8 @@ import math
 
 import torch
 
-from fastvlm.ops import _backend
-from fastvlm.ops._backend import register_op, resolve_backend
+from fastvlm.ops import backend as dispatch
+from fastvlm.ops.backend import register_op, resolve_backend
 from fastvlm.ops.layout import AttentionLayout, BlockMap
 
 try:
@@ -216,18 +216,18 @@ def _measured_choice(q, k, v, layout: AttentionLayout, scale: float, with_flash:
     the fastest serves that key from then on; elsewhere, and while torch.compile
     traces or a CUDA graph captures, the table's config."""
     first = _kernels.pick_config(q.device, q.shape[-1])
-    if not _backend.can_measure(q.device):
+    if not dispatch.can_measure(q.device):
         return first
     flash = with_flash and _flash_available(q.device) is True and flash_limitation(q, layout) is None
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     key = choice_key(q, k, layout, flash, training)
-    if key in _backend.FASTEST:
-        return _backend.FASTEST[key]
+    if key in dispatch.FASTEST:
+        return dispatch.FASTEST[key]
     candidates = list(_kernels.candidate_configs(torch.cuda.get_device_capability(q.device), q.shape[-1]))
     if flash:
         candidates.append("flash_attn")
     runners = {c: _trial(c, q, k, v, layout, scale, training) for c in candidates}
-    return _backend.fastest_backend(key, runners, q.device)
+    return dispatch.fastest_backend(key, runners, q.device)
 
 
 def choice_key(q, k, layout: AttentionLayout, flash: bool, training: bool) -> tuple:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _ext
-from fastvlm.ops._backend import can_measure, fastest_backend, register_op, resolve_backend
+from fastvlm.ops.backend import can_measure, fastest_backend, register_op, resolve_backend
 from fastvlm.ops.token_reduction import check_reduce, reduce_tokens
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")

@@ -70,7 +70,7 @@ from typing import Sequence
 import torch
 
 from fastvlm import _ext
-from fastvlm.ops._backend import register_op, resolve_backend
+from fastvlm.ops.backend import register_op, resolve_backend
 
 KINDS = ("causal", "prefix_lm", "image_bidirectional", "mmca")
 KIND_CODES = {name: code for code, name in enumerate(KINDS)}  # matches csrc MaskKind

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastvlm.ops._backend import register_op, resolve_backend
+from fastvlm.ops.backend import register_op, resolve_backend
 
 register_op("linear_cross_entropy",
             {"reference": lambda device: True, "fused": lambda device: True,

@@ -14,7 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fastvlm.ops._backend import register_op, resolve_backend
+from fastvlm.ops.backend import register_op, resolve_backend
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_FUSED_RANK = 128  # the kernels' rank tiles fit shared memory up to here (see the kernel tests)

@@ -10,16 +10,15 @@ which ``peft.PeftModel.from_pretrained`` loads on the same architecture.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from fastvlm.ops.lora_linear import lora_delta, lora_linear
+from fastvlm.nn.lora import LoRALinear, check_rank_and_dropout, set_submodule
+from fastvlm.utils.io import atomic_write
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -59,96 +58,6 @@ class LoRAConfig:
         return cls(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
                    targets=cfg["target_modules"], trainable=list(cfg.get("modules_to_save") or []),
                    rslora=bool(cfg.get("use_rslora", False)))
-
-
-def check_rank_and_dropout(r, dropout):
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"r: LoRA rank must be a positive int, got {r!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout: must be in [0, 1), got {dropout!r}")
-
-
-def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
-    # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r) keeps the update's scale stable as r grows.
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-class LoRALinear(nn.Module):
-    """y = base(x) + s · dropout(x) Aᵀ Bᵀ with A: [r, in], B: [out, r], s = alpha/r (or alpha/√r).
-
-    ``base_layer`` is an ``nn.Linear`` or a bitsandbytes ``Linear4bit`` and stays
-    frozen. A starts kaiming-uniform and B at zero, so a fresh adapter is a no-op.
-    """
-
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False, backend: str = "auto"):
-        super().__init__()
-        check_rank_and_dropout(r, dropout)
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.r, self.alpha, self.rslora = r, alpha, rslora
-        self.scaling = lora_scaling(r, alpha, rslora)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.backend = backend
-        # Adapters live in fp32 (master precision) whatever the base dtype; autocast or
-        # the precision policy decides the compute dtype.
-        dev = _weight_device(base_layer)
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=dev))
-        self.merged = False
-        self.reset_lora_parameters()
-        base_layer.requires_grad_(False)
-
-    def reset_lora_parameters(self):
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init
-        nn.init.zeros_(self.lora_B)
-
-    @property
-    def quantized(self) -> bool:
-        # bitsandbytes' Linear4bit subclasses nn.Linear; its packed weight is not floating.
-        return not self.base_layer.weight.is_floating_point()
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
-
-    @torch.no_grad()
-    def merge(self):
-        """Fold s·BA into the base weight (inference); forward then skips the adapter."""
-        if self.merged:
-            return
-        if self.quantized:
-            raise ValueError(f"merge: base layer is quantized ({type(self.base_layer).__name__}); merging "
-                             "into NF4 weights would re-quantize them, keep the adapter separate")
-        w = self.base_layer.weight
-        w += self.delta_weight().to(w.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if not self.merged:
-            return
-        w = self.base_layer.weight
-        w -= self.delta_weight().to(w.dtype)
-        self.merged = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x)
-        if self.quantized or (self.training and not isinstance(self.dropout, nn.Identity)):
-            # Dropout puts a different x on the adapter branch, and NF4 bases run their own
-            # matmul: both need the unfused form.
-            return self.base_layer(x) + lora_delta(self.dropout(x), self.lora_A, self.lora_B, self.scaling)
-        base = self.base_layer
-        return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling,
-                           backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
-                f"scaling={self.scaling:.4g}, merged={self.merged}")
-
-
-def _weight_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def parse_targets(targets, arg: str = "targets") -> list[str] | str:
@@ -193,11 +102,6 @@ def _example_names(model: nn.Module, k: int = 4) -> str:
     return ", ".join(repr(n) for n in names) or "no nn.Linear found"
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def resolve_lora_targets(model: nn.Module, targets, r, alpha, dropout, trainable):
     """Validate an adapter configuration against `model` without changing it.
 
@@ -230,7 +134,7 @@ def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, drop
     targets, trainable, found, keep = resolve_lora_targets(model, targets, r, alpha, dropout, trainable)
     model.requires_grad_(False)
     for name, module in found.items():
-        _set_submodule(model, name, LoRALinear(module, r, alpha, dropout, rslora, backend))
+        set_submodule(model, name, LoRALinear(module, r, alpha, dropout, rslora, backend))
     for module in keep.values():
         module.requires_grad_(True)
     model.lora_config = LoRAConfig(r, alpha, dropout, targets, trainable, rslora)
@@ -276,18 +180,6 @@ def _config_of(model: nn.Module) -> LoRAConfig:
     return cfg
 
 
-def _atomic_write(path: str, write):
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_adapter(model: nn.Module, directory: str):
     """Write adapter_model.safetensors + adapter_config.json (PEFT's format), atomically."""
     from safetensors.torch import save_file
@@ -295,13 +187,13 @@ def save_adapter(model: nn.Module, directory: str):
     cfg = _config_of(model)
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    _atomic_write(os.path.join(directory, ADAPTER_WEIGHTS),
+    atomic_write(os.path.join(directory, ADAPTER_WEIGHTS),
                   lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
     def write_config(p):
         with open(p, "w") as f:
             json.dump(cfg.to_peft(), f, indent=2)
-    _atomic_write(os.path.join(directory, ADAPTER_CONFIG), write_config)
+    atomic_write(os.path.join(directory, ADAPTER_CONFIG), write_config)
 
 
 def load_adapter(model: nn.Module, directory: str, backend: str = "auto") -> nn.Module:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvlm.train.lora import _set_submodule, apply_lora, resolve_lora_targets
+from fastvlm.nn.lora import set_submodule
+from fastvlm.train.lora import apply_lora, resolve_lora_targets
 from fastvlm.train.precision import is_norm
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -71,7 +72,7 @@ def apply_qlora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, dro
         raise ValueError(f"targets: QLoRA quantizes plain nn.Linear layers only; matched {not_linear}")
     cd = COMPUTE_DTYPES[compute_dtype]
     for name, module in found.items():
-        _set_submodule(model, name, to_nf4(module, cd))
+        set_submodule(model, name, to_nf4(module, cd))
     apply_lora(model, targets, r, alpha, dropout, trainable, rslora)
     for module in model.modules():
         if is_norm(module):
