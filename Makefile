@@ -10,7 +10,7 @@ CSRC := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
 CMAKE_BUILD ?= build-cmake
 JOBS ?= 2
 
-.PHONY: venv build ctest pytest test demo bench clean
+.PHONY: venv build lint ctest pytest test demo bench clean
 
 venv: $(DEPS_STAMP)
 $(DEPS_STAMP): requirements/test.txt
@@ -30,10 +30,14 @@ ctest: $(DEPS_STAMP)
 	cmake --build $(CMAKE_BUILD) -j $(JOBS)
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
+# ruff's rules and line length live in pyproject.toml.
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check .
+
 pytest: build
 	$(PY) -m pytest -q tests
 
-test: build ctest pytest
+test: build lint ctest pytest
 
 demo: build
 	$(PY) -m fastvlm demo

@@ -3,7 +3,7 @@
 Environment:
   FASTVLM_CUDA=auto|1|0   compile the CUDA kernels: auto = when a CUDA toolkit and a
                           CUDA build of torch are both present; 1 = required; 0 = never.
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0": A100 and H100).
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default: cuda_archs in csrc/build.cfg, A100 and H100).
   MAX_JOBS                parallel compile jobs (torch's ninja build honours it).
 """
 import os
@@ -15,7 +15,20 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCHS = "8.0;9.0"
+
+
+def read_build_config() -> dict[str, list[str]]:
+    """csrc/build.cfg: the flags CMakeLists.txt reads too."""
+    cfg = {}
+    for raw in (ROOT / "csrc" / "build.cfg").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            key, _, value = line.partition("=")
+            cfg[key.strip()] = value.split()
+    return cfg
+
+
+BUILD = read_build_config()
 
 
 def read_sources():
@@ -97,10 +110,11 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     src = read_sources()
-    cxx = ["-O3"]  # the C++ standard is torch's choice (C++17 for 2.11, C++20 for 2.14)
+    std = f"-std=c++{BUILD['cxx_standard'][0]}"
+    cxx = [std, *BUILD["cxx_flags"]]
     include_dirs = [str(ROOT / "csrc")]
     if want_cuda():
-        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(BUILD["cuda_archs"]))
         sources, macros, link = src["cpu"] + src["cuda"], [], []
         cublaslt = cublaslt_location()
         if cublaslt is not None:
@@ -116,7 +130,7 @@ def extensions():
             include_dirs=include_dirs,
             extra_link_args=link,
             define_macros=[("FASTVLM_WITH_CUDA", None), ("FASTVLM_CUDA_ARCHS", f'"{archs}"'), *macros],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-DFASTVLM_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx, "nvcc": [std, *BUILD["cuda_flags"], "-DFASTVLM_WITH_CUDA"]},
         )
     else:
         ext = CppExtension(

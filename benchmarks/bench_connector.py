@@ -36,10 +36,10 @@ if SMOKE:  # the Triton path runs under the interpreter on CPU; must precede any
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import environment, markdown_table, median_time, print_header, save_results  # noqa: E402
-
 from fastvlm.nn import FusedMLPConnector  # noqa: E402
 from fastvlm.ops.token_reduction import reduce_tokens  # noqa: E402
+
+from common import environment, markdown_table, median_time, print_header, save_results  # noqa: E402
 
 TOKENS_PER_IMAGE = 576  # a 24x24 patch grid (CLIP-L/336); used for every projector, as issue 4 specifies
 PROJECTORS = {"clip-l/336->4096": (1024, 4096), "clip-l/336->5120": (1024, 5120),

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import environment, markdown_table, median_time, print_header, save_results
-
 from fastvlm.models.feature_cache import FeatureCache
 from fastvlm.models.preprocess import ImagePreprocessor
 from fastvlm.models.vision import CLIP_L14_336, SIGLIP_SO400M_384, VisionConfig, VisionEncoder
 from fastvlm.utils.activation_memory import LiveTensorBytes
+
+from common import environment, markdown_table, median_time, print_header, save_results
 
 MODELS = {"clip-l14-336": VisionConfig.clip(**CLIP_L14_336),
           "siglip-so400m-384": VisionConfig.siglip(**SIGLIP_SO400M_384)}

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from common import (environment, markdown_table, median_time, peak_memory, print_header, run_isolated,
-                    save_results)
-
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
+
+from common import environment, markdown_table, median_time, peak_memory, print_header, run_isolated, save_results
 
 METHODS = {"naive": "reference", "fastvlm": "auto"}
 

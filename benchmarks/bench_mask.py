@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from common import environment, markdown_table, median_time, print_header, save_results
-
 from fastvlm.ops import KINDS
 from fastvlm.synthetic import vlm_layout
+
+from common import environment, markdown_table, median_time, print_header, save_results
 
 BLOCK = 128
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import math
 import weakref
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn

@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (environment, markdown_table, median_time, peak_memory, print_header, run_isolated,
-                    save_results)
-
 import fastvlm.models.llm as llm_module
 from fastvlm.models.llm import LLMConfig, shift_labels
 from fastvlm.models.vision import CLIP_L14_336, VisionConfig
 from fastvlm.models.vlm import VLM, VLMConfig
 from fastvlm.ops import KINDS
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
+
+from common import environment, markdown_table, median_time, peak_memory, print_header, run_isolated, save_results
 
 SHAPES = {
     "llava-1.5-7b": dict(vision=VisionConfig.clip(**CLIP_L14_336),

@@ -1,6 +1,6 @@
 """Activation checkpointing policies for any stack of transformer blocks.
 
-One implementation for every tower (vision encoder now, decoder LLM later):
+One implementation for every tower (the vision encoders and the decoder LLM):
 `run_blocks(blocks, x, policy)` runs `x` through the blocks in order under the
 policy. Everything is built on torch.utils.checkpoint (non-reentrant), so it
 composes with frozen blocks, LoRA-wrapped projections (any nn.Module) and
