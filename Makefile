@@ -10,7 +10,7 @@ CSRC := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
 CMAKE_BUILD ?= build-cmake
 JOBS ?= 2
 
-.PHONY: venv build lint ctest pytest test demo bench clean
+.PHONY: venv build lint ctest pytest test demo bench gpu-check clean
 
 venv: $(DEPS_STAMP)
 $(DEPS_STAMP): requirements/test.txt
@@ -47,3 +47,9 @@ bench: build
 
 clean:
 	rm -rf $(VENV) build $(CMAKE_BUILD) fastvlm/_C*.so *.egg-info
+
+# On a GPU machine: build for its arch, run the GPU tests and the headline
+# benchmarks, bundle everything under GPU_CHECK_OUT (see benchmarks/gpu_check.py).
+GPU_CHECK_OUT ?= benchmarks/results/_local/gpu_check
+gpu-check:
+	python3 benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
