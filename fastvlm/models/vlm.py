@@ -24,6 +24,7 @@ from fastvlm.models.llm import LLM, LLMConfig, load_state_dict
 from fastvlm.models.splice import splice_image_features
 from fastvlm.models.vision import VisionConfig, VisionEncoder
 from fastvlm.nn.connector import FusedMLPConnector
+from fastvlm.nn.lora import LoRALinear
 from fastvlm.ops import KINDS, AttentionLayout
 from fastvlm.utils.config import check_known_keys
 from fastvlm.utils.io import atomic_write
@@ -153,6 +154,10 @@ class VLM(nn.Module):
         into place, so an interrupted save never leaves a half-written file."""
         from safetensors.torch import save_model
 
+        adapters = [n for n, m in self.named_modules() if isinstance(m, LoRALinear)]
+        if adapters:  # their base_layer / lora_* keys are not this format's; from_pretrained would refuse them
+            raise ValueError(f"model: has LoRA layers ({adapters[0]}, ...): call fastvlm.train.lora.merge_and_unload"
+                             "(model) first to save a plain model, or save_adapter(model, dir) for the adapter")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         for name, write in (("model.safetensors", lambda f: save_model(self, f)),

@@ -146,8 +146,32 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def merge(model: nn.Module):
+    """Fold the adapters into their base weights in place (``unmerge`` undoes it); the
+    LoRA layers stay, so the model keeps adapter keys. To save a plain model, use
+    ``merge_and_unload``."""
     for m in lora_layers(model).values():
         m.merge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base Linear and put that Linear back in its place.
+
+    The result has the modules and state-dict keys of the model before ``apply_lora``
+    (no ``base_layer``, no ``lora_A``), so ``save_pretrained`` writes a checkpoint that
+    loads as a plain model. Parameters keep their requires_grad flags. NF4 bases are
+    refused: folding into them would re-quantize the weights.
+    """
+    layers = lora_layers(model)
+    quantized = [n for n, m in layers.items() if m.quantized]
+    if quantized:
+        raise ValueError(f"model: LoRA layers {quantized[:4]} have NF4 (quantized) bases; merging would "
+                         "re-quantize them: load the base in full precision and load_adapter onto it to merge")
+    for name, layer in layers.items():
+        layer.merge()
+        set_submodule(model, name, layer.base_layer)
+    if getattr(model, "lora_config", None) is not None:
+        del model.lora_config
+    return model
 
 
 def unmerge(model: nn.Module):
