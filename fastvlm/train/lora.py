@@ -102,19 +102,78 @@ def _example_names(model: nn.Module, k: int = 4) -> str:
     return ", ".join(repr(n) for n in names) or "no nn.Linear found"
 
 
-def resolve_lora_targets(model: nn.Module, targets, r, alpha, dropout, trainable):
+# The names a VLM's parts go by: fastvlm.VLM, transformers' LLaVA (4.x and 5.x layouts),
+# LLaVA's own code. The outermost module with one of these names is that part.
+TOWER_NAMES = {"llm": ("language_model",),
+               "vision": ("vision_tower", "vision_model", "vision_encoder", "visual"),
+               "connector": ("multi_modal_projector", "connector", "mm_projector", "projector")}
+
+
+def tower_roots(model: nn.Module) -> dict[str, list[str]]:
+    """{part: [module names]} for the parts (llm / vision / connector) `model` has."""
+    names = [n for n, _ in model.named_modules() if n]
+    roots = {}
+    for part, leaves in TOWER_NAMES.items():
+        hits = [n for n in names if n.rpartition(".")[2] in leaves]
+        outer = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
+        if outer:
+            roots[part] = outer
+    return roots
+
+
+def _tower_modules(model: nn.Module, part: str, spec) -> dict[str, nn.Module]:
+    """Modules matched by `spec` (suffix list or regex over names inside the tower) in each root of `part`."""
+    roots = tower_roots(model).get(part)
+    if not roots:
+        raise ValueError(f"{part}: {type(model).__name__} has no {part} part (a module named one of "
+                         f"{', '.join(TOWER_NAMES[part])})")
+    spec = parse_targets(spec, part)
+    found = {}
+    for root in roots:
+        inner = _match_modules(model.get_submodule(root), spec, part)
+        found.update({f"{root}.{n}": m for n, m in inner.items()})
+    return found
+
+
+def _resolve_part_aliases(model: nn.Module, trainable: list[str]) -> list[str]:
+    """"connector" (or "llm", "vision") names that part where no module is called so."""
+    names = [n for n, _ in model.named_modules() if n]
+    roots = tower_roots(model)
+    out = []
+    for t in trainable:
+        if t in roots and not any(name_matches(n, [t]) for n in names):
+            out += roots[t]
+        else:
+            out.append(t)
+    return out
+
+
+def resolve_lora_targets(model: nn.Module, targets, r, alpha, dropout, trainable, llm=None, vision=None):
     """Validate an adapter configuration against `model` without changing it.
 
-    Returns (targets, trainable names, {name: Linear to wrap}, {name: module to train}).
+    Returns (targets, trainable names, {name: Linear to wrap}, {name: module to train});
+    with `llm` / `vision`, targets is the explicit list of the modules they matched.
     """
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("model: already has LoRA adapters (apply_lora was called on it before)")
     check_rank_and_dropout(r, dropout)
     if alpha <= 0:
         raise ValueError(f"alpha: must be positive, got {alpha!r}")
-    targets = parse_targets(targets)
+    if targets is None and llm is None and vision is None:
+        raise ValueError("targets: no adapter targets; give llm= and/or vision= (module names inside the LLM "
+                         "or the vision tower), or targets= (names anywhere in the model)")
+    found = {}
+    if targets is not None:
+        targets = parse_targets(targets)
+        found.update(_match_modules(model, targets, "targets"))
+    for part, spec in (("llm", llm), ("vision", vision)):
+        if spec is not None:
+            found.update(_tower_modules(model, part, spec))
+    if llm is not None or vision is not None:
+        targets = sorted(found)
     trainable = parse_targets(trainable, "trainable") if trainable else []
-    found = _match_modules(model, targets, "targets")
+    if isinstance(trainable, list):
+        trainable = _resolve_part_aliases(model, trainable)
     not_linear = {n: type(m).__name__ for n, m in found.items() if not isinstance(m, nn.Linear)}
     if not_linear:
         raise ValueError(f"targets: LoRA wraps nn.Linear layers only; matched non-Linear modules {not_linear}")
@@ -124,14 +183,21 @@ def resolve_lora_targets(model: nn.Module, targets, r, alpha, dropout, trainable
     return targets, list(trainable), found, keep
 
 
-def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
-               trainable=(), rslora: bool = False, backend: str = "auto") -> nn.Module:
+def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+               trainable=(), rslora: bool = False, backend: str = "auto", *, llm=None, vision=None) -> nn.Module:
     """Replace targeted nn.Linear layers by LoRALinear in place; freeze all else but `trainable`.
 
-    `targets` and `trainable` take a list (or comma string) of module-name suffixes,
-    or a full-match regex over module names, as PEFT's target_modules does.
+    For a VLM, `llm` and `vision` name the layers to adapt inside the language model
+    and inside the vision tower (LLaVA's recipe adapts the LLM only:
+    ``llm="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"``); `targets` names
+    layers anywhere in the model, as PEFT's target_modules does (so a suffix such as
+    "q_proj" also hits the vision tower's q_proj). Each takes a list (or comma string)
+    of module-name suffixes or a full-match regex. `trainable` lists modules trained
+    fully (PEFT's modules_to_save); "connector" names a VLM's projector whatever its
+    module is called.
     """
-    targets, trainable, found, keep = resolve_lora_targets(model, targets, r, alpha, dropout, trainable)
+    targets, trainable, found, keep = resolve_lora_targets(model, targets, r, alpha, dropout, trainable,
+                                                           llm, vision)
     model.requires_grad_(False)
     for name, module in found.items():
         set_submodule(model, name, LoRALinear(module, r, alpha, dropout, rslora, backend))

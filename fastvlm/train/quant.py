@@ -60,15 +60,15 @@ def enable_input_require_grads(model: nn.Module):
     return handles
 
 
-def apply_qlora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+def apply_qlora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
                 trainable=(), rslora: bool = False, compute_dtype: str = "bf16",
-                input_grads: bool = True) -> nn.Module:
+                input_grads: bool = True, *, llm=None, vision=None) -> nn.Module:
     """Quantize the targeted Linears to NF4, put LoRA on them, keep norms and
     `trainable` modules in fp32. Arguments as ``apply_lora``."""
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
     # everything is validated before the first layer is quantized
-    targets, _, found, _ = resolve_lora_targets(model, targets, r, alpha, dropout, trainable)
+    targets, trainable, found, _ = resolve_lora_targets(model, targets, r, alpha, dropout, trainable, llm, vision)
     not_linear = {n: type(m).__name__ for n, m in found.items() if type(m) is not nn.Linear}
     if not_linear:
         raise ValueError(f"targets: QLoRA quantizes plain nn.Linear layers only; matched {not_linear}")
