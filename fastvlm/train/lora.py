@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from fastvlm.nn.lora import LoRALinear, check_rank_and_dropout, set_submodule
+from fastvlm.train import peft_llava
 from fastvlm.utils.io import atomic_write
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -271,37 +272,58 @@ def _config_of(model: nn.Module) -> LoRAConfig:
 
 
 def save_adapter(model: nn.Module, directory: str):
-    """Write adapter_model.safetensors + adapter_config.json (PEFT's format), atomically."""
+    """Write adapter_model.safetensors + adapter_config.json (PEFT's format), atomically.
+
+    A fastvlm.VLM's adapter is written under transformers' LLaVA names (see
+    fastvlm.train.peft_llava), so PEFT loads it on LlavaForConditionalGeneration.
+    """
     from safetensors.torch import save_file
 
     cfg = _config_of(model)
+    tensors = {k[len(PEFT_PREFIX):]: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    peft_cfg = cfg.to_peft()
+    if peft_llava.is_vlm(model):
+        tensors, targets, modules = peft_llava.to_hf(model, tensors, _trained_modules(model, cfg))
+        peft_cfg.update(target_modules=targets, modules_to_save=modules or None)
+    tensors = {PEFT_PREFIX + k: v for k, v in tensors.items()}
     os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     atomic_write(os.path.join(directory, ADAPTER_WEIGHTS),
-                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+                 lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
     def write_config(p):
         with open(p, "w") as f:
-            json.dump(cfg.to_peft(), f, indent=2)
+            json.dump(peft_cfg, f, indent=2)
     atomic_write(os.path.join(directory, ADAPTER_CONFIG), write_config)
+
+
+def _trained_modules(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    return list(_match_modules(model, cfg.trainable, "trainable")) if cfg.trainable else []
 
 
 def load_adapter(model: nn.Module, directory: str, backend: str = "auto") -> nn.Module:
     """Apply LoRA as adapter_config.json says (unless already applied) and load the weights.
 
     Reads adapters PEFT saved too: keys may carry PEFT's adapter name
-    (``lora_A.default.weight``) or not.
+    (``lora_A.default.weight``) or not. On a fastvlm.VLM, adapters saved for
+    transformers' LLaVA (4.x or 5.x names) load too; the adapted modules are those the
+    weights name.
     """
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
         cfg = LoRAConfig.from_peft(json.load(f))
-    if getattr(model, "lora_config", None) is None:
-        apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.dropout, cfg.trainable, cfg.rslora, backend)
-    elif asdict(model.lora_config) != asdict(cfg):
-        raise ValueError(f"model: has LoRA config {model.lora_config}, adapter in {directory} has {cfg}")
     saved = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
     saved = {re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k): v for k, v in saved.items()}
+    if peft_llava.is_vlm(model):
+        if not all(k.startswith(PEFT_PREFIX) for k in saved):
+            raise ValueError(f"{directory}: adapter keys do not start with PEFT's {PEFT_PREFIX!r}")
+        tensors, cfg.targets, cfg.trainable = peft_llava.from_hf(
+            model, {k[len(PEFT_PREFIX):]: v for k, v in saved.items()}, list(cfg.trainable))
+        saved = {PEFT_PREFIX + k: v for k, v in tensors.items()}
+    if getattr(model, "lora_config", None) is None:
+        apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.dropout, cfg.trainable, cfg.rslora, backend)
+    elif _shape_of(model.lora_config) != _shape_of(cfg):
+        raise ValueError(f"model: has LoRA config {model.lora_config}, adapter in {directory} has {cfg}")
     expected = adapter_state_dict(model)
     missing, unexpected = expected.keys() - saved.keys(), saved.keys() - expected.keys()
     if missing or unexpected:
@@ -314,3 +336,9 @@ def load_adapter(model: nn.Module, directory: str, backend: str = "auto") -> nn.
                                  f"{tuple(dst.shape)}")
             dst.copy_(saved[k])
     return model
+
+
+def _shape_of(cfg: LoRAConfig) -> tuple:
+    """What must agree for weights to load into adapters already applied (which
+    modules: the key check)."""
+    return cfg.r, cfg.alpha, cfg.rslora
