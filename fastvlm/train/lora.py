@@ -5,7 +5,10 @@ base + trainable low-rank A, B), freezes everything else except the modules
 named ``trainable`` (e.g. the connector), and records the configuration on the
 model so ``save_adapter`` can write PEFT's ``adapter_config.json`` and
 ``adapter_model.safetensors`` (keys ``base_model.model.<path>.lora_A.weight``),
-which ``peft.PeftModel.from_pretrained`` loads on the same architecture.
+which ``peft.PeftModel.from_pretrained`` loads on the same architecture. A
+fastvlm.VLM's adapters are written under transformers' LLaVA names and read from
+them (fastvlm.train.peft_llava), so they load on ``LlavaForConditionalGeneration``
+and back. On a VLM, ``llm=`` / ``vision=`` pick layers inside one part.
 """
 from __future__ import annotations
 

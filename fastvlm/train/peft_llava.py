@@ -39,11 +39,18 @@ def _common_module(names: list[str]) -> str:
     return ".".join(common)
 
 
-def _translate(name: str, model, what: str) -> str:
+def _hf_or_none(name: str, model) -> str | None:
     try:
         return llava_names.to_hf(name, model.config.vision)
     except KeyError:
-        raise ValueError(f"{what}: fastvlm parameter {name!r} has no transformers LLaVA name") from None
+        return None
+
+
+def _translate(name: str, model, what: str) -> str:
+    theirs = _hf_or_none(name, model)
+    if theirs is None:
+        raise ValueError(f"{what}: fastvlm parameter {name!r} has no transformers LLaVA name")
+    return theirs
 
 
 def to_hf(model, tensors: dict[str, torch.Tensor], trainable: list[str]) -> tuple[dict, list[str], list[str]]:
@@ -53,7 +60,7 @@ def to_hf(model, tensors: dict[str, torch.Tensor], trainable: list[str]) -> tupl
 
     targets = sorted(_module_to_hf(n, model) for n in lora_layers(model))
     params = dict(model.named_parameters())
-    hf_of_all = {n: llava_names.to_hf(n, model.config.vision) for n in params if _has_hf_name(n, model)}
+    hf_of_all = {n: h for n in params if (h := _hf_or_none(n, model)) is not None}
     modules = []
     vision_root = llava_names.HF5_PARTS["vision"]
     for name in trainable:
@@ -74,15 +81,7 @@ def to_hf(model, tensors: dict[str, torch.Tensor], trainable: list[str]) -> tupl
     return renamed, targets, modules
 
 
-def _has_hf_name(name: str, model) -> bool:
-    try:
-        llava_names.to_hf(name, model.config.vision)
-    except KeyError:
-        return False
-    return True
-
-
-def _from_hf_name(name: str, model, own: set[str], what: str) -> str:
+def _from_hf_name(name: str, model, own: set[str]) -> str:
     """`name` as is where the model has it, else read as a transformers LLaVA name."""
     if name in own:
         return name
@@ -91,7 +90,7 @@ def _from_hf_name(name: str, model, own: set[str], what: str) -> str:
     except KeyError:
         ours = None
     if ours is None:
-        raise ValueError(f"{what}: {name!r} is neither a fastvlm.VLM name nor a transformers LLaVA name "
+        raise ValueError(f"adapter: {name!r} is neither a fastvlm.VLM name nor a transformers LLaVA name "
                          "with a fastvlm counterpart")
     return ours
 
@@ -100,19 +99,18 @@ def from_hf(model, tensors: dict[str, torch.Tensor], modules_to_save: list[str])
     """(tensors under fastvlm names, adapted module names, trained module names) of an
     adapter saved for transformers' LLaVA (either layout) or for the VLM itself.
     `tensors` are keyed without PEFT's prefix and adapter name."""
-    module_names = {n for n, _ in model.named_modules()}
+    module_weights = {n + ".weight" for n, _ in model.named_modules()}  # LoRA keys name modules
     params = dict(model.named_parameters())
     renamed, targets, trained = {}, set(), {}
     for key, tensor in tensors.items():
         lora = LORA_SUFFIX.search(key)
         if lora:
             module = key[:lora.start()]
-            ours = module if module in module_names else _from_hf_name(module + ".weight", model, set(),
-                                                                          "adapter")[:-len(".weight")]
+            ours = _from_hf_name(module + ".weight", model, module_weights)[:-len(".weight")]
             targets.add(ours)
             renamed[ours + lora.group()] = tensor
             continue
-        ours = _from_hf_name(key, model, set(params), "adapter")
+        ours = _from_hf_name(key, model, set(params))
         renamed[ours] = tensor
         saved_as = _saved_module(key, modules_to_save)
         trained.setdefault(saved_as, []).append(ours)
