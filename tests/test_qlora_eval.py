@@ -116,3 +116,29 @@ def test_already_repacked_base_is_refused(seed):
         q(torch.randn(2, 64))
     with pytest.raises(ValueError, match="base_layer:.*inference format"):
         LoRALinear(q, r=2, alpha=4)
+
+
+def test_foreign_linear4bit_wrapped_by_lora_keeps_training_format(seed):
+    """A Linear4bit fastvlm did not make (transformers' BitsAndBytesConfig loads these)
+    gets the same protection once LoRALinear wraps it."""
+    import bitsandbytes as bnb
+
+    lin = nn.Linear(64, 64)
+
+    def build():
+        q = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
+        q.load_state_dict(lin.state_dict())
+        torch.manual_seed(seed)
+        layer = LoRALinear(q.to("cpu"), r=2, alpha=4)
+        layer.lora_B.data.normal_()
+        return layer
+
+    x = torch.randn(3, 64, requires_grad=True)
+
+    def run(m):
+        return m(x).square().sum()
+
+    fresh = _grads(build(), run)
+    layer = build()
+    _eval_pass(layer, lambda m: m(torch.randn(2, 64)))
+    _assert_same_grads(_grads(layer, run), fresh)
