@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastvlm.models import llava_names
 from fastvlm.models.hf_vision import config_from_hf, convert_state_dict
 from fastvlm.models.llm import LLM, LLMConfig, load_state_dict
 from fastvlm.models.splice import splice_image_features
 from fastvlm.models.vision import VisionConfig, VisionEncoder
 from fastvlm.nn.connector import FusedMLPConnector
+from fastvlm.nn.lora import LoRALinear
 from fastvlm.ops import KINDS, AttentionLayout
 from fastvlm.utils.config import check_known_keys
 from fastvlm.utils.io import atomic_write
@@ -83,7 +84,8 @@ class VLM(nn.Module):
         (feats,) = self.vision_tower(images, select_layers=[self.config.select_layer])
         if self.config.vision_feature == "patch":
             feats = feats[:, self.config.vision.num_prefix_tokens:]
-        return self.multi_modal_projector(feats.to(self.multi_modal_projector[0].weight.dtype))
+        # not projector[0].weight: under LoRA or PEFT's ModulesToSaveWrapper the layer is wrapped
+        return self.multi_modal_projector(feats.to(next(self.multi_modal_projector.parameters()).dtype))
 
     def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
         image_id = self.config.image_token_id
@@ -153,6 +155,10 @@ class VLM(nn.Module):
         into place, so an interrupted save never leaves a half-written file."""
         from safetensors.torch import save_model
 
+        adapters = [n for n, m in self.named_modules() if isinstance(m, LoRALinear)]
+        if adapters:  # their base_layer / lora_* keys are not this format's; from_pretrained would refuse them
+            raise ValueError(f"model: has LoRA layers ({adapters[0]}, ...): call fastvlm.train.lora.merge_and_unload"
+                             "(model) first to save a plain model, or save_adapter(model, dir) for the adapter")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         for name, write in (("model.safetensors", lambda f: save_model(self, f)),
@@ -182,19 +188,13 @@ def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
     model = VLM(cfg)
     vision_hf, state = {}, {}
     for key, tensor in hf_state.items():
-        key = re.sub(r"^model\.", "", key)  # the newer layout nests everything under model.
-        if key.startswith("vision_tower."):
-            vision_hf[key[len("vision_tower."):]] = tensor
-        elif key.startswith("multi_modal_projector.linear_"):
-            n = int(key[len("multi_modal_projector.linear_")]) - 1
-            state[f"multi_modal_projector.{2 * n}{key[len('multi_modal_projector.linear_') + 1:]}"] = tensor
-        elif key.startswith("language_model.model."):
-            state["language_model.model." + key[len("language_model.model."):]] = tensor
-        elif key.startswith("language_model.lm_head.") or key.startswith("lm_head."):
-            state["language_model.lm_head." + key.split("lm_head.", 1)[1]] = tensor
-        elif key.startswith("language_model."):  # newer layout: the decoder without its .model
-            state["language_model.model." + key[len("language_model."):]] = tensor
-        else:
+        part, rest = llava_names.split_hf_name(key)
+        if part == "vision":  # renamed (and reshaped) by the vision tower's own conversion
+            vision_hf[rest] = tensor
+            continue
+        try:
+            state[llava_names.from_hf(key, vision)] = tensor
+        except KeyError:
             state[key] = tensor  # reported as unexpected by _load_exact
     converted, unexpected = convert_state_dict(vision_hf, vision)
     state.update({f"vision_tower.{k}": v for k, v in converted.items()})

@@ -14,10 +14,18 @@ import re
 import torch
 from torch import nn
 
-# Ordered: the first pattern that matches a parameter's name picks its group.
+from fastvlm.train.lora import TOWER_NAMES
+
+
+def _under(names) -> str:
+    return rf"(^|.*\.)({'|'.join(names)})\..*"
+
+
+# Ordered: the first pattern that matches a parameter's name picks its group. The part
+# names are apply_lora's (fastvlm's, transformers' LLaVA's), plus a generic "encoder".
 DEFAULT_GROUPS = {
-    "connector": r"(^|.*\.)(connector|mm_projector|multi_modal_projector|projector)\..*",
-    "encoder_adapters": r"(^|.*\.)(vision_tower|vision_model|vision_encoder|encoder|visual)\..*",
+    "connector": _under(TOWER_NAMES["connector"]),
+    "encoder_adapters": _under(TOWER_NAMES["vision"] + ("encoder",)),
     "llm_adapters": r".*",
 }
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
