@@ -1,0 +1,13 @@
+"""Training data: conversation files, prompt templates and label masks, tokenizers, the
+synthetic VQA dataset and DeepSpeed-VisualChat blending (owner A); image loading, datasets,
+packing, sampling and collation (owner B, block at the end)."""
+from fastvlm.data.conversation import IGNORE_INDEX, EncodedSample, SampleTooLong, encode_conversation, encode_prompt
+from fastvlm.data.formats import IMAGE_TAG, Sample, estimate_length, read_samples
+from fastvlm.data.templates import TEMPLATES, ChatTemplate, LiteralTemplate, Template, get_template
+from fastvlm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX", "IMAGE_TAG", "TEMPLATES", "ChatTemplate", "EncodedSample", "LiteralTemplate", "Sample",
+    "SampleTooLong", "Template", "Tokenizer", "encode_conversation", "encode_prompt", "estimate_length",
+    "get_template", "load_tokenizer", "read_samples", "train_bpe_tokenizer",
+]
