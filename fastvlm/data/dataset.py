@@ -1,0 +1,207 @@
+"""The training dataset: one sample = tokenized conversation + its decoded images.
+
+``VLMDataset`` is lazy: a sample is tokenized (``encode_conversation``) and its
+images decoded (PIL, in the DataLoader workers) only when it is fetched. A
+sample that cannot be used — a bad image, or too long to keep even one turn
+pair — comes back as ``None`` and is counted by reason in ``skipped``
+(make_loader gathers the workers' counts); ``strict=True`` raises instead.
+``lengths()`` gives the cheap length estimates the sampler plans with, cached
+next to the data file.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fastvlm.data.conversation import SampleTooLong, encode_conversation
+from fastvlm.data.formats import estimate_length
+from fastvlm.data.images import BadImageCounter, load_image
+from fastvlm.data.lengths import cached_array, code_hash
+from fastvlm.data.packing import TRUNCATIONS
+from fastvlm.data.sampler import PackedBatchSampler
+from fastvlm.data.tokenizer import load_tokenizer
+from fastvlm.models.preprocess import ImagePreprocessor
+
+
+def image_spans(input_ids: Sequence[int], image_token_id: int, image_tokens: int) -> list[tuple[int, int]]:
+    """(start, length) of each image's run: every `image_tokens` consecutive image
+    tokens are one image (so two images side by side stay two)."""
+    spans, i, n = [], 0, len(input_ids)
+    while i < n:
+        if input_ids[i] == image_token_id:
+            spans.append((i, image_tokens))
+            i += image_tokens
+        else:
+            i += 1
+    return spans
+
+
+class VLMDataset(Dataset):
+    def __init__(self, samples: Sequence, image_root, tokenizer, template, image_tokens: int,
+                 preprocessor: ImagePreprocessor, *, strict: bool = False, max_length: int | None = None,
+                 truncation: str = "turn", train_on_prompt: bool = False, last_turn_only: bool = False,
+                 system: str | None = None, data_path=None, image_checks: dict | None = None):
+        """samples: e.g. ``read_samples(path)``; its ``.path`` (or `data_path`) is the file
+        the length cache is keyed by. max_length: longer samples are cut after the last
+        whole turn pair that fits (``truncation="turn"``) or skipped (``"drop"``); both
+        are counted under ``too_long`` when nothing is kept. image_checks: min_size,
+        max_pixels, max_aspect for ``open_image``."""
+        if not isinstance(image_tokens, int) or image_tokens < 1:
+            raise ValueError(f"image_tokens: expected a positive int, got {image_tokens!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation: expected one of {TRUNCATIONS}, got {truncation!r}")
+        if not isinstance(preprocessor, ImagePreprocessor):
+            raise ValueError(f"preprocessor: expected an ImagePreprocessor, got {type(preprocessor).__name__}")
+        self.samples, self.image_root = samples, Path(image_root)
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.template, self.image_tokens, self.preprocessor = template, image_tokens, preprocessor
+        self.strict, self.max_length, self.truncation = strict, max_length, truncation
+        self.encode_options = {"train_on_prompt": train_on_prompt, "last_turn_only": last_turn_only,
+                               "system": system}
+        self.data_path = data_path if data_path is not None else getattr(samples, "path", None)
+        self.image_checks = dict(image_checks or {})
+        self.skipped = BadImageCounter()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _skip(self, reason: str, where, message: str):
+        if self.strict:
+            raise ValueError(message)
+        self.skipped.add(reason, where)
+
+    def encode(self, index: int):
+        """The sample's EncodedSample (truncated per max_length), or None if too long."""
+        sample = self.samples[index]
+        cut = self.max_length if self.truncation == "turn" else None
+        try:
+            encoded = encode_conversation(sample.conversations, self.tokenizer, self.template, self.image_tokens,
+                                          max_length=cut, **self.encode_options)
+        except SampleTooLong as err:
+            return self._skip("too_long", sample.id, f"sample {sample.id!r}: {err}")
+        if self.max_length is not None and len(encoded) > self.max_length:
+            return self._skip("too_long", sample.id, f"sample {sample.id!r}: {len(encoded)} tokens, more than "
+                                                     f"max_length {self.max_length} (truncation='drop')")
+        return encoded
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.samples[index]
+        encoded = self.encode(index)
+        if encoded is None:
+            return None
+        pixels = []
+        for rel in sample.images[:encoded.num_images]:  # images cut off with their turns are not decoded
+            image = load_image(self.image_root / rel, self.preprocessor, self.strict, counter=self.skipped,
+                               **self.image_checks)
+            if image is None:
+                return None
+            pixels.append(image)
+        return {"input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+                "labels": torch.tensor(encoded.labels, dtype=torch.long),
+                "pixel_values": torch.stack(pixels) if pixels else None,
+                "image_spans": image_spans(encoded.input_ids, self.tokenizer.image_token_id, self.image_tokens),
+                "id": sample.id, "prefix_len": encoded.prefix_len, "index": index}
+
+    # ---- cheap per-sample metadata for the sampler ----------------------------------------
+    def _estimates(self) -> np.ndarray:
+        """[2, n]: estimated lengths and image counts, cached by data file hash."""
+        def compute():
+            rows = [(estimate_length(s, self.image_tokens), len(s.images)) for s in self.samples]
+            return np.asarray(rows, dtype=np.int64).reshape(-1, 2).T
+
+        if self.data_path is None:
+            if not hasattr(self, "_memo"):
+                self._memo = compute()
+            return self._memo
+        options = f"image_tokens={self.image_tokens}|estimator={code_hash(estimate_length)}|n={len(self)}"
+        return cached_array(self.data_path, options, compute)
+
+    def lengths(self) -> list[int]:
+        """Estimated token count per sample (before truncation)."""
+        return self._estimates()[0].tolist()
+
+    def has_images(self) -> list[bool]:
+        """Whether each sample has an image (for LLaVA's modality grouping)."""
+        return (self._estimates()[1] > 0).tolist()
+
+
+# ---- the loader -------------------------------------------------------------------------------
+class _SkippingCollate:
+    """Runs in the worker: drops skipped (None) items, collates the rest and hands the
+    worker's new skip counts along with the batch."""
+
+    def __init__(self, dataset, collator):
+        self.dataset, self.collator = dataset, collator
+
+    def __call__(self, items):
+        kept = [item for item in items if item is not None]
+        counter = getattr(self.dataset, "skipped", None)
+        return {"batch": self.collator(kept) if kept else None,
+                "skipped": counter.take_new() if counter is not None else BadImageCounter()}
+
+
+class VLMLoader(DataLoader):
+    """A DataLoader over a PackedBatchSampler that
+
+    - skips samples the dataset returned as None, and gathers the workers' skip
+      counts in ``skipped`` (a BadImageCounter);
+    - keeps the sampler's position at the batches *consumed*, not the ones workers
+      prefetched, so ``sampler.state_dict()`` taken between steps resumes exactly;
+    - sums per epoch, in ``epoch_stats[epoch]``: batches, samples, real / row /
+      supervised tokens, packing efficiency (real / row tokens) and skips.
+    """
+
+    def __init__(self, dataset, batch_sampler, collate_fn, **kwargs):
+        super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=_SkippingCollate(dataset, collate_fn),
+                         **kwargs)
+        self.skipped = BadImageCounter()
+        self.epoch_stats: dict[int, dict] = {}
+
+    def __iter__(self):
+        sampler = self.batch_sampler
+        tracked = isinstance(sampler, PackedBatchSampler)
+        if tracked and sampler.position >= len(sampler):
+            sampler._next_epoch()
+        epoch = sampler.epoch if tracked else len(self.epoch_stats)
+        stats = self.epoch_stats.setdefault(epoch, {"batches": 0, "samples": 0, "real_tokens": 0, "row_tokens": 0,
+                                                    "supervised_tokens": 0, "skipped": 0, "packing_efficiency": 0.0})
+        if tracked:
+            sampler._tracked_externally = True
+        try:
+            for out in super().__iter__():
+                if tracked:
+                    sampler.position += 1
+                self.skipped.merge(out["skipped"])
+                stats["skipped"] += out["skipped"].total
+                batch = out["batch"]
+                if batch is None:
+                    continue
+                stats["batches"] += 1
+                stats["samples"] += batch["num_samples"]
+                for key in ("real_tokens", "row_tokens", "supervised_tokens"):
+                    stats[key] += batch[key]
+                stats["packing_efficiency"] = stats["real_tokens"] / stats["row_tokens"]
+                yield batch
+            if tracked:
+                sampler._next_epoch()
+        finally:
+            if tracked:
+                sampler._tracked_externally = False
+
+    def stats(self) -> dict:
+        """Per-epoch sums and the skip report, for the metrics file."""
+        return {"epochs": {e: dict(s) for e, s in self.epoch_stats.items()}, "skipped": self.skipped.as_dict()}
+
+
+def make_loader(dataset, sampler, collator, num_workers: int = 0, **kwargs) -> VLMLoader:
+    """A torch DataLoader (VLMLoader) yielding collated batches; images are decoded in
+    the `num_workers` worker processes. kwargs go to DataLoader (pin_memory, ...)."""
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")
+    return VLMLoader(dataset, sampler, collator, num_workers=num_workers, **kwargs)
