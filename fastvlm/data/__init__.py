@@ -1,6 +1,8 @@
 """Training data: conversation files, prompt templates and label masks, tokenizers, the
 synthetic VQA dataset and DeepSpeed-VisualChat blending (owner A); image loading, datasets,
 packing, sampling and collation (owner B, block at the end)."""
+from fastvlm.data import synthetic_vqa
+from fastvlm.data.blend import blend
 from fastvlm.data.conversation import IGNORE_INDEX, EncodedSample, SampleTooLong, encode_conversation, encode_prompt
 from fastvlm.data.formats import IMAGE_TAG, Sample, estimate_length, read_samples
 from fastvlm.data.templates import TEMPLATES, ChatTemplate, LiteralTemplate, Template, get_template
@@ -8,6 +10,8 @@ from fastvlm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenize
 
 __all__ = [
     "IGNORE_INDEX", "IMAGE_TAG", "TEMPLATES", "ChatTemplate", "EncodedSample", "LiteralTemplate", "Sample",
-    "SampleTooLong", "Template", "Tokenizer", "encode_conversation", "encode_prompt", "estimate_length",
-    "get_template", "load_tokenizer", "read_samples", "train_bpe_tokenizer",
+    "SampleTooLong", "Template", "Tokenizer", "blend", "encode_conversation", "encode_prompt", "estimate_length",
+    "get_template", "load_tokenizer", "read_samples", "synthetic_vqa", "train_bpe_tokenizer",
 ]
+
+# --- owner B --- (append below; extend __all__ with `__all__ += [...]`)
