@@ -256,16 +256,25 @@ class JSONLinesSamples(_Records):
 
 
 def _is_json_lines(path: Path) -> bool:
+    """``.jsonl`` is JSON-lines; otherwise a file starting with ``[`` is a JSON list, and one
+    starting with ``{`` is JSON-lines unless it is a single JSON value (then: not a list)."""
     if path.suffix.lower() == ".jsonl":
         return True
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
-    return not head.startswith(b"[")
+    if not head.startswith(b"{"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return True  # "Extra data" after the first object: one object per line
+    return False
 
 
 def read_samples(path) -> Sequence[Sample]:
-    """The samples of a LLaVA JSON list (``.json``) or a JSON-lines file (``.jsonl``, or any
-    file not starting with ``[``): indexable, ``len()``, validated per sample when read."""
+    """The samples of a LLaVA JSON list (``.json``) or a JSON-lines file (``.jsonl``, or one
+    object per line under another name): indexable, ``len()``, validated per sample when read."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"path: no conversation file at {path}")
