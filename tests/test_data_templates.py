@@ -182,6 +182,41 @@ def test_chat_template_renders_as_transformers_does(tok):
     assert ChatTemplate(spaced).render(TEXT_ONLY, tok).text == hf.apply_chat_template(messages, tokenize=False)
 
 
+GENERATION = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+              "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+              "{{ '\\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_chat_template_generation_tags_match_transformers_assistant_mask(tok):
+    """transformers' ``return_assistant_tokens_mask`` reads the same {% generation %} blocks."""
+    from transformers import PreTrainedTokenizerFast
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token="<s>", eos_token="</s>",
+                                 chat_template=GENERATION)
+    messages = [{"role": {"human": "user", "gpt": "assistant", "system": "system"}[t["from"]], "content": t["value"]}
+                for t in TEXT_ONLY]
+    ref = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    enc = encode_conversation(TEXT_ONLY, tok, ChatTemplate(GENERATION))
+    assert enc.input_ids == list(ref["input_ids"])
+    assert [int(label != IGNORE_INDEX) for label in enc.labels] == list(ref["assistant_masks"])
+    # Same spans as the prefix rule on this template (trailing newline outside the block).
+    plain = encode_conversation(TEXT_ONLY, tok, ChatTemplate(CHATML))
+    assert (enc.input_ids, enc.labels, enc.turn_spans) == (plain.input_ids, plain.labels, plain.turn_spans)
+    one_block = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    with pytest.raises(ValueError, match=r"5 \{% generation %\} block\(s\) for 2 assistant turn"):
+        encode_conversation(TEXT_ONLY, tok, ChatTemplate(one_block))
+
+
+def test_templates_and_tokenizers_pickle(tok):
+    """DataLoader workers may receive them pickled (spawn)."""
+    import pickle
+    template = ChatTemplate(CHATML)
+    first = encode_conversation(TWO_IMAGES_MULTI_TURN, tok, template, image_tokens=2)
+    template2, tok2 = pickle.loads(pickle.dumps((template, tok)))
+    again = encode_conversation(TWO_IMAGES_MULTI_TURN, tok2, template2, image_tokens=2)
+    assert (again.input_ids, again.labels) == (first.input_ids, first.labels)
+
+
 def test_chat_template_from_tokenizer_and_messages_form(tok):
     with_template = Tokenizer(tok.backend, bos_token="<s>", eos_token="</s>", chat_template=CHATML)
     messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?\n"}, {"type": "image"}]},

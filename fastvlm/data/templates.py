@@ -29,6 +29,7 @@ tokenizers add it); a chat template writes its own.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from fastvlm.data.formats import IMAGE_TAG
@@ -99,6 +100,16 @@ class Template:
         rendered = self.render([*turns, {"from": "gpt", "value": ""}], tokenizer, system)
         return rendered.text[:rendered.answers[-1][0]]
 
+    def _rounds(self, tokenizer, preamble: str, pairs, prompt, answer) -> Rendered:
+        """BOS, ``preamble``, then per pair ``prompt(question)`` and the supervised ``answer(answer)``."""
+        b = self._start(tokenizer)
+        b.add(preamble)
+        for question, reply in pairs:
+            b.add(prompt(question))
+            b.add(answer(reply), answer=True)
+            b.end_pair()
+        return b.result()
+
     def _start(self, tokenizer) -> _Builder:
         b = _Builder()
         if tokenizer.bos_token is not None:
@@ -145,13 +156,10 @@ class LlavaV1Template(Template):
         if tokenizer.eos_token is None:
             raise ValueError("template 'llava_v1': the tokenizer has no eos_token to end answers with")
         system, pairs = _split(turns, system)
-        b = self._start(tokenizer)
-        b.add((VICUNA_SYSTEM if system is None else system) + " ")
-        for question, answer in pairs:
-            b.add(f"{self.roles[0]}: {move_images_first(question, tokenizer.image_token)} {self.roles[1]}:")
-            b.add(f" {answer}{tokenizer.eos_token}", answer=True)
-            b.end_pair()
-        return b.result()
+        user, assistant = self.roles
+        return self._rounds(tokenizer, (VICUNA_SYSTEM if system is None else system) + " ", pairs,
+                            lambda q: f"{user}: {move_images_first(q, tokenizer.image_token)} {assistant}:",
+                            lambda a: f" {a}{tokenizer.eos_token}")
 
 
 class LiteralTemplate(Template):
@@ -164,23 +172,34 @@ class LiteralTemplate(Template):
 
     def render(self, turns, tokenizer, system=None):
         system, pairs = _split(turns, system)
-        b = self._start(tokenizer)
-        if system is not None:
-            b.add(system + self.sep)
-        for question, answer in pairs:
-            b.add(f"{self.user} {question}{self.sep}{self.assistant}")
-            b.add(f" {answer}{self.sep}", answer=True)
-            b.end_pair()
-        return b.result()
+        return self._rounds(tokenizer, "" if system is None else system + self.sep, pairs,
+                            lambda q: f"{self.user} {q}{self.sep}{self.assistant}", lambda a: f" {a}{self.sep}")
 
     def __repr__(self):
         return f"LiteralTemplate(user={self.user!r}, assistant={self.assistant!r}, sep={self.sep!r})"
 
 
+# Sentinels a {% generation %} block is wrapped in while rendering (Unicode private use).
+_GEN_OPEN, _GEN_CLOSE = "\ue000", "\ue001"
+
+
 def _jinja_env():
     import jinja2
-    from jinja2.ext import loopcontrols
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTags(Extension):
+        """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask tags): the
+        block renders unchanged between sentinels, which `ChatTemplate` turns into spans."""
+
+        tags = frozenset({"generation"})
+
+        def parse(self, parser):
+            next(parser.stream)
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return [nodes.Output([nodes.TemplateData(_GEN_OPEN)]), *body,
+                    nodes.Output([nodes.TemplateData(_GEN_CLOSE)])]
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -193,21 +212,50 @@ def _jinja_env():
         return datetime.now().strftime(fmt)
 
     # The settings transformers' apply_chat_template compiles templates with.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols, GenerationTags])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     return env
 
 
+def _generation_spans(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` without generation sentinels, and the spans they enclosed."""
+    out, spans, start = [], [], None
+    length = 0
+    for piece in re.split(f"([{_GEN_OPEN}{_GEN_CLOSE}])", text):
+        if piece == _GEN_OPEN:
+            if start is not None:
+                raise ValueError("template 'chat_template': nested {% generation %} blocks")
+            start = length
+        elif piece == _GEN_CLOSE:
+            spans.append((start, length))
+            start = None
+        else:
+            out.append(piece)
+            length += len(piece)
+    return "".join(out), spans
+
+
 class ChatTemplate(Template):
-    """The tokenizer's Jinja chat template (or ``source``, when given)."""
+    """The tokenizer's Jinja chat template (or ``source``, when given).
+
+    Answer spans: a template with ``{% generation %}`` blocks marks them itself (one block per
+    assistant turn); otherwise turn i's span is what rendering the first i+1 messages adds to
+    rendering the first i with the generation prompt, less trailing whitespace (formatting
+    after the end-of-turn token, never generated). Each such prefix must be a prefix of the
+    whole rendering, or the span is undefined and the sample an error.
+    """
 
     name = "chat_template"
 
     def __init__(self, source: str | None = None):
         self.source = source
         self._compiled: dict[str, object] = {}
+
+    def __getstate__(self):  # compiled Jinja templates do not pickle (DataLoader workers)
+        return {"source": self.source, "_compiled": {}}
 
     def _template(self, tokenizer):
         source = self.source if self.source is not None else tokenizer.chat_template
@@ -229,13 +277,27 @@ class ChatTemplate(Template):
         except jinja2.TemplateError as e:
             raise ValueError(f"template 'chat_template': rendering failed: {e}") from None
 
-    def render(self, turns, tokenizer, system=None):
-        template = self._template(tokenizer)
+    @staticmethod
+    def _messages(turns, system):
         system, pairs = _split(turns, system)
         messages = [] if system is None else [{"role": "system", "content": system}]
         for question, answer in pairs:
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        full = self._render(template, messages, False, tokenizer)
+        return messages
+
+    def render(self, turns, tokenizer, system=None):
+        template = self._template(tokenizer)
+        messages = self._messages(turns, system)
+        if any(_GEN_OPEN in m["content"] or _GEN_CLOSE in m["content"] for m in messages):
+            raise ValueError("template 'chat_template': the conversation contains U+E000/U+E001 (reserved)")
+        full, tagged = _generation_spans(self._render(template, messages, False, tokenizer))
+        n_answers = sum(m["role"] == "assistant" for m in messages)
+        if tagged:
+            if len(tagged) != n_answers:
+                raise ValueError(f"template 'chat_template': {len(tagged)} {{% generation %}} block(s) for "
+                                 f"{n_answers} assistant turn(s)")
+            ends = [e + len(full[e:]) - len(full[e:].lstrip()) for _, e in tagged]  # + whitespace after
+            return Rendered(full, tagged, [*ends[:-1], len(full)], 0)
         answers, pair_ends = [], []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -246,12 +308,18 @@ class ChatTemplate(Template):
                 raise ValueError(f"template 'chat_template': turn {i} does not render as a prefix of the whole "
                                  "conversation (the template rewrites earlier turns), so its label span is not "
                                  "defined")
-            # Whitespace after the end-of-turn token is formatting between turns: never generated.
             end = len(through.rstrip())
             answers.append((len(before), max(end, len(before))))
             pair_ends.append(len(through))
         pair_ends[-1] = len(full)
         return Rendered(full, answers, pair_ends, 0)
+
+    def prompt(self, turns, tokenizer, system=None):
+        """The template's own generation prompt (``add_generation_prompt=True``)."""
+        if turns and turns[-1]["from"] == "gpt":
+            turns = turns[:-1]
+        messages = self._messages([*turns, {"from": "gpt", "value": ""}], system)[:-1]
+        return _generation_spans(self._render(self._template(tokenizer), messages, True, tokenizer))[0]
 
 
 TEMPLATES = {"plain": PlainTemplate(), "llava_v1": LlavaV1Template(), "literal": LiteralTemplate(),
