@@ -319,3 +319,15 @@ def test_bad_arguments(tok):
         encode_conversation([H("a"), H("b"), G("c")], tok, "literal")
     with pytest.raises(ValueError, match="unknown role 'bot'"):
         encode_conversation([H("a"), {"from": "bot", "value": "c"}], tok, "literal")
+
+
+def test_tokenizer_given_as_directory_or_transformers_object(tok, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    want = encode_conversation(ONE_IMAGE, tok, "llava_v1", image_tokens=2)
+    tok.save(tmp_path / "tok")
+    assert encode_conversation(ONE_IMAGE, tmp_path / "tok", "llava_v1", image_tokens=2) == want
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token="<s>", eos_token="</s>")
+    assert encode_conversation(ONE_IMAGE, hf, "llava_v1", image_tokens=2) == want
+    assert encode_conversation(ONE_IMAGE, tok.backend, "literal", image_tokens=2).labels  # raw tokenizers object
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        encode_conversation(ONE_IMAGE, tmp_path, "literal")

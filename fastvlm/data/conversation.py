@@ -8,11 +8,13 @@ that is an error naming the boundary, never a silently all-ignored sample.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastvlm.data.formats import IMAGE_TAG, Sample, normalise_turns
 from fastvlm.data.templates import get_template
-from fastvlm.data.tokenizer import load_tokenizer
+from fastvlm.data.tokenizer import Tokenizer, load_tokenizer
 
 IGNORE_INDEX = -100
 
@@ -37,6 +39,36 @@ class EncodedSample:
 
     def __len__(self):
         return len(self.input_ids)
+
+
+_LOADED: dict = {}
+_WRAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _resolve(tokenizer) -> Tokenizer:
+    """A `Tokenizer` for ``tokenizer``, loading a directory or wrapping an object once rather
+    than per sample (a directory is reloaded when its tokenizer.json changes)."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if isinstance(tokenizer, (str, Path)):
+        path = Path(tokenizer)
+        try:
+            stamp = (path / "tokenizer.json").stat().st_mtime_ns
+        except OSError:
+            return load_tokenizer(path)  # raises the error that names what is missing
+        key = (str(path.resolve()), stamp)
+        if key not in _LOADED:
+            _LOADED[key] = load_tokenizer(path)
+        return _LOADED[key]
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None  # tokens added since: wrap again
+    try:
+        cached = _WRAPPED.get(tokenizer)
+    except TypeError:  # not weak-referenceable: wrap each time
+        return load_tokenizer(tokenizer)
+    if cached is None or cached[0] != size:
+        cached = (size, load_tokenizer(tokenizer))
+        _WRAPPED[tokenizer] = cached
+    return cached[1]
 
 
 def _token_class(values, text: str, start: int, end: int) -> set:
@@ -86,7 +118,7 @@ def encode_conversation(conversations, tokenizer, template="llava_v1", image_tok
         raise ValueError(f"image_tokens: expected a positive int, got {image_tokens!r}")
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
-    tok = load_tokenizer(tokenizer)
+    tok = _resolve(tokenizer)
     tmpl = get_template(template)
     turns = normalise_turns(conversations)
     num_images = sum(t["value"].count(IMAGE_TAG) for t in turns)
@@ -164,7 +196,7 @@ def encode_prompt(conversations, tokenizer, template="llava_v1", image_tokens: i
                   system: str | None = None) -> list[int]:
     """Token ids a model continues to answer the last human turn (a trailing gpt turn is
     dropped): exactly the tokens that precede that answer in `encode_conversation`."""
-    tok = load_tokenizer(tokenizer)
+    tok = _resolve(tokenizer)
     if isinstance(conversations, Sample):
         conversations = conversations.conversations
     turns = normalise_turns(list(conversations) + ([] if _ends_with_gpt(conversations) else [
