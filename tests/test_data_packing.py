@@ -105,7 +105,7 @@ def check_batch(batch: dict, items: list[dict], kind: str, width: int | None = N
             assert int(batch["prefix_mask"][r, start:end].sum()) == item["prefix_len"]
             assert bool(batch["prefix_mask"][r, start:start + item["prefix_len"]].all())
     assert (images is None and order == 0) or images.shape[0] == order
-    assert int((img >= 0).sum()) == order * IMAGE_TOKENS
+    assert int((img >= 0).sum()) == sum(n for item in items for _, n in item["image_spans"])
     # every supervised (shifted) label is the next token of its own sample
     target = shift_labels(labels, seg)
     q, p = (target != -100).nonzero(as_tuple=True)

@@ -22,11 +22,16 @@ EXAMPLES_PER_REASON = 5  # file names kept per reason, for the report
 
 
 class BadImageError(ValueError):
-    """A file that cannot be used as a training image; ``reason`` is one of REASONS."""
+    """A file that cannot be used as a training image; ``reason`` is one of REASONS.
+    (Constructible from the message alone: DataLoader re-raises worker errors so.)"""
 
-    def __init__(self, path, reason: str, detail: str):
-        super().__init__(f"{path}: {reason} image ({detail})")
+    def __init__(self, message: str, path="", reason: str = ""):
+        super().__init__(message)
         self.path, self.reason = str(path), reason
+
+    @classmethod
+    def of(cls, path, reason: str, detail: str) -> BadImageError:
+        return cls(f"{path}: {reason} image ({detail})", path, reason)
 
 
 class BadImageCounter:
@@ -96,37 +101,37 @@ def open_image(path, *, min_size: int = 8, max_pixels: int | None = None, max_as
     max_pixels = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         if path.stat().st_size == 0:
-            raise BadImageError(path, "empty", "zero bytes")
+            raise BadImageError.of(path, "empty", "zero bytes")
     except FileNotFoundError:
-        raise BadImageError(path, "missing", "no such file") from None
+        raise BadImageError.of(path, "missing", "no such file") from None
     except OSError as err:
-        raise BadImageError(path, "unreadable", str(err)) from None
+        raise BadImageError.of(path, "unreadable", str(err)) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadImageError(path, "too_large", str(err)) from None
+        raise BadImageError.of(path, "too_large", str(err)) from None
     except UnidentifiedImageError as err:
-        raise BadImageError(path, "corrupt", str(err)) from None
+        raise BadImageError.of(path, "corrupt", str(err)) from None
     except PermissionError as err:
-        raise BadImageError(path, "unreadable", str(err)) from None
+        raise BadImageError.of(path, "unreadable", str(err)) from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise BadImageError(path, "corrupt", str(err)) from None
+        raise BadImageError.of(path, "corrupt", str(err)) from None
     width, height = image.size
     if min(width, height) < min_size:
-        raise BadImageError(path, "too_small", f"{width}x{height}, expected sides >= {min_size}")
+        raise BadImageError.of(path, "too_small", f"{width}x{height}, expected sides >= {min_size}")
     if max_pixels and width * height > max_pixels:
-        raise BadImageError(path, "too_large", f"{width}x{height} exceeds {max_pixels} pixels")
+        raise BadImageError.of(path, "too_large", f"{width}x{height} exceeds {max_pixels} pixels")
     if max(width, height) > max_aspect * min(width, height):
-        raise BadImageError(path, "extreme_aspect", f"{width}x{height}, aspect ratio over {max_aspect}")
+        raise BadImageError.of(path, "extreme_aspect", f"{width}x{height}, aspect ratio over {max_aspect}")
     try:
         image.load()  # decode now: truncated data fails here, not in the preprocessor
         return load_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         text = str(err).lower()
         truncated = any(s in text for s in ("truncated", "broken data stream", "end of file", "unexpected end"))
-        raise BadImageError(path, "truncated" if truncated or isinstance(err, EOFError) else "corrupt",
+        raise BadImageError.of(path, "truncated" if truncated or isinstance(err, EOFError) else "corrupt",
                             str(err)) from None
     finally:
         image.close()
