@@ -15,3 +15,13 @@ __all__ = [
 ]
 
 # --- owner B --- (append below; extend __all__ with `__all__ += [...]`)
+from fastvlm.data.collate import PackedCollator, PaddedCollator, model_inputs  # noqa: E402
+from fastvlm.data.dataset import VLMDataset, VLMLoader, make_loader  # noqa: E402
+from fastvlm.data.images import BadImageCounter, BadImageError, load_image, open_image  # noqa: E402
+from fastvlm.data.packing import PackedRows, pack  # noqa: E402
+from fastvlm.data.sampler import PackedBatchSampler  # noqa: E402
+
+__all__ += [
+    "BadImageCounter", "BadImageError", "PackedBatchSampler", "PackedCollator", "PackedRows", "PaddedCollator",
+    "VLMDataset", "VLMLoader", "load_image", "make_loader", "model_inputs", "open_image", "pack",
+]
