@@ -154,7 +154,8 @@ class VLMLoader(DataLoader):
     - keeps the sampler's position at the batches *consumed*, not the ones workers
       prefetched, so ``sampler.state_dict()`` taken between steps resumes exactly;
     - sums per epoch, in ``epoch_stats[epoch]``: batches, samples, real / row /
-      supervised tokens, packing efficiency (real / row tokens) and skips.
+      supervised tokens, packing efficiency (real / row tokens), skips, and the
+      rows the collator added because true lengths overflowed the plan's estimates.
     """
 
     def __init__(self, dataset, batch_sampler, collate_fn, **kwargs):
@@ -170,7 +171,8 @@ class VLMLoader(DataLoader):
             sampler._next_epoch()
         epoch = sampler.epoch if tracked else len(self.epoch_stats)
         stats = self.epoch_stats.setdefault(epoch, {"batches": 0, "samples": 0, "real_tokens": 0, "row_tokens": 0,
-                                                    "supervised_tokens": 0, "skipped": 0, "packing_efficiency": 0.0})
+                                                    "supervised_tokens": 0, "skipped": 0, "overflow_rows": 0,
+                                                    "packing_efficiency": 0.0})
         if tracked:
             sampler._tracked_externally = True
         try:
@@ -186,6 +188,7 @@ class VLMLoader(DataLoader):
                 stats["samples"] += batch["num_samples"]
                 for key in ("real_tokens", "row_tokens", "supervised_tokens"):
                     stats[key] += batch[key]
+                stats["overflow_rows"] += batch.get("overflow_rows", 0)
                 stats["packing_efficiency"] = stats["real_tokens"] / stats["row_tokens"]
                 yield batch
             if tracked:
