@@ -8,15 +8,20 @@ that is an error naming the boundary, never a silently all-ignored sample.
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from fastvlm.data.formats import IMAGE_TAG, Sample, normalise_turns
 from fastvlm.data.templates import get_template
 from fastvlm.data.tokenizer import Tokenizer, load_tokenizer
 
 IGNORE_INDEX = -100
+# Every code point str.isspace() accepts (the set is small and fixed by the Unicode tables).
+_WHITESPACE = np.array([c for c in range(0x3001) if chr(c).isspace()], dtype=np.uint32)
 
 
 class SampleTooLong(ValueError):
@@ -71,21 +76,52 @@ def _resolve(tokenizer) -> Tokenizer:
     return cached[1]
 
 
-def _token_class(values, text: str, start: int, end: int) -> set:
-    """The classes (``values`` per character) of a token's non-whitespace characters, or of all
-    its characters when it is only whitespace; a zero-width token takes its position's class."""
-    if end <= start:
-        at = min(start, len(text) - 1)
-        return {values[at]}
-    chars = [i for i in range(start, end) if not text[i].isspace()] or range(start, end)
-    return {values[i] for i in chars}
+def _non_whitespace(text: str) -> np.ndarray:
+    return ~np.isin(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), _WHITESPACE)
 
 
-def _char_classes(length: int, spans, default, value) -> list:
-    classes = [default] * length
+def _chosen_chars(text: str, offsets: np.ndarray):
+    """The non-whitespace mask of ``text`` and each token's [start, end) character range, a
+    zero-width token widened to the character at its position. Within that range the
+    non-whitespace characters decide the token's class, or all of them if there are none."""
+    nonws = _non_whitespace(text)
+    start, end = offsets[:, 0], offsets[:, 1]
+    start = np.where(end > start, start, np.minimum(start, len(text) - 1))
+    end = np.where(offsets[:, 1] > offsets[:, 0], end, start + 1)
+    return nonws, start, end
+
+
+def _classify(text: str, offsets: np.ndarray, supervised: np.ndarray, pair_of: np.ndarray):
+    """(supervised?, pair index) of every token, and the index of the first token whose
+    deciding characters fall on both sides of a label boundary / a turn boundary (or -1)."""
+    nonws, start, end = _chosen_chars(text, offsets)
+    cum_nonws = np.concatenate([[0], np.cumsum(nonws)])
+    n_nonws = cum_nonws[end] - cum_nonws[start]
+    only_ws = n_nonws == 0
+    cum_sup = np.concatenate([[0], np.cumsum(supervised)])
+    cum_sup_nonws = np.concatenate([[0], np.cumsum(supervised & nonws)])
+    k = np.where(only_ws, cum_sup[end] - cum_sup[start], cum_sup_nonws[end] - cum_sup_nonws[start])
+    n = np.where(only_ws, end - start, n_nonws)
+    # pair_of never decreases, so a token is in one pair iff its first and last deciding chars are.
+    where_nonws = np.flatnonzero(nonws)
+    if where_nonws.size:
+        first_nw = where_nonws[np.minimum(np.searchsorted(where_nonws, start), where_nonws.size - 1)]
+        last_nw = where_nonws[np.maximum(np.searchsorted(where_nonws, end) - 1, 0)]
+    else:
+        first_nw, last_nw = start, end - 1
+    first = np.where(only_ws, start, first_nw)
+    last = np.where(only_ws, end - 1, last_nw)
+    label_straddle = np.flatnonzero((k > 0) & (k < n))
+    pair_straddle = np.flatnonzero(pair_of[first] != pair_of[last])
+    return (k > 0, pair_of[first], int(label_straddle[0]) if label_straddle.size else -1,
+            int(pair_straddle[0]) if pair_straddle.size else -1)
+
+
+def _char_mask(length: int, spans) -> np.ndarray:
+    mask = np.zeros(length, dtype=bool)
     for start, end in spans:
-        classes[start:end] = [value] * (end - start)
-    return classes
+        mask[start:end] = True
+    return mask
 
 
 def _supervised_spans(rendered, train_on_prompt: bool, last_turn_only: bool) -> list[tuple[int, int]]:
@@ -132,64 +168,61 @@ def encode_conversation(conversations, tokenizer, template="llava_v1", image_tok
     ids, offsets = tok.encode(text)
     if sum(1 for i in ids if i == tok.image_token_id) != num_images:
         raise ValueError(f"tokenizer: {tok.image_token!r} did not become one token per image in {text!r}")
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     _check_coverage(text, offsets)
 
-    supervised = _char_classes(len(text), _supervised_spans(rendered, train_on_prompt, last_turn_only), False, True)
-    pair_of = [0] * len(text)
-    for p, (start, end) in enumerate(zip([0] + rendered.pair_ends[:-1], rendered.pair_ends)):
-        pair_of[start:end] = [p] * (end - start)
-    pair_of[rendered.pair_ends[-1]:] = [len(rendered.pair_ends) - 1] * (len(text) - rendered.pair_ends[-1])
-
-    input_ids, labels, token_pair = [], [], []
-    for token_id, (start, end) in zip(ids, offsets):
-        sup, pair = _token_class(supervised, text, start, end), _token_class(pair_of, text, start, end)
-        if len(sup) > 1:
-            raise ValueError(f"template {tmpl.name!r}: {_describe(text, start, end)} straddles a label boundary; "
-                             "the mask cannot be computed exactly with this tokenizer")
-        if len(pair) > 1:
-            raise ValueError(f"template {tmpl.name!r}: {_describe(text, start, end)} straddles a turn boundary")
-        copies = image_tokens if token_id == tok.image_token_id else 1
-        label = token_id if sup.pop() and token_id != tok.image_token_id else IGNORE_INDEX
-        input_ids += [token_id] * copies
-        labels += [label] * copies
-        token_pair += [pair.pop()] * copies
-    return _finish(input_ids, labels, token_pair, len(rendered.pair_ends), tok.image_token_id, image_tokens,
-                   max_length, tmpl.name)
+    supervised = _char_mask(len(text), _supervised_spans(rendered, train_on_prompt, last_turn_only))
+    pair_of = np.minimum(np.searchsorted(np.asarray(rendered.pair_ends), np.arange(len(text)), side="right"),
+                         len(rendered.pair_ends) - 1)
+    ids = np.asarray(ids, dtype=np.int64)
+    token_sup, token_pair, label_straddle, pair_straddle = _classify(text, offsets, supervised, pair_of)
+    if label_straddle >= 0:
+        raise ValueError(f"template {tmpl.name!r}: {_describe(text, *offsets[label_straddle])} straddles a label "
+                         "boundary; the mask cannot be computed exactly with this tokenizer")
+    if pair_straddle >= 0:
+        raise ValueError(f"template {tmpl.name!r}: {_describe(text, *offsets[pair_straddle])} straddles a turn "
+                         "boundary")
+    is_image = ids == tok.image_token_id
+    copies = np.where(is_image, image_tokens, 1)
+    labels = np.where(token_sup & ~is_image, ids, IGNORE_INDEX)
+    return _finish(np.repeat(ids, copies), np.repeat(labels, copies), np.repeat(token_pair, copies),
+                   len(rendered.pair_ends), tok.image_token_id, image_tokens, max_length, tmpl.name)
 
 
 def _check_coverage(text: str, offsets) -> None:
-    covered = bytearray(len(text))
-    for start, end in offsets:
-        covered[start:end] = b"\1" * (end - start)
-    missing = [i for i, c in enumerate(covered) if not c and not text[i].isspace()]
-    if missing:
-        i = missing[0]
-        raise ValueError(f"tokenizer: drops {len(missing)} character(s), first {text[i]!r} at {i} of {text!r}; "
+    """Every non-whitespace character must be inside some token: a tokenizer that drops
+    characters (normalisers, missing unknown token) leaves the mask undefined there."""
+    edges = np.zeros(len(text) + 1, dtype=np.int64)
+    wide = offsets[offsets[:, 1] > offsets[:, 0]]
+    np.add.at(edges, wide[:, 0], 1)
+    np.add.at(edges, wide[:, 1], -1)
+    missing = np.flatnonzero((np.cumsum(edges[:-1]) == 0) & _non_whitespace(text))
+    if missing.size:
+        i = int(missing[0])
+        raise ValueError(f"tokenizer: drops {missing.size} character(s), first {text[i]!r} at {i} of {text!r}; "
                          "the label mask cannot be computed exactly")
 
 
-def _finish(input_ids, labels, token_pair, num_pairs, image_token_id, image_tokens, max_length, name) -> EncodedSample:
-    spans, start = [], 0
-    for p in range(num_pairs):
-        end = start
-        while end < len(token_pair) and token_pair[end] == p:
-            end += 1
-        spans.append((start, end))
-        start = end
+def _finish(input_ids: np.ndarray, labels: np.ndarray, token_pair: np.ndarray, num_pairs: int, image_token_id: int,
+            image_tokens: int, max_length: int | None, name: str) -> EncodedSample:
+    if np.any(np.diff(token_pair) < 0):
+        raise ValueError(f"template {name!r}: the tokenizer's offsets are not in text order")
+    bounds = np.searchsorted(token_pair, np.arange(num_pairs + 1), side="left").tolist()
+    spans = list(itertools.pairwise(bounds))
     if any(s == e for s, e in spans):
         raise ValueError(f"template {name!r}: a turn pair rendered to no tokens")
     if max_length is not None and len(input_ids) > max_length:
         keep = sum(1 for _, e in spans if e <= max_length)
         cut = spans[keep - 1][1] if keep else 0
-        if not any(label != IGNORE_INDEX for label in labels[:cut]):
+        if not np.any(labels[:cut] != IGNORE_INDEX):
             raise SampleTooLong(f"max_length: {len(input_ids)} tokens; no prefix of whole turns with a supervised "
                                 f"token fits in {max_length}")
         input_ids, labels, spans = input_ids[:cut], labels[:cut], spans[:keep]
-    first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
-    if first is None:
+    supervised = np.flatnonzero(labels != IGNORE_INDEX)
+    if not supervised.size:
         raise ValueError(f"template {name!r}: no token is supervised")
-    num_images = sum(1 for t in input_ids if t == image_token_id) // image_tokens
-    return EncodedSample(input_ids, labels, num_images, spans, first)
+    num_images = int(np.count_nonzero(input_ids == image_token_id)) // image_tokens
+    return EncodedSample(input_ids.tolist(), labels.tolist(), num_images, spans, int(supervised[0]))
 
 
 def encode_prompt(conversations, tokenizer, template="llava_v1", image_tokens: int = 576, *,
