@@ -90,22 +90,23 @@ def test_resume_gives_the_same_batches(mode, seed):
     lengths, budget = _random_lengths(rng)
     options = dict(MODES[mode], has_images=rng.random(len(lengths)) < 0.5)
     reference = PackedBatchSampler(lengths, budget, seed, **options)
+    epoch_len = [len(reference.plan(e)) for e in range(3)]
     stream = [b for _ in range(3) for b in reference]  # three uninterrupted epochs
-    per_epoch = len(stream) // 3 if reference.mode == "padded" else None
-    k = int(rng.integers(1, len(stream) - 1))
-    first = PackedBatchSampler(lengths, budget, seed, **options)
-    got, it = [], iter(first)
-    while len(got) < k:
-        try:
-            got.append(next(it))
-        except StopIteration:
-            it = iter(first)
-    state = first.state_dict()
-    resumed = PackedBatchSampler(lengths, budget, seed, **options)
-    resumed.load_state_dict(state)
-    while len(got) < len(stream):
-        got += list(resumed)
-    assert got == stream, f"resumed at step {k} (epoch length {per_epoch})"
+    # stop inside epoch 0, exactly at its end, and inside epoch 1
+    for k in (int(rng.integers(1, epoch_len[0])), epoch_len[0], epoch_len[0] + int(rng.integers(1, epoch_len[1]))):
+        first = PackedBatchSampler(lengths, budget, seed, **options)
+        got, it = [], iter(first)
+        while len(got) < k:
+            try:
+                got.append(next(it))
+            except StopIteration:
+                it = iter(first)
+        state = first.state_dict()
+        resumed = PackedBatchSampler(lengths, budget, seed, **options)
+        resumed.load_state_dict(state)
+        while len(got) < len(stream):
+            got += list(resumed)
+        assert got == stream, f"resumed at step {k} (epochs of {epoch_len} batches)"
 
 
 def test_state_errors(seed):
@@ -173,19 +174,19 @@ def test_loader_resume_with_workers(num_workers, seed):
     assert full.epoch_stats[0]["samples"] == 40 - skipped_per_epoch and full.epoch_stats[1]["skipped"] == \
         skipped_per_epoch
     assert 0 < full.epoch_stats[0]["packing_efficiency"] <= 1
-    epoch_len = len(sampler.plan(0))
-    k = int(rng.integers(1, len(stream) - 1))
-    sampler, first = loader()
-    got = []
-    while len(got) < k:  # stop mid-epoch (or right after an epoch) with workers still prefetching
-        for batch in first:
-            got.append(batch["ids"])
-            if len(got) == k:
-                break
-    state = sampler.state_dict()
-    del first
-    sampler, resumed = loader()
-    sampler.load_state_dict(state)
-    while len(got) < len(stream):
-        got += [batch["ids"] for batch in resumed]
-    assert got == stream, f"stopped after {k} batches (epoch of {epoch_len} rows)"
+    epoch_len = [full.epoch_stats[e]["batches"] for e in range(2)]  # batches yielded (not all-skipped rows)
+    for k in (int(rng.integers(1, epoch_len[0])), epoch_len[0] + int(rng.integers(1, epoch_len[1]))):
+        sampler, first = loader()
+        got = []
+        while len(got) < k:  # stop mid-epoch with workers still prefetching
+            for batch in first:
+                got.append(batch["ids"])
+                if len(got) == k:
+                    break
+        state = sampler.state_dict()
+        del first
+        sampler, resumed = loader()
+        sampler.load_state_dict(state)
+        while len(got) < len(stream):
+            got += [batch["ids"] for batch in resumed]
+        assert got == stream, f"stopped after {k} batches (epochs of {epoch_len} rows)"

@@ -10,6 +10,7 @@ next to the data file.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from fastvlm.data.packing import TRUNCATIONS
 from fastvlm.data.sampler import PackedBatchSampler
 from fastvlm.data.tokenizer import load_tokenizer
 from fastvlm.models.preprocess import ImagePreprocessor
+
+log = logging.getLogger(__name__)
 
 
 def image_spans(input_ids: Sequence[int], image_token_id: int, image_tokens: int) -> list[tuple[int, int]]:
@@ -155,7 +158,9 @@ class VLMLoader(DataLoader):
       prefetched, so ``sampler.state_dict()`` taken between steps resumes exactly;
     - sums per epoch, in ``epoch_stats[epoch]``: batches, samples, real / row /
       supervised tokens, packing efficiency (real / row tokens), skips, and the
-      rows the collator added because true lengths overflowed the plan's estimates.
+      rows the collator added because true lengths overflowed the plan's estimates,
+      and the samples the plan left out (longer than the budget, truncation="drop");
+      an epoch with skips ends with the skip report logged as a warning.
     """
 
     def __init__(self, dataset, batch_sampler, collate_fn, **kwargs):
@@ -173,6 +178,7 @@ class VLMLoader(DataLoader):
         stats = self.epoch_stats.setdefault(epoch, {"batches": 0, "samples": 0, "real_tokens": 0, "row_tokens": 0,
                                                     "supervised_tokens": 0, "skipped": 0, "overflow_rows": 0,
                                                     "packing_efficiency": 0.0})
+        stats["dropped_by_plan"] = len(sampler.dropped()) if tracked else 0
         if tracked:
             sampler._tracked_externally = True
         try:
@@ -193,6 +199,8 @@ class VLMLoader(DataLoader):
                 yield batch
             if tracked:
                 sampler._next_epoch()
+            if stats["skipped"]:
+                log.warning("epoch %d: %s", epoch, self.skipped.report())
         finally:
             if tracked:
                 sampler._tracked_externally = False

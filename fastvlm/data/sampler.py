@@ -15,6 +15,10 @@ Two modes:
   ``group_by_modality_length``: samples with and without images are batched
   apart, and within windows of ``window`` samples sorted by length, so a batch
   holds similar lengths; batches are then shuffled.
+
+With DataLoader workers, which fetch batches ahead of the training loop, iterate
+through ``make_loader``: it keeps ``position`` at the batches actually consumed
+(a plain DataLoader would leave it at the ones prefetched).
 """
 from __future__ import annotations
 
