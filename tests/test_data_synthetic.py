@@ -137,3 +137,28 @@ def test_bad_arguments(tmp_path):
         sv.write_dataset(tmp_path, 1, 1, question_types=["colour", "size"])
     with pytest.raises(ValueError, match="multi_turn_fraction"):
         sv.write_dataset(tmp_path, 1, 1, multi_turn_fraction=2.0)
+
+
+@pytest.mark.parametrize("template", ["literal", "llava_v1"])
+def test_every_sample_encodes_with_the_builtin_tokenizer(dataset, template):
+    """The demo's path: a BPE trained on the dataset's text, every sample's mask exact and its
+    supervised tokens exactly the answers (each a short run of tokens)."""
+    from fastvlm.data import IGNORE_INDEX, encode_conversation, train_bpe_tokenizer
+    samples = [*read_samples(dataset.train), *read_samples(dataset.val)]
+    captions = list(read_samples(dataset.captions))
+    tok = train_bpe_tokenizer([t["value"] for s in samples + captions for t in s.conversations], vocab_size=600)
+    end = "\n" if template == "literal" else tok.eos_token
+    for s in samples:
+        enc = encode_conversation(s, tok, template, image_tokens=4)
+        runs, run = [], []
+        for token, label in zip(enc.input_ids, enc.labels):
+            if label != IGNORE_INDEX:
+                run.append(token)
+            elif run:
+                runs, run = [*runs, run], []
+        runs += [run] if run else []
+        assert [tok.decode(r) for r in runs] == [f" {t['value']}{end}" for t in s.conversations[1::2]]
+        assert enc.num_images == len(s.images)
+    for s in captions:
+        enc = encode_conversation(s, tok, "plain", image_tokens=4)
+        assert tok.decode([t for t in enc.labels if t != IGNORE_INDEX]) == s.conversations[1]["value"] + "\n"

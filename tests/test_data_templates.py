@@ -293,6 +293,36 @@ def test_literal_role_words_are_configurable(tok):
     assert _join(tok, [t for t in enc.labels if t != IGNORE_INDEX]) == " Hello\n"
 
 
+@pytest.mark.parametrize("case", sorted(c for c in CASES if c.startswith(("llava_v1", "plain"))))
+def test_label_mask_with_sentencepiece_style_bpe(case):
+    """A Metaspace ("▁word") BPE as SentencePiece models use: the space before an answer is
+    inside its first token ("▁A"), yet the supervised tokens are exactly the answers."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+    template, conv, marked = CASES[case]
+    text, spans = unmark(marked)
+    backend = RustTokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>", "<image>"]
+    corpus = [unmark(m)[0] for _, _, m in CASES.values()] * 3
+    backend.train_from_iterator(corpus, trainer=trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
+                                                                    show_progress=False))
+    sp = Tokenizer(backend, bos_token="<s>", eos_token="</s>")
+    enc = encode_conversation(conv, sp, template, image_tokens=2)
+    pieces = [backend.id_to_token(t) for t in enc.labels if t != IGNORE_INDEX]
+    answers = "".join(text[s:e] for s, e in spans)
+    assert "".join(pieces).replace("\u2581", " ").strip() == answers.strip()
+    assert all(t in backend.get_vocab() for t in pieces)
+
+
+def test_answer_end_merged_into_the_next_prompt_is_an_error():
+    backend = word_backend(["Question: Hi\nAnswer: red\nQuestion: Bye\nAnswer: ok\n"])
+    backend.add_tokens(["\nQuestion"])  # the answer's closing newline glued to the next role word
+    with pytest.raises(ValueError, match="holds the end of a supervised span"):
+        encode_conversation([H("Hi"), G("red"), H("Bye"), G("ok")], Tokenizer(backend), "literal")
+    assert encode_conversation([H("Hi"), G("red")], Tokenizer(backend), "literal").labels  # one turn: no merge
+
+
 def test_mask_that_cannot_be_exact_is_an_error():
     backend = word_backend(["Question: Hi\nAnswer: red\n"])
     backend.add_tokens([": red"])  # one token across the prompt/answer boundary

@@ -117,6 +117,18 @@ def _classify(text: str, offsets: np.ndarray, supervised: np.ndarray, pair_of: n
             int(pair_straddle[0]) if pair_straddle.size else -1)
 
 
+def _lost_span_end(offsets: np.ndarray, token_sup: np.ndarray, spans) -> int:
+    """The first unsupervised token holding the last character of a supervised span, or -1.
+    A span's leading whitespace may go to the prompt token before it (``"ASSISTANT:▁"``), but
+    its end is what teaches the model to stop."""
+    for start, end in spans:
+        if end > start:
+            holders = np.flatnonzero((offsets[:, 0] <= end - 1) & (end - 1 < offsets[:, 1]) & ~token_sup)
+            if holders.size:
+                return int(holders[0])
+    return -1
+
+
 def _char_mask(length: int, spans) -> np.ndarray:
     mask = np.zeros(length, dtype=bool)
     for start, end in spans:
@@ -172,13 +184,20 @@ def encode_conversation(conversations, tokenizer, template="llava_v1", image_tok
     _check_coverage(text, offsets)
 
     supervised = _char_mask(len(text), _supervised_spans(rendered, train_on_prompt, last_turn_only))
+    # (whitespace decides nothing: a token's class is that of its other characters, so only a
+    # span's trailing whitespace can end up in an unsupervised token; that is checked below)
     pair_of = np.minimum(np.searchsorted(np.asarray(rendered.pair_ends), np.arange(len(text)), side="right"),
                          len(rendered.pair_ends) - 1)
     ids = np.asarray(ids, dtype=np.int64)
+    spans = _supervised_spans(rendered, train_on_prompt, last_turn_only)
     token_sup, token_pair, label_straddle, pair_straddle = _classify(text, offsets, supervised, pair_of)
     if label_straddle >= 0:
         raise ValueError(f"template {tmpl.name!r}: {_describe(text, *offsets[label_straddle])} straddles a label "
                          "boundary; the mask cannot be computed exactly with this tokenizer")
+    lost = _lost_span_end(offsets, token_sup, spans)
+    if lost >= 0:
+        raise ValueError(f"template {tmpl.name!r}: {_describe(text, *offsets[lost])} holds the end of a supervised "
+                         "span in an unsupervised token (the answer's terminator merges into the next prompt)")
     if pair_straddle >= 0:
         raise ValueError(f"template {tmpl.name!r}: {_describe(text, *offsets[pair_straddle])} straddles a turn "
                          "boundary")

@@ -19,7 +19,8 @@ token string.
   (with the space before it) and the end token supervised.
 - ``literal`` (role words as plain text): ``"Question: {q}\\nAnswer: {a}\\n"`` per round, the
   answer (with its leading space) and the newline supervised; no markup tokens, so a model
-  generating with it stops at the newline.
+  generating with it stops at the newline. (A tokenizer that glues that newline to the next
+  word, as SentencePiece models not split on newlines can, cannot carry it exactly: an error.)
 - ``chat_template``: the tokenizer's own Jinja chat template, rendered as transformers does
   (sandboxed, ``trim_blocks``, ``lstrip_blocks``); answer spans are found by rendering each
   prefix of the conversation, which must be a prefix of the full rendering.
