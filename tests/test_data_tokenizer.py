@@ -97,6 +97,16 @@ def test_image_token_added_when_absent_without_touching_the_source():
     assert again.image_token_id == tok.image_token_id and again.vocab_size == tok.vocab_size
 
 
+def test_image_token_in_vocab_but_not_added_is_matched_whole():
+    backend = RustTokenizer(models.WordLevel({"[UNK]": 0, "<image>": 1, "<": 2, "image": 3, ">": 4, "a": 5},
+                                             unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert backend.encode("a <image>").ids == [5, 2, 3, 4]
+    tok = load_tokenizer(backend)
+    assert tok.image_token_id == 1 and tok.vocab_size == 6
+    assert tok.encode("a <image>")[0] == [5, 1]
+
+
 def test_transformers_tokenizer_object():
     from transformers import PreTrainedTokenizerFast
     template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"

@@ -47,7 +47,9 @@ class Tokenizer:
             raise ValueError(f"image_token: expected a non-empty string, got {image_token!r}")
         self._tok = backend
         self.image_token = image_token
-        if backend.token_to_id(image_token) is None:
+        # Also when the vocabulary has it as an ordinary entry: only an added token is matched
+        # whole in text (the pre-tokenizer would split "<image>" into "<", "image", ">").
+        if image_token not in {t.content for t in backend.get_added_tokens_decoder().values()}:
             backend.add_special_tokens([AddedToken(image_token, special=True, normalized=False)])
         self.image_token_id = backend.token_to_id(image_token)
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
