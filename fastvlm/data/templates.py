@@ -8,22 +8,24 @@ tokenizer's offsets. That is what makes the masks exact for any tokenizer (LLaVA
 re-tokenizes pieces and subtracts lengths, which silently breaks when a tokenizer merges
 across a piece boundary).
 
-Templates:
 Turns reach a template with their ``<image>`` tags already replaced by the tokenizer's image
-token string.
+token string. Templates:
 
 - ``plain``: LLaVA stage 1 (``conv_llava_plain``): the human turn reduced to its image tags,
   then the caption and ``"\\n"``; caption and newline supervised.
 - ``llava_v1``: Vicuna v1 as LLaVA's ``preprocess_v1``: ``"{system} USER: {q} ASSISTANT: {a}</s>"``
-  per round, each ``<image>`` moved to the start of its turn followed by ``"\\n"``; the answer
-  (with the space before it) and the end token supervised.
+  per round (``</s>`` is the tokenizer's EOS token; Vicuna's is ``</s>``), each ``<image>``
+  moved to the start of its turn followed by ``"\\n"``; the answer (with the space before
+  it) and the end token supervised.
 - ``literal`` (role words as plain text): ``"Question: {q}\\nAnswer: {a}\\n"`` per round, the
   answer (with its leading space) and the newline supervised; no markup tokens, so a model
   generating with it stops at the newline. (A tokenizer that glues that newline to the next
   word, as SentencePiece models not split on newlines can, cannot carry it exactly: an error.)
 - ``chat_template``: the tokenizer's own Jinja chat template, rendered as transformers does
-  (sandboxed, ``trim_blocks``, ``lstrip_blocks``); answer spans are found by rendering each
-  prefix of the conversation, which must be a prefix of the full rendering.
+  (sandboxed, ``trim_blocks``, ``lstrip_blocks``); answer spans are its ``{% generation %}``
+  blocks when it has them, else found by rendering each prefix of the conversation, which
+  must be a prefix of the full rendering. Content is passed as strings with the image token
+  inline (``{"role": "user", "content": "<image>\\nWhat is it?"}``).
 All but ``chat_template`` start with the tokenizer's BOS token when it has one (as Llama's
 tokenizers add it); a chat template writes its own.
 """
