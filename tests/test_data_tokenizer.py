@@ -59,6 +59,24 @@ def test_builtin_bpe_is_deterministic_and_byte_exact(seed):
     assert a.vocab_size == a.backend.get_vocab_size(with_added_tokens=True) <= 400
 
 
+def test_builtin_bpe_is_the_same_in_another_process(seed, tmp_path):
+    """The Rust side hashes with per-process random keys; the trained vocabulary must not depend on them."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    texts = random_texts(random.Random(seed), n=120)
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    code = ("import hashlib, json, sys; from fastvlm.data import train_bpe_tokenizer; "
+            "t = train_bpe_tokenizer(json.load(open(sys.argv[1])), vocab_size=500, seed=int(sys.argv[2])); "
+            "print(hashlib.sha256(t.backend.to_str().encode()).hexdigest())")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path / "texts.json"), str(seed)], env=env,
+                           capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    here = hashlib.sha256(train_bpe_tokenizer(texts, vocab_size=500, seed=seed).backend.to_str().encode()).hexdigest()
+    assert other == here
+
+
 def test_builtin_bpe_rejects_bad_arguments():
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe_tokenizer(["a b c"], vocab_size=100)
