@@ -361,3 +361,15 @@ def test_tokenizer_given_as_directory_or_transformers_object(tok, tmp_path):
     assert encode_conversation(ONE_IMAGE, tok.backend, "literal", image_tokens=2).labels  # raw tokenizers object
     with pytest.raises(ValueError, match="no tokenizer.json"):
         encode_conversation(ONE_IMAGE, tmp_path, "literal")
+
+
+@pytest.mark.parametrize("template", ["literal", "llava_v1", "chat"])
+def test_system_argument_replaces_the_system_turn(template, tok):
+    template = ChatTemplate(CHATML) if template == "chat" else template
+    given = encode_conversation(TEXT_ONLY, tok, template, system="Be brief.")
+    without = encode_conversation(TEXT_ONLY[1:], tok, template, system="Be brief.")
+    assert given == without == encode_conversation(TEXT_ONLY, tok, template)
+    other = encode_conversation(TEXT_ONLY, tok, template, system="Hi")
+    assert _join(tok, other.input_ids).count("Be brief.") == 0 and other.labels.count(IGNORE_INDEX) < len(other)
+    with pytest.raises(ValueError, match="no system prompt"):
+        encode_conversation(ONE_IMAGE, tok, "plain", system="Hi")
