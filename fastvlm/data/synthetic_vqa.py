@@ -29,8 +29,9 @@ levels: ``chance`` = accuracy of always answering that type's most frequent answ
 1 / number of possible answers. With balanced answers the two agree up to rounding.
 
 Determinism: sample i of a split depends only on the seed, the split, i and its planned
-(type, answer), so the same arguments give the same bytes. ``train.json``, ``val.json``, ``captions.json`` and, last, ``meta.json`` are
-written atomically; a dataset with a ``meta.json`` is complete.
+(type, answer), so the same arguments give the same bytes. ``train.json``, ``val.json``,
+``captions.json`` and, last, ``meta.json`` are written atomically; a dataset with a
+``meta.json`` is complete.
 """
 from __future__ import annotations
 
