@@ -180,6 +180,7 @@ def test_estimate_length(seed):
                                          {"from": "gpt", "value": text}])
     image_tokens = rng.randint(1, 1000)
     assert estimate_length(sample, image_tokens) - estimate_length(sample, 0) == n * image_tokens
+    assert estimate_length(sample, image_tokens, overhead=35) == estimate_length(sample, image_tokens) + 35
     longer = Sample("s", sample.images, [sample.conversations[0], {"from": "gpt", "value": text * 2}])
     assert estimate_length(longer, image_tokens) > estimate_length(sample, image_tokens)
     # The tags themselves count as images, not as text.

@@ -290,11 +290,14 @@ def read_samples(path) -> Sequence[Sample]:
     return JSONListSamples(path, records)
 
 
-def estimate_length(sample: Sample, image_tokens: int, chars_per_token: float = 3.5, per_turn: int = 6) -> int:
+def estimate_length(sample: Sample, image_tokens: int, chars_per_token: float = 3.5, per_turn: int = 6,
+                    overhead: int = 0) -> int:
     """Cheap token-count estimate without a tokenizer, for packing and length grouping:
     text chars / ``chars_per_token`` (about right for English with BPE vocabularies), plus a
-    few tokens of template per turn, plus ``image_tokens`` per image."""
+    few tokens of template per turn, plus ``image_tokens`` per image, plus ``overhead`` tokens
+    the template adds once (BOS, llava_v1's Vicuna system prompt: about 35)."""
     if image_tokens < 0:
         raise ValueError(f"image_tokens: expected >= 0, got {image_tokens}")
     chars = sum(len(t["value"]) - t["value"].count(IMAGE_TAG) * len(IMAGE_TAG) for t in sample.conversations)
-    return int(chars / chars_per_token) + per_turn * len(sample.conversations) + image_tokens * len(sample.images)
+    return (int(chars / chars_per_token) + per_turn * len(sample.conversations) + image_tokens * len(sample.images)
+            + overhead)
