@@ -2,6 +2,7 @@
 loader (with workers), the length cache, and a packed batch through a tiny VLM whose
 loss equals the supervised-token-weighted sum of the samples' own losses."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from fastvlm.data import encode_conversation, read_samples, synthetic_vqa, train_bpe_tokenizer
 from fastvlm.data.collate import PackedCollator, PaddedCollator, model_inputs
-from fastvlm.data.dataset import VLMDataset, make_loader
+from fastvlm.data.dataset import CALIBRATION, CALIBRATION_SAMPLES, VLMDataset, make_loader
 from fastvlm.data.lengths import user_cache_dir
 from fastvlm.data.sampler import PackedBatchSampler
 from fastvlm.models.llm import LLMConfig
@@ -124,6 +125,11 @@ def test_lengths_cached_next_to_the_data(synthetic, tmp_path, monkeypatch):
     assert len(cached) == 1 and np.load(cached[0])[0].tolist() == lengths
     assert dataset.has_images() == [bool(s.images) for s in samples]
     assert all(n >= IMAGE_TOKENS * len(s.images) for n, s in zip(lengths, samples))
+    # calibrated on every sample here (fewer than CALIBRATION_SAMPLES): the estimate is at
+    # least the true length for the CALIBRATION quantile of them
+    true = [len(dataset.encode(i)) for i in range(len(dataset))]
+    covered = sum(e >= t for e, t in zip(lengths, true))
+    assert len(samples) <= CALIBRATION_SAMPLES and covered >= math.ceil(CALIBRATION * (len(samples) - 1))
     # a fresh dataset (new process state) reads the file instead of estimating again
     import fastvlm.data.lengths as cache
 
@@ -135,9 +141,11 @@ def test_lengths_cached_next_to_the_data(synthetic, tmp_path, monkeypatch):
     # an edited data file gets a new key (the old lengths are never read for it)
     records = json.loads(splits.train.read_text())
     splits.train.write_text(json.dumps(records[:-1]))
-    edited = VLMDataset(read_samples(splits.train), splits.image_folder, synthetic[2], "llava_v1", IMAGE_TOKENS,
-                        ImagePreprocessor.for_family("clip", IMAGE_SIZE))
-    assert edited.lengths() == lengths[:-1]  # estimated afresh: not the marked (+1) cache
+    edited, uncached = (VLMDataset(s, splits.image_folder, synthetic[2], "llava_v1", IMAGE_TOKENS,
+                                   ImagePreprocessor.for_family("clip", IMAGE_SIZE))
+                        for s in (read_samples(splits.train), list(read_samples(splits.train))))
+    assert uncached.data_path is None  # a plain list: estimated in memory
+    assert edited.lengths() == uncached.lengths()  # estimated afresh, not read from the old file
     assert len(list(splits.train.parent.glob("train.json.lengths-*.npy"))) == 2
 
 

@@ -118,23 +118,29 @@ def open_image(path, *, min_size: int = 8, max_pixels: int | None = None, max_as
         raise BadImageError.of(path, "unreadable", str(err)) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise BadImageError.of(path, "corrupt", str(err)) from None
-    width, height = image.size
+    try:
+        _check_size(path, image.size, min_size, max_pixels, max_aspect)
+        image.load()  # decode now: truncated data fails here, not in the preprocessor
+        return load_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        if isinstance(err, BadImageError):
+            raise
+        text = str(err).lower()
+        truncated = any(s in text for s in ("truncated", "broken data stream", "end of file", "unexpected end"))
+        raise BadImageError.of(path, "truncated" if truncated or isinstance(err, EOFError) else "corrupt",
+                               str(err)) from None
+    finally:
+        image.close()
+
+
+def _check_size(path, size: tuple[int, int], min_size: int, max_pixels: int, max_aspect: float) -> None:
+    width, height = size
     if min(width, height) < min_size:
         raise BadImageError.of(path, "too_small", f"{width}x{height}, expected sides >= {min_size}")
     if max_pixels and width * height > max_pixels:
         raise BadImageError.of(path, "too_large", f"{width}x{height} exceeds {max_pixels} pixels")
     if max(width, height) > max_aspect * min(width, height):
         raise BadImageError.of(path, "extreme_aspect", f"{width}x{height}, aspect ratio over {max_aspect}")
-    try:
-        image.load()  # decode now: truncated data fails here, not in the preprocessor
-        return load_rgb(image)
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        text = str(err).lower()
-        truncated = any(s in text for s in ("truncated", "broken data stream", "end of file", "unexpected end"))
-        raise BadImageError.of(path, "truncated" if truncated or isinstance(err, EOFError) else "corrupt",
-                            str(err)) from None
-    finally:
-        image.close()
 
 
 def load_image(path, preprocessor: ImagePreprocessor, strict: bool = False, *,
