@@ -7,7 +7,8 @@ Loader: the synthetic VQA dataset (fastvlm.data.synthetic_vqa, PNG files at
 --image-size px, CLIP preprocessing at the same size), tokenized with a BPE
 trained on its text (llava_v1 template, 576 tokens per image as CLIP-L/14-336
 gives), packed into rows of --budget tokens (best-fit decreasing), one epoch
-through make_loader with 0 and 2 worker processes after a warm-up epoch.
+through make_loader with 0 and 2 worker processes after a warm-up epoch, the
+median of --rounds epochs (interleaved).
 Reported: samples/s, images/s, rows/s, tokens/s fed (real tokens and row tokens
 incl. padding), the epoch's real packing efficiency and the rows added because
 true lengths exceeded the cheap estimates the plan was made with.
@@ -28,6 +29,7 @@ planning time.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -90,37 +92,46 @@ def bench_packing(n: int, budget: int, batch_size: int) -> list[dict]:
     return rows
 
 
-def bench_loader(root: Path, n: int, image_size: int, budget: int, workers: list[int]) -> list[dict]:
+def bench_loader(root: Path, n: int, image_size: int, budget: int, workers: list[int], rounds: int) -> list[dict]:
     splits = synthetic_vqa.write_dataset(root, n, 0, seed=0, image_size=image_size, n_captions=0)
     samples = read_samples(splits.train)
     tokenizer = train_bpe_tokenizer([t["value"] for s in samples for t in s.conversations], vocab_size=1024)
     dataset = VLMDataset(samples, splits.image_folder, tokenizer, "llava_v1", IMAGE_TOKENS,
                          ImagePreprocessor.for_family("clip", image_size), max_length=budget)
     images = sum(len(s.images) for s in samples)
-    rows = []
+    loaders = {}
     for num_workers in workers:
         sampler = PackedBatchSampler(dataset.lengths(), budget, seed=0)
-        loader = make_loader(dataset, sampler, PackedCollator(tokenizer.pad_token_id, budget),
-                             num_workers=num_workers)
-        for _ in loader:  # warm-up epoch: page cache, tokenizer and worker start-up paths
+        loaders[num_workers] = make_loader(dataset, sampler, PackedCollator(tokenizer.pad_token_id, budget),
+                                           num_workers=num_workers)
+        for _ in loaders[num_workers]:  # warm-up epoch: page cache, tokenizer and worker start-up paths
             pass
-        start = time.perf_counter()
-        for _ in loader:
-            pass
-        seconds = time.perf_counter() - start
-        stats = loader.epoch_stats[1]
+    # Timed in rounds of one epoch per worker count: on a shared machine a change of
+    # load then shifts every configuration alike instead of their ratio.
+    times = {w: [] for w in workers}
+    for _ in range(rounds):
+        for num_workers, loader in loaders.items():
+            start = time.perf_counter()
+            for _ in loader:
+                pass
+            times[num_workers].append(time.perf_counter() - start)
+    rows = []
+    for num_workers, loader in loaders.items():
+        seconds = statistics.median(times[num_workers])
+        stats = loader.epoch_stats[1]  # every epoch holds the same samples (in another order)
         rows.append({"workers": num_workers, "samples": stats["samples"], "image_size": image_size,
                      "epoch_s": seconds, "samples_per_s": stats["samples"] / seconds, "images_per_s": images / seconds,
                      "rows_per_s": stats["batches"] / seconds, "real_tokens_per_s": stats["real_tokens"] / seconds,
                      "row_tokens_per_s": stats["row_tokens"] / seconds,
                      "packing_efficiency": stats["packing_efficiency"], "overflow_rows": stats["overflow_rows"],
-                     "skipped": stats["skipped"]})
+                     "skipped": stats["skipped"], "length_calibration": dataset.length_calibration})
     return rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=192, help="synthetic VQA samples in the loader epoch")
+    p.add_argument("--samples", type=int, default=128, help="synthetic VQA samples in the loader epoch")
+    p.add_argument("--rounds", type=int, default=3, help="timed loader epochs per worker count (median)")
     p.add_argument("--image-size", type=int, default=336)
     p.add_argument("--budget", type=int, default=4096, help="tokens per packed row")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
@@ -130,7 +141,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.samples, args.image_size, args.length_samples = 12, 64, 400
+        args.samples, args.image_size, args.length_samples, args.rounds = 12, 64, 400, 1
     torch.set_num_threads(max(1, torch.get_num_threads()))
     env = environment("cpu")
     mode = ("SMOKE: tiny sizes, a plumbing check" if args.smoke else
@@ -139,7 +150,7 @@ def main(argv=None):
     print_header(f"bench_data ({mode})", env)
 
     with tempfile.TemporaryDirectory() as tmp:
-        loader_rows = bench_loader(Path(tmp), args.samples, args.image_size, args.budget, args.workers)
+        loader_rows = bench_loader(Path(tmp), args.samples, args.image_size, args.budget, args.workers, args.rounds)
     packing_rows = bench_packing(args.length_samples, args.budget, args.batch_size)
 
     md = markdown_table(

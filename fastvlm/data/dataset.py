@@ -73,6 +73,7 @@ class VLMDataset(Dataset):
         self.data_path = data_path if data_path is not None else getattr(samples, "path", None)
         self.image_checks = dict(image_checks or {})
         self.skipped = BadImageCounter()
+        self.length_calibration: float | None = None  # set when lengths() estimates (not when read from cache)
 
     def __len__(self) -> int:
         return len(self.samples)
