@@ -8,7 +8,11 @@ Loader: the synthetic VQA dataset (fastvlm.data.synthetic_vqa, PNG files at
 trained on its text (llava_v1 template, 576 tokens per image as CLIP-L/14-336
 gives), packed into rows of --budget tokens (best-fit decreasing), one epoch
 through make_loader with 0 and 2 worker processes after a warm-up epoch, the
-median of --rounds epochs (interleaved).
+median of --rounds epochs (interleaved). The main process runs with one torch
+thread (--loader-threads), as DataLoader sets in every worker: on a shared,
+oversubscribed CPU the per-image torch ops of preprocessing ran ~15x slower with
+2 intra-op threads than with 1, which would make workers=0 measure thread
+contention, not the pipeline.
 Reported: samples/s, images/s, rows/s, tokens/s fed (real tokens and row tokens
 incl. padding), the epoch's real packing efficiency and the rows added because
 true lengths exceeded the cheap estimates the plan was made with.
@@ -135,6 +139,8 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=336)
     p.add_argument("--budget", type=int, default=4096, help="tokens per packed row")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--loader-threads", type=int, default=1, help="torch threads of the main process in the loader "
+                   "stage (DataLoader workers run with 1)")
     p.add_argument("--length-samples", type=int, default=50000, help="samples per length distribution")
     p.add_argument("--batch-size", type=int, default=16, help="padded batches: samples per batch")
     p.add_argument("--smoke", action="store_true", help="tiny sizes; results not saved unless --out")
@@ -142,15 +148,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.samples, args.image_size, args.length_samples, args.rounds = 12, 64, 400, 1
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    threads = torch.get_num_threads()
     env = environment("cpu")
     mode = ("SMOKE: tiny sizes, a plumbing check" if args.smoke else
-            f"loader: {args.samples} synthetic VQA samples at {args.image_size} px, rows of {args.budget} tokens; "
-            f"packing: {args.length_samples} samples per distribution")
+            f"loader: {args.samples} synthetic VQA samples at {args.image_size} px, rows of {args.budget} tokens, "
+            f"main process on {args.loader_threads} torch thread(s); packing: {args.length_samples} samples per "
+            "distribution")
     print_header(f"bench_data ({mode})", env)
 
     with tempfile.TemporaryDirectory() as tmp:
+        torch.set_num_threads(args.loader_threads)  # what DataLoader sets in each worker
         loader_rows = bench_loader(Path(tmp), args.samples, args.image_size, args.budget, args.workers, args.rounds)
+        torch.set_num_threads(threads)
     packing_rows = bench_packing(args.length_samples, args.budget, args.batch_size)
 
     md = markdown_table(
