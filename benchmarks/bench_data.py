@@ -7,7 +7,8 @@ Loader: the synthetic VQA dataset (fastvlm.data.synthetic_vqa, PNG files at
 --image-size px, CLIP preprocessing at the same size), tokenized with a BPE
 trained on its text (llava_v1 template, 576 tokens per image as CLIP-L/14-336
 gives), packed into rows of --budget tokens (best-fit decreasing), one epoch
-through make_loader with 0 and 2 worker processes after a warm-up epoch, the
+through make_loader with 0 and 2 (persistent) worker processes after a warm-up
+epoch, the
 median of --rounds epochs (interleaved). The main process runs with one torch
 thread (--loader-threads), as DataLoader sets in every worker: on a shared,
 oversubscribed CPU the per-image torch ops of preprocessing ran ~15x slower with
@@ -107,7 +108,7 @@ def bench_loader(root: Path, n: int, image_size: int, budget: int, workers: list
     for num_workers in workers:
         sampler = PackedBatchSampler(dataset.lengths(), budget, seed=0)
         loaders[num_workers] = make_loader(dataset, sampler, PackedCollator(tokenizer.pad_token_id, budget),
-                                           num_workers=num_workers)
+                                           num_workers=num_workers, persistent_workers=num_workers > 0)
         for _ in loaders[num_workers]:  # warm-up epoch: page cache, tokenizer and worker start-up paths
             pass
     # Timed in rounds of one epoch per worker count: on a shared machine a change of

@@ -152,8 +152,8 @@ class ItemsDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_resume_with_workers(num_workers, seed):
+@pytest.mark.parametrize("num_workers,persistent", [(0, False), (2, False), (2, True)])
+def test_loader_resume_with_workers(num_workers, persistent, seed):
     """Workers prefetch ahead of the trainer; the sampler state saved between steps still
     resumes exactly at the next unconsumed batch, across an epoch boundary."""
     rng = np.random.default_rng(seed)
@@ -165,7 +165,8 @@ def test_loader_resume_with_workers(num_workers, seed):
     def loader():
         dataset = ItemsDataset(items, bad)
         sampler = PackedBatchSampler(lengths, budget, seed)
-        return sampler, make_loader(dataset, sampler, PackedCollator(0, budget), num_workers=num_workers)
+        return sampler, make_loader(dataset, sampler, PackedCollator(0, budget), num_workers=num_workers,
+                                    persistent_workers=persistent)
 
     sampler, full = loader()
     stream = [batch["ids"] for _ in range(2) for batch in full]
