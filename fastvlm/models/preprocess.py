@@ -4,7 +4,10 @@ Matches transformers' PIL image processors: CLIPImageProcessor (resize the
 shortest side, center crop, OpenAI CLIP mean/std), SiglipImageProcessor (resize
 straight to a square, mean = std = 0.5) and, for DINOv2, BitImageProcessor with
 the settings DINOv2 checkpoints ship (shortest side 256 for a 224 crop, ImageNet
-mean/std). Transparent images are composited onto white, as transformers does.
+mean/std). Transparent images are composited onto white, as transformers does;
+16-bit grayscale is scaled to 8 bits (PIL's own conversion clips it to white).
+``pad_to_square=True`` is LLaVA-1.5's ``image_aspect_ratio = "pad"``: the image is
+centred on a square of the mean colour before resizing, so nothing is cropped away.
 Resizing runs per image in PIL (uint8, like transformers); rescale and
 normalisation run on the whole batch in torch.
 """
@@ -25,6 +28,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")  # PNG/TIFF 16-bit grayscale opens as one of these
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class ImagePreprocessor:
     std: tuple[float, float, float]
     resize: str = "shortest_edge"
     resample: int = Image.Resampling.BICUBIC
+    pad_to_square: bool = False  # LLaVA-1.5's image_aspect_ratio "pad"
 
     def __post_init__(self):
         if self.resize not in ("shortest_edge", "square"):
@@ -77,6 +82,8 @@ class ImagePreprocessor:
         return self.crop_size or self.size
 
     def resize_and_crop(self, image: Image.Image) -> np.ndarray:
+        if self.pad_to_square:
+            image = expand_to_square(image, tuple(int(m * 255) for m in self.mean))
         if self.resize == "square":
             image = image.resize((self.size, self.size), self.resample)
         else:
@@ -115,7 +122,21 @@ def load_rgb(image, index: int = 0) -> Image.Image:
             raise ValueError(f"images[{index}]: cannot decode image ({err})") from err
     if not isinstance(image, Image.Image):
         raise ValueError(f"images[{index}]: expected a PIL image, bytes or a path, got {type(image).__name__}")
+    if image.mode in SIXTEEN_BIT_MODES:
+        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
     if "A" in image.getbands() or "transparency" in image.info:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The image centred on a square canvas of colour `fill` (LLaVA's expand2square)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
