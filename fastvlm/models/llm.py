@@ -23,6 +23,7 @@ from torch import nn
 from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
 from fastvlm.ops import AttentionLayout, multimodal_attention
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
+from fastvlm.utils.checks import as_int
 from fastvlm.utils.config import check_known_keys
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -169,11 +170,27 @@ class Attention(nn.Module):
             k_all, v_all = cache.write(layer, k, v)
         if layout is not None:  # training, or the prefill of generation
             out = multimodal_attention(q, k, v.contiguous(), layout)
-        else:  # a decode step: the new tokens see every valid cached key of their row
-            valid = cache.key_valid[:, None, None, :k_all.shape[2]]
-            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=valid,
-                                                 enable_gqa=k_all.shape[1] != q.shape[1])
+        else:
+            out = decode_attention(q, k_all, v_all, cache)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def decode_attention(q, k, v, cache: KVCache) -> torch.Tensor:
+    """A decode step's attention over the cache. Generated tokens are text and come
+    after the prompt, so every kind lets them see every valid key of their row (the
+    prompt's own rows were computed by the prefill on its layout); under mmca's split
+    softmax the text keys and the image keys are two softmaxes, summed, a branch
+    without keys giving 0, as multimodal_attention computes it for a text query."""
+    n = k.shape[2]
+    valid = cache.key_valid[:, :n]
+    gqa = k.shape[1] != q.shape[1]
+    if not cache.split_softmax:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None], enable_gqa=gqa)
+    out = torch.zeros_like(q)
+    for keys in (valid & ~cache.key_image[:, :n], valid & cache.key_image[:, :n]):
+        branch = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None], enable_gqa=gqa)
+        out += torch.where(keys.any(1)[:, None, None, None], branch, 0)  # SDPA gives NaN without keys
+    return out
 
 
 class MLP(nn.Module):
@@ -214,13 +231,16 @@ class KVCache:
     """Per-layer keys/values (after RoPE) for generation, [B, Hkv, max_len, D].
 
     Every row appends at the same index; `key_valid` marks which cached
-    positions are real tokens (padding of the prompt stays invalid)."""
+    positions are real tokens (padding of the prompt stays invalid), `key_image`
+    which are image tokens (for mmca's split softmax, `split_softmax`)."""
 
-    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype, device):
+    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype, device, split_softmax: bool = False):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.key_image = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.split_softmax = split_softmax
         self.length = 0  # positions written by completed steps
 
     def write(self, layer: int, k, v):
@@ -282,16 +302,21 @@ class LLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
-                 layout: AttentionLayout | None = None, max_new_tokens: int = 32,
+                 layout: AttentionLayout | None = None, prefix_mask=None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
                  pad_token_id: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """New tokens [B, max_new_tokens] (pad_token_id after a row's eos).
 
         Batched prompts may be left- or right-padded (attention_mask 0 = padding).
         The prefill runs on `layout` (e.g. a multimodal one built with the images'
-        token metadata) or a causal layout from the mask; decode steps reuse the
-        KV cache. temperature 0 = greedy; otherwise sampling with nucleus top_p.
+        token metadata) or one of the config's kind from the mask (and `prefix_mask`
+        for prefix_lm); decode steps reuse the KV cache and give the tokens the full
+        forward over prompt + generated tokens would. temperature 0 = greedy;
+        otherwise sampling with nucleus top_p.
         """
+        as_int(max_new_tokens, "max_new_tokens", minimum=1)
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.vocab_size)
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, n = x.shape[:2]
         mask = (torch.ones(b, n, dtype=torch.bool, device=x.device) if attention_mask is None
@@ -301,13 +326,20 @@ class LLM(nn.Module):
         if not bool(mask.any(1).all()):
             raise ValueError("attention_mask: every row needs at least one prompt token")
         if layout is None:
-            layout = AttentionLayout(torch.where(mask, 0, -1).to(torch.int32), kind=self.config.attention_kind)
+            layout = AttentionLayout(torch.where(mask, 0, -1).to(torch.int32), prefix_mask=prefix_mask,
+                                     kind=self.config.attention_kind)
+        elif prefix_mask is not None:
+            raise ValueError("prefix_mask: give it to the layout, not next to one")
         elif not torch.equal(layout.segment_ids >= 0, mask):
             raise ValueError("layout: its padding must match attention_mask")
+        if bool((_segment_count(layout.segment_ids) > 1).any()):
+            raise ValueError("layout: generate continues one sample per row; a row packs several segments")
         if not (temperature >= 0 and 0 < top_p <= 1):
             raise ValueError(f"temperature: must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
-        cache = KVCache(self.config, b, n + max_new_tokens, x.dtype, x.device)
+        check_positions(self.config, int(mask.sum(1).max()) + max_new_tokens - 1, "max_new_tokens")
+        cache = KVCache(self.config, b, n + max_new_tokens, x.dtype, x.device, split_softmax=layout.split_softmax)
         cache.key_valid[:, :n] = mask
+        cache.key_image[:, :n] = layout.image_ids >= 0
         h = self._run_layers(x, positions_of(layout), layout, cache)
         last = n - 1 - mask.flip(1).long().argmax(1)  # last prompt token of each row
         logits = self.lm_head(h[torch.arange(b), last])
@@ -358,6 +390,38 @@ class LLM(nn.Module):
                              f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
         model.load_state_dict(state, strict=False)
         return model.to(dtype) if dtype is not None else model
+
+
+def check_token_ids(ids, vocab_size: int, arg: str = "input_ids", ignore: int | None = None) -> None:
+    """Token ids [B, N] must lie in [0, vocab_size) (`ignore`, e.g. -100 or an image
+    placeholder, excepted): out of range they fail deep inside an embedding or a
+    gather on CPU, and read garbage or fault asynchronously on GPU. One aminmax and
+    one host sync per call, called once per forward (not per layer): cheap next to it."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype == torch.bool \
+            or ids.is_floating_point() or ids.is_complex():
+        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{arg}: expected an integer tensor [B, N], got {got}")
+    if ids.numel() == 0:
+        raise ValueError(f"{arg}: empty batch or sequence, shape {tuple(ids.shape)}")
+    live = ids if ignore is None else ids.masked_fill(ids == ignore, 0)
+    low, high = (int(v) for v in torch.aminmax(live))
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        allowed = "" if ignore is None else f" or {ignore}"
+        raise ValueError(f"{arg}: ids must be in [0, {vocab_size}) (the vocabulary){allowed}, got {bad}")
+
+
+def check_positions(cfg: LLMConfig, length: int, arg: str) -> None:
+    """Unscaled RoPE was trained on max_position_embeddings positions: refuse more."""
+    if cfg.rope_scaling.get("rope_type", "default") == "default" and length > cfg.max_position_embeddings:
+        raise ValueError(f"{arg}: sequence of {length} tokens is longer than max_position_embeddings "
+                         f"({cfg.max_position_embeddings}) and RoPE is not scaled")
+
+
+def _segment_count(seg: torch.Tensor) -> torch.Tensor:
+    """Segments per row (the layout keeps each one contiguous): its first live tokens."""
+    starts = (seg[:, 1:] >= 0) & (seg[:, 1:] != seg[:, :-1])
+    return starts.sum(1) + (seg[:, 0] >= 0)
 
 
 def positions_of(layout: AttentionLayout) -> torch.Tensor:

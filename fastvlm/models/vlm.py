@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fastvlm.models.hf_vision import config_from_hf, convert_state_dict
-from fastvlm.models.llm import LLM, LLMConfig, load_state_dict
+from fastvlm.models.llm import LLM, LLMConfig, check_positions, check_token_ids, load_state_dict
 from fastvlm.models.splice import splice_image_features
 from fastvlm.models.vision import VisionConfig, VisionEncoder
 from fastvlm.nn.connector import FusedMLPConnector
@@ -108,23 +108,26 @@ class VLM(nn.Module):
                 attention_mask=None, segment_ids=None, prefix_mask=None):
         """Logits [B, N, V], or the mean next-token loss when labels are given
         (image tokens and label -100 are never targets)."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError("input_ids: expected an integer tensor [B, N]")
-        max_len = self.config.llm.max_position_embeddings
-        if self.config.llm.rope_scaling.get("rope_type", "default") == "default" and input_ids.shape[1] > max_len:
-            raise ValueError(f"input_ids: sequence of {input_ids.shape[1]} tokens is longer than "
-                             f"max_position_embeddings ({max_len}) and RoPE is not scaled")
+        self._check_input_ids(input_ids)
+        check_positions(self.config.llm, input_ids.shape[1], "input_ids")
         layout = self.layout(input_ids, attention_mask, segment_ids, prefix_mask)
         embeds = self.embed(input_ids, images)
         if labels is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
         return self.language_model(inputs_embeds=embeds, layout=layout, labels=labels)
 
+    def _check_input_ids(self, input_ids) -> None:
+        # the placeholder id may lie outside the vocabulary: its rows are overwritten
+        check_token_ids(input_ids, self.config.llm.vocab_size, "input_ids", ignore=self.config.image_token_id)
+
     @torch.no_grad()
-    def generate(self, input_ids, images=None, *, attention_mask=None, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids, images=None, *, attention_mask=None, prefix_mask=None,
+                 **kwargs) -> torch.Tensor:
         """New tokens [B, max_new_tokens]; the prompt is prefilled with the multimodal
-        layout, then decoded with the KV cache (see LLM.generate for the options)."""
-        layout = self.layout(input_ids, attention_mask)
+        layout (prefix_mask: the prompt's bidirectional prefix under prefix_lm), then
+        decoded with the KV cache (see LLM.generate for the options)."""
+        self._check_input_ids(input_ids)
+        layout = self.layout(input_ids, attention_mask, prefix_mask=prefix_mask)
         return self.language_model.generate(inputs_embeds=self.embed(input_ids, images),
                                             attention_mask=layout.segment_ids >= 0, layout=layout, **kwargs)
 
