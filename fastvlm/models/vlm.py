@@ -96,12 +96,22 @@ class VLM(nn.Module):
             return embeds
         return splice_image_features(embeds, input_ids, image_id, self.encode_images(images))
 
-    def layout(self, input_ids, attention_mask=None, segment_ids=None, prefix_mask=None) -> AttentionLayout:
-        """The batch's attention layout: each run of image tokens is one image."""
+    def tokens_per_image(self, images: torch.Tensor | None = None) -> int:
+        """Feature vectors per image (of `images`' resolution; default the config's)."""
+        v = self.config.vision
+        h, w = images.shape[-2:] if images is not None else (v.image_size, v.image_size)
+        prefix = v.num_prefix_tokens if self.config.vision_feature == "full" else 0
+        return (h // v.patch_size) * (w // v.patch_size) + prefix
+
+    def layout(self, input_ids, attention_mask=None, segment_ids=None, prefix_mask=None,
+               images: torch.Tensor | None = None) -> AttentionLayout:
+        """The batch's attention layout: a run of image tokens holds one image per
+        tokens_per_image tokens (two images written back to back are two images)."""
         return AttentionLayout.from_input_ids(input_ids, self.config.image_token_id,
                                               attention_mask=attention_mask, segment_ids=segment_ids,
                                               prefix_mask=prefix_mask, kind=self.config.attention_kind,
-                                              split_softmax=self.config.split_softmax)
+                                              split_softmax=self.config.split_softmax,
+                                              tokens_per_image=self.tokens_per_image(images))
 
     # ---- training / inference ------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None, labels=None, *,
@@ -110,7 +120,7 @@ class VLM(nn.Module):
         (image tokens and label -100 are never targets)."""
         self._check_input_ids(input_ids)
         check_positions(self.config.llm, input_ids.shape[1], "input_ids")
-        layout = self.layout(input_ids, attention_mask, segment_ids, prefix_mask)
+        layout = self.layout(input_ids, attention_mask, segment_ids, prefix_mask, images)
         embeds = self.embed(input_ids, images)
         if labels is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
@@ -127,7 +137,7 @@ class VLM(nn.Module):
         layout (prefix_mask: the prompt's bidirectional prefix under prefix_lm), then
         decoded with the KV cache (see LLM.generate for the options)."""
         self._check_input_ids(input_ids)
-        layout = self.layout(input_ids, attention_mask, prefix_mask=prefix_mask)
+        layout = self.layout(input_ids, attention_mask, prefix_mask=prefix_mask, images=images)
         return self.language_model.generate(inputs_embeds=self.embed(input_ids, images),
                                             attention_mask=layout.segment_ids >= 0, layout=layout, **kwargs)
 

@@ -449,8 +449,9 @@ class AttentionLayout:
     @classmethod
     def from_input_ids(cls, input_ids, image_token_id: int, *, attention_mask=None,
                        segment_ids=None, prefix_mask=None, kind: str = "causal",
-                       split_softmax: bool = False):
-        """From token ids: each consecutive run of ``image_token_id`` is one image.
+                       split_softmax: bool = False, tokens_per_image: int | None = None):
+        """From token ids: each consecutive run of ``image_token_id`` is one image,
+        or, with ``tokens_per_image``, that many images back to back.
 
         Segments come from ``segment_ids`` if given, else from
         ``attention_mask`` (0 = padding), else the whole row is one sample.
@@ -470,8 +471,12 @@ class AttentionLayout:
         else:
             seg = segment_ids
         is_img = ids == image_token_id
-        prev = _shift(is_img, False)
-        run_index = (is_img & ~prev).cumsum(1) - 1
+        starts = is_img & ~_shift(is_img, False)
+        if tokens_per_image is not None:  # a run of k * T tokens is k images
+            idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            run_start = torch.where(starts, idx, 0).cummax(1).values
+            starts = is_img & ((idx - run_start) % tokens_per_image == 0)
+        run_index = starts.cumsum(1) - 1
         image_ids = torch.where(is_img, run_index, -1).to(torch.int32)
         return cls(seg, image_ids, prefix_mask, kind, split_softmax=split_softmax)
 
