@@ -12,17 +12,19 @@ their keys are accepted and skipped; any other unexpected or missing key is an e
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from fastvlm.models.vision import VisionConfig, VisionEncoder
+from fastvlm.utils.io import read_json, read_tensors
 
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                   "gelu_new": "gelu_tanh"}
 FULL_MODEL_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+VISION_MODEL_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model", "dinov2",
+                      "dinov2_with_registers")
 
 
 def _activation(hf: dict) -> str:
@@ -53,7 +55,7 @@ def config_from_hf(hf: dict) -> VisionConfig:
                                    interpolate_antialias=model_type == "dinov2_with_registers",
                                    act=_activation(hf), **sizes)
     raise ValueError(f"config.json: model_type {model_type!r} not supported; expected one of "
-                     "clip, clip_vision_model, siglip, siglip_vision_model, dinov2, dinov2_with_registers")
+                     f"{', '.join(VISION_MODEL_TYPES)}")
 
 
 # (HF name pattern, fastvlm name) per family; {i} is the block index.
@@ -139,27 +141,29 @@ def convert_state_dict(hf_state: dict[str, torch.Tensor], config: VisionConfig, 
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return read_tensors(path / "model.safetensors")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(path / shard))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"path: {index} has no weight_map")
+        for shard in sorted(set(weight_map.values())):
+            state.update(read_tensors(path / shard))
         return state
     if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return read_tensors(path / "pytorch_model.bin")
     raise ValueError(f"path: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path}")
 
 
 def load_hf_vision_encoder(path, **overrides) -> VisionEncoder:
     """`overrides` replace config fields, e.g. interpolate_pos=True."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"path: expected a Hugging Face checkpoint directory with config.json, got {path}")
-    hf = json.loads((path / "config.json").read_text())
+    hf = read_json(path / "config.json")
+    if hf.get("model_type") not in VISION_MODEL_TYPES:
+        raise ValueError(f"path: {path} holds a {hf.get('model_type')!r} model, not a vision encoder; "
+                         f"expected config.json model_type one of {', '.join(VISION_MODEL_TYPES)}")
     config = config_from_hf(hf)
     if overrides:
         config = config.replace(**overrides)

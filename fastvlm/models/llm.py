@@ -11,7 +11,6 @@ RoPE positions restart at every segment. The loss goes through
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from fastvlm.ops import AttentionLayout, multimodal_attention
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastvlm.utils.checks import as_int
 from fastvlm.utils.config import check_known_keys
+from fastvlm.utils.io import read_json, read_tensors
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 HF_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -276,10 +276,10 @@ class LLM(nn.Module):
         """Final-norm hidden states [B, N, H]."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids: give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.vocab_size)
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, n = x.shape[:2]
-        if input_ids is not None and input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected [B, N], got {tuple(input_ids.shape)}")
         if layout is None:
             if segment_ids is None:
                 segment_ids = torch.zeros(b, n, dtype=torch.int32, device=x.device)
@@ -369,8 +369,7 @@ class LLM(nn.Module):
                                segment_ids=segment_ids, position_ids=position_ids)
         if labels is None:
             return self.lm_head(h)
-        if labels.shape != h.shape[:2]:
-            raise ValueError(f"labels: expected shape {tuple(h.shape[:2])}, got {tuple(labels.shape)}")
+        check_labels(labels, tuple(h.shape[:2]), self.config.vocab_size)
         seg = layout.segment_ids if layout is not None else segment_ids
         return linear_cross_entropy(h[:, :-1], self.lm_head, shift_labels(labels, seg))
 
@@ -378,7 +377,7 @@ class LLM(nn.Module):
     def from_pretrained(cls, path, *, dtype: torch.dtype | None = None) -> "LLM":
         """Load a local Hugging Face checkpoint directory (Llama/Qwen2/Mistral layout)."""
         path = Path(path)
-        cfg = LLMConfig.from_hf(json.loads((path / "config.json").read_text()))
+        cfg = LLMConfig.from_hf(read_json(path / "config.json"))
         model = cls(cfg)
         state = load_state_dict(path)
         if cfg.tie_word_embeddings:
@@ -409,6 +408,16 @@ def check_token_ids(ids, vocab_size: int, arg: str = "input_ids", ignore: int | 
         bad = low if low < 0 else high
         allowed = "" if ignore is None else f" or {ignore}"
         raise ValueError(f"{arg}: ids must be in [0, {vocab_size}) (the vocabulary){allowed}, got {bad}")
+
+
+def check_labels(labels, shape: tuple[int, int], vocab_size: int | None) -> None:
+    """Labels [B, N] like the tokens: vocabulary ids, or -100 for "not a target"
+    (vocab_size None: the shape only, the range is checked later)."""
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != shape:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels: expected shape {shape} (that of the tokens), got {got}")
+    if vocab_size is not None:
+        check_token_ids(labels, vocab_size, "labels", ignore=-100)
 
 
 def check_positions(cfg: LLMConfig, length: int, arg: str) -> None:
@@ -454,18 +463,10 @@ def shift_labels(labels: torch.Tensor, segment_ids: torch.Tensor | None) -> torc
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint dir: (sharded) safetensors, else pytorch_model.bin."""
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        return state
-    bins = sorted(path.glob("pytorch_model*.bin"))
-    if not bins:
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
         raise ValueError(f"path: no *.safetensors or pytorch_model*.bin in {path}")
     state = {}
-    for f in bins:
-        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    for f in files:
+        state.update(read_tensors(f))
     return state

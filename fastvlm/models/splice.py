@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from fastvlm.utils.checks import check_finite
+
 
 def placeholder_runs(input_ids: torch.Tensor, image_token_id: int) -> list[list[tuple[int, int]]]:
     """Per row, (start, length) of each consecutive run of the image token."""
@@ -69,6 +71,8 @@ def splice_image_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, 
     if not feats:
         return inputs_embeds
     flat = torch.cat(feats, 0).to(inputs_embeds.dtype)
+    check_finite(flat, "image_features", "the vision tower (or a feature cache) produced NaN/inf; check the "
+                                         "pixel values and the encoder's precision")
     # masked_scatter fills positions in row-major order, which is the order of `runs`.
     return inputs_embeds.masked_scatter(mask[..., None], flat)
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
-from fastvlm.utils.config import check_known_keys
+from fastvlm.utils.checks import check_finite
+from fastvlm.utils.config import check_known_keys, check_required_keys
 
 FAMILIES = ("clip", "siglip", "dinov2")
 ACTIVATIONS = {
@@ -83,6 +84,7 @@ class VisionConfig:
     @classmethod
     def from_dict(cls, values: dict) -> VisionConfig:
         check_known_keys(cls, values, 'VisionConfig')
+        check_required_keys(cls, values, 'VisionConfig')
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -252,7 +254,12 @@ class VisionEncoder(nn.Module):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"pixel_values: expected a [B, {cfg.num_channels}, H, W] tensor, got {shape}")
-        _, channels, height, width = pixel_values.shape
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values: expected normalised floating-point pixels, got {pixel_values.dtype} "
+                             "(raw image bytes?); make them with fastvlm.models.preprocess.ImagePreprocessor")
+        batch, channels, height, width = pixel_values.shape
+        if batch == 0:
+            raise ValueError(f"pixel_values: empty batch, shape {tuple(pixel_values.shape)}")
         if channels != cfg.num_channels:
             raise ValueError(f"pixel_values: expected {cfg.num_channels} channels, got {channels}")
         if not cfg.interpolate_pos and (height, width) != (cfg.image_size, cfg.image_size):
@@ -261,6 +268,7 @@ class VisionEncoder(nn.Module):
         if height < cfg.patch_size or width < cfg.patch_size:
             raise ValueError(f"pixel_values: images must be at least one patch ({cfg.patch_size}) "
                              f"high and wide, got {height}x{width}")
+        check_finite(pixel_values, "pixel_values", "NaN or inf pixels (a corrupt image or a bad normalisation?)")
 
     def position_embeddings(self, grid_h: int, grid_w: int) -> torch.Tensor:
         cfg = self.config

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from fastvlm.models.hf_vision import config_from_hf, convert_state_dict
-from fastvlm.models.llm import LLM, LLMConfig, check_positions, check_token_ids, load_state_dict
+from fastvlm.models.llm import LLM, LLMConfig, check_labels, check_positions, check_token_ids, load_state_dict
 from fastvlm.models.splice import splice_image_features
 from fastvlm.models.vision import VisionConfig, VisionEncoder
 from fastvlm.nn.connector import FusedMLPConnector
 from fastvlm.ops import KINDS, AttentionLayout
-from fastvlm.utils.config import check_known_keys
-from fastvlm.utils.io import atomic_write
+from fastvlm.utils.config import check_known_keys, check_required_keys
+from fastvlm.utils.io import atomic_write, read_json
 
 VISION_FEATURES = ("patch", "full")  # LLaVA's "default" drops the class (and register) tokens
 FORMAT = "fastvlm_vlm"
@@ -50,7 +50,8 @@ class VLMConfig:
         if self.attention_kind not in KINDS:
             raise ValueError(f"attention_kind: unknown layout kind {self.attention_kind!r}; expected one of "
                              f"{', '.join(KINDS)}")
-        if not 0 <= self.image_token_id:
+        if isinstance(self.image_token_id, bool) or not isinstance(self.image_token_id, int) \
+                or self.image_token_id < 0:
             raise ValueError(f"image_token_id: expected a token id >= 0, got {self.image_token_id}")
 
     def to_dict(self) -> dict:
@@ -61,6 +62,7 @@ class VLMConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "VLMConfig":
         check_known_keys(cls, d, 'config')
+        check_required_keys(cls, d, 'config')
         d = dict(d)
         d["vision"] = VisionConfig.from_dict(d["vision"])
         d["llm"] = LLMConfig.from_dict(d["llm"])
@@ -123,6 +125,7 @@ class VLM(nn.Module):
         layout = self.layout(input_ids, attention_mask, segment_ids, prefix_mask, images)
         embeds = self.embed(input_ids, images)
         if labels is not None:
+            check_labels(labels, tuple(input_ids.shape), None)  # the LLM checks the ids, placeholders masked
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
         return self.language_model(inputs_embeds=embeds, layout=layout, labels=labels)
 
@@ -146,7 +149,7 @@ class VLM(nn.Module):
     def from_pretrained(cls, path, *, dtype: torch.dtype | None = None) -> "VLM":
         """A Hugging Face LLaVA directory, or one written by save_pretrained."""
         path = Path(path)
-        raw = json.loads((path / "config.json").read_text())
+        raw = read_json(path / "config.json")
         if raw.get("model_type") == FORMAT:
             model = cls(VLMConfig.from_dict(raw["config"]))
             state = load_state_dict(path)
@@ -189,6 +192,9 @@ def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
     if act is None:
         raise ValueError(f"config.json: projector_hidden_act {raw.get('projector_hidden_act')!r} not supported")
     image_id = raw.get("image_token_id", raw.get("image_token_index"))
+    if not isinstance(image_id, int) or isinstance(image_id, bool):
+        raise ValueError(f"config.json: image_token_index (or image_token_id) must be the image placeholder's "
+                         f"token id, got {image_id!r}")
     cfg = VLMConfig(vision=vision, llm=llm, image_token_id=image_id, select_layer=layer,
                     vision_feature="patch" if strategy == "default" else "full", projector_act=act,
                     projector_bias=raw.get("multimodal_projector_bias", True))

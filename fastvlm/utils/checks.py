@@ -21,3 +21,11 @@ def as_int(value, arg: str, minimum: int | None = None) -> int:
     if minimum is not None and result < minimum:
         raise ValueError(f"{arg}: expected an int >= {minimum}, got {result}")
     return result
+
+
+def check_finite(x: torch.Tensor, arg: str, hint: str) -> None:
+    """Refuse NaN/inf where data enters the model, before it turns into a NaN loss with
+    no trace of where it came from. One fp32-accumulated sum (NaN and inf survive it)
+    and one host sync per call, at the model's input only, never per layer."""
+    if not bool(torch.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)))):
+        raise ValueError(f"{arg}: non-finite values; {hint}")

@@ -12,3 +12,13 @@ def check_known_keys(cls, values, what: str = "config") -> None:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{what}: unknown keys {unknown}; expected a subset of {sorted(known)}")
+
+
+def check_required_keys(cls, values, what: str = "config") -> None:
+    """Raise a ValueError naming ``what`` and the fields of the dataclass ``cls`` that
+    have no default and are missing from ``values``."""
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise ValueError(f"{what}: missing required keys {missing}")
