@@ -18,20 +18,17 @@ from pathlib import Path
 import torch
 
 from fastvlm.models.vision import VisionConfig, VisionEncoder
+from fastvlm.nn.activations import activation_from_hf
 from fastvlm.utils.io import read_json, read_tensors
 
-HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                  "gelu_new": "gelu_tanh"}
 FULL_MODEL_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+DROPOUTS = ("attention_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
 VISION_MODEL_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model", "dinov2",
                       "dinov2_with_registers")
 
 
 def _activation(hf: dict) -> str:
-    act = hf.get("hidden_act", "gelu")
-    if act not in HF_ACTIVATIONS:
-        raise ValueError(f"config.json: hidden_act {act!r} not supported; expected one of {sorted(HF_ACTIVATIONS)}")
-    return HF_ACTIVATIONS[act]
+    return activation_from_hf(hf.get("hidden_act", "gelu"), "hidden_act")
 
 
 def config_from_hf(hf: dict) -> VisionConfig:
@@ -41,7 +38,8 @@ def config_from_hf(hf: dict) -> VisionConfig:
         hf, model_type = hf["vision_config"], FULL_MODEL_TYPES[model_type]
     sizes = dict(image_size=hf["image_size"], patch_size=hf["patch_size"], hidden_size=hf["hidden_size"],
                  num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                 num_channels=hf.get("num_channels", 3), layer_norm_eps=hf["layer_norm_eps"])
+                 num_channels=hf.get("num_channels", 3), layer_norm_eps=hf["layer_norm_eps"],
+                 dropout=float(max(hf.get(k) or 0.0 for k in DROPOUTS)))
     if model_type == "clip_vision_model":
         return VisionConfig.clip(intermediate_size=hf["intermediate_size"], act=_activation(hf), **sizes)
     if model_type == "siglip_vision_model":

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvlm.nn.activations import ACTIVATIONS, activation_from_hf
 from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
 from fastvlm.ops import AttentionLayout, multimodal_attention
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
@@ -47,6 +48,11 @@ class LLMConfig:
     qkv_bias: bool = False  # Qwen2: True
     o_bias: bool = False
     mlp_bias: bool = False
+    hidden_act: str = "silu"        # of the gated MLP
+    # Sliding-window attention (Mistral, Qwen2 with use_sliding_window): the layouts have
+    # no window, so sequences longer than it are refused rather than attended past it.
+    sliding_window: int | None = None
+    attention_dropout: float = 0.0  # not implemented: training with it > 0 is refused
     attention_kind: str = "causal"  # layout kind when the caller gives only segment ids
 
     def __post_init__(self):
@@ -55,6 +61,12 @@ class LLMConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads: {self.num_key_value_heads} must divide "
                              f"num_attention_heads {self.num_attention_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act: expected one of {tuple(ACTIVATIONS)}, got {self.hidden_act!r}")
+        if self.sliding_window is not None:
+            self.sliding_window = as_int(self.sliding_window, "sliding_window", minimum=1)
+        if not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"attention_dropout: expected a probability in [0, 1), got {self.attention_dropout}")
         rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_scaling: unsupported rope_type {rope_type!r}; expected one of "
@@ -75,7 +87,9 @@ class LLMConfig:
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope.setdefault("rope_type", rope.pop("type", "default"))
-        attention_bias = bool(hf.get("attention_bias", False))
+        # attention_bias / mlp_bias exist in Llama only: Qwen2 always has q/k/v biases, Mistral none
+        llama = model_type == "llama"
+        attention_bias = llama and bool(hf.get("attention_bias", False))
         return cls(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
@@ -84,9 +98,28 @@ class LLMConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=rope,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=attention_bias if model_type == "llama" else False,
-            mlp_bias=bool(hf.get("mlp_bias", False)))
+            qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
+            mlp_bias=llama and bool(hf.get("mlp_bias", False)),
+            hidden_act=activation_from_hf(hf.get("hidden_act", "silu"), "hidden_act"),
+            sliding_window=_hf_sliding_window(hf, model_type),
+            attention_dropout=float(hf.get("attention_dropout") or 0.0))
+
+
+def _hf_sliding_window(hf: dict, model_type: str) -> int | None:
+    """The window transformers applies to some layer, or None (Llama has none; Qwen2 only
+    with use_sliding_window and then on the layers its layer_types / max_window_layers mark)."""
+    window = hf.get("sliding_window")
+    if model_type == "llama" or window is None:
+        return None
+    if model_type == "qwen2":
+        if not hf.get("use_sliding_window", False):
+            return None
+        layers = hf["num_hidden_layers"]
+        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
+                                          else "full_attention" for i in range(layers)]
+        if "sliding_attention" not in types:
+            return None
+    return window
 
 
 class RMSNorm(nn.Module):
@@ -200,9 +233,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -280,6 +314,10 @@ class LLM(nn.Module):
             check_token_ids(input_ids, self.config.vocab_size)
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, n = x.shape[:2]
+        check_positions(self.config, n, "input_ids")
+        if self.training and self.config.attention_dropout > 0:
+            raise ValueError(f"attention_dropout: {self.config.attention_dropout} is not implemented; set "
+                             "config.attention_dropout = 0 to train without it (eval mode is unaffected)")
         if layout is None:
             if segment_ids is None:
                 segment_ids = torch.zeros(b, n, dtype=torch.int32, device=x.device)
@@ -421,10 +459,16 @@ def check_labels(labels, shape: tuple[int, int], vocab_size: int | None) -> None
 
 
 def check_positions(cfg: LLMConfig, length: int, arg: str) -> None:
-    """Unscaled RoPE was trained on max_position_embeddings positions: refuse more."""
+    """Unscaled RoPE was trained on max_position_embeddings positions: refuse more. A
+    sliding window shorter than the sequence would change the attention: refuse it too.
+    Host-side (shapes only), no sync."""
     if cfg.rope_scaling.get("rope_type", "default") == "default" and length > cfg.max_position_embeddings:
         raise ValueError(f"{arg}: sequence of {length} tokens is longer than max_position_embeddings "
                          f"({cfg.max_position_embeddings}) and RoPE is not scaled")
+    if cfg.sliding_window is not None and length > cfg.sliding_window:
+        raise ValueError(f"sliding_window: {arg} make a sequence of {length} tokens, longer than the model's "
+                         f"attention window ({cfg.sliding_window}); fastvlm's layouts have no window yet, so "
+                         f"it would attend past it: use at most {cfg.sliding_window} tokens")
 
 
 def _segment_count(seg: torch.Tensor) -> torch.Tensor:

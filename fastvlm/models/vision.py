@@ -26,16 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvlm.nn.activations import ACTIVATIONS
 from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
 from fastvlm.utils.checks import check_finite
 from fastvlm.utils.config import check_known_keys, check_required_keys
 
 FAMILIES = ("clip", "siglip", "dinov2")
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
 
 
 @dataclass(frozen=True)
@@ -60,6 +56,9 @@ class VisionConfig:
     interpolate_pos: bool = False
     # DINOv2-with-registers resamples with antialiasing, plain DINOv2 without.
     interpolate_antialias: bool = False
+    # A checkpoint's dropout / drop-path probability: not implemented, so training with it
+    # > 0 is refused (eval and frozen towers are unaffected).
+    dropout: float = 0.0
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -76,6 +75,8 @@ class VisionConfig:
                              f"num_heads ({self.num_heads})")
         if self.image_size < self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be at least patch_size ({self.patch_size})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout}")
         if self.num_register_tokens < 0:
             raise ValueError(f"num_register_tokens: expected >= 0, got {self.num_register_tokens}")
         if self.num_register_tokens and not self.class_token:
@@ -297,6 +298,11 @@ class VisionEncoder(nn.Module):
         """Hidden states at `select_layers` (0 = embeddings, -1 = last block), each [B, T, C]."""
         self.check_pixels(pixel_values)
         layers = self.resolve_layers(select_layers)
+        if self.training and not self.frozen and self.config.dropout > 0:
+            raise ValueError(f"dropout: the checkpoint's attention_dropout / hidden_dropout_prob / "
+                             f"attention_probs_dropout_prob / drop_path_rate ({self.config.dropout}) is not "
+                             "implemented; to train without it set "
+                             "encoder.config = encoder.config.replace(dropout=0.0), or freeze the tower")
         if self.frozen:
             # no_grad rather than inference_mode: inference tensors could not be
             # saved for backward by the trainable connector that consumes them.

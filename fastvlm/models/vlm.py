@@ -23,8 +23,10 @@ from fastvlm.models.hf_vision import config_from_hf, convert_state_dict
 from fastvlm.models.llm import LLM, LLMConfig, check_labels, check_positions, check_token_ids, load_state_dict
 from fastvlm.models.splice import splice_image_features
 from fastvlm.models.vision import VisionConfig, VisionEncoder
+from fastvlm.nn.activations import activation_from_hf
 from fastvlm.nn.connector import FusedMLPConnector
 from fastvlm.ops import KINDS, AttentionLayout
+from fastvlm.ops.fused_mlp import ACTIVATIONS as FUSED_ACTIVATIONS
 from fastvlm.utils.config import check_known_keys, check_required_keys
 from fastvlm.utils.io import atomic_write, read_json
 
@@ -37,7 +39,7 @@ class VLMConfig:
     vision: VisionConfig
     llm: LLMConfig
     image_token_id: int
-    select_layer: int = -2          # hidden-state index of the encoder fed to the connector
+    select_layer: int | list[int] = -2  # hidden-state index(es) of the encoder; several are concatenated
     vision_feature: str = "patch"
     projector_act: str = "gelu"
     projector_bias: bool = True
@@ -45,6 +47,10 @@ class VLMConfig:
     split_softmax: bool = False
 
     def __post_init__(self):
+        layers = [self.select_layer] if isinstance(self.select_layer, int) else self.select_layer
+        if not isinstance(layers, (list, tuple)) or not layers or \
+                not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"select_layer: expected an int or a non-empty list of ints, got {self.select_layer!r}")
         if self.vision_feature not in VISION_FEATURES:
             raise ValueError(f"vision_feature: expected one of {VISION_FEATURES}, got {self.vision_feature!r}")
         if self.attention_kind not in KINDS:
@@ -74,7 +80,8 @@ class VLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.vision_tower = VisionEncoder(cfg.vision)
-        self.multi_modal_projector = FusedMLPConnector(cfg.vision.hidden_size, cfg.llm.hidden_size,
+        self.multi_modal_projector = FusedMLPConnector(cfg.vision.hidden_size * len(self.select_layers),
+                                                       cfg.llm.hidden_size,
                                                        cfg.llm.hidden_size, activation=cfg.projector_act,
                                                        bias=cfg.projector_bias)
         self.language_model = LLM(cfg.llm)
@@ -82,10 +89,16 @@ class VLM(nn.Module):
     # ---- pieces ------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[num_images, C, H, W] -> projected features [num_images, T, llm hidden]."""
-        (feats,) = self.vision_tower(images, select_layers=[self.config.select_layer])
+        feats = self.vision_tower(images, select_layers=self.select_layers)
         if self.config.vision_feature == "patch":
-            feats = feats[:, self.config.vision.num_prefix_tokens:]
+            feats = [f[:, self.config.vision.num_prefix_tokens:] for f in feats]
+        feats = feats[0] if len(feats) == 1 else torch.cat(feats, -1)  # transformers' order: layer-major
         return self.multi_modal_projector(feats.to(self.multi_modal_projector[0].weight.dtype))
+
+    @property
+    def select_layers(self) -> list[int]:
+        sel = self.config.select_layer
+        return [sel] if isinstance(sel, int) else list(sel)
 
     def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
         image_id = self.config.image_token_id
@@ -121,7 +134,7 @@ class VLM(nn.Module):
         """Logits [B, N, V], or the mean next-token loss when labels are given
         (image tokens and label -100 are never targets)."""
         self._check_input_ids(input_ids)
-        check_positions(self.config.llm, input_ids.shape[1], "input_ids")
+        check_positions(self.config.llm, input_ids.shape[1], "input_ids")  # before encoding the images
         layout = self.layout(input_ids, attention_mask, segment_ids, prefix_mask, images)
         embeds = self.embed(input_ids, images)
         if labels is not None:
@@ -182,15 +195,19 @@ def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
     `vision_tower.* / multi_modal_projector.* / language_model.model.*` and the
     newer `model.vision_tower.* / model.language_model.* / lm_head.*`)."""
     strategy = raw.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"config.json: vision_feature_select_strategy {strategy!r}; expected 'default' or 'full'")
     layer = raw.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
-        raise ValueError(f"config.json: vision_feature_layer {layer!r} (several layers) is not supported yet")
     vision = config_from_hf(raw["vision_config"])
-    llm = LLMConfig.from_hf(raw["text_config"])
-    act = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
-           "silu": "silu"}.get(raw.get("projector_hidden_act", "gelu"))
-    if act is None:
-        raise ValueError(f"config.json: projector_hidden_act {raw.get('projector_hidden_act')!r} not supported")
+    if strategy == "default" and vision.num_prefix_tokens != 1:  # transformers drops exactly one token
+        raise ValueError(f"config.json: vision_feature_select_strategy 'default' drops the first token, which "
+                         f"a {vision.family} tower with {vision.num_prefix_tokens} class/register tokens "
+                         "does not hold alone; not supported (use 'full')")
+    text = dict(raw["text_config"])
+    # transformers ties the LM head if either the LLaVA config or its text config says so
+    text["tie_word_embeddings"] = bool(raw.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings"))
+    llm = LLMConfig.from_hf(text)
+    act = activation_from_hf(raw.get("projector_hidden_act", "gelu"), "projector_hidden_act", FUSED_ACTIVATIONS)
     image_id = raw.get("image_token_id", raw.get("image_token_index"))
     if not isinstance(image_id, int) or isinstance(image_id, bool):
         raise ValueError(f"config.json: image_token_index (or image_token_id) must be the image placeholder's "
