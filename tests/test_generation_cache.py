@@ -108,3 +108,35 @@ def test_cached_greedy_equals_full_forward(kind, split_softmax, text_len, seed):
                         f"chose {got}, the full forward {want}")
                     break
                 seq.append(want)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 12])
+def test_llm_prefix_lm_generate_equals_full_forward(prompt_len, seed):
+    """LLM.generate builds the prefix_lm layout itself from attention_mask and prefix_mask."""
+    from fastvlm.models.llm import LLM
+    from fastvlm.ops import AttentionLayout
+
+    llm = tiny_vlm().language_model
+    llm.config.attention_kind = "prefix_lm"
+    llm64 = copy.deepcopy(llm).double()
+    prompt = torch.randint(0, VOCAB, (1, prompt_len))
+    prefix_len = int(torch.randint(1, prompt_len + 1, ()))
+    prefix = torch.arange(prompt_len)[None] < prefix_len
+    cached = llm.generate(prompt, prefix_mask=prefix, max_new_tokens=NEW_TOKENS)
+
+    def last_logits(model: LLM, seq):
+        n = seq.shape[1]
+        layout = AttentionLayout(torch.zeros(1, n, dtype=torch.int32), prefix_mask=torch.arange(n)[None] < prefix_len,
+                                 kind="prefix_lm")
+        return model(seq, layout=layout)[0, -1]
+
+    seq = prompt
+    for step in range(NEW_TOKENS):
+        want, got = int(last_logits(llm, seq).argmax()), int(cached[0, step])
+        if got != want:
+            ref = last_logits(llm64, seq)
+            err = float((last_logits(llm, seq).double() - ref).abs().max())
+            bound = ERROR_FACTOR * err + FLOOR_ULPS * unit_roundoff(torch.float32) * float(ref.abs().max())
+            assert abs(float(ref[got] - ref[want])) <= bound, f"step {step}: cached {got}, full forward {want}"
+            break
+        seq = torch.cat([seq, torch.tensor([[want]])], 1)

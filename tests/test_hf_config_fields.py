@@ -79,6 +79,8 @@ LLM_IMPLEMENTED = [
 LLM_REFUSED = [
     ("llama", {"hidden_act": "gelu_fast"}, "hidden_act"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}}, "rope"),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0,
+                                   "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
     ("llama", {"attention_dropout": 0.1}, "attention_dropout"),  # training
     ("mistral", {"sliding_window": 4}, "sliding_window"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, "sliding_window"),

@@ -67,6 +67,9 @@ class LLMConfig:
             self.sliding_window = as_int(self.sliding_window, "sliding_window", minimum=1)
         if not 0 <= self.attention_dropout < 1:
             raise ValueError(f"attention_dropout: expected a probability in [0, 1), got {self.attention_dropout}")
+        if self.rope_scaling.get("partial_rotary_factor", 1.0) != 1.0:  # transformers applies it to some types
+            raise ValueError(f"rope_scaling: partial_rotary_factor {self.rope_scaling['partial_rotary_factor']} "
+                             "is not supported (RoPE over the whole head)")
         rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_scaling: unsupported rope_type {rope_type!r}; expected one of "
@@ -305,15 +308,25 @@ class LLM(nn.Module):
     def layout_for(self, segment_ids: torch.Tensor) -> AttentionLayout:
         return AttentionLayout(segment_ids, kind=self.config.attention_kind)
 
-    def hidden_states(self, input_ids=None, *, inputs_embeds=None, layout: AttentionLayout | None = None,
-                      segment_ids=None, position_ids=None) -> torch.Tensor:
-        """Final-norm hidden states [B, N, H]."""
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids: give exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
             check_token_ids(input_ids, self.config.vocab_size)
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            return self.model.embed_tokens(input_ids)
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
+                or inputs_embeds.shape[-1] != self.config.hidden_size:
+            got = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds)
+            raise ValueError(f"inputs_embeds: expected [B, N, {self.config.hidden_size}], got {got}")
+        return inputs_embeds
+
+    def hidden_states(self, input_ids=None, *, inputs_embeds=None, layout: AttentionLayout | None = None,
+                      segment_ids=None, position_ids=None) -> torch.Tensor:
+        """Final-norm hidden states [B, N, H]."""
+        x = self._embed(input_ids, inputs_embeds)
         b, n = x.shape[:2]
+        if layout is not None and segment_ids is not None:
+            raise ValueError("segment_ids: give a layout or segment_ids, not both (the layout's would win)")
         check_positions(self.config, n, "input_ids")
         if self.training and self.config.attention_dropout > 0:
             raise ValueError(f"attention_dropout: {self.config.attention_dropout} is not implemented; set "
@@ -353,9 +366,7 @@ class LLM(nn.Module):
         otherwise sampling with nucleus top_p.
         """
         as_int(max_new_tokens, "max_new_tokens", minimum=1)
-        if input_ids is not None:
-            check_token_ids(input_ids, self.config.vocab_size)
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self._embed(input_ids, inputs_embeds)
         b, n = x.shape[:2]
         mask = (torch.ones(b, n, dtype=torch.bool, device=x.device) if attention_mask is None
                 else attention_mask.bool())

@@ -436,7 +436,7 @@ class AttentionLayout:
         if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
             _fail("cu_seqlens", "must start at 0 and be non-decreasing")
         total = int(cu[-1])
-        n = total if seq_len is None else seq_len
+        n = total if seq_len is None else as_int(seq_len, "seq_len", minimum=1)
         if n < total:
             _fail("seq_len", f"{n} is shorter than cu_seqlens[-1] = {total}")
         seg = torch.full((1, n), -1, dtype=torch.int32, device=cu.device)
