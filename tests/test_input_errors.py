@@ -13,6 +13,7 @@ import torch
 
 from fastvlm.cli import main as cli_main
 from fastvlm.cli import run_demo
+from fastvlm.models.feature_cache import FeatureCache
 from fastvlm.models.llm import LLM, LLMConfig
 from fastvlm.models.preprocess import ImagePreprocessor
 from fastvlm.models.splice import splice_image_features
@@ -179,6 +180,8 @@ ITEM10 = {  # failed deep inside torch before
                              "^path: .*not valid JSON"),
     "truncated safetensors": (lambda tmp: VLM.from_pretrained(truncated(tmp)), "^path: cannot read"),
     "demo seq_len 0": (lambda tmp: run_demo(0, 0), "^seq_len"),
+    "feature cache no images": (lambda tmp: FeatureCache(tmp, VisionEncoder(vlm().config.vision).freeze()).features(
+        [], ImagePreprocessor.for_family("clip", 28)), "^images"),
     "preprocess no images": (lambda tmp: ImagePreprocessor.for_family("clip", 28)([]), "^images: empty"),
 }
 
