@@ -14,11 +14,12 @@ import torch
 from fastvlm.cli import main as cli_main
 from fastvlm.cli import run_demo
 from fastvlm.models.feature_cache import FeatureCache
+from fastvlm.models.hf_vision import config_from_hf
 from fastvlm.models.llm import LLM, LLMConfig
 from fastvlm.models.preprocess import ImagePreprocessor
 from fastvlm.models.splice import splice_image_features
 from fastvlm.models.vision import VisionConfig, VisionEncoder
-from fastvlm.models.vlm import VLM, VLMConfig
+from fastvlm.models.vlm import VLM, VLMConfig, _from_hf_llava
 from fastvlm.nn.connector import FusedMLPConnector, MultiLevelConnector, ResamplerConnector
 from fastvlm.ops import AttentionLayout, multimodal_attention
 from fastvlm.train.optim import build_optimizer
@@ -172,6 +173,12 @@ ITEM10 = {  # failed deep inside torch before
                                    r"^config: missing required keys \['llm'\]"),
     "vision config without size": (lambda tmp: VisionConfig.from_dict(
         {k: v for k, v in vlm().config.vision.to_dict().items() if k != "hidden_size"}), "hidden_size"),
+    "hf text config without sizes": (lambda tmp: LLMConfig.from_hf({"model_type": "llama", "vocab_size": 8}),
+                                     r"^config.json: missing required keys \['hidden_size'"),
+    "hf vision config without sizes": (lambda tmp: config_from_hf({"model_type": "clip_vision_model"}),
+                                       r"^config.json: missing required keys \['image_size'"),
+    "hf llava without text_config": (lambda tmp: _from_hf_llava({"model_type": "llava", "vision_config": {}}, {}),
+                                     r"^config.json: missing required keys \['text_config'\]"),
     "vision from llama dir": (lambda tmp: VisionEncoder.from_pretrained(llama_dir(tmp)), "^path: .*'llama'"),
     "vlm without config.json": (lambda tmp: VLM.from_pretrained(tmp), "^path: no config.json"),
     "llm without config.json": (lambda tmp: LLM.from_pretrained(tmp), "^path: no config.json"),

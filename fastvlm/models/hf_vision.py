@@ -19,6 +19,7 @@ import torch
 
 from fastvlm.models.vision import VisionConfig, VisionEncoder
 from fastvlm.nn.activations import activation_from_hf
+from fastvlm.utils.config import require
 from fastvlm.utils.io import read_json, read_tensors
 
 FULL_MODEL_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
@@ -35,7 +36,13 @@ def config_from_hf(hf: dict) -> VisionConfig:
     """VisionConfig from a transformers config.json dict (vision model or full CLIP/SigLIP)."""
     model_type = hf.get("model_type")
     if model_type in FULL_MODEL_TYPES:
+        require(hf, ("vision_config",))
         hf, model_type = hf["vision_config"], FULL_MODEL_TYPES[model_type]
+    if model_type not in VISION_MODEL_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} not supported; expected one of "
+                         f"{', '.join(VISION_MODEL_TYPES)}")
+    require(hf, ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "layer_norm_eps") + (("mlp_ratio",) if model_type.startswith("dinov2") else ("intermediate_size",)))
     sizes = dict(image_size=hf["image_size"], patch_size=hf["patch_size"], hidden_size=hf["hidden_size"],
                  num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
                  num_channels=hf.get("num_channels", 3), layer_norm_eps=hf["layer_norm_eps"],
@@ -52,8 +59,7 @@ def config_from_hf(hf: dict) -> VisionConfig:
                                    qkv_bias=hf.get("qkv_bias", True), num_register_tokens=registers,
                                    interpolate_antialias=model_type == "dinov2_with_registers",
                                    act=_activation(hf), **sizes)
-    raise ValueError(f"config.json: model_type {model_type!r} not supported; expected one of "
-                     f"{', '.join(VISION_MODEL_TYPES)}")
+    raise AssertionError(model_type)  # every type of VISION_MODEL_TYPES is handled above
 
 
 # (HF name pattern, fastvlm name) per family; {i} is the block index.

@@ -24,7 +24,7 @@ from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
 from fastvlm.ops import AttentionLayout, multimodal_attention
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastvlm.utils.checks import as_int
-from fastvlm.utils.config import check_known_keys
+from fastvlm.utils.config import check_known_keys, require
 from fastvlm.utils.io import read_json, read_tensors
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -87,6 +87,7 @@ class LLMConfig:
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"config: model_type {model_type!r} is not one of {', '.join(HF_MODEL_TYPES)}")
+        require(hf, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"))
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope.setdefault("rope_type", rope.pop("type", "default"))

@@ -27,7 +27,7 @@ from fastvlm.nn.activations import activation_from_hf
 from fastvlm.nn.connector import FusedMLPConnector
 from fastvlm.ops import KINDS, AttentionLayout
 from fastvlm.ops.fused_mlp import ACTIVATIONS as FUSED_ACTIVATIONS
-from fastvlm.utils.config import check_known_keys, check_required_keys
+from fastvlm.utils.config import check_known_keys, check_required_keys, require
 from fastvlm.utils.io import atomic_write, read_json
 
 VISION_FEATURES = ("patch", "full")  # LLaVA's "default" drops the class (and register) tokens
@@ -194,6 +194,7 @@ def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
     """Config and renamed weights of a transformers LLaVA checkpoint (the 4.x layout
     `vision_tower.* / multi_modal_projector.* / language_model.model.*` and the
     newer `model.vision_tower.* / model.language_model.* / lm_head.*`)."""
+    require(raw, ("vision_config", "text_config"))
     strategy = raw.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise ValueError(f"config.json: vision_feature_select_strategy {strategy!r}; expected 'default' or 'full'")
