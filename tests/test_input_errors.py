@@ -218,3 +218,16 @@ def test_cli_demo_refuses_a_non_positive_seq_len(capsys):
         cli_main(["demo", "--seq-len", "0"])
     assert exit_info.value.code == 2
     assert "--seq-len" in capsys.readouterr().err
+
+
+def test_packed_rows_may_exceed_max_positions_when_each_segment_fits():
+    """Positions restart per packed segment: the longest segment, not the row, meets the limit."""
+    n = llm().config.max_position_embeddings
+    row = torch.randint(0, VOCAB, (1, n + 8))
+    two_samples = torch.tensor([[0] * (n // 2) + [1] * (n // 2 + 8)])
+    assert llm()(row, segment_ids=two_samples).shape == (1, n + 8, VOCAB)
+    assert vlm()(row, segment_ids=two_samples).shape == (1, n + 8, VOCAB)
+    with pytest.raises(ValueError, match="^input_ids: sequence of 33 tokens"):
+        llm()(row, segment_ids=torch.tensor([[0] * 7 + [1] * (n + 1)]))
+    with pytest.raises(ValueError, match="^input_ids: sequence of 33 tokens"):
+        vlm()(row, segment_ids=torch.tensor([[0] * 7 + [1] * (n + 1)]))

@@ -328,7 +328,6 @@ class LLM(nn.Module):
         b, n = x.shape[:2]
         if layout is not None and segment_ids is not None:
             raise ValueError("segment_ids: give a layout or segment_ids, not both (the layout's would win)")
-        check_positions(self.config, n, "input_ids")
         if self.training and self.config.attention_dropout > 0:
             raise ValueError(f"attention_dropout: {self.config.attention_dropout} is not implemented; set "
                              "config.attention_dropout = 0 to train without it (eval mode is unaffected)")
@@ -340,6 +339,7 @@ class LLM(nn.Module):
             raise ValueError(f"layout: shape {layout.shape} does not match the tokens ({b}, {n})")
         if position_ids is None:  # restart at every packed segment
             position_ids = positions_of(layout)
+        check_positions(self.config, n, "input_ids", position_ids, layout.segment_ids >= 0)
         return self._run_layers(x, position_ids, layout)
 
     def _run_layers(self, x, position_ids, layout, cache: KVCache | None = None):
@@ -470,10 +470,17 @@ def check_labels(labels, shape: tuple[int, int], vocab_size: int | None) -> None
         check_token_ids(labels, vocab_size, "labels", ignore=-100)
 
 
-def check_positions(cfg: LLMConfig, length: int, arg: str) -> None:
+def check_positions(cfg: LLMConfig, length: int, arg: str, positions: torch.Tensor | None = None,
+                    live: torch.Tensor | None = None) -> None:
     """Unscaled RoPE was trained on max_position_embeddings positions: refuse more. A
     sliding window shorter than the sequence would change the attention: refuse it too.
-    Host-side (shapes only), no sync."""
+    `length` is the row length; a longer row than a limit may still pack segments that
+    each fit (positions restart per segment): then the largest of `positions` at `live`
+    tokens decides, at the cost of one host sync, for such rows only."""
+    rope_limit = cfg.max_position_embeddings if cfg.rope_scaling.get("rope_type", "default") == "default" else None
+    limits = [lim for lim in (rope_limit, cfg.sliding_window) if lim is not None]
+    if positions is not None and limits and length > min(limits):
+        length = int(torch.where(live, positions, -1).max()) + 1
     if cfg.rope_scaling.get("rope_type", "default") == "default" and length > cfg.max_position_embeddings:
         raise ValueError(f"{arg}: sequence of {length} tokens is longer than max_position_embeddings "
                          f"({cfg.max_position_embeddings}) and RoPE is not scaled")

@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from fastvlm.models.hf_vision import config_from_hf, convert_state_dict
-from fastvlm.models.llm import LLM, LLMConfig, check_labels, check_positions, check_token_ids, load_state_dict
+from fastvlm.models.llm import (
+    LLM,
+    LLMConfig,
+    check_labels,
+    check_positions,
+    check_token_ids,
+    load_state_dict,
+    positions_of,
+)
 from fastvlm.models.splice import splice_image_features
 from fastvlm.models.vision import VisionConfig, VisionEncoder
 from fastvlm.nn.activations import activation_from_hf
@@ -134,8 +142,9 @@ class VLM(nn.Module):
         """Logits [B, N, V], or the mean next-token loss when labels are given
         (image tokens and label -100 are never targets)."""
         self._check_input_ids(input_ids)
-        check_positions(self.config.llm, input_ids.shape[1], "input_ids")  # before encoding the images
         layout = self.layout(input_ids, attention_mask, segment_ids, prefix_mask, images)
+        check_positions(self.config.llm, input_ids.shape[1], "input_ids", positions_of(layout),  # before encoding
+                        layout.segment_ids >= 0)
         embeds = self.embed(input_ids, images)
         if labels is not None:
             check_labels(labels, tuple(input_ids.shape), None)  # the LLM checks the ids, placeholders masked
