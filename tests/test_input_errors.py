@@ -110,6 +110,8 @@ ITEM6 = {  # accepted before, though they mean nothing
                           "^image_spans: .*overlaps"),
     "mask vs segment_ids": (lambda tmp: AttentionLayout.from_input_ids(
         ids([1, 2, 3, 4]), 9, segment_ids=ids([0, 0, 0, -1]), attention_mask=ids([1, 1, 1, 1])), "^attention_mask"),
+    "tokens_per_image=0": (lambda tmp: AttentionLayout.from_input_ids(ids([1, 9, 9, 2]), 9, tokens_per_image=0),
+                           "^tokens_per_image"),
     "image run across samples": (lambda tmp: AttentionLayout.from_input_ids(
         ids([1, 9, 9, 2]), 9, segment_ids=ids([0, 0, 1, 1])), "^input_ids: .*crosses a segment boundary"),
     "generate past max positions": (lambda tmp: vlm().generate(PROMPT, PIXELS, max_new_tokens=32 - 7 + 2),

@@ -477,6 +477,7 @@ class AttentionLayout:
         is_img = ids == image_token_id
         starts = is_img & ~_shift(is_img, False)
         if tokens_per_image is not None:  # a run of k * T tokens is k images
+            tokens_per_image = as_int(tokens_per_image, "tokens_per_image", minimum=1)
             idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
             run_start = torch.where(starts, idx, 0).cummax(1).values
             starts = is_img & ((idx - run_start) % tokens_per_image == 0)
