@@ -71,6 +71,7 @@ def truncated(tmp_path, file="model.safetensors"):
 
 
 def hf_llava_without_image_token(tmp_path):
+    pytest.importorskip("transformers")
     from tests.hf_models import tiny_llava
 
     tiny_llava().save_pretrained(tmp_path)
