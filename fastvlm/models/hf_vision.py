@@ -12,34 +12,41 @@ their keys are accepted and skipped; any other unexpected or missing key is an e
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from fastvlm.models.vision import VisionConfig, VisionEncoder
+from fastvlm.nn.activations import activation_from_hf
+from fastvlm.utils.config import require
+from fastvlm.utils.io import read_json, read_tensors
 
-HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                  "gelu_new": "gelu_tanh"}
 FULL_MODEL_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+DROPOUTS = ("attention_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
+VISION_MODEL_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model", "dinov2",
+                      "dinov2_with_registers")
 
 
 def _activation(hf: dict) -> str:
-    act = hf.get("hidden_act", "gelu")
-    if act not in HF_ACTIVATIONS:
-        raise ValueError(f"config.json: hidden_act {act!r} not supported; expected one of {sorted(HF_ACTIVATIONS)}")
-    return HF_ACTIVATIONS[act]
+    return activation_from_hf(hf.get("hidden_act", "gelu"), "hidden_act")
 
 
 def config_from_hf(hf: dict) -> VisionConfig:
     """VisionConfig from a transformers config.json dict (vision model or full CLIP/SigLIP)."""
     model_type = hf.get("model_type")
     if model_type in FULL_MODEL_TYPES:
+        require(hf, ("vision_config",))
         hf, model_type = hf["vision_config"], FULL_MODEL_TYPES[model_type]
+    if model_type not in VISION_MODEL_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} not supported; expected one of "
+                         f"{', '.join(VISION_MODEL_TYPES)}")
+    require(hf, ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "layer_norm_eps") + (("mlp_ratio",) if model_type.startswith("dinov2") else ("intermediate_size",)))
     sizes = dict(image_size=hf["image_size"], patch_size=hf["patch_size"], hidden_size=hf["hidden_size"],
                  num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                 num_channels=hf.get("num_channels", 3), layer_norm_eps=hf["layer_norm_eps"])
+                 num_channels=hf.get("num_channels", 3), layer_norm_eps=hf["layer_norm_eps"],
+                 dropout=float(max(hf.get(k) or 0.0 for k in DROPOUTS)))
     if model_type == "clip_vision_model":
         return VisionConfig.clip(intermediate_size=hf["intermediate_size"], act=_activation(hf), **sizes)
     if model_type == "siglip_vision_model":
@@ -52,8 +59,7 @@ def config_from_hf(hf: dict) -> VisionConfig:
                                    qkv_bias=hf.get("qkv_bias", True), num_register_tokens=registers,
                                    interpolate_antialias=model_type == "dinov2_with_registers",
                                    act=_activation(hf), **sizes)
-    raise ValueError(f"config.json: model_type {model_type!r} not supported; expected one of "
-                     "clip, clip_vision_model, siglip, siglip_vision_model, dinov2, dinov2_with_registers")
+    raise AssertionError(model_type)  # every type of VISION_MODEL_TYPES is handled above
 
 
 # (HF name pattern, fastvlm name) per family; {i} is the block index.
@@ -176,27 +182,29 @@ def convert_state_dict(hf_state: dict[str, torch.Tensor], config: VisionConfig, 
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return read_tensors(path / "model.safetensors")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(path / shard))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"path: {index} has no weight_map")
+        for shard in sorted(set(weight_map.values())):
+            state.update(read_tensors(path / shard))
         return state
     if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return read_tensors(path / "pytorch_model.bin")
     raise ValueError(f"path: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path}")
 
 
 def load_hf_vision_encoder(path, **overrides) -> VisionEncoder:
     """`overrides` replace config fields, e.g. interpolate_pos=True."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"path: expected a Hugging Face checkpoint directory with config.json, got {path}")
-    hf = json.loads((path / "config.json").read_text())
+    hf = read_json(path / "config.json")
+    if hf.get("model_type") not in VISION_MODEL_TYPES:
+        raise ValueError(f"path: {path} holds a {hf.get('model_type')!r} model, not a vision encoder; "
+                         f"expected config.json model_type one of {', '.join(VISION_MODEL_TYPES)}")
     config = config_from_hf(hf)
     if overrides:
         config = config.replace(**overrides)

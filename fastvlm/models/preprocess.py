@@ -14,7 +14,6 @@ normalisation run on the whole batch in torch.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from fastvlm.utils.io import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -61,9 +62,7 @@ class ImagePreprocessor:
     def from_pretrained(cls, path) -> ImagePreprocessor:
         """From a checkpoint's preprocessor_config.json (CLIP/SigLIP/BiT layouts)."""
         file = Path(path) / "preprocessor_config.json"
-        if not file.is_file():
-            raise ValueError(f"path: no preprocessor_config.json in {path}")
-        cfg = json.loads(file.read_text())
+        cfg = read_json(file)
         size = cfg.get("size", 224)
         size = size if isinstance(size, dict) else {"shortest_edge": size}
         crop = cfg.get("crop_size", 224) if cfg.get("do_center_crop", False) else None
@@ -104,6 +103,8 @@ class ImagePreprocessor:
         """[B, 3, S, S] float32 pixel values from PIL images, encoded image bytes or file paths."""
         if isinstance(images, (Image.Image, bytes, str, Path)):
             raise ValueError("images: expected a sequence of images, got a single image")
+        if not len(images):
+            raise ValueError("images: empty sequence; expected at least one image")
         batch = np.stack([self.resize_and_crop(load_rgb(image, i)) for i, image in enumerate(images)])
         pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)

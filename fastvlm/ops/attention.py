@@ -98,6 +98,8 @@ def check_attention_inputs(q, k, v, layout: AttentionLayout):
     if not isinstance(layout, AttentionLayout):
         raise ValueError(f"layout: expected an AttentionLayout, got {type(layout).__name__}")
     b, hq, n, d = q.shape
+    if b == 0 or n == 0:
+        raise ValueError(f"q: empty batch or sequence, shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k, v: shapes differ, {tuple(k.shape)} vs {tuple(v.shape)}")
     if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d:

@@ -71,6 +71,7 @@ import torch
 
 from fastvlm import _ext
 from fastvlm.ops.backend import register_op, resolve_backend
+from fastvlm.utils.checks import as_int
 
 KINDS = ("causal", "prefix_lm", "image_bidirectional", "mmca")
 KIND_CODES = {name: code for code, name in enumerate(KINDS)}  # matches csrc MaskKind
@@ -227,6 +228,8 @@ class AttentionLayout:
             _fail("split_softmax", f"only defined for kind='mmca', got kind={kind!r}")
         seg = _as_ids(segment_ids, "segment_ids")
         shape, device = tuple(seg.shape), seg.device
+        if seg.numel() == 0:
+            _fail("segment_ids", f"empty batch or sequence, shape {shape}")
         img = (_as_ids(image_ids, "image_ids", shape, device) if image_ids is not None
                else torch.full_like(seg, -1))
         live = seg >= 0
@@ -433,7 +436,7 @@ class AttentionLayout:
         if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
             _fail("cu_seqlens", "must start at 0 and be non-decreasing")
         total = int(cu[-1])
-        n = total if seq_len is None else seq_len
+        n = total if seq_len is None else as_int(seq_len, "seq_len", minimum=1)
         if n < total:
             _fail("seq_len", f"{n} is shorter than cu_seqlens[-1] = {total}")
         seg = torch.full((1, n), -1, dtype=torch.int32, device=cu.device)
@@ -449,8 +452,9 @@ class AttentionLayout:
     @classmethod
     def from_input_ids(cls, input_ids, image_token_id: int, *, attention_mask=None,
                        segment_ids=None, prefix_mask=None, kind: str = "causal",
-                       split_softmax: bool = False):
-        """From token ids: each consecutive run of ``image_token_id`` is one image.
+                       split_softmax: bool = False, tokens_per_image: int | None = None):
+        """From token ids: each consecutive run of ``image_token_id`` is one image,
+        or, with ``tokens_per_image``, that many images back to back.
 
         Segments come from ``segment_ids`` if given, else from
         ``attention_mask`` (0 = padding), else the whole row is one sample.
@@ -460,19 +464,28 @@ class AttentionLayout:
             input_ids.dim() == 2 and not input_ids.is_floating_point() else None
         if ids is None:
             _fail("input_ids", "expected an integer tensor of shape [B, N]")
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                           or tuple(attention_mask.shape) != tuple(ids.shape)):
+            _fail("attention_mask", f"expected a tensor of shape {tuple(ids.shape)}")
         if segment_ids is None:
-            if attention_mask is None:
-                seg = torch.zeros_like(ids)
-            else:
-                if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(ids.shape):
-                    _fail("attention_mask", f"expected a tensor of shape {tuple(ids.shape)}")
-                seg = torch.where(attention_mask.bool(), 0, -1).to(torch.int32)
+            seg = (torch.zeros_like(ids) if attention_mask is None
+                   else torch.where(attention_mask.bool(), 0, -1).to(torch.int32))
         else:
-            seg = segment_ids
+            seg = _as_ids(segment_ids, "segment_ids", tuple(ids.shape), ids.device)
+            if attention_mask is not None and not torch.equal(seg >= 0, attention_mask.bool()):
+                _fail("attention_mask", "disagrees with segment_ids about padding (segment_ids == -1)")
         is_img = ids == image_token_id
-        prev = _shift(is_img, False)
-        run_index = (is_img & ~prev).cumsum(1) - 1
+        starts = is_img & ~_shift(is_img, False)
+        if tokens_per_image is not None:  # a run of k * T tokens is k images
+            tokens_per_image = as_int(tokens_per_image, "tokens_per_image", minimum=1)
+            idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            run_start = torch.where(starts, idx, 0).cummax(1).values
+            starts = is_img & ((idx - run_start) % tokens_per_image == 0)
+        run_index = starts.cumsum(1) - 1
         image_ids = torch.where(is_img, run_index, -1).to(torch.int32)
+        if bool(((image_ids >= 0) & (image_ids == _shift(image_ids, -1)) & _segment_starts(seg)).any()):
+            _fail("input_ids", "an image's placeholder run crosses a segment boundary (segment_ids / "
+                               "attention_mask): each image must lie within one sample")
         return cls(seg, image_ids, prefix_mask, kind, split_softmax=split_softmax)
 
     @classmethod
@@ -485,14 +498,13 @@ class AttentionLayout:
         image_spans: per row, a list of ``(start, length)`` in row coordinates.
         prefix_lengths: per row, one prefix length per sample (prefix_lm).
         """
-        rows = [list(lengths)] if lengths and isinstance(lengths[0], int) else [list(r) for r in lengths]
-        for r in rows:
-            if any((not isinstance(x, int)) or x < 0 for x in r):
-                _fail("lengths", f"expected non-negative ints, got {r}")
-        n = max((sum(r) for r in rows), default=0) if seq_len is None else seq_len
+        rows = _int_rows(lengths, "lengths")
+        n = max(sum(r) for r in rows) if seq_len is None else as_int(seq_len, "seq_len", minimum=1)
         if any(sum(r) > n for r in rows):
             _fail("seq_len", f"{n} is shorter than a row's total length")
         batch = len(rows)
+        if prefix_lengths is not None:
+            prefix_lengths = _int_rows(prefix_lengths, "prefix_lengths", [len(r) for r in rows])
         seg = torch.full((batch, n), -1, dtype=torch.int32)
         img = torch.full((batch, n), -1, dtype=torch.int32)
         pre = torch.zeros((batch, n), dtype=torch.bool) if prefix_lengths is not None else None
@@ -510,12 +522,47 @@ class AttentionLayout:
             if len(image_spans) != batch:
                 _fail("image_spans", f"expected one list per row ({batch}), got {len(image_spans)}")
             for b, spans in enumerate(image_spans):
-                for i, (start, length) in enumerate(spans):
+                for i, span in enumerate(spans):
+                    start, length = _span(span, f"image_spans: row {b} span {i}")
                     if start < 0 or length <= 0 or start + length > n:
                         _fail("image_spans", f"row {b} span {i} = ({start}, {length}) is outside [0, {n})")
+                    if bool((img[b, start:start + length] >= 0).any()):
+                        _fail("image_spans", f"row {b} span {i} = ({start}, {length}) overlaps an earlier span")
+                    if bool((seg[b, start:start + length] != seg[b, start]).any()) or int(seg[b, start]) < 0:
+                        _fail("image_spans", f"row {b} span {i} = ({start}, {length}) is not inside one sample "
+                                             f"(samples of lengths {rows[b]} packed from 0)")
                     img[b, start:start + length] = i
         return cls(seg.to(device), img.to(device), None if pre is None else pre.to(device), kind,
                    split_softmax=split_softmax)
+
+
+def _int_rows(values, arg: str, row_lengths: list[int] | None = None) -> list[list[int]]:
+    """One row ``[a, b, ...]`` or a batch of rows, as lists of ints >= 0 (numpy and 0-d
+    integer tensor entries are ints; see as_int); with `row_lengths`, the batch's shape."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() not in (1, 2):
+            _fail(arg, f"expected one row or a batch of rows, got a tensor of shape {tuple(values.shape)}")
+        values = values.unbind(0)
+    try:
+        values = list(values)
+        nested = bool(values) and (isinstance(values[0], (list, tuple)) or getattr(values[0], "ndim", 0) == 1)
+        rows = [list(r) for r in values] if nested else [values]
+    except TypeError:
+        _fail(arg, f"expected a list of ints or of lists of ints, got {values!r}")
+    rows = [[as_int(x, arg, minimum=0) for x in r] for r in rows]
+    if row_lengths is None and (not rows or not any(rows)):
+        _fail(arg, f"expected at least one sample, got {rows}")
+    if row_lengths is not None and [len(r) for r in rows] != row_lengths:
+        _fail(arg, f"expected one entry per sample (rows of {row_lengths}), got rows of {[len(r) for r in rows]}")
+    return rows
+
+
+def _span(span, where: str) -> tuple[int, int]:
+    try:
+        start, length = span
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected a (start, length) pair, got {span!r}") from None
+    return as_int(start, "image_spans"), as_int(length, "image_spans")
 
 
 def _compiled_block_map(device_type: str):

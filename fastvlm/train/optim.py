@@ -65,6 +65,10 @@ def build_optimizer(groups: list[dict], name: str = "adamw", betas=(0.9, 0.999),
     """AdamW over `groups`: torch's, or bitsandbytes' 8-bit / paged (state paged to host on CUDA)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"name: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    for g in groups:  # torch checks only its default lr, not each group's
+        for key in ("lr", "weight_decay"):
+            if key in g and not g[key] >= 0:
+                raise ValueError(f"groups: {key} of group {g.get('name', '?')!r} must be >= 0, got {g[key]}")
     if name == "adamw":
         return torch.optim.AdamW(groups, betas=betas, eps=eps)
     import bitsandbytes as bnb
