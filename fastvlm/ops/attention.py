@@ -60,7 +60,8 @@ def _flash_available(device: torch.device):
 
 register_op("multimodal_attention", {"triton": dispatch.triton_serves(_kernels, _kernel_import_error),
                                      "flash_attn": _flash_available, "reference": dispatch.always},
-            {"cpu": ("reference",), "cuda": ("triton", "reference")})
+            {"cpu": ("reference",), "cuda": ("triton", "reference")},
+            {"triton": ("fastvlm::mm_attention_fwd", "fastvlm::mm_attention_bwd")})
 
 GPU_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # fp32 runs on GPUs only in the reference
 DENSE_MAX_ELEMENTS = 1 << 24  # B*Hq*N*N scores above which the reference goes blockwise

@@ -29,7 +29,7 @@ Tile configs, per op family (each has exactly one way):
   each picks its own. ``fastest_backend`` chooses only between the Triton and
   cuBLASLt backends.
 - ``lora_linear``: fixed tiles per operand dtype (fastvlm/kernels/lora_linear.py
-  ``default_blocks``): its GEMMs are bandwidth-bound on x and W, which the
+  ``_default_blocks``): its GEMMs are bandwidth-bound on x and W, which the
   fixed tiles read once.
 - Under TRITON_INTERPRET=1 (CPU tensors, tests) every family runs one small
   fixed config: there is nothing to time.
@@ -55,14 +55,17 @@ class OpBackends:
     name: str
     backends: dict[str, Availability]
     preference: dict[str, tuple[str, ...]]  # device type -> order for "auto"
+    # backend -> the torch.library ops (namespace::name) it runs as: custom ops with fake and
+    # autograd registrations, so torch.compile traces them (tests/test_op_registration.py)
+    custom_ops: dict[str, tuple[str, ...]]
 
 
 REGISTRY: dict[str, OpBackends] = {}
 
 
-def register_op(name: str, backends: dict[str, Availability],
-                preference: dict[str, tuple[str, ...]]) -> OpBackends:
-    REGISTRY[name] = OpBackends(name, dict(backends), dict(preference))
+def register_op(name: str, backends: dict[str, Availability], preference: dict[str, tuple[str, ...]],
+                custom_ops: dict[str, tuple[str, ...]] | None = None) -> OpBackends:
+    REGISTRY[name] = OpBackends(name, dict(backends), dict(preference), dict(custom_ops or {}))
     return REGISTRY[name]
 
 
@@ -124,6 +127,16 @@ def triton_serves(kernels, import_error: str | None = None) -> Availability:
 def shape_bucket(size: int) -> int:
     """`size` rounded up to a power of two: the sizes a measured choice is shared across."""
     return 1 << max(int(size) - 1, 0).bit_length()
+
+
+def empty_if_none(tensors, like: torch.Tensor) -> list[torch.Tensor]:
+    """A custom op returns no None: outputs (gradients) not asked for travel as empty tensors."""
+    return [like.new_empty(0) if t is None else t for t in tensors]
+
+
+def none_if_unneeded(tensors, needs) -> list[torch.Tensor | None]:
+    """The inverse at the autograd formula: None where no gradient was asked for."""
+    return [t if need else None for t, need in zip(tensors, needs)]
 
 
 FASTEST: dict[tuple, object] = {}  # shape key -> the candidate measured fastest for it

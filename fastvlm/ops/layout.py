@@ -30,7 +30,7 @@ import torch
 
 from fastvlm import _ext
 from fastvlm.ops import mask_kinds
-from fastvlm.ops.backend import register_op, resolve_backend
+from fastvlm.ops.backend import always, register_op, resolve_backend
 from fastvlm.ops.mask_kinds import KIND_DEFS, KINDS, image_run_key, segment_starts
 from fastvlm.ops.mask_kinds import shift as _shift
 
@@ -447,9 +447,18 @@ def _compiled_block_map(device_type: str):
     return check
 
 
-register_op("block_map", {"reference": lambda device: True, "cpp": _compiled_block_map("cpu"),
+register_op("block_map", {"reference": always, "cpp": _compiled_block_map("cpu"),
                           "cuda": _compiled_block_map("cuda")},
-            {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")})
+            {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")},
+            {"cpp": ("fastvlm::block_map",), "cuda": ("fastvlm::block_map",)})
+
+if _ext.available():  # the C++ op's shapes, so torch.compile traces a block map built inside a graph
+    @torch.library.register_fake("fastvlm::block_map")
+    def _(lo, hi, is_image, kind, block_q, block_k):
+        b, n = lo.shape
+        tq, tk = -(-n // block_q), -(-n // block_k)
+        shapes = ((b, tq), (b, tq, tk), (b, tq), (b, tq, tk), (b, tk), (b, tk, tq), (b, tk), (b, tk, tq))
+        return [lo.new_empty(s, dtype=torch.int32) for s in shapes]
 
 
 def block_map_reference(lo, hi, is_image, kind: int, block_q: int, block_k: int):
