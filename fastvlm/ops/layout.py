@@ -203,13 +203,13 @@ class AttentionLayout:
         self.segment_ids, self.image_ids, self.prefix_mask = seg, img, prefix_mask
         self.kind, self.split_softmax = kind, bool(split_softmax)
         self.mask_kind = KIND_DEFS[kind]
-        self.lo, self.hi = mask_kinds.intervals(self.mask_kind, self._tokens)
+        self.lo, self.hi = mask_kinds.intervals(self.mask_kind, self._token_runs())
         self.is_image = (img >= 0).contiguous()
         self._block_maps: dict[tuple[int, int], BlockMap] = {}
 
     # ---- derived metadata ------------------------------------------------------------
-    @functools.cached_property
-    def _tokens(self) -> mask_kinds.Tokens:
+    def _token_runs(self) -> mask_kinds.Tokens:
+        """The metadata as the kinds' rules read it (not kept: the layout holds lo / hi only)."""
         return mask_kinds.Tokens(self.segment_ids, self.image_ids, self.prefix_mask)
 
     @property
@@ -255,7 +255,7 @@ class AttentionLayout:
         """True if every live token sees exactly the earlier tokens of its own segment:
         plain or packed causal attention, whatever ``kind`` says (e.g. mmca of text only).
         Conservative for mmca: any image token makes it False. False without live tokens."""
-        t = self._tokens
+        t = self._token_runs()
         causal_rows = bool((((self.lo == t.segment_start) & (self.hi == t.pos)) | ~t.live).all())
         # a kind that isolates images removes image keys from image queries' rows: only
         # without images is it causal

@@ -191,7 +191,6 @@ def mmca(t: Tokens):
 
 
 KINDS = tuple(sorted(KIND_DEFS, key=lambda name: KIND_DEFS[name].code))
-KIND_CODES = {name: KIND_DEFS[name].code for name in KINDS}
 _BY_CODE = {k.code: k for k in KIND_DEFS.values()}
 
 
