@@ -30,11 +30,11 @@ if "--smoke" in sys.argv:  # the interpreter must be on before triton kernels ar
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, environment, median_time, print_header, save_results
+from common import RESULTS, environment, print_header, save_results
 
 from fastvlm.kernels import attention as kernels
 from fastvlm.ops import AttentionLayout, multimodal_attention
-from fastvlm.ops.backend import why_unavailable
+from fastvlm.ops.backend import median_ms, why_unavailable
 from fastvlm.synthetic import vlm_layout
 
 KINDS = ("causal", "prefix_lm", "image_bidirectional", "mmca", "mmca_split")
@@ -145,10 +145,6 @@ def _sync_time(device: str) -> float:
     return time.perf_counter()
 
 
-def median_ms(fn, device: str, repeats: int, warmup: int = 2) -> float:
-    return median_time(fn, repeats, warmup, device) * 1e3
-
-
 def measure(fn, q, k, v, device: str, repeats: int) -> dict:
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     dout = torch.randn_like(q)
@@ -163,7 +159,7 @@ def measure(fn, q, k, v, device: str, repeats: int) -> dict:
 
     res = {}
     try:
-        res["fwd_ms"] = median_ms(fwd, device, repeats)
+        res["fwd_ms"] = median_ms(fwd, device, repeats, warmup=2)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
