@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fastvlm.models.vision import VisionConfig, VisionEncoder
-from fastvlm.nn.activations import activation_from_hf
+from fastvlm.ops.activations import activation_from_hf
 from fastvlm.utils.config import require
 from fastvlm.utils.io import read_json, read_tensors
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvlm.nn.activations import ACTIVATIONS, activation_from_hf
 from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
 from fastvlm.ops import AttentionLayout, multimodal_attention
+from fastvlm.ops.activations import activation, activation_from_hf
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastvlm.utils.checks import as_int
 from fastvlm.utils.config import check_known_keys, require
@@ -61,8 +61,7 @@ class LLMConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads: {self.num_key_value_heads} must divide "
                              f"num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act: expected one of {tuple(ACTIVATIONS)}, got {self.hidden_act!r}")
+        activation(self.hidden_act, "hidden_act")
         if self.sliding_window is not None:
             self.sliding_window = as_int(self.sliding_window, "sliding_window", minimum=1)
         if not 0 <= self.attention_dropout < 1:
@@ -237,7 +236,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
-        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.act = activation(cfg.hidden_act, "hidden_act").fn
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvlm.nn.activations import ACTIVATIONS
 from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
+from fastvlm.ops.activations import activation
 from fastvlm.utils.checks import check_finite
 from fastvlm.utils.config import check_known_keys, check_required_keys
 
@@ -63,8 +63,7 @@ class VisionConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"family: expected one of {FAMILIES}, got {self.family!r}")
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"act: expected one of {tuple(ACTIVATIONS)}, got {self.act!r}")
+        activation(self.act, "act")  # a name of fastvlm.ops.activations' table
         for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
                      "intermediate_size", "num_channels"):
             value = getattr(self, name)
@@ -157,7 +156,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = ACTIVATIONS[config.act]
+        self.act = activation(config.act, "act").fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

@@ -31,11 +31,10 @@ from fastvlm.models.llm import (
 )
 from fastvlm.models.splice import splice_image_features
 from fastvlm.models.vision import VisionConfig, VisionEncoder
-from fastvlm.nn.activations import activation_from_hf
 from fastvlm.nn.connector import FusedMLPConnector
 from fastvlm.nn.lora import LoRALinear
 from fastvlm.ops import KINDS, AttentionLayout
-from fastvlm.ops.fused_mlp import ACTIVATIONS as FUSED_ACTIVATIONS
+from fastvlm.ops.activations import FUSED_ACTIVATIONS, activation_from_hf
 from fastvlm.utils.config import check_known_keys, check_required_keys, require
 from fastvlm.utils.io import atomic_write, read_json
 

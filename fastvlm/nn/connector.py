@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvlm.ops.fused_mlp import ACTIVATIONS, fused_mlp
+from fastvlm.ops.activations import FUSED_ACTIVATIONS, quick_gelu
+from fastvlm.ops.activations import activation as _activation
+from fastvlm.ops.fused_mlp import fused_mlp
 from fastvlm.ops.token_reduction import REDUCE_MODES
 from fastvlm.utils.checks import as_int
 
@@ -30,15 +32,13 @@ class QuickGELU(nn.Module):
     """CLIP's x * sigmoid(1.702 x)."""
 
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+        return quick_gelu(x)
 
 
 def activation_module(name: str) -> nn.Module:
     modules = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
                "quick_gelu": QuickGELU, "silu": nn.SiLU}
-    if name not in modules:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
-    return modules[name]()
+    return modules[_activation(name).name]()
 
 
 def activation_name(module: nn.Module) -> str:
@@ -132,8 +132,7 @@ class MultiLevelConnector(nn.Module):
         super().__init__()
         if mode not in ("sum", "concat"):
             raise ValueError(f"mode: expected 'sum' or 'concat', got {mode!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+        _activation(activation, table=FUSED_ACTIVATIONS)
         if isinstance(in_features, int) or not len(in_features):
             raise ValueError(f"in_features: expected a non-empty list of input widths, got {in_features!r}")
         self.in_features = [as_int(k, "in_features", minimum=1) for k in in_features]
