@@ -16,7 +16,7 @@ from torch._library.simple_registry import singleton
 import fastvlm.ops
 from fastvlm import _ext
 from fastvlm.ops import backend, fused_linear_act, fused_mlp, lora_linear
-from fastvlm.ops.activations import ACTIVATIONS
+from fastvlm.ops.activations import FUSED_ACTIVATIONS
 from tests.utils import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,12 +76,15 @@ def test_kernel_modules_import_nothing_from_ops_and_are_named_after_their_op():
 
 
 def test_activation_codes_match_the_kernel(seed):
-    """The fused epilogue's code of every activation of the table computes that activation."""
+    """The fused epilogue's code of every activation of the table computes that activation
+    (and the activations without a code are exactly those the kernel lacks)."""
     x = torch.randn(37, 19, dtype=torch.float64).float()
     w = torch.eye(19)
-    for a in ACTIVATIONS.values():
+    for a in FUSED_ACTIVATIONS.values():
         got = fused_linear_act(x, w, None, a.name, backend="triton")
         assert_close(got, a.fn(x.double()), a.fn(x), name=a.name)
+    with pytest.raises(ValueError, match="activation"):
+        fused_linear_act(x, w, None, "relu", backend="triton")  # the LLM's relu has no fused epilogue
 
 
 # ---- opcheck of every custom op, forward and backward ----------------------------------------
