@@ -11,20 +11,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 
 
-def test_dry_run_builds_collects_and_bundles(tmp_path):
-    # the benchmark smoke runs have their own tests (test_bench_*): here the build, info and pytest steps
+def test_dry_run_collects_and_bundles(tmp_path):
+    # the benchmark smoke runs have their own tests (test_bench_*) and `make build` is the build's
+    # test: here the info and pytest steps run through the runner, and the plan's build step is checked
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out",
-                           str(tmp_path), "--only", "build", "info", "pytest"],
+                           str(tmp_path), "--only", "info", "pytest"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["logs.tar.gz", "summary.json", "summary.md"]  # nothing under --out but the bundle
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [s["name"].split(" ")[0] for s in summary["steps"]] == ["build", "import", "pytest"]
+    assert [s["name"].split(" ")[0] for s in summary["steps"]] == ["import", "pytest"]
     assert all(s["status"] == "passed" for s in summary["steps"])
     assert summary["env"]["commit"] and summary["dry_run"] is True
     with tarfile.open(tmp_path / "logs.tar.gz") as tar:
-        assert len(tar.getnames()) == 3
+        assert len(tar.getnames()) == 2
     assert "| pytest -m gpu | passed |" in (tmp_path / "summary.md").read_text()
 
 
@@ -46,3 +47,19 @@ def test_unknown_step_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out",
                            str(tmp_path), "--only", "bogus"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--only: unknown steps ['bogus']" in proc.stderr
+
+
+def test_gpu_plan_builds_for_the_machines_arch_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "gpu_arch", lambda: "9.0")
+    plan = {s.key: s for s in gpu_check.steps(False, tmp_path, sys.executable)}
+    assert plan["build"].env["TORCH_CUDA_ARCH_LIST"] == "9.0" and plan["build"].env["FASTVLM_CUDA"] == "1"
+    assert {"info", "pytest", "attention", "connector", "encoder", "lora", "train"} <= set(plan)
+    assert "-m" in plan["pytest"].cmd and "gpu" in plan["pytest"].cmd
+
+
+def test_a_step_never_outlasts_the_overall_budget(tmp_path):
+    import time
+    slow = gpu_check.Step("slow", "slow", [sys.executable, "-c", "import time; time.sleep(30)"], cap_s=30)
+    t0 = time.monotonic()
+    outcome = gpu_check.run_step(slow, tmp_path, time.monotonic() + 12)  # 12 s of budget left, cap 30 s
+    assert outcome.status == "timeout" and time.monotonic() - t0 < 25
