@@ -23,12 +23,13 @@ from fastvlm.models.hf_vision import config_from_hf, convert_state_dict
 from fastvlm.models.llm import LLM, LLMConfig, load_state_dict
 from fastvlm.models.splice import splice_image_features
 from fastvlm.models.vision import VisionConfig, VisionEncoder
-from fastvlm.nn.connector import FusedMLPConnector
+from fastvlm.nn.connector import FusedMLPConnector, MultiLevelConnector, ResamplerConnector
 from fastvlm.ops import KINDS, AttentionLayout
 from fastvlm.utils.config import check_known_keys
 from fastvlm.utils.io import atomic_write
 
 VISION_FEATURES = ("patch", "full")  # LLaVA's "default" drops the class (and register) tokens
+CONNECTORS = ("mlp", "multilevel", "resampler")
 FORMAT = "fastvlm_vlm"
 
 
@@ -43,8 +44,19 @@ class VLMConfig:
     projector_bias: bool = True
     attention_kind: str = "causal"  # causal | image_bidirectional | mmca | prefix_lm
     split_softmax: bool = False
+    connector: str = "mlp"          # mlp (LLaVA mlp2x_gelu) | multilevel | resampler
+    select_layers: list | None = None  # multilevel: several encoder hidden states (default [select_layer])
+    multilevel_mode: str = "concat"    # multilevel: concat (HF LLaVA's list of layers) | sum (COMM)
+    token_reduction: str | None = None  # mlp / multilevel: pixel_shuffle | avg_pool (2x2, 4x fewer tokens)
+    resampler_queries: int = 64
 
     def __post_init__(self):
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"connector: expected one of {CONNECTORS}, got {self.connector!r}")
+        if self.token_reduction is not None and self.connector == "resampler":
+            raise ValueError("token_reduction: the resampler already fixes the token count; use mlp or multilevel")
+        if self.select_layers is not None and self.connector != "multilevel" and len(self.select_layers) != 1:
+            raise ValueError(f"select_layers: several layers {self.select_layers} need connector='multilevel'")
         if self.vision_feature not in VISION_FEATURES:
             raise ValueError(f"vision_feature: expected one of {VISION_FEATURES}, got {self.vision_feature!r}")
         if self.attention_kind not in KINDS:
@@ -72,29 +84,57 @@ class VLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.vision_tower = VisionEncoder(cfg.vision)
-        self.multi_modal_projector = FusedMLPConnector(cfg.vision.hidden_size, cfg.llm.hidden_size,
-                                                       cfg.llm.hidden_size, activation=cfg.projector_act,
-                                                       bias=cfg.projector_bias)
+        self.multi_modal_projector = build_connector(cfg)
         self.language_model = LLM(cfg.llm)
 
-    # ---- pieces ------------------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[num_images, C, H, W] -> projected features [num_images, T, llm hidden]."""
-        (feats,) = self.vision_tower(images, select_layers=[self.config.select_layer])
-        if self.config.vision_feature == "patch":
-            feats = feats[:, self.config.vision.num_prefix_tokens:]
-        return self.multi_modal_projector(feats.to(self.multi_modal_projector[0].weight.dtype))
+    @classmethod
+    def from_parts(cls, vision, llm, *, image_token_id: int, **options) -> "VLM":
+        """LLaVA stage 1's starting point: a vision tower and an LLM, each a local Hugging
+        Face directory (CLIP / SigLIP / DINOv2; Llama / Qwen2 / Mistral) or a config, joined
+        by a fresh connector; `options` are VLMConfig fields (connector, select_layer, ...)."""
+        tower = VisionEncoder.from_pretrained(vision) if isinstance(vision, (str, Path)) else VisionEncoder(vision)
+        lm = LLM.from_pretrained(llm) if isinstance(llm, (str, Path)) else LLM(llm)
+        model = cls(VLMConfig(vision=tower.config, llm=lm.config, image_token_id=image_token_id, **options))
+        model.vision_tower, model.language_model = tower, lm
+        return model
 
-    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+    @property
+    def feature_layers(self) -> list[int]:
+        """The encoder hidden states the connector reads."""
+        return list(self.config.select_layers or [self.config.select_layer])
+
+    @property
+    def image_tokens(self) -> int:
+        """LLM tokens per image (the length each expanded placeholder run must have)."""
+        if self.config.connector == "resampler":
+            return self.config.resampler_queries
+        tokens = self.config.vision.grid_size ** 2
+        tokens += self.config.vision.num_prefix_tokens if self.config.vision_feature == "full" else 0
+        return tokens // 4 if self.config.token_reduction else tokens
+
+    # ---- pieces ------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor | None = None, image_features=None) -> torch.Tensor:
+        """[num_images, C, H, W] -> projected features [num_images, T, llm hidden]; or, instead
+        of pixels, the encoder's hidden states at `feature_layers` (one [num_images, T, C] per
+        layer, e.g. from a FeatureCache)."""
+        feats = (self.vision_tower(images, select_layers=self.feature_layers)
+                 if image_features is None else list(image_features))
+        if self.config.vision_feature == "patch":
+            feats = [f[:, self.config.vision.num_prefix_tokens:] for f in feats]
+        dtype = next(self.multi_modal_projector.parameters()).dtype
+        feats = [f.to(dtype) for f in feats]
+        return self.multi_modal_projector(feats if self.config.connector == "multilevel" else feats[0])
+
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None, image_features=None) -> torch.Tensor:
         image_id = self.config.image_token_id
         is_image = input_ids == image_id
         # The placeholder id may lie outside the vocabulary; its rows are overwritten anyway.
         embeds = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
-        if images is None:
+        if images is None and image_features is None:
             if bool(is_image.any()):
                 raise ValueError(f"images: input_ids hold image tokens (id {image_id}) but no images were given")
             return embeds
-        return splice_image_features(embeds, input_ids, image_id, self.encode_images(images))
+        return splice_image_features(embeds, input_ids, image_id, self.encode_images(images, image_features))
 
     def layout(self, input_ids, attention_mask=None, segment_ids=None, prefix_mask=None) -> AttentionLayout:
         """The batch's attention layout: each run of image tokens is one image."""
@@ -105,9 +145,10 @@ class VLM(nn.Module):
 
     # ---- training / inference ------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None, labels=None, *,
-                attention_mask=None, segment_ids=None, prefix_mask=None):
+                attention_mask=None, segment_ids=None, prefix_mask=None, image_features=None):
         """Logits [B, N, V], or the mean next-token loss when labels are given
-        (image tokens and label -100 are never targets)."""
+        (image tokens and label -100 are never targets). `image_features` replaces
+        `images` by precomputed encoder hidden states (see encode_images)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids: expected an integer tensor [B, N]")
         max_len = self.config.llm.max_position_embeddings
@@ -115,7 +156,7 @@ class VLM(nn.Module):
             raise ValueError(f"input_ids: sequence of {input_ids.shape[1]} tokens is longer than "
                              f"max_position_embeddings ({max_len}) and RoPE is not scaled")
         layout = self.layout(input_ids, attention_mask, segment_ids, prefix_mask)
-        embeds = self.embed(input_ids, images)
+        embeds = self.embed(input_ids, images, image_features)
         if labels is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
         return self.language_model(inputs_embeds=embeds, layout=layout, labels=labels)
@@ -161,14 +202,29 @@ class VLM(nn.Module):
             atomic_write(path / name, write)
 
 
+def build_connector(cfg: VLMConfig) -> torch.nn.Module:
+    """The connector VLMConfig.connector names, vision width -> LLM width."""
+    width, out = cfg.vision.hidden_size, cfg.llm.hidden_size
+    if cfg.connector == "resampler":
+        return ResamplerConnector(width, out, cfg.resampler_queries, num_heads=max(1, out // 64),
+                                  positions=cfg.vision_feature == "patch")
+    if cfg.connector == "multilevel":
+        return MultiLevelConnector([width] * len(cfg.select_layers or [cfg.select_layer]), out, out,
+                                   mode=cfg.multilevel_mode, layer_norm=cfg.multilevel_mode == "sum",
+                                   activation=cfg.projector_act, reduce=cfg.token_reduction)
+    scale = 4 if cfg.token_reduction == "pixel_shuffle" else 1
+    return FusedMLPConnector(scale * width, out, out, activation=cfg.projector_act, bias=cfg.projector_bias,
+                             reduce=cfg.token_reduction)
+
+
 def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
     """Config and renamed weights of a transformers LLaVA checkpoint (the 4.x layout
     `vision_tower.* / multi_modal_projector.* / language_model.model.*` and the
     newer `model.vision_tower.* / model.language_model.* / lm_head.*`)."""
     strategy = raw.get("vision_feature_select_strategy", "default")
     layer = raw.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
-        raise ValueError(f"config.json: vision_feature_layer {layer!r} (several layers) is not supported yet")
+    # Several layers: HF concatenates them on the channels, i.e. a multilevel concat connector.
+    layers = list(layer) if isinstance(layer, (list, tuple)) else None
     vision = config_from_hf(raw["vision_config"])
     llm = LLMConfig.from_hf(raw["text_config"])
     act = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
@@ -176,9 +232,11 @@ def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
     if act is None:
         raise ValueError(f"config.json: projector_hidden_act {raw.get('projector_hidden_act')!r} not supported")
     image_id = raw.get("image_token_id", raw.get("image_token_index"))
-    cfg = VLMConfig(vision=vision, llm=llm, image_token_id=image_id, select_layer=layer,
+    cfg = VLMConfig(vision=vision, llm=llm, image_token_id=image_id, select_layer=layers[-1] if layers else layer,
                     vision_feature="patch" if strategy == "default" else "full", projector_act=act,
-                    projector_bias=raw.get("multimodal_projector_bias", True))
+                    projector_bias=raw.get("multimodal_projector_bias", True),
+                    connector="multilevel" if layers else "mlp", select_layers=layers)
+    projector_names = ("proj", "out") if layers else ("0", "2")
     model = VLM(cfg)
     vision_hf, state = {}, {}
     for key, tensor in hf_state.items():
@@ -186,8 +244,8 @@ def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
         if key.startswith("vision_tower."):
             vision_hf[key[len("vision_tower."):]] = tensor
         elif key.startswith("multi_modal_projector.linear_"):
-            n = int(key[len("multi_modal_projector.linear_")]) - 1
-            state[f"multi_modal_projector.{2 * n}{key[len('multi_modal_projector.linear_') + 1:]}"] = tensor
+            n, rest = int(key[len("multi_modal_projector.linear_")]) - 1, key[len("multi_modal_projector.linear_") + 1:]
+            state[f"multi_modal_projector.{projector_names[n]}{rest}"] = tensor
         elif key.startswith("language_model.model."):
             state["language_model.model." + key[len("language_model.model."):]] = tensor
         elif key.startswith("language_model.lm_head.") or key.startswith("lm_head."):
