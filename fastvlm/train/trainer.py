@@ -20,6 +20,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -92,10 +93,7 @@ class _SigintFlag:
 def micro_loss(model, stage: Stage, batch: dict, device, cache=None) -> torch.Tensor:
     """The mean loss of one micro-batch for the stage's objective."""
     if stage.type == "contrastive":
-        c = stage.contrastive
-        return model.contrastive_heads(model.vision_tower, batch["images"].to(device), model.language_model,
-                                       batch["input_ids"].to(device), batch["text_mask"].to(device),
-                                       text_source=c.text_source, chunk=c.chunk)
+        return contrastive_micro_loss(model, stage, batch, device)
     inputs = {k: batch[k].to(device) for k in ("input_ids", "labels", "segment_ids") if batch.get(k) is not None}
     if stage.type == "lm":
         return model.language_model(inputs["input_ids"], segment_ids=inputs["segment_ids"], labels=inputs["labels"])
@@ -111,12 +109,67 @@ def micro_loss(model, stage: Stage, batch: dict, device, cache=None) -> torch.Te
     return model(**kwargs, images=images.to(device) if images is not None else None)
 
 
+def contrastive_micro_loss(model, stage: Stage, batch: dict, device) -> torch.Tensor:
+    """The towers under the caller's autocast; pooling, projections and the B x B loss in
+    fp32 (in bf16 the loss itself would be rounded to 3 significant digits)."""
+    from fastvlm.train.contrastive import text_states
+
+    heads, tower, mask = model.contrastive_heads, model.vision_tower, batch["text_mask"].to(device)
+    (vision_hidden,) = tower(batch["images"].to(device), select_layers=[-1])
+    text = text_states(model.language_model, batch["input_ids"].to(device), mask, stage.contrastive.text_source)
+    with torch.autocast(device.type, enabled=False):
+        image_emb = heads.image_embedding(vision_hidden.float(), tower.config.num_prefix_tokens)
+        text_emb = heads.text_embedding(text.float(), mask)
+        return heads.loss(image_emb, text_emb, stage.contrastive.chunk)
+
+
 def step_weights(batches: list[dict]) -> list[float]:
     """Each micro-batch's share of the step's loss: its supervised tokens (samples for
     contrastive) over the step's, so k micro-batches give the gradient of one k-times batch."""
     counts = [b["supervised_tokens"] for b in batches]
     total = sum(counts)
     return [c / total if total else 0.0 for c in counts]
+
+
+def stage_optimizer(model, stage: Stage, total_steps: int):
+    """(optimizer, scheduler): one parameter group per trained group (its own LR; biases and
+    norms without weight decay), warmup then cosine / constant over the stage's steps."""
+    groups = param_groups(model, stage.lr, GROUP_PATTERNS, stage.weight_decay)
+    optimizer = build_optimizer(groups, stage.optimizer, tuple(stage.betas))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, total_steps))
+
+
+def accumulate_gradients(model, stage: Stage, micro: list[dict], mp, device, cache=None) -> float | None:
+    """Backward of every micro-batch, each weighted by its share of the step's targets;
+    returns the step's loss, or None (and stops) at the first non-finite one."""
+    loss_value = 0.0
+    for batch, weight in zip(micro, step_weights(micro)):
+        with mp.autocast(device.type):
+            loss = micro_loss(model, stage, batch, device, cache)
+        if not torch.isfinite(loss):
+            return None
+        mp.backward(loss * weight)
+        loss_value += float(loss.detach()) * weight
+    return loss_value
+
+
+def optimizer_step(model, stage: Stage, micro: list[dict], optimizer, mp, device, cache=None):
+    """One optimizer step: (loss or None when non-finite, gradient norm, whether it stepped).
+    A non-finite loss or gradient skips the update (fp16: the loss scale backs off)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_value = accumulate_gradients(model, stage, micro, mp, device, cache)
+    grad_norm = float("nan")
+    if loss_value is not None:
+        mp.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.grad_clip or float("inf")))
+    # With fp16 the scaler sees inf gradients itself (skips, backs off); otherwise skip here.
+    stepped = loss_value is not None and (mp.scaler is not None or math.isfinite(grad_norm)) and mp.step(optimizer)
+    if loss_value is None and mp.scaler is not None:
+        mp.scaler.update(mp.scaler.get_scale() / 2)  # back off as GradScaler does on an overflow
+    if not stepped:
+        optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm, stepped
 
 
 def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = True, echo=print) -> dict:
@@ -147,9 +200,7 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
             mp = settings["precision"]
             batches = StageBatches(stage, recipe, data, model, seed=recipe.run.seed + index)
             total = stage.max_steps or max(1, math.ceil(stage.epochs * batches.steps_per_epoch(stage.grad_accum)))
-            groups = param_groups(model, stage.lr, GROUP_PATTERNS, stage.weight_decay)
-            optimizer = build_optimizer(groups, stage.optimizer, tuple(stage.betas))
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, total))
+            optimizer, scheduler = stage_optimizer(model, stage, total)
             frozen_tower = stage.type in ("align", "instruct") and model.vision_tower.frozen
             cache = _feature_cache(model, run_dir) if frozen_tower and stage.feature_cache else None
             step, bad, skipped = 0, 0, 0
@@ -175,26 +226,12 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                     raise Interrupted(path)
                 t0 = time.perf_counter()
                 micro = [next(stream) for _ in range(stage.grad_accum)]
-                optimizer.zero_grad(set_to_none=True)
-                loss_value, finite = 0.0, True
-                for batch, weight in zip(micro, step_weights(micro)):
-                    with mp.autocast(device.type):
-                        loss = micro_loss(model, stage, batch, device, cache)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    mp.backward(loss * weight)
-                    loss_value += float(loss.detach()) * weight
-                grad_norm = float("nan")
-                if finite:
-                    mp.unscale_(optimizer)
-                    params = [p for g in optimizer.param_groups for p in g["params"]]
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.grad_clip or float("inf")))
-                stepped = finite and math.isfinite(grad_norm) and mp.step(optimizer)
-                if not finite and mp.scaler is not None:
-                    mp.scaler.update(mp.scaler.get_scale() / 2)  # back off as GradScaler would
+                loss_value, grad_norm, stepped = optimizer_step(model, stage, micro, optimizer, mp, device, cache)
+                finite = loss_value is not None
                 lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
+                with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                    scheduler.step()
                 step, global_step = step + 1, global_step + 1
                 bad = 0 if stepped else bad + 1
                 skipped += 0 if stepped else 1
@@ -203,7 +240,7 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                     raise TrainingError(_bad_steps_message(stage, step, bad, mp, lr, finite))
                 dt = time.perf_counter() - t0
                 last = {"event": "step", "stage": stage.name, "stage_index": index, "step": step,
-                        "global_step": global_step, "loss": loss_value if finite else None, "lr": lr,
+                        "global_step": global_step, "loss": loss_value, "lr": lr,
                         "grad_norm": grad_norm, "skipped": skipped, "loss_scale": mp.loss_scale,
                         "tokens_per_s": sum(b["real_tokens"] for b in micro) / dt,
                         "samples_per_s": sum(b["num_samples"] for b in micro) / dt,
@@ -214,7 +251,7 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                 bar.set_postfix_str(_postfix(last))
                 bar.update(1)
                 if stage.eval_every and step % stage.eval_every == 0 and step < total:
-                    _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log)
+                    _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log, mp)
                 if stage.checkpoint_every and step % stage.checkpoint_every == 0 and step < total:
                     saver.save(step, global_step, bad, skipped)
             bar.close()
@@ -222,7 +259,7 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
             summary = {"stage": stage.name, "type": stage.type, "steps": total, "skipped": skipped,
                        "loss": last.get("loss"), "seconds": time.perf_counter() - stage_t0,
                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-            summary["eval"] = _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log)
+            summary["eval"] = _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log, mp)
             echo(_stage_line(summary, cache))
             results.append(summary)
             finish_stage(model, stage)
@@ -270,14 +307,17 @@ def _feature_cache(model, run_dir: Path):
     return FeatureCache(run_dir / "feature_cache", model.vision_tower, model.feature_layers, on_stale="reset")
 
 
-def _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log) -> dict | None:
+def _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log, mp) -> dict | None:
     """VQA accuracy per question type + validation loss (stages that produce answers)."""
     if stage.type not in ("align", "instruct"):
         return None
     from fastvlm.train.evaluation import evaluate, write_results
     from fastvlm.train.stage_data import eval_inputs
 
-    with torch.random.fork_rng():  # evaluation must not shift the training run's random stream
+    device = next(model.parameters()).device
+    # Under the stage's autocast: frozen weights may be stored in bf16. And forking the RNG
+    # keeps evaluation from shifting the training run's random stream.
+    with torch.random.fork_rng(), mp.autocast(device.type):
         model.eval()
         result = evaluate(model, data.tokenizer, max_new_tokens=recipe.run.eval_max_new_tokens,
                           **eval_inputs(recipe, run_dir, model))
