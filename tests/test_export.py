@@ -51,10 +51,10 @@ def _random_model(cfg, lora=True):
     return model.eval()
 
 
-def _batch(model, rows=2):
-    t = model.image_tokens
-    row1 = [5, 6] + [IMG] * t + [8, 9, 10]
-    row2 = [IMG] * t + [11, 12]
+def _batch(model):
+    t, img = model.image_tokens, model.config.image_token_id
+    row1 = [5, 6] + [img] * t + [8, 9, 10]
+    row2 = [img] * t + [11, 12]
     n = max(len(row1), len(row2))
     ids = torch.tensor([row1 + [0] * (n - len(row1)), row2 + [0] * (n - len(row2))])
     mask = torch.tensor([[1] * len(row1) + [0] * (n - len(row1)), [1] * len(row2) + [0] * (n - len(row2))])
@@ -93,6 +93,25 @@ def test_every_weight_is_loaded(family, llm, tmp_path, seed):
     _, info = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert any("lora_A" in k for k in model.state_dict())  # the live model is untouched: LoRA unmerged
+
+
+def test_image_token_past_the_vocabulary(tmp_path, seed):
+    """Vicuna's case: the tokenizer added <image> as id 32000 of a 32000-token LLM."""
+    cfg = _config()
+    cfg.image_token_id = cfg.llm.vocab_size
+    model = _random_model(cfg)
+    ids, mask, pixels = _batch(model)
+    export_model(model, tmp_path, "hf-llava")
+    got = _hf_logits(tmp_path, ids, mask, pixels)
+    assert got.shape[-1] == cfg.llm.vocab_size + 1
+    with torch.no_grad():
+        base32 = model(ids, pixels, attention_mask=mask)
+        ref64 = model.double()(ids, pixels.double(), attention_mask=mask)
+    live = mask.bool()
+    assert_close(got[live][:, :-1], ref64[live], base32[live], name="HF logits")
+    assert bool((got[live][:, -1] == 0).all())  # the added row is zero ...
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation["suppress_tokens"] == [cfg.llm.vocab_size]  # ... and never generated
 
 
 def test_merged_state_dict_equals_merge(seed):

@@ -196,13 +196,24 @@ def select_strategy(model) -> str:
     return "default" if model.config.vision_feature == "patch" and v.num_prefix_tokens == 1 else "full"
 
 
-def to_hf_llava(model, *, allow_causal: bool = False, token_ids: dict | None = None
+def to_hf_llava(model, *, allow_causal: bool = False, token_ids: dict | None = None, vocab_size: int | None = None
                 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json dict, state dict) of the LlavaForConditionalGeneration equal to `model`.
 
-    `token_ids`: bos/eos/pad ids for the text config (from the tokenizer)."""
+    `token_ids`: bos/eos/pad ids for the text config (from the tokenizer). `vocab_size`:
+    grow the embedding and LM head to this many rows, for a tokenizer that added tokens
+    past the LLM's vocabulary (Vicuna's <image> is id 32000 of 32000): fastvlm never looks
+    those ids up (image placeholders are overwritten), HF does, so they get zero rows, and
+    their logits are 0 (suppress them at generation: see `added_token_ids`)."""
     check_exportable(model, allow_causal)
     cfg = model.config
+    llm_vocab = cfg.llm.vocab_size
+    vocab_size = llm_vocab if vocab_size is None else vocab_size
+    if vocab_size < llm_vocab:
+        raise ValueError(f"vocab_size: {vocab_size} is smaller than the LLM's vocabulary ({llm_vocab})")
+    if cfg.image_token_id >= vocab_size:
+        raise ValueError(f"vocab_size: the image token id {cfg.image_token_id} lies outside the exported "
+                         f"vocabulary of {vocab_size}; pass vocab_size > {cfg.image_token_id}")
     layers = cfg.select_layers if cfg.connector == "multilevel" else cfg.select_layer
     config = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
               "vision_config": _vision_config(cfg.vision),
@@ -230,8 +241,19 @@ def to_hf_llava(model, *, allow_causal: bool = False, token_ids: dict | None = N
                 state["lm_head.weight"] = tensor
         else:
             raise ValueError(f"model: LLM parameter {key!r} has no place in HF LLaVA")
+    if vocab_size > llm_vocab:
+        config["text_config"]["vocab_size"] = vocab_size
+        for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            if key in state:
+                extra = state[key].new_zeros(vocab_size - llm_vocab, state[key].shape[1])
+                state[key] = torch.cat([state[key], extra])
     # safetensors refuses tensors that share memory (tied weights were dropped above).
     return config, {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def added_token_ids(model, vocab_size: int) -> list[int]:
+    """Ids past the LLM's own vocabulary (zero rows in the export), for generation's suppress_tokens."""
+    return list(range(model.config.llm.vocab_size, vocab_size))
 
 
 def _class_exists(name: str) -> bool:

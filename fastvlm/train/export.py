@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fastvlm.models.hf_export import (
+    added_token_ids,
     image_processor_config,
     merged_state_dict,
     processor_config,
@@ -103,16 +104,23 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def _export_hf_llava(model, out: Path, tokenizer, preprocessor, allow_causal: bool, dtype) -> None:
-    token_ids = {}
+    token_ids, vocab = {}, model.config.llm.vocab_size
     if tokenizer is not None:
         _check_tokenizer(model, tokenizer)
         token_ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                      "pad_token_id": tokenizer.pad_token_id}
-    config, state = to_hf_llava(model, allow_causal=allow_causal, token_ids=token_ids)
+        vocab = max(vocab, tokenizer.vocab_size)
+    vocab = max(vocab, model.config.image_token_id + 1)
+    config, state = to_hf_llava(model, allow_causal=allow_causal, token_ids=token_ids, vocab_size=vocab)
     dtype = dtype or model.language_model.model.embed_tokens.weight.dtype
     config["dtype"] = HF_DTYPE_NAMES[dtype]
     _save_tensors(out / "model.safetensors", _cast(state, dtype))
     _write_json(out / "config.json", config)
+    generation = {k: v for k, v in token_ids.items() if v is not None}
+    added = added_token_ids(model, vocab)
+    if added:  # their logits are 0, not -inf: never let generation pick them
+        generation["suppress_tokens"] = added
+    _write_json(out / "generation_config.json", generation)
     if tokenizer is not None:
         tokenizer.save(out)
         _write_json(out / "processor_config.json",
@@ -125,9 +133,6 @@ def _check_tokenizer(model, tokenizer) -> None:
     if tokenizer.image_token_id != model.config.image_token_id:
         raise ValueError(f"tokenizer: its image token {tokenizer.image_token!r} has id {tokenizer.image_token_id}, "
                          f"the model's image_token_id is {model.config.image_token_id}")
-    if tokenizer.vocab_size > model.config.llm.vocab_size:
-        raise ValueError(f"tokenizer: {tokenizer.vocab_size} tokens, more than the LLM's vocab_size "
-                         f"{model.config.llm.vocab_size}")
 
 
 def _export_fastvlm(model, out: Path, dtype) -> None:
