@@ -159,6 +159,7 @@ class RunSection:
     keep_checkpoints: int = 2       # newest complete checkpoints kept
     log_every: int = 1              # steps between metrics.jsonl lines
     eval_max_new_tokens: int = 8
+    evaluate: bool = True           # VQA evaluation of align / instruct stages (at their end, every eval_every)
 
 
 @dataclass

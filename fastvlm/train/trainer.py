@@ -186,8 +186,9 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
     ckpt_root = run_dir / "checkpoints"
     found = ckpt.complete_checkpoints(ckpt_root)
     start = json.loads((found[-1] / "meta.json").read_text()) if resume and found else None
+    # Records past the checkpoint (or all, starting over) are about to be written again.
+    log.truncate_after(*((start["stage_index"], start["step"]) if start else (-1, 0)))
     if start:
-        log.truncate_after(start["stage_index"], start["step"])
         echo(f"resuming from {found[-1].name}")
     results, global_step = [], 0
     with _SigintFlag() as sigint:
@@ -309,7 +310,7 @@ def _feature_cache(model, run_dir: Path):
 
 def _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log, mp) -> dict | None:
     """VQA accuracy per question type + validation loss (stages that produce answers)."""
-    if stage.type not in ("align", "instruct"):
+    if stage.type not in ("align", "instruct") or not recipe.run.evaluate:
         return None
     from fastvlm.train.evaluation import evaluate, write_results
     from fastvlm.train.stage_data import eval_inputs
