@@ -167,3 +167,29 @@ def test_bad_input_errors(data, seed):
         evaluate(other, tok, samples[:1], **_kwargs(root, model))
     with pytest.raises(ValueError, match="name"):
         write_results({"per_type": {}}, root, "a/b")
+
+
+def test_cli_evaluates_a_training_run(tmp_path, capsys):
+    """`fastvlm eval RUN` on a real (tiny, two-step) run: the table printed, JSON + markdown written."""
+    from fastvlm.cli import main
+    from fastvlm.train.checkpoint import complete_checkpoints
+    from fastvlm.train.recipe import parse_recipe
+    from fastvlm.train.trainer import train
+    from tests.train_recipes import tiny_raw
+
+    raw = tiny_raw(steps=2)
+    raw["stages"] = raw["stages"][2:]  # align + instruct
+    raw["run"]["evaluate"] = False
+    run = tmp_path / "run"
+    train(parse_recipe(raw), run, progress=False, echo=lambda *_: None)
+    assert main(["eval", str(run), "--max-new-tokens", "2"]) == 0
+    assert "| **overall** |" in capsys.readouterr().out
+    result = json.loads((run / "eval" / "eval-validation-latest.json").read_text())
+    val = json.loads((run / "data" / "val.json").read_text())[:raw["data"]["eval_samples"]]
+    turns = [t for r in val for t in r["question_types"]]
+    assert result["n"] == len(turns) == sum(row["n"] for row in result["per_type"].values())
+    assert set(result["per_type"]) <= set(turns) | {"all"}
+    assert result["val_loss"] > 0 and (run / "eval" / "eval-validation-latest.md").is_file()
+    checkpoint = complete_checkpoints(run / "checkpoints")[-1]
+    assert main(["eval", str(checkpoint), "--no-loss", "--max-new-tokens", "2"]) == 0
+    assert (run / "eval" / f"eval-validation-{checkpoint.name}.json").is_file()

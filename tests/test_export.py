@@ -212,3 +212,41 @@ def test_refuses_what_hf_llava_cannot_express(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         to_hf_llava(VLM(_config()))  # a plain causal mlp model exports without a warning
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A real run of the trainer (align + LoRA instruct on a tiny model, a few steps)."""
+    from fastvlm.train.recipe import parse_recipe
+    from fastvlm.train.trainer import train
+    from tests.train_recipes import tiny_raw
+
+    raw = tiny_raw(steps=2)
+    raw["stages"] = raw["stages"][2:]
+    raw["model"]["token_reduction"] = ""  # HF LLaVA feeds every patch token
+    run = tmp_path_factory.mktemp("run") / "run"
+    train(parse_recipe(raw), run, progress=False, echo=lambda *_: None)
+    return run
+
+
+def test_cli_exports_a_training_run(trained_run, tmp_path, seed):
+    from fastvlm.cli import main
+    from fastvlm.train.checkpoint import load_for_inference
+
+    model, tok, _ = load_for_inference(trained_run)
+    assert main(["export", str(trained_run), str(tmp_path / "hf"), "--format", "hf-llava"]) == 0
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    image = Image.fromarray((np.random.default_rng(seed).random((30, 40, 3)) * 255).astype(np.uint8))
+    inputs = processor(text=f"{tok.image_token}\nQuestion: what colour is it?\nAnswer:", images=[image],
+                       return_tensors="pt")
+    got = _hf_logits(tmp_path / "hf", inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    with torch.no_grad():
+        base32 = model(inputs["input_ids"], inputs["pixel_values"])
+        ref64 = model.double()(inputs["input_ids"], inputs["pixel_values"].double())
+    assert_close(got, ref64, base32, name="HF logits of the exported run")
+
+    assert main(["export", str(trained_run), str(tmp_path / "peft"), "--format", "peft"]) == 0
+    assert (tmp_path / "peft" / "adapter_llm" / "adapter_model.safetensors").is_file()
+    assert main(["export", str(trained_run), str(tmp_path / "native"), "--format", "fastvlm"]) == 0
+    native = VLM.from_pretrained(tmp_path / "native")
+    torch.testing.assert_close(native.state_dict(), VLM.from_pretrained(trained_run / "final").state_dict())

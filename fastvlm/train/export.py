@@ -56,14 +56,18 @@ def cli_export(args) -> int:
 def export(run_or_checkpoint, out, format: str = "hf-llava", *, allow_causal: bool = False,
            dtype: torch.dtype | None = None) -> Path:
     """Export a run or checkpoint; returns the output directory."""
-    from fastvlm.train.checkpoint import load_for_inference
+    from fastvlm.train.checkpoint import complete_checkpoints, load_for_inference
     from fastvlm.train.stage_data import preprocessor_for
 
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
     source = Path(run_or_checkpoint)
-    model, tokenizer, _ = load_for_inference(source)
     adapter = source / "final" / "adapter"
+    if format == "peft" and (source / "final").is_dir() and not adapter.is_dir():
+        # final/ has its LoRA merged; the newest checkpoint still holds the adapters.
+        found = complete_checkpoints(source / "checkpoints")
+        source = found[-1] if found else source
+    model, tokenizer, _ = load_for_inference(source)
     return export_model(model, out, format, tokenizer=tokenizer, preprocessor=preprocessor_for(model),
                         allow_causal=allow_causal, dtype=dtype,
                         saved_adapter=adapter if adapter.is_dir() else None)
