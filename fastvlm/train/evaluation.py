@@ -97,12 +97,15 @@ def questions_of(samples: Sequence, tokenizer, template: str, image_tokens: int,
         turns = sample.conversations
         answers = [k for k, t in enumerate(turns) if t.get("from", t.get("role")) in ("gpt", "assistant")]
         types = _turn_types(raw, question_types, len(answers))
+        first_prompt = None
         for turn, (k, qtype) in enumerate(zip(answers, types)):
             prefix = turns[:k]
             used = sum(_text(t).count(IMAGE_TAG) for t in prefix)
+            prompt = encode_prompt(prefix, tokenizer, template, image_tokens, system=system)
+            first_prompt = first_prompt or prompt
+            # prefix_lm's bidirectional prefix, as in training: what precedes the first answer.
             questions.append({"id": sample.id, "turn": turn, "type": qtype, "answer": _text(turns[k]),
-                              "images": sample.images[:used],
-                              "prompt": encode_prompt(prefix, tokenizer, template, image_tokens, system=system)})
+                              "images": sample.images[:used], "prompt": prompt, "prefix_len": len(first_prompt)})
     return questions
 
 
@@ -111,6 +114,10 @@ def _text(turn: dict) -> str:
     if isinstance(value, list):  # messages-style content parts
         return "".join(IMAGE_TAG if p.get("type") == "image" else p.get("text", "") for p in value)
     return value
+
+
+def _prefix_lm(model) -> bool:
+    return model.config.attention_kind == "prefix_lm"
 
 
 def _pixels(preprocessor, image_root: Path, paths: list[str]):
@@ -132,13 +139,17 @@ def generate_answers(model, tokenizer, questions: list[dict], *, image_root, pre
         width = max(len(q["prompt"]) for q in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
+        prefix = torch.zeros(len(batch), width, dtype=torch.bool)
         for row, q in enumerate(batch):
-            ids[row, width - len(q["prompt"]):] = torch.tensor(q["prompt"])
-            mask[row, width - len(q["prompt"]):] = 1
+            start_at = width - len(q["prompt"])
+            ids[row, start_at:] = torch.tensor(q["prompt"])
+            mask[row, start_at:] = 1
+            prefix[row, start_at:start_at + q["prefix_len"]] = True
         pixels = _pixels(preprocessor, image_root, [p for q in batch for p in q["images"]])
+        extra = {"prefix_mask": prefix.to(device)} if _prefix_lm(model) else {}
         tokens = model.generate(ids.to(device), pixels.to(device) if pixels is not None else None,
                                 attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **extra)
         for row, index in enumerate(order[start:start + batch_size]):
             out = tokens[row].tolist()
             if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in out:
@@ -165,16 +176,18 @@ def validation_loss(model, tokenizer, samples: Sequence, *, image_root, preproce
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
+        prefix = torch.zeros(len(batch), width, dtype=torch.bool)
         for row, (_, e) in enumerate(batch):
             n = len(e.input_ids)
             ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+            prefix[row, :e.prefix_len] = True
         # The targets the model's mean runs over: next tokens that are labelled, not image tokens.
         targets = int(((labels[:, 1:] != -100) & (ids[:, 1:] != image_id) & (mask[:, 1:] > 0)).sum())
         if targets == 0:
             continue
         pixels = _pixels(preprocessor, image_root, [p for s, _ in batch for p in s.images])
         loss = model(ids.to(device), pixels.to(device) if pixels is not None else None, labels.to(device),
-                     attention_mask=mask.to(device))
+                     attention_mask=mask.to(device), prefix_mask=prefix.to(device) if _prefix_lm(model) else None)
         total += float(loss.float()) * targets
         count += targets
     if count == 0:
