@@ -114,6 +114,34 @@ def test_image_token_past_the_vocabulary(tmp_path, seed):
     assert generation["suppress_tokens"] == [cfg.llm.vocab_size]  # ... and never generated
 
 
+def test_qlora_model_exports_its_dequantized_weights(tmp_path, seed):
+    """NF4 bases: the export holds the weights the model multiplies by (dequantized + s·BA)."""
+    pytest.importorskip("bitsandbytes")
+    from fastvlm.train.quant import apply_qlora, dequantized_weight
+
+    model = _random_model(_config(), lora=False)
+    apply_qlora(model.language_model, "q_proj,v_proj,down_proj", r=4, alpha=8, compute_dtype="fp32")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    q = model.language_model.model.layers[1].self_attn.q_proj
+    merged = merged_state_dict(model.language_model)["model.layers.1.self_attn.q_proj.weight"]
+    torch.testing.assert_close(merged, dequantized_weight(q.base_layer).float() + q.delta_weight(), rtol=0, atol=0)
+    ids, mask, pixels = _batch(model)
+    export_model(model, tmp_path, "hf-llava", dtype=torch.float32)
+    got = _hf_logits(tmp_path, ids, mask, pixels)
+    plain = VLM(model.config)
+    plain.load_state_dict(merged_state_dict(model))
+    with torch.no_grad():
+        # bitsandbytes' own NF4 matmul in fp32 (train mode: its CPU inference path repacks
+        # weights and needs widths divisible by its block; dropout is 0, so the outputs are the eval ones)
+        base32 = model.train()(ids, pixels, attention_mask=mask)
+        ref64 = plain.double().eval()(ids, pixels.double(), attention_mask=mask)
+    live = mask.bool()
+    assert_close(got[live], ref64[live], base32[live], name="HF logits of a QLoRA model")
+
+
 def test_merged_state_dict_equals_merge(seed):
     model = _random_model(_config())
     merged = merged_state_dict(model.language_model)
