@@ -21,9 +21,10 @@ transformers = pytest.importorskip("transformers")
 IMG = 7  # image token id
 
 
-def _config(family="clip", llm="llama", **options):
+def _config(family="clip", llm="llama", vision_options=None, **options):
     vision = {"clip": VisionConfig.clip, "siglip": VisionConfig.siglip, "dinov2": VisionConfig.dinov2}[family](
-        image_size=28, patch_size=14, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64)
+        image_size=28, patch_size=14, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64,
+        **(vision_options or {}))
     bias = {"llama": {}, "qwen2": {"qkv_bias": True}, "llama_bias": {"qkv_bias": True, "o_bias": True,
                                                                      "mlp_bias": True}}[llm]
     text = LLMConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -71,6 +72,8 @@ def _hf_logits(path, ids, mask, pixels):
     ("clip", "llama", {}),
     ("siglip", "qwen2", {"vision_feature": "full"}),
     ("dinov2", "llama_bias", {}),
+    ("dinov2", "llama", {"vision_feature": "full",
+                         "vision_options": {"num_register_tokens": 2, "interpolate_antialias": True}}),
     ("clip", "llama", {"connector": "multilevel", "select_layers": [-3, -1], "vision_feature": "full"}),
 ])
 def test_hf_llava_logits_match(family, llm, options, tmp_path, seed):
