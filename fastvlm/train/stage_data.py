@@ -15,7 +15,7 @@ sampler's resumable state. What each stage type reads:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ class RunData:
     captions: list
     image_root: Path
     chance: dict | None  # question type -> chance accuracy (synthetic data), else None
+    files: dict = field(default_factory=dict)  # split -> the file its samples came from
 
 
 def prepare_data(recipe: Recipe, run_dir: Path) -> RunData:
@@ -60,7 +61,8 @@ def prepare_data(recipe: Recipe, run_dir: Path) -> RunData:
         captions, chance = _exists(d.captions, "data.captions") if d.captions else train, None
     samples = [list(read_samples(p)) for p in (train, val, captions)]
     tokenizer = run_tokenizer(recipe, run_dir, samples[0] + samples[2])
-    return RunData(tokenizer, *samples, image_root=Path(root), chance=chance)
+    return RunData(tokenizer, *samples, image_root=Path(root), chance=chance,
+                   files={"train": Path(train), "validation": Path(val)})
 
 
 def _exists(path, key: str) -> Path:
@@ -192,5 +194,12 @@ def eval_inputs(recipe: Recipe, run_dir: Path, model, split: str = "validation")
         raise ValueError(f"split: expected 'validation' or 'train', got {split!r}")
     if recipe.data.eval_samples:
         samples = samples[:recipe.data.eval_samples]
+    from fastvlm.train.evaluation import read_question_types
+
+    try:  # records may carry their question types (the synthetic dataset's do)
+        types = read_question_types(data.files[split])
+    except (ValueError, AttributeError):  # JSON lines, or records of another shape
+        types = {}
     return dict(samples=samples, image_root=data.image_root, preprocessor=preprocessor_for(model),
-                template=recipe.data.template, image_tokens=model.image_tokens, chance=data.chance)
+                template=recipe.data.template, image_tokens=model.image_tokens, chance=data.chance,
+                question_types=types or None)
