@@ -138,7 +138,8 @@ def run_demo(seq_len: int, seed: int) -> dict:
 
 def _add_train_args(parser) -> None:
     parser.add_argument("recipe", help="a shipped recipe's name (tiny-demo, llava-1.5-7b-stage1, ...) or a TOML path")
-    parser.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
+    parser.add_argument("--out", default=None,
+                        help="run directory (default: the current one if it is a run directory, else runs/<name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set stages.instruct.max_steps=10 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -160,7 +161,8 @@ def cli_train(args) -> int:
         return 0
     from fastvlm.train.trainer import Interrupted, train
 
-    out = Path(args.out or Path("runs") / recipe.name)
+    # Inside a run directory, the same command continues that run.
+    out = Path(args.out or ("." if Path("recipe.json").is_file() else Path("runs") / recipe.name))
     try:
         result = train(recipe, out, resume=args.resume, progress=not args.no_progress)
     except Interrupted as stop:
@@ -212,7 +214,11 @@ def main(argv=None) -> int:
 
             return run_training_demo(args.out, args.overrides, progress=not args.no_progress)
     elif args.command == "train":
-        return cli_train(args)
+        try:
+            return cli_train(args)
+        except ValueError as err:  # a bad recipe, path or run directory: the message names it
+            print(f"fastvlm train: {err}", file=sys.stderr)
+            return 2
     elif getattr(args, "missing", None):
         raise SystemExit(f"fastvlm {args.command}: unavailable ({args.missing})")
     elif args.command == "eval":

@@ -2,7 +2,7 @@
 the trainer, resume and demo tests run in seconds."""
 from fastvlm.train.recipe import parse_recipe, to_toml
 
-TINY_MODEL = {"image_size": 24, "patch_size": 4, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
+TINY_MODEL = {"image_size": 24, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
               "llm_hidden": 32, "llm_layers": 1, "llm_heads": 2, "llm_intermediate": 64, "vocab_size": 300}
 
 
@@ -11,7 +11,7 @@ def tiny_raw(steps: int = 3, checkpoint_every: int = 0, precision: str = "fp32")
               "checkpoint_every": checkpoint_every, "warmup_ratio": 0.3}
     return {
         "name": "tiny-test",
-        "model": {"source": "tiny", "token_reduction": "pixel_shuffle", "select_layer": -1, "tiny": TINY_MODEL},
+        "model": {"source": "tiny", "select_layer": -1, "tiny": TINY_MODEL},
         "data": {"template": "literal", "eval_samples": 6,
                  "synthetic": {"n_train": 24, "n_val": 6, "image_size": 24, "seed": 0}},
         "run": {"keep_checkpoints": 50, "eval_max_new_tokens": 3},

@@ -162,10 +162,11 @@ class VLM(nn.Module):
         return self.language_model(inputs_embeds=embeds, layout=layout, labels=labels)
 
     @torch.no_grad()
-    def generate(self, input_ids, images=None, *, attention_mask=None, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids, images=None, *, attention_mask=None, prefix_mask=None, **kwargs) -> torch.Tensor:
         """New tokens [B, max_new_tokens]; the prompt is prefilled with the multimodal
-        layout, then decoded with the KV cache (see LLM.generate for the options)."""
-        layout = self.layout(input_ids, attention_mask)
+        layout (prefix_lm: `prefix_mask` marks the prefix), then decoded with the KV cache
+        (see LLM.generate for the options)."""
+        layout = self.layout(input_ids, attention_mask, prefix_mask=prefix_mask)
         return self.language_model.generate(inputs_embeds=self.embed(input_ids, images),
                                             attention_mask=layout.segment_ids >= 0, layout=layout, **kwargs)
 
