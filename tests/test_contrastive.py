@@ -51,19 +51,23 @@ def _scalar_floor_scales(x, y, scale, bias, kind):
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("b,chunk", [(37, 8), (16, 16), (5, 64), (24, 1)])
-def test_chunked_matches_float64_definition(kind, b, chunk, seed):
+@pytest.mark.parametrize("b,chunk,dtype", [(37, 8, torch.float32), (16, 16, torch.float32), (5, 64, torch.float32),
+                                           (24, 1, torch.float32), (29, 8, torch.bfloat16)])
+def test_chunked_matches_float64_definition(kind, b, chunk, dtype, seed):
     x, y = _pairs(b, 24)
     scale = torch.tensor(math.log(10.0) if kind == "sigmoid" else math.log(1 / 0.07)) + 0.3 * torch.randn(())
     bias = -10.0 + torch.randn(()) if kind == "sigmoid" else None
+    # The float64 reference sees the inputs as the tested dtype holds them.
+    x, y, scale = (t.to(dtype).double() for t in (x, y, scale))
+    bias = bias.to(dtype).double() if bias is not None else None
     ref64 = _loss_and_grads(contrastive_loss_reference, x, y, scale, bias, torch.float64, kind=kind)
-    base32 = _loss_and_grads(contrastive_loss_reference, x, y, scale, bias, torch.float32, kind=kind)
-    got = _loss_and_grads(contrastive_loss, x, y, scale, bias, torch.float32, kind=kind, chunk=chunk)
+    base32 = _loss_and_grads(contrastive_loss_reference, x, y, scale, bias, dtype, kind=kind)
+    got = _loss_and_grads(contrastive_loss, x, y, scale, bias, dtype, kind=kind, chunk=chunk)
     floor = _scalar_floor_scales(x, y, scale.double(), bias, kind)
     scales = [floor[0], None, None, floor[1], floor[2]]
     names = ["loss", "d image_emb", "d text_emb", "d logit_scale", "d logit_bias"]
     for name, g, r, p, sc in zip(names, got, ref64, base32, scales):
-        assert g.dtype == torch.float32
+        assert g.dtype == dtype
         assert_close(g, r, p, scale=None if sc is None else max(sc, float(r.abs())), name=name)
 
 

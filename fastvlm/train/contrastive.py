@@ -6,7 +6,8 @@ or CLIP's symmetric softmax loss (InfoNCE over the rows and over the columns).
 Both need the B x B similarity matrix; it is built ``chunk`` rows at a time in the
 forward and rebuilt the same way in the backward (a custom autograd function that
 saves only the embeddings and, for softmax, the O(B) row/column log-sum-exps), so
-neither pass holds more than a chunk x B block. ``contrastive_loss_reference`` is the
+neither pass holds more than a chunk x B block; bf16 / fp16 embeddings are compared and
+summed in fp32. ``contrastive_loss_reference`` is the
 plain unchunked definition that the tests check the chunked path against.
 
 ``ContrastiveHeads`` pools a vision encoder's hidden states (mean of the patch
@@ -105,16 +106,31 @@ def _log_scale(scale: torch.Tensor, kind: str) -> torch.Tensor:
     return scale.clamp(max=MAX_LOG_SCALE) if kind == "softmax" else scale
 
 
+def _upcast(*tensors):
+    """The tensors in at least float32: bf16/fp16 embeddings are compared in fp32 (the
+    exps and the sums over B^2 pairs would lose the loss in half precision); fp32 and
+    fp64 stay as they are, without a copy."""
+    acc = torch.promote_types(tensors[0].dtype, torch.float32)
+    return [t.to(acc) for t in tensors]
+
+
 def _row_chunks(b: int, chunk: int):
     for start in range(0, b, chunk):
         yield start, min(start + chunk, b)
+
+
+def _downcast(grads, inputs) -> tuple:
+    return tuple(g.to(i.dtype) for g, i in zip(grads, inputs))
 
 
 class _ChunkedSigmoid(torch.autograd.Function):
     """SigLIP's loss; backward rebuilds each chunk of logits instead of saving them."""
 
     @staticmethod
-    def forward(ctx, x, y, log_scale, bias, chunk):
+    def forward(ctx, x_in, y_in, log_scale, bias_in, chunk):
+        ctx.save_for_backward(x_in, y_in, log_scale, bias_in)
+        ctx.chunk = chunk
+        x, y, log_scale, bias = _upcast(x_in, y_in, log_scale, bias_in)
         b = x.shape[0]
         t = log_scale.exp()
         total = x.new_zeros(())
@@ -123,13 +139,11 @@ class _ChunkedSigmoid(torch.autograd.Function):
             # z_ij = -1 everywhere but the diagonal; flip the diagonal's sign in place.
             logits.neg_().diagonal(offset=start).neg_()
             total += F.logsigmoid(logits).sum()
-        ctx.save_for_backward(x, y, log_scale, bias)
-        ctx.chunk = chunk
-        return -total / b
+        return (-total / b).to(x_in.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, log_scale, bias = ctx.saved_tensors
+        x, y, log_scale, bias = _upcast(*ctx.saved_tensors)
         b, t = x.shape[0], log_scale.exp()
         gx, gy = torch.empty_like(x), torch.zeros_like(y)
         g_scale, g_bias = x.new_zeros(()), x.new_zeros(())
@@ -143,8 +157,8 @@ class _ChunkedSigmoid(torch.autograd.Function):
             gx[start:end] = g @ y
             g_scale += (gx[start:end] * x[start:end]).sum()  # = sum g * sims
             gy.addmm_(g.T, x[start:end])
-        k = grad / b
-        return k * t * gx, k * t * gy, k * t * g_scale, k * g_bias, None
+        k = grad.to(x.dtype) / b
+        return _downcast((k * t * gx, k * t * gy, k * t * g_scale, k * g_bias), ctx.saved_tensors) + (None,)
 
 
 class _ChunkedSoftmax(torch.autograd.Function):
@@ -156,7 +170,8 @@ class _ChunkedSoftmax(torch.autograd.Function):
     rounding of lse ~ t."""
 
     @staticmethod
-    def forward(ctx, x, y, log_scale, chunk):
+    def forward(ctx, x_in, y_in, log_scale_in, chunk):
+        x, y, log_scale = _upcast(x_in, y_in, log_scale_in)
         b = x.shape[0]
         t = log_scale.exp()
         row_max, row_log_sum, diag = x.new_empty(b), x.new_empty(b), x.new_empty(b)
@@ -170,15 +185,16 @@ class _ChunkedSoftmax(torch.autograd.Function):
             col_sum = col_sum * (col_max - new_max).exp() + (logits - new_max).exp().sum(0)
             col_max = new_max
         col_log_sum = col_sum.log()
-        ctx.save_for_backward(x, y, log_scale, row_max, row_log_sum, col_max, col_log_sum)
+        ctx.save_for_backward(x_in, y_in, log_scale_in, row_max, row_log_sum, col_max, col_log_sum)
         ctx.chunk = chunk
         rows = ((row_max - diag) + row_log_sum).sum()
         cols = ((col_max - diag) + col_log_sum).sum()
-        return (rows + cols) / (2 * b)
+        return ((rows + cols) / (2 * b)).to(x_in.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, log_scale, row_max, row_log_sum, col_max, col_log_sum = ctx.saved_tensors
+        x, y, log_scale = _upcast(*ctx.saved_tensors[:3])
+        row_max, row_log_sum, col_max, col_log_sum = ctx.saved_tensors[3:]
         b, t = x.shape[0], log_scale.exp()
         gx, gy = torch.empty_like(x), torch.zeros_like(y)
         g_scale = x.new_zeros(())
@@ -192,8 +208,8 @@ class _ChunkedSoftmax(torch.autograd.Function):
             gx[start:end] = g @ y
             g_scale += (gx[start:end] * x[start:end]).sum()  # = sum g * sims
             gy.addmm_(g.T, x[start:end])
-        k = grad / (2 * b)
-        return k * t * gx, k * t * gy, k * t * g_scale, None
+        k = grad.to(x.dtype) / (2 * b)
+        return _downcast((k * t * gx, k * t * gy, k * t * g_scale), ctx.saved_tensors[:3]) + (None,)
 
 
 class ContrastiveHeads(nn.Module):
