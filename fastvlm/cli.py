@@ -211,8 +211,13 @@ def main(argv=None) -> int:
             run_demo(args.seq_len or 8192, args.seed)
         else:
             from fastvlm.train.demo import run_training_demo
+            from fastvlm.train.trainer import Interrupted
 
-            return run_training_demo(args.out, args.overrides, progress=not args.no_progress)
+            try:
+                return run_training_demo(args.out, args.overrides, progress=not args.no_progress)
+            except Interrupted as stop:
+                print(stop, file=sys.stderr)
+                return 130
     elif args.command == "train":
         try:
             return cli_train(args)
