@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import sys
 import time
@@ -231,7 +232,7 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                 finite = loss_value is not None
                 lr = optimizer.param_groups[0]["lr"]
                 with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
                     scheduler.step()
                 step, global_step = step + 1, global_step + 1
                 bad = 0 if stepped else bad + 1
