@@ -128,7 +128,7 @@ def _pixels(preprocessor, image_root: Path, paths: list[str]):
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, questions: list[dict], *, image_root, preprocessor, max_new_tokens: int = 16,
-                     batch_size: int = 8) -> list[str]:
+                     batch_size: int = 32) -> list[str]:
     """Greedy answers (KV cache), batched over prompts of similar length, left-padded."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -160,7 +160,7 @@ def generate_answers(model, tokenizer, questions: list[dict], *, image_root, pre
 
 @torch.no_grad()
 def validation_loss(model, tokenizer, samples: Sequence, *, image_root, preprocessor, template: str,
-                    image_tokens: int, batch_size: int = 8, system: str | None = None) -> tuple[float, int]:
+                    image_tokens: int, batch_size: int = 32, system: str | None = None) -> tuple[float, int]:
     """(mean teacher-forced loss over every supervised token, number of those tokens)."""
     from fastvlm.data import encode_conversation
 
@@ -197,7 +197,7 @@ def validation_loss(model, tokenizer, samples: Sequence, *, image_root, preproce
 
 def evaluate(model, tokenizer, samples: Sequence, *, image_root, preprocessor, template: str, image_tokens: int,
              chance: dict | None = None, question_types: dict | None = None, max_new_tokens: int = 16,
-             batch_size: int = 8, loss: bool = True, system: str | None = None) -> dict:
+             batch_size: int = 32, loss: bool = True, system: str | None = None) -> dict:
     """Accuracy per question type and overall, and the validation loss.
 
     `samples`: fastvlm.data Samples or LLaVA dict records (a record's ``question_types``
@@ -286,7 +286,7 @@ def add_eval_args(parser) -> None:
     parser.add_argument("--split", default="validation", choices=("validation", "train"))
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="answer length limit (default: the recipe's run.eval_max_new_tokens)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     parser.add_argument("--no-loss", action="store_true", help="skip the validation loss")
 
 
