@@ -217,6 +217,25 @@ def test_peft_and_fastvlm_formats(tmp_path, seed):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_peft_adapter_loads_in_peft_on_the_transformers_llm(tmp_path, seed):
+    """adapter_llm/ is PEFT's own format: peft.PeftModel puts it on transformers' Llama with the
+    same base weights, and the logits are fastvlm's (adapters active, not merged)."""
+    peft = pytest.importorskip("peft")
+    model = _random_model(_config())
+    export_model(model, tmp_path, "peft")
+    config, _ = to_hf_llava(model)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config["text_config"])).eval()
+    base = {k.replace("base_layer.", ""): v for k, v in model.language_model.state_dict().items() if "lora_" not in k}
+    hf.load_state_dict(base)
+    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter_llm").eval()
+    ids = torch.randint(0, model.config.llm.vocab_size, (2, 9))
+    with torch.no_grad():
+        got = hf(input_ids=ids).logits
+        base32 = model.language_model(ids)
+        ref64 = model.language_model.double()(ids)
+    assert_close(got, ref64, base32, name="PEFT logits")
+
+
 def test_refuses_what_hf_llava_cannot_express(tmp_path):
     for options, match in (({"connector": "resampler", "resampler_queries": 4}, "connector"),
                            ({"token_reduction": "avg_pool"}, "token_reduction"),
