@@ -300,3 +300,10 @@ def test_cli_exports_a_training_run(trained_run, tmp_path, seed):
     assert main(["export", str(trained_run), str(tmp_path / "native"), "--format", "fastvlm"]) == 0
     native = VLM.from_pretrained(tmp_path / "native")
     torch.testing.assert_close(native.state_dict(), VLM.from_pretrained(trained_run / "final").state_dict())
+    # A bare model directory exports too, with the tokenizer found beside it.
+    assert main(["export", str(trained_run / "final"), str(tmp_path / "hf2"), "--format", "hf-llava"]) == 0
+    from safetensors.torch import load_file
+
+    torch.testing.assert_close(load_file(tmp_path / "hf2" / "model.safetensors"),
+                               load_file(tmp_path / "hf" / "model.safetensors"), rtol=0, atol=0)
+    assert (tmp_path / "hf2" / "tokenizer.json").is_file() and (tmp_path / "hf2" / "processor_config.json").is_file()

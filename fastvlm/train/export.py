@@ -10,8 +10,9 @@
   they belong to.
 - ``fastvlm``: the native directory (``VLM.save_pretrained``), LoRA merged.
 
-RUN is a run directory (its ``final/`` model, else its newest complete checkpoint) or
-one checkpoint directory; see fastvlm.train.checkpoint.load_for_inference.
+RUN is a run directory (its ``final/`` model, else its newest complete checkpoint), one
+checkpoint directory (see fastvlm.train.checkpoint.load_for_inference), or a bare fastvlm /
+HF LLaVA model directory such as RUN/final (its tokenizer read from tokenizer/ or beside it).
 """
 from __future__ import annotations
 
@@ -67,10 +68,28 @@ def export(run_or_checkpoint, out, format: str = "hf-llava", *, allow_causal: bo
         # final/ has its LoRA merged; the newest checkpoint still holds the adapters.
         found = complete_checkpoints(source / "checkpoints")
         source = found[-1] if found else source
-    model, tokenizer, _ = load_for_inference(source)
+    if (source / "config.json").is_file() and not (source / "recipe.toml").is_file() and \
+            not (source / "meta.json").is_file():
+        model, tokenizer = _load_model_dir(source)  # a bare model directory, e.g. RUN/final
+    else:
+        model, tokenizer, _ = load_for_inference(source)
     return export_model(model, out, format, tokenizer=tokenizer, preprocessor=preprocessor_for(model),
                         allow_causal=allow_causal, dtype=dtype,
                         saved_adapter=adapter if adapter.is_dir() else None)
+
+
+def _load_model_dir(path: Path):
+    """A fastvlm or HF LLaVA directory, with its tokenizer beside it (tokenizer/ or the dir itself) if any."""
+    from fastvlm.data import load_tokenizer
+    from fastvlm.models.vlm import VLM
+
+    model = VLM.from_pretrained(path).eval()
+    for folder in (path / "tokenizer", path):
+        if (folder / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(folder)
+            if tokenizer.image_token_id == model.config.image_token_id:
+                return model, tokenizer
+    return model, None
 
 
 def export_model(model, out, format: str = "hf-llava", *, tokenizer=None, preprocessor=None,
