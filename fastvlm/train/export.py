@@ -37,9 +37,10 @@ HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.fl
 
 
 def add_export_args(parser) -> None:
-    parser.add_argument("run", help="run directory or checkpoint directory")
+    parser.add_argument("run", help="run directory, checkpoint directory, or a model directory (e.g. RUN/final)")
     parser.add_argument("out", help="output directory")
-    parser.add_argument("--format", dest="format", choices=FORMATS, default="hf-llava")
+    parser.add_argument("--format", dest="format", choices=FORMATS, default="hf-llava",
+                        help="hf-llava (transformers LLaVA dir), peft (adapters + connector), fastvlm (native)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="weight dtype of the export (default: the LLM's)")
     parser.add_argument("--allow-causal", action="store_true",
