@@ -220,7 +220,8 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
             model.train()
             stream = iter(batches)
             bar = _progress(stage, index, total, step, progress)
-            stage_t0, last = time.perf_counter(), {}
+            stage_t0 = time.perf_counter()
+            last = next((r for r in reversed(log.records()) if r["event"] == "step" and r["stage_index"] == index), {})
             while step < total:
                 if sigint.set:
                     path = saver.save(step, global_step, bad, skipped)
