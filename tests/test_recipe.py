@@ -104,3 +104,17 @@ def test_digest_follows_training_settings_only():
     assert load_recipe("tiny-demo", ["run.keep_checkpoints=5"]).digest() == base.digest()
     assert load_recipe("tiny-demo", ["stages.lm.lr.llm=1e-4"]).digest() != base.digest()
     assert isinstance(base, Recipe)
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b-stage1", "llava-1.5-7b-stage2-lora", "llava-1.5-7b-stage2-qlora"])
+def test_llava_recipes_carry_the_published_hyperparameters(name):
+    recipe = load_recipe(name)
+    (s,) = recipe.stages
+    assert (recipe.model.select_layer, recipe.model.connector, recipe.data.max_length, s.epochs) == (-2, "mlp", 2048, 1)
+    assert (s.warmup_ratio, s.schedule, s.precision, s.weight_decay) == (0.03, "cosine", "bf16", 0.0)
+    if name.endswith("stage1"):
+        assert s.type == "align" and s.lr == {"connector": 1e-3} and s.batch_size * s.grad_accum == 256
+    else:
+        assert s.type == "instruct" and s.lr == {"connector": 2e-5, "llm": 2e-4}
+        assert s.batch_size * s.grad_accum == 128 and (s.lora.r, s.lora.alpha) == (128, 256.0)
+        assert s.finetune == ("qlora" if name.endswith("qlora") else "lora")
