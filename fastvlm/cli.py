@@ -1,4 +1,4 @@
-"""`fastvlm` command line: `fastvlm info`, `fastvlm demo`."""
+"""`fastvlm` command line: `fastvlm info | demo | train | eval | export`."""
 from __future__ import annotations
 
 import argparse
@@ -146,20 +146,101 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_train_args(parser) -> None:
+    parser.add_argument("recipe", help="a shipped recipe's name (tiny-demo, llava-1.5-7b-stage1, ...) or a TOML path")
+    parser.add_argument("--out", default=None,
+                        help="run directory (default: the current one if it is a run directory, else runs/<name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set stages.instruct.max_steps=10 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print parameter counts, memory estimate and steps per stage; load no weights")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def cli_train(args) -> int:
+    from pathlib import Path
+
+    from fastvlm.train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from fastvlm.train.dryrun import dry_run
+
+        print(dry_run(recipe, Path(args.out) if args.out else None))
+        return 0
+    from fastvlm.train.trainer import Interrupted, train
+
+    # Inside a run directory, the same command continues that run.
+    out = Path(args.out or ("." if Path("recipe.json").is_file() else Path("runs") / recipe.name))
+    try:
+        result = train(recipe, out, resume=args.resume, progress=not args.no_progress)
+    except Interrupted as stop:
+        print(f"{stop}; continue with: fastvlm train {args.recipe} --out {out} --resume", file=sys.stderr)
+        return 130
+    print(f"run written to {out} (model: {result['final']}, plots: {result['plots']})")
+    return 0
+
+
+def _delegate(module: str, function: str):
+    """T2's eval / export commands live in their modules; import them only when called."""
+    import importlib
+
+    return getattr(importlib.import_module(module), function)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastvlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, compiled extension, GPU, backend per op")
     info.add_argument("--json", action="store_true", help="print JSON")
-    demo = sub.add_parser("demo", help="the built-in default job")
-    demo.add_argument("--seq-len", type=_positive_int, default=8192)
+    demo = sub.add_parser("demo", help="train the tiny-demo recipe from scratch on synthetic VQA (CPU, minutes)")
+    demo.add_argument("--out", default=None, help="run directory (default: runs/tiny-demo)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a tiny-demo recipe key")
+    demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    demo.add_argument("--masks", action="store_true",
+                      help="instead: the attention block-map demo of a packed N-token batch (the former default)")
+    demo.add_argument("--seq-len", type=_positive_int, default=None,
+                      help="block-map demo length (implies --masks; 8192)")
     demo.add_argument("--seed", type=int, default=0)
+    train = sub.add_parser("train", help="run a training recipe (stages, checkpoints, metrics, plots)")
+    _add_train_args(train)
+    evaluation = sub.add_parser("eval", help="VQA accuracy per question type of a run or checkpoint")
+    export = sub.add_parser("export", help="export a run as a Hugging Face LLaVA, PEFT or fastvlm directory")
+    for module, add, parser_ in (("evaluation", "add_eval_args", evaluation), ("export", "add_export_args", export)):
+        try:
+            _delegate(f"fastvlm.train.{module}", add)(parser_)
+        except ModuleNotFoundError as err:  # a partial install: say so when the command is used
+            parser_.set_defaults(missing=str(err))
     args = parser.parse_args(argv)
     if args.command == "info":
         env = environment()
         print(json.dumps(env, indent=2)) if args.json else print_info(env)
+    elif args.command == "demo":
+        if args.masks or args.seq_len is not None:
+            run_demo(args.seq_len or 8192, args.seed)
+        else:
+            from fastvlm.train.demo import run_training_demo
+            from fastvlm.train.trainer import Interrupted
+
+            try:
+                return run_training_demo(args.out, args.overrides, progress=not args.no_progress)
+            except Interrupted as stop:
+                print(stop, file=sys.stderr)
+                return 130
+    elif args.command == "train":
+        try:
+            return cli_train(args)
+        except ValueError as err:  # a bad recipe, path or run directory: the message names it
+            print(f"fastvlm train: {err}", file=sys.stderr)
+            return 2
+    elif getattr(args, "missing", None):
+        raise SystemExit(f"fastvlm {args.command}: unavailable ({args.missing})")
+    elif args.command == "eval":
+        return _delegate("fastvlm.train.evaluation", "cli_eval")(args) or 0
     else:
-        run_demo(args.seq_len, args.seed)
+        return _delegate("fastvlm.train.export", "cli_export")(args) or 0
     return 0
 
 

@@ -6,8 +6,9 @@ language_model.model.* / language_model.lm_head.*`` (also what 5.x saves to disk
 model.language_model.* / lm_head.*`` (what PEFT adapters trained on transformers 5
 hold). Both are read; the 5.x module names are written, since those are what PEFT
 matches. The vision tower's inner names are fastvlm.models.hf_vision's table; the
-projector's ``linear_1`` / ``linear_2`` are fastvlm's ``0`` / ``2`` (an nn.Sequential
-with the activation at 1).
+projector's ``linear_1`` / ``linear_2`` are PROJECTOR_NAMES' pair for the connector
+(``0`` / ``2`` of the mlp connector, an nn.Sequential with the activation at 1;
+``proj`` / ``out`` of the multilevel one that HF's list of feature layers maps to).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ FASTVLM_PARTS = {"vision": "vision_tower.", "projector": "multi_modal_projector.
 HF5_PARTS = {"vision": "model.vision_tower.", "projector": "model.multi_modal_projector.",
              "llm": "model.language_model.", "head": "lm_head."}
 _HF_PROJECTOR = re.compile(r"linear_(?P<n>[12])\.(?P<rest>.+)$")
-_OUR_PROJECTOR = re.compile(r"(?P<i>[02])\.(?P<rest>.+)$")
+# fastvlm's names of transformers' linear_1 / linear_2, per VLMConfig.connector
+PROJECTOR_NAMES = {"mlp": ("0", "2"), "multilevel": ("proj", "out")}
 
 
 def split_hf_name(key: str) -> tuple[str | None, str]:
@@ -38,7 +40,7 @@ def split_hf_name(key: str) -> tuple[str | None, str]:
     return None, key
 
 
-def from_hf(key: str, vision: VisionConfig) -> str | None:
+def from_hf(key: str, vision: VisionConfig, connector: str = "mlp") -> str | None:
     """fastvlm name of an HF LLaVA parameter (either layout); None where fastvlm has no
     such parameter (the vision tower's final norm). KeyError for unknown names."""
     part, rest = split_hf_name(key)
@@ -47,15 +49,15 @@ def from_hf(key: str, vision: VisionConfig) -> str | None:
         return None if inner is None else FASTVLM_PARTS[part] + inner
     if part == "projector":
         match = _HF_PROJECTOR.match(rest)
-        if match is None:
+        if match is None or connector not in PROJECTOR_NAMES:
             raise KeyError(key)
-        rest = f"{2 * (int(match['n']) - 1)}.{match['rest']}"
+        rest = f"{PROJECTOR_NAMES[connector][int(match['n']) - 1]}.{match['rest']}"
     if part is None:
         raise KeyError(key)
     return FASTVLM_PARTS[part] + rest
 
 
-def to_hf(name: str, vision: VisionConfig) -> str:
+def to_hf(name: str, vision: VisionConfig, connector: str = "mlp") -> str:
     """The transformers 5 module-layout name of a fastvlm.VLM parameter. KeyError if none."""
     for part, prefix in FASTVLM_PARTS.items():
         if name.startswith(prefix):
@@ -66,8 +68,9 @@ def to_hf(name: str, vision: VisionConfig) -> str:
     if part == "vision":
         rest = hf_vision.hf_name(rest, vision)
     elif part == "projector":
-        match = _OUR_PROJECTOR.match(rest)
-        if match is None:
+        layer, _, tail = rest.partition(".")
+        names = PROJECTOR_NAMES.get(connector, ())
+        if layer not in names or not tail:
             raise KeyError(name)
-        rest = f"linear_{int(match['i']) // 2 + 1}.{match['rest']}"
+        rest = f"linear_{names.index(layer) + 1}.{tail}"
     return HF5_PARTS[part] + rest

@@ -201,7 +201,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, n, -1, d).transpose(1, 2)
         k = self.k_proj(x).view(b, n, -1, d).transpose(1, 2)
         v = self.v_proj(x).view(b, n, -1, d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # fp32 cos/sin would promote autocast's bf16 q, k; attention wants q, k, v in one dtype
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if cache is not None:
             k_all, v_all = cache.write(layer, k, v)
         if layout is not None:  # training, or the prefill of generation

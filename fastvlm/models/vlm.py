@@ -31,7 +31,7 @@ from fastvlm.models.llm import (
 )
 from fastvlm.models.splice import splice_image_features
 from fastvlm.models.vision import VisionConfig, VisionEncoder
-from fastvlm.nn.connector import FusedMLPConnector
+from fastvlm.nn.connector import FusedMLPConnector, MultiLevelConnector, ResamplerConnector
 from fastvlm.nn.lora import LoRALinear
 from fastvlm.ops import KINDS, AttentionLayout
 from fastvlm.ops.activations import FUSED_ACTIVATIONS, activation_from_hf
@@ -39,6 +39,7 @@ from fastvlm.utils.config import check_known_keys, check_required_keys, require
 from fastvlm.utils.io import atomic_write, read_json
 
 VISION_FEATURES = ("patch", "full")  # LLaVA's "default" drops the class (and register) tokens
+CONNECTORS = ("mlp", "multilevel", "resampler")
 FORMAT = "fastvlm_vlm"
 
 
@@ -53,12 +54,26 @@ class VLMConfig:
     projector_bias: bool = True
     attention_kind: str = "causal"  # causal | image_bidirectional | mmca | prefix_lm
     split_softmax: bool = False
+    connector: str = "mlp"          # mlp (LLaVA mlp2x_gelu) | multilevel | resampler
+    select_layers: list | None = None  # multilevel: several encoder hidden states (default [select_layer])
+    multilevel_mode: str = "concat"    # multilevel: concat (HF LLaVA's list of layers) | sum (COMM)
+    token_reduction: str | None = None  # mlp / multilevel: pixel_shuffle | avg_pool (2x2, 4x fewer tokens)
+    resampler_queries: int = 64
 
     def __post_init__(self):
-        layers = [self.select_layer] if isinstance(self.select_layer, int) else self.select_layer
-        if not isinstance(layers, (list, tuple)) or not layers or \
-                not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-            raise ValueError(f"select_layer: expected an int or a non-empty list of ints, got {self.select_layer!r}")
+        if not isinstance(self.select_layer, int) or isinstance(self.select_layer, bool):
+            raise ValueError(f"select_layer: expected an int (several layers: select_layers), "
+                             f"got {self.select_layer!r}")
+        if self.select_layers is not None and (
+                not isinstance(self.select_layers, (list, tuple)) or not self.select_layers
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.select_layers)):
+            raise ValueError(f"select_layers: expected a non-empty list of ints, got {self.select_layers!r}")
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"connector: expected one of {CONNECTORS}, got {self.connector!r}")
+        if self.token_reduction is not None and self.connector == "resampler":
+            raise ValueError("token_reduction: the resampler already fixes the token count; use mlp or multilevel")
+        if self.select_layers is not None and self.connector != "multilevel" and len(self.select_layers) != 1:
+            raise ValueError(f"select_layers: several layers {self.select_layers} need connector='multilevel'")
         if self.vision_feature not in VISION_FEATURES:
             raise ValueError(f"vision_feature: expected one of {VISION_FEATURES}, got {self.vision_feature!r}")
         if self.attention_kind not in KINDS:
@@ -88,44 +103,65 @@ class VLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.vision_tower = VisionEncoder(cfg.vision)
-        self.multi_modal_projector = FusedMLPConnector(cfg.vision.hidden_size * len(self.select_layers),
-                                                       cfg.llm.hidden_size,
-                                                       cfg.llm.hidden_size, activation=cfg.projector_act,
-                                                       bias=cfg.projector_bias)
+        self.multi_modal_projector = build_connector(cfg)
         self.language_model = LLM(cfg.llm)
 
-    # ---- pieces ------------------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[num_images, C, H, W] -> projected features [num_images, T, llm hidden]."""
-        feats = self.vision_tower(images, select_layers=self.select_layers)
-        if self.config.vision_feature == "patch":
-            feats = [f[:, self.config.vision.num_prefix_tokens:] for f in feats]
-        feats = feats[0] if len(feats) == 1 else torch.cat(feats, -1)  # transformers' order: layer-major
-        # not projector[0].weight: under LoRA or PEFT's ModulesToSaveWrapper the layer is wrapped
-        return self.multi_modal_projector(feats.to(next(self.multi_modal_projector.parameters()).dtype))
+    @classmethod
+    def from_parts(cls, vision, llm, *, image_token_id: int, **options) -> "VLM":
+        """LLaVA stage 1's starting point: a vision tower and an LLM, each a local Hugging
+        Face directory (CLIP / SigLIP / DINOv2; Llama / Qwen2 / Mistral) or a config, joined
+        by a fresh connector; `options` are VLMConfig fields (connector, select_layer, ...)."""
+        tower = VisionEncoder.from_pretrained(vision) if isinstance(vision, (str, Path)) else VisionEncoder(vision)
+        lm = LLM.from_pretrained(llm) if isinstance(llm, (str, Path)) else LLM(llm)
+        model = cls(VLMConfig(vision=tower.config, llm=lm.config, image_token_id=image_token_id, **options))
+        model.vision_tower, model.language_model = tower, lm
+        return model
 
     @property
-    def select_layers(self) -> list[int]:
-        sel = self.config.select_layer
-        return [sel] if isinstance(sel, int) else list(sel)
+    def feature_layers(self) -> list[int]:
+        """The encoder hidden states the connector reads."""
+        return list(self.config.select_layers or [self.config.select_layer])
 
-    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+    @property
+    def image_tokens(self) -> int:
+        """LLM tokens per image at the config's resolution (each expanded placeholder run's length)."""
+        return self.tokens_per_image()
+
+    # ---- pieces ------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor | None = None, image_features=None) -> torch.Tensor:
+        """[num_images, C, H, W] -> projected features [num_images, T, llm hidden]; or, instead
+        of pixels, the encoder's hidden states at `feature_layers` (one [num_images, T, C] per
+        layer, e.g. from a FeatureCache)."""
+        feats = (self.vision_tower(images, select_layers=self.feature_layers)
+                 if image_features is None else list(image_features))
+        if self.config.vision_feature == "patch":
+            feats = [f[:, self.config.vision.num_prefix_tokens:] for f in feats]
+        dtype = next(self.multi_modal_projector.parameters()).dtype
+        feats = [f.to(dtype) for f in feats]
+        return self.multi_modal_projector(feats if self.config.connector == "multilevel" else feats[0])
+
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None, image_features=None) -> torch.Tensor:
         image_id = self.config.image_token_id
         is_image = input_ids == image_id
         # The placeholder id may lie outside the vocabulary; its rows are overwritten anyway.
         embeds = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
-        if images is None:
+        if images is None and image_features is None:
             if bool(is_image.any()):
                 raise ValueError(f"images: input_ids hold image tokens (id {image_id}) but no images were given")
             return embeds
-        return splice_image_features(embeds, input_ids, image_id, self.encode_images(images))
+        return splice_image_features(embeds, input_ids, image_id, self.encode_images(images, image_features))
 
     def tokens_per_image(self, images: torch.Tensor | None = None) -> int:
-        """Feature vectors per image (of `images`' resolution; default the config's)."""
+        """LLM tokens per image (of `images`' resolution; default the config's): what the
+        connector makes of the encoder's patches (a resampler's fixed budget, 4x fewer
+        under token reduction)."""
+        if self.config.connector == "resampler":
+            return self.config.resampler_queries
         v = self.config.vision
         h, w = images.shape[-2:] if images is not None else (v.image_size, v.image_size)
         prefix = v.num_prefix_tokens if self.config.vision_feature == "full" else 0
-        return (h // v.patch_size) * (w // v.patch_size) + prefix
+        tokens = (h // v.patch_size) * (w // v.patch_size) + prefix
+        return tokens // 4 if self.config.token_reduction else tokens
 
     def layout(self, input_ids, attention_mask=None, segment_ids=None, prefix_mask=None,
                images: torch.Tensor | None = None) -> AttentionLayout:
@@ -139,14 +175,15 @@ class VLM(nn.Module):
 
     # ---- training / inference ------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None, labels=None, *,
-                attention_mask=None, segment_ids=None, prefix_mask=None):
+                attention_mask=None, segment_ids=None, prefix_mask=None, image_features=None):
         """Logits [B, N, V], or the mean next-token loss when labels are given
-        (image tokens and label -100 are never targets)."""
+        (image tokens and label -100 are never targets). `image_features` replaces
+        `images` by precomputed encoder hidden states (see encode_images)."""
         self._check_input_ids(input_ids)
         layout = self.layout(input_ids, attention_mask, segment_ids, prefix_mask, images)
         check_positions(self.config.llm, input_ids.shape[1], "input_ids", positions_of(layout),  # before encoding
                         layout.segment_ids >= 0)
-        embeds = self.embed(input_ids, images)
+        embeds = self.embed(input_ids, images, image_features)
         if labels is not None:
             check_labels(labels, tuple(input_ids.shape), None)  # the LLM checks the ids, placeholders masked
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
@@ -204,6 +241,21 @@ class VLM(nn.Module):
             atomic_write(path / name, write)
 
 
+def build_connector(cfg: VLMConfig) -> torch.nn.Module:
+    """The connector VLMConfig.connector names, vision width -> LLM width."""
+    width, out = cfg.vision.hidden_size, cfg.llm.hidden_size
+    if cfg.connector == "resampler":
+        return ResamplerConnector(width, out, cfg.resampler_queries, num_heads=max(1, out // 64),
+                                  positions=cfg.vision_feature == "patch")
+    if cfg.connector == "multilevel":
+        return MultiLevelConnector([width] * len(cfg.select_layers or [cfg.select_layer]), out, out,
+                                   mode=cfg.multilevel_mode, layer_norm=cfg.multilevel_mode == "sum",
+                                   activation=cfg.projector_act, reduce=cfg.token_reduction)
+    scale = 4 if cfg.token_reduction == "pixel_shuffle" else 1
+    return FusedMLPConnector(scale * width, out, out, activation=cfg.projector_act, bias=cfg.projector_bias,
+                             reduce=cfg.token_reduction)
+
+
 def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
     """Config and renamed weights of a transformers LLaVA checkpoint (the 4.x layout
     `vision_tower.* / multi_modal_projector.* / language_model.model.*` and the
@@ -213,6 +265,8 @@ def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
     if strategy not in ("default", "full"):
         raise ValueError(f"config.json: vision_feature_select_strategy {strategy!r}; expected 'default' or 'full'")
     layer = raw.get("vision_feature_layer", -2)
+    # Several layers: HF concatenates them on the channels, i.e. a multilevel concat connector.
+    layers = list(layer) if isinstance(layer, (list, tuple)) else None
     vision = config_from_hf(raw["vision_config"])
     if strategy == "default" and vision.num_prefix_tokens != 1:  # transformers drops exactly one token
         raise ValueError(f"config.json: vision_feature_select_strategy 'default' drops the first token, which "
@@ -227,9 +281,10 @@ def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
     if not isinstance(image_id, int) or isinstance(image_id, bool):
         raise ValueError(f"config.json: image_token_index (or image_token_id) must be the image placeholder's "
                          f"token id, got {image_id!r}")
-    cfg = VLMConfig(vision=vision, llm=llm, image_token_id=image_id, select_layer=layer,
+    cfg = VLMConfig(vision=vision, llm=llm, image_token_id=image_id, select_layer=layers[-1] if layers else layer,
                     vision_feature="patch" if strategy == "default" else "full", projector_act=act,
-                    projector_bias=raw.get("multimodal_projector_bias", True))
+                    projector_bias=raw.get("multimodal_projector_bias", True),
+                    connector="multilevel" if layers else "mlp", select_layers=layers)
     model = VLM(cfg)
     vision_hf, state = {}, {}
     for key, tensor in hf_state.items():
@@ -238,7 +293,7 @@ def _from_hf_llava(raw: dict, hf_state: dict) -> tuple[VLM, dict]:
             vision_hf[rest] = tensor
             continue
         try:
-            state[llava_names.from_hf(key, vision)] = tensor
+            state[llava_names.from_hf(key, vision, cfg.connector)] = tensor
         except KeyError:
             state[key] = tensor  # reported as unexpected by _load_exact
     converted, unexpected = convert_state_dict(vision_hf, vision)

@@ -1,0 +1,216 @@
+"""From a recipe to a model, and from a stage to what it trains.
+
+``build_model`` makes the run's starting model (a Hugging Face LLaVA / fastvlm
+directory, separate vision + LLM parts, or the built-in tiny configuration from
+scratch). ``prepare_stage`` puts the model in a stage's shape — freezing,
+contrastive heads, a frozen bf16 tower, LoRA / QLoRA, checkpointing policies,
+attention kind — and ``finish_stage`` undoes what must not outlive the stage
+(heads are dropped, LoRA merged into the weights). Both are deterministic, so
+resuming replays them over the stages already done before loading a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastvlm.models.llm import LLMConfig
+from fastvlm.models.vision import VisionConfig
+from fastvlm.models.vlm import VLM, VLMConfig
+from fastvlm.train.recipe import Recipe, Stage
+
+# Parameter groups by name (the optimizer's per-group learning rates); first match wins.
+GROUP_PATTERNS = {
+    "heads": r"contrastive_heads\..*",
+    "connector": r"multi_modal_projector\..*",
+    "vision": r"vision_tower\..*",
+    "llm": r"language_model\..*",
+}
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 matmuls run natively: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def _existing(path: str, key: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"{key}: {path} does not exist")
+    return p
+
+
+def model_options(recipe: Recipe) -> dict:
+    """VLMConfig fields the recipe's model section sets."""
+    m = recipe.model
+    return dict(connector=m.connector, select_layer=m.select_layer, select_layers=list(m.select_layers) or None,
+                multilevel_mode=m.multilevel_mode, token_reduction=m.token_reduction or None,
+                resampler_queries=m.resampler_queries, vision_feature=m.vision_feature,
+                attention_kind=m.attention_kind)
+
+
+def tiny_config(recipe: Recipe, vocab_size: int, image_token_id: int) -> VLMConfig:
+    t = recipe.model.tiny
+    presets = {"clip": VisionConfig.clip, "siglip": VisionConfig.siglip, "dinov2": VisionConfig.dinov2}
+    if t.vision_family not in presets:
+        raise ValueError(f"model.tiny.vision_family: expected one of {', '.join(presets)}, got {t.vision_family!r}")
+    vision = presets[t.vision_family](image_size=t.image_size, patch_size=t.patch_size, hidden_size=t.vision_hidden,
+                                      num_layers=t.vision_layers, num_heads=t.vision_heads,
+                                      intermediate_size=4 * t.vision_hidden)
+    llm = LLMConfig(vocab_size=vocab_size, hidden_size=t.llm_hidden, intermediate_size=t.llm_intermediate,
+                    num_hidden_layers=t.llm_layers, num_attention_heads=t.llm_heads,
+                    max_position_embeddings=t.max_position_embeddings)
+    return VLMConfig(vision=vision, llm=llm, image_token_id=image_token_id, **model_options(recipe))
+
+
+def model_config(recipe: Recipe, tokenizer) -> VLMConfig:
+    """The starting model's configuration, read without loading any weight (for --dry-run too)."""
+    from fastvlm.models.hf_vision import config_from_hf
+
+    m = recipe.model
+    if m.source == "tiny":
+        return tiny_config(recipe, tokenizer.vocab_size if tokenizer is not None else m.tiny.vocab_size,
+                           tokenizer.image_token_id if tokenizer is not None else m.tiny.vocab_size - 1)
+    if m.source == "parts":
+        vision = config_from_hf(json.loads((_existing(m.vision, "model.vision") / "config.json").read_text()))
+        llm = LLMConfig.from_hf(json.loads((_existing(m.llm, "model.llm") / "config.json").read_text()))
+        return VLMConfig(vision=vision, llm=llm, image_token_id=_image_token_id(tokenizer, llm),
+                         **model_options(recipe))
+    raw = json.loads((_existing(m.path, "model.path") / "config.json").read_text())
+    if raw.get("model_type") == "fastvlm_vlm":
+        return VLMConfig.from_dict(raw["config"])
+    with torch.device("meta"):
+        from fastvlm.models.vlm import _from_hf_llava
+
+        return _from_hf_llava(raw, {})[0].config
+
+
+def _image_token_id(tokenizer, llm: LLMConfig) -> int:
+    if tokenizer is None:
+        return llm.vocab_size
+    return tokenizer.image_token_id
+
+
+def build_model(recipe: Recipe, tokenizer, seed: int) -> VLM:
+    """The run's starting model (weights from disk, or a seeded random init)."""
+    m = recipe.model
+    if m.source == "pretrained":
+        model = VLM.from_pretrained(_existing(m.path, "model.path"))
+        if tokenizer.image_token_id != model.config.image_token_id:
+            raise ValueError(f"model.tokenizer: image token {tokenizer.image_token!r} has id "
+                             f"{tokenizer.image_token_id}, the model expects {model.config.image_token_id}")
+        return model
+    if m.source == "parts":
+        return VLM.from_parts(_existing(m.vision, "model.vision"), _existing(m.llm, "model.llm"),
+                              image_token_id=tokenizer.image_token_id, **model_options(recipe))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return VLM(tiny_config(recipe, tokenizer.vocab_size, tokenizer.image_token_id))
+
+
+def prepare_stage(model: VLM, stage: Stage, recipe: Recipe, device: torch.device) -> dict:
+    """Freeze all but the groups the stage trains, add its adapters/heads; returns the
+    stage's runtime settings (precision policy, ...)."""
+    from fastvlm.train.precision import MixedPrecision
+
+    model.requires_grad_(False)
+    tower = model.vision_tower
+    if stage.type == "contrastive":
+        from fastvlm.train.contrastive import ContrastiveHeads
+
+        c = stage.contrastive
+        model.contrastive_heads = ContrastiveHeads(model.config.vision.hidden_size, model.config.llm.hidden_size,
+                                                   c.embed_dim, c.kind, c.image_pool).to(device)
+        model.contrastive_heads.requires_grad_("heads" in stage.lr)
+        _unfreeze_tower(tower)
+        tower.requires_grad_("vision" in stage.lr)
+    elif stage.type == "lm":
+        model.language_model.requires_grad_(True)
+    elif stage.type == "align":
+        if not tower.frozen:
+            tower.freeze(torch.bfloat16 if bf16_supported(device) else None)
+    else:
+        _prepare_instruct(model, stage, device)
+    model.multi_modal_projector.requires_grad_("connector" in stage.lr)
+    model.config.attention_kind = stage.attention_kind or recipe.model.attention_kind
+    tower.set_checkpointing(stage.checkpointing.get("vision", "none"))
+    model.language_model.set_checkpointing(stage.checkpointing.get("llm", "none"))
+    precision = stage.precision
+    if precision == "bf16" and not bf16_supported(device):
+        precision = "fp32"  # emulated bf16 on a CPU without it is slower and no more useful
+    mp = MixedPrecision(precision)
+    mp.prepare(model, cast_frozen=stage.type != "contrastive")
+    return {"precision": mp}
+
+
+def _unfreeze_tower(tower) -> None:
+    if tower.frozen:
+        tower.frozen_dtype = None
+        tower.float()
+        tower.train()
+
+
+def _prepare_instruct(model: VLM, stage: Stage, device: torch.device) -> None:
+    from fastvlm.train.lora import apply_lora
+
+    lora = stage.lora
+    if "llm" in stage.lr:
+        if stage.finetune == "full":
+            model.language_model.requires_grad_(True)
+        elif stage.finetune == "lora":
+            apply_lora(model.language_model, lora.targets, lora.r, lora.alpha, lora.dropout)
+        else:
+            from fastvlm.train.quant import apply_qlora
+
+            apply_qlora(model.language_model, lora.targets, lora.r, lora.alpha, lora.dropout,
+                        compute_dtype="bf16" if stage.precision == "bf16" else "fp16")
+    if "vision" in stage.lr:
+        tower = model.vision_tower
+        _unfreeze_tower(tower)
+        if stage.finetune == "full" and not lora.vision_blocks:
+            tower.requires_grad_(True)
+        else:
+            n = len(tower.blocks)
+            blocks = "|".join(str(i) for i in range(max(0, n - lora.vision_blocks), n))
+            names = "|".join(t.strip() for t in lora.vision_targets.split(","))
+            apply_lora(tower, rf"blocks\.({blocks})\.(attn|mlp)\.({names})", lora.r, lora.alpha, lora.dropout)
+    model.to(device)
+
+
+def finish_stage(model: VLM, stage: Stage) -> None:
+    """What must not outlive the stage: contrastive heads; LoRA (merged into its base)."""
+    from fastvlm.nn.lora import LoRALinear, set_submodule
+
+    if stage.type == "contrastive" and hasattr(model, "contrastive_heads"):
+        del model.contrastive_heads
+    for part in (model.language_model, model.vision_tower):
+        if getattr(part, "lora_config", None) is None:
+            continue
+        for name, module in list(part.named_modules()):
+            if isinstance(module, LoRALinear) and not module.quantized:
+                module.merge()
+                set_submodule(part, name, module.base_layer)
+        if not any(isinstance(m, LoRALinear) for m in part.modules()):
+            part.lora_config = None
+
+
+def trainable_by_group(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{group: (total, trainable)} parameter counts."""
+    import re
+
+    counts: dict[str, list[int]] = {g: [0, 0] for g in GROUP_PATTERNS}
+    compiled = {g: re.compile(p) for g, p in GROUP_PATTERNS.items()}
+    for name, p in model.named_parameters():
+        group = next(g for g, rx in compiled.items() if rx.fullmatch(name))
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # NF4 packs two weights per byte
+        counts[group][0] += n
+        counts[group][1] += n if p.requires_grad else 0
+    return {g: (t, tr) for g, (t, tr) in counts.items() if t}

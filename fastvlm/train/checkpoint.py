@@ -1,0 +1,165 @@
+"""Run checkpoints: everything a step needs to continue exactly, in one directory.
+
+RUN/checkpoints/s<stage>-<name>-step<step>/
+    model.safetensors   the whole model's state dict (LoRA layers included)
+    state.pt            optimizer, scheduler, loss scaler, data sampler, RNG states, counters
+    meta.json           stage index and name, step, recipe digest; written last
+
+A checkpoint is built in RUN/checkpoints/.tmp-<uuid>/ and renamed into place
+once complete (a rename within one folder is atomic), so a writer killed at any
+point leaves the previous checkpoints untouched and at most a .tmp-* folder that
+nothing reads; the newest K complete ones are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NAME = re.compile(r"^s(\d{2})-(.+)-step(\d{7})$")
+
+
+def checkpoint_name(stage_index: int, stage: str, step: int) -> str:
+    return f"s{stage_index:02d}-{stage}-step{step:07d}"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: Path, name: str, model: torch.nn.Module, state: dict, meta: dict,
+                    extra: dict[str, str] | None = None) -> Path:
+    """Write a complete checkpoint under root/name (replacing one of that name); `extra`
+    holds further text files (config.json, lora.json) by name."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(_untie(tensors), str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        for filename, text in (extra or {}).items():
+            (tmp / filename).write_text(text)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        final = root / name
+        if final.exists():  # the same step saved again (e.g. after a resume): swap it out
+            old = root / f".tmp-old-{uuid.uuid4().hex}"
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _untie(tensors: dict) -> dict:
+    # safetensors refuses tensors sharing memory (tied embeddings): store a copy of each alias.
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (by stage, then step)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = NAME.match(d.name)
+        if m and (d / "meta.json").is_file() and (d / "state.pt").is_file() and (d / "model.safetensors").is_file():
+            found.append(((int(m.group(1)), int(m.group(3))), d))
+    return [d for _, d in sorted(found)]
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict, dict]:
+    """Load the weights into `model` (whose structure must match); return (state, meta)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    expected = model.state_dict()
+    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path}: does not fit the model of this stage (missing "
+                         f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
+    model.load_state_dict(tensors)
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    return state, json.loads((path / "meta.json").read_text())
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and stale temporary folders."""
+    for d in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+    for d in root.glob(".tmp-*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def load_for_inference(run_or_checkpoint) -> tuple:
+    """(model, tokenizer, recipe) of a run directory (RUN/final if written, else its newest
+    complete checkpoint) or of one checkpoint directory; LoRA layers come back as trained."""
+    from fastvlm.data import load_tokenizer
+    from fastvlm.models.vlm import VLM, VLMConfig
+    from fastvlm.train.lora import LoRAConfig, apply_lora
+    from fastvlm.train.recipe import load_recipe
+
+    path = Path(run_or_checkpoint)
+    if not path.exists():
+        raise ValueError(f"run_or_checkpoint: {path} does not exist")
+    run_dir = path.parent.parent if NAME.match(path.name) else path
+    recipe = load_recipe(run_dir / "recipe.toml")
+    tokenizer = load_tokenizer(run_dir / "tokenizer", image_token=recipe.model.image_token)
+    if not NAME.match(path.name):
+        if (path / "final" / "config.json").is_file():
+            return VLM.from_pretrained(path / "final"), tokenizer, recipe
+        found = complete_checkpoints(path / "checkpoints")
+        if not found:
+            raise ValueError(f"run_or_checkpoint: {path} holds neither final/ nor a complete checkpoint")
+        path = found[-1]
+    model = VLM(VLMConfig.from_dict(json.loads((path / "config.json").read_text())["config"]))
+    lora = json.loads((path / "lora.json").read_text())
+    for part, attr in (("llm", "language_model"), ("vision", "vision_tower")):
+        if lora.get(part):
+            cfg = LoRAConfig(**lora[part])
+            apply_lora(getattr(model, attr), cfg.targets, cfg.r, cfg.alpha, cfg.dropout, cfg.trainable, cfg.rslora)
+    from safetensors.torch import load_file
+
+    state = {k: v for k, v in load_file(str(path / "model.safetensors")).items()
+             if not k.startswith("contrastive_heads.")}
+    model.load_state_dict(state)
+    return model.eval(), tokenizer, recipe

@@ -1,0 +1,151 @@
+"""`fastvlm train RECIPE --dry-run`: what each stage would train and hold, with no weight loaded.
+
+The model is built on the meta device from its configuration files, shaped per
+stage exactly as training would (fastvlm.train.build), and measured:
+parameters per group (total / trainable), bytes of weights, gradients and
+optimizer states, an activation estimate at the stage's micro-batch, and the
+number of optimizer steps (from the data's estimated lengths and the packing).
+
+Activations follow Korthikanti et al. (2022) for a transformer layer in 16-bit
+with a fused attention kernel (no s^2 term): 34 * tokens * width bytes per layer
+kept for backward; full checkpointing keeps 2 * tokens * width per layer plus one
+layer recomputed at a time, selective about 24. A frozen tower without autograd
+keeps nothing; the LLM keeps its activations whenever a gradient flows through
+it (align: to the connector below it).
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastvlm.train.build import model_config, trainable_by_group
+from fastvlm.train.recipe import Recipe, Stage
+
+BYTES_PER_LAYER_TOKEN = {"none": 34, "selective": 24, "full": 2}
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "paged_adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.3f} GiB"
+
+
+def _policy_bytes(policy: str) -> int:
+    mode = policy.split("+")[0].split(":")[0]
+    return BYTES_PER_LAYER_TOKEN.get(mode, BYTES_PER_LAYER_TOKEN["selective"])  # every_k: between
+
+
+def activation_bytes(model, stage: Stage, tokens: int, images: int) -> int:
+    cfg = model.config
+    llm_grads = stage.type in ("lm", "align", "instruct")
+    vision_grads = any(p.requires_grad for p in model.vision_tower.parameters())
+    total = 0
+    if llm_grads:
+        per = _policy_bytes(stage.checkpointing.get("llm", "none"))
+        total += cfg.llm.num_hidden_layers * tokens * cfg.llm.hidden_size * per
+    if vision_grads:
+        t = images * (cfg.vision.grid_size ** 2 + cfg.vision.num_prefix_tokens)
+        per = _policy_bytes(stage.checkpointing.get("vision", "none"))
+        total += cfg.vision.num_layers * t * cfg.vision.hidden_size * per
+    return total
+
+
+def stage_memory(model, stage: Stage, tokens: int, images: int) -> dict:
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"weights": weights, "gradients": trainable * 4, "optimizer": trainable * OPTIMIZER_STATE_BYTES[
+        stage.optimizer], "activations": activation_bytes(model, stage, tokens, images)}
+
+
+def stage_steps(recipe: Recipe, stage: Stage, samples: list, image_tokens: int) -> tuple[int, int, int]:
+    """(optimizer steps, tokens per micro-batch, images per micro-batch), from estimated lengths."""
+    from fastvlm.data import estimate_length
+    from fastvlm.data.packing import pack
+
+    if not samples:
+        return stage.max_steps, 0, 0
+    lengths = [min(estimate_length(s, image_tokens), stage.packing_budget) for s in samples]
+    packed = stage.packing and stage.type != "contrastive"
+    rows = len(pack(lengths, stage.packing_budget)) if packed else len(samples) // stage.batch_size
+    micro = max(1, rows // stage.batch_size) if packed else max(1, rows)
+    steps = stage.max_steps or max(1, math.ceil(stage.epochs * micro / stage.grad_accum))
+    per_sample = len(samples) / max(1, micro)
+    images = 0 if stage.type == "lm" else round(per_sample * sum(len(s.images) for s in samples) / len(samples))
+    tokens = stage.batch_size * stage.packing_budget if packed else round(per_sample * sum(lengths) / len(lengths))
+    return steps, tokens, images
+
+
+def _samples_for(recipe: Recipe, out: Path | None) -> dict:
+    """Stage samples from the data files, generating synthetic data into a temp dir if needed."""
+    from fastvlm.data import read_samples
+
+    d = recipe.data
+    if d.kind == "llava":
+        paths = {"train": d.train, "captions": d.captions or d.train}
+        return {k: list(read_samples(v)) if Path(v).is_file() else [] for k, v in paths.items()}
+    def read(root: Path) -> dict:
+        return {split: list(read_samples(root / f"{split}.json")) for split in ("train", "captions")}
+
+    if out is not None and (out / "data" / "meta.json").is_file():
+        return read(out / "data")
+    from fastvlm.data import synthetic_vqa
+
+    with tempfile.TemporaryDirectory(prefix="fastvlm-dryrun-") as tmp:
+        s = d.synthetic
+        synthetic_vqa.write_dataset(tmp, s.n_train, 0, seed=s.seed, image_size=s.image_size)
+        return read(Path(tmp))
+
+
+def dry_run(recipe: Recipe, out: Path | None = None) -> str:
+    from fastvlm.models.vlm import VLM
+    from fastvlm.train.build import finish_stage, prepare_stage
+
+    tokenizer = None
+    if out is not None and (out / "tokenizer" / "tokenizer.json").is_file():
+        from fastvlm.data import load_tokenizer
+
+        tokenizer = load_tokenizer(out / "tokenizer", image_token=recipe.model.image_token)
+    cfg = model_config(recipe, tokenizer)
+    with torch.device("meta"):
+        model = VLM(cfg)
+    samples = _samples_for(recipe, out)
+    lines = [f"recipe {recipe.name} (hash {recipe.digest()}): {recipe.model.source} model, "
+             f"{sum(p.numel() for p in model.parameters()):,} parameters, {model.image_tokens} tokens per image"]
+    for i, stage in enumerate(recipe.stages):
+        with torch.device("meta"):
+            prepare_stage(model, _unquantized(stage), recipe, torch.device("meta"))
+        source = samples["captions"] if stage.type in ("contrastive", "align") else samples["train"]
+        steps, tokens, images = stage_steps(recipe, stage, source, model.image_tokens)
+        mem = stage_memory(model, stage, tokens, images)
+        if stage.type == "instruct" and stage.finetune == "qlora":  # 4-bit bases: a quarter of bf16's bytes
+            mem["weights"] -= _quantized_saving(model)
+        lines.append(f"\n[{i + 1}] {stage.name} ({stage.type}): {steps} optimizer steps, micro-batch ~{tokens} "
+                     f"tokens / {images} images, {stage.grad_accum} micro-batch(es) per step, "
+                     f"precision {stage.precision}")
+        for group, (total, trainable) in trainable_by_group(model).items():
+            lr = f"lr {stage.lr[group]:g}" if group in stage.lr else "frozen"
+            lines.append(f"    {group:10s} {total:>14,} total {trainable:>14,} trainable   {lr}")
+        for key, value in mem.items():
+            lines.append(f"    {key:12s} {_gib(value)}")
+        lines.append(f"    {'sum':12s} {_gib(sum(mem.values()))}   (estimate; activations per micro-batch)")
+        finish_stage(model, stage)
+    return "\n".join(lines)
+
+
+def _unquantized(stage: Stage) -> Stage:
+    # NF4 quantization needs real weights; on meta tensors LoRA stands in and the bytes are corrected.
+    from dataclasses import replace
+
+    return replace(stage, finetune="lora") if stage.finetune == "qlora" else stage
+
+
+def _quantized_saving(model) -> int:
+    from fastvlm.train.lora import lora_layers
+
+    return sum(m.base_layer.weight.numel() * (m.base_layer.weight.element_size() - 0.5)
+               for m in lora_layers(model.language_model).values())
+
+
+

@@ -1,0 +1,319 @@
+"""VQA evaluation: greedy answers with the KV cache, exact match after normalisation,
+accuracy per question type next to its chance level, and the validation loss.
+
+Every question turn of a conversation is one question: the prompt is the conversation
+up to that turn (earlier turns with their reference answers), rendered by the
+template exactly as training rendered it (fastvlm.data.encode_prompt), with the
+images whose ``<image>`` tags it contains. ``VLM.generate`` decodes greedily; an
+answer ends at EOS or at the first newline (the ``literal`` template ends answers with
+"\\n"). Answers and references are compared after ``normalize_answer``: lower case,
+punctuation dropped, articles dropped, number words to digits ("two" -> "2").
+
+The validation loss is the teacher-forced next-token loss of the full conversations
+(labels from fastvlm.data.encode_conversation), averaged over all supervised tokens.
+
+``fastvlm eval RUN_OR_CHECKPOINT [--split validation]`` runs it on a run's data and
+writes RUN/eval/<name>.json and .md.
+"""
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fastvlm.utils.io import atomic_write_text
+
+ARTICLES = {"a", "an", "the"}
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+     "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"))}
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+IMAGE_TAG = "<image>"
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation and articles dropped, number words as digits, single spaces.
+    A decimal point between digits is kept ("1.5"), other punctuation becomes a space."""
+    text = text.lower().strip()
+    text = re.sub(r"(?<=\d)\.(?=\d)", "\0", text)
+    text = _PUNCTUATION.sub(" ", text).replace("\0", ".")
+    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
+    return " ".join(words)
+
+
+def first_answer(text: str) -> str:
+    """The answer a generation holds: up to its first newline."""
+    return text.split("\n", 1)[0]
+
+
+def _turn_types(sample, question_types, n_questions: int) -> list[str]:
+    """Per question turn: from `question_types` (id -> type or list), the record's own
+    fields (dict records from the synthetic dataset), or "all"."""
+    sid = _field(sample, "id")
+    types = None
+    if question_types is not None and sid in question_types:
+        types = question_types[sid]
+    elif _field(sample, "question_types") is not None:
+        types = _field(sample, "question_types")
+    elif _field(sample, "question_type") is not None:
+        types = _field(sample, "question_type")
+    if types is None:
+        return ["all"] * n_questions
+    if isinstance(types, str):  # one type for the sample: its last question's (the record's question_type)
+        return ["all"] * (n_questions - 1) + [types] if n_questions > 1 else [types]
+    if len(types) != n_questions:
+        raise ValueError(f"question_types: sample {sid!r} has {n_questions} questions but {len(types)} types")
+    return list(types)
+
+
+def _field(sample, name):
+    return sample.get(name) if isinstance(sample, dict) else getattr(sample, name, None)
+
+
+def _as_sample(sample):
+    from fastvlm.data import Sample
+
+    if isinstance(sample, Sample):
+        return sample
+    if isinstance(sample, dict):
+        images = sample.get("images") or ([sample["image"]] if sample.get("image") else [])
+        return Sample(id=str(sample.get("id", "")), images=list(images), conversations=list(sample["conversations"]))
+    raise ValueError(f"samples: expected fastvlm.data.Sample objects or LLaVA dict records, got {type(sample).__name__}")
+
+
+def questions_of(samples: Sequence, tokenizer, template: str, image_tokens: int, question_types=None,
+                 system: str | None = None) -> list[dict]:
+    """One entry per question turn: id, turn, type, prompt ids, reference answer, image paths."""
+    from fastvlm.data import encode_prompt
+
+    questions = []
+    for raw in samples:
+        sample = _as_sample(raw)
+        turns = sample.conversations
+        answers = [k for k, t in enumerate(turns) if t.get("from", t.get("role")) in ("gpt", "assistant")]
+        types = _turn_types(raw, question_types, len(answers))
+        first_prompt = None
+        for turn, (k, qtype) in enumerate(zip(answers, types)):
+            prefix = turns[:k]
+            used = sum(_text(t).count(IMAGE_TAG) for t in prefix)
+            prompt = encode_prompt(prefix, tokenizer, template, image_tokens, system=system)
+            first_prompt = first_prompt or prompt
+            # prefix_lm's bidirectional prefix, as in training: what precedes the first answer.
+            questions.append({"id": sample.id, "turn": turn, "type": qtype, "answer": _text(turns[k]),
+                              "images": sample.images[:used], "prompt": prompt, "prefix_len": len(first_prompt)})
+    return questions
+
+
+def _text(turn: dict) -> str:
+    value = turn.get("value", turn.get("content", ""))
+    if isinstance(value, list):  # messages-style content parts
+        return "".join(IMAGE_TAG if p.get("type") == "image" else p.get("text", "") for p in value)
+    return value
+
+
+def _prefix_lm(model) -> bool:
+    return model.config.attention_kind == "prefix_lm"
+
+
+def _pixels(preprocessor, image_root: Path, paths: list[str]):
+    if not paths:
+        return None
+    return preprocessor([Path(image_root) / p for p in paths])
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, questions: list[dict], *, image_root, preprocessor, max_new_tokens: int = 16,
+                     batch_size: int = 32) -> list[str]:
+    """Greedy answers (KV cache), batched over prompts of similar length, left-padded."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(questions)), key=lambda i: len(questions[i]["prompt"]))
+    answers: list[str | None] = [None] * len(questions)
+    for start in range(0, len(order), batch_size):
+        batch = [questions[i] for i in order[start:start + batch_size]]
+        width = max(len(q["prompt"]) for q in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        prefix = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, q in enumerate(batch):
+            start_at = width - len(q["prompt"])
+            ids[row, start_at:] = torch.tensor(q["prompt"])
+            mask[row, start_at:] = 1
+            prefix[row, start_at:start_at + q["prefix_len"]] = True
+        pixels = _pixels(preprocessor, image_root, [p for q in batch for p in q["images"]])
+        extra = {"prefix_mask": prefix.to(device)} if _prefix_lm(model) else {}
+        tokens = model.generate(ids.to(device), pixels.to(device) if pixels is not None else None,
+                                attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **extra)
+        for row, index in enumerate(order[start:start + batch_size]):
+            out = tokens[row].tolist()
+            if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in out:
+                out = out[:out.index(tokenizer.eos_token_id)]
+            answers[index] = first_answer(tokenizer.decode(out, skip_special_tokens=True))
+    return answers
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, samples: Sequence, *, image_root, preprocessor, template: str,
+                    image_tokens: int, batch_size: int = 32, system: str | None = None) -> tuple[float, int]:
+    """(mean teacher-forced loss over every supervised token, number of those tokens)."""
+    from fastvlm.data import encode_conversation
+
+    device = next(model.parameters()).device
+    image_id = model.config.image_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [(_as_sample(s), encode_conversation(_as_sample(s), tokenizer, template, image_tokens, system=system))
+               for s in samples]
+    total, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
+        width = max(len(e.input_ids) for _, e in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        prefix = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, (_, e) in enumerate(batch):
+            n = len(e.input_ids)
+            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+            prefix[row, :e.prefix_len] = True
+        # The targets the model's mean runs over: next tokens that are labelled, not image tokens.
+        targets = int(((labels[:, 1:] != -100) & (ids[:, 1:] != image_id) & (mask[:, 1:] > 0)).sum())
+        if targets == 0:
+            continue
+        pixels = _pixels(preprocessor, image_root, [p for s, _ in batch for p in s.images])
+        loss = model(ids.to(device), pixels.to(device) if pixels is not None else None, labels.to(device),
+                     attention_mask=mask.to(device), prefix_mask=prefix.to(device) if _prefix_lm(model) else None)
+        total += float(loss.float()) * targets
+        count += targets
+    if count == 0:
+        raise ValueError("samples: no supervised token to compute a validation loss on")
+    return total / count, count
+
+
+def evaluate(model, tokenizer, samples: Sequence, *, image_root, preprocessor, template: str, image_tokens: int,
+             chance: dict | None = None, question_types: dict | None = None, max_new_tokens: int = 16,
+             batch_size: int = 32, loss: bool = True, system: str | None = None) -> dict:
+    """Accuracy per question type and overall, and the validation loss.
+
+    `samples`: fastvlm.data Samples or LLaVA dict records (a record's ``question_types``
+    / ``question_type`` fields give the types, as the synthetic dataset writes them;
+    `question_types` maps sample id -> per-turn list or one type instead; otherwise
+    every question is of type "all"). `chance`: type -> chance accuracy (meta.json).
+
+    Returns ``{"overall": float, "n": int, "per_type": {type: {"accuracy": float, "n": int,
+    "correct": int, "chance": float | None, "vs_chance": accuracy / chance | None}},
+    "val_loss": float | None, "val_tokens": int, "predictions": [{"id", "turn", "type",
+    "answer", "prediction", "correct"}]}``.
+    """
+    from fastvlm.data import load_tokenizer
+
+    if not len(samples):
+        raise ValueError("samples: nothing to evaluate")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    tokenizer = load_tokenizer(tokenizer)
+    if tokenizer.image_token_id != model.config.image_token_id:
+        raise ValueError(f"tokenizer: image token id {tokenizer.image_token_id} differs from the model's "
+                         f"image_token_id {model.config.image_token_id}")
+    was_training = model.training
+    model.eval()
+    try:
+        questions = questions_of(samples, tokenizer, template, image_tokens, question_types, system)
+        predictions = generate_answers(model, tokenizer, questions, image_root=image_root, preprocessor=preprocessor,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+        val = (validation_loss(model, tokenizer, samples, image_root=image_root, preprocessor=preprocessor,
+                               template=template, image_tokens=image_tokens, batch_size=batch_size, system=system)
+               if loss else (None, 0))
+    finally:
+        model.train(was_training)
+    return score(questions, predictions, chance) | {"val_loss": val[0], "val_tokens": val[1]}
+
+
+def score(questions: list[dict], predictions: list[str], chance: dict | None = None) -> dict:
+    """Exact match after normalisation, per type and overall (see evaluate)."""
+    per_type = defaultdict(lambda: [0, 0])
+    records = []
+    for q, prediction in zip(questions, predictions, strict=True):
+        correct = normalize_answer(prediction) == normalize_answer(q["answer"])
+        per_type[q["type"]][0] += correct
+        per_type[q["type"]][1] += 1
+        records.append({"id": q["id"], "turn": q["turn"], "type": q["type"], "answer": q["answer"],
+                        "prediction": prediction, "correct": correct})
+    table = {}
+    for qtype in sorted(per_type):
+        right, n = per_type[qtype]
+        level = (chance or {}).get(qtype)
+        table[qtype] = {"accuracy": right / n, "n": n, "correct": right, "chance": level,
+                        "vs_chance": right / n / level if level else None}
+    right = sum(r["correct"] for r in records)
+    return {"overall": right / len(records), "n": len(records), "per_type": table, "predictions": records}
+
+
+def format_table(result: dict) -> str:
+    """A markdown table: type, questions, accuracy, chance, accuracy / chance; then overall and loss."""
+    lines = ["| question type | n | accuracy | chance | x chance |", "| --- | ---: | ---: | ---: | ---: |"]
+    for qtype, row in result["per_type"].items():
+        chance = f"{row['chance']:.1%}" if row["chance"] is not None else "-"
+        ratio = f"{row['vs_chance']:.2f}x" if row["vs_chance"] is not None else "-"
+        lines.append(f"| {qtype} | {row['n']} | {row['accuracy']:.1%} | {chance} | {ratio} |")
+    lines.append(f"| **overall** | {result['n']} | **{result['overall']:.1%}** | | |")
+    if result.get("val_loss") is not None:
+        lines.append(f"\nvalidation loss: {result['val_loss']:.4f} over {result['val_tokens']} supervised tokens")
+    return "\n".join(lines)
+
+
+def write_results(result: dict, run_dir, name: str) -> tuple[Path, Path]:
+    """RUN/eval/<name>.json (everything, predictions included) and <name>.md (the table)."""
+    if not name or "/" in name:
+        raise ValueError(f"name: expected a file stem without '/', got {name!r}")
+    folder = Path(run_dir) / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
+    atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
+    atomic_write_text(md_path, f"# evaluation: {name}\n\n{format_table(result)}\n")
+    return json_path, md_path
+
+
+def add_eval_args(parser) -> None:
+    parser.add_argument("target", help="run directory (its final model or newest checkpoint) or a checkpoint")
+    parser.add_argument("--split", default="validation", choices=("validation", "train"))
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="answer length limit (default: the recipe's run.eval_max_new_tokens)")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    parser.add_argument("--no-loss", action="store_true", help="skip the validation loss")
+
+
+def cli_eval(args) -> int:
+    from fastvlm.train.checkpoint import NAME, load_for_inference
+    from fastvlm.train.stage_data import eval_inputs
+
+    target = Path(args.target)
+    model, tokenizer, recipe = load_for_inference(target)
+    run_dir = target.parent.parent if NAME.match(target.name) else target
+    max_new = args.max_new_tokens or recipe.run.eval_max_new_tokens
+    result = evaluate(model, tokenizer, max_new_tokens=max_new, batch_size=args.batch_size, loss=not args.no_loss,
+                      **eval_inputs(recipe, run_dir, model, split=args.split))
+    name = f"eval-{args.split}-{target.name if NAME.match(target.name) else 'latest'}"
+    json_path, md_path = write_results(result, run_dir, name)
+    print(format_table(result))
+    print(f"results: {json_path} and {md_path}")
+    return 0
+
+
+def read_question_types(path) -> dict[str, list[str]]:
+    """Sample id -> per-turn question types from a dataset JSON whose records carry them
+    (``question_types``, or ``question_type`` for single-question records)."""
+    records = json.loads(Path(path).read_text())
+    out = {}
+    for r in records:
+        types = r.get("question_types") or ([r["question_type"]] if r.get("question_type") else None)
+        if types is not None:
+            out[str(r.get("id", ""))] = list(types)
+    return out
