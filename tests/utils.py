@@ -17,6 +17,7 @@ O(1) relative error to its elements and still dwarfs the rounding term.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,6 +27,16 @@ import torch
 ERROR_FACTOR = 4.0
 # Floor, in units of the dtype's unit roundoff times the output's scale.
 FLOOR_ULPS = 16.0
+# FASTVLM_TEST_MARGINS=FILE appends every comparison's error / bound there (the stress
+# run's record of how close each bound came to failing).
+MARGINS_FILE = os.environ.get("FASTVLM_TEST_MARGINS")
+
+
+def _record_margin(name: str, err: float, bound: float):
+    if MARGINS_FILE:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(MARGINS_FILE, "a") as f:
+            f.write(f"{err / bound if bound else float('inf'):.4f} {test} {name}\n")
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -61,9 +72,23 @@ def assert_close(got: torch.Tensor, ref64: torch.Tensor, baseline: torch.Tensor,
     assert torch.isfinite(got).all(), f"{name}: non-finite values (an output left unwritten?)"
     err = float((got.double() - ref64.double()).norm())
     bound = error_bound(baseline, ref64, dtype, scale, factor)
+    _record_margin(name, err, bound)
     assert err <= bound, (f"{name}: error {err:.3e} > bound {bound:.3e} ({factor}x plain PyTorch's "
                           f"{float((baseline.double() - ref64.double()).norm()):.3e} in {dtype} + floor); "
                           f"relative {rel_err(got, ref64):.3e}")
+
+
+def assert_close_float64(got: torch.Tensor, ref64: torch.Tensor, baseline32: torch.Tensor,
+                         factor: float = ERROR_FACTOR, name: str = "output"):
+    """Two float64 computations, ``got`` and ``ref64``, with nothing more precise to measure
+    either against. Rounding error scales with the unit roundoff for the same algorithm, so
+    plain PyTorch's float64 error is estimated as its float32 error (``baseline32``, the
+    same computation in float32, vs ``ref64``) times u(float64) / u(float32); ``got`` may
+    differ from ``ref64`` by ``factor`` such errors (both carry one) plus the float64 floor.
+    A float64 path that silently computes in float32 is off by ~5e8 times that."""
+    ratio = unit_roundoff(torch.float64) / unit_roundoff(torch.float32)
+    assert got.dtype == ref64.dtype == torch.float64, f"{name}: expected float64, got {got.dtype}"
+    assert_close(got, ref64, baseline32, torch.float64, factor=factor * ratio, name=name)
 
 
 def poisoned(*shape, dtype=torch.float32, device="cpu", like: torch.Tensor | None = None) -> torch.Tensor:
