@@ -100,6 +100,8 @@ def test_qlora_bf16_training_with_groups_reduces_loss(name):
     from fastvlm.train.precision import MixedPrecision
     from fastvlm.train.quant import apply_qlora
 
+    # A fixed, known case: a convergence check (loss below 0.75x in 30 steps), not a numerical
+    # comparison with an error bound; how fast a random tiny model trains varies by seed.
     torch.manual_seed(0)
     model = TinyVLM()
     apply_qlora(model, r"vision_tower\.[02]|q_proj|down_proj", r=8, alpha=16, trainable="connector")
