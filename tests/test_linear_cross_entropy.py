@@ -47,9 +47,16 @@ def _reference_run(hidden, head, labels, dtype, **kw):
     return [loss, *_grads(loss, params)]
 
 
-def _assert_all_close(gots, wants, bases, dtype=None, check=assert_close):
+def _assert_all_close(gots, wants, bases, hidden, labels, head_rows, dtype=None, check=assert_close):
+    """Loss and gradients. The loss is one number summed from H products per logit, V logits
+    per logsumexp and T tokens: its floor scales with |loss| times H + V + T (a sum of n
+    terms is off by at most ~n roundings of its magnitude), not with one rounding of it."""
+    terms = hidden.shape[-1] + head_rows + labels.numel()
     for i, (got, want, base) in enumerate(zip(gots, wants, bases)):
-        check(got, want, base, **({} if dtype is None else {"dtype": dtype}), name="loss" if i == 0 else f"grad {i}")
+        kw = {} if dtype is None else {"dtype": dtype}
+        if i == 0:
+            kw["scale"] = terms * float(want.detach().abs())
+        check(got, want, base, **kw, name="loss" if i == 0 else f"grad {i}")
 
 
 @pytest.mark.parametrize("backend", ["fused", "checkpointed"])
@@ -65,7 +72,7 @@ def test_matches_naive_head_fp64(backend, reduction, bias, seed):
     fp32 = _reference_run(hidden, head, labels, torch.float32, reduction=reduction)
     fp32[1:] = [g * g_out.float() for g in fp32[1:]]
     _assert_all_close([got, *_grads(got * g_out, params)], [want, *_grads(want * g_out, params)], fp32,
-                      check=assert_close_float64)
+                      hidden, labels, 101, check=assert_close_float64)
 
 
 def test_lora_head_is_honoured(seed):
@@ -77,7 +84,7 @@ def test_lora_head_is_honoured(seed):
     assert not torch.allclose(want, plain)  # the adapter matters...
     params = [hidden, head.a, head.b]  # ...and is not dropped: vs float64, bound by the fp32 reference
     ref64 = _reference_run(hidden, head, labels, torch.float64)[:4]  # loss, hidden, a, b (then the base's)
-    _assert_all_close([got, *_grads(got, params)], ref64, [want, *_grads(want, params)])
+    _assert_all_close([got, *_grads(got, params)], ref64, [want, *_grads(want, params)], hidden, labels, 64)
 
 
 def test_bf16_within_tolerance_of_fp32(seed):
@@ -95,7 +102,7 @@ def test_bf16_within_tolerance_of_fp32(seed):
     grads = _grads(got, [h16, head16.weight])
     assert all(g.dtype == torch.bfloat16 for g in grads)
     _assert_all_close([got, *grads], _reference_run(h16, head16, labels, torch.float64),
-                      _reference_run(h16, head16, labels, torch.bfloat16), dtype=torch.bfloat16)
+                      _reference_run(h16, head16, labels, torch.bfloat16), h16, labels, 1000, dtype=torch.bfloat16)
 
 
 def test_frozen_head_and_weight_tensor(seed):
@@ -104,7 +111,7 @@ def test_frozen_head_and_weight_tensor(seed):
     got = linear_cross_entropy(hidden, w, labels, chunk_size=5)
     want = linear_cross_entropy_reference(hidden, w, labels)
     _assert_all_close([got, *_grads(got, [hidden])], [want, *_grads(want, [hidden])],
-                      _reference_run(hidden, w, labels, torch.float32), check=assert_close_float64)
+                      _reference_run(hidden, w, labels, torch.float32), hidden, labels, 20, check=assert_close_float64)
 
 
 def test_nothing_supervised_gives_zero():
@@ -170,4 +177,4 @@ def test_qlora_head_is_honoured(seed):
     h64, a64, b64 = _leaves([hidden, lora.lora_A, lora.lora_B], torch.float64)
     ref = linear_cross_entropy_reference(h64, lambda x: x @ w64.T + lora.scaling * (x @ a64.T) @ b64.T, labels)
     _assert_all_close([got, *_grads(got, [hidden, *trainable])], [ref, *_grads(ref, [h64, a64, b64])],
-                      [want, *_grads(want, [hidden, *trainable])])
+                      [want, *_grads(want, [hidden, *trainable])], hidden, labels, 96)

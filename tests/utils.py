@@ -55,7 +55,9 @@ def error_bound(baseline: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
     """The largest ‖got − ref64‖₂ a fast path in `dtype` may have, given `baseline`, the
     plain-PyTorch result in the same dtype on the same inputs. `scale` is the magnitude
     the floor is relative to (default ‖ref64‖₂; pass the norm of a comparable nonzero
-    quantity when ref64 itself is ~0)."""
+    quantity when ref64 itself is ~0). A scalar (a loss) needs one too: one number's
+    rounding error is a single draw, and plain PyTorch's may happen to be ~0; pass the
+    magnitude its worst-case error scales with (e.g. |loss| times the terms it sums)."""
     ref64 = ref64.detach().double()
     base_err = float((baseline.detach().double() - ref64).norm())
     scale = float(ref64.norm()) if scale is None else scale
@@ -80,25 +82,25 @@ def assert_close(got: torch.Tensor, ref64: torch.Tensor, baseline: torch.Tensor,
 
 
 def assert_close_rescaled(got: torch.Tensor, ref64: torch.Tensor, baseline: torch.Tensor, dtype: torch.dtype,
-                          factor: float = ERROR_FACTOR, name: str = "output"):
+                          factor: float = ERROR_FACTOR, name: str = "output", scale: float | None = None):
     """``got``, computed in ``dtype``, where plain PyTorch's error in ``dtype`` cannot be
     measured, but its error in another precision can (``baseline``, the same computation in
     ``baseline.dtype``, vs ``ref64``): to first order rounding error scales with the unit
     roundoff for the same algorithm, so it is estimated as that error times
     u(dtype) / u(baseline.dtype)."""
     ratio = unit_roundoff(dtype) / unit_roundoff(baseline.dtype)
-    assert_close(got, ref64, baseline, dtype, factor=factor * ratio, name=name)
+    assert_close(got, ref64, baseline, dtype, scale=scale, factor=factor * ratio, name=name)
 
 
 def assert_close_float64(got: torch.Tensor, ref64: torch.Tensor, baseline32: torch.Tensor,
-                         factor: float = ERROR_FACTOR, name: str = "output"):
+                         factor: float = ERROR_FACTOR, name: str = "output", scale: float | None = None):
     """Two float64 computations, ``got`` and ``ref64``, with nothing more precise to measure
     either against: plain PyTorch's float64 error is its float32 error (``baseline32``, the
     same computation in float32, vs ``ref64``) rescaled (see assert_close_rescaled); ``got``
     may differ from ``ref64`` by ``factor`` such errors (both carry one) plus the float64
     floor. A float64 path that silently computes in float32 is off by ~5e8 times that."""
     assert got.dtype == ref64.dtype == torch.float64, f"{name}: expected float64, got {got.dtype}"
-    assert_close_rescaled(got, ref64, baseline32, torch.float64, factor=factor, name=name)
+    assert_close_rescaled(got, ref64, baseline32, torch.float64, factor=factor, name=name, scale=scale)
 
 
 def poisoned(*shape, dtype=torch.float32, device="cpu", like: torch.Tensor | None = None) -> torch.Tensor:
