@@ -6,19 +6,23 @@ import torch
 from fastvlm.ops import KINDS, AttentionLayout
 
 
-def random_metadata(rng: random.Random, batch: int, n: int, kind: str):
-    """Packed rows: segments with padding gaps, image runs inside segments, and
-    (prefix_lm) one prefix run per segment, usually at its start."""
+def random_metadata(rng: random.Random, batch: int, n: int, kind: str, padding: bool = True):
+    """The one random layout generator: packed rows of samples (segments), with padding
+    gaps between and after them (or rows filled end to end without `padding`), sometimes
+    one sample filling the rest of its row; image runs inside samples, short ones and ones
+    spanning many tiles, at a sample's start, middle or end (image ids restart in every
+    sample: equal ids of two samples are two images); and (prefix_lm) one prefix run per
+    sample, usually at its start."""
     seg = torch.full((batch, n), -1, dtype=torch.int32)
     img = torch.full((batch, n), -1, dtype=torch.int32)
     pre = torch.zeros((batch, n), dtype=torch.bool)
     for b in range(batch):
         pos, s = 0, 0
         while pos < n:
-            if rng.random() < 0.15:
+            if padding and rng.random() < 0.15:
                 pos += rng.randint(1, 9)
                 continue
-            length = min(n - pos, rng.randint(1, n // 2 + 1))
+            length = n - pos if rng.random() < 0.1 else min(n - pos, rng.randint(1, n // 2 + 1))
             seg[b, pos:pos + length] = s
             p_len = rng.randint(0, length)
             p_start = pos + (rng.randint(0, length - p_len) if rng.random() < 0.25 else 0)
@@ -26,7 +30,8 @@ def random_metadata(rng: random.Random, batch: int, n: int, kind: str):
             i, image = pos, 0
             while i < pos + length:
                 if rng.random() < 0.35:
-                    run = min(pos + length - i, rng.randint(1, 24))
+                    room = pos + length - i
+                    run = rng.randint(1, room) if rng.random() < 0.2 else min(room, rng.randint(1, 24))
                     img[b, i:i + run] = image
                     image, i = image + 1, i + run
                 else:
@@ -35,10 +40,60 @@ def random_metadata(rng: random.Random, batch: int, n: int, kind: str):
     return seg, img, (pre if kind == "prefix_lm" else None)
 
 
-def random_layout(rng: random.Random, batch: int, n: int, kind: str, split_softmax=False, device="cpu"):
-    seg, img, pre = random_metadata(rng, batch, n, kind)
+def random_layout(rng: random.Random, batch: int, n: int, kind: str, split_softmax=False, device="cpu",
+                  padding: bool = True) -> AttentionLayout:
+    seg, img, pre = random_metadata(rng, batch, n, kind, padding)
     return AttentionLayout(seg.to(device), img.to(device), None if pre is None else pre.to(device),
                            kind, split_softmax=split_softmax)
+
+
+def _branches_in_dtype(q, k, v, layout: AttentionLayout, scale: float):
+    """Per softmax branch: (probabilities P [B, H, N, N], whether the row has a key)."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    for mask in layout.dense_split() if layout.split_softmax else (layout.dense(),):
+        live = mask.any(-1, keepdim=True)[:, None]  # [B, 1, N, 1]
+        allowed = (mask[:, None] | ~live)  # a row without keys softmaxes over all, then is zeroed
+        yield torch.where(live, torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1), 0)
+
+
+def attention_in_dtype(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tensor:
+    """Plain PyTorch attention over the layout's dense mask, computed in the inputs' dtype
+    throughout (flash-attn's ``attention_ref(upcast=False)``): the baseline whose error
+    against float64 bounds a kernel's (the reference itself computes half inputs in fp32).
+    Rows without a key give 0."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return sum(p @ v for p in _branches_in_dtype(q, k, v, layout, scale))
+
+
+def attention_grads_in_dtype(q, k, v, dout, layout: AttentionLayout, scale: float):
+    """attention_in_dtype's output and dq, dk, dv, all in the inputs' dtype, by the
+    FlashAttention backward: dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)). Autograd's softmax backward,
+    P ∘ (g − Σ P g), is exactly 0 for a query with one key; the flash form subtracts two
+    rounded values there and leaves ~u·|dO|·|V| (what the kernels and the blockwise
+    reference do), so only it is a fair baseline for dq and dk."""
+    group = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    out, dq, dk, dv = 0, 0, 0, 0
+    dp = dout @ vr.transpose(-1, -2)
+    for p in _branches_in_dtype(q, kr, vr, layout, scale):
+        o = p @ vr
+        ds = p * (dp - (dout * o).sum(-1, keepdim=True))
+        out, dv = out + o, dv + p.transpose(-1, -2) @ dout
+        dq, dk = dq + (ds @ kr) * scale, dk + (ds.transpose(-1, -2) @ q) * scale
+
+    def per_kv_head(t):  # [B, Hq, N, D] -> [B, Hkv, N, D]: GQA heads sum their gradients
+        return t.unflatten(1, (k.shape[1], group)).sum(2)
+    return out, dq, per_kv_head(dk), per_kv_head(dv)
+
+
+def attention_grads(fn, q, k, v, dout, layout: AttentionLayout, scale: float, dtype: torch.dtype):
+    """fn(q, k, v, layout, scale)'s output and dq, dk, dv by autograd, on q, k, v, dout cast
+    to dtype (exactly: a cast up, or none)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, layout, scale)
+    out.backward(dout.to(dtype))
+    return out.detach(), *(t.grad for t in leaves)
 
 
 def all_kinds():

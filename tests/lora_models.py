@@ -7,12 +7,15 @@ from fastvlm.train.lora import lora_layers
 ALL_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-def tiny_llama(seed=0):
+def tiny_llama(seed: int):
+    """The same seed gives the same weights (a model and its reference twin), without
+    touching the caller's random stream; tests pass their `seed` fixture."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(cfg).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg).eval()
 
 
 class TinyVLM(nn.Module):

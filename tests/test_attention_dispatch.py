@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm.kernels import attention as kernels
-from fastvlm.ops import AttentionLayout, multimodal_attention
-from fastvlm.ops import backend
+from fastvlm.ops import AttentionLayout, backend, multimodal_attention
 from fastvlm.ops import attention as attention_module
 from fastvlm.ops.attention import attention_reference, flash_limitation
-from tests.layouts import random_layout
+from tests.layouts import attention_grads, attention_grads_in_dtype, attention_in_dtype, random_layout
+from tests.utils import assert_close
 
 
 def causal_twin(layout: AttentionLayout) -> AttentionLayout:
@@ -26,10 +26,12 @@ def causal_twin(layout: AttentionLayout) -> AttentionLayout:
 
 
 @pytest.mark.parametrize("kind", ["causal", "prefix_lm", "image_bidirectional", "mmca"])
-def test_is_packed_causal_agrees_with_the_dense_mask(kind):
-    rng = random.Random(7)
-    seen = set()
-    for trial in range(40):
+def test_is_packed_causal_agrees_with_the_dense_mask(kind, seed):
+    rng = random.Random(seed)
+    seen, want_seen = set(), ({True} if kind == "causal" else {True, False})
+    for trial in range(1000):  # at least 40, and until both answers came up (a few % of layouts are causal)
+        if trial >= 40 and seen == want_seen:
+            break
         layout = random_layout(rng, rng.randint(1, 3), rng.randint(5, 40), kind)
         want = bool(torch.equal(layout.dense(), causal_twin(layout).dense()))
         if kind == "mmca":  # conservative there: images of one token each are causal too
@@ -37,7 +39,7 @@ def test_is_packed_causal_agrees_with_the_dense_mask(kind):
         else:
             assert layout.is_packed_causal == want, (trial, kind)
         seen.add(layout.is_packed_causal)
-    assert seen == ({True} if kind == "causal" else {True, False})
+    assert seen == want_seen
 
 
 def test_text_only_multimodal_layouts_are_packed_causal():
@@ -106,13 +108,11 @@ def test_flash_path_matches_reference_with_padding_and_gqa(fake_flash_attn, batc
     scale = 0.3
     out = attention_module._flash_attention(*leaves, layout, scale)
     out.backward(dout)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = attention_reference(*ref_leaves, layout, scale=scale, impl="dense")
-    ref.backward(dout.double())
-    for name, got, want in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in leaves)),
-                               (ref.detach(), *(t.grad for t in ref_leaves))):
-        err = float((got.double() - want).norm() / want.norm())
-        assert err < 1e-5, (name, err)
+    dense = lambda *a: attention_reference(*a[:4], scale=a[4], impl="dense")  # noqa: E731
+    want = attention_grads(dense, *leaves, dout, layout, scale, torch.float64)
+    base = attention_grads_in_dtype(*(t.detach() for t in leaves), dout, layout, scale)
+    for name, got, ref, b in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in leaves)), want, base):
+        assert_close(got, ref, b, name=name)
     live = (layout.segment_ids >= 0)[:, None, :, None]
     assert bool((out.detach() * ~live == 0).all())  # padding rows are exactly 0
 
@@ -200,7 +200,7 @@ def test_timing_inside_a_non_reentrant_checkpoint_leaves_it_intact(monkeypatch, 
     out = torch.utils.checkpoint.checkpoint(region, x, use_reentrant=False)
     out.sum().backward()
     want_x, want_w = torch.autograd.grad((x @ w).tanh().sum(), (x, w))
-    assert torch.allclose(x.grad, want_x) and torch.allclose(w.grad, want_w)
+    assert torch.equal(x.grad, want_x) and torch.equal(w.grad, want_w)  # the same ops on the same values
     assert backend.FASTEST == {("ckpt", x.shape): "only"}
 
 
@@ -227,7 +227,7 @@ def test_timing_inside_selective_checkpointing_leaves_its_cache_alone(monkeypatc
         context_fn=lambda: create_selective_checkpoint_contexts(keep_mm))
     out.sum().backward()
     want_x, want_w = torch.autograd.grad((x @ w).tanh().sum(), (x, w))
-    assert torch.allclose(x.grad, want_x) and torch.allclose(w.grad, want_w)
+    assert torch.equal(x.grad, want_x) and torch.equal(w.grad, want_w)  # the same ops on the same values
 
 
 def test_choice_key_separates_what_changes_the_winner():
@@ -266,7 +266,7 @@ def test_gpu_auto_times_candidates_once_and_matches_reference(seed, monkeypatch)
     (choice,) = backend.FASTEST.values()
     assert choice in kernels.candidate_configs(torch.cuda.get_device_capability(), 128)
     want = attention_reference(*(t.detach().double() for t in leaves), layout, impl="blockwise")
-    assert float((out.double() - want).norm() / want.norm()) < 3e-2
+    assert_close(out, want, attention_in_dtype(*(t.detach() for t in leaves), layout, 128 ** -0.5))
     multimodal_attention(*leaves, layout)
     assert len(backend.FASTEST) == 1  # the second call reuses the measurement
 
@@ -276,6 +276,6 @@ def test_gpu_fp32_goes_to_the_reference_under_auto_and_is_refused_by_triton(seed
     layout = random_layout(random.Random(seed), 1, 300, "mmca", device="cuda")
     q = torch.randn(1, 2, 300, 64, device="cuda")
     want = attention_reference(q.double(), q.double(), q.double(), layout)
-    assert float((multimodal_attention(q, q, q, layout).double() - want).norm() / want.norm()) < 1e-5
+    assert_close(multimodal_attention(q, q, q, layout), want, attention_in_dtype(q, q, q, layout, 64 ** -0.5))
     with pytest.raises(ValueError, match="q: the Triton attention kernel takes float16/bfloat16 on CUDA"):
         multimodal_attention(q, q, q, layout, backend="triton")

@@ -16,57 +16,25 @@ import torch
 
 from fastvlm.kernels import attention as kernels
 from fastvlm.ops import AttentionLayout, multimodal_attention, multimodal_attention_varlen
-from fastvlm.ops.backend import resolve_backend
 from fastvlm.ops.attention import attention_reference
+from fastvlm.ops.backend import resolve_backend
+from tests.layouts import attention_grads, attention_grads_in_dtype, random_layout, random_metadata
+from tests.utils import assert_close, poisoned
 
 ROOT = Path(__file__).resolve().parents[1]
 
 KIND_CASES = [("causal", False), ("prefix_lm", False), ("image_bidirectional", False),
               ("mmca", False), ("mmca", True)]
 KIND_IDS = ["causal", "prefix_lm", "image_bidirectional", "mmca", "mmca_split"]
-# norm-wise relative error bounds: fp32 accumulates exactly enough for 1e-5; fp16 rounds
-# inputs of every tl.dot (P and dS included) to 11 bits
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def random_samples(rng: random.Random, n: int, with_padding: bool = True):
-    """Packed sample lengths, image spans (row coordinates) and prefix lengths for one row."""
-    used = rng.randint(n // 2, n) if with_padding else n
-    cuts = sorted(rng.sample(range(1, used), k=min(rng.randint(0, 2), used - 1)))
-    lengths = [b - a for a, b in zip([0] + cuts, cuts + [used])]
-    spans, prefixes, start = [], [], 0
-    for length in lengths:
-        pos = start
-        for _ in range(rng.randint(0, 2)):  # up to two images per sample
-            if start + length - pos < 2:
-                break
-            begin = rng.randint(pos, start + length - 2)
-            size = rng.randint(1, start + length - begin)
-            spans.append((begin, size))
-            pos = begin + size
-        prefixes.append(rng.randint(0, length))
-        start += length
-    return lengths, spans, prefixes
-
-
-def random_layout(kind: str, split: bool, batch: int, n: int, seed: int, device="cpu") -> AttentionLayout:
-    rng = random.Random(seed)
-    rows = [random_samples(rng, n, with_padding=b > 0 or rng.random() < 0.5) for b in range(batch)]
-    kw = {"prefix_lengths": [r[2] for r in rows]} if kind == "prefix_lm" else {}
-    return AttentionLayout.from_lengths([r[0] for r in rows], n, image_spans=[r[1] for r in rows],
-                                        kind=kind, split_softmax=split, device=device, **kw)
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert torch.isfinite(got).all(), "non-finite values"
-    return float((got.double() - want).norm() / want.norm().clamp_min(1e-30))
+def layout_for(seed: int, kind: str, split: bool, batch: int, n: int, device="cpu") -> AttentionLayout:
+    return random_layout(random.Random(seed), batch, n, kind, split, device=device)
 
 
 def reference_grads(q, k, v, dout, layout, scale):
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out = attention_reference(*leaves, layout, scale=scale, impl="dense")
-    out.backward(dout.double())
-    return out.detach(), *(t.grad for t in leaves)
+    dense = lambda *a: attention_reference(*a[:4], scale=a[4], impl="dense")  # noqa: E731
+    return attention_grads(dense, q, k, v, dout, layout, scale, torch.float64)
 
 
 def run_kernels(q, k, v, dout, layout, scale, cfg=kernels.INTERPRETER_CONFIG):
@@ -74,9 +42,8 @@ def run_kernels(q, k, v, dout, layout, scale, cfg=kernels.INTERPRETER_CONFIG):
     bm = layout.block_map(cfg.block_m, cfg.block_n)
     meta = (layout.lo, layout.hi, layout.is_image)
     kw = dict(kind=layout.kind_code, split=layout.split_softmax, scale=scale, cfg=cfg)
-    out = torch.full_like(q, float("nan"))
-    out, obr, lse = kernels.attention_forward(q, k, v, *meta, *bm.tensors[:4], out=out, **kw)
-    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    out, obr, lse = kernels.attention_forward(q, k, v, *meta, *bm.tensors[:4], out=poisoned(like=q), **kw)
+    grads = tuple(poisoned(like=t) for t in (q, k, v))
     grads = kernels.attention_backward(dout, q, k, v, out, obr, lse, *meta, *bm.tensors, grads=grads, **kw)
     return out, *grads
 
@@ -88,13 +55,14 @@ def make_inputs(batch, hq, hkv, n, d, dtype, device="cpu"):
     return q, k, v, torch.randn(batch, hq, n, d, device=device).to(dtype)
 
 
-def check_against_reference(layout, q, k, v, dout, results, tol):
-    scale = q.shape[-1] ** -0.5
+def check_against_reference(layout, q, k, v, dout, results, scale=None):
+    """out, dq, dk, dv vs float64, each bound by plain PyTorch attention in q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     want = reference_grads(q, k, v, dout, layout, scale)
-    for name, got, ref in zip(("out", "dq", "dk", "dv"), results, want):
-        assert got.dtype == q.dtype and got.shape == ref.shape, name
-        err = rel_err(got, ref)
-        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+    base = attention_grads_in_dtype(q, k, v, dout, layout, scale)
+    for name, got, ref, b in zip(("out", "dq", "dk", "dv"), results, want, base):
+        assert got.dtype == q.dtype, name
+        assert_close(got, ref, b, name=name)
     dead = layout.hi < layout.lo  # rows that attend to nothing: exactly 0 out and dq
     out, dq = results[0], results[1]
     assert (out.transpose(1, 2)[dead] == 0).all() and (dq.transpose(1, 2)[dead] == 0).all()
@@ -107,28 +75,29 @@ SHAPES = [(2, 4, 2, 77, 64, torch.float32), (1, 2, 1, 96, 80, torch.float16),
           (1, 2, 1, 40, 256, torch.float16)]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}D{s[4]}-{s[5]}".replace("torch.", ""))
+def shape_id(s):
+    return f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}D{s[4]}-{s[5]}".replace("torch.", "")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("kind,split", KIND_CASES, ids=KIND_IDS)
 def test_kernels_match_reference(kind, split, shape, seed):
     batch, hq, hkv, n, d, dtype = shape
-    layout = random_layout(kind, split, batch, n, seed)
+    layout = layout_for(seed, kind, split, batch, n)
     q, k, v, dout = make_inputs(batch, hq, hkv, n, d, dtype)
     results = run_kernels(q, k, v, dout, layout, d ** -0.5)
-    check_against_reference(layout, q, k, v, dout, results, TOLERANCE[dtype])
+    check_against_reference(layout, q, k, v, dout, results)
 
 
 def test_public_op_autograd_matches_launchers(seed):
-    layout = random_layout("mmca", True, 2, 70, seed)
+    layout = layout_for(seed, "mmca", True, 2, 70)
     q, k, v, dout = make_inputs(2, 4, 2, 70, 64, torch.float32)
     k = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # head_dim not unit-stride: copied once
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = multimodal_attention(*leaves, layout, backend="triton", scale=0.1)
     assert out.stride() == q.stride()
     out.backward(dout)
-    got = (out.detach(), *(t.grad for t in leaves))
-    want = reference_grads(q, k, v, dout, layout, 0.1)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        assert rel_err(a, b) < TOLERANCE[torch.float32], name
+    check_against_reference(layout, q, k, v, dout, (out.detach(), *(t.grad for t in leaves)), scale=0.1)
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the poisoned rows themselves, in the interpreter
@@ -177,7 +146,7 @@ def _huge_view(buf: torch.Tensor, like: torch.Tensor, strides, offset: int) -> t
     return view
 
 
-def int64_offsets_check():
+def int64_offsets_check(seed: int):
     """Runs in a subprocess (see the test below); returns the names of wrong outputs.
 
     The kernels read and write tensors whose batch stride S (or row stride) fits int32
@@ -186,12 +155,12 @@ def int64_offsets_check():
     The interpreter computes int32 offsets with numpy's wrapping int32 like the GPU, so
     unwidened offsets read and write ~4 GiB away from the tensors (garbage or SIGSEGV).
     Buffers are torch.empty of ~4.3 GiB: the OS commits only the pages the views touch."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     n, d, bad = 40, 32, []
     layout_args = ("mmca", True)  # split: the branch outputs (obr) and both LSE rows are written too
     for case in ("batch_stride", "row_stride"):
         batch = 3 if case == "batch_stride" else 1
-        layout = random_layout(*layout_args, batch, n, seed=1)
+        layout = layout_for(seed, *layout_args, batch, n)
         q, k, v, dout = make_inputs(batch, 2, 1, n, d, torch.float16)
         want = run_kernels(q, k, v, dout, layout, d ** -0.5)
         if case == "batch_stride":  # [B, H, N, D] slabs 2^30 + 64 elements apart: b = 2 -> 2^31 + 128
@@ -208,7 +177,7 @@ def int64_offsets_check():
         dst = torch.empty(size, dtype=torch.float16)
         q2, dout2, k2, v2 = (_huge_view(src, t, strides(t), o) for t, o in zip((q, dout, k, v), slots))
         # out, dq, dk, dv: NaN-poisoned, at the same places in a second buffer
-        out2, dq2, dk2, dv2 = (_huge_view(dst, torch.full_like(t, float("nan")), strides(t), o)
+        out2, dq2, dk2, dv2 = (_huge_view(dst, poisoned(like=t), strides(t), o)
                                for t, o in zip((q, q, k, v), slots))
         cfg = kernels.INTERPRETER_CONFIG
         bm = layout.block_map(cfg.block_m, cfg.block_n)
@@ -223,22 +192,22 @@ def int64_offsets_check():
     return bad
 
 
-def test_offsets_past_int32_range():
+def test_offsets_past_int32_range(seed):
     """Pointer offsets are int64 where batch/head/row products can pass 2^31 (a GPU-only
     wrap the small interpreter tests cannot see). In a subprocess: an unwidened offset may
     SIGSEGV, which must fail this test, not kill the session."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "from tests.test_attention_triton import int64_offsets_check as f; print(json.dumps(f()))"
+    code = f"from tests.test_attention_triton import int64_offsets_check as f; print(json.dumps(f({seed})))"
     proc = subprocess.run([sys.executable, "-c", "import json; " + code], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
 
 
-def test_launchers_reject_a_block_map_at_other_tiles():
+def test_launchers_reject_a_block_map_at_other_tiles(seed):
     """The grid and list widths come from the map's shapes: a map built at other tiles
     than the config would silently leave rows unwritten or mis-masked, so it is refused."""
-    layout = random_layout("causal", False, 1, 70, seed=0)
+    layout = layout_for(seed, "causal", False, 1, 70)
     q, k, v, dout = make_inputs(1, 1, 1, 70, 16, torch.float32)
     cfg = kernels.INTERPRETER_CONFIG
     wrong = layout.block_map(cfg.block_m * 2, cfg.block_n)
@@ -273,13 +242,11 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
 @pytest.mark.parametrize("kind,split", [("causal", False), ("image_bidirectional", False), ("mmca", True)],
                          ids=["causal", "image_bidirectional", "mmca_split"])
 def test_varlen_matches_reference(kind, split, seed):
-    rng = random.Random(seed)
-    lengths, spans, _ = random_samples(rng, 90, with_padding=False)
-    total = sum(lengths)
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    image_ids = torch.full((total,), -1, dtype=torch.int32)
-    for i, (start, size) in enumerate(spans):
-        image_ids[start:start + size] = i
+    seg, image_ids, _ = random_metadata(random.Random(seed), 1, 90, kind, padding=False)
+    seg, image_ids = seg[0], image_ids[0]  # one row of samples end to end: [T] tokens
+    total = seg.numel()
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), torch.unique_consecutive(seg, return_counts=True)[1]])
+    cu = cu.cumsum(0).to(torch.int32)
     q = torch.randn(total, 4, 48)
     k, v = torch.randn(total, 2, 48), torch.randn(total, 2, 48)
     dout = torch.randn_like(q)
@@ -291,9 +258,8 @@ def test_varlen_matches_reference(kind, split, seed):
     layout = AttentionLayout.from_cu_seqlens(cu, total, image_ids=image_ids, kind=kind,
                                              split_softmax=split)
     as4 = lambda t: t.unsqueeze(0).transpose(1, 2)  # noqa: E731
-    want = reference_grads(as4(q), as4(k), as4(v), as4(dout), layout, 48 ** -0.5)
-    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in leaves)), want):
-        assert rel_err(as4(got), ref) < TOLERANCE[torch.float32], name
+    got = [as4(t) for t in (out.detach(), *(t.grad for t in leaves))]
+    check_against_reference(layout, as4(q), as4(k), as4(v), as4(dout), got)
 
 
 def test_varlen_rejects_bad_input():
@@ -308,7 +274,7 @@ def test_varlen_rejects_bad_input():
 
 # ---- torch.library custom op -----------------------------------------------------------------
 def test_custom_op_passes_opcheck(seed):
-    layout = random_layout("mmca", True, 1, 40, seed)
+    layout = layout_for(seed, "mmca", True, 1, 40)
     cfg = kernels.INTERPRETER_CONFIG
     bm = layout.block_map(cfg.block_m, cfg.block_n)
     q, k, v, _ = make_inputs(1, 2, 1, 40, 32, torch.float32)
@@ -321,7 +287,7 @@ def test_custom_op_passes_opcheck(seed):
 
 
 def test_compiles_without_graph_break(seed):
-    layout = random_layout("image_bidirectional", False, 1, 40, seed)
+    layout = layout_for(seed, "image_bidirectional", False, 1, 40)
     layout.block_map(kernels.INTERPRETER_CONFIG.block_m, kernels.INTERPRETER_CONFIG.block_n)
     q, k, v, dout = make_inputs(1, 2, 1, 40, 32, torch.float32)
 
@@ -331,7 +297,7 @@ def test_compiles_without_graph_break(seed):
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got = compiled(q, k, v)
-    assert rel_err(got, step(q, k, v).double()) < 1e-6
+    assert torch.equal(got, step(q, k, v))  # the same kernel on the same inputs: bit-identical
 
 
 # ---- GPU: bf16 at realistic sizes ------------------------------------------------------------
@@ -343,29 +309,29 @@ GPU_SHAPES = [(1, 4, 2, 1000, 128), (2, 4, 4, 4096, 64), (1, 2, 1, 8192, 96), (1
 @pytest.mark.parametrize("kind,split", KIND_CASES, ids=KIND_IDS)
 def test_gpu_bf16_matches_reference(kind, split, shape, seed):
     batch, hq, hkv, n, d = shape
-    layout = random_layout(kind, split, batch, n, seed, device="cuda")
+    layout = layout_for(seed, kind, split, batch, n, device="cuda")
     q, k, v, dout = make_inputs(batch, hq, hkv, n, d, torch.bfloat16, device="cuda")
     cfg = kernels.pick_config(q.device, d)
     results = run_kernels(q, k, v, dout, layout, d ** -0.5, cfg)
     # the float64 dense reference at N = 16k, 2 heads needs ~40 GiB: sized for an 80 GiB GPU
-    check_against_reference(layout, q, k, v, dout, results, TOLERANCE[torch.bfloat16])
+    check_against_reference(layout, q, k, v, dout, results)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gpu_every_candidate_config_matches_reference(d, seed):
     """`auto` may pick any of the configs it times: each must be correct on this GPU."""
-    layout = random_layout("mmca", True, 2, 1500, seed, device="cuda")
+    layout = layout_for(seed, "mmca", True, 2, 1500, device="cuda")
     q, k, v, dout = make_inputs(2, 4, 2, 1500, d, torch.bfloat16, device="cuda")
     for cfg in kernels.candidate_configs(torch.cuda.get_device_capability(), d):
         results = run_kernels(q, k, v, dout, layout, d ** -0.5, cfg)
-        check_against_reference(layout, q, k, v, dout, results, TOLERANCE[torch.bfloat16])
+        check_against_reference(layout, q, k, v, dout, results)
 
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic(seed):
     """No atomics: GQA gradients summed inside one program give bitwise-equal reruns."""
-    layout = random_layout("image_bidirectional", False, 2, 3000, seed, device="cuda")
+    layout = layout_for(seed, "image_bidirectional", False, 2, 3000, device="cuda")
     q, k, v, dout = make_inputs(2, 8, 2, 3000, 128, torch.bfloat16, device="cuda")
     cfg = kernels.pick_config(q.device, 128)
     first, second = (run_kernels(q, k, v, dout, layout, 128 ** -0.5, cfg) for _ in range(2))
@@ -374,7 +340,7 @@ def test_gpu_backward_is_deterministic(seed):
 
 @pytest.mark.gpu
 def test_gpu_compile_fullgraph_inductor(seed):
-    layout = random_layout("mmca", True, 1, 2048, seed, device="cuda")
+    layout = layout_for(seed, "mmca", True, 1, 2048, device="cuda")
     q, k, v, dout = make_inputs(1, 4, 2, 2048, 128, torch.bfloat16, device="cuda")
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     cfg = kernels.pick_config(q.device, 128)
@@ -383,6 +349,4 @@ def test_gpu_compile_fullgraph_inductor(seed):
     compiled = torch.compile(lambda q, k, v: multimodal_attention(q, k, v, layout), fullgraph=True)
     out = compiled(*leaves)
     out.backward(dout)
-    want = reference_grads(q, k, v, dout, layout, 128 ** -0.5)
-    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in leaves)), want):
-        assert rel_err(got, ref) < TOLERANCE[torch.bfloat16], name
+    check_against_reference(layout, q, k, v, dout, (out.detach(), *(t.grad for t in leaves)))

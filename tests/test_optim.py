@@ -5,8 +5,8 @@ from torch import nn
 
 from fastvlm.train.lora import apply_lora
 from fastvlm.train.optim import build_optimizer, param_groups
-
 from tests.lora_models import TinyVLM
+from tests.utils import assert_close
 
 LRS = {"connector": 1e-3, "encoder_adapters": 2e-5, "llm_adapters": 2e-4}
 
@@ -49,16 +49,18 @@ def test_unknown_optimizer():
         build_optimizer(param_groups(lora_vlm(), LRS), "sgd")
 
 
-def one_adam_step(name, seed, device="cpu"):
+def one_adam_step(name, seed, device="cpu", dtype=torch.float32):
+    """Three steps on a fresh Linear (the same weights and inputs for the same seed, in any
+    dtype: drawn in fp32, then cast); the weight's total update and the optimizer."""
     torch.manual_seed(seed)
     # 8-bit state only kicks in for tensors of >= 4096 elements (bitsandbytes' min_8bit_size)
-    model = nn.Linear(96, 64, device=device)
+    model = nn.Linear(96, 64, device=device).to(dtype)
     groups = param_groups(model, {"llm_adapters": 1e-2}, {"llm_adapters": r".*"})
     opt = build_optimizer(groups, name)
     before = model.weight.detach().clone()
     for _ in range(3):
         opt.zero_grad()
-        model(torch.randn(8, 96, device=device)).square().mean().backward()
+        model(torch.randn(8, 96, device=device).to(dtype)).square().mean().backward()
         opt.step()
     return model.weight.detach() - before, opt
 
@@ -72,9 +74,10 @@ def test_bnb_optimizers_on_cpu_track_torch_adamw(name, seed, recwarn):
         assert state["state1"].dtype == torch.uint8  # really 8-bit
     else:  # bitsandbytes cannot page host memory: plain 32-bit state, and it says so
         assert any("not supported on CPU" in str(w.message) for w in recwarn)
-    # 8-bit blockwise state: ~1% error per moment
-    rtol = 2.5e-2 if name == "adamw8bit" else 1e-4  # worst of 20 seeds: 1e-2
-    assert (got - want).norm() / want.norm() < rtol
+    if name == "adamw8bit":  # 8-bit blockwise state: ~1% error per moment
+        assert (got - want).norm() / want.norm() < 2.5e-2  # worst of 20 seeds: 1e-2
+    else:  # plain 32-bit AdamW by bitsandbytes: vs torch's in float64, bound by torch's in fp32
+        assert_close(got, one_adam_step("adamw", seed, dtype=torch.float64)[0], want)
 
 
 @pytest.mark.gpu
@@ -100,6 +103,8 @@ def test_qlora_bf16_training_with_groups_reduces_loss(name):
     from fastvlm.train.precision import MixedPrecision
     from fastvlm.train.quant import apply_qlora
 
+    # A fixed, known case: a convergence check (loss below 0.75x in 30 steps), not a numerical
+    # comparison with an error bound; how fast a random tiny model trains varies by seed.
     torch.manual_seed(0)
     model = TinyVLM()
     apply_qlora(model, r"vision_tower\.[02]|q_proj|down_proj", r=8, alpha=16, trainable="connector")
