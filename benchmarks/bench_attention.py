@@ -30,12 +30,13 @@ if "--smoke" in sys.argv:  # the interpreter must be on before triton kernels ar
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, environment, print_header, save_results
 
 from fastvlm.kernels import attention as kernels
 from fastvlm.ops import AttentionLayout, multimodal_attention
 from fastvlm.ops.backend import median_ms, why_unavailable
 from fastvlm.synthetic import vlm_layout
+
+from common import RESULTS, environment, print_header, save_results
 
 KINDS = ("causal", "prefix_lm", "image_bidirectional", "mmca", "mmca_split")
 

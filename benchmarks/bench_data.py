@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import environment, markdown_table, print_header, save_results
 
 from fastvlm.data import (
     PackedBatchSampler,
@@ -53,6 +52,8 @@ from fastvlm.data import (
 )
 from fastvlm.data.tokenizer import train_bpe_tokenizer
 from fastvlm.models.preprocess import ImagePreprocessor
+
+from common import environment, markdown_table, print_header, save_results
 
 IMAGE_TOKENS = 576  # CLIP-L/14 at 336 px
 

@@ -66,7 +66,13 @@ def test_logits_and_grads_match_transformers(arch, extra, tmp_path, seed):
         loss.backward()
     params64, params32 = dict(hf64.named_parameters()), dict(hf.named_parameters())
     for name, p in ours.named_parameters():
-        assert_close(p.grad, params64[name].grad, params32[name].grad, name=name)
+        # a bias gradient is a sum over the T tokens (sum_t dq_t) that cancels, q/k's almost fully
+        # (softmax ignores a shift shared by all keys): its rounding grows like sqrt(T) times the
+        # summands, whose size the weight gradient sum_t x_t dq_t shows (x is O(1) after RMSNorm)
+        tokens = ids.numel()
+        scale = (tokens ** 0.5 * float(params64[name[:-len("bias")] + "weight"].grad.norm())
+                 if name.endswith(".bias") else None)
+        assert_close(p.grad, params64[name].grad, params32[name].grad, scale=scale, name=name)
 
 
 @pytest.mark.parametrize("rope", list(ROPES))

@@ -83,7 +83,8 @@ def _as_sample(sample):
     if isinstance(sample, dict):
         images = sample.get("images") or ([sample["image"]] if sample.get("image") else [])
         return Sample(id=str(sample.get("id", "")), images=list(images), conversations=list(sample["conversations"]))
-    raise ValueError(f"samples: expected fastvlm.data.Sample objects or LLaVA dict records, got {type(sample).__name__}")
+    raise ValueError(f"samples: expected fastvlm.data.Sample objects or LLaVA dict records, "
+                     f"got {type(sample).__name__}")
 
 
 def questions_of(samples: Sequence, tokenizer, template: str, image_tokens: int, question_types=None,
