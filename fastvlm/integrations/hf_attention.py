@@ -41,6 +41,14 @@ class MaskRequest:
     """What transformers' mask factory was asked for (see masking_utils.sdpa_mask)."""
 
     kwargs: dict = field(repr=False)
+    # Looks like a prepared 4-D mask to transformers, so a nested model that builds its
+    # mask again from ours (PaliGemma's Gemma) gets it back unchanged (see mask_request).
+    ndim = 4
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        kw = self.kwargs
+        return (kw["batch_size"], 1, kw["q_length"], kw["kv_length"])
 
     @property
     def covers_prefix(self) -> bool:
@@ -56,7 +64,8 @@ class MaskRequest:
 
 
 def mask_request(**kwargs) -> MaskRequest:
-    return MaskRequest(kwargs)
+    outer = kwargs.get("attention_mask")
+    return outer if isinstance(outer, MaskRequest) else MaskRequest(kwargs)
 
 
 def sliding_dense_mask(layout: AttentionLayout, window: int) -> torch.Tensor:
