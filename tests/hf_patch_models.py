@@ -19,11 +19,13 @@ LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidde
              num_key_value_heads=2, vocab_size=VOCAB, attention_dropout=0.0)
 
 
-def _llava(attn):
+def _llava(attn, width: int = 32):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    return LlavaForConditionalGeneration(LlavaConfig(text_config=LLAMA, vision_config=CLIP, image_token_id=IMAGE,
-                                                     attn_implementation=attn))
+    sizes = dict(hidden_size=width, intermediate_size=2 * width)
+    return LlavaForConditionalGeneration(LlavaConfig(text_config=dict(LLAMA, **sizes),
+                                                     vision_config=dict(CLIP, **sizes, projection_dim=width),
+                                                     image_token_id=IMAGE, attn_implementation=attn))
 
 
 def _llava_next(attn):
@@ -102,9 +104,10 @@ FAMILIES = {
 }
 
 
-def build(name: str, seed: int, dtype=torch.float32, attn: str = "eager"):
+def build(name: str, seed: int, dtype=torch.float32, attn: str = "eager", width: int = 32):
+    """`width` (LLaVA only): hidden size of both towers, for bitsandbytes' CPU kernels."""
     torch.manual_seed(seed)
-    model = FAMILIES[name].build(attn)
+    model = _llava(attn, width) if name == "llava" else FAMILIES[name].build(attn)
     return model.to(dtype)
 
 

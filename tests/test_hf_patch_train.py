@@ -123,7 +123,7 @@ def test_qlora_4bit_on_cpu(tmp_path, seed):
         except (RuntimeError, ImportError, ValueError) as exc:  # a bitsandbytes without CPU 4-bit
             pytest.skip(f"bitsandbytes 4-bit on CPU unavailable: {exc}")
         torch.manual_seed(seed + 3)
-        return lora(m)
+        return lora(m.train())  # training mode: bnb repacks CPU weights for inference only
 
     ref, base, model = load("eager"), load("sdpa"), patch(load("eager"))
     assert "Linear4bit" in {type(m).__name__ for m in model.base_model.model.modules()}

@@ -73,10 +73,18 @@ def replace_child(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def is_quantized(layer: nn.Module) -> bool:
+    """Holds bitsandbytes 4/8-bit weights (their CPU kernels repack the weight in place on
+    first use, which fails under torch.utils.checkpoint's dispatch mode, bnb 0.50)."""
+    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in layer.modules())
+
+
 def checkpointed_forward(layer: nn.Module, original, policy: CheckpointPolicy, index: int, *args, **kwargs):
     """One vision-tower layer under the policy; skipped where transformers' own gradient
-    checkpointing already recomputes the layer, or nothing needs gradients."""
+    checkpointing already recomputes the layer, or nothing needs gradients, and for a
+    quantised layer on CPU (see is_quantized)."""
     if (not torch.is_grad_enabled() or not policy.checkpoints(index)
+            or (is_quantized(layer) and not any(p.is_cuda for p in layer.parameters()))
             or (getattr(layer, "gradient_checkpointing", False) and layer.training)):
         return original(*args, **kwargs)
     x = args[0] if args else kwargs.get("hidden_states")
