@@ -4,10 +4,10 @@ convergence against the unpatched model, and the supported-version/class errors.
 from __future__ import annotations
 
 import copy
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from fastvlm.integrations import hf_attention
