@@ -183,8 +183,11 @@ def main(argv=None):
     if out is not None and out.suffix != ".json":
         tag = env["device"].split("(")[0].strip().replace(" ", "_")
         out = out / f"bench_hf_{shape}_{tag}_{env['date'][:10]}.json"
+    headline = [[f"{r['variant']} ({shape}): tokens/s, memory vs unpatched",
+                 f"{r['speedup']:.2f}x, {r['memory_ratio']:.2f}x", r["speedup"]]
+                for r in rows if "patch" in r["variant"]]
     save_results(f"bench_hf_{shape}", env, {"env": env, "args": vars(args) | {"out": str(args.out)}, "rows": rows,
-                                           "note": note}, table + "\n\n" + note, out)
+                                           "note": note, "headline": headline}, table + "\n\n" + note, out)
 
 
 if __name__ == "__main__":
