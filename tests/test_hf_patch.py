@@ -161,3 +161,21 @@ def test_state_dict_keys_unchanged_and_loadable(seed):
     patch(other)
     other.load_state_dict(model.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("name", ["paligemma", "gemma3"])
+def test_upstream_packed_masks_are_wrong_ours_are_not(name, seed):
+    """transformers' own packed masks (no attention mask and use_cache=False, so it detects
+    the packing from position_ids) let PaliGemma's prefix attend across samples and Gemma 3's
+    sliding layers see another sample's tokens: the unpatched packed row differs from the
+    samples run alone, the patched row does not."""
+    base = H.build(name, seed)
+    group = H.samples(name, base, seed + 1, LENGTHS["packed"])
+    with torch.no_grad():
+        ref = torch.cat(forward_pieces(H.build(name, seed, torch.float64), name, group, "packed", separate=True))
+        alone = torch.cat(forward_pieces(base, name, group, "packed", separate=True))
+        inputs = inputs_for(name, base, group, "packed")
+        upstream = base(**inputs, use_cache=False).logits[0]
+        ours = patch(base)(**inputs).logits[0]
+    assert_close(ours, ref, alone, torch.float32, name="patched packed logits")
+    assert float((upstream.double() - ref).norm()) > error_bound(alone, ref, torch.float32)
