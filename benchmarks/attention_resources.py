@@ -119,7 +119,7 @@ def kernel_jobs(cap: int, head_dim: int, cfg: K.TileConfig, dtype: str) -> list[
     block_d = K._block_d(head_dim)
     jobs = []
     for label, mmca, split in (("plain", False, False), ("mmca split", True, True)):
-        consts = dict(IS_MMCA=mmca, SPLIT=split, EVEN_N=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        consts = dict(ISOLATE_IMAGES=mmca, SPLIT=split, EVEN_N=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       BLOCK_D=block_d, PRECISION="tf32")
         for fn, stages in (("_attn_fwd", cfg.num_stages), ("_attn_bwd_dq", min(cfg.num_stages, 2)),
                            ("_attn_bwd_dkdv", min(cfg.num_stages, 2))):

@@ -19,7 +19,6 @@ under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -31,12 +30,11 @@ if "--smoke" in sys.argv:  # the interpreter must be on before triton kernels ar
 
 import torch
 import torch.nn.functional as F
-
-from common import RESULTS, environment, median_time
+from common import RESULTS, environment, print_header, save_results
 
 from fastvlm.kernels import attention as kernels
 from fastvlm.ops import AttentionLayout, multimodal_attention
-from fastvlm.ops.backend import why_unavailable
+from fastvlm.ops.backend import median_ms, why_unavailable
 from fastvlm.synthetic import vlm_layout
 
 KINDS = ("causal", "prefix_lm", "image_bidirectional", "mmca", "mmca_split")
@@ -54,17 +52,6 @@ def build_layout(name: str, kind: str, n: int, batch: int, seed: int, device) ->
         return AttentionLayout.from_lengths([[n]] * batch, n, device=device)
     return vlm_layout(n, "mmca" if kind == "mmca_split" else kind, FAMILIES[name], batch=batch, seed=seed,
                       split_softmax=kind == "mmca_split", device=device)
-
-
-def allowed_pairs(layout: AttentionLayout) -> int:
-    """(query, key) pairs the mask allows, in O(N), from the per-token intervals."""
-    lo, hi = layout.lo.long(), layout.hi.long()
-    width = (hi - lo + 1).clamp_min(0)
-    if layout.kind == "mmca":  # an image query sees the text in [lo, q) and itself
-        text = torch.nn.functional.pad((~layout.is_image).long().cumsum(1), (1, 0))
-        text_before = text.gather(1, hi) - text.gather(1, lo)  # text keys in [lo, hi)
-        width = torch.where(layout.is_image & (width > 0), text_before + 1, width)
-    return int(width.sum())
 
 
 # ---- methods ---------------------------------------------------------------------------------
@@ -158,10 +145,6 @@ def _sync_time(device: str) -> float:
     return time.perf_counter()
 
 
-def median_ms(fn, device: str, repeats: int, warmup: int = 2) -> float:
-    return median_time(fn, repeats, warmup, device) * 1e3
-
-
 def measure(fn, q, k, v, device: str, repeats: int) -> dict:
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     dout = torch.randn_like(q)
@@ -176,7 +159,7 @@ def measure(fn, q, k, v, device: str, repeats: int) -> dict:
 
     res = {}
     try:
-        res["fwd_ms"] = median_ms(fwd, device, repeats)
+        res["fwd_ms"] = median_ms(fwd, device, repeats, warmup=2)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -221,7 +204,7 @@ def _run_grid(args, device: str, dtype) -> list[dict]:
                     cfg = kernels.pick_config(torch.device(device), d)
                     layout.block_map(cfg.block_m, cfg.block_n)
                     meta_ms = (_sync_time(device) - t0) * 1e3
-                    pairs = allowed_pairs(layout) * args.heads
+                    pairs = layout.allowed_pairs() * args.heads
                     hkv = max(1, args.heads // args.gqa)
                     q = torch.randn(args.batch, args.heads, n, d, device=device, dtype=dtype)
                     k = torch.randn(args.batch, hkv, n, d, device=device, dtype=dtype)
@@ -244,10 +227,10 @@ def _run_grid(args, device: str, dtype) -> list[dict]:
 
 
 def _row_line(row) -> str:
+    case = f"{row['layout']:12s} {row['kind']:20s} N={row['N']:6d} D={row['head_dim']:4d} {row['method']:18s}"
     if "error" in row:
-        return f"{row['layout']:12s} {row['kind']:20s} N={row['N']:6d} D={row['head_dim']:4d} {row['method']:18s} {row['error']}"
-    return (f"{row['layout']:12s} {row['kind']:20s} N={row['N']:6d} D={row['head_dim']:4d} {row['method']:18s} "
-            f"fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwd_bwd_ms']:9.3f} ms")
+        return f"{case} {row['error']}"
+    return f"{case} fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwd_bwd_ms']:9.3f} ms"
 
 
 def _add_ratios(rows):
@@ -311,15 +294,15 @@ def training_loop(args, device: str, dtype) -> list[dict]:
 
 # ---- output ----------------------------------------------------------------------------------
 def markdown(env, args, rows, loop) -> str:
-    lines = [f"# bench_attention — {env['device']}", "",
-             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, "
+    lines = [f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, "
              f"dtype {args.dtype}, batch {args.batch}, heads {args.heads} (GQA {args.gqa})", ""]
     if args.smoke:
         lines += ["**Smoke run on CPU: the Triton kernel runs in the interpreter. This is NOT a speed test;"
                   " the numbers only show that the script works.**", ""]
     lines += ["ratio = baseline time / fastvlm time (> 1 means fastvlm is faster); TFLOP/s on allowed pairs only;"
               " setup = layout + block map (fastvlm) or create_block_mask (flex), not in the timings.", "",
-              "| layout | kind | N | D | method | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | ratio fwd | ratio fwd+bwd | peak MiB | setup ms |",
+              "| layout | kind | N | D | method | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | ratio fwd | ratio fwd+bwd "
+              "| peak MiB | setup ms |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda x, p=3: "" if x is None else f"{x:.{p}f}"  # noqa: E731
     for r in rows:
@@ -374,7 +357,7 @@ def parse_args(argv=None):
     p.add_argument("--gqa", type=int, default=None, help="query heads per kv head")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .json, .md and .png")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     tiny = args.smoke
@@ -396,23 +379,21 @@ def main(argv=None):
         args.kinds = [k for k in args.kinds if k in ("causal", "mmca_split")]
     dtype = getattr(torch, args.dtype)
     env = environment(device)
-    print(f"# bench_attention  {env['date']}  commit {env['commit']}  device {env['device']}  "
-          f"torch {env['torch']}  triton {env['triton']}  cuda {env['cuda']}")
+    print_header("bench_attention", env)
     if args.smoke:
         print("SMOKE MODE: CPU + Triton interpreter at tiny size. This is NOT a speed test.")
     rows = run_grid(args, device, dtype)
     loop = training_loop(args, device, dtype)
-    args.out.mkdir(parents=True, exist_ok=True)
     tag = "smoke" if args.smoke else env["device"].replace(" ", "_")
-    stem = args.out / f"bench_attention_{tag}_{env['date'][:10]}"
     text = markdown(env, args, rows, loop)
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
-                                                     "rows": rows, "training_loop": loop}, indent=1))
-    if not args.no_plot:
-        plot(rows, stem.with_suffix(".png"))
     print(text)
-    print(f"wrote {stem}.md/.json" + ("" if args.no_plot else "/.png"))
+    payload = {"benchmark": "bench_attention", "env": env, "args": {k: str(v) for k, v in vars(args).items()},
+               "rows": rows, "training_loop": loop}
+    out = save_results("bench_attention", env, payload, text,
+                       args.out / f"bench_attention_{tag}_{env['date'][:10]}.json")
+    if not args.no_plot:
+        plot(rows, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -5,14 +5,13 @@ import datetime
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from fastvlm.ops.backend import median_ms
 from fastvlm.utils.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,23 +49,9 @@ def print_header(title: str, env: dict) -> None:
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1, device: str = "cpu") -> float:
-    """Median wall seconds over `repeats` calls (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds over `repeats` calls: the package's timer (fastvlm.ops.backend.median_ms,
+    CUDA events on a GPU), which dispatch measures with too."""
+    return median_ms(fn, torch.device(device), repeats, warmup) / 1e3
 
 
 def write_json(path: Path, payload: dict) -> None:

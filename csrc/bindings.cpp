@@ -34,7 +34,7 @@ void check_metadata(const at::Tensor& lo, const at::Tensor& hi, const at::Tensor
               "block_map: lo, hi, is_image must share one shape [B, N]");
   TORCH_CHECK(hi.device() == lo.device() && is_image.device() == lo.device(),
               "block_map: lo, hi, is_image must be on one device");
-  TORCH_CHECK(kind >= fastvlm::kCausal && kind <= fastvlm::kMMCA, "block_map: unknown kind ", kind);
+  TORCH_CHECK(kind >= 0 && kind < fastvlm::kNumMaskKinds, "block_map: unknown kind ", kind);
   TORCH_CHECK(block_q > 0 && block_k > 0, "block_map: block sizes must be positive");
   TORCH_CHECK(lo.size(1) < (int64_t(1) << 30), "block_map: sequence too long for int32 indices");
 }
@@ -187,6 +187,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
   m.def("built_with_cublaslt", &built_with_cublaslt,
         "whether the cuBLASLt connector GEMMs were compiled in");
+  m.def(
+      "mask_kinds",
+      []() {
+        std::vector<std::tuple<std::string, int32_t, bool>> kinds;
+        for (const auto& k : fastvlm::kMaskKinds)
+          kinds.emplace_back(k.name, k.code, fastvlm::isolates_images(k.code));
+        return kinds;
+      },
+      "(name, code, isolates_images) of every mask kind the block map classifies");
   m.def("cuda_archs", []() { return std::string(FASTVLM_CUDA_ARCHS); },
         "TORCH_CUDA_ARCH_LIST the CUDA kernels were compiled for");
 }

@@ -136,13 +136,23 @@ def run_demo(seq_len: int, seed: int) -> dict:
     return results
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastvlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, compiled extension, GPU, backend per op")
     info.add_argument("--json", action="store_true", help="print JSON")
     demo = sub.add_parser("demo", help="the built-in default job")
-    demo.add_argument("--seq-len", type=int, default=8192)
+    demo.add_argument("--seq-len", type=_positive_int, default=8192)
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "info":

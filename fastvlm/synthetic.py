@@ -14,6 +14,7 @@ import random
 import torch
 
 from fastvlm.ops.layout import AttentionLayout
+from fastvlm.utils.checks import as_int
 
 SCENARIOS = ("llava", "multi_image", "packed", "qwen2vl")
 
@@ -42,6 +43,7 @@ def vlm_layout(seq_len: int, kind: str = "mmca", scenario: str = "llava", *, bat
                seed: int = 0, split_softmax: bool = False, device="cpu") -> AttentionLayout:
     """A [batch, seq_len] packed layout of `scenario` samples (prefix = all but the last
     text piece of each sample, for prefix_lm)."""
+    seq_len, batch = as_int(seq_len, "seq_len", minimum=1), as_int(batch, "batch", minimum=1)
     rng = random.Random(seed)
     seg = torch.full((batch, seq_len), -1, dtype=torch.int32)
     img = torch.full((batch, seq_len), -1, dtype=torch.int32)

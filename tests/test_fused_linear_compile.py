@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(NUM_OPERANDS=1, REDUCE=0, GATE_ACT=0, ACT=1, EPILOGUE=0, STORE_AUX=True, HAS_BIAS=True, HAS_CIN=False,
             ROWSUM=False, FP32_IEEE=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
 FWD_UNIT = ("s_a0k", "s_b0k", "s_on", "s_xn")
-# name: (dtype, unit-stride args as fastvlm.kernels.fused_linear launches them, constexpr overrides)
+# name: (dtype, unit-stride args as fastvlm.kernels.fused_mlp launches them, constexpr overrides)
 VARIANTS = {
     "forward": ("bf16", FWD_UNIT, {}),
     "forward_fp16_gelu_tanh_4_inputs": ("fp16", FWD_UNIT + ("s_a1k", "s_b1k", "s_a2k", "s_b2k", "s_a3k", "s_b3k"),
@@ -44,7 +44,7 @@ def compile_for(cap, dtype, unit_strides, meta, num_warps, num_stages):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fastvlm.kernels.fused_linear import fused_linear_kernel
+    from fastvlm.kernels.fused_mlp import fused_linear_kernel
 
     names = list(inspect.signature(fused_linear_kernel.fn).parameters)
     sig, consts, attrs = {}, {}, {}
@@ -100,7 +100,7 @@ AUTOTUNE_VARIANTS = ("forward_avg_pool_quick_gelu", "forward_fp32_ieee")
 
 def _autotune_job(job):
     cap, name, i = job
-    from fastvlm.kernels.fused_linear import _gpu_configs
+    from fastvlm.kernels.fused_mlp import _gpu_configs
 
     cfg = _gpu_configs()[i]
     dtype, unit, overrides = VARIANTS[name]
@@ -118,7 +118,7 @@ def autotune_report(workers: int = 2) -> list:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from fastvlm.kernels.fused_linear import _gpu_configs
+    from fastvlm.kernels.fused_mlp import _gpu_configs
 
     jobs = [(cap, name, i) for cap in SHARED_LIMIT for name in AUTOTUNE_VARIANTS for i in range(len(_gpu_configs()))]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from fastvlm.kernels import fused_linear as kernel
+from fastvlm.kernels import fused_mlp as kernel
 from fastvlm.ops import backend
 from fastvlm.ops.fused_mlp import (ACTIVATIONS, fused_linear_act, fused_linear_act_reference,
                                    fused_mlp, fused_mlp_reference)

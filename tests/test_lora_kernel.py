@@ -43,7 +43,7 @@ def reference64(x, w, bias, a, b, s):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_kernel_vs_float64(shape, dtype, bias, seed):
-    from fastvlm.kernels.lora import lora_forward
+    from fastvlm.kernels.lora_linear import lora_forward
 
     m, n, k, r = shape
     x, w, bb, a, b = make(m, n, k, r, dtype, bias=bias)
@@ -59,7 +59,7 @@ def test_forward_kernel_vs_float64(shape, dtype, bias, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backward_dx_kernel_vs_float64(shape, dtype, seed):
-    from fastvlm.kernels.lora import lora_backward_dx
+    from fastvlm.kernels.lora_linear import lora_backward_dx
 
     m, n, k, r = shape
     _, w, _, a, b = make(m, n, k, r, dtype)
@@ -81,7 +81,7 @@ def int64_offsets_check():
     products rm * stride of an [M, K] tensor with M * K > 2^31 on a GPU (131k tokens x
     14336 features). The interpreter wraps int32 like the GPU, so unwidened offsets
     land ~4 GiB away. The ~4.3 GiB buffers are committed only where the views touch."""
-    from fastvlm.kernels.lora import lora_backward_dx, lora_forward
+    from fastvlm.kernels.lora_linear import lora_backward_dx, lora_forward
 
     torch.manual_seed(0)
     m, n, k, r = 3, 33, 40, 5
@@ -178,7 +178,8 @@ def test_dispatch(monkeypatch):
         lora_linear(x, w.detach(), bb, torch.randn(r, 8), torch.randn(6, r), 1.0, backend="triton")
     with pytest.raises(ValueError, match="backend:.*empty"):  # auto on CUDA hands it to the reference
         lora_linear(torch.randn(0, 8), w.detach(), bb, a, b, 1.0, backend="triton")
-    monkeypatch.delenv("TRITON_INTERPRET")
+    from fastvlm.kernels import lora_linear as kernels
+    monkeypatch.setattr(kernels, "INTERPRETED", False)  # defined without the interpreter: CPU cannot run them
     with pytest.raises(RuntimeError, match="CUDA"):
         lora_linear(x, w.detach(), bb, a, b, 1.0, backend="triton")
 
@@ -191,7 +192,7 @@ AOT_SCRIPT = textwrap.dedent("""
     import json, sys, torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastvlm.kernels import lora as L
+    from fastvlm.kernels import lora_linear as L
     out = {}
     for arch in (80,):
         for dt, torch_dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):

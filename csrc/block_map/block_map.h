@@ -5,8 +5,11 @@
 //
 // Every mask kind is expressed per query row q as an interval of allowed keys
 // [lo[q], hi[q]] (empty when hi < lo, which is how padding rows are stored);
-// mmca additionally forbids image keys other than q itself for image queries.
-// AttentionLayout (Python) derives lo/hi in O(N); this file turns them into
+// a kind that isolates images (mmca) additionally forbids image keys other than
+// q itself for image queries. The kinds are defined in fastvlm/ops/mask_kinds.py,
+// which derives lo/hi in O(N); this file knows a kind only by its code and by
+// isolates_images() (tests/test_mask_kinds.py checks both against the Python
+// definitions). It turns lo/hi into
 // per-block summaries and then classifies every tile in O(1), so the whole
 // block map costs O(N + Tq*Tk) and never touches an N x N mask.
 #pragma once
@@ -27,6 +30,19 @@ enum MaskKind : int32_t {
   kMMCA = 3,
 };
 
+struct MaskKindName {
+  const char* name;  // as fastvlm.ops.mask_kinds names it
+  MaskKind code;
+};
+constexpr MaskKindName kMaskKinds[] = {
+    {"causal", kCausal}, {"prefix_lm", kPrefixLM}, {"image_bidirectional", kImageBidirectional},
+    {"mmca", kMMCA}};
+constexpr int32_t kNumMaskKinds = sizeof(kMaskKinds) / sizeof(kMaskKinds[0]);
+
+// The only per-kind rule of the tile classification: whether image queries drop
+// every image key but their own. Such a kind keeps image queries causal (hi == q).
+FASTVLM_HD bool isolates_images(int32_t kind) { return kind == kMMCA; }
+
 enum TileClass : uint8_t { kEmpty = 0, kPartial = 1, kFull = 2 };
 
 constexpr int32_t kNone = 0x7fffffff;  // "no such row" for the min-summaries
@@ -35,8 +51,8 @@ constexpr int32_t kNone = 0x7fffffff;  // "no such row" for the min-summaries
 struct QBlockSummary {
   int32_t rows;          // non-padding rows in the block
   int32_t min_lo, max_lo, min_hi, max_hi;
-  int32_t min_lo_text;   // mmca: smallest lo over text rows (kNone if none)
-  int32_t min_lo_image;  // mmca: smallest lo over image rows (kNone if none)
+  int32_t min_lo_text;   // smallest lo over text rows (kNone if none)
+  int32_t min_lo_image;  // smallest lo over image rows (kNone if none)
   int32_t image_rows;
 };
 
@@ -84,7 +100,7 @@ FASTVLM_HD uint8_t classify_tile(int32_t kind, const QBlockSummary& s, int32_t q
                                  int32_t k_last_text, const int32_t* nonpad_cum,
                                  const int32_t* image_cum, const uint8_t* is_image) {
   if (s.rows == 0) return kEmpty;
-  const bool mmca = kind == kMMCA;
+  const bool isolate = isolates_images(kind);
   bool any;
   const int32_t m0 = q0 > k0 ? q0 : k0, m1 = q1 < k1 ? q1 : k1;
   if (m0 <= m1) {
@@ -93,15 +109,16 @@ FASTVLM_HD uint8_t classify_tile(int32_t kind, const QBlockSummary& s, int32_t q
     any = nonpad_cum[m1 + 1] - nonpad_cum[m0] > 0;
   } else if (k1 < q0) {
     // Keys strictly before the queries: hi[q] >= q > k1 holds, so only lo matters.
-    any = mmca ? (s.min_lo_text <= k1 || (s.min_lo_image != kNone && k_last_text >= s.min_lo_image))
+    any = isolate ? (s.min_lo_text <= k1 || (s.min_lo_image != kNone && k_last_text >= s.min_lo_image))
                : s.min_lo <= k1;
   } else {
-    // Keys strictly after the queries: only bidirectional runs reach forward.
-    any = !mmca && s.max_hi >= k0;
+    // Keys strictly after the queries: only bidirectional runs reach forward
+    // (never an image row of an isolating kind, which stays causal).
+    any = s.max_hi >= k0;
   }
   if (!any) return kEmpty;
   bool all = s.rows == q1 - q0 + 1 && s.max_lo <= k0 && s.min_hi >= k1;
-  if (all && mmca) {
+  if (all && isolate) {
     // Causal envelope holds (so k <= q); forbid image-query x other-image-key pairs.
     const int32_t image_keys = image_cum[k1 + 1] - image_cum[k0];
     const bool only_diagonal = s.image_rows == 1 && image_keys == 1 && k1 == q0 && is_image[q0];

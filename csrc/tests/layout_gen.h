@@ -66,7 +66,8 @@ inline Layout random_layout(std::mt19937& rng, int32_t batch, int32_t n, int32_t
   return L;
 }
 
-// The mask kinds exactly as documented (fastvlm/ops/layout.py).
+// The mask kinds exactly as documented (fastvlm/ops/mask_kinds.py), written out
+// independently of lo/hi: the oracle the block maps are checked against.
 inline bool allowed(const Layout& L, int b, int q, int k) {
   const int32_t* seg = &L.seg[b * L.n];
   const int32_t* img = &L.img[b * L.n];

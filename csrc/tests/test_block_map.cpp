@@ -10,7 +10,7 @@ int main() {
   for (int trial = 0; trial < 60; ++trial) {
     const int n = 1 + static_cast<int>(rng() % 180);
     const int batch = 1 + static_cast<int>(rng() % 3);
-    for (int kind = fastvlm::kCausal; kind <= fastvlm::kMMCA; ++kind) {
+    for (int kind = 0; kind < fastvlm::kNumMaskKinds; ++kind) {
       auto L = fastvlm_test::random_layout(rng, batch, n, kind);
       for (auto& bs : blocks) {
         const int tq = (n + bs[0] - 1) / bs[0], tk = (n + bs[1] - 1) / bs[1];

@@ -51,7 +51,7 @@ int main() {
   for (int trial = 0; trial < 40; ++trial) {
     const int n = 1 + static_cast<int>(rng() % (trial < 30 ? 200 : 5000));
     const int batch = 1 + static_cast<int>(rng() % 3);
-    for (int kind = fastvlm::kCausal; kind <= fastvlm::kMMCA; ++kind) {
+    for (int kind = 0; kind < fastvlm::kNumMaskKinds; ++kind) {
       auto L = fastvlm_test::random_layout(rng, batch, n, kind);
       for (auto& bs : blocks) {
         const int tq = (n + bs[0] - 1) / bs[0], tk = (n + bs[1] - 1) / bs[1];

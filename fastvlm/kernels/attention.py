@@ -19,28 +19,32 @@ backward is deterministic by construction.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from fastvlm.kernels import INTERPRETED
+
 LOG2E = 1.4426950408889634
-MMCA = 3  # fastvlm.ops.layout.KIND_CODES["mmca"]
+# Codes of the mask kinds whose image queries drop every image key but their own (mmca):
+# the kernels' one per-kind rule. tests/test_mask_kinds.py checks it against
+# fastvlm.ops.mask_kinds, where the kinds are defined.
+IMAGE_ISOLATING_KINDS = frozenset({3})
 
 
 # ---- shared device helpers -------------------------------------------------------------------
 @triton.jit
 def _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N,
-             IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr):
+             IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr):
     """Allowed (query, key) pairs of one tile: the only mask logic of all kernels."""
     if IS_FULL:
         # every real pair of a full tile is allowed; only a tail tile's padding columns are not
         ok = (offs_n[None, :] < N) & (offs_m[:, None] >= 0)
     else:
         ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None])
-        if IS_MMCA:
+        if ISOLATE_IMAGES:
             both_image = (img_q[:, None] != 0) & (img_k[None, :] != 0)
             ok = ok & (~both_image | (offs_n[None, :] == offs_m[:, None]))
     return ok
@@ -105,11 +109,11 @@ def _load_lse(lse_base, offs_m, N):
 @triton.jit
 def _fwd_tile(q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base, N, D,
               qk_scale, m0, l0, acc0, m1, l1, acc1,
-              IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
+              IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     offs_n, k, v, img_k = _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, IS_MMCA)
+    ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, ISOLATE_IMAGES)
     if SPLIT:
         key_is_image = img_k[None, :] != 0
         m0, l0, acc0 = _online_softmax_step(m0, l0, acc0, s, ok & ~key_is_image, v, True, PRECISION)
@@ -134,7 +138,7 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
               stride_ob, stride_oh, stride_on, stride_rbr, stride_rb, stride_rh, stride_rn, stride_lse,
               H, GROUP, N, D, TQ, TK, qk_scale,
-              IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+              ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     qb = tl.program_id(0)
     # int64 from here on: b * stride_qb (and bh * N * branches) exceeds 2^31 once a tensor
@@ -160,12 +164,12 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG,
         kb = tl.load(KV_IDX + lists * TK + i)
         m0, l0, acc0, m1, l1, acc1 = _fwd_tile(
             q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base, N, D,
-            qk_scale, m0, l0, acc0, m1, l1, acc1, False, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
+            qk_scale, m0, l0, acc0, m1, l1, acc1, False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION)
     for i in range(tl.load(FULL_KV_NUM + lists)):
         kb = tl.load(FULL_KV_IDX + lists * TK + i)
         m0, l0, acc0, m1, l1, acc1 = _fwd_tile(
             q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base, N, D,
-            qk_scale, m0, l0, acc0, m1, l1, acc1, True, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
+            qk_scale, m0, l0, acc0, m1, l1, acc1, True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION)
 
     row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     lse_ptrs = LSE + bh * N + offs_m
@@ -221,12 +225,12 @@ def _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT: tl.constexpr, 
 @triton.jit
 def _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base,
              N, D, qk_scale, lse0, delta0, lse1, delta1,
-             IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
+             IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     offs_n, k, v, img_k = _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, IS_MMCA)
+    ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, ISOLATE_IMAGES)
     p, ds = _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT, not (IS_FULL and EVEN_N))
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
@@ -237,7 +241,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                  stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_lse,
                  H, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
-                 IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                 ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
@@ -264,12 +268,12 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
         kb = tl.load(KV_IDX + lists * TK + i)
         dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q,
                       img_base, N, D, qk_scale, lse0, delta0, lse1, delta1,
-                      False, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
+                      False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION)
     for i in range(tl.load(FULL_KV_NUM + lists)):
         kb = tl.load(FULL_KV_IDX + lists * TK + i)
         dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q,
                       img_base, N, D, qk_scale, lse0, delta0, lse1, delta1,
-                      True, IS_MMCA, SPLIT, EVEN_N, BLOCK_N, PRECISION)
+                      True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION)
     mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     ptrs = DQ + b * stride_dqb + h * stride_dqh + _row_offsets(offs_m, offs_d, stride_dqn)
     tl.store(ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
@@ -278,7 +282,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
 @triton.jit
 def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
                stride_lse, lo_base, hi_base, img_base, offs_n, offs_d, img_k, N, D, qk_scale,
-               IS_FULL: tl.constexpr, IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
+               IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, D)
@@ -292,7 +296,7 @@ def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don, lse_bas
         delta1 = tl.load(delta_base + stride_lse + offs_m, mask=offs_m < N, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, IS_MMCA)
+    ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, ISOLATE_IMAGES)
     p, ds = _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT, not (IS_FULL and EVEN_N))
     dv = dv + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
     dk = dk + tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
@@ -305,7 +309,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, IMG,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_lse,
                    H, HKV, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
-                   IS_MMCA: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     kb = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
@@ -332,13 +336,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, IMG,
             dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don,
                                 lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
                                 offs_n, offs_d, img_k, N, D, qk_scale,
-                                False, IS_MMCA, SPLIT, EVEN_N, BLOCK_M, PRECISION)
+                                False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION)
         for i in range(n_full):
             qb = tl.load(FULL_Q_IDX + lists * TQ + i)
             dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don,
                                 lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
                                 offs_n, offs_d, img_k, N, D, qk_scale,
-                                True, IS_MMCA, SPLIT, EVEN_N, BLOCK_M, PRECISION)
+                                True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION)
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     ptrs = b * stride_dkb + hk * stride_dkh + _row_offsets(offs_n, offs_d, stride_dkn)
     tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
@@ -368,8 +372,6 @@ _FALLBACK_CONFIGS = ((64, TileConfig(64, 64, 4, 2)), (128, TileConfig(64, 32, 4,
                      (256, TileConfig(32, 32, 4, 1)))
 
 
-# triton.jit picks interpreter or compiler when a kernel is defined, i.e. at this import
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def pick_config(device: torch.device, head_dim: int) -> TileConfig:
@@ -464,8 +466,8 @@ def attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, fu
         out.stride(0), out.stride(1), out.stride(2), obr.stride(0), obr.stride(1), obr.stride(2),
         obr.stride(3), b * h * n,
         h, h // hkv, n, d, tq, tk, scale * LOG2E,
-        IS_MMCA=kind == MMCA, SPLIT=split, EVEN_N=n % cfg.block_n == 0, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype),
+        ISOLATE_IMAGES=kind in IMAGE_ISOLATING_KINDS, SPLIT=split, EVEN_N=n % cfg.block_n == 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, obr, lse
 
@@ -493,8 +495,8 @@ def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, k
         dout.stride(0), dout.stride(1), dout.stride(2), h, n, d, BLOCK_M=64, BLOCK_D=block_d)
     tq, tk = kv_num.shape[1], kv_idx.shape[2]
     img = is_image.view(torch.uint8)
-    common = dict(IS_MMCA=kind == MMCA, SPLIT=split, EVEN_N=n % cfg.block_n == 0, BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+    common = dict(ISOLATE_IMAGES=kind in IMAGE_ISOLATING_KINDS, SPLIT=split, EVEN_N=n % cfg.block_n == 0,
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
                   # backward loops stage q and dO tiles (twice the forward's bytes): at most 2 stages
                   num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, 2))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -59,7 +59,8 @@ class FeatureCache:
         self.root = Path(root)
         self.fingerprint = {
             "format": FORMAT_VERSION,
-            "config": encoder.config.to_dict(),
+            # dropout never reaches a frozen tower's features (and older caches predate the field)
+            "config": {k: v for k, v in encoder.config.to_dict().items() if k != "dropout"},
             "weights": weights_digest(encoder),
             "select_layers": encoder.resolve_layers(self.select_layers),
             "dtype": str(encoder.frozen_dtype),
@@ -135,6 +136,8 @@ class FeatureCache:
 
         `preprocess` turns the image bytes of the misses into pixel values; hits
         are neither decoded nor encoded."""
+        if isinstance(images, (bytes, bytearray, memoryview)) or not len(images):
+            raise ValueError("images: expected a non-empty sequence of encoded images")
         keys = [self.key(image) for image in images]
         is_miss = [key not in self.index for key in keys]
         self.misses += sum(is_miss)

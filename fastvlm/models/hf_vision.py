@@ -12,34 +12,41 @@ their keys are accepted and skipped; any other unexpected or missing key is an e
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from fastvlm.models.vision import VisionConfig, VisionEncoder
+from fastvlm.ops.activations import activation_from_hf
+from fastvlm.utils.config import require
+from fastvlm.utils.io import read_json, read_tensors
 
-HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                  "gelu_new": "gelu_tanh"}
 FULL_MODEL_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+DROPOUTS = ("attention_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
+VISION_MODEL_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model", "dinov2",
+                      "dinov2_with_registers")
 
 
 def _activation(hf: dict) -> str:
-    act = hf.get("hidden_act", "gelu")
-    if act not in HF_ACTIVATIONS:
-        raise ValueError(f"config.json: hidden_act {act!r} not supported; expected one of {sorted(HF_ACTIVATIONS)}")
-    return HF_ACTIVATIONS[act]
+    return activation_from_hf(hf.get("hidden_act", "gelu"), "hidden_act")
 
 
 def config_from_hf(hf: dict) -> VisionConfig:
     """VisionConfig from a transformers config.json dict (vision model or full CLIP/SigLIP)."""
     model_type = hf.get("model_type")
     if model_type in FULL_MODEL_TYPES:
+        require(hf, ("vision_config",))
         hf, model_type = hf["vision_config"], FULL_MODEL_TYPES[model_type]
+    if model_type not in VISION_MODEL_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} not supported; expected one of "
+                         f"{', '.join(VISION_MODEL_TYPES)}")
+    require(hf, ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "layer_norm_eps") + (("mlp_ratio",) if model_type.startswith("dinov2") else ("intermediate_size",)))
     sizes = dict(image_size=hf["image_size"], patch_size=hf["patch_size"], hidden_size=hf["hidden_size"],
                  num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                 num_channels=hf.get("num_channels", 3), layer_norm_eps=hf["layer_norm_eps"])
+                 num_channels=hf.get("num_channels", 3), layer_norm_eps=hf["layer_norm_eps"],
+                 dropout=float(max(hf.get(k) or 0.0 for k in DROPOUTS)))
     if model_type == "clip_vision_model":
         return VisionConfig.clip(intermediate_size=hf["intermediate_size"], act=_activation(hf), **sizes)
     if model_type == "siglip_vision_model":
@@ -52,8 +59,7 @@ def config_from_hf(hf: dict) -> VisionConfig:
                                    qkv_bias=hf.get("qkv_bias", True), num_register_tokens=registers,
                                    interpolate_antialias=model_type == "dinov2_with_registers",
                                    act=_activation(hf), **sizes)
-    raise ValueError(f"config.json: model_type {model_type!r} not supported; expected one of "
-                     "clip, clip_vision_model, siglip, siglip_vision_model, dinov2, dinov2_with_registers")
+    raise AssertionError(model_type)  # every type of VISION_MODEL_TYPES is handled above
 
 
 # (HF name pattern, fastvlm name) per family; {i} is the block index.
@@ -70,14 +76,15 @@ CLIP_SIGLIP_NAMES = [
     ("encoder.layers.{i}.mlp.{fc}.{p}", "blocks.{i}.mlp.{fc}.{p}"),
 ]
 CLIP_SIGLIP_SKIPPED = [r"post_layernorm\..*", r"head\..*", r"embeddings\.position_ids"]
-DINOV2_PROJ = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
 DINOV2_NAMES = [
     ("embeddings.patch_embeddings.projection.{p}", "patch_embed.{p}"),
     ("embeddings.cls_token", "class_token"),
     ("embeddings.register_tokens", "registers"),
     ("embeddings.position_embeddings", "pos_embed"),
     ("encoder.layer.{i}.norm1.{p}", "blocks.{i}.norm1.{p}"),
-    ("encoder.layer.{i}.attention.attention.{dproj}.{p}", "blocks.{i}.attn.{dproj}.{p}"),
+    # transformers 5's module names first: names are written with the first rule that fits
+    ("encoder.layer.{i}.attention.{proj5}.{p}", "blocks.{i}.attn.{proj5}.{p}"),
+    ("encoder.layer.{i}.attention.attention.{dproj}.{p}", "blocks.{i}.attn.{dproj}.{p}"),  # checkpoints, 4.x
     ("encoder.layer.{i}.attention.output.dense.{p}", "blocks.{i}.attn.out_proj.{p}"),
     ("encoder.layer.{i}.layer_scale1.lambda1", "blocks.{i}.scale1.scale"),
     ("encoder.layer.{i}.norm2.{p}", "blocks.{i}.norm2.{p}"),
@@ -86,21 +93,66 @@ DINOV2_NAMES = [
 ]
 DINOV2_SKIPPED = [r"layernorm\..*", r"embeddings\.mask_token"]
 FIELDS = {"i": r"(?P<i>\d+)", "p": r"(?P<p>weight|bias)", "proj": r"(?P<proj>[qkv]_proj|out_proj)",
-          "fc": r"(?P<fc>fc[12])", "dproj": r"(?P<dproj>query|key|value)"}
+          "fc": r"(?P<fc>fc[12])"}
+# Fields named differently on the two sides: HF value -> fastvlm value.
+RENAMED_FIELDS = {"dproj": {"query": "q_proj", "key": "k_proj", "value": "v_proj"},
+                  "proj5": {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "out_proj"}}
 
 
-def _compile(names):
+def _compile(names, inverse=False):
+    """[(regex over one side's names, the other side's template)]; `inverse`: fastvlm -> HF."""
+    side = {f: rf"(?P<{f}>{'|'.join(values.values() if inverse else values)})"
+            for f, values in RENAMED_FIELDS.items()}
     rules = []
     for hf_name, ours in names:
-        pattern = re.escape(hf_name).replace(r"\{", "{").replace(r"\}", "}").format(**FIELDS)
-        rules.append((re.compile(pattern + "$"), ours))
+        source, target = (ours, hf_name) if inverse else (hf_name, ours)
+        pattern = re.escape(source).replace(r"\{", "{").replace(r"\}", "}").format(**FIELDS, **side)
+        rules.append((re.compile(pattern + "$"), target))
     return rules
+
+
+def _apply(rules, name: str, inverse: bool) -> str | None:
+    for pattern, template in rules:
+        match = pattern.match(name)
+        if match:
+            fields = match.groupdict()
+            for f, values in RENAMED_FIELDS.items():
+                if f in fields:
+                    fields[f] = {v: k for k, v in values.items()}[fields[f]] if inverse else values[fields[f]]
+            return template.format(**fields)
+    return None
 
 
 # Hub checkpoints saved by transformers < 5 prefix the vision tower with "vision_model.".
 RULES = {"clip": (_compile(CLIP_SIGLIP_NAMES), CLIP_SIGLIP_SKIPPED, "vision_model."),
          "siglip": (_compile(CLIP_SIGLIP_NAMES), CLIP_SIGLIP_SKIPPED, "vision_model."),
          "dinov2": (_compile(DINOV2_NAMES), DINOV2_SKIPPED, "")}
+INVERSE_RULES = {"clip": _compile(CLIP_SIGLIP_NAMES, inverse=True),
+                 "siglip": _compile(CLIP_SIGLIP_NAMES, inverse=True),
+                 "dinov2": _compile(DINOV2_NAMES, inverse=True)}
+
+
+def fastvlm_name(hf_name: str, config: VisionConfig) -> str | None:
+    """fastvlm's name of an HF vision-tower parameter (with or without the tower's
+    "vision_model." prefix); None for parameters the encoder does not have (final norm,
+    pooling head). Raises KeyError for a name of no known parameter."""
+    rules, skipped, prefix = RULES[config.family]
+    short = hf_name[len(prefix):] if prefix and hf_name.startswith(prefix) else hf_name
+    ours = _apply(rules, short, inverse=False)
+    if ours is not None:
+        return ours
+    if re.fullmatch("|".join(skipped), short):
+        return None
+    raise KeyError(hf_name)
+
+
+def hf_name(name: str, config: VisionConfig) -> str:
+    """The name transformers 5 gives a fastvlm encoder parameter (its module layout:
+    no "vision_model." prefix). Raises KeyError for a name of no known parameter."""
+    theirs = _apply(INVERSE_RULES[config.family], name, inverse=True)
+    if theirs is None:
+        raise KeyError(name)
+    return theirs
 
 
 def convert_state_dict(hf_state: dict[str, torch.Tensor], config: VisionConfig, full_model: bool = False):
@@ -108,27 +160,18 @@ def convert_state_dict(hf_state: dict[str, torch.Tensor], config: VisionConfig, 
 
     `full_model`: the checkpoint is a CLIPModel/SiglipModel, whose text tower and
     projections are skipped."""
-    rules, skipped, prefix = RULES[config.family]
-    skip = re.compile("|".join(skipped))
+    prefix = RULES[config.family][2]
     state, unexpected = {}, []
     for name, tensor in hf_state.items():
-        if prefix and name.startswith(prefix):
-            short = name[len(prefix):]
-        elif full_model:  # text tower, projections, logit scale
+        if full_model and not (prefix and name.startswith(prefix)):  # text tower, projections, logit scale
             continue
-        else:
-            short = name
-        for pattern, ours in rules:
-            match = pattern.match(short)
-            if match:
-                fields = match.groupdict()
-                if "dproj" in fields:
-                    fields["dproj"] = DINOV2_PROJ[fields["dproj"]]
-                state[ours.format(**fields)] = tensor
-                break
-        else:
-            if not skip.fullmatch(short):
-                unexpected.append(name)
+        try:
+            ours = fastvlm_name(name, config)
+        except KeyError:
+            unexpected.append(name)
+            continue
+        if ours is not None:
+            state[ours] = tensor
     # HF keeps these with a leading batch dim or as an embedding table.
     for key in ("pos_embed", "registers"):
         if key in state:
@@ -139,27 +182,29 @@ def convert_state_dict(hf_state: dict[str, torch.Tensor], config: VisionConfig, 
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return read_tensors(path / "model.safetensors")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(path / shard))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"path: {index} has no weight_map")
+        for shard in sorted(set(weight_map.values())):
+            state.update(read_tensors(path / shard))
         return state
     if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return read_tensors(path / "pytorch_model.bin")
     raise ValueError(f"path: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path}")
 
 
 def load_hf_vision_encoder(path, **overrides) -> VisionEncoder:
     """`overrides` replace config fields, e.g. interpolate_pos=True."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"path: expected a Hugging Face checkpoint directory with config.json, got {path}")
-    hf = json.loads((path / "config.json").read_text())
+    hf = read_json(path / "config.json")
+    if hf.get("model_type") not in VISION_MODEL_TYPES:
+        raise ValueError(f"path: {path} holds a {hf.get('model_type')!r} model, not a vision encoder; "
+                         f"expected config.json model_type one of {', '.join(VISION_MODEL_TYPES)}")
     config = config_from_hf(hf)
     if overrides:
         config = config.replace(**overrides)

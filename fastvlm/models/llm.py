@@ -11,7 +11,6 @@ RoPE positions restart at every segment. The loss goes through
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,11 @@ from torch import nn
 
 from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
 from fastvlm.ops import AttentionLayout, multimodal_attention
+from fastvlm.ops.activations import activation, activation_from_hf
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
-from fastvlm.utils.config import check_known_keys
+from fastvlm.utils.checks import as_int
+from fastvlm.utils.config import check_known_keys, require
+from fastvlm.utils.io import read_json, read_tensors
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 HF_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -46,6 +48,11 @@ class LLMConfig:
     qkv_bias: bool = False  # Qwen2: True
     o_bias: bool = False
     mlp_bias: bool = False
+    hidden_act: str = "silu"        # of the gated MLP
+    # Sliding-window attention (Mistral, Qwen2 with use_sliding_window): the layouts have
+    # no window, so sequences longer than it are refused rather than attended past it.
+    sliding_window: int | None = None
+    attention_dropout: float = 0.0  # not implemented: training with it > 0 is refused
     attention_kind: str = "causal"  # layout kind when the caller gives only segment ids
 
     def __post_init__(self):
@@ -54,6 +61,14 @@ class LLMConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads: {self.num_key_value_heads} must divide "
                              f"num_attention_heads {self.num_attention_heads}")
+        activation(self.hidden_act, "hidden_act")
+        if self.sliding_window is not None:
+            self.sliding_window = as_int(self.sliding_window, "sliding_window", minimum=1)
+        if not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"attention_dropout: expected a probability in [0, 1), got {self.attention_dropout}")
+        if self.rope_scaling.get("partial_rotary_factor", 1.0) != 1.0:  # transformers applies it to some types
+            raise ValueError(f"rope_scaling: partial_rotary_factor {self.rope_scaling['partial_rotary_factor']} "
+                             "is not supported (RoPE over the whole head)")
         rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_scaling: unsupported rope_type {rope_type!r}; expected one of "
@@ -71,10 +86,13 @@ class LLMConfig:
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"config: model_type {model_type!r} is not one of {', '.join(HF_MODEL_TYPES)}")
+        require(hf, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"))
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope.setdefault("rope_type", rope.pop("type", "default"))
-        attention_bias = bool(hf.get("attention_bias", False))
+        # attention_bias / mlp_bias exist in Llama only: Qwen2 always has q/k/v biases, Mistral none
+        llama = model_type == "llama"
+        attention_bias = llama and bool(hf.get("attention_bias", False))
         return cls(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
@@ -83,9 +101,28 @@ class LLMConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=rope,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=attention_bias if model_type == "llama" else False,
-            mlp_bias=bool(hf.get("mlp_bias", False)))
+            qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
+            mlp_bias=llama and bool(hf.get("mlp_bias", False)),
+            hidden_act=activation_from_hf(hf.get("hidden_act", "silu"), "hidden_act"),
+            sliding_window=_hf_sliding_window(hf, model_type),
+            attention_dropout=float(hf.get("attention_dropout") or 0.0))
+
+
+def _hf_sliding_window(hf: dict, model_type: str) -> int | None:
+    """The window transformers applies to some layer, or None (Llama has none; Qwen2 only
+    with use_sliding_window and then on the layers its layer_types / max_window_layers mark)."""
+    window = hf.get("sliding_window")
+    if model_type == "llama" or window is None:
+        return None
+    if model_type == "qwen2":
+        if not hf.get("use_sliding_window", False):
+            return None
+        layers = hf["num_hidden_layers"]
+        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
+                                          else "full_attention" for i in range(layers)]
+        if "sliding_attention" not in types:
+            return None
+    return window
 
 
 class RMSNorm(nn.Module):
@@ -169,11 +206,27 @@ class Attention(nn.Module):
             k_all, v_all = cache.write(layer, k, v)
         if layout is not None:  # training, or the prefill of generation
             out = multimodal_attention(q, k, v.contiguous(), layout)
-        else:  # a decode step: the new tokens see every valid cached key of their row
-            valid = cache.key_valid[:, None, None, :k_all.shape[2]]
-            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=valid,
-                                                 enable_gqa=k_all.shape[1] != q.shape[1])
+        else:
+            out = decode_attention(q, k_all, v_all, cache)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def decode_attention(q, k, v, cache: KVCache) -> torch.Tensor:
+    """A decode step's attention over the cache. Generated tokens are text and come
+    after the prompt, so every kind lets them see every valid key of their row (the
+    prompt's own rows were computed by the prefill on its layout); under mmca's split
+    softmax the text keys and the image keys are two softmaxes, summed, a branch
+    without keys giving 0, as multimodal_attention computes it for a text query."""
+    n = k.shape[2]
+    valid = cache.key_valid[:, :n]
+    gqa = k.shape[1] != q.shape[1]
+    if not cache.split_softmax:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None], enable_gqa=gqa)
+    out = torch.zeros_like(q)
+    for keys in (valid & ~cache.key_image[:, :n], valid & cache.key_image[:, :n]):
+        branch = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None], enable_gqa=gqa)
+        out += torch.where(keys.any(1)[:, None, None, None], branch, 0)  # SDPA gives NaN without keys
+    return out
 
 
 class MLP(nn.Module):
@@ -183,9 +236,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+        self.act = activation(cfg.hidden_act, "hidden_act").fn
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -214,13 +268,16 @@ class KVCache:
     """Per-layer keys/values (after RoPE) for generation, [B, Hkv, max_len, D].
 
     Every row appends at the same index; `key_valid` marks which cached
-    positions are real tokens (padding of the prompt stays invalid)."""
+    positions are real tokens (padding of the prompt stays invalid), `key_image`
+    which are image tokens (for mmca's split softmax, `split_softmax`)."""
 
-    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype, device):
+    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype, device, split_softmax: bool = False):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.key_image = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.split_softmax = split_softmax
         self.length = 0  # positions written by completed steps
 
     def write(self, layer: int, k, v):
@@ -251,15 +308,28 @@ class LLM(nn.Module):
     def layout_for(self, segment_ids: torch.Tensor) -> AttentionLayout:
         return AttentionLayout(segment_ids, kind=self.config.attention_kind)
 
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids: give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            return self.model.embed_tokens(input_ids)
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
+                or inputs_embeds.shape[-1] != self.config.hidden_size:
+            got = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds)
+            raise ValueError(f"inputs_embeds: expected [B, N, {self.config.hidden_size}], got {got}")
+        return inputs_embeds
+
     def hidden_states(self, input_ids=None, *, inputs_embeds=None, layout: AttentionLayout | None = None,
                       segment_ids=None, position_ids=None) -> torch.Tensor:
         """Final-norm hidden states [B, N, H]."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("input_ids: give exactly one of input_ids and inputs_embeds")
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self._embed(input_ids, inputs_embeds)
         b, n = x.shape[:2]
-        if input_ids is not None and input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected [B, N], got {tuple(input_ids.shape)}")
+        if layout is not None and segment_ids is not None:
+            raise ValueError("segment_ids: give a layout or segment_ids, not both (the layout's would win)")
+        if self.training and self.config.attention_dropout > 0:
+            raise ValueError(f"attention_dropout: {self.config.attention_dropout} is not implemented; set "
+                             "config.attention_dropout = 0 to train without it (eval mode is unaffected)")
         if layout is None:
             if segment_ids is None:
                 segment_ids = torch.zeros(b, n, dtype=torch.int32, device=x.device)
@@ -268,6 +338,7 @@ class LLM(nn.Module):
             raise ValueError(f"layout: shape {layout.shape} does not match the tokens ({b}, {n})")
         if position_ids is None:  # restart at every packed segment
             position_ids = positions_of(layout)
+        check_positions(self.config, n, "input_ids", position_ids, layout.segment_ids >= 0)
         return self._run_layers(x, position_ids, layout)
 
     def _run_layers(self, x, position_ids, layout, cache: KVCache | None = None):
@@ -282,17 +353,20 @@ class LLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
-                 layout: AttentionLayout | None = None, max_new_tokens: int = 32,
+                 layout: AttentionLayout | None = None, prefix_mask=None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
                  pad_token_id: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """New tokens [B, max_new_tokens] (pad_token_id after a row's eos).
 
         Batched prompts may be left- or right-padded (attention_mask 0 = padding).
         The prefill runs on `layout` (e.g. a multimodal one built with the images'
-        token metadata) or a causal layout from the mask; decode steps reuse the
-        KV cache. temperature 0 = greedy; otherwise sampling with nucleus top_p.
+        token metadata) or one of the config's kind from the mask (and `prefix_mask`
+        for prefix_lm); decode steps reuse the KV cache and give the tokens the full
+        forward over prompt + generated tokens would. temperature 0 = greedy;
+        otherwise sampling with nucleus top_p.
         """
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        as_int(max_new_tokens, "max_new_tokens", minimum=1)
+        x = self._embed(input_ids, inputs_embeds)
         b, n = x.shape[:2]
         mask = (torch.ones(b, n, dtype=torch.bool, device=x.device) if attention_mask is None
                 else attention_mask.bool())
@@ -301,13 +375,20 @@ class LLM(nn.Module):
         if not bool(mask.any(1).all()):
             raise ValueError("attention_mask: every row needs at least one prompt token")
         if layout is None:
-            layout = AttentionLayout(torch.where(mask, 0, -1).to(torch.int32), kind=self.config.attention_kind)
+            layout = AttentionLayout(torch.where(mask, 0, -1).to(torch.int32), prefix_mask=prefix_mask,
+                                     kind=self.config.attention_kind)
+        elif prefix_mask is not None:
+            raise ValueError("prefix_mask: give it to the layout, not next to one")
         elif not torch.equal(layout.segment_ids >= 0, mask):
             raise ValueError("layout: its padding must match attention_mask")
+        if bool((_segment_count(layout.segment_ids) > 1).any()):
+            raise ValueError("layout: generate continues one sample per row; a row packs several segments")
         if not (temperature >= 0 and 0 < top_p <= 1):
             raise ValueError(f"temperature: must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
-        cache = KVCache(self.config, b, n + max_new_tokens, x.dtype, x.device)
+        check_positions(self.config, int(mask.sum(1).max()) + max_new_tokens - 1, "max_new_tokens")
+        cache = KVCache(self.config, b, n + max_new_tokens, x.dtype, x.device, split_softmax=layout.split_softmax)
         cache.key_valid[:, :n] = mask
+        cache.key_image[:, :n] = layout.image_ids >= 0
         h = self._run_layers(x, positions_of(layout), layout, cache)
         last = n - 1 - mask.flip(1).long().argmax(1)  # last prompt token of each row
         logits = self.lm_head(h[torch.arange(b), last])
@@ -337,8 +418,7 @@ class LLM(nn.Module):
                                segment_ids=segment_ids, position_ids=position_ids)
         if labels is None:
             return self.lm_head(h)
-        if labels.shape != h.shape[:2]:
-            raise ValueError(f"labels: expected shape {tuple(h.shape[:2])}, got {tuple(labels.shape)}")
+        check_labels(labels, tuple(h.shape[:2]), self.config.vocab_size)
         seg = layout.segment_ids if layout is not None else segment_ids
         return linear_cross_entropy(h[:, :-1], self.lm_head, shift_labels(labels, seg))
 
@@ -346,7 +426,7 @@ class LLM(nn.Module):
     def from_pretrained(cls, path, *, dtype: torch.dtype | None = None) -> "LLM":
         """Load a local Hugging Face checkpoint directory (Llama/Qwen2/Mistral layout)."""
         path = Path(path)
-        cfg = LLMConfig.from_hf(json.loads((path / "config.json").read_text()))
+        cfg = LLMConfig.from_hf(read_json(path / "config.json"))
         model = cls(cfg)
         state = load_state_dict(path)
         if cfg.tie_word_embeddings:
@@ -358,6 +438,61 @@ class LLM(nn.Module):
                              f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
         model.load_state_dict(state, strict=False)
         return model.to(dtype) if dtype is not None else model
+
+
+def check_token_ids(ids, vocab_size: int, arg: str = "input_ids", ignore: int | None = None) -> None:
+    """Token ids [B, N] must lie in [0, vocab_size) (`ignore`, e.g. -100 or an image
+    placeholder, excepted): out of range they fail deep inside an embedding or a
+    gather on CPU, and read garbage or fault asynchronously on GPU. One aminmax and
+    one host sync per call, called once per forward (not per layer): cheap next to it."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype == torch.bool \
+            or ids.is_floating_point() or ids.is_complex():
+        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{arg}: expected an integer tensor [B, N], got {got}")
+    if ids.numel() == 0:
+        raise ValueError(f"{arg}: empty batch or sequence, shape {tuple(ids.shape)}")
+    live = ids if ignore is None else ids.masked_fill(ids == ignore, 0)
+    low, high = (int(v) for v in torch.aminmax(live))
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        allowed = "" if ignore is None else f" or {ignore}"
+        raise ValueError(f"{arg}: ids must be in [0, {vocab_size}) (the vocabulary){allowed}, got {bad}")
+
+
+def check_labels(labels, shape: tuple[int, int], vocab_size: int | None) -> None:
+    """Labels [B, N] like the tokens: vocabulary ids, or -100 for "not a target"
+    (vocab_size None: the shape only, the range is checked later)."""
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != shape:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels: expected shape {shape} (that of the tokens), got {got}")
+    if vocab_size is not None:
+        check_token_ids(labels, vocab_size, "labels", ignore=-100)
+
+
+def check_positions(cfg: LLMConfig, length: int, arg: str, positions: torch.Tensor | None = None,
+                    live: torch.Tensor | None = None) -> None:
+    """Unscaled RoPE was trained on max_position_embeddings positions: refuse more. A
+    sliding window shorter than the sequence would change the attention: refuse it too.
+    `length` is the row length; a longer row than a limit may still pack segments that
+    each fit (positions restart per segment): then the largest of `positions` at `live`
+    tokens decides, at the cost of one host sync, for such rows only."""
+    rope_limit = cfg.max_position_embeddings if cfg.rope_scaling.get("rope_type", "default") == "default" else None
+    limits = [lim for lim in (rope_limit, cfg.sliding_window) if lim is not None]
+    if positions is not None and limits and length > min(limits):
+        length = int(torch.where(live, positions, -1).max()) + 1
+    if cfg.rope_scaling.get("rope_type", "default") == "default" and length > cfg.max_position_embeddings:
+        raise ValueError(f"{arg}: sequence of {length} tokens is longer than max_position_embeddings "
+                         f"({cfg.max_position_embeddings}) and RoPE is not scaled")
+    if cfg.sliding_window is not None and length > cfg.sliding_window:
+        raise ValueError(f"sliding_window: {arg} make a sequence of {length} tokens, longer than the model's "
+                         f"attention window ({cfg.sliding_window}); fastvlm's layouts have no window yet, so "
+                         f"it would attend past it: use at most {cfg.sliding_window} tokens")
+
+
+def _segment_count(seg: torch.Tensor) -> torch.Tensor:
+    """Segments per row (the layout keeps each one contiguous): its first live tokens."""
+    starts = (seg[:, 1:] >= 0) & (seg[:, 1:] != seg[:, :-1])
+    return starts.sum(1) + (seg[:, 0] >= 0)
 
 
 def positions_of(layout: AttentionLayout) -> torch.Tensor:
@@ -390,18 +525,10 @@ def shift_labels(labels: torch.Tensor, segment_ids: torch.Tensor | None) -> torc
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint dir: (sharded) safetensors, else pytorch_model.bin."""
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        return state
-    bins = sorted(path.glob("pytorch_model*.bin"))
-    if not bins:
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
         raise ValueError(f"path: no *.safetensors or pytorch_model*.bin in {path}")
     state = {}
-    for f in bins:
-        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    for f in files:
+        state.update(read_tensors(f))
     return state

@@ -4,14 +4,16 @@ Matches transformers' PIL image processors: CLIPImageProcessor (resize the
 shortest side, center crop, OpenAI CLIP mean/std), SiglipImageProcessor (resize
 straight to a square, mean = std = 0.5) and, for DINOv2, BitImageProcessor with
 the settings DINOv2 checkpoints ship (shortest side 256 for a 224 crop, ImageNet
-mean/std). Transparent images are composited onto white, as transformers does.
+mean/std). Transparent images are composited onto white, as transformers does;
+16-bit grayscale is scaled to 8 bits (PIL's own conversion clips it to white).
+``pad_to_square=True`` is LLaVA-1.5's ``image_aspect_ratio = "pad"``: the image is
+centred on a square of the mean colour before resizing, so nothing is cropped away.
 Resizing runs per image in PIL (uint8, like transformers); rescale and
 normalisation run on the whole batch in torch.
 """
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +22,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fastvlm.utils.io import read_json
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")  # PNG/TIFF 16-bit grayscale opens as one of these
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class ImagePreprocessor:
     std: tuple[float, float, float]
     resize: str = "shortest_edge"
     resample: int = Image.Resampling.BICUBIC
+    pad_to_square: bool = False  # LLaVA-1.5's image_aspect_ratio "pad"
 
     def __post_init__(self):
         if self.resize not in ("shortest_edge", "square"):
@@ -56,9 +62,7 @@ class ImagePreprocessor:
     def from_pretrained(cls, path) -> ImagePreprocessor:
         """From a checkpoint's preprocessor_config.json (CLIP/SigLIP/BiT layouts)."""
         file = Path(path) / "preprocessor_config.json"
-        if not file.is_file():
-            raise ValueError(f"path: no preprocessor_config.json in {path}")
-        cfg = json.loads(file.read_text())
+        cfg = read_json(file)
         size = cfg.get("size", 224)
         size = size if isinstance(size, dict) else {"shortest_edge": size}
         crop = cfg.get("crop_size", 224) if cfg.get("do_center_crop", False) else None
@@ -77,6 +81,8 @@ class ImagePreprocessor:
         return self.crop_size or self.size
 
     def resize_and_crop(self, image: Image.Image) -> np.ndarray:
+        if self.pad_to_square:
+            image = expand_to_square(image, tuple(int(m * 255) for m in self.mean))
         if self.resize == "square":
             image = image.resize((self.size, self.size), self.resample)
         else:
@@ -97,6 +103,8 @@ class ImagePreprocessor:
         """[B, 3, S, S] float32 pixel values from PIL images, encoded image bytes or file paths."""
         if isinstance(images, (Image.Image, bytes, str, Path)):
             raise ValueError("images: expected a sequence of images, got a single image")
+        if not len(images):
+            raise ValueError("images: empty sequence; expected at least one image")
         batch = np.stack([self.resize_and_crop(load_rgb(image, i)) for i, image in enumerate(images)])
         pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
@@ -115,7 +123,21 @@ def load_rgb(image, index: int = 0) -> Image.Image:
             raise ValueError(f"images[{index}]: cannot decode image ({err})") from err
     if not isinstance(image, Image.Image):
         raise ValueError(f"images[{index}]: expected a PIL image, bytes or a path, got {type(image).__name__}")
+    if image.mode in SIXTEEN_BIT_MODES:
+        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
     if "A" in image.getbands() or "transparency" in image.info:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The image centred on a square canvas of colour `fill` (LLaVA's expand2square)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas

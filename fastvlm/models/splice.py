@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from fastvlm.utils.checks import check_finite
+
 
 def placeholder_runs(input_ids: torch.Tensor, image_token_id: int) -> list[list[tuple[int, int]]]:
     """Per row, (start, length) of each consecutive run of the image token."""
@@ -55,24 +57,44 @@ def splice_image_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, 
 
     image_features: [num_images, T, H] or a list of [T_i, H] (images of different
     token counts). Images are matched to placeholder runs in reading order (row by
-    row); run i must have exactly T_i tokens.
+    row); a run holds one or more whole images back to back (as transformers
+    accepts: T_i + T_{i+1} + ... tokens), never part of one.
     """
     feats = list(image_features) if isinstance(image_features, (list, tuple)) else list(image_features.unbind(0))
-    runs = [run for row in placeholder_runs(input_ids, image_token_id) for run in row]
-    if len(runs) != len(feats):
-        raise ValueError(f"image_features: {len(feats)} images for {len(runs)} image placeholder runs "
-                         f"(token id {image_token_id}) in input_ids")
-    for i, ((_, length), f) in enumerate(zip(runs, feats)):
+    for i, f in enumerate(feats):
         if f.dim() != 2 or f.shape[-1] != inputs_embeds.shape[-1]:
             raise ValueError(f"image_features: image {i} must be [tokens, {inputs_embeds.shape[-1]}], "
                              f"got {tuple(f.shape)}")
-        if f.shape[0] != length:
-            raise ValueError(f"image_features: image {i} has {f.shape[0]} feature vectors but its "
-                             f"placeholder run has {length} tokens (expand each placeholder to the "
-                             "feature count, e.g. with fastvlm.models.splice.expand_placeholders)")
+    runs = [run for row in placeholder_runs(input_ids, image_token_id) for run in row]
+    images_per_run(runs, [f.shape[0] for f in feats], image_token_id)
     mask = (input_ids == image_token_id)
     if not feats:
         return inputs_embeds
     flat = torch.cat(feats, 0).to(inputs_embeds.dtype)
+    check_finite(flat, "image_features", "the vision tower (or a feature cache) produced NaN/inf; check the "
+                                         "pixel values and the encoder's precision")
     # masked_scatter fills positions in row-major order, which is the order of `runs`.
     return inputs_embeds.masked_scatter(mask[..., None], flat)
+
+
+def images_per_run(runs: list[tuple[int, int]], tokens: list[int], image_token_id: int) -> list[int]:
+    """How many images (token counts `tokens`, in order) fill each placeholder run:
+    each run must be whole images back to back, and every image must find its run."""
+    counts, i = [], 0
+    for r, (_, length) in enumerate(runs):
+        first, filled = i, 0
+        while i < len(tokens) and filled < length:
+            filled, i = filled + tokens[i], i + 1
+        if i == first:
+            break
+        if filled != length:
+            what = (f"image {first} has {filled} feature vectors but its" if i == first + 1 else
+                    f"images {first}..{i - 1} have {filled} feature vectors together but their")
+            raise ValueError(f"image_features: {what} placeholder run has {length} tokens (a run holds whole "
+                             "images back to back; expand each placeholder to the feature count, e.g. with "
+                             "fastvlm.models.splice.expand_placeholders)")
+        counts.append(i - first)
+    if len(counts) != len(runs) or i != len(tokens):
+        raise ValueError(f"image_features: {len(tokens)} images for {len(runs)} image placeholder runs "
+                         f"(token id {image_token_id}) in input_ids, each run one or more whole images")
+    return counts

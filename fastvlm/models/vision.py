@@ -27,14 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvlm.nn.checkpointing import CheckpointPolicy, run_blocks
-from fastvlm.utils.config import check_known_keys
+from fastvlm.ops.activations import activation
+from fastvlm.utils.checks import check_finite
+from fastvlm.utils.config import check_known_keys, check_required_keys
 
 FAMILIES = ("clip", "siglip", "dinov2")
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
 
 
 @dataclass(frozen=True)
@@ -59,12 +56,14 @@ class VisionConfig:
     interpolate_pos: bool = False
     # DINOv2-with-registers resamples with antialiasing, plain DINOv2 without.
     interpolate_antialias: bool = False
+    # A checkpoint's dropout / drop-path probability: not implemented, so training with it
+    # > 0 is refused (eval and frozen towers are unaffected).
+    dropout: float = 0.0
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"family: expected one of {FAMILIES}, got {self.family!r}")
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"act: expected one of {tuple(ACTIVATIONS)}, got {self.act!r}")
+        activation(self.act, "act")  # a name of fastvlm.ops.activations' table
         for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
                      "intermediate_size", "num_channels"):
             value = getattr(self, name)
@@ -75,6 +74,8 @@ class VisionConfig:
                              f"num_heads ({self.num_heads})")
         if self.image_size < self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be at least patch_size ({self.patch_size})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout}")
         if self.num_register_tokens < 0:
             raise ValueError(f"num_register_tokens: expected >= 0, got {self.num_register_tokens}")
         if self.num_register_tokens and not self.class_token:
@@ -83,6 +84,7 @@ class VisionConfig:
     @classmethod
     def from_dict(cls, values: dict) -> VisionConfig:
         check_known_keys(cls, values, 'VisionConfig')
+        check_required_keys(cls, values, 'VisionConfig')
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -154,7 +156,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = ACTIVATIONS[config.act]
+        self.act = activation(config.act, "act").fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -252,7 +254,12 @@ class VisionEncoder(nn.Module):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"pixel_values: expected a [B, {cfg.num_channels}, H, W] tensor, got {shape}")
-        _, channels, height, width = pixel_values.shape
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values: expected normalised floating-point pixels, got {pixel_values.dtype} "
+                             "(raw image bytes?); make them with fastvlm.models.preprocess.ImagePreprocessor")
+        batch, channels, height, width = pixel_values.shape
+        if batch == 0:
+            raise ValueError(f"pixel_values: empty batch, shape {tuple(pixel_values.shape)}")
         if channels != cfg.num_channels:
             raise ValueError(f"pixel_values: expected {cfg.num_channels} channels, got {channels}")
         if not cfg.interpolate_pos and (height, width) != (cfg.image_size, cfg.image_size):
@@ -261,6 +268,7 @@ class VisionEncoder(nn.Module):
         if height < cfg.patch_size or width < cfg.patch_size:
             raise ValueError(f"pixel_values: images must be at least one patch ({cfg.patch_size}) "
                              f"high and wide, got {height}x{width}")
+        check_finite(pixel_values, "pixel_values", "NaN or inf pixels (a corrupt image or a bad normalisation?)")
 
     def position_embeddings(self, grid_h: int, grid_w: int) -> torch.Tensor:
         cfg = self.config
@@ -289,6 +297,11 @@ class VisionEncoder(nn.Module):
         """Hidden states at `select_layers` (0 = embeddings, -1 = last block), each [B, T, C]."""
         self.check_pixels(pixel_values)
         layers = self.resolve_layers(select_layers)
+        if self.training and not self.frozen and self.config.dropout > 0:
+            raise ValueError(f"dropout: the checkpoint's attention_dropout / hidden_dropout_prob / "
+                             f"attention_probs_dropout_prob / drop_path_rate ({self.config.dropout}) is not "
+                             "implemented; to train without it set "
+                             "encoder.config = encoder.config.replace(dropout=0.0), or freeze the tower")
         if self.frozen:
             # no_grad rather than inference_mode: inference tensors could not be
             # saved for backward by the trainable connector that consumes them.

@@ -21,23 +21,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvlm.ops.fused_mlp import ACTIVATIONS, fused_mlp
+from fastvlm.ops.activations import FUSED_ACTIVATIONS, quick_gelu
+from fastvlm.ops.activations import activation as _activation
+from fastvlm.ops.fused_mlp import fused_mlp
 from fastvlm.ops.token_reduction import REDUCE_MODES
+from fastvlm.utils.checks import as_int
 
 
 class QuickGELU(nn.Module):
     """CLIP's x * sigmoid(1.702 x)."""
 
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+        return quick_gelu(x)
 
 
 def activation_module(name: str) -> nn.Module:
     modules = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
                "quick_gelu": QuickGELU, "silu": nn.SiLU}
-    if name not in modules:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
-    return modules[name]()
+    return modules[_activation(name).name]()
 
 
 def activation_name(module: nn.Module) -> str:
@@ -57,6 +58,13 @@ def _mlp_input_multiplier(reduce: str | None) -> int:
     return 4 if reduce == "pixel_shuffle" else 1
 
 
+def _positive_sizes(**sizes) -> tuple[int, ...]:
+    """The sizes as ints >= 1, in order; an `out_features` of None means hidden_features."""
+    if sizes.get("out_features", 0) is None:
+        sizes["out_features"] = sizes["hidden_features"]
+    return tuple(as_int(v, name, minimum=1) for name, v in sizes.items())
+
+
 class FusedMLPConnector(nn.Sequential):
     """Linear(in, hidden) -> activation -> Linear(hidden, out), run as fused_mlp.
 
@@ -72,13 +80,15 @@ class FusedMLPConnector(nn.Sequential):
                  activation: str = "gelu", bias: bool = True, *, reduce: str | None = None,
                  grid: tuple[int, int] | None = None, recompute: bool = True, backend: str = "auto",
                  device=None, dtype=None):
+        in_features, hidden_features, out_features = _positive_sizes(
+            in_features=in_features, hidden_features=hidden_features, out_features=out_features)
         if reduce == "pixel_shuffle" and in_features % 4:
             raise ValueError(f"in_features: pixel_shuffle needs a multiple of 4, got {in_features}")
         _mlp_input_multiplier(reduce)
         factory = dict(device=device, dtype=dtype)
         super().__init__(nn.Linear(in_features, hidden_features, bias, **factory),
                          activation_module(activation),
-                         nn.Linear(hidden_features, out_features or hidden_features, bias, **factory))
+                         nn.Linear(hidden_features, out_features, bias, **factory))
         self.activation, self.reduce, self.grid = activation, reduce, grid
         self.recompute, self.backend = recompute, backend
 
@@ -122,11 +132,11 @@ class MultiLevelConnector(nn.Module):
         super().__init__()
         if mode not in ("sum", "concat"):
             raise ValueError(f"mode: expected 'sum' or 'concat', got {mode!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-        self.in_features = [int(k) for k in in_features]
-        if not self.in_features:
-            raise ValueError("in_features: expected at least one input width")
+        _activation(activation, table=FUSED_ACTIVATIONS)
+        if isinstance(in_features, int) or not len(in_features):
+            raise ValueError(f"in_features: expected a non-empty list of input widths, got {in_features!r}")
+        self.in_features = [as_int(k, "in_features", minimum=1) for k in in_features]
+        hidden_features, out_features = _positive_sizes(hidden_features=hidden_features, out_features=out_features)
         mult = _mlp_input_multiplier(reduce)
         factory = dict(device=device, dtype=dtype)
         layer_norm = mode == "sum" if layer_norm is None else layer_norm
@@ -135,7 +145,7 @@ class MultiLevelConnector(nn.Module):
             self.proj = nn.ModuleList(nn.Linear(mult * k, hidden_features, **factory) for k in self.in_features)
         else:
             self.proj = nn.Linear(mult * sum(self.in_features), hidden_features, **factory)
-        self.out = nn.Linear(hidden_features, out_features or hidden_features, **factory)
+        self.out = nn.Linear(hidden_features, out_features, **factory)
         self.mode, self.activation, self.reduce, self.grid = mode, activation, reduce, grid
         self.recompute, self.backend = recompute, backend
 
@@ -150,6 +160,10 @@ class MultiLevelConnector(nn.Module):
         if isinstance(features, torch.Tensor) or len(features) != len(self.in_features):
             raise ValueError(f"features: expected a list of {len(self.in_features)} tensors "
                              f"of widths {self.in_features}")
+        for i, (x, k) in enumerate(zip(features, self.in_features)):
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != k:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"features: input {i} must be [B, T, {k}] (in_features[{i}]), got {got}")
         xs = list(features) if self.norms is None else [n(x) for n, x in zip(self.norms, features)]
         w1, b1 = self.first_layer()
         return fused_mlp(xs, w1, b1, self.out.weight, self.out.bias, self.activation, reduce=self.reduce,
@@ -180,6 +194,8 @@ class ResamplerConnector(nn.Module):
     def __init__(self, in_features: int, out_features: int, num_queries: int = 64, num_heads: int = 8,
                  *, grid: tuple[int, int] | None = None, positions: bool = True, device=None, dtype=None):
         super().__init__()
+        in_features, out_features, num_queries, num_heads = _positive_sizes(
+            in_features=in_features, out_features=out_features, num_queries=num_queries, num_heads=num_heads)
         if out_features % num_heads:
             raise ValueError(f"num_heads: {num_heads} does not divide out_features={out_features}")
         factory = dict(device=device, dtype=dtype)

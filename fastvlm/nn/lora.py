@@ -51,6 +51,8 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.reset_lora_parameters()
         base_layer.requires_grad_(False)
+        if self.quantized:
+            keep_trainable_4bit_format(base_layer)
 
     def reset_lora_parameters(self):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init
@@ -98,6 +100,26 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
                 f"scaling={self.scaling:.4g}, merged={self.merged}")
+
+
+def keep_trainable_4bit_format(linear4bit: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from repacking this Linear4bit for CPU inference.
+
+    bitsandbytes (0.50) switches a Linear4bit's weight, on its first eval-mode forward
+    without grad on a CPU with AVX512-BF16, to a packed inference format for good: the
+    format has no backward (later training steps get wrong gradients, with only a
+    UserWarning), its absmax is rounded to bf16 (the weights change), and it requires
+    out_features % 32 == 0 and in_features % blocksize == 0 (other widths crash in
+    eval). The flag it checks is per module; with it off, eval runs the same
+    dequantize + matmul as training, for any width.
+    """
+    state = getattr(linear4bit.weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        raise ValueError("base_layer: bitsandbytes already repacked this Linear4bit into its CPU inference "
+                         "format (an eval forward ran before the adapter was attached), which cannot be "
+                         "trained; wrap the layer before evaluating it, or reload it")
+    linear4bit.support_avx512bf16_for_cpu = False
+    return linear4bit
 
 
 def _weight_device(module: nn.Module) -> torch.device:

@@ -33,27 +33,9 @@ import torch
 from fastvlm.ops import backend as dispatch
 from fastvlm.ops.backend import register_op, resolve_backend
 from fastvlm.ops.layout import AttentionLayout, BlockMap
+from fastvlm.ops.mask_kinds import branches
 
-try:
-    from fastvlm.kernels import attention as _kernels
-
-    _kernel_import_error: str | None = None
-except ImportError as exc:  # triton missing: the reference still serves
-    _kernels = None
-    _kernel_import_error = f"{type(exc).__name__}: {exc}"
-
-
-def _triton_available(device: torch.device):
-    if _kernels is None:
-        return f"triton is not importable ({_kernel_import_error})"
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu":
-        # triton decides interpreter vs compiler when the kernels are defined, at import
-        return True if _kernels.INTERPRETED else (
-            "Triton kernels run on CPU tensors only in the interpreter: set TRITON_INTERPRET=1 "
-            "in the environment before importing fastvlm (tests only; it is not fast)")
-    return f"no Triton kernels for device type {device.type!r}"
+_kernels, _kernel_import_error = dispatch.import_kernels("attention")
 
 
 @functools.cache
@@ -76,9 +58,10 @@ def _flash_available(device: torch.device):
     return True
 
 
-register_op("multimodal_attention", {"triton": _triton_available, "flash_attn": _flash_available,
-                                     "reference": lambda device: True},
-            {"cpu": ("reference",), "cuda": ("triton", "reference")})
+register_op("multimodal_attention", {"triton": dispatch.triton_serves(_kernels, _kernel_import_error),
+                                     "flash_attn": _flash_available, "reference": dispatch.always},
+            {"cpu": ("reference",), "cuda": ("triton", "reference")},
+            {"triton": ("fastvlm::mm_attention_fwd", "fastvlm::mm_attention_bwd")})
 
 GPU_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # fp32 runs on GPUs only in the reference
 DENSE_MAX_ELEMENTS = 1 << 24  # B*Hq*N*N scores above which the reference goes blockwise
@@ -98,6 +81,8 @@ def check_attention_inputs(q, k, v, layout: AttentionLayout):
     if not isinstance(layout, AttentionLayout):
         raise ValueError(f"layout: expected an AttentionLayout, got {type(layout).__name__}")
     b, hq, n, d = q.shape
+    if b == 0 or n == 0:
+        raise ValueError(f"q: empty batch or sequence, shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k, v: shapes differ, {tuple(k.shape)} vs {tuple(v.shape)}")
     if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d:
@@ -234,20 +219,16 @@ def choice_key(q, k, layout: AttentionLayout, flash: bool, training: bool) -> tu
     """What decides the fastest candidate: shapes (N to the next power of two), dtype,
     the mask kind, whether flash-attn is in the running, and whether backward is timed."""
     b, hq, n, d = q.shape
-    return ("multimodal_attention", q.device, q.dtype, b, hq, k.shape[1], d, 1 << max(n - 1, 0).bit_length(),
+    return ("multimodal_attention", q.device, q.dtype, b, hq, k.shape[1], d, dispatch.shape_bucket(n),
             layout.kind, layout.split_softmax, flash, training)
 
 
 def _trial(choice, q, k, v, layout: AttentionLayout, scale: float, training: bool):
     """One call (and backward) on detached views of the inputs: the caller's graph is untouched."""
-    def run():
-        with torch.set_grad_enabled(training):
-            leaves = [t.detach().requires_grad_(training) for t in (q, k, v)]
-            out = (_flash_attention(*leaves, layout, scale) if choice == "flash_attn"
-                   else _triton_attention(*leaves, layout, scale, choice))
-            if training:
-                out.backward(torch.ones_like(out))
-    return run
+    def call(q, k, v):
+        return (_flash_attention(q, k, v, layout, scale) if choice == "flash_attn"
+                else _triton_attention(q, k, v, layout, scale, choice))
+    return dispatch.trial(call, (q, k, v), training)
 
 
 def _triton_attention(q, k, v, layout: AttentionLayout, scale: float, cfg) -> torch.Tensor:
@@ -295,21 +276,15 @@ def _dense_attention(q, k, v, layout, scale):
     kc = k.to(ct).repeat_interleave(group, 1)
     vc = v.to(ct).repeat_interleave(group, 1)
     scores = (qc @ kc.transpose(-1, -2)) * scale
-    masks = layout.dense_split() if layout.split_softmax else (layout.dense(),)
+    masks = branches(layout.dense(), layout.is_image[:, None, :], layout.split_softmax)
     out = sum(_masked_softmax_av(scores, m[:, None], vc) for m in masks)
     return out.to(q.dtype)
 
 
 def tile_predicate(layout: AttentionLayout, b: int, rows: torch.Tensor, cols: torch.Tensor):
-    """Allowed pairs for query rows x key cols of batch row b, from the per-token
-    intervals (the predicate the kernels evaluate in partial tiles)."""
-    lo, hi = layout.lo[b, rows][:, None], layout.hi[b, rows][:, None]
-    c = cols[None, :]
-    allowed = (c >= lo) & (c <= hi)
-    if layout.kind == "mmca":
-        img_q, img_k = layout.is_image[b, rows][:, None], layout.is_image[b, cols][None, :]
-        allowed &= ~img_q | ~img_k | (c == rows[:, None])
-    return allowed
+    """Allowed pairs for query rows x key cols of batch row b (the kind's rule, as the
+    kernels evaluate it in partial tiles)."""
+    return layout.tile_predicate(b, rows, cols)
 
 
 def _tile_masks(layout: AttentionLayout, bm: BlockMap, b: int, qb: int, kv_blocks, n: int):
@@ -325,10 +300,7 @@ def _tile_masks(layout: AttentionLayout, bm: BlockMap, b: int, qb: int, kv_block
         masks.append(torch.ones(len(rows), len(c), dtype=torch.bool, device=dev) if full
                      else tile_predicate(layout, b, rows, c))
     cols, allowed = torch.cat(cols), torch.cat(masks, 1)
-    if not layout.split_softmax:
-        return rows, cols, (allowed,)
-    image_k = layout.is_image[b, cols][None, :]
-    return rows, cols, (allowed & ~image_k, allowed & image_k)
+    return rows, cols, branches(allowed, layout.is_image[b, cols][None, :], layout.split_softmax)
 
 
 def _kv_schedule(bm: BlockMap, b: int, qb: int):

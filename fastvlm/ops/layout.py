@@ -6,56 +6,15 @@ for prefix-LM, whether it is in the bidirectional prefix. Every mask kind is
 a predicate over that metadata, and always stays within one segment: tokens
 never see another segment, padding sees nothing and is seen by nothing.
 
-Pictures below: one segment ``t t i i t`` (t = text, i = image tokens of one
-image, p = prefix token), rows are queries, columns keys, ``x`` = allowed.
-
-``causal``: key position <= query position::
-
-    t  x . . . .
-    t  x x . . .
-    i  x x x . .
-    i  x x x x .
-    t  x x x x x
-
-``prefix_lm`` (PaliGemma): prefix tokens see the whole prefix, the rest is
-causal. With prefix ``p p p t t``::
-
-    p  x x x . .
-    p  x x x . .
-    p  x x x . .
-    t  x x x x .
-    t  x x x x x
-
-``image_bidirectional`` (Gemma 3 / PaliGemma images): causal, plus every
-token of an image sees every token of the same image::
-
-    t  x . . . .
-    t  x x . . .
-    i  x x x x .
-    i  x x x x .
-    t  x x x x x
-
-``mmca`` (DeepSpeed-VisualChat's multimodal causal attention): causal; a
-text query sees every earlier-or-same token; an image query sees earlier
-text tokens and itself, no other image token::
-
-    t  x . . . .
-    t  x x . . .
-    i  x x x . .
-    i  x x . x .
-    t  x x x x x
-
-With ``split_softmax=True`` (their definition proper) the attention over
-text keys and the attention over image keys are two softmaxes whose outputs
-are summed: the text branch for every query (earlier-or-same text keys); the
-image branch over earlier image keys for a text query, over itself alone for
-an image query. A branch with no allowed key contributes 0. Their dense-mask
-code gives a near-uniform row there instead (the additive mask only lowers
-scores by a large constant); we differ on purpose, since attending uniformly
-to forbidden keys is never what the mask means.
+Each kind is defined once, with its picture, in fastvlm.ops.mask_kinds:
+``causal``, ``prefix_lm`` (PaliGemma), ``image_bidirectional`` (Gemma 3 /
+PaliGemma images) and ``mmca`` (DeepSpeed-VisualChat, optionally with
+``split_softmax``). The dense mask, FlexAttention's mask_mod, the tile
+predicate and the block map below all derive from that definition.
 
 Internally every kind reduces to an interval of allowed keys per query row,
-``[lo[q], hi[q]]`` (mmca also drops other image keys for image queries).
+``[lo[q], hi[q]]`` (a kind that isolates images, mmca, also drops other image
+keys for image queries).
 That makes the block map O(N + (N/B)^2) and gives the kernels a predicate of
 two loads per row. It requires the runs the kinds rely on to be contiguous
 (each segment, each image within a segment, the prefix within a segment),
@@ -70,10 +29,12 @@ from typing import Sequence
 import torch
 
 from fastvlm import _ext
-from fastvlm.ops.backend import register_op, resolve_backend
+from fastvlm.ops import mask_kinds
+from fastvlm.ops.backend import always, register_op, resolve_backend
+from fastvlm.ops.mask_kinds import KIND_DEFS, KINDS, image_run_key, segment_starts
+from fastvlm.ops.mask_kinds import shift as _shift
+from fastvlm.utils.checks import as_int
 
-KINDS = ("causal", "prefix_lm", "image_bidirectional", "mmca")
-KIND_CODES = {name: code for code, name in enumerate(KINDS)}  # matches csrc MaskKind
 _INT32_MAX = torch.iinfo(torch.int32).max
 
 
@@ -147,6 +108,10 @@ def _fail(arg: str, msg: str):
     raise ValueError(f"{arg}: {msg}")
 
 
+def _kinds_where(flag: str) -> str:
+    return " or ".join(repr(name) for name in KINDS if getattr(KIND_DEFS[name], flag))
+
+
 def _as_ids(x, arg: str, shape=None, device=None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         _fail(arg, f"expected a torch.Tensor, got {type(x).__name__}")
@@ -166,15 +131,8 @@ def _as_ids(x, arg: str, shape=None, device=None) -> torch.Tensor:
     return x.to(torch.int32).contiguous()
 
 
-def _shift(x: torch.Tensor, fill, right: bool = True) -> torch.Tensor:
-    """x moved one step along dim 1 (right: x[i-1] at i), `fill` entering."""
-    edge = torch.full_like(x[:, :1], fill)
-    return torch.cat([edge, x[:, :-1]], 1) if right else torch.cat([x[:, 1:], edge], 1)
 
 
-def _segment_starts(seg: torch.Tensor) -> torch.Tensor:
-    """bool [B, N]: the first token of each segment (a row's first live token always is)."""
-    return (seg >= 0) & (seg != _shift(seg, -2))
 
 
 def _runs_contiguous(key: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
@@ -188,20 +146,8 @@ def _runs_contiguous(key: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     return starts == distinct
 
 
-def _image_run_key(seg: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-    """One int64 key per (segment, image) pair, so an image is local to its segment."""
-    stride = int(img.max()) + 2 if img.numel() else 1
-    return seg.long() * stride + img.long()
 
 
-def _run_end(key: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
-    """Index of the last token of each member token's run (any value elsewhere)."""
-    n = key.shape[1]
-    idx = torch.arange(n, device=key.device).expand_as(key)
-    next_key, next_member = _shift(key, -1, right=False), _shift(member, False, right=False)
-    is_end = member & (~next_member | (next_key != key))
-    marker = torch.where(is_end, idx, n)
-    return marker.flip(1).cummin(1).values.flip(1)
 
 
 class AttentionLayout:
@@ -221,12 +167,14 @@ class AttentionLayout:
 
     def __init__(self, segment_ids, image_ids=None, prefix_mask=None, kind: str = "causal", *,
                  split_softmax: bool = False):
-        if kind not in KIND_CODES:
+        if kind not in KIND_DEFS:
             _fail("kind", f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-        if split_softmax and kind != "mmca":
-            _fail("split_softmax", f"only defined for kind='mmca', got kind={kind!r}")
+        if split_softmax and not KIND_DEFS[kind].split_softmax:
+            _fail("split_softmax", f"only defined for kind={_kinds_where('split_softmax')}, got kind={kind!r}")
         seg = _as_ids(segment_ids, "segment_ids")
         shape, device = tuple(seg.shape), seg.device
+        if seg.numel() == 0:
+            _fail("segment_ids", f"empty batch or sequence, shape {shape}")
         img = (_as_ids(image_ids, "image_ids", shape, device) if image_ids is not None
                else torch.full_like(seg, -1))
         live = seg >= 0
@@ -234,12 +182,12 @@ class AttentionLayout:
             _fail("image_ids", "image tokens (id >= 0) at padding positions (segment_ids == -1)")
         if not bool(_runs_contiguous(seg.long(), live).all()):
             _fail("segment_ids", "each segment must be one contiguous run of tokens in its row")
-        if not bool(_runs_contiguous(_image_run_key(seg, img), img >= 0).all()):
+        if not bool(_runs_contiguous(image_run_key(seg, img), img >= 0).all()):
             _fail("image_ids", "each image id must form one contiguous run within its segment "
                                "(give separate images separate ids)")
         if prefix_mask is not None:
-            if kind != "prefix_lm":
-                _fail("prefix_mask", f"only used by kind='prefix_lm', got kind={kind!r}")
+            if not KIND_DEFS[kind].uses_prefix:
+                _fail("prefix_mask", f"only used by kind={_kinds_where('uses_prefix')}, got kind={kind!r}")
             if not isinstance(prefix_mask, torch.Tensor) or prefix_mask.dtype != torch.bool:
                 _fail("prefix_mask", "expected a bool tensor")
             if tuple(prefix_mask.shape) != shape:
@@ -252,34 +200,28 @@ class AttentionLayout:
                 _fail("prefix_mask", "True at padding positions (segment_ids == -1)")
             if not bool(_runs_contiguous(seg.long(), prefix_mask).all()):
                 _fail("prefix_mask", "the prefix must be one contiguous run within each segment")
-        elif kind == "prefix_lm":
-            _fail("prefix_mask", "required for kind='prefix_lm'")
+        elif KIND_DEFS[kind].uses_prefix:
+            _fail("prefix_mask", f"required for kind={kind!r}")
 
         self.segment_ids, self.image_ids, self.prefix_mask = seg, img, prefix_mask
         self.kind, self.split_softmax = kind, bool(split_softmax)
-        self.lo, self.hi, self.is_image = self._intervals()
+        self.mask_kind = KIND_DEFS[kind]
+        self.lo, self.hi = mask_kinds.intervals(self.mask_kind, self._token_runs())
+        self.is_image = (img >= 0).contiguous()
         self._block_maps: dict[tuple[int, int], BlockMap] = {}
 
     # ---- derived metadata ------------------------------------------------------------
-    def _intervals(self):
-        seg, img = self.segment_ids, self.image_ids
-        n = seg.shape[1]
-        idx = torch.arange(n, device=seg.device, dtype=torch.int32).expand_as(seg)
-        live = seg >= 0
-        lo = torch.where(_segment_starts(seg), idx, 0).cummax(1).values
-        hi = idx
-        if self.kind == "prefix_lm":
-            hi = torch.where(self.prefix_mask, _run_end(seg.long(), self.prefix_mask), idx)
-        elif self.kind == "image_bidirectional":
-            in_image = img >= 0
-            hi = torch.where(in_image, _run_end(_image_run_key(seg, img), in_image), idx)
-        lo = torch.where(live, lo, 0).to(torch.int32).contiguous()
-        hi = torch.where(live, hi, -1).to(torch.int32).contiguous()
-        return lo, hi, (img >= 0).contiguous()
+    def _token_runs(self) -> mask_kinds.Tokens:
+        """The metadata as the kinds' rules read it (not kept: the layout holds lo / hi only)."""
+        return mask_kinds.Tokens(self.segment_ids, self.image_ids, self.prefix_mask)
 
     @property
     def kind_code(self) -> int:
-        return KIND_CODES[self.kind]
+        return self.mask_kind.code
+
+    def allowed_pairs(self) -> int:
+        """(query, key) pairs the mask allows over the batch, in O(N)."""
+        return mask_kinds.allowed_pairs(self.mask_kind, self.lo, self.hi, self.is_image)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -316,11 +258,12 @@ class AttentionLayout:
         """True if every live token sees exactly the earlier tokens of its own segment:
         plain or packed causal attention, whatever ``kind`` says (e.g. mmca of text only).
         Conservative for mmca: any image token makes it False. False without live tokens."""
-        idx = torch.arange(self.seq_len, device=self.device, dtype=torch.int32)
-        live = self.segment_ids >= 0
-        causal_rows = bool(((self.hi == idx) | ~live).all()) and bool(live.any())
-        # mmca also removes image keys from image queries' rows: only without images is it causal
-        return causal_rows and not (self.kind == "mmca" and bool(self.is_image.any()))
+        t = self._token_runs()
+        causal_rows = bool((((self.lo == t.segment_start) & (self.hi == t.pos)) | ~t.live).all())
+        # a kind that isolates images removes image keys from image queries' rows: only
+        # without images is it causal
+        isolated = self.mask_kind.isolates_images and bool(self.is_image.any())
+        return causal_rows and bool(t.live.any()) and not isolated
 
     def varlen_segments(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """(cu_seqlens int32 [S + 1], index of the live tokens in the flattened [B * N]
@@ -335,7 +278,7 @@ class AttentionLayout:
         live = (seg >= 0).flatten()
         # number the segments by their first tokens, so equal ids in different rows, or
         # any id values, never merge two segments
-        key = _segment_starts(seg).flatten().long().cumsum(0)[live]
+        key = segment_starts(seg).flatten().long().cumsum(0)[live]
         lengths = torch.unique_consecutive(key, return_counts=True)[1]
         cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         index = None if bool(live.all()) else live.nonzero().squeeze(1)
@@ -344,52 +287,31 @@ class AttentionLayout:
     # ---- dense masks (tests / small N) ----------------------------------------------
     def dense(self) -> torch.Tensor:
         """bool [B, N, N], mask[b, q, k] = q may attend to k (union of branches)."""
-        text, image = self._dense_branches()
-        return text | image
+        pos = torch.arange(self.seq_len, device=self.device)
+        img = self.is_image
+        return mask_kinds.allowed(self.mask_kind, pos[None, :, None], pos[None, None, :], self.lo[:, :, None],
+                                  self.hi[:, :, None], img[:, :, None], img[:, None, :])
 
     def dense_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(text-key mask, image-key mask), each bool [B, N, N]; their union is dense()."""
-        return self._dense_branches()
-
-    def _dense_branches(self):
-        # Written from the definitions, not from lo/hi, so that tests compare two
-        # independent derivations.
-        seg, img = self.segment_ids, self.image_ids
-        n = seg.shape[1]
-        pos = torch.arange(n, device=seg.device)
-        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
-        causal = (pos[None, None, :] <= pos[None, :, None])
-        text_q, text_k = (img < 0)[:, :, None], (img < 0)[:, None, :]
-        if self.kind == "causal":
-            allowed = same & causal
-        elif self.kind == "prefix_lm":
-            pre = self.prefix_mask
-            allowed = same & (causal | (pre[:, :, None] & pre[:, None, :]))
-        elif self.kind == "image_bidirectional":
-            same_image = (img[:, :, None] == img[:, None, :]) & ~text_q
-            allowed = same & (causal | same_image)
-        else:  # mmca
-            diag = torch.eye(n, dtype=torch.bool, device=seg.device)[None]
-            allowed = same & causal & (text_q | text_k | diag)
-        return allowed & text_k, allowed & ~text_k
+        return mask_kinds.branches(self.dense(), self.is_image[:, None, :], split_softmax=True)
 
     def flex_mask_mod(self):
         """The same mask as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``, for
         interoperability and as the baseline in tests and benchmarks."""
-        seg, img, pre, kind = self.segment_ids, self.image_ids, self.prefix_mask, self.kind
+        lo, hi, img, kind = self.lo, self.hi, self.is_image, self.mask_kind
 
         def mask_mod(b, h, q, k):
-            same = (seg[b, q] == seg[b, k]) & (seg[b, q] >= 0)
-            causal = k <= q
-            if kind == "causal":
-                return same & causal
-            if kind == "prefix_lm":
-                return same & (causal | (pre[b, q] & pre[b, k]))
-            if kind == "image_bidirectional":
-                return same & (causal | ((img[b, q] == img[b, k]) & (img[b, q] >= 0)))
-            return same & causal & ((img[b, q] < 0) | (img[b, k] < 0) | (q == k))
+            return mask_kinds.allowed(kind, q, k, lo[b, q], hi[b, q], img[b, q], img[b, k])
 
         return mask_mod
+
+    def tile_predicate(self, b: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """bool [rows, cols]: the allowed pairs of query `rows` x key `cols` of batch row b
+        (what the kernels evaluate in partial tiles)."""
+        img = self.is_image[b]
+        return mask_kinds.allowed(self.mask_kind, rows[:, None], cols[None, :], self.lo[b, rows][:, None],
+                                  self.hi[b, rows][:, None], img[rows][:, None], img[cols][None, :])
 
     # ---- block map ------------------------------------------------------------------
     def block_map(self, block_q: int = 128, block_k: int | None = None, *,
@@ -433,7 +355,7 @@ class AttentionLayout:
         if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
             _fail("cu_seqlens", "must start at 0 and be non-decreasing")
         total = int(cu[-1])
-        n = total if seq_len is None else seq_len
+        n = total if seq_len is None else as_int(seq_len, "seq_len", minimum=1)
         if n < total:
             _fail("seq_len", f"{n} is shorter than cu_seqlens[-1] = {total}")
         seg = torch.full((1, n), -1, dtype=torch.int32, device=cu.device)
@@ -449,8 +371,9 @@ class AttentionLayout:
     @classmethod
     def from_input_ids(cls, input_ids, image_token_id: int, *, attention_mask=None,
                        segment_ids=None, prefix_mask=None, kind: str = "causal",
-                       split_softmax: bool = False):
-        """From token ids: each consecutive run of ``image_token_id`` is one image.
+                       split_softmax: bool = False, tokens_per_image: int | None = None):
+        """From token ids: each consecutive run of ``image_token_id`` is one image,
+        or, with ``tokens_per_image``, that many images back to back.
 
         Segments come from ``segment_ids`` if given, else from
         ``attention_mask`` (0 = padding), else the whole row is one sample.
@@ -460,19 +383,28 @@ class AttentionLayout:
             input_ids.dim() == 2 and not input_ids.is_floating_point() else None
         if ids is None:
             _fail("input_ids", "expected an integer tensor of shape [B, N]")
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                           or tuple(attention_mask.shape) != tuple(ids.shape)):
+            _fail("attention_mask", f"expected a tensor of shape {tuple(ids.shape)}")
         if segment_ids is None:
-            if attention_mask is None:
-                seg = torch.zeros_like(ids)
-            else:
-                if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(ids.shape):
-                    _fail("attention_mask", f"expected a tensor of shape {tuple(ids.shape)}")
-                seg = torch.where(attention_mask.bool(), 0, -1).to(torch.int32)
+            seg = (torch.zeros_like(ids) if attention_mask is None
+                   else torch.where(attention_mask.bool(), 0, -1).to(torch.int32))
         else:
-            seg = segment_ids
+            seg = _as_ids(segment_ids, "segment_ids", tuple(ids.shape), ids.device)
+            if attention_mask is not None and not torch.equal(seg >= 0, attention_mask.bool()):
+                _fail("attention_mask", "disagrees with segment_ids about padding (segment_ids == -1)")
         is_img = ids == image_token_id
-        prev = _shift(is_img, False)
-        run_index = (is_img & ~prev).cumsum(1) - 1
+        starts = is_img & ~_shift(is_img, False)
+        if tokens_per_image is not None:  # a run of k * T tokens is k images
+            tokens_per_image = as_int(tokens_per_image, "tokens_per_image", minimum=1)
+            idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            run_start = torch.where(starts, idx, 0).cummax(1).values
+            starts = is_img & ((idx - run_start) % tokens_per_image == 0)
+        run_index = starts.cumsum(1) - 1
         image_ids = torch.where(is_img, run_index, -1).to(torch.int32)
+        if bool(((image_ids >= 0) & (image_ids == _shift(image_ids, -1)) & segment_starts(seg)).any()):
+            _fail("input_ids", "an image's placeholder run crosses a segment boundary (segment_ids / "
+                               "attention_mask): each image must lie within one sample")
         return cls(seg, image_ids, prefix_mask, kind, split_softmax=split_softmax)
 
     @classmethod
@@ -485,14 +417,13 @@ class AttentionLayout:
         image_spans: per row, a list of ``(start, length)`` in row coordinates.
         prefix_lengths: per row, one prefix length per sample (prefix_lm).
         """
-        rows = [list(lengths)] if lengths and isinstance(lengths[0], int) else [list(r) for r in lengths]
-        for r in rows:
-            if any((not isinstance(x, int)) or x < 0 for x in r):
-                _fail("lengths", f"expected non-negative ints, got {r}")
-        n = max((sum(r) for r in rows), default=0) if seq_len is None else seq_len
+        rows = _int_rows(lengths, "lengths")
+        n = max(sum(r) for r in rows) if seq_len is None else as_int(seq_len, "seq_len", minimum=1)
         if any(sum(r) > n for r in rows):
             _fail("seq_len", f"{n} is shorter than a row's total length")
         batch = len(rows)
+        if prefix_lengths is not None:
+            prefix_lengths = _int_rows(prefix_lengths, "prefix_lengths", [len(r) for r in rows])
         seg = torch.full((batch, n), -1, dtype=torch.int32)
         img = torch.full((batch, n), -1, dtype=torch.int32)
         pre = torch.zeros((batch, n), dtype=torch.bool) if prefix_lengths is not None else None
@@ -510,12 +441,47 @@ class AttentionLayout:
             if len(image_spans) != batch:
                 _fail("image_spans", f"expected one list per row ({batch}), got {len(image_spans)}")
             for b, spans in enumerate(image_spans):
-                for i, (start, length) in enumerate(spans):
+                for i, span in enumerate(spans):
+                    start, length = _span(span, f"image_spans: row {b} span {i}")
                     if start < 0 or length <= 0 or start + length > n:
                         _fail("image_spans", f"row {b} span {i} = ({start}, {length}) is outside [0, {n})")
+                    if bool((img[b, start:start + length] >= 0).any()):
+                        _fail("image_spans", f"row {b} span {i} = ({start}, {length}) overlaps an earlier span")
+                    if bool((seg[b, start:start + length] != seg[b, start]).any()) or int(seg[b, start]) < 0:
+                        _fail("image_spans", f"row {b} span {i} = ({start}, {length}) is not inside one sample "
+                                             f"(samples of lengths {rows[b]} packed from 0)")
                     img[b, start:start + length] = i
         return cls(seg.to(device), img.to(device), None if pre is None else pre.to(device), kind,
                    split_softmax=split_softmax)
+
+
+def _int_rows(values, arg: str, row_lengths: list[int] | None = None) -> list[list[int]]:
+    """One row ``[a, b, ...]`` or a batch of rows, as lists of ints >= 0 (numpy and 0-d
+    integer tensor entries are ints; see as_int); with `row_lengths`, the batch's shape."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() not in (1, 2):
+            _fail(arg, f"expected one row or a batch of rows, got a tensor of shape {tuple(values.shape)}")
+        values = values.unbind(0)
+    try:
+        values = list(values)
+        nested = bool(values) and (isinstance(values[0], (list, tuple)) or getattr(values[0], "ndim", 0) == 1)
+        rows = [list(r) for r in values] if nested else [values]
+    except TypeError:
+        _fail(arg, f"expected a list of ints or of lists of ints, got {values!r}")
+    rows = [[as_int(x, arg, minimum=0) for x in r] for r in rows]
+    if row_lengths is None and (not rows or not any(rows)):
+        _fail(arg, f"expected at least one sample, got {rows}")
+    if row_lengths is not None and [len(r) for r in rows] != row_lengths:
+        _fail(arg, f"expected one entry per sample (rows of {row_lengths}), got rows of {[len(r) for r in rows]}")
+    return rows
+
+
+def _span(span, where: str) -> tuple[int, int]:
+    try:
+        start, length = span
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected a (start, length) pair, got {span!r}") from None
+    return as_int(start, "image_spans"), as_int(length, "image_spans")
 
 
 def _compiled_block_map(device_type: str):
@@ -528,9 +494,18 @@ def _compiled_block_map(device_type: str):
     return check
 
 
-register_op("block_map", {"reference": lambda device: True, "cpp": _compiled_block_map("cpu"),
+register_op("block_map", {"reference": always, "cpp": _compiled_block_map("cpu"),
                           "cuda": _compiled_block_map("cuda")},
-            {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")})
+            {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")},
+            {"cpp": ("fastvlm::block_map",), "cuda": ("fastvlm::block_map",)})
+
+if _ext.available():  # the C++ op's shapes, so torch.compile traces a block map built inside a graph
+    @torch.library.register_fake("fastvlm::block_map")
+    def _(lo, hi, is_image, kind, block_q, block_k):
+        b, n = lo.shape
+        tq, tk = -(-n // block_q), -(-n // block_k)
+        shapes = ((b, tq), (b, tq, tk), (b, tq), (b, tq, tk), (b, tk), (b, tk, tq), (b, tk), (b, tk, tq))
+        return [lo.new_empty(s, dtype=torch.int32) for s in shapes]
 
 
 def block_map_reference(lo, hi, is_image, kind: int, block_q: int, block_k: int):
@@ -571,18 +546,17 @@ def block_map_reference(lo, hi, is_image, kind: int, block_q: int, block_k: int)
     overlap = m0 <= m1
     in_overlap = nonpad_cum[:, (m1 + 1).clamp(0, n)] - nonpad_cum[:, m0.clamp(0, n)]
     before = k1 < q0  # keys strictly before the queries
-    mmca = kind == KIND_CODES["mmca"]
-    if mmca:
+    isolate = mask_kinds.kind_by_code(kind).isolates_images
+    if isolate:
         any_before = (col(min_lo_text) <= k1) | ((col(min_lo_image) != big) &
                                                  (last_text[:, None, :] >= col(min_lo_image)))
-        any_after = torch.zeros_like(any_before)
     else:
         any_before = col(min_lo) <= k1
-        any_after = col(max_hi) >= k0
+    any_after = col(max_hi) >= k0  # an isolating kind keeps image rows causal: only text rows reach forward
     any_ = torch.where(overlap, in_overlap > 0, torch.where(before, any_before, any_after))
     any_ &= col(rows) > 0
     all_ = (col(rows) == (q1 - q0 + 1)) & (col(max_lo) <= k0) & (col(min_hi) >= k1)
-    if mmca:
+    if isolate:
         image_keys = image_cum[:, k1 + 1] - image_cum[:, k0]
         diag_only = (col(image_rows) == 1) & (image_keys == 1) & (k1 == q0) & image[:, q0.clamp(max=n - 1)]
         all_ &= ~((col(image_rows) > 0) & (image_keys > 0) & ~diag_only)

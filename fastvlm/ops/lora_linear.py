@@ -1,35 +1,32 @@
 """lora_linear: y = x Wᵀ + b + s·(x Aᵀ) Bᵀ, a frozen linear layer plus a rank-r adapter.
 
 x: [..., K], W: [N, K] (frozen), b: [N] or None, A: [r, K], B: [N, r], s a float.
-Gradients flow to x, A and B. The ``triton`` backend (fastvlm.kernels.lora) reads
-x once for both branches; it serves frozen W and b (LoRA training) in fp16,
+Gradients flow to x, A and B. The ``triton`` backend (fastvlm.kernels.lora_linear)
+reads x once for both branches; it serves frozen W and b (LoRA training) in fp16,
 bf16 or fp32, and computes in the autocast dtype when autocast is on, as the
-reference's F.linear calls would. ``auto`` uses it on CUDA when it applies.
+reference's F.linear calls would. ``auto`` uses it on CUDA when it applies. It runs
+as the torch.library custom ops ``fastvlm::lora_linear_fwd`` / ``_bwd`` with fake and
+autograd registrations, so torch.compile(fullgraph=True) traces it.
 """
 from __future__ import annotations
-
-import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
 
+from fastvlm.ops import backend as dispatch
 from fastvlm.ops.backend import register_op, resolve_backend
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_FUSED_RANK = 128  # the kernels' rank tiles fit shared memory up to here (see the kernel tests)
 
 
-def _triton_available(device: torch.device):
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)"
+_kernels, _kernel_import_error = dispatch.import_kernels("lora_linear")
 
 
-register_op("lora_linear", {"reference": lambda device: True, "triton": _triton_available},
-            {"cpu": ("reference",), "cuda": ("triton", "reference")})
+register_op("lora_linear", {"reference": dispatch.always,
+                            "triton": dispatch.triton_serves(_kernels, _kernel_import_error)},
+            {"cpu": ("reference",), "cuda": ("triton", "reference")},
+            {"triton": ("fastvlm::lora_linear_fwd", "fastvlm::lora_linear_bwd")})
 
 
 def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -73,32 +70,62 @@ def _why_not_fused(x, weight, bias, rank: int) -> str | None:
     return None
 
 
-class _FusedLoRALinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
-        from fastvlm.kernels.lora import lora_forward
+# ---- the Triton path as custom ops (x, W, A, B already 2-D, contiguous, in the compute dtype) ---
+@torch.library.custom_op("fastvlm::lora_linear_fwd", mutates_args=())
+def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+              lora_B: torch.Tensor, scaling: float, write_u: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, u = x Aᵀ when B's gradient needs it, else an empty tensor)."""
+    y, u = _kernels.lora_forward(x, weight, bias, lora_A, lora_B, scaling, write_u=write_u)
+    return y, x.new_empty(0) if u is None else u
 
-        dt = _compute_dtype(x)
-        x2 = x.reshape(-1, x.shape[-1]).to(dt).contiguous()
-        w, a, b = (t.to(dt).contiguous() for t in (weight, lora_A, lora_B))
-        need_u = ctx.needs_input_grad[4]
-        y, u = lora_forward(x2, w, None if bias is None else bias.to(dt), a, b, scaling, write_u=need_u)
-        ctx.save_for_backward(x2, w, a, b, u)
-        ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
-        ctx.ab_dtypes = (lora_A.dtype, lora_B.dtype)
-        return y.reshape(*x.shape[:-1], w.shape[0])
 
-    @staticmethod
-    def backward(ctx, gy):
-        from fastvlm.kernels.lora import lora_backward_dx
+@_lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, write_u):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty((x.shape[0], lora_A.shape[0]) if write_u else 0)
 
-        x2, w, a, b, u = ctx.saved_tensors
-        g = gy.reshape(-1, w.shape[0]).to(w.dtype).contiguous()
-        dx, du = lora_backward_dx(g, w, a, b, ctx.scaling)
-        grad_a = (du.t() @ x2).to(ctx.ab_dtypes[0]) if ctx.needs_input_grad[3] else None
-        grad_b = ((g.t() @ u) * ctx.scaling).to(ctx.ab_dtypes[1]) if ctx.needs_input_grad[4] else None
-        grad_x = dx.reshape(ctx.x_shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, grad_a, grad_b, None
+
+@torch.library.custom_op("fastvlm::lora_linear_bwd", mutates_args=())
+def _lora_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+              u: torch.Tensor, scaling: float, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grads of (x, A, B), empty where `needs` says not needed. One kernel gives dx and
+    du = s·gy B; dA = duᵀ x and dB = s·gyᵀ u are rank-r GEMMs."""
+    g = gy.contiguous()
+    dx, du = _kernels.lora_backward_dx(g, weight, lora_A, lora_B, scaling)
+    need_x, need_a, need_b = needs
+    grads = (dx if need_x else None, du.t() @ x if need_a else None, (g.t() @ u) * scaling if need_b else None)
+    return tuple(dispatch.empty_if_none(grads, gy))
+
+
+@_lora_bwd.register_fake
+def _(gy, x, weight, lora_A, lora_B, u, scaling, needs):
+    return tuple(gy.new_empty(t.shape if need else (0,)) for t, need in zip((x, lora_A, lora_B), needs))
+
+
+def _lora_setup(ctx, inputs, output):
+    x, weight, _, lora_A, lora_B, scaling, _ = inputs
+    ctx.scaling = scaling
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])
+
+
+def _lora_backward(ctx, gy, _du):
+    needs = [ctx.needs_input_grad[i] for i in (0, 3, 4)]
+    grad_x, grad_a, grad_b = dispatch.none_if_unneeded(
+        torch.ops.fastvlm.lora_linear_bwd(gy, *ctx.saved_tensors, ctx.scaling, needs), needs)
+    return grad_x, None, None, grad_a, grad_b, None, None
+
+
+_lora_fwd.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+def _fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """The Triton path: casts to the compute dtype (autocast's, else x's) and flattens x to 2-D
+    outside the op, so autograd casts the gradients back (fp32 adapter masters stay fp32)."""
+    dt = _compute_dtype(x)
+    x2 = x.reshape(-1, x.shape[-1]).to(dt).contiguous()
+    w, a, b = (t.to(dt).contiguous() for t in (weight, lora_A, lora_B))
+    write_u = torch.is_grad_enabled() and lora_B.requires_grad
+    y, _ = torch.ops.fastvlm.lora_linear_fwd(x2, w, None if bias is None else bias.to(dt), a, b, scaling, write_u)
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, *, backend: str = "auto") -> torch.Tensor:
@@ -107,7 +134,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, *, backend: str
     if name == "triton":
         reason = _why_not_fused(x, weight, bias, lora_A.shape[0])
         if reason is None:
-            return _FusedLoRALinear.apply(x, weight, bias, lora_A, lora_B, float(scaling))
+            return _fused_lora_linear(x, weight, bias, lora_A, lora_B, float(scaling))
         if backend == "triton":
             raise ValueError(f"backend: 'triton' cannot serve this call: {reason}")
     return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling)

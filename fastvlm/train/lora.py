@@ -5,19 +5,23 @@ base + trainable low-rank A, B), freezes everything else except the modules
 named ``trainable`` (e.g. the connector), and records the configuration on the
 model so ``save_adapter`` can write PEFT's ``adapter_config.json`` and
 ``adapter_model.safetensors`` (keys ``base_model.model.<path>.lora_A.weight``),
-which ``peft.PeftModel.from_pretrained`` loads on the same architecture.
+which ``peft.PeftModel.from_pretrained`` loads on the same architecture. A
+fastvlm.VLM's adapters are written under transformers' LLaVA names and read from
+them (fastvlm.train.peft_llava), so they load on ``LlavaForConditionalGeneration``
+and back. On a VLM, ``llm=`` / ``vision=`` pick layers inside one part.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from fastvlm.nn.lora import LoRALinear, check_rank_and_dropout, set_submodule
+from fastvlm.train import peft_llava
 from fastvlm.utils.io import atomic_write
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -102,19 +106,78 @@ def _example_names(model: nn.Module, k: int = 4) -> str:
     return ", ".join(repr(n) for n in names) or "no nn.Linear found"
 
 
-def resolve_lora_targets(model: nn.Module, targets, r, alpha, dropout, trainable):
+# The names a VLM's parts go by: fastvlm.VLM, transformers' LLaVA (4.x and 5.x layouts),
+# LLaVA's own code. The outermost module with one of these names is that part.
+TOWER_NAMES = {"llm": ("language_model",),
+               "vision": ("vision_tower", "vision_model", "vision_encoder", "visual"),
+               "connector": ("multi_modal_projector", "connector", "mm_projector", "projector")}
+
+
+def tower_roots(model: nn.Module) -> dict[str, list[str]]:
+    """{part: [module names]} for the parts (llm / vision / connector) `model` has."""
+    names = [n for n, _ in model.named_modules() if n]
+    roots = {}
+    for part, leaves in TOWER_NAMES.items():
+        hits = [n for n in names if n.rpartition(".")[2] in leaves]
+        outer = [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
+        if outer:
+            roots[part] = outer
+    return roots
+
+
+def _tower_modules(model: nn.Module, part: str, spec) -> dict[str, nn.Module]:
+    """Modules matched by `spec` (suffix list or regex over names inside the tower) in each root of `part`."""
+    roots = tower_roots(model).get(part)
+    if not roots:
+        raise ValueError(f"{part}: {type(model).__name__} has no {part} part (a module named one of "
+                         f"{', '.join(TOWER_NAMES[part])})")
+    spec = parse_targets(spec, part)
+    found = {}
+    for root in roots:
+        inner = _match_modules(model.get_submodule(root), spec, part)
+        found.update({f"{root}.{n}": m for n, m in inner.items()})
+    return found
+
+
+def _resolve_part_aliases(model: nn.Module, trainable: list[str]) -> list[str]:
+    """"connector" (or "llm", "vision") names that part where no module is called so."""
+    names = [n for n, _ in model.named_modules() if n]
+    roots = tower_roots(model)
+    out = []
+    for t in trainable:
+        if t in roots and not any(name_matches(n, [t]) for n in names):
+            out += roots[t]
+        else:
+            out.append(t)
+    return out
+
+
+def resolve_lora_targets(model: nn.Module, targets, r, alpha, dropout, trainable, llm=None, vision=None):
     """Validate an adapter configuration against `model` without changing it.
 
-    Returns (targets, trainable names, {name: Linear to wrap}, {name: module to train}).
+    Returns (targets, trainable names, {name: Linear to wrap}, {name: module to train});
+    with `llm` / `vision`, targets is the explicit list of the modules they matched.
     """
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("model: already has LoRA adapters (apply_lora was called on it before)")
     check_rank_and_dropout(r, dropout)
     if alpha <= 0:
         raise ValueError(f"alpha: must be positive, got {alpha!r}")
-    targets = parse_targets(targets)
+    if targets is None and llm is None and vision is None:
+        raise ValueError("targets: no adapter targets; give llm= and/or vision= (module names inside the LLM "
+                         "or the vision tower), or targets= (names anywhere in the model)")
+    found = {}
+    if targets is not None:
+        targets = parse_targets(targets)
+        found.update(_match_modules(model, targets, "targets"))
+    for part, spec in (("llm", llm), ("vision", vision)):
+        if spec is not None:
+            found.update(_tower_modules(model, part, spec))
+    if llm is not None or vision is not None:
+        targets = sorted(found)
     trainable = parse_targets(trainable, "trainable") if trainable else []
-    found = _match_modules(model, targets, "targets")
+    if isinstance(trainable, list):
+        trainable = _resolve_part_aliases(model, trainable)
     not_linear = {n: type(m).__name__ for n, m in found.items() if not isinstance(m, nn.Linear)}
     if not_linear:
         raise ValueError(f"targets: LoRA wraps nn.Linear layers only; matched non-Linear modules {not_linear}")
@@ -124,14 +187,21 @@ def resolve_lora_targets(model: nn.Module, targets, r, alpha, dropout, trainable
     return targets, list(trainable), found, keep
 
 
-def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
-               trainable=(), rslora: bool = False, backend: str = "auto") -> nn.Module:
+def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+               trainable=(), rslora: bool = False, backend: str = "auto", *, llm=None, vision=None) -> nn.Module:
     """Replace targeted nn.Linear layers by LoRALinear in place; freeze all else but `trainable`.
 
-    `targets` and `trainable` take a list (or comma string) of module-name suffixes,
-    or a full-match regex over module names, as PEFT's target_modules does.
+    For a VLM, `llm` and `vision` name the layers to adapt inside the language model
+    and inside the vision tower (LLaVA's recipe adapts the LLM only:
+    ``llm="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"``); `targets` names
+    layers anywhere in the model, as PEFT's target_modules does (so a suffix such as
+    "q_proj" also hits the vision tower's q_proj). Each takes a list (or comma string)
+    of module-name suffixes or a full-match regex. `trainable` lists modules trained
+    fully (PEFT's modules_to_save); "connector" names a VLM's projector whatever its
+    module is called.
     """
-    targets, trainable, found, keep = resolve_lora_targets(model, targets, r, alpha, dropout, trainable)
+    targets, trainable, found, keep = resolve_lora_targets(model, targets, r, alpha, dropout, trainable,
+                                                           llm, vision)
     model.requires_grad_(False)
     for name, module in found.items():
         set_submodule(model, name, LoRALinear(module, r, alpha, dropout, rslora, backend))
@@ -146,8 +216,32 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def merge(model: nn.Module):
+    """Fold the adapters into their base weights in place (``unmerge`` undoes it); the
+    LoRA layers stay, so the model keeps adapter keys. To save a plain model, use
+    ``merge_and_unload``."""
     for m in lora_layers(model).values():
         m.merge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base Linear and put that Linear back in its place.
+
+    The result has the modules and state-dict keys of the model before ``apply_lora``
+    (no ``base_layer``, no ``lora_A``), so ``save_pretrained`` writes a checkpoint that
+    loads as a plain model. Parameters keep their requires_grad flags. NF4 bases are
+    refused: folding into them would re-quantize the weights.
+    """
+    layers = lora_layers(model)
+    quantized = [n for n, m in layers.items() if m.quantized]
+    if quantized:
+        raise ValueError(f"model: LoRA layers {quantized[:4]} have NF4 (quantized) bases; merging would "
+                         "re-quantize them: load the base in full precision and load_adapter onto it to merge")
+    for name, layer in layers.items():
+        layer.merge()
+        set_submodule(model, name, layer.base_layer)
+    if getattr(model, "lora_config", None) is not None:
+        del model.lora_config
+    return model
 
 
 def unmerge(model: nn.Module):
@@ -181,37 +275,58 @@ def _config_of(model: nn.Module) -> LoRAConfig:
 
 
 def save_adapter(model: nn.Module, directory: str):
-    """Write adapter_model.safetensors + adapter_config.json (PEFT's format), atomically."""
+    """Write adapter_model.safetensors + adapter_config.json (PEFT's format), atomically.
+
+    A fastvlm.VLM's adapter is written under transformers' LLaVA names (see
+    fastvlm.train.peft_llava), so PEFT loads it on LlavaForConditionalGeneration.
+    """
     from safetensors.torch import save_file
 
     cfg = _config_of(model)
+    tensors = {k[len(PEFT_PREFIX):]: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    peft_cfg = cfg.to_peft()
+    if peft_llava.is_vlm(model):
+        tensors, targets, modules = peft_llava.to_hf(model, tensors, _trained_modules(model, cfg))
+        peft_cfg.update(target_modules=targets, modules_to_save=modules or None)
+    tensors = {PEFT_PREFIX + k: v for k, v in tensors.items()}
     os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     atomic_write(os.path.join(directory, ADAPTER_WEIGHTS),
-                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+                 lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
     def write_config(p):
         with open(p, "w") as f:
-            json.dump(cfg.to_peft(), f, indent=2)
+            json.dump(peft_cfg, f, indent=2)
     atomic_write(os.path.join(directory, ADAPTER_CONFIG), write_config)
+
+
+def _trained_modules(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    return list(_match_modules(model, cfg.trainable, "trainable")) if cfg.trainable else []
 
 
 def load_adapter(model: nn.Module, directory: str, backend: str = "auto") -> nn.Module:
     """Apply LoRA as adapter_config.json says (unless already applied) and load the weights.
 
     Reads adapters PEFT saved too: keys may carry PEFT's adapter name
-    (``lora_A.default.weight``) or not.
+    (``lora_A.default.weight``) or not. On a fastvlm.VLM, adapters saved for
+    transformers' LLaVA (4.x or 5.x names) load too; the adapted modules are those the
+    weights name.
     """
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
         cfg = LoRAConfig.from_peft(json.load(f))
-    if getattr(model, "lora_config", None) is None:
-        apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.dropout, cfg.trainable, cfg.rslora, backend)
-    elif asdict(model.lora_config) != asdict(cfg):
-        raise ValueError(f"model: has LoRA config {model.lora_config}, adapter in {directory} has {cfg}")
     saved = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
     saved = {re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k): v for k, v in saved.items()}
+    if peft_llava.is_vlm(model):
+        if not all(k.startswith(PEFT_PREFIX) for k in saved):
+            raise ValueError(f"{directory}: adapter keys do not start with PEFT's {PEFT_PREFIX!r}")
+        tensors, cfg.targets, cfg.trainable = peft_llava.from_hf(
+            model, {k[len(PEFT_PREFIX):]: v for k, v in saved.items()}, list(cfg.trainable))
+        saved = {PEFT_PREFIX + k: v for k, v in tensors.items()}
+    if getattr(model, "lora_config", None) is None:
+        apply_lora(model, cfg.targets, cfg.r, cfg.alpha, cfg.dropout, cfg.trainable, cfg.rslora, backend)
+    elif _shape_of(model.lora_config) != _shape_of(cfg):
+        raise ValueError(f"model: has LoRA config {model.lora_config}, adapter in {directory} has {cfg}")
     expected = adapter_state_dict(model)
     missing, unexpected = expected.keys() - saved.keys(), saved.keys() - expected.keys()
     if missing or unexpected:
@@ -224,3 +339,9 @@ def load_adapter(model: nn.Module, directory: str, backend: str = "auto") -> nn.
                                  f"{tuple(dst.shape)}")
             dst.copy_(saved[k])
     return model
+
+
+def _shape_of(cfg: LoRAConfig) -> tuple:
+    """What must agree for weights to load into adapters already applied (which
+    modules: the key check)."""
+    return cfg.r, cfg.alpha, cfg.rslora

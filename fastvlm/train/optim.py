@@ -14,10 +14,18 @@ import re
 import torch
 from torch import nn
 
-# Ordered: the first pattern that matches a parameter's name picks its group.
+from fastvlm.train.lora import TOWER_NAMES
+
+
+def _under(names) -> str:
+    return rf"(^|.*\.)({'|'.join(names)})\..*"
+
+
+# Ordered: the first pattern that matches a parameter's name picks its group. The part
+# names are apply_lora's (fastvlm's, transformers' LLaVA's), plus a generic "encoder".
 DEFAULT_GROUPS = {
-    "connector": r"(^|.*\.)(connector|mm_projector|multi_modal_projector|projector)\..*",
-    "encoder_adapters": r"(^|.*\.)(vision_tower|vision_model|vision_encoder|encoder|visual)\..*",
+    "connector": _under(TOWER_NAMES["connector"]),
+    "encoder_adapters": _under(TOWER_NAMES["vision"] + ("encoder",)),
     "llm_adapters": r".*",
 }
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
@@ -57,6 +65,10 @@ def build_optimizer(groups: list[dict], name: str = "adamw", betas=(0.9, 0.999),
     """AdamW over `groups`: torch's, or bitsandbytes' 8-bit / paged (state paged to host on CUDA)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"name: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    for g in groups:  # torch checks only its default lr, not each group's
+        for key in ("lr", "weight_decay"):
+            if key in g and not g[key] >= 0:
+                raise ValueError(f"groups: {key} of group {g.get('name', '?')!r} must be >= 0, got {g[key]}")
     if name == "adamw":
         return torch.optim.AdamW(groups, betas=betas, eps=eps)
     import bitsandbytes as bnb

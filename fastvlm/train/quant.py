@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvlm.nn.lora import set_submodule
+from fastvlm.nn.lora import keep_trainable_4bit_format, set_submodule
 from fastvlm.train.lora import apply_lora, resolve_lora_targets
 from fastvlm.train.precision import is_norm
 
@@ -22,7 +22,9 @@ def to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     """A frozen bitsandbytes Linear4bit (NF4, double quant) holding `linear`'s weights.
 
     The weight is quantized in the dtype it has (load a model in bf16 to quantize
-    bf16 weights); `compute_dtype` is what the matmul runs in.
+    bf16 weights); `compute_dtype` is what the matmul runs in. Eval and training
+    run the same matmul (bitsandbytes' CPU inference repacking is off, see
+    ``keep_trainable_4bit_format``), so an evaluation pass never changes training.
     """
     import bitsandbytes as bnb
 
@@ -35,7 +37,7 @@ def to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
                                  compress_statistics=True, blocksize=NF4_BLOCKSIZE, module=q).to(w.device)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
-    return q
+    return keep_trainable_4bit_format(q)
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
@@ -58,15 +60,15 @@ def enable_input_require_grads(model: nn.Module):
     return handles
 
 
-def apply_qlora(model: nn.Module, targets, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+def apply_qlora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
                 trainable=(), rslora: bool = False, compute_dtype: str = "bf16",
-                input_grads: bool = True) -> nn.Module:
+                input_grads: bool = True, *, llm=None, vision=None) -> nn.Module:
     """Quantize the targeted Linears to NF4, put LoRA on them, keep norms and
     `trainable` modules in fp32. Arguments as ``apply_lora``."""
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
     # everything is validated before the first layer is quantized
-    targets, _, found, _ = resolve_lora_targets(model, targets, r, alpha, dropout, trainable)
+    targets, trainable, found, _ = resolve_lora_targets(model, targets, r, alpha, dropout, trainable, llm, vision)
     not_linear = {n: type(m).__name__ for n, m in found.items() if type(m) is not nn.Linear}
     if not_linear:
         raise ValueError(f"targets: QLoRA quantizes plain nn.Linear layers only; matched {not_linear}")

@@ -1,4 +1,5 @@
-"""Triton GEMM for the connector: C = sum_i A_i @ B_i with fused pro/epilogues.
+"""Triton GEMM for fused_linear_act / fused_mlp (fastvlm.ops.fused_mlp): C = sum_i A_i @ B_i
+with fused pro/epilogues. Kernels and their launcher only; the ops compose them.
 
 One kernel serves every GEMM of the fused connector, forward and backward:
 
@@ -24,15 +25,15 @@ on a GPU it is autotuned.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import torch
 import triton
 import triton.language as tl
 
-from fastvlm.ops.token_reduction import reduce_tokens, reduce_tokens_backward
+from fastvlm.kernels import INTERPRETED  # noqa: F401  (how these kernels were defined; read by the ops' checks)
 
-ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "silu": 4}
+# `act` / `gate_act` codes (_act_and_grad): 0 is the identity, the others are those of
+# fastvlm.ops.activations.ACTIVATIONS (1 gelu, 2 gelu_tanh, 3 quick_gelu, 4 silu), which
+# tests/test_op_registration.py checks against the kernel.
 REDUCE_IDS = {None: 0, "pixel_shuffle": 1, "avg_pool": 2}
 MAX_OPERANDS = 4
 INTERPRETER_TILE = 32
@@ -276,159 +277,3 @@ def launch(out, operands, *, act=0, epilogue=0, aux=None, bias=None, c_in=None, 
                      GROUP_M=4)
         fused_linear_kernel[grid(tiles)](*args, **meta, **tiles)
     return out
-
-
-@dataclass(frozen=True)
-class FirstLayer:
-    """Static description of the first GEMM: sum_i x_i W_i^T + b, then `act`.
-
-    Each x_i is [M, K_i] or, with `reduce`, [B, T, C] read through the 2x2
-    token reduction over the (H, W) patch `grid`."""
-    n_inputs: int
-    act: int
-    reduce: str | None = None
-    grid: tuple[int, int] | None = None
-    recompute: bool = False
-
-    def rows(self, x: torch.Tensor) -> int:
-        return x.shape[0] if self.reduce is None else x.shape[0] * x.shape[1] // 4
-
-    def launch_args(self, x: torch.Tensor) -> dict:
-        if self.reduce is None:
-            return {}
-        return dict(reduce=REDUCE_IDS[self.reduce], grid_w=self.grid[1], tokens=x.shape[1])
-
-    def gathered(self, x: torch.Tensor) -> torch.Tensor:
-        """The GEMM input as a 2-D tensor (the reduced tokens are materialised here,
-        for the weight gradient only; the forward reads them in place)."""
-        if self.reduce is None:
-            return x
-        r = reduce_tokens(x, self.reduce, self.grid)
-        return r.reshape(-1, r.shape[-1])
-
-    def input_grad(self, batch: int, d_gathered: torch.Tensor) -> torch.Tensor:
-        """The gradient of an input with `batch` images, from that of its gathered rows."""
-        if self.reduce is None:
-            return d_gathered
-        return reduce_tokens_backward(d_gathered.view(batch, -1, d_gathered.shape[-1]),
-                                      self.reduce, self.grid)
-
-
-def kept_inputs(spec: FirstLayer, xs, training: bool):
-    """(inputs, spec) that the first layer runs on and backward keeps. With recompute
-    under avg_pool, the pooled tokens: 4x fewer bytes than x, and all backward reads of
-    it (the recomputed GEMM, W's gradient; x's gradient needs only its shape). Pooling
-    them once here costs one pass over x, which the fused read would have saved."""
-    if training and spec.recompute and spec.reduce == "avg_pool":
-        return [spec.gathered(x) for x in xs], replace(spec, reduce=None, grid=None)
-    return list(xs), spec
-
-
-def first_layer_forward(spec: FirstLayer, xs, ws, bias, act: int, keep_pre: bool):
-    """(act(z), z or None) for z = sum_i x_i W_i^T + b, in one launch."""
-    m, n = spec.rows(xs[0]), ws[0].shape[0]
-    out = alloc(xs[0], m, n)
-    pre = alloc(xs[0], m, n) if keep_pre else None
-    launch(out, [Operand(x, w.t()) for x, w in zip(xs, ws)], act=act, aux=pre, bias=bias,
-           **spec.launch_args(xs[0]))
-    return out, pre
-
-
-def first_layer_backward(spec: FirstLayer, dz, gate, xs, ws, needs_x, needs_w, needs_b):
-    """Grads of z = sum_i x_i W_i^T + b from dz = dL/dz, or, with `gate` (the saved
-    pre-activation), from dz = dL/d act(z): act'(gate) is applied as dz is loaded."""
-    gate_act = spec.act if gate is not None else 0
-    dxs = []
-    for x, w, need in zip(xs, ws, needs_x):
-        if not need:
-            dxs.append(None)
-            continue
-        d_gathered = alloc(dz, dz.shape[0], w.shape[1])
-        launch(d_gathered, [Operand(dz, w)], gate=gate, gate_act=gate_act)
-        dxs.append(spec.input_grad(x.shape[0], d_gathered))
-    db = alloc(dz, dz.shape[1]) if needs_b else None
-    dws = []
-    for i, (x, w, need) in enumerate(zip(xs, ws, needs_w)):
-        with_db = i == 0 and db is not None
-        if not (need or with_db):
-            dws.append(None)
-            continue
-        dw = alloc(w, *w.shape)
-        launch(dw, [Operand(dz.t(), spec.gathered(x))], gate=None if gate is None else gate.t(),
-               gate_act=gate_act, rowsum=db if with_db else None)
-        dws.append(dw if need else None)
-    return dxs, dws, db
-
-
-def _to_input_grads(spec: FirstLayer, run: FirstLayer, batches, dxs):
-    """Gradients of the caller's inputs from those of the inputs the layer ran on."""
-    if run is spec:
-        return dxs
-    return [None if d is None else spec.input_grad(b, d) for b, d in zip(batches, dxs)]
-
-
-class FusedLinearActFunction(torch.autograd.Function):
-    """act(sum_i x_i W_i^T + b); keeps the pre-activation (or nothing, with recompute)."""
-
-    @staticmethod
-    def forward(ctx, spec: FirstLayer, bias, *xs_ws):
-        xs, ws = xs_ws[:spec.n_inputs], xs_ws[spec.n_inputs:]
-        training = any(ctx.needs_input_grad)  # nothing to keep in inference
-        kept, run = kept_inputs(spec, xs, training)
-        out, pre = first_layer_forward(run, kept, ws, bias, spec.act, keep_pre=training and not spec.recompute)
-        ctx.spec, ctx.run, ctx.batches = spec, run, [x.shape[0] for x in xs]
-        ctx.save_for_backward(bias, pre, *kept, *ws)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        spec, run, n = ctx.spec, ctx.run, ctx.spec.n_inputs
-        bias, pre, *rest = ctx.saved_tensors
-        xs, ws = rest[:n], rest[n:]
-        if pre is None:
-            pre, _ = first_layer_forward(run, xs, ws, bias, act=0, keep_pre=False)
-        needs = ctx.needs_input_grad
-        dxs, dws, db = first_layer_backward(run, dy, pre, xs, ws, needs[2:2 + n], needs[2 + n:],
-                                            needs[1])
-        return None, db, *_to_input_grads(spec, run, ctx.batches, dxs), *dws
-
-
-class FusedMLPFunction(torch.autograd.Function):
-    """act(sum_i x_i W1_i^T + b1) W2^T + b2; keeps the hidden pre-activation (or
-    nothing, with recompute), never the activation itself."""
-
-    @staticmethod
-    def forward(ctx, spec: FirstLayer, b1, w2, b2, *xs_ws):
-        xs, ws = xs_ws[:spec.n_inputs], xs_ws[spec.n_inputs:]
-        training = any(ctx.needs_input_grad)  # nothing to keep in inference
-        kept, run = kept_inputs(spec, xs, training)
-        hidden, pre = first_layer_forward(run, kept, ws, b1, spec.act, keep_pre=training and not spec.recompute)
-        y = alloc(hidden, hidden.shape[0], w2.shape[0])
-        launch(y, [Operand(hidden, w2.t())], bias=b2)
-        ctx.spec, ctx.run, ctx.batches = spec, run, [x.shape[0] for x in xs]
-        ctx.save_for_backward(b1, pre, w2, *kept, *ws)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        spec, run, n = ctx.spec, ctx.run, ctx.spec.n_inputs
-        b1, pre, w2, *rest = ctx.saved_tensors
-        xs, ws = rest[:n], rest[n:]
-        if pre is None:
-            pre, _ = first_layer_forward(run, xs, ws, b1, act=0, keep_pre=False)
-        needs = ctx.needs_input_grad
-        need_w2 = needs[2] or needs[3]
-        # dgrad through W2 with act'(pre) in the epilogue; the same pass rebuilds
-        # act(pre) for W2's gradient instead of having kept it from forward
-        dz = alloc(pre, *pre.shape)
-        hidden = alloc(pre, *pre.shape) if need_w2 else None
-        launch(dz, [Operand(dy, w2)], epilogue=1, act=spec.act, epi=pre, aux=hidden)
-        dw2 = db2 = None
-        if need_w2:
-            dw2 = alloc(w2, *w2.shape)
-            db2 = alloc(dy, dy.shape[1]) if needs[3] else None
-            launch(dw2, [Operand(dy.t(), hidden)], rowsum=db2)
-        del hidden, pre
-        dxs, dws, db1 = first_layer_backward(run, dz, None, xs, ws, needs[4:4 + n], needs[4 + n:],
-                                             needs[1])
-        return None, db1, dw2 if needs[2] else None, db2, *_to_input_grads(spec, run, ctx.batches, dxs), *dws

@@ -1,4 +1,5 @@
-"""Triton kernels for the fused LoRA linear y = x Wᵀ + b + s·(x Aᵀ) Bᵀ.
+"""Triton kernels for lora_linear (fastvlm.ops.lora_linear): y = x Wᵀ + b + s·(x Aᵀ) Bᵀ.
+Kernels and their launchers only; the op composes them.
 
 Forward: each program owns a [BLOCK_M, BLOCK_N] tile of y; its K loop loads an x
 tile once and feeds it to two dots, x·Wᵀ and x·Aᵀ (the rank-r projection
@@ -18,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from fastvlm.kernels import INTERPRETED  # noqa: F401  (how these kernels were defined; read by the ops' checks)
 
 
 @triton.jit
@@ -73,7 +76,8 @@ def _lora_bwd_dx_kernel(G, W, B, A, DX, DU, M, N, K, R, scaling,
     for n0 in range(0, N, BLOCK_N):
         nn = n0 + rn
         g = tl.load(G + rm64[:, None] * stride_gm + nn[None, :], mask=(rm[:, None] < M) & (nn[None, :] < N), other=0.0)
-        w = tl.load(W + nn.to(tl.int64)[:, None] * stride_wn + rk[None, :], mask=(nn[:, None] < N) & (rk[None, :] < K), other=0.0)
+        w = tl.load(W + nn.to(tl.int64)[:, None] * stride_wn + rk[None, :],
+                    mask=(nn[:, None] < N) & (rk[None, :] < K), other=0.0)
         b = tl.load(B + nn[:, None] * stride_bn + rr[None, :], mask=(nn[:, None] < N) & (rr[None, :] < R), other=0.0)
         acc = tl.dot(g, w, acc, input_precision=PRECISION)
         gb = tl.dot(g, b, gb, input_precision=PRECISION)
