@@ -117,8 +117,8 @@ def test_patched_equals_eager(name, layout, seed):
 
 
 def test_packed_uses_one_fastvlm_call_per_layer(monkeypatch, seed):
-    """The packed row goes through multimodal_attention (not a fallback) with one segment per
-    sample, even though use_cache defaults to True in train mode."""
+    """The packed row goes through multimodal_attention in every layer (the sliding one with
+    its window), one segment per sample, even though use_cache defaults to True in train mode."""
     model = patched_model("gemma3", seed).train()
     group = H.samples("gemma3", model, seed + 1, LENGTHS["packed"])
     layouts = []
@@ -126,9 +126,9 @@ def test_packed_uses_one_fastvlm_call_per_layer(monkeypatch, seed):
     monkeypatch.setattr(hf_attention, "multimodal_attention", lambda q, k, v, layout, **kw: (
         layouts.append(layout), real(q, k, v, layout, **kw))[1])
     model(**inputs_for("gemma3", model, group, "packed"))
-    assert len(layouts) == 1  # the full-attention layer; the sliding one falls back to sdpa
-    seg = layouts[0].segment_ids[0]
-    assert int(seg.max()) == len(group) - 1 and layouts[0].kind == "image_bidirectional"
+    assert [lay.window for lay in layouts] == [model.config.text_config.sliding_window, None]
+    for lay in layouts:
+        assert int(lay.segment_ids[0].max()) == len(group) - 1 and lay.kind == "image_bidirectional"
 
 
 def test_unpatch_restores_modules_and_outputs(seed):

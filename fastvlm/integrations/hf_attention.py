@@ -15,11 +15,11 @@ The attention function then takes one of two paths:
   static caches, a language model called on its own), with the dense mask
   transformers itself would have built from the same request.
 
-Gemma 3's sliding-window layers also take sdpa, with the layout's dense mask
-intersected with the window (key > query - window, transformers' rule),
-because fastvlm's layouts have no window yet. That mask comes from the layout,
-so packed samples stay apart there too (transformers' own sliding mask lets a
-packed token see a future token of another sample).
+Sliding-window layers (Gemma 3's, and any layer transformers calls with a
+``sliding_window``) run on fastvlm attention too, under the same layout with a
+``window`` (key > query - window, transformers' rule; keys after the query that
+the kind allows stay). Packed samples stay apart there as well (transformers'
+own sliding mask with packing lets a token see another sample's tokens).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from fastvlm.ops import AttentionLayout, multimodal_attention
+from fastvlm.ops import multimodal_attention
 
 NAME = "fastvlm"
 LAYOUT_KWARG = "fastvlm_layout"
@@ -68,17 +68,6 @@ def mask_request(**kwargs) -> MaskRequest:
     return outer if isinstance(outer, MaskRequest) else MaskRequest(kwargs)
 
 
-def sliding_dense_mask(layout: AttentionLayout, window: int) -> torch.Tensor:
-    """bool [B, 1, N, N]: the layout's mask within the sliding window; a padding query
-    sees itself only, so that SDPA never meets an empty row (its NaN would reach live
-    rows through the values)."""
-    n = layout.seq_len
-    pos = torch.arange(n, device=layout.device)
-    allowed = layout.dense() & (pos[None, :] > pos[:, None] - window)[None]
-    pad = (layout.segment_ids < 0)[:, :, None] & torch.eye(n, dtype=torch.bool, device=layout.device)[None]
-    return (allowed | pad)[:, None]
-
-
 def fastvlm_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                               scaling: float | None = None, sliding_window: int | None = None,
                               softcap: float | None = None, **kwargs):
@@ -90,20 +79,16 @@ def fastvlm_attention_forward(module, query, key, value, attention_mask, dropout
     if dropout and module.training:
         raise ValueError(f"dropout: fastvlm attention has no attention dropout (got {dropout}); set the "
                          f"config's attention_dropout to 0 or patch with attention=False")
-    layout = kwargs.pop(LAYOUT_KWARG, None)
-    sdpa_kwargs = {k: v for k, v in kwargs.items() if k in ("is_causal", "position_bias", "cache")}
+    layouts = kwargs.pop(LAYOUT_KWARG, None)  # hf_layout.ForwardLayouts
     request = attention_mask if isinstance(attention_mask, MaskRequest) else None
-    fast = (request is not None and layout is not None and request.covers_prefix
-            and layout.shape == (query.shape[0], query.shape[2]) and key.shape[2] == query.shape[2])
-    if fast and sliding_window is None:
+    if (request is not None and layouts is not None and request.covers_prefix
+            and layouts.shape == (query.shape[0], query.shape[2]) and key.shape[2] == query.shape[2]):
+        layout = layouts.get(sliding_window)
         layout = layout if layout.device == query.device else layout.to(query.device)
         out = multimodal_attention(query, key, value, layout, scale=scaling)
         return out.transpose(1, 2), None
-    if fast:
-        mask = sliding_dense_mask(layout.to(query.device), sliding_window)
-        sdpa_kwargs["is_causal"] = False
-    else:
-        mask = request.dense() if request is not None else attention_mask
+    sdpa_kwargs = {k: v for k, v in kwargs.items() if k in ("is_causal", "position_bias", "cache")}
+    mask = request.dense() if request is not None else attention_mask
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                   **sdpa_kwargs)
 

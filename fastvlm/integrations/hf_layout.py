@@ -78,6 +78,27 @@ def image_runs(is_image: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     return torch.where(member, ids, -1).to(torch.int32)
 
 
+class ForwardLayouts:
+    """The layout of one forward, and its sliding-window variants (one per window size,
+    built on first use by a sliding layer and shared by every layer of that window)."""
+
+    def __init__(self, layout: AttentionLayout):
+        self.full = layout
+        self._windowed: dict[int, AttentionLayout] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.full.shape
+
+    def get(self, window: int | None = None) -> AttentionLayout:
+        if window is None:
+            return self.full
+        if window not in self._windowed:
+            f = self.full
+            self._windowed[window] = AttentionLayout(f.segment_ids, f.image_ids, f.prefix_mask, f.kind, window=window)
+        return self._windowed[window]
+
+
 def build_layout(kind: str, batch: int, length: int, device, *, attention_mask=None, position_ids=None,
                  segment_ids=None, token_type_ids=None) -> AttentionLayout:
     """The layout of one forward. ``kind``: causal (LLaVA, Qwen), image_bidirectional

@@ -22,8 +22,7 @@ release rarely breaks it (Liger-Kernel copies whole ``forward`` methods):
 Two places have no extension point and are replaced on the instance: Qwen's
 vision attention (routed by ``cu_seqlens`` to multimodal_attention_varlen) and,
 as said, the top-level forward wrapper. Gemma 3's sliding-window layers run
-transformers' sdpa attention with a mask built from our layout (fastvlm layouts
-have no window yet). Per family:
+fastvlm attention on the layout with its ``window``. Per family:
 
 ============================================  ====================  ==========================  =========
 class                                         layout kind           connector fused             vision
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from fastvlm.integrations import hf_attention
-from fastvlm.integrations.hf_layout import build_layout
+from fastvlm.integrations.hf_layout import ForwardLayouts, build_layout
 from fastvlm.integrations.hf_modules import (
     HFFusedProjector,
     checkpointed_forward,
@@ -191,9 +190,10 @@ def _layout_for(model, family: Family, kwargs: dict, segment_ids):
     tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     if tokens is None:
         return None
-    return build_layout(family.kind, tokens.shape[0], tokens.shape[1], tokens.device, attention_mask=mask,
-                        position_ids=kwargs.get("position_ids"), segment_ids=segment_ids,
-                        token_type_ids=kwargs.get("token_type_ids") if family.token_types else None)
+    layout = build_layout(family.kind, tokens.shape[0], tokens.shape[1], tokens.device, attention_mask=mask,
+                          position_ids=kwargs.get("position_ids"), segment_ids=segment_ids,
+                          token_type_ids=kwargs.get("token_type_ids") if family.token_types else None)
+    return ForwardLayouts(layout)
 
 
 def _wrapped_forward(model, original, state: PatchState, attention: bool):
