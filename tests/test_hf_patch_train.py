@@ -214,7 +214,7 @@ def test_transformers_trainer_one_line(tmp_path, seed):
 def test_convergence_like_liger(name, seed):
     """Two trainings of the same mini model from one seed, patched and unpatched (and the
     float64 reference): the loss at every step and all parameters at the end agree."""
-    steps = 30
+    steps = 12  # Liger uses ~30; tiny models diverge measurably in fewer, and the suite stays short
     group = H.samples(name, H.build(name, seed), seed + 1, EQUAL)
     inputs = labelled(group)
 
