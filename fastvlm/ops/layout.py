@@ -161,12 +161,16 @@ class AttentionLayout:
             for the bidirectional prefix (one contiguous run per segment).
         kind: one of ``causal``, ``prefix_lm``, ``image_bidirectional``, ``mmca``.
         split_softmax: ``mmca`` only: separate softmaxes over image and text keys.
+        window: None, or a positive int: each query also drops keys ``window`` or more
+            positions before it (sliding-window attention; see mask_kinds.intervals).
 
     See the module docstring for a picture of each kind.
     """
 
     def __init__(self, segment_ids, image_ids=None, prefix_mask=None, kind: str = "causal", *,
-                 split_softmax: bool = False):
+                 split_softmax: bool = False, window: int | None = None):
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            _fail("window", f"expected None or a positive int, got {window!r}")
         if kind not in KIND_DEFS:
             _fail("kind", f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
         if split_softmax and not KIND_DEFS[kind].split_softmax:
@@ -204,9 +208,9 @@ class AttentionLayout:
             _fail("prefix_mask", f"required for kind={kind!r}")
 
         self.segment_ids, self.image_ids, self.prefix_mask = seg, img, prefix_mask
-        self.kind, self.split_softmax = kind, bool(split_softmax)
+        self.kind, self.split_softmax, self.window = kind, bool(split_softmax), window
         self.mask_kind = KIND_DEFS[kind]
-        self.lo, self.hi = mask_kinds.intervals(self.mask_kind, self._token_runs())
+        self.lo, self.hi = mask_kinds.intervals(self.mask_kind, self._token_runs(), window)
         self.is_image = (img >= 0).contiguous()
         self._block_maps: dict[tuple[int, int], BlockMap] = {}
 
@@ -246,10 +250,11 @@ class AttentionLayout:
     def to(self, device) -> "AttentionLayout":
         return AttentionLayout(self.segment_ids.to(device), self.image_ids.to(device),
                                None if self.prefix_mask is None else self.prefix_mask.to(device),
-                               self.kind, split_softmax=self.split_softmax)
+                               self.kind, split_softmax=self.split_softmax, window=self.window)
 
     def __repr__(self):
-        return (f"AttentionLayout(kind={self.kind!r}, split_softmax={self.split_softmax}, "
+        window = "" if self.window is None else f", window={self.window}"
+        return (f"AttentionLayout(kind={self.kind!r}, split_softmax={self.split_softmax}{window}, "
                 f"shape={self.shape}, device={self.device})")
 
     # ---- as flash-attn's varlen arguments ----------------------------------------------

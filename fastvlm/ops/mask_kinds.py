@@ -199,9 +199,17 @@ def kind_by_code(code: int) -> MaskKind:
 
 
 # ---- what derives from a definition ----------------------------------------------------------
-def intervals(kind: MaskKind, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 (lo, hi) [B, N]; padding rows get the empty interval (0, -1)."""
+def intervals(kind: MaskKind, tokens: Tokens, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 (lo, hi) [B, N]; padding rows get the empty interval (0, -1).
+
+    ``window`` (any kind; Gemma 3's sliding layers, Mistral): a query also drops every key
+    more than ``window - 1`` positions before it, ``key > query - window`` as transformers
+    writes it. Keys after the query that the kind allows (an image's, a prefix's) stay:
+    the window bounds the interval from below only, so it stays an interval and every
+    consumer of lo / hi (dense mask, mask_mod, block maps, kernels) honours it unchanged."""
     lo, hi = kind.interval(tokens)
+    if window is not None:
+        lo = torch.maximum(lo, tokens.pos - (window - 1))
     lo = torch.where(tokens.live, lo, 0).to(torch.int32).contiguous()
     hi = torch.where(tokens.live, hi, -1).to(torch.int32).contiguous()
     return lo, hi
