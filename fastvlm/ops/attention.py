@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from fastvlm.ops import attention_cpu
 from fastvlm.ops import backend as dispatch
 from fastvlm.ops.backend import register_op, resolve_backend
 from fastvlm.ops.layout import AttentionLayout, BlockMap
@@ -59,9 +60,11 @@ def _flash_available(device: torch.device):
 
 
 register_op("multimodal_attention", {"triton": dispatch.triton_serves(_kernels, _kernel_import_error),
-                                     "flash_attn": _flash_available, "reference": dispatch.always},
-            {"cpu": ("reference",), "cuda": ("triton", "reference")},
-            {"triton": ("fastvlm::mm_attention_fwd", "fastvlm::mm_attention_bwd")})
+                                     "flash_attn": _flash_available, "sdpa_cpu": attention_cpu.serves,
+                                     "reference": dispatch.always},
+            {"cpu": ("sdpa_cpu", "reference"), "cuda": ("triton", "reference")},
+            {"triton": ("fastvlm::mm_attention_fwd", "fastvlm::mm_attention_bwd"),
+             "sdpa_cpu": ("fastvlm::sdpa_cpu_attention_fwd", "fastvlm::sdpa_cpu_attention_bwd")})
 
 GPU_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # fp32 runs on GPUs only in the reference
 DENSE_MAX_ELEMENTS = 1 << 24  # B*Hq*N*N scores above which the reference goes blockwise
@@ -134,6 +137,8 @@ def multimodal_attention(q, k, v, layout: AttentionLayout, *, scale: float | Non
         if cfg == "flash_attn":
             return _flash_attention(q, k, v, layout, scale)
         return _triton_attention(q, k, v, layout, scale, cfg)
+    if chosen == "sdpa_cpu":
+        return attention_cpu.sdpa_cpu_attention(q, k, v, layout, scale)
     return attention_reference(q, k, v, layout, scale=scale)
 
 

@@ -209,6 +209,7 @@ class AttentionLayout:
         self.lo, self.hi = mask_kinds.intervals(self.mask_kind, self._token_runs())
         self.is_image = (img >= 0).contiguous()
         self._block_maps: dict[tuple[int, int], BlockMap] = {}
+        self._query_blocks: dict[int, torch.Tensor] = {}
 
     # ---- derived metadata ------------------------------------------------------------
     def _token_runs(self) -> mask_kinds.Tokens:
@@ -309,9 +310,40 @@ class AttentionLayout:
     def tile_predicate(self, b: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """bool [rows, cols]: the allowed pairs of query `rows` x key `cols` of batch row b
         (what the kernels evaluate in partial tiles)."""
-        img = self.is_image[b]
-        return mask_kinds.allowed(self.mask_kind, rows[:, None], cols[None, :], self.lo[b, rows][:, None],
-                                  self.hi[b, rows][:, None], img[rows][:, None], img[cols][None, :])
+        return mask_kinds.tile(self.mask_kind, rows, cols, self.lo[b], self.hi[b], self.is_image[b])
+
+    def query_blocks(self, block: int) -> torch.Tensor:
+        """int64 [calls, 6], rows ``(b, q0, q1, k0, k1, causal)``: every segment of every row
+        as query ranges [q0, q1) whose allowed keys all lie in [k0, k1) (the union of the
+        rows' intervals, so the range never leaves the segment). A segment whose mask is
+        plain causal (``is_packed_causal`` restricted to it) is one range with causal=1
+        and k = q; any other is cut into ranges of at most `block` queries. Padding is in
+        no range. Cached per block (it syncs with the host; every layer asks again)."""
+        block = as_int(block, "block", minimum=1)
+        if block not in self._query_blocks:
+            self._query_blocks[block] = self._segment_ranges(block)
+        return self._query_blocks[block]
+
+    def _segment_ranges(self, block: int) -> torch.Tensor:
+        t = self._token_runs()
+        not_causal = t.live & ((self.lo != t.segment_start) | (self.hi != t.pos))
+        if self.mask_kind.isolates_images:  # image keys leave image queries' rows
+            not_causal |= self.is_image
+        bad = torch.nn.functional.pad(not_causal.long().cumsum(1), (1, 0))
+        ends = mask_kinds.run_end(self.segment_ids.long(), t.live) + 1
+        starts = segment_starts(self.segment_ids)
+        calls = []
+        for b in range(self.batch_size):
+            lo, hi, bad_b, ends_b = self.lo[b].tolist(), self.hi[b].tolist(), bad[b].tolist(), ends[b].tolist()
+            for s in starts[b].nonzero().flatten().tolist():
+                e = ends_b[s]
+                if bad_b[e] == bad_b[s]:
+                    calls.append((b, s, e, s, e, 1))
+                    continue
+                for q0 in range(s, e, block):
+                    q1 = min(q0 + block, e)
+                    calls.append((b, q0, q1, min(lo[q0:q1]), max(hi[q0:q1]) + 1, 0))
+        return torch.tensor(calls, dtype=torch.int64).view(-1, 6)
 
     # ---- block map ------------------------------------------------------------------
     def block_map(self, block_q: int = 128, block_k: int | None = None, *,
