@@ -57,16 +57,29 @@ def _calls(schedule: torch.Tensor, lo, hi, is_image, kind: int, split: bool, dty
             yield call, [(False, m) for m in _branch_masks(call, lo, hi, is_image, kind, split, dtype)]
 
 
+def _bnhd(like: torch.Tensor, heads: int, dtype=None, lead: tuple = ()) -> torch.Tensor:
+    """An uninitialised [*lead, B, H, N, D] tensor stored as [*lead, B, N, H, D]: the kernel's
+    own output layout, so each call's result lands with a contiguous copy."""
+    b, _, n, d = like.shape
+    t = like.new_empty(lead + (b, n, heads, d), dtype=dtype or like.dtype)
+    return t.transpose(-3, -2)
+
+
+def _zero_padding(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Rows no call writes (padding: empty interval) set to 0, in place."""
+    return t.masked_fill_((hi < lo)[:, None, :, None], 0)
+
+
 @torch.library.custom_op("fastvlm::sdpa_cpu_attention_fwd", mutates_args=())
 def sdpa_cpu_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor,
                            hi: torch.Tensor, is_image: torch.Tensor, schedule: torch.Tensor, kind: int,
                            split: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [B, H, N, D], branch outputs [2 or 0, B, H, N, D], lse [branches, B, H, N])."""
-    nbr = 2 if split else 1
-    obr = q.new_zeros((nbr if split else 0,) + tuple(q.shape))
-    out = q.new_zeros(q.shape)
+    heads = q.shape[1]
+    obr = _bnhd(q, heads, lead=(2 if split else 0,))
+    out = _bnhd(q, heads)
     targets = obr if split else out[None]  # where each branch's output goes
-    lse = torch.zeros((nbr,) + tuple(q.shape[:3]), dtype=_lse_dtype(q.dtype), device=q.device)
+    lse = torch.zeros((targets.shape[0],) + tuple(q.shape[:3]), dtype=_lse_dtype(q.dtype), device=q.device)
     for (b, q0, q1, k0, k1, _), branches in _calls(schedule, lo, hi, is_image, kind, split, q.dtype):
         qs, ks, vs = q[b:b + 1, :, q0:q1], k[b:b + 1, :, k0:k1], v[b:b + 1, :, k0:k1]
         for br, (causal, mask) in enumerate(branches):
@@ -74,15 +87,22 @@ def sdpa_cpu_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
             targets[br, b, :, q0:q1] = o[0]
             lse[br, b, :, q0:q1] = l[0]
     if split:
-        torch.sum(obr, 0, out=out)
-    return out, obr, lse
+        out.copy_(obr[0]).add_(obr[1])
+        for branch in obr:
+            _zero_padding(branch, lo, hi)
+    return _zero_padding(out, lo, hi), obr, lse
 
 
 @sdpa_cpu_attention_fwd.register_fake
 def _(q, k, v, lo, hi, is_image, schedule, kind, split, scale):
-    nbr = 2 if split else 1
-    return (torch.empty_like(q), q.new_empty((nbr if split else 0,) + tuple(q.shape)),
-            q.new_empty((nbr,) + tuple(q.shape[:3]), dtype=_lse_dtype(q.dtype)))
+    return (_bnhd(q, q.shape[1]), _bnhd(q, q.shape[1], lead=(2 if split else 0,)),
+            q.new_empty((2 if split else 1,) + tuple(q.shape[:3]), dtype=_lse_dtype(q.dtype)))
+
+
+def _grad_buffer(t: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    """Zeros of t's shape in the kernel's layout; fp32 where several calls add low-precision terms."""
+    dtype = _lse_dtype(t.dtype) if accumulate and t.element_size() < 4 else t.dtype
+    return _bnhd(t, t.shape[1], dtype).zero_()
 
 
 @torch.library.custom_op("fastvlm::sdpa_cpu_attention_bwd", mutates_args=())
@@ -90,11 +110,10 @@ def sdpa_cpu_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            out: torch.Tensor, obr: torch.Tensor, lse: torch.Tensor, lo: torch.Tensor,
                            hi: torch.Tensor, is_image: torch.Tensor, schedule: torch.Tensor, kind: int,
                            split: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # fp32 accumulators: dK/dV sum over the calls that reach a key, dQ over the branches
-    acc = _lse_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    # dQ sums the branches; dK/dV sum over every call that reaches a key (the blocks of a
+    # non-causal segment overlap in keys)
+    several = split or not bool(schedule[:, 5].all())
+    dq, dk, dv = _grad_buffer(q, split), _grad_buffer(k, several), _grad_buffer(v, several)
     outs = obr if split else out[None]
     for (b, q0, q1, k0, k1, _), branches in _calls(schedule, lo, hi, is_image, kind, split, q.dtype):
         qs, ks, vs = q[b:b + 1, :, q0:q1], k[b:b + 1, :, k0:k1], v[b:b + 1, :, k0:k1]
@@ -110,7 +129,7 @@ def sdpa_cpu_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 @sdpa_cpu_attention_bwd.register_fake
 def _(dout, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _bnhd(q, q.shape[1]), _bnhd(k, k.shape[1]), _bnhd(v, v.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
