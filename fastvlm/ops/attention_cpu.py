@@ -86,6 +86,7 @@ def sdpa_cpu_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
             o, l = _flash_fwd(qs, ks, vs, 0.0, causal, attn_mask=mask, scale=scale)
             targets[br, b, :, q0:q1] = o[0]
             lse[br, b, :, q0:q1] = l[0]
+        targets[len(branches):, b, :, q0:q1] = 0  # split over a causal segment: no image keys
     if split:
         out.copy_(obr[0]).add_(obr[1])
         for branch in obr:
