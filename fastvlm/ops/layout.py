@@ -313,7 +313,7 @@ class AttentionLayout:
         return mask_kinds.tile(self.mask_kind, rows, cols, self.lo[b], self.hi[b], self.is_image[b])
 
     def query_blocks(self, block: int) -> torch.Tensor:
-        """int64 [calls, 6], rows ``(b, q0, q1, k0, k1, causal)``: every segment of every row
+        """int64 [calls, 7], rows ``(b, q0, q1, k0, k1, causal, s)``: every segment [s, ...) of every row
         as query ranges [q0, q1) whose allowed keys all lie in [k0, k1) (the union of the
         rows' intervals, so the range never leaves the segment). A segment whose mask is
         plain causal (``is_packed_causal`` restricted to it) is one range with causal=1
@@ -338,12 +338,12 @@ class AttentionLayout:
             for s in starts[b].nonzero().flatten().tolist():
                 e = ends_b[s]
                 if bad_b[e] == bad_b[s]:
-                    calls.append((b, s, e, s, e, 1))
+                    calls.append((b, s, e, s, e, 1, s))
                     continue
                 for q0 in range(s, e, block):
                     q1 = min(q0 + block, e)
-                    calls.append((b, q0, q1, min(lo[q0:q1]), max(hi[q0:q1]) + 1, 0))
-        return torch.tensor(calls, dtype=torch.int64).view(-1, 6)
+                    calls.append((b, q0, q1, min(lo[q0:q1]), max(hi[q0:q1]) + 1, 0, s))
+        return torch.tensor(calls, dtype=torch.int64).view(-1, 7)
 
     # ---- block map ------------------------------------------------------------------
     def block_map(self, block_q: int = 128, block_k: int | None = None, *,
