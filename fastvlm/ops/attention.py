@@ -6,7 +6,10 @@ attend to nothing outputs 0 and gets zero gradient, never NaN.
 
 Backends: ``triton`` (fastvlm.kernels.attention: visits only the tiles the
 layout's block map lists), ``flash_attn`` (flash-attn 2's varlen kernel, for
-plain or packed causal layouts only, where it is installed) and ``reference``.
+plain or packed causal layouts only, where it is installed), ``sdpa_cpu``
+(fastvlm.ops.attention_cpu: torch's CPU flash kernel per segment, with
+``is_causal`` where a segment is plain causal and a mask of one segment or
+query block elsewhere; what ``auto`` serves on CPU) and ``reference``.
 On CUDA the Triton kernel's candidate tile configs for the GPU — and, for
 ``auto``, flash-attn where it can serve the call — are timed (forward and
 backward, on detached views) on the first call of each shape key, and the
@@ -111,10 +114,11 @@ def multimodal_attention(q, k, v, layout: AttentionLayout, *, scale: float | Non
 
     backend: ``auto`` (on CUDA the Triton kernel for fp16/bf16, or flash-attn's
     varlen kernel where it is installed, the layout is plain/packed causal and it
-    was measured faster; the reference for other dtypes and on CPU), ``triton``
+    was measured faster; the reference for other dtypes; ``sdpa_cpu`` on CPU), ``triton``
     (fp16/bf16 on CUDA, tile config measured per shape, see the module
     docstring; on CPU only under TRITON_INTERPRET=1, any float dtype),
-    ``flash_attn`` (packed-causal layouts only) or ``reference``. The Triton and
+    ``flash_attn`` (packed-causal layouts only), ``sdpa_cpu`` (CPU tensors, any
+    float dtype) or ``reference``. The Triton and
     reference backwards use no atomics (each dK/dV program sums its GQA group)
     and are deterministic for a given tile config; flash-attn's is when
     torch.use_deterministic_algorithms(True) is on.

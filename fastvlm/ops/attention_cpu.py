@@ -1,22 +1,27 @@
 """The ``sdpa_cpu`` backend of multimodal_attention: torch's CPU flash kernel per segment.
 
-The layout's ``query_blocks`` cuts every segment into calls of the CPU flash
-kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``, the kernel
-behind F.scaled_dot_product_attention on CPU):
-- a segment whose mask is plain causal is one call with ``is_causal`` (the
-  kernel skips the tiles above the diagonal; no mask exists);
-- any other segment runs in blocks of at most ``CPU_QUERY_BLOCK`` queries, each
-  against the one key range its rows may reach, with an additive mask of only
-  [block, range] evaluated from the kind's definition (mask_kinds.tile);
-  ``split_softmax`` makes two calls per block, the text-key and image-key
-  branches, summed.
-Nothing crosses segments and padding is in no call: its rows stay 0 and get
-zero gradient, and no [N, N] tensor is ever built. Backward recomputes each
-block's mask from the per-token metadata instead of saving it, so the tensors
-kept for backward are q, k, v, the outputs and the log-sum-exp: O(N) per head.
-A query row with no allowed key in a branch (only under ``split_softmax``: a
-text query before any image) gets an all -inf mask row, for which the kernel
-writes 0 and contributes no gradient.
+The layout's ``query_blocks`` turns each row into calls of the CPU flash kernel
+(``aten::_scaled_dot_product_flash_attention_for_cpu``, the kernel behind
+F.scaled_dot_product_attention on CPU):
+- a segment longer than ``CPU_QUERY_BLOCK`` whose mask is plain causal is one
+  call with ``is_causal`` (the kernel skips the tiles above the diagonal; no
+  mask exists);
+- a longer non-causal segment runs in blocks of ``CPU_QUERY_BLOCK`` queries,
+  each against the one key range its rows may reach;
+- shorter segments share calls of at most ``CPU_QUERY_BLOCK`` tokens (on a CPU
+  each call costs fixed time; packed rows hold many short samples).
+A masked call's additive mask covers only its [queries, keys in reach],
+evaluated from the kind's definition (mask_kinds.tile); ``split_softmax`` makes
+two calls, the text-key and image-key branches, summed. Nothing crosses
+segments: padding rows are in no call or allow no key, so they output 0 with
+zero gradient, and no [N, N] tensor is ever built. The masks of calls that are
+whole (merged) segments (together at most N * block per row) are built once per
+layout and dtype and reused by every layer, forward and backward; a long
+segment's block masks are rebuilt per call, in backward too. So what is kept
+for backward is q, k, v, the outputs, the log-sum-exp and those cached masks:
+O(N * block). A row with no allowed key in a call (padding, or under
+``split_softmax`` a text query before any image) gets an all -inf mask row,
+for which the kernel writes 0 and adds no gradient.
 """
 from __future__ import annotations
 

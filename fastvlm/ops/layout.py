@@ -313,12 +313,18 @@ class AttentionLayout:
         return mask_kinds.tile(self.mask_kind, rows, cols, self.lo[b], self.hi[b], self.is_image[b])
 
     def query_blocks(self, block: int) -> torch.Tensor:
-        """int64 [calls, 7], rows ``(b, q0, q1, k0, k1, causal, s)``: every segment [s, ...) of every row
-        as query ranges [q0, q1) whose allowed keys all lie in [k0, k1) (the union of the
-        rows' intervals, so the range never leaves the segment). A segment whose mask is
-        plain causal (``is_packed_causal`` restricted to it) is one range with causal=1
-        and k = q; any other is cut into ranges of at most `block` queries. Padding is in
-        no range. Cached per block (it syncs with the host; every layer asks again)."""
+        """int64 [calls, 7], rows ``(b, q0, q1, k0, k1, causal, s)``: the calls a per-range
+        attention kernel makes, in row order, each query range [q0, q1) with every allowed key
+        in [k0, k1), grouped by ``s`` (calls with the same s share keys):
+        - a segment longer than `block` whose mask is plain causal (``is_packed_causal``
+          restricted to it) is one call, causal=1, k = q;
+        - a longer non-causal one is cut into calls of `block` queries, each against the
+          union of its rows' intervals;
+        - shorter segments are merged, in order, into calls of at most `block` tokens
+          (padding between them included: its rows allow nothing) with k = q, causal=1 only
+          for a single causal segment.
+        So no call spans more than `block` queries unless causal, and no range leaves its
+        segments. Cached per block (it syncs with the host; every layer asks again)."""
         block = as_int(block, "block", minimum=1)
         if block not in self._query_blocks:
             self._query_blocks[block] = self._segment_ranges(block)
@@ -335,14 +341,30 @@ class AttentionLayout:
         calls = []
         for b in range(self.batch_size):
             lo, hi, bad_b, ends_b = self.lo[b].tolist(), self.hi[b].tolist(), bad[b].tolist(), ends[b].tolist()
+            merged: list[tuple[int, int, bool]] = []  # short segments waiting to share a call
+
+            def flush():
+                if merged:
+                    c0, c1, causal = merged[0][0], merged[-1][1], len(merged) == 1 and merged[0][2]
+                    calls.append((b, c0, c1, c0, c1, int(causal), c0))
+                    merged.clear()
+
             for s in starts[b].nonzero().flatten().tolist():
                 e = ends_b[s]
-                if bad_b[e] == bad_b[s]:
+                causal = bad_b[e] == bad_b[s]
+                if e - s <= block:
+                    if merged and e - merged[0][0] > block:
+                        flush()
+                    merged.append((s, e, causal))
+                    continue
+                flush()
+                if causal:
                     calls.append((b, s, e, s, e, 1, s))
                     continue
                 for q0 in range(s, e, block):
                     q1 = min(q0 + block, e)
                     calls.append((b, q0, q1, min(lo[q0:q1]), max(hi[q0:q1]) + 1, 0, s))
+            flush()
         return torch.tensor(calls, dtype=torch.int64).view(-1, 7)
 
     # ---- block map ------------------------------------------------------------------
