@@ -49,10 +49,11 @@ def check_against_reference(layout, xs, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind,split", all_kinds())
-@pytest.mark.parametrize("block", [37, attention_cpu.CPU_QUERY_BLOCK])
+@pytest.mark.parametrize("block", [37, 256, 1024])
 def test_matches_float64_every_kind_gqa_odd_n(kind, split, block, dtype, seed, monkeypatch):
     """Packed rows with padding gaps and images; N odd, not a multiple of any block; block 37
-    cuts the non-causal segments into many query blocks with overlapping key ranges."""
+    cuts the non-causal segments into many query blocks with overlapping key ranges, 256 merges
+    short samples into shared calls, 1024 makes each whole row one call (the batch one kernel call)."""
     monkeypatch.setattr(attention_cpu, "CPU_QUERY_BLOCK", block)
     layout = random_layout(random.Random(seed), 2, 301, kind, split)
     check_against_reference(layout, _inputs(2, 4, 2, 301, 24, dtype), dtype)

@@ -126,6 +126,22 @@ class _Rows:
         return out if dtype is None else out.to(dtype)
 
 
+def _whole_rows(q, schedule, masks, mask_at, split: bool):
+    """When every row is one call over all of it (N <= CPU_QUERY_BLOCK, the same causal flag),
+    the whole batch is one kernel call: [(is_causal, mask [B, 1, N, N] or None)] per branch
+    (views of the cached masks, rows in order); else None."""
+    b, _, n, _ = q.shape
+    rows = schedule[:, :6].tolist()
+    if len(rows) != b or any(r[:5] != [i, 0, n, 0, n] or r[5] != rows[0][5] for i, r in enumerate(rows)):
+        return None
+    if rows[0][5]:
+        return [(True, None)]
+    if bool((mask_at[:, 0] < 0).any()) or masks.numel() != b * (2 if split else 1) * n * n:
+        return None
+    per_row = masks.view(b, 2 if split else 1, n, n)
+    return [(False, per_row[:, br:br + 1]) for br in range(per_row.shape[1])]
+
+
 @torch.library.custom_op("fastvlm::sdpa_cpu_attention_fwd", mutates_args=())
 def sdpa_cpu_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor,
                            hi: torch.Tensor, is_image: torch.Tensor, schedule: torch.Tensor, masks: torch.Tensor,
@@ -133,6 +149,16 @@ def sdpa_cpu_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [B, H, N, D], branch outputs [2 or 0, B, H, N, D], lse [branches, B, H, N])."""
     heads, nbr = q.shape[1], 2 if split else 1
+    whole = _whole_rows(q, schedule, masks, mask_at, split)
+    if whole is not None:
+        results = [_flash_fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=scale) for causal, mask in whole]
+        if split and len(results) == 1:  # causal rows: no image keys, the image branch is 0
+            results.append((torch.zeros_like(q), torch.zeros_like(results[0][1])))
+        lse = torch.stack([r[1] for r in results])
+        if not split:
+            return results[0][0], q.new_empty((0,) + tuple(q.shape)), lse
+        obr = torch.stack([r[0] for r in results])
+        return obr[0] + obr[1], obr, lse
     outs = [_Rows(q, heads) for _ in range(nbr)]
     lses = [_Rows(q, heads, _lse_dtype(q.dtype), trailing=False) for _ in range(nbr)]
     for (b, q0, q1, k0, k1, *_), branches in _calls(schedule, lo, hi, is_image, kind, split, q.dtype, masks, mask_at):
@@ -179,6 +205,13 @@ def sdpa_cpu_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            mask_at: torch.Tensor, kind: int, split: bool, scale: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     outs = obr if split else out[None]
+    whole = _whole_rows(q, schedule, masks, mask_at, split)
+    if whole is not None:
+        grads = [_flash_bwd(dout, q, k, v, outs[br], lse[br], 0.0, causal, attn_mask=mask, scale=scale)
+                 for br, (causal, mask) in enumerate(whole)]
+        if len(grads) == 1:
+            return grads[0]
+        return tuple(a + b for a, b in zip(*grads))
     calls = list(_calls(schedule, lo, hi, is_image, kind, split, q.dtype, masks, mask_at))
     acc = _lse_dtype(q.dtype)  # dK/dV of a blocked segment sum over its blocks: fp32 for bf16/fp16
     dq, dk, dv = _Rows(q, q.shape[1]), _Rows(k, k.shape[1]), _Rows(v, v.shape[1])

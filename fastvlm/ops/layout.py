@@ -321,8 +321,9 @@ class AttentionLayout:
         - a longer non-causal one is cut into calls of `block` queries, each against the
           union of its rows' intervals;
         - shorter segments are merged, in order, into calls of at most `block` tokens
-          (padding between them included: its rows allow nothing) with k = q, causal=1 only
-          for a single causal segment.
+          (with the padding around them while it fits: its rows allow nothing, and a row of
+          at most `block` tokens is one call) with k = q, causal=1 only for a single causal
+          segment without padding.
         So no call spans more than `block` queries unless causal, and no range leaves its
         segments. Cached per block (it syncs with the host; every layer asks again)."""
         block = as_int(block, "block", minimum=1)
@@ -338,16 +339,22 @@ class AttentionLayout:
         bad = torch.nn.functional.pad(not_causal.long().cumsum(1), (1, 0))
         ends = mask_kinds.run_end(self.segment_ids.long(), t.live) + 1
         starts = segment_starts(self.segment_ids)
-        calls = []
+        calls, n = [], self.seq_len
         for b in range(self.batch_size):
             lo, hi, bad_b, ends_b = self.lo[b].tolist(), self.hi[b].tolist(), bad[b].tolist(), ends[b].tolist()
             merged: list[tuple[int, int, bool]] = []  # short segments waiting to share a call
 
-            def flush():
-                if merged:
-                    c0, c1, causal = merged[0][0], merged[-1][1], len(merged) == 1 and merged[0][2]
-                    calls.append((b, c0, c1, c0, c1, int(causal), c0))
-                    merged.clear()
+            def flush(row_end=False):
+                if not merged:
+                    return
+                c0, c1 = merged[0][0], merged[-1][1]
+                # padding around the chunk joins it while it fits: whole rows become one call
+                prev = calls[-1][2] if calls and calls[-1][0] == b else 0
+                c0 = prev if c1 - prev <= block else c0
+                c1 = n if row_end and n - c0 <= block else c1
+                causal = len(merged) == 1 and merged[0][2] and (c0, c1) == merged[0][:2]
+                calls.append((b, c0, c1, c0, c1, int(causal), c0))
+                merged.clear()
 
             for s in starts[b].nonzero().flatten().tolist():
                 e = ends_b[s]
@@ -364,7 +371,7 @@ class AttentionLayout:
                 for q0 in range(s, e, block):
                     q1 = min(q0 + block, e)
                     calls.append((b, q0, q1, min(lo[q0:q1]), max(hi[q0:q1]) + 1, 0, s))
-            flush()
+            flush(row_end=True)
         return torch.tensor(calls, dtype=torch.int64).view(-1, 7)
 
     # ---- block map ------------------------------------------------------------------
