@@ -5,6 +5,9 @@
     python benchmarks/bench_attention.py --n 8192 --head-dims 128 --kinds mmca image_bidirectional
                                                          # the issue's target cases only (the full
                                                          # grid takes tens of minutes: flex compiles)
+    python benchmarks/bench_attention.py --device cpu    # CPU: fastvlm's CPU path (sdpa_cpu) vs SDPA
+                                                         # with the dense mask vs the reference, every
+                                                         # kind, N = 1k 2k 8k, fp32 (~15 min on 2 cores)
 
 Per (layout, kind, N, head_dim): median ms (CUDA events) of forward and
 forward+backward, TFLOP/s counted on allowed (query, key) pairs only, ratio
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm.kernels import attention as kernels
-from fastvlm.ops import AttentionLayout, multimodal_attention
+from fastvlm.ops import AttentionLayout, attention_cpu, multimodal_attention
 from fastvlm.ops.backend import median_ms, why_unavailable
 from fastvlm.synthetic import vlm_layout
 
@@ -80,8 +83,22 @@ def flex_block_mask(layout: AttentionLayout):
     return create_block_mask(layout.flex_mask_mod(), b, None, n, n, device=layout.device)
 
 
+def cpu_methods_for(layout: AttentionLayout):
+    """The CPU grid's methods: what backend="auto" serves on CPU (sdpa_cpu), SDPA with the dense
+    mask (one softmax: not for mmca split) and the reference (dense or blockwise by size)."""
+    out = {"fastvlm": (lambda q, k, v: multimodal_attention(q, k, v, layout, backend="sdpa_cpu"), None),
+           "reference": (lambda q, k, v: multimodal_attention(q, k, v, layout, backend="reference"), None)}
+    if not layout.split_softmax:
+        dense = layout.dense()[:, None]
+        out["sdpa_dense"] = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense,
+                                                                            enable_gqa=True), None)
+    return out
+
+
 def methods_for(layout: AttentionLayout, plain: bool, device: str, smoke: bool):
     """name -> (callable(q, k, v) -> out, setup seconds or None), for those that express the mask."""
+    if device == "cpu" and not smoke:
+        return cpu_methods_for(layout)
     group_kw = {"enable_gqa": True}
     # the Triton kernel (tiles timed per shape on CUDA); "fastvlm_auto" is what backend="auto"
     # serves, which differs only where flash-attn is installed and the mask is packed causal
@@ -146,7 +163,7 @@ def _sync_time(device: str) -> float:
     return time.perf_counter()
 
 
-def measure(fn, q, k, v, device: str, repeats: int) -> dict:
+def measure(fn, q, k, v, device: str, repeats: int, fwd_warmup: int = 2) -> dict:
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     dout = torch.randn_like(q)
 
@@ -160,7 +177,7 @@ def measure(fn, q, k, v, device: str, repeats: int) -> dict:
 
     res = {}
     try:
-        res["fwd_ms"] = median_ms(fwd, device, repeats, warmup=2)
+        res["fwd_ms"] = median_ms(fwd, device, repeats, warmup=fwd_warmup)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -193,7 +210,11 @@ def run_grid(args, device: str, dtype) -> list[dict]:
 
 def _run_grid(args, device: str, dtype) -> list[dict]:
     rows = []
-    layouts = ["plain", "llava15", "multi_image", "packed", "qwen2vl"]
+    # CPU: one causal row and VLM-packed rows (what bench_vlm trains on); the slow reference and
+    # dense SDPA at 8k make more families cost tens of minutes on a laptop-class CPU
+    layouts = ["plain", "packed"] if device == "cpu" and not args.smoke else \
+        ["plain", "llava15", "multi_image", "packed", "qwen2vl"]
+    fwd_warmup = 1 if device == "cpu" and not args.smoke else 2
     for n in args.n:
         for d in args.head_dims:
             for name in layouts:
@@ -202,8 +223,11 @@ def _run_grid(args, device: str, dtype) -> list[dict]:
                         continue
                     t0 = _sync_time(device)
                     layout = build_layout(name, kind, n, args.batch, 0, device)
-                    cfg = kernels.pick_config(torch.device(device), d)
-                    layout.block_map(cfg.block_m, cfg.block_n)
+                    if device == "cuda" or args.smoke:
+                        cfg = kernels.pick_config(torch.device(device), d)
+                        layout.block_map(cfg.block_m, cfg.block_n)
+                    else:  # what the CPU path builds: its per-segment query blocks
+                        layout.query_blocks(attention_cpu.CPU_QUERY_BLOCK)
                     meta_ms = (_sync_time(device) - t0) * 1e3
                     pairs = layout.allowed_pairs() * args.heads
                     hkv = max(1, args.heads // args.gqa)
@@ -211,7 +235,7 @@ def _run_grid(args, device: str, dtype) -> list[dict]:
                     k = torch.randn(args.batch, hkv, n, d, device=device, dtype=dtype)
                     v = torch.randn_like(k)
                     for method, (fn, setup_s) in methods_for(layout, name == "plain", device, args.smoke).items():
-                        res = measure(fn, q, k, v, device, args.repeats)
+                        res = measure(fn, q, k, v, device, args.repeats, fwd_warmup)
                         row = {"layout": name, "kind": kind, "N": n, "head_dim": d, "method": method, **res}
                         if method == "fastvlm":
                             row["setup_ms"] = meta_ms
@@ -300,6 +324,10 @@ def markdown(env, args, rows, loop) -> str:
     if args.smoke:
         lines += ["**Smoke run on CPU: the Triton kernel runs in the interpreter. This is NOT a speed test;"
                   " the numbers only show that the script works.**", ""]
+    elif args.device == "cpu":
+        lines += ["CPU table: fastvlm = backend='sdpa_cpu' (what 'auto' serves on CPU: torch's CPU flash kernel per "
+                  "segment / query block), against SDPA with the dense [B, 1, N, N] mask and fastvlm's reference; "
+                  "medians of the package's timer (fastvlm.ops.backend.median_ms, wall clock).", ""]
     lines += ["ratio = baseline time / fastvlm time (> 1 means fastvlm is faster); TFLOP/s on allowed pairs only;"
               " setup = layout + block map (fastvlm) or create_block_mask (flex), not in the timings.", "",
               "| layout | kind | N | D | method | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | ratio fwd | ratio fwd+bwd "
@@ -315,6 +343,8 @@ def markdown(env, args, rows, loop) -> str:
                      f"{fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])} | {fmt(r.get('fwd_bwd_tflops'), 1)} | "
                      f"{fmt(r.get('fwd_ratio'), 2)} | {fmt(r.get('fwd_bwd_ratio'), 2)} | "
                      f"{fmt(r.get('peak_mib'), 0)} | {fmt(r.get('setup_ms'), 2)} |")
+    if not loop:
+        return "\n".join(lines) + "\n"
     lines += ["", f"## Training loop: {3 if args.smoke else 50} batches of differing lengths/layouts "
               "(image_bidirectional), total wall time incl. metadata, masks, compilation", "",
               "| method | total s | ratio to fastvlm |", "|---|---|---|"]
@@ -350,6 +380,8 @@ def plot(rows, path: Path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, Triton interpreter (not a speed test)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="cuda (default): the Triton kernel's table; cpu: the CPU path (sdpa_cpu) table")
     p.add_argument("--n", type=int, nargs="+", default=None, help="sequence lengths (default 2k 4k 8k 16k)")
     p.add_argument("--head-dims", type=int, nargs="+", default=None, help="default 64 128")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
@@ -362,9 +394,14 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     tiny = args.smoke
+    if tiny and args.device == "cuda":
+        p.error("--smoke runs on CPU (the Triton interpreter); drop --device cuda")
+    args.device = "cpu" if tiny else (args.device or "cuda")
     defaults = {"n": [48] if tiny else [2048, 4096, 8192, 16384], "head_dims": [32] if tiny else [64, 128],
                 "batch": 1 if tiny else 2, "heads": 2 if tiny else 16, "gqa": 2 if tiny else 1,
                 "dtype": "float32" if tiny else "bfloat16", "repeats": 1 if tiny else 10}
+    if args.device == "cpu" and not tiny:  # fp32: what a CPU user trains in
+        defaults.update(n=[1024, 2048, 8192], head_dims=[64], batch=1, heads=4, gqa=1, dtype="float32", repeats=3)
     for key, val in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, val)
@@ -373,7 +410,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = "cpu" if args.smoke else "cuda"
+    device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_attention: no CUDA device; run with --smoke for the CPU interpreter check")
     if args.smoke:
@@ -383,9 +420,10 @@ def main(argv=None):
     print_header("bench_attention", env)
     if args.smoke:
         print("SMOKE MODE: CPU + Triton interpreter at tiny size. This is NOT a speed test.")
+    cpu_table = device == "cpu" and not args.smoke
     rows = run_grid(args, device, dtype)
-    loop = training_loop(args, device, dtype)
-    tag = "smoke" if args.smoke else env["device"].replace(" ", "_")
+    loop = [] if cpu_table else training_loop(args, device, dtype)  # its 50 batches are a GPU scenario
+    tag = "smoke" if args.smoke else "CPU" if cpu_table else env["device"].replace(" ", "_")
     text = markdown(env, args, rows, loop)
     print(text)
     payload = {"benchmark": "bench_attention", "env": env, "args": {k: str(v) for k, v in vars(args).items()},

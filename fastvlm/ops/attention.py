@@ -6,7 +6,10 @@ attend to nothing outputs 0 and gets zero gradient, never NaN.
 
 Backends: ``triton`` (fastvlm.kernels.attention: visits only the tiles the
 layout's block map lists), ``flash_attn`` (flash-attn 2's varlen kernel, for
-plain or packed causal layouts only, where it is installed) and ``reference``.
+plain or packed causal layouts only, where it is installed), ``sdpa_cpu``
+(fastvlm.ops.attention_cpu: torch's CPU flash kernel per segment, with
+``is_causal`` where a segment is plain causal and a mask of one segment or
+query block elsewhere; what ``auto`` serves on CPU) and ``reference``.
 On CUDA the Triton kernel's candidate tile configs for the GPU — and, for
 ``auto``, flash-attn where it can serve the call — are timed (forward and
 backward, on detached views) on the first call of each shape key, and the
@@ -30,6 +33,7 @@ import math
 
 import torch
 
+from fastvlm.ops import attention_cpu
 from fastvlm.ops import backend as dispatch
 from fastvlm.ops.backend import register_op, resolve_backend
 from fastvlm.ops.layout import AttentionLayout, BlockMap
@@ -59,9 +63,11 @@ def _flash_available(device: torch.device):
 
 
 register_op("multimodal_attention", {"triton": dispatch.triton_serves(_kernels, _kernel_import_error),
-                                     "flash_attn": _flash_available, "reference": dispatch.always},
-            {"cpu": ("reference",), "cuda": ("triton", "reference")},
-            {"triton": ("fastvlm::mm_attention_fwd", "fastvlm::mm_attention_bwd")})
+                                     "flash_attn": _flash_available, "sdpa_cpu": attention_cpu.serves,
+                                     "reference": dispatch.always},
+            {"cpu": ("sdpa_cpu", "reference"), "cuda": ("triton", "reference")},
+            {"triton": ("fastvlm::mm_attention_fwd", "fastvlm::mm_attention_bwd"),
+             "sdpa_cpu": ("fastvlm::sdpa_cpu_attention_fwd", "fastvlm::sdpa_cpu_attention_bwd")})
 
 GPU_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # fp32 runs on GPUs only in the reference
 DENSE_MAX_ELEMENTS = 1 << 24  # B*Hq*N*N scores above which the reference goes blockwise
@@ -108,10 +114,11 @@ def multimodal_attention(q, k, v, layout: AttentionLayout, *, scale: float | Non
 
     backend: ``auto`` (on CUDA the Triton kernel for fp16/bf16, or flash-attn's
     varlen kernel where it is installed, the layout is plain/packed causal and it
-    was measured faster; the reference for other dtypes and on CPU), ``triton``
+    was measured faster; the reference for other dtypes; ``sdpa_cpu`` on CPU), ``triton``
     (fp16/bf16 on CUDA, tile config measured per shape, see the module
     docstring; on CPU only under TRITON_INTERPRET=1, any float dtype),
-    ``flash_attn`` (packed-causal layouts only) or ``reference``. The Triton and
+    ``flash_attn`` (packed-causal layouts only), ``sdpa_cpu`` (CPU tensors, any
+    float dtype) or ``reference``. The Triton and
     reference backwards use no atomics (each dK/dV program sums its GQA group)
     and are deterministic for a given tile config; flash-attn's is when
     torch.use_deterministic_algorithms(True) is on.
@@ -134,6 +141,8 @@ def multimodal_attention(q, k, v, layout: AttentionLayout, *, scale: float | Non
         if cfg == "flash_attn":
             return _flash_attention(q, k, v, layout, scale)
         return _triton_attention(q, k, v, layout, scale, cfg)
+    if chosen == "sdpa_cpu":
+        return attention_cpu.sdpa_cpu_attention(q, k, v, layout, scale)
     return attention_reference(q, k, v, layout, scale=scale)
 
 

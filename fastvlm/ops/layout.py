@@ -213,6 +213,7 @@ class AttentionLayout:
         self.lo, self.hi = mask_kinds.intervals(self.mask_kind, self._token_runs(), window)
         self.is_image = (img >= 0).contiguous()
         self._block_maps: dict[tuple[int, int], BlockMap] = {}
+        self._query_blocks: dict[int, torch.Tensor] = {}
 
     # ---- derived metadata ------------------------------------------------------------
     def _token_runs(self) -> mask_kinds.Tokens:
@@ -314,9 +315,69 @@ class AttentionLayout:
     def tile_predicate(self, b: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """bool [rows, cols]: the allowed pairs of query `rows` x key `cols` of batch row b
         (what the kernels evaluate in partial tiles)."""
-        img = self.is_image[b]
-        return mask_kinds.allowed(self.mask_kind, rows[:, None], cols[None, :], self.lo[b, rows][:, None],
-                                  self.hi[b, rows][:, None], img[rows][:, None], img[cols][None, :])
+        return mask_kinds.tile(self.mask_kind, rows, cols, self.lo[b], self.hi[b], self.is_image[b])
+
+    def query_blocks(self, block: int) -> torch.Tensor:
+        """int64 [calls, 7], rows ``(b, q0, q1, k0, k1, causal, s)``: the calls a per-range
+        attention kernel makes, in row order, each query range [q0, q1) with every allowed key
+        in [k0, k1), grouped by ``s`` (calls with the same s share keys):
+        - a segment longer than `block` whose mask is plain causal (``is_packed_causal``
+          restricted to it) is one call, causal=1, k = q;
+        - a longer non-causal one is cut into calls of `block` queries, each against the
+          union of its rows' intervals;
+        - shorter segments are merged, in order, into calls of at most `block` tokens
+          (with the padding around them while it fits: its rows allow nothing, and a row of
+          at most `block` tokens is one call) with k = q, causal=1 only for a single causal
+          segment without padding.
+        So no call spans more than `block` queries unless causal, and no range leaves its
+        segments. Cached per block (it syncs with the host; every layer asks again)."""
+        block = as_int(block, "block", minimum=1)
+        if block not in self._query_blocks:
+            self._query_blocks[block] = self._segment_ranges(block)
+        return self._query_blocks[block]
+
+    def _segment_ranges(self, block: int) -> torch.Tensor:
+        t = self._token_runs()
+        not_causal = t.live & ((self.lo != t.segment_start) | (self.hi != t.pos))
+        if self.mask_kind.isolates_images:  # image keys leave image queries' rows
+            not_causal |= self.is_image
+        bad = torch.nn.functional.pad(not_causal.long().cumsum(1), (1, 0))
+        ends = mask_kinds.run_end(self.segment_ids.long(), t.live) + 1
+        starts = segment_starts(self.segment_ids)
+        calls, n = [], self.seq_len
+        for b in range(self.batch_size):
+            lo, hi, bad_b, ends_b = self.lo[b].tolist(), self.hi[b].tolist(), bad[b].tolist(), ends[b].tolist()
+            merged: list[tuple[int, int, bool]] = []  # short segments waiting to share a call
+
+            def flush(row_end=False):
+                if not merged:
+                    return
+                c0, c1 = merged[0][0], merged[-1][1]
+                # padding around the chunk joins it while it fits: whole rows become one call
+                prev = calls[-1][2] if calls and calls[-1][0] == b else 0
+                c0 = prev if c1 - prev <= block else c0
+                c1 = n if row_end and n - c0 <= block else c1
+                causal = len(merged) == 1 and merged[0][2] and (c0, c1) == merged[0][:2]
+                calls.append((b, c0, c1, c0, c1, int(causal), c0))
+                merged.clear()
+
+            for s in starts[b].nonzero().flatten().tolist():
+                e = ends_b[s]
+                causal = bad_b[e] == bad_b[s]
+                if e - s <= block:
+                    if merged and e - merged[0][0] > block:
+                        flush()
+                    merged.append((s, e, causal))
+                    continue
+                flush()
+                if causal:
+                    calls.append((b, s, e, s, e, 1, s))
+                    continue
+                for q0 in range(s, e, block):
+                    q1 = min(q0 + block, e)
+                    calls.append((b, q0, q1, min(lo[q0:q1]), max(hi[q0:q1]) + 1, 0, s))
+            flush(row_end=True)
+        return torch.tensor(calls, dtype=torch.int64).view(-1, 7)
 
     # ---- block map ------------------------------------------------------------------
     def block_map(self, block_q: int = 128, block_k: int | None = None, *,

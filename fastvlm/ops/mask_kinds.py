@@ -225,6 +225,13 @@ def allowed(kind: MaskKind, q, k, lo_q, hi_q, image_q, image_k):
     return ok
 
 
+def tile(kind: MaskKind, rows, cols, lo, hi, is_image) -> torch.Tensor:
+    """bool [rows, cols]: ``allowed`` for query positions `rows` x key positions `cols`
+    of one batch row whose per-token ``lo``/``hi``/``is_image`` are 1-D."""
+    return allowed(kind, rows[:, None], cols[None, :], lo[rows][:, None], hi[rows][:, None],
+                   is_image[rows][:, None], is_image[cols][None, :])
+
+
 def branches(ok: torch.Tensor, image_k: torch.Tensor, split_softmax: bool) -> tuple[torch.Tensor, ...]:
     """The allowed pairs per softmax: one branch, or (text keys, image keys) when split."""
     return (ok & ~image_k, ok & image_k) if split_softmax else (ok,)
