@@ -165,7 +165,10 @@ def build_hf(path, device, dtype, qlora: bool, r: int):
     if qlora:
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
-                                                       llm_int8_skip_modules=["vision_tower", "multi_modal_projector",
+                                                       # transformers 5.23 matches these from the module
+                                                       # path's start: "vision_tower" alone would not skip it
+                                                       llm_int8_skip_modules=["model.vision_tower",
+                                                                              "model.multi_modal_projector",
                                                                               "lm_head"])
     model = LlavaForConditionalGeneration.from_pretrained(path, **kw).to(device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -223,8 +223,8 @@ def test_launchers_reject_a_block_map_at_other_tiles(seed):
 
 
 # ---- dispatch --------------------------------------------------------------------------------
-def test_auto_is_reference_on_cpu_and_triton_runs_in_interpreter():
-    assert resolve_backend("multimodal_attention", "auto", "cpu") == "reference"
+def test_auto_is_the_cpu_path_on_cpu_and_triton_runs_in_interpreter():
+    assert resolve_backend("multimodal_attention", "auto", "cpu") == "sdpa_cpu"
     assert resolve_backend("multimodal_attention", "triton", "cpu") == "triton"
 
 
