@@ -182,7 +182,8 @@ def test_generate_prefill_on_layout_decode_with_cache(name, seed, monkeypatch):
     assert torch.equal(got.sequences, want.sequences)
     for g, w in zip(got.logits, want.logits):
         live = torch.isfinite(w)
-        assert_close(g[live], w[live].double(), w[live], torch.float32, factor=1.0, scale=float(w[live].norm()))
+        # the two prefill paths differ in summation order only: a floor of 16 ulps of the logits' norm
+        assert_close(g[live], w[live].double(), w[live], torch.float32, factor=1.0, scale=4 * float(w[live].norm()))
 
 
 def test_transformers_trainer_one_line(tmp_path, seed):

@@ -44,7 +44,8 @@ def test_window_mask_and_block_maps(kind, split, seed):
             classes = tile_classes_from_dense(want, bq, bk)
             for backend in ("reference", "cpp"):
                 assert torch.equal(layout.block_map(bq, bk, backend=backend).tile_classes(), classes), backend
-    assert not layout.is_packed_causal or window >= n
+    # a window at least as long as every segment changes nothing: only then is it plain causal
+    assert not layout.is_packed_causal or window >= layout.varlen_segments()[2]
 
 
 def test_window_rejects_bad_values():
@@ -63,7 +64,8 @@ def test_window_reference_attention(kind, split, seed):
     blockwise = attention_reference(q, k, v, layout, scale=0.25, impl="blockwise", block=8)
     torch.testing.assert_close(blockwise, dense, rtol=1e-10, atol=1e-10)
     narrower = attention_reference(q, k, v, plain, scale=0.25, impl="dense")
-    assert not torch.allclose(narrower, dense)  # the window changed something
+    if not torch.equal(plain.dense(), layout.dense()):  # segments shorter than the window change nothing
+        assert not torch.allclose(narrower, dense)
 
 
 @pytest.mark.parametrize("kind,split", [("image_bidirectional", False), ("causal", False), ("mmca", True)])
