@@ -273,14 +273,15 @@ def test_cublaslt_recompute_keeps_no_hidden_tensor(seed):
 
 
 def test_fastest_backend_measures_once_and_skips_failures(monkeypatch):
-    import time
     monkeypatch.setattr(backend, "FASTEST", {})
     calls = {"slow": 0, "fast": 0}
+    clock = [0.0]  # a virtual clock the runners advance: a loaded machine cannot reorder them
+    monkeypatch.setattr(backend.time, "perf_counter", lambda: clock[0])
 
     def runner(name, delay):
         def run():
             calls[name] += 1
-            time.sleep(delay)
+            clock[0] += delay
         return run
 
     def broken():
