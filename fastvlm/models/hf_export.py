@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fastvlm.models import hf_vision
-from fastvlm.models.llava_names import PROJECTOR_NAMES
+from fastvlm.models.llava_names import PROJECTOR_NAMES, to_hf
 from fastvlm.nn.lora import LoRALinear
 from fastvlm.ops.activations import HF_ACTIVATIONS
 
@@ -209,20 +209,14 @@ def to_hf_llava(model, *, allow_causal: bool = False, token_ids: dict | None = N
               "tie_word_embeddings": cfg.llm.tie_word_embeddings}
     state = {f"model.vision_tower.{k}": t
              for k, t in vision_state_to_hf(merged_state_dict(model.vision_tower), cfg.vision).items()}
-    first, second = PROJECTOR_NAMES[cfg.connector]
-    for key, tensor in merged_state_dict(model.multi_modal_projector).items():
-        name, _, param = key.rpartition(".")
-        if name not in (first, second):
-            raise ValueError(f"model: connector parameter {key!r} has no place in HF LLaVA's projector")
-        state[f"model.multi_modal_projector.linear_{1 if name == first else 2}.{param}"] = tensor
-    for key, tensor in merged_state_dict(model.language_model).items():
-        if key.startswith("model."):
-            state["model.language_model." + key[len("model."):]] = tensor
-        elif key == "lm_head.weight":
-            if not cfg.llm.tie_word_embeddings:
-                state["lm_head.weight"] = tensor
-        else:
-            raise ValueError(f"model: LLM parameter {key!r} has no place in HF LLaVA")
+    for prefix in ("multi_modal_projector.", "language_model."):
+        for key, tensor in merged_state_dict(model.get_submodule(prefix[:-1])).items():
+            if key == "lm_head.weight" and cfg.llm.tie_word_embeddings:
+                continue  # HF ties it to the embedding
+            try:
+                state[to_hf(prefix + key, cfg.vision, cfg.connector)] = tensor
+            except KeyError:
+                raise ValueError(f"model: parameter {prefix + key!r} has no place in HF LLaVA") from None
     if vocab_size > llm_vocab:
         config["text_config"]["vocab_size"] = vocab_size
         for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
