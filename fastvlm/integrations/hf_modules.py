@@ -2,7 +2,6 @@
 checkpointing, and the fused LM loss. Each records how to undo itself."""
 from __future__ import annotations
 
-import functools
 import typing
 from collections import OrderedDict
 
@@ -11,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvlm.nn import FusedMLPConnector
-from fastvlm.nn.checkpointing import CheckpointPolicy, _selective_context
+from fastvlm.nn.checkpointing import CheckpointPolicy, checkpoint_kwargs
 from fastvlm.nn.connector import activation_name
 from fastvlm.ops import linear_cross_entropy
 
@@ -88,9 +87,7 @@ def checkpointed_forward(layer: nn.Module, original, policy: CheckpointPolicy, i
             or (getattr(layer, "gradient_checkpointing", False) and layer.training)):
         return original(*args, **kwargs)
     x = args[0] if args else kwargs.get("hidden_states")
-    extra = ({"context_fn": functools.partial(_selective_context, x.shape[-1])}
-             if policy.mode == "selective" else {})
-    return checkpoint(original, *args, use_reentrant=False, **extra, **kwargs)
+    return checkpoint(original, *args, use_reentrant=False, **checkpoint_kwargs(policy, x.shape[-1]), **kwargs)
 
 
 def output_class(model: nn.Module):

@@ -131,6 +131,15 @@ def _selective_policy(width: int):
     return policy
 
 
+def checkpoint_kwargs(policy: CheckpointPolicy, width: int) -> dict:
+    """Extra torch.utils.checkpoint arguments of `policy` for a block whose activations are
+    `width` wide: selective mode's save-list context, fresh per call (it holds a flag)."""
+    if policy.mode != "selective":
+        return {}
+    # a partial of a module-level function: torch.compile traces no closure as a context_fn
+    return {"context_fn": functools.partial(_selective_context, width)}
+
+
 def _selective_context(width: int):
     return create_selective_checkpoint_contexts(_selective_policy(width))
 
@@ -152,10 +161,8 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, policy: CheckpointP
             if offload is not None:
                 offload.block = i
             if tracking and policy.checkpoints(i):
-                # A fresh policy (and attention flag) per block and per call.
-                extra = ({"context_fn": functools.partial(_selective_context, x.shape[-1])}
-                         if policy.mode == "selective" else {})
-                x = checkpoint(block, x, use_reentrant=False, **extra, **block_kwargs)
+                x = checkpoint(block, x, use_reentrant=False, **checkpoint_kwargs(policy, x.shape[-1]),
+                               **block_kwargs)
             else:
                 x = block(x, **block_kwargs)
             if i in wanted:
