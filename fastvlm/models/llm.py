@@ -49,8 +49,8 @@ class LLMConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"        # of the gated MLP
-    # Sliding-window attention (Mistral, Qwen2 with use_sliding_window): the layouts have
-    # no window, so sequences longer than it are refused rather than attended past it.
+    # Sliding-window attention (Mistral, Qwen2 with use_sliding_window): the decoder does not
+    # apply it yet (nor its KV cache, nor the export), so sequences longer are refused.
     sliding_window: int | None = None
     attention_dropout: float = 0.0  # not implemented: training with it > 0 is refused
     attention_kind: str = "causal"  # layout kind when the caller gives only segment ids
@@ -486,7 +486,7 @@ def check_positions(cfg: LLMConfig, length: int, arg: str, positions: torch.Tens
                          f"({cfg.max_position_embeddings}) and RoPE is not scaled")
     if cfg.sliding_window is not None and length > cfg.sliding_window:
         raise ValueError(f"sliding_window: {arg} make a sequence of {length} tokens, longer than the model's "
-                         f"attention window ({cfg.sliding_window}); fastvlm's layouts have no window yet, so "
+                         f"attention window ({cfg.sliding_window}); its window is not applied yet, so "
                          f"it would attend past it: use at most {cfg.sliding_window} tokens")
 
 
