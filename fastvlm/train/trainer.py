@@ -429,7 +429,7 @@ def _lora_info(model) -> dict:
             for part, attr in (("llm", "language_model"), ("vision", "vision_tower"))}
 
 
-def _feature_cache(model, run_dir: Path, dist):
+def _feature_cache(model, run_dir: Path, dist=None):
     """One cache per run: a later stage with the same frozen tower reads the earlier one's
     features (the cache's fingerprint covers the weights; other weights reset it). Ranks
     share the directory; rank 0 opens (or resets) it first."""
@@ -438,6 +438,7 @@ def _feature_cache(model, run_dir: Path, dist):
     def open_cache():
         return FeatureCache(run_dir / "feature_cache", model.vision_tower, model.feature_layers, on_stale="reset")
 
+    dist = dist or distributed.Distributed()
     cache = open_cache() if dist.is_main else None
     dist.barrier()
     return cache or open_cache()
