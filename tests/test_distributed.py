@@ -111,6 +111,13 @@ def test_grad_accum_must_split_over_ranks():
     Distributed("ddp", 0, 3).check_stage(stage)
 
 
+def test_qlora_is_refused_under_dcp_checkpoints():
+    raw = recipe_raw("fsdp")
+    raw["stages"][1].update(finetune="qlora", precision="bf16")
+    with pytest.raises(ValueError, match=r"stages\.instruct\.finetune: 'qlora' is not supported"):
+        Distributed("fsdp", 0, 1).check_stage(parse_recipe(raw).stages[1])
+
+
 def test_unknown_mode_names_the_key():
     with pytest.raises(ValueError, match=r"run\.distributed: expected one of none, ddp, fsdp"):
         parse_recipe(recipe_raw("zero3"))

@@ -96,6 +96,13 @@ class Distributed:
             raise ValueError(f"stages.{stage.name}.grad_accum: {stage.grad_accum} micro-batches per step cannot be "
                              f"split over {self.world} ranks; use a multiple of the world size (the global batch "
                              f"is batch_size x grad_accum, whatever the number of processes)")
+        if self.uses_dcp and stage.type == "instruct" and stage.finetune == "qlora":
+            # DCP state dicts lack bitsandbytes' NF4 quantisation state (absmax, ...); a resumable
+            # QLoRA checkpoint needs adapters + trainable parts with the base re-quantised from its
+            # source, which is not built yet.
+            raise ValueError(f"stages.{stage.name}.finetune: 'qlora' is not supported with run.distributed = "
+                             f"{self.mode!r} yet (its DCP checkpoints would lose the NF4 quantisation state); "
+                             "use finetune = 'lora', or run.distributed = 'none'")
         if self.mode == "fsdp" and stage.precision == "fp16":
             raise ValueError(f"stages.{stage.name}.precision: 'fp16' (a loss scaler per shard) is not supported "
                              "with run.distributed = 'fsdp'; use 'bf16' or 'fp32'")
