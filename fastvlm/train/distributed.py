@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,13 +203,22 @@ def finish(dist: Distributed) -> None:
 
 # ---- DCP checkpoints -----------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _one_process_ok():
+    # DCP warns when no process group exists; one process reading / writing is intended here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        yield
+
+
 def save_state(path: Path, model: nn.Module, optimizer) -> None:
     """Model + optimizer of every rank into the DCP directory `path` (each rank its shards)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    with _one_process_ok():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
 
 
 def load_state(path: Path, model: nn.Module, optimizer) -> None:
@@ -218,7 +228,8 @@ def load_state(path: Path, model: nn.Module, optimizer) -> None:
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -235,5 +246,6 @@ def load_model_from_dcp(path: Path, model: nn.Module) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path))
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])

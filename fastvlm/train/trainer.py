@@ -11,7 +11,9 @@ the finished stages' shaping, loads the newest complete checkpoint, and continue
 with exactly the batches and random numbers an uninterrupted run would use, so
 the per-step losses match bit for bit on CPU. A non-finite loss or gradient skips
 the step; ``max_bad_steps`` in a row stop the run. SIGINT (Ctrl-C) finishes the
-current step, writes a checkpoint and raises ``Interrupted``.
+current step, writes a checkpoint and raises ``Interrupted``. Under torchrun
+(``run.distributed``), fastvlm.train.distributed wraps each stage's model and every
+rank runs this loop on its share of each step (rank 0 alone writes).
 """
 from __future__ import annotations
 
