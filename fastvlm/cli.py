@@ -156,6 +156,9 @@ def _add_train_args(parser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="print parameter counts, memory estimate and steps per stage; load no weights")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--world-size", type=_positive_int, default=None,
+                        help="--dry-run: memory per process for this many ranks under run.distributed "
+                             "(default: torchrun's WORLD_SIZE, else 1)")
 
 
 def cli_train(args) -> int:
@@ -167,19 +170,38 @@ def cli_train(args) -> int:
     if args.dry_run:
         from fastvlm.train.dryrun import dry_run
 
-        print(dry_run(recipe, Path(args.out) if args.out else None))
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        print(dry_run(recipe, Path(args.out) if args.out else None, world_size=world))
         return 0
     from fastvlm.train.trainer import Interrupted, train
 
     # Inside a run directory, the same command continues that run.
     out = Path(args.out or ("." if Path("recipe.json").is_file() else Path("runs") / recipe.name))
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
         result = train(recipe, out, resume=args.resume, progress=not args.no_progress)
     except Interrupted as stop:
-        print(f"{stop}; continue with: fastvlm train {args.recipe} --out {out} --resume", file=sys.stderr)
-        return 130
-    print(f"run written to {out} (model: {result['final']}, plots: {result['plots']})")
-    return 0
+        if main_rank:
+            print(f"{stop}; continue with: fastvlm train {args.recipe} --out {out} --resume", file=sys.stderr)
+        return _leave(130)
+    if main_rank:
+        print(f"run written to {out} (model: {result['final']}, plots: {result['plots']})")
+    from fastvlm.train.distributed import finish
+
+    finish(result["distributed"])
+    return _leave(0)
+
+
+def _leave(code: int) -> int:
+    """A torchrun rank ends here without the interpreter's teardown: after
+    destroy_process_group, gloo's threads abort ("terminate called without an active
+    exception", SIGABRT) in a fraction of exits, which torchrun reports as a failed run
+    of a finished one. Everything is written and flushed by now."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _delegate(module: str, function: str):

@@ -5,6 +5,12 @@ RUN/checkpoints/s<stage>-<name>-step<step>/
     state.pt            optimizer, scheduler, loss scaler, data sampler, RNG states, counters
     meta.json           stage index and name, step, recipe digest; written last
 
+A run of a distributed recipe (run.distributed = ddp | fsdp, any world size) holds
+    dcp/                model + optimizer, torch.distributed.checkpoint (every rank its shards)
+    state.pt            the rest, from rank 0 (its "optimizer" is None)
+    rng-<rank>.pt       each rank's RNG states
+instead of model.safetensors; DCP reshards on load, so it resumes on another world size.
+
 A checkpoint is built in RUN/checkpoints/.tmp-<uuid>/ and renamed into place
 once complete (a rename within one folder is atomic), so a writer killed at any
 point leaves the previous checkpoints untouched and at most a .tmp-* folder that
@@ -74,12 +80,7 @@ def save_checkpoint(root: Path, name: str, model: torch.nn.Module, state: dict, 
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
         final = root / name
-        if final.exists():  # the same step saved again (e.g. after a resume): swap it out
-            old = root / f".tmp-old-{uuid.uuid4().hex}"
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        _replace_dir(tmp, final)  # the same step saved again (e.g. after a resume) is swapped out
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -102,14 +103,32 @@ def complete_checkpoints(root: Path) -> list[Path]:
     found = []
     for d in root.iterdir():
         m = NAME.match(d.name)
-        if m and (d / "meta.json").is_file() and (d / "state.pt").is_file() and (d / "model.safetensors").is_file():
+        weights = (d / "model.safetensors").is_file() or (d / "dcp" / ".metadata").is_file()
+        if m and (d / "meta.json").is_file() and (d / "state.pt").is_file() and weights:
             found.append(((int(m.group(1)), int(m.group(3))), d))
     return [d for _, d in sorted(found)]
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict, dict]:
-    """Load the weights into `model` (whose structure must match); return (state, meta)."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer=None, rank: int = 0) -> tuple[dict, dict]:
+    """Load the weights into `model` (whose structure must match); return (state, meta). A DCP
+    checkpoint also loads `optimizer` (required then) and gives this rank's RNG states (rank 0's
+    where the checkpoint had fewer ranks)."""
     from safetensors.torch import load_file
+
+    if (path / "dcp").is_dir():
+        from fastvlm.train import distributed
+
+        if optimizer is None:
+            raise ValueError(f"checkpoint {path}: a distributed run's checkpoint; resume it with the recipe's "
+                             "run.distributed (ddp / fsdp), which loads model and optimizer together")
+        distributed.load_state(path / "dcp", model, optimizer)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        own = path / f"rng-{rank}.pt"
+        state["rng"] = torch.load(own if own.is_file() else path / "rng-0.pt", weights_only=False)
+        return state, json.loads((path / "meta.json").read_text())
+    if optimizer is not None:
+        raise ValueError(f"checkpoint {path}: a one-process run's checkpoint (model.safetensors); a distributed "
+                         "recipe reads DCP checkpoints only")
 
     tensors = load_file(str(path / "model.safetensors"))
     expected = model.state_dict()
@@ -120,6 +139,58 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict, dict]:
     model.load_state_dict(tensors)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     return state, json.loads((path / "meta.json").read_text())
+
+
+def save_sharded_checkpoint(root: Path, name: str, dist, model, optimizer, state: dict | None, rng: dict,
+                            meta: dict, extra: dict[str, str], keep: int) -> Path:
+    """save_checkpoint for every rank of a job: all ranks write their DCP shards and RNG
+    states into one temporary directory, then rank 0 adds state.pt, `extra` and meta.json,
+    renames it into place and prunes (keeping `keep`)."""
+    from fastvlm.train import distributed
+
+    tmp = root / dist.broadcast(f".tmp-{uuid.uuid4().hex}")
+    if dist.is_main:
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    try:
+        distributed.save_state(tmp / "dcp", model, optimizer)
+        torch.save(rng, tmp / f"rng-{dist.rank}.pt")
+        _fsync_tree(tmp)
+        dist.barrier()
+        final = root / name
+        if dist.is_main:
+            torch.save(state, tmp / "state.pt")
+            for filename, text in extra.items():
+                (tmp / filename).write_text(text)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            _fsync_tree(tmp)
+            _replace_dir(tmp, final)
+            prune(root, keep)
+        dist.barrier()
+        return final
+    finally:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [path, *(d for d in path.rglob("*") if d.is_dir())]:
+        _fsync_dir(d)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the complete `tmp` to `final`, swapping out one of that name (the same step saved again)."""
+    root = final.parent
+    if final.exists():
+        old = root / f".tmp-old-{uuid.uuid4().hex}"
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
 
 
 def prune(root: Path, keep: int) -> None:
@@ -157,6 +228,11 @@ def load_for_inference(run_or_checkpoint) -> tuple:
         if lora.get(part):
             cfg = LoRAConfig(**lora[part])
             apply_lora(getattr(model, attr), cfg.targets, cfg.r, cfg.alpha, cfg.dropout, cfg.trainable, cfg.rslora)
+    if (path / "dcp").is_dir():  # a distributed run's: the weights of its sharded model
+        from fastvlm.train.distributed import load_model_from_dcp
+
+        load_model_from_dcp(path / "dcp", model)
+        return model.eval(), tokenizer, recipe
     from safetensors.torch import load_file
 
     state = {k: v for k, v in load_file(str(path / "model.safetensors")).items()

@@ -229,8 +229,9 @@ class ContrastiveHeads(nn.Module):
         self.image_proj = nn.Linear(vision_dim, embed_dim)
         self.text_proj = nn.Linear(text_dim, embed_dim)
         init_scale, init_bias = INIT[kind]
-        self.logit_scale = nn.Parameter(torch.tensor(init_scale))
-        self.logit_bias = nn.Parameter(torch.tensor(init_bias)) if init_bias is not None else None
+        # One-element vectors, not 0-d: FSDP2 shards parameters along a first dimension.
+        self.logit_scale = nn.Parameter(torch.tensor([init_scale]))
+        self.logit_bias = nn.Parameter(torch.tensor([init_bias])) if init_bias is not None else None
 
     def image_embedding(self, hidden: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
         """[B, T, vision_dim] encoder states (class/register tokens first) -> [B, embed_dim]."""

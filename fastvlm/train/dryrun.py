@@ -12,6 +12,12 @@ kept for backward; full checkpointing keeps 2 * tokens * width per layer plus on
 layer recomputed at a time, selective about 24. A frozen tower without autograd
 keeps nothing; the LLM keeps its activations whenever a gradient flows through
 it (align: to the connector below it).
+
+With ``world_size`` W > 1 the numbers are per process under ``run.distributed``:
+FSDP shards weights, gradients and optimizer states over W (plus one block
+gathered at a time), DDP keeps all of them on every rank plus its reducer's
+gradient buckets (one more copy of the trainable gradients). Activations are per
+micro-batch either way.
 """
 from __future__ import annotations
 
@@ -98,7 +104,22 @@ def _samples_for(recipe: Recipe, out: Path | None) -> dict:
         return read(Path(tmp))
 
 
-def dry_run(recipe: Recipe, out: Path | None = None) -> str:
+def per_process(mem: dict, mode: str, world: int, largest_block: int) -> dict:
+    """Memory per rank of a job of `world` processes (see the module docstring)."""
+    if world <= 1 or mode == "none":
+        return mem
+    if mode == "ddp":
+        return {**mem, "ddp_buckets": mem["gradients"]}
+    sharded = {k: math.ceil(v / world) for k, v in mem.items() if k != "activations"}
+    return {**sharded, "gathered": largest_block, "activations": mem["activations"]}
+
+
+def _largest_block(model) -> int:
+    blocks = list(model.language_model.model.layers) + list(model.vision_tower.blocks)
+    return max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+
+
+def dry_run(recipe: Recipe, out: Path | None = None, world_size: int = 1) -> str:
     from fastvlm.models.vlm import VLM
     from fastvlm.train.build import finish_stage, prepare_stage
 
@@ -113,6 +134,10 @@ def dry_run(recipe: Recipe, out: Path | None = None) -> str:
     samples = _samples_for(recipe, out)
     lines = [f"recipe {recipe.name} (hash {recipe.digest()}): {recipe.model.source} model, "
              f"{sum(p.numel() for p in model.parameters()):,} parameters, {model.image_tokens} tokens per image"]
+    mode = recipe.run.distributed
+    if world_size > 1:
+        lines.append(f"run.distributed = {mode!r} on {world_size} processes: memory per process"
+                     + (" (one process: run.distributed is 'none')" if mode == "none" else ""))
     for i, stage in enumerate(recipe.stages):
         with torch.device("meta"):
             prepare_stage(model, _unquantized(stage), recipe, torch.device("meta"))
@@ -121,6 +146,7 @@ def dry_run(recipe: Recipe, out: Path | None = None) -> str:
         mem = stage_memory(model, stage, tokens, images)
         if stage.type == "instruct" and stage.finetune == "qlora":  # 4-bit bases: a quarter of bf16's bytes
             mem["weights"] -= _quantized_saving(model)
+        mem = per_process(mem, mode, world_size, _largest_block(model))
         lines.append(f"\n[{i + 1}] {stage.name} ({stage.type}): {steps} optimizer steps, micro-batch ~{tokens} "
                      f"tokens / {images} images, {stage.grad_accum} micro-batch(es) per step, "
                      f"precision {stage.precision}")

@@ -160,6 +160,9 @@ class RunSection:
     log_every: int = 1              # steps between metrics.jsonl lines
     eval_max_new_tokens: int = 8
     evaluate: bool = True           # VQA evaluation of align / instruct stages (at their end, every eval_every)
+    # none | ddp | fsdp: how `torchrun -m fastvlm train` spreads the run over its processes
+    # (fastvlm.train.distributed); ddp / fsdp checkpoints are DCP and resume on any world size.
+    distributed: str = "none"
 
 
 @dataclass
@@ -324,6 +327,7 @@ def validate(recipe: Recipe) -> None:
             raise ValueError(f"{where}.name: {stage.name!r} names two stages")
         validate_stage(stage, where, recipe)
     _one_of(recipe.run.device, ("auto", "cpu", "cuda"), "run.device")
+    _one_of(recipe.run.distributed, ("none", "ddp", "fsdp"), "run.distributed")
     _positive(recipe.run.keep_checkpoints, "run.keep_checkpoints")
     _positive(recipe.run.log_every, "run.log_every")
 

@@ -132,6 +132,13 @@ class StageBatches:
         self.rows_per_batch = stage.batch_size if self.packed else 1
         self.pad_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else 0
         self.image_root = data.image_root
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        """Serve rank `rank` of `world`: the global stream of micro-batches stays the same (so
+        is the sampler's position, hence any world size resumes it), and every micro-batch
+        of index != rank (mod world) comes out as None, not collated."""
+        self.rank, self.world = rank, world
 
     def lengths(self) -> list[int]:
         """Exact token counts (the tokenizer is fast; exact lengths pack without overflow)."""
@@ -150,13 +157,13 @@ class StageBatches:
         self.sampler.load_state_dict(state)
 
     def __iter__(self):
-        rows = []
+        rows, index = [], 0
         while True:  # the sampler moves to its next epoch when one ends
             for indices in self.sampler:
                 rows.append(indices)
                 if len(rows) == self.rows_per_batch:
-                    yield self.collate(rows)
-                    rows = []
+                    yield self.collate(rows) if index % self.world == self.rank else None
+                    rows, index = [], index + 1
 
     def collate(self, rows: list[list[int]]) -> dict:
         if self.stage.type == "contrastive":

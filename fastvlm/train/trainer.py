@@ -11,10 +11,13 @@ the finished stages' shaping, loads the newest complete checkpoint, and continue
 with exactly the batches and random numbers an uninterrupted run would use, so
 the per-step losses match bit for bit on CPU. A non-finite loss or gradient skips
 the step; ``max_bad_steps`` in a row stop the run. SIGINT (Ctrl-C) finishes the
-current step, writes a checkpoint and raises ``Interrupted``.
+current step, writes a checkpoint and raises ``Interrupted``. Under torchrun
+(``run.distributed``), fastvlm.train.distributed wraps each stage's model and every
+rank runs this loop on its share of each step (rank 0 alone writes).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 
 from fastvlm.train import checkpoint as ckpt
+from fastvlm.train import distributed
 from fastvlm.train.build import GROUP_PATTERNS, build_model, finish_stage, prepare_stage
 from fastvlm.train.metrics import MetricsLog
 from fastvlm.train.optim import build_optimizer, param_groups
@@ -55,8 +59,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
-    """Write the resolved recipe; refuse a directory that holds another recipe's run."""
+def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, write: bool = True) -> None:
+    """Write the resolved recipe (unless `write` is False: ranks other than 0 only check);
+    refuse a directory that holds another recipe's run."""
     info = run_dir / "recipe.json"
     if info.is_file():
         found = json.loads(info.read_text())["digest"]
@@ -66,6 +71,8 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
         if not resume and ckpt.complete_checkpoints(run_dir / "checkpoints"):
             raise ValueError(f"--out: {run_dir} already holds checkpoints of this recipe; pass --resume to "
                              "continue it, or use another directory")
+    if not write:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "recipe.toml", to_toml(recipe))
     atomic_write_text(info, json.dumps({"digest": recipe.digest(), "recipe": recipe.to_dict()}, indent=2))
@@ -154,16 +161,45 @@ def accumulate_gradients(model, stage: Stage, micro: list[dict], mp, device, cac
     return loss_value
 
 
-def optimizer_step(model, stage: Stage, micro: list[dict], optimizer, mp, device, cache=None):
+def accumulate_distributed(step_loss, micro: list[dict], mp, device, dist) -> float | None:
+    """accumulate_gradients over the ranks of a job: this rank's micro-batches, each weighted
+    by its supervised tokens over the step's count on all ranks (times W: the gradient
+    reduction averages), gradients synchronised on the last one only; the step's global loss."""
+    total = dist.all_reduce([sum(b["supervised_tokens"] for b in micro)])[0]
+    local = 0.0
+    for i, batch in enumerate(micro):
+        weight = batch["supervised_tokens"] / total if total else 0.0
+        # Every rank runs every backward (also of a non-finite loss: its NaN gradients reach all
+        # ranks), so the ranks agree on skipping the step.
+        with dist.sync_context(step_loss, sync=i == len(micro) - 1):
+            with mp.autocast(device.type):
+                loss = step_loss(batch)
+            mp.backward(loss * (weight * dist.world))
+        local += float(loss.detach()) * weight
+    value = dist.all_reduce([local])[0]
+    return value if math.isfinite(value) else None
+
+
+def _grad_norm(params, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+
+
+def optimizer_step(model, stage: Stage, micro: list[dict], optimizer, mp, device, cache=None, dist=None,
+                   step_loss=None):
     """One optimizer step: (loss or None when non-finite, gradient norm, whether it stepped).
-    A non-finite loss or gradient skips the update (fp16: the loss scale backs off)."""
+    A non-finite loss or gradient skips the update (fp16: the loss scale backs off). With an
+    active `dist`, `step_loss` (the wrapped micro-batch loss) runs this rank's share."""
     optimizer.zero_grad(set_to_none=True)
-    loss_value = accumulate_gradients(model, stage, micro, mp, device, cache)
+    if dist is not None and dist.active:
+        loss_value = accumulate_distributed(step_loss, micro, mp, device, dist)
+    else:
+        loss_value = accumulate_gradients(model, stage, micro, mp, device, cache)
     grad_norm = float("nan")
     if loss_value is not None:
         mp.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.grad_clip or float("inf")))
+        grad_norm = _grad_norm(params, stage.grad_clip or float("inf"))
     # With fp16 the scaler sees inf gradients itself (skips, backs off); otherwise skip here.
     stepped = loss_value is not None and (mp.scaler is not None or math.isfinite(grad_norm)) and mp.step(optimizer)
     if loss_value is None and mp.scaler is not None:
@@ -174,16 +210,25 @@ def optimizer_step(model, stage: Stage, micro: list[dict], optimizer, mp, device
 
 
 def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = True, echo=print) -> dict:
-    """Run every stage of `recipe` into `run_dir`; returns {"stages": [...], "final": path}."""
+    """Run every stage of `recipe` into `run_dir`; returns {"stages": [...], "final": path}.
+    Under torchrun (run.distributed = 'ddp' | 'fsdp') every rank calls it; rank 0 alone
+    writes logs, plots, evaluations and the final model."""
     from fastvlm.train.stage_data import StageBatches, prepare_data
 
     run_dir = Path(run_dir)
-    prepare_run_dir(recipe, run_dir, resume)
-    device = pick_device(recipe.run.device)
+    dist, device = distributed.init(recipe.run.distributed, recipe.run.device)
+    prepare_run_dir(recipe, run_dir, resume, write=False)
+    dist.barrier()  # every rank checked the directory before rank 0 writes to it
+    if dist.is_main:
+        prepare_run_dir(recipe, run_dir, resume)
+        data = prepare_data(recipe, run_dir)  # generates the data, trains the tokenizer on first use
+    dist.barrier()
+    if not dist.is_main:
+        data = prepare_data(recipe, run_dir)
     torch.manual_seed(recipe.run.seed)
-    data = prepare_data(recipe, run_dir)
     model = build_model(recipe, data.tokenizer, recipe.run.seed).to(device)
-    log = MetricsLog(run_dir)
+    log = MetricsLog(run_dir) if dist.is_main else _NoLog()
+    echo = echo if dist.is_main else _silent
     ckpt_root = run_dir / "checkpoints"
     found = ckpt.complete_checkpoints(ckpt_root)
     start = json.loads((found[-1] / "meta.json").read_text()) if resume and found else None
@@ -198,17 +243,24 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                 prepare_stage(model, stage, recipe, device)
                 finish_stage(model, stage)
                 continue
+            dist.check_stage(stage)
             settings = prepare_stage(model, stage, recipe, device)
             mp = settings["precision"]
             batches = StageBatches(stage, recipe, data, model, seed=recipe.run.seed + index)
+            batches.shard(dist.rank, dist.world)
             total = stage.max_steps or max(1, math.ceil(stage.epochs * batches.steps_per_epoch(stage.grad_accum)))
-            optimizer, scheduler = stage_optimizer(model, stage, total)
             frozen_tower = stage.type in ("align", "instruct") and model.vision_tower.frozen
-            cache = _feature_cache(model, run_dir) if frozen_tower and stage.feature_cache else None
+            cache = _feature_cache(model, run_dir, dist) if frozen_tower and stage.feature_cache else None
+            if cache is not None and dist.active:
+                _fill_cache(cache, batches, dist)
+            # The optimizer right after wrapping: FSDP2 has swapped in the sharded parameters.
+            step_loss = dist.wrap(model, _MicroLoss(model, stage, device, cache), mp.precision)
+            optimizer, scheduler = stage_optimizer(model, stage, total)
             step, bad, skipped = 0, 0, 0
             if start and index == start["stage_index"]:
-                state, _ = ckpt.load_checkpoint(found[-1], model)
-                optimizer.load_state_dict(state["optimizer"])
+                state, _ = ckpt.load_checkpoint(found[-1], model, optimizer if dist.uses_dcp else None, dist.rank)
+                if not dist.uses_dcp:
+                    optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
                 if state.get("scaler") is not None:
                     mp.scaler = torch.amp.GradScaler(device.type)
@@ -216,20 +268,22 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                 batches.load_state_dict(state["sampler"])
                 ckpt.set_rng_state(state["rng"])
                 step, bad, skipped, global_step = state["step"], state["bad"], state["skipped"], state["global_step"]
-            saver = _Saver(run_dir, recipe, index, stage, model, optimizer, scheduler, mp, batches)
+            saver = _Saver(run_dir, recipe, index, stage, model, optimizer, scheduler, mp, batches, dist)
             model.train()
             stream = iter(batches)
-            bar = _progress(stage, index, total, step, progress)
+            bar = _progress(stage, index, total, step, progress and dist.is_main)
             stage_t0 = time.perf_counter()
             last = next((r for r in reversed(log.records()) if r["event"] == "step" and r["stage_index"] == index), {})
             while step < total:
-                if sigint.set:
+                if sigint.set if not dist.active else dist.all_reduce([sigint.set], "max")[0]:
                     path = saver.save(step, global_step, bad, skipped)
                     bar.close()
                     raise Interrupted(path)
                 t0 = time.perf_counter()
-                micro = [next(stream) for _ in range(stage.grad_accum)]
-                loss_value, grad_norm, stepped = optimizer_step(model, stage, micro, optimizer, mp, device, cache)
+                # This rank's share of the step's micro-batches (all of them in one process).
+                micro = [b for b in (next(stream) for _ in range(stage.grad_accum)) if b is not None]
+                loss_value, grad_norm, stepped = optimizer_step(model, stage, micro, optimizer, mp, device, cache,
+                                                                dist, step_loss)
                 finite = loss_value is not None
                 lr = optimizer.param_groups[0]["lr"]
                 with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
@@ -242,45 +296,117 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                     bar.close()
                     raise TrainingError(_bad_steps_message(stage, step, bad, mp, lr, finite))
                 dt = time.perf_counter() - t0
+                real, samples = dist.all_reduce([sum(b["real_tokens"] for b in micro),
+                                                 sum(b["num_samples"] for b in micro)])
                 last = {"event": "step", "stage": stage.name, "stage_index": index, "step": step,
                         "global_step": global_step, "loss": loss_value, "lr": lr,
                         "grad_norm": grad_norm, "skipped": skipped, "loss_scale": mp.loss_scale,
-                        "tokens_per_s": sum(b["real_tokens"] for b in micro) / dt,
-                        "samples_per_s": sum(b["num_samples"] for b in micro) / dt,
-                        "peak_mem_mb": _peak_mem_mb(device)}
+                        "tokens_per_s": real / dt, "samples_per_s": samples / dt,
+                        "peak_mem_mb": dist.all_reduce([_peak_mem_mb(device)], "max")[0]}
                 last.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
                 if step % recipe.run.log_every == 0 or step == total:
                     log.write(last)
                 bar.set_postfix_str(_postfix(last))
                 bar.update(1)
                 if stage.eval_every and step % stage.eval_every == 0 and step < total:
-                    _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log, mp)
+                    _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log, mp, dist)
                 if stage.checkpoint_every and step % stage.checkpoint_every == 0 and step < total:
                     saver.save(step, global_step, bad, skipped)
             bar.close()
             saver.save(step, global_step, bad, skipped)
+            if dist.mode == "fsdp" and dist.active:
+                model = _unsharded(model, recipe, data, index, device)
             summary = {"stage": stage.name, "type": stage.type, "steps": total, "skipped": skipped,
                        "loss": last.get("loss"), "seconds": time.perf_counter() - stage_t0,
                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-            summary["eval"] = _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log, mp)
-            echo(_stage_line(summary, cache))
+            summary["eval"] = _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log, mp,
+                                        dist)
+            if cache is not None:
+                summary["cache"] = dist.all_reduce([cache.hits, cache.misses])
+            echo(_stage_line(summary))
             results.append(summary)
             finish_stage(model, stage)
-    final = _save_final(model, data.tokenizer, run_dir, recipe)
-    log.plot()
-    log.close()
-    return {"stages": results, "final": final, "plots": run_dir / "plots"}
+    final = None
+    if dist.is_main:
+        final = _save_final(model, data.tokenizer, run_dir, recipe)
+        log.plot()
+        log.close()
+    dist.barrier()
+    return {"stages": results, "final": final or run_dir / "final", "plots": run_dir / "plots", "model": model,
+            "distributed": dist}
+
+
+class _MicroLoss(torch.nn.Module):
+    """The stage's micro-batch loss as a module, for DDP / FSDP to wrap (every stage type's
+    forward, the LLM-only and contrastive ones included, runs through the wrapper)."""
+
+    def __init__(self, model, stage: Stage, device, cache):
+        super().__init__()
+        self.model, self.stage, self.device, self.cache = model, stage, device, cache
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return micro_loss(self.model, self.stage, batch, self.device, self.cache)
+
+
+class _NoLog:
+    """What ranks other than 0 log: nothing."""
+
+    def truncate_after(self, *args):
+        pass
+
+    def records(self):
+        return []
+
+    write = plot = close = truncate_after
+
+
+def _silent(*args, **kwargs):
+    pass
+
+
+def _unsharded(model, recipe: Recipe, data, index: int, device):
+    """The FSDP-sharded model of stage `index` as a plain one on every rank (for evaluation,
+    merging LoRA and the next stage): the same model rebuilt by replaying the stages' shaping,
+    with the gathered weights loaded."""
+    full = distributed.full_model_state(model)
+    with torch.random.fork_rng():  # replaying must not move the run's random stream
+        fresh = build_model(recipe, data.tokenizer, recipe.run.seed).to(device)
+        for stage in recipe.stages[:index]:
+            prepare_stage(fresh, stage, recipe, device)
+            finish_stage(fresh, stage)
+        prepare_stage(fresh, recipe.stages[index], recipe, device)
+    fresh.load_state_dict(full)
+    return fresh
+
+
+def _fill_cache(cache, batches, dist, chunk: int = 16) -> None:
+    """Encode every image of the stage once across the job: rank r takes every W-th missing
+    file, writes its shards to the shared cache directory; then every rank indexes them all."""
+    from fastvlm.data.images import load_image
+
+    files = sorted({batches.image_root / p for s in batches.samples for p in s.images})
+    blobs = {path: path.read_bytes() for path in files[dist.rank::dist.world]}
+    mine = [path for path, blob in blobs.items() if blob not in cache]
+    for i in range(0, len(mine), chunk):
+        pixels = {blobs[p]: load_image(p, batches.dataset.preprocessor) for p in mine[i:i + chunk]}
+        pixels = {b: x for b, x in pixels.items() if x is not None}  # bad files: the dataset skips their samples
+        if pixels:
+            with torch.no_grad():
+                cache.features(list(pixels), lambda missing: torch.stack([pixels[b] for b in missing]))
+    dist.barrier()
+    cache.refresh()
 
 
 class _Saver:
     """Writes the stage's checkpoints (model + every state needed to continue) and prunes old ones."""
 
-    def __init__(self, run_dir, recipe, index, stage, model, optimizer, scheduler, mp, batches):
+    def __init__(self, run_dir, recipe, index, stage, model, optimizer, scheduler, mp, batches, dist):
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
     def save(self, step, global_step, bad, skipped) -> Path:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        dcp = self.dist.uses_dcp  # model + optimizer sharded through DCP then, the rest from rank 0
+        state = {"optimizer": None if dcp else self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.mp.scaler.state_dict() if self.mp.scaler is not None else None,
                  "sampler": self.batches.state_dict(), "rng": ckpt.rng_state(), "step": step,
                  "global_step": global_step, "bad": bad, "skipped": skipped}
@@ -289,8 +415,11 @@ class _Saver:
         extra = {"config.json": json.dumps({"model_type": "fastvlm_vlm", "config": self.model.config.to_dict()}),
                  "lora.json": json.dumps(_lora_info(self.model))}
         root = Path(self.run_dir) / "checkpoints"
-        path = ckpt.save_checkpoint(root, ckpt.checkpoint_name(self.index, self.stage.name, step), self.model,
-                                    state, meta, extra)
+        name = ckpt.checkpoint_name(self.index, self.stage.name, step)
+        if dcp:
+            return ckpt.save_sharded_checkpoint(root, name, self.dist, self.model, self.optimizer, state,
+                                                ckpt.rng_state(), meta, extra, self.recipe.run.keep_checkpoints)
+        path = ckpt.save_checkpoint(root, name, self.model, state, meta, extra)
         ckpt.prune(root, self.recipe.run.keep_checkpoints)
         return path
 
@@ -302,18 +431,38 @@ def _lora_info(model) -> dict:
             for part, attr in (("llm", "language_model"), ("vision", "vision_tower"))}
 
 
-def _feature_cache(model, run_dir: Path):
+def _feature_cache(model, run_dir: Path, dist=None):
     """One cache per run: a later stage with the same frozen tower reads the earlier one's
-    features (the cache's fingerprint covers the weights; other weights reset it)."""
+    features (the cache's fingerprint covers the weights; other weights reset it). Ranks
+    share the directory; rank 0 opens (or resets) it first."""
     from fastvlm.models.feature_cache import FeatureCache
 
-    return FeatureCache(run_dir / "feature_cache", model.vision_tower, model.feature_layers, on_stale="reset")
+    def open_cache():
+        return FeatureCache(run_dir / "feature_cache", model.vision_tower, model.feature_layers, on_stale="reset")
+
+    dist = dist or distributed.Distributed()
+    cache = open_cache() if dist.is_main else None
+    dist.barrier()
+    return cache or open_cache()
 
 
-def _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log, mp) -> dict | None:
-    """VQA accuracy per question type + validation loss (stages that produce answers)."""
+def _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log, mp, dist) -> dict | None:
+    """VQA accuracy per question type + validation loss (stages that produce answers), on
+    rank 0; on every rank in lockstep while the model is FSDP-sharded (its forward gathers)."""
     if stage.type not in ("align", "instruct") or not recipe.run.evaluate:
         return None
+    sharded = dist.active and distributed.is_sharded(model)
+    if not (dist.is_main or sharded):
+        dist.barrier()
+        return None
+    with dist.gathered() if sharded else contextlib.nullcontext():
+        result = _run_evaluation(model, stage, index, step, global_step, recipe, data, run_dir, log, mp, dist)
+    if not sharded:
+        dist.barrier()
+    return result
+
+
+def _run_evaluation(model, stage, index, step, global_step, recipe, data, run_dir, log, mp, dist) -> dict:
     from fastvlm.train.evaluation import evaluate, write_results
     from fastvlm.train.stage_data import eval_inputs
 
@@ -327,6 +476,8 @@ def _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log
         model.train()
         if getattr(model.vision_tower, "frozen", False):
             model.vision_tower.eval()
+    if not dist.is_main:
+        return result
     write_results(result, run_dir, f"{stage.name}-step{step}")
     log.write({"event": "eval", "stage": stage.name, "stage_index": index, "step": step, "global_step": global_step,
                "accuracy": result["overall"], "val_loss": result.get("val_loss")})
@@ -373,14 +524,14 @@ def _postfix(m: dict) -> str:
             f"peak {m['peak_mem_mb']:.0f}MB")
 
 
-def _stage_line(s: dict, cache) -> str:
+def _stage_line(s: dict) -> str:
     loss = "nan" if s["loss"] is None else f"{s['loss']:.4f}"
     line = (f"stage {s['stage']} ({s['type']}): {s['steps']} steps in {s['seconds']:.1f}s, final loss {loss}, "
             f"{s['trainable']:,} trainable parameters")
     if s["skipped"]:
         line += f", {s['skipped']} steps skipped (non-finite)"
-    if cache is not None:
-        line += f", feature cache {cache.hits} hits / {cache.misses} misses"
+    if s.get("cache"):
+        line += f", feature cache {s['cache'][0]:.0f} hits / {s['cache'][1]:.0f} misses"
     if s.get("eval"):
         line += f", val accuracy {s['eval']['overall']:.1%}"
     return line

@@ -1,0 +1,251 @@
+"""Training on several processes: torchrun, DDP, FSDP2 and DCP checkpoints.
+
+``fastvlm train`` under ``torchrun`` reads RANK / WORLD_SIZE / LOCAL_RANK from the
+environment (``init``), joins a process group (NCCL on GPUs, gloo on CPU) and,
+per stage, wraps the model (``Distributed.wrap``):
+
+- ``ddp``: ``DistributedDataParallel`` over a module that computes the stage's
+  micro-batch loss (so every stage type's forward, LLM-only or contrastive, goes
+  through DDP). ``find_unused_parameters=True``: a micro-batch without images
+  leaves the connector unused. Frozen parameters have no gradient and are never
+  all-reduced.
+- ``fsdp``: ``fully_shard`` on each decoder block and each vision encoder block,
+  then on the micro-batch-loss module as the root (embeddings, norms, connector,
+  heads), with a ``MixedPrecisionPolicy`` that
+  computes in the stage's precision and reduces gradients in fp32. The optimizer
+  must be built right after wrapping (an optimizer built after a ``no_grad``
+  forward would hold unsharded parameters and not train).
+
+The global batch does not depend on the world size: the stage's data stream is
+one global sequence of micro-batches, a step is ``grad_accum`` consecutive ones,
+and rank r takes those of index ≡ r (mod W) (``grad_accum`` must be a multiple of
+W). Each micro-batch's loss is weighted by its supervised tokens over the step's
+global count (all-reduced) times W (DDP / FSDP average gradients over ranks), so
+the gradient equals the one-process gradient of the same global batch.
+Gradients synchronise on a step's last micro-batch only.
+
+Checkpoints of a distributed recipe hold model + optimizer as a DCP directory
+(``dcp/``, each rank writes its shards), the rest (scheduler, scaler, sampler
+position, counters) in ``state.pt`` from rank 0 and each rank's RNG state in
+``rng-<rank>.pt``. DCP reshards on load, so a checkpoint of W ranks resumes on
+any other number (one process loads it without a process group). The sampler's
+position is global, so the resumed run continues with the same global batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+MODES = ("none", "ddp", "fsdp")
+
+
+@dataclass
+class Distributed:
+    """This process's place in the job; with ``world == 1`` every collective is a no-op."""
+
+    mode: str = "none"
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def uses_dcp(self) -> bool:
+        """Checkpoints in DCP format: every run of a distributed recipe, whatever its world size."""
+        return self.mode != "none"
+
+    def barrier(self) -> None:
+        if self.active:
+            tdist.barrier()
+
+    def all_reduce(self, values, op: str = "sum") -> list[float]:
+        """Element-wise sum (or max) over ranks of a list of floats, in float64."""
+        if not self.active:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.comm_device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
+        return t.tolist()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @property
+    def comm_device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+    def check_stage(self, stage) -> None:
+        if self.active and stage.grad_accum % self.world:
+            raise ValueError(f"stages.{stage.name}.grad_accum: {stage.grad_accum} micro-batches per step cannot be "
+                             f"split over {self.world} ranks; use a multiple of the world size (the global batch "
+                             f"is batch_size x grad_accum, whatever the number of processes)")
+        if self.uses_dcp and stage.type == "instruct" and stage.finetune == "qlora":
+            # DCP state dicts lack bitsandbytes' NF4 quantisation state (absmax, ...); a resumable
+            # QLoRA checkpoint needs adapters + trainable parts with the base re-quantised from its
+            # source, which is not built yet.
+            raise ValueError(f"stages.{stage.name}.finetune: 'qlora' is not supported with run.distributed = "
+                             f"{self.mode!r} yet (its DCP checkpoints would lose the NF4 quantisation state); "
+                             "use finetune = 'lora', or run.distributed = 'none'")
+        if self.mode == "fsdp" and stage.precision == "fp16":
+            raise ValueError(f"stages.{stage.name}.precision: 'fp16' (a loss scaler per shard) is not supported "
+                             "with run.distributed = 'fsdp'; use 'bf16' or 'fp32'")
+
+    def wrap(self, model: nn.Module, forward: nn.Module, precision: str) -> nn.Module:
+        """What the training step calls: `forward` (a module holding `model`) wrapped for the mode."""
+        if not self.active:
+            return forward
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.local_rank] if torch.cuda.is_available() and tdist.get_backend() == "nccl" else None
+            return DistributedDataParallel(forward, device_ids=ids, find_unused_parameters=True)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from fastvlm.train.precision import DTYPES
+
+        mesh = init_device_mesh(self.comm_device.type, (self.world,))
+        compute = None if precision == "fp32" else DTYPES[precision]
+        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        for part in fsdp_units(model):
+            fully_shard(part, mesh=mesh, mp_policy=policy)
+        fully_shard(forward, mesh=mesh, mp_policy=policy)
+        self.root = forward
+        return forward
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """The root unit's parameters gathered (evaluation calls the model outside the wrapper)."""
+        root = getattr(self, "root", None)
+        if root is None or not self.active:
+            yield
+            return
+        root.unshard()
+        try:
+            yield
+        finally:
+            root.reshard()
+
+    def sync_context(self, wrapped: nn.Module, sync: bool):
+        """Gradient synchronisation on (a step's last micro-batch) or off (the others)."""
+        if not self.active or sync:
+            if self.mode == "fsdp" and self.active:
+                wrapped.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.mode == "ddp":
+            return wrapped.no_sync()
+        wrapped.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """Modules sharded as units of their own: every decoder and vision encoder block. The
+    rest (embeddings, norms, connector, heads) is the root's unit, gathered for the whole
+    micro-batch: stage code reaches into parts (the contrastive stage embeds text without the
+    LLM's forward), which only works for parameters gathered by an enclosing forward. Blocks,
+    not the tower, also because a wrapped transformers tower breaks its hidden-state capture
+    (it looks modules up by class name)."""
+    return list(model.language_model.model.layers) + list(model.vision_tower.blocks)
+
+
+def init(mode: str, device_name: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun job described by the environment (or none); (dist, this rank's device)."""
+    from fastvlm.train.trainer import pick_device
+
+    if mode not in MODES:
+        raise ValueError(f"run.distributed: expected one of {', '.join(MODES)}, got {mode!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and mode == "none":
+        raise ValueError(f"run.distributed: 'none', but torchrun started {world} processes; set "
+                         "run.distributed = 'ddp' or 'fsdp' (e.g. --set run.distributed=ddp)")
+    dist = Distributed(mode, int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(device_name)
+    if not dist.active:
+        return dist, device
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist, device
+
+
+def finish(dist: Distributed) -> None:
+    """Leave the process group after a finished run (every rank passed the last barrier)."""
+    if dist.active and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+# ---- DCP checkpoints -----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _one_process_ok():
+    # DCP warns when no process group exists; one process reading / writing is intended here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        yield
+
+
+def save_state(path: Path, model: nn.Module, optimizer) -> None:
+    """Model + optimizer of every rank into the DCP directory `path` (each rank its shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _one_process_ok():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+
+def load_state(path: Path, model: nn.Module, optimizer) -> None:
+    """Model + optimizer from a DCP directory of any world size, resharded to this one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The whole (unsharded) state dict on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def load_model_from_dcp(path: Path, model: nn.Module) -> None:
+    """Only the weights of a DCP checkpoint, into an unsharded model (inference, export)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])

@@ -1,0 +1,133 @@
+"""torchrun DDP / FSDP2 training on CPU (gloo, 2 processes): the same losses as one process
+on the same global batch, gradient accumulation without synchronising, resume across world
+sizes after a SIGKILL, frozen weights identical on every rank, rank 0 alone writing.
+
+Bounds: a 2-rank run adds the ranks' fp32 gradients in another order than one process
+does; so do two one-process runs of one global batch split differently (2 micro-batches
+of 2 rows vs 1 of 4). Their measured difference, with a floor of a few fp32 roundings of
+the loss per step taken, bounds the 2-rank difference."""
+import math
+
+import pytest
+import torch
+
+from fastvlm.train.distributed import Distributed
+from fastvlm.train.dryrun import dry_run, per_process
+from fastvlm.train.recipe import parse_recipe, to_toml
+
+from .dist_launch import losses, rank_reports, run, run_until_checkpoints
+from .train_recipes import tiny_raw
+
+STEPS = 3
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def recipe_raw(mode: str, batch_size: int = 2, grad_accum: int = 2) -> dict:
+    """align (frozen encoder, its feature cache) then instruct with LoRA: global batch 4 rows."""
+    raw = tiny_raw(steps=STEPS, checkpoint_every=1)
+    raw["run"].update(evaluate=False, distributed=mode)
+    raw["stages"] = [s for s in raw["stages"] if s["type"] in ("align", "instruct")]
+    for s in raw["stages"]:
+        s.update(batch_size=batch_size, grad_accum=grad_accum)
+    return raw
+
+
+def write(path, mode: str, **kw):
+    path.write_text(to_toml(parse_recipe(recipe_raw(mode, **kw))))
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("recipes")
+    return {"ddp": write(d / "ddp.toml", "ddp"), "fsdp": write(d / "fsdp.toml", "fsdp"),
+            "single": write(d / "single.toml", "ddp", batch_size=4, grad_accum=1),
+            "accum": write(d / "accum.toml", "ddp", batch_size=1, grad_accum=4)}
+
+
+@pytest.fixture(scope="module")
+def reference(recipes, tmp_path_factory):
+    """One process: the 2 x 2-row run (resume reference), the 1 x 4-row run, and the bound."""
+    runs = {}
+    for name in ("ddp", "single"):
+        out = tmp_path_factory.mktemp(f"ref-{name}")
+        run(recipes[name], out, 1)
+        runs[name] = losses(out)
+    a, b = runs["ddp"], runs["single"]
+    assert len(a) == 2 * STEPS and set(a) == set(b) and all(math.isfinite(v) for v in a.values())
+    orderings = max(abs(a[k] - b[k]) for k in a)
+    bound = {k: 4 * orderings + 8 * (i + 1) * EPS32 * abs(a[k]) for i, k in enumerate(sorted(a))}
+    return {"losses": a, "unaccumulated": b, "bound": bound, "out": out}
+
+
+def assert_close(found: dict, expected: dict, bound: dict) -> None:
+    assert set(found) == set(expected), (sorted(found), sorted(expected))
+    for k in sorted(expected):
+        assert abs(found[k] - expected[k]) <= bound[k], (k, found[k], expected[k], bound[k])
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(mode, recipes, reference, tmp_path):
+    out = tmp_path / "run"
+    res = run(recipes[mode], out, 2, worker=True)
+    assert_close(losses(out), reference["losses"], reference["bound"])
+    r0, r1 = rank_reports(out)
+    assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
+    assert r0["final"] == r1["final"], "the ranks ended with different weights"
+    tower = [k for k in r0["final"] if k.startswith("vision_tower.")]
+    assert tower and all(r0["final"][k] == r0["initial"][k] for k in tower), "a frozen weight moved"
+    # Trap 1 (an FSDP2 optimizer holding unsharded parameters trains nothing): these moved.
+    connector = [k for k in r0["final"] if k.startswith("multi_modal_projector.")]
+    assert connector and all(r0["final"][k] != r0["initial"][k] for k in connector)
+    # Rank 0 alone logs and writes: one line per stage summary, one state.pt per checkpoint.
+    assert res.stdout.count("stage instruct (instruct):") == 1
+    for c in (out / "checkpoints").iterdir():
+        names = {p.name for p in c.iterdir()}
+        assert {"state.pt", "meta.json", "rng-0.pt", "rng-1.pt", "dcp"} <= names and "model.safetensors" not in names
+    assert len(list((out / "feature_cache" / "shards").iterdir())) > 0
+
+
+def test_ddp_accumulation_matches_one_micro_batch(recipes, reference, tmp_path):
+    """Each rank accumulates 2 one-row micro-batches (no all-reduce on the first) of a 4-row
+    global batch; one process takes the 4 rows in one micro-batch."""
+    out = tmp_path / "run"
+    run(recipes["accum"], out, 2)
+    assert_close(losses(out), reference["unaccumulated"], reference["bound"])
+
+
+@pytest.mark.parametrize("mode,first,then", [("ddp", 2, 1), ("fsdp", 1, 2)])
+def test_sigkill_then_resume_on_another_world_size(mode, first, then, recipes, reference, tmp_path):
+    out = tmp_path / "run"
+    run_until_checkpoints(recipes[mode], out, first, count=2 + STEPS // 2)
+    res = run(recipes[mode], out, then, "--resume")
+    assert "resuming from" in res.stdout
+    assert_close(losses(out), reference["losses"], reference["bound"])
+
+
+def test_grad_accum_must_split_over_ranks():
+    stage = parse_recipe(recipe_raw("ddp", grad_accum=3)).stages[0]
+    with pytest.raises(ValueError, match=r"stages\.align\.grad_accum: 3 micro-batches .* 2 ranks"):
+        Distributed("ddp", 0, 2).check_stage(stage)
+    Distributed("ddp", 0, 3).check_stage(stage)
+
+
+def test_qlora_is_refused_under_dcp_checkpoints():
+    raw = recipe_raw("fsdp")
+    raw["stages"][1].update(finetune="qlora", precision="bf16")
+    with pytest.raises(ValueError, match=r"stages\.instruct\.finetune: 'qlora' is not supported"):
+        Distributed("fsdp", 0, 1).check_stage(parse_recipe(raw).stages[1])
+
+
+def test_unknown_mode_names_the_key():
+    with pytest.raises(ValueError, match=r"run\.distributed: expected one of none, ddp, fsdp"):
+        parse_recipe(recipe_raw("zero3"))
+
+
+def test_dry_run_shards_states_under_fsdp_only():
+    mem = {"weights": 4000, "gradients": 800, "optimizer": 1600, "activations": 300}
+    assert per_process(mem, "ddp", 4, 50) == {**mem, "ddp_buckets": 800}
+    assert per_process(mem, "fsdp", 4, 50) == {"weights": 1000, "gradients": 200, "optimizer": 400,
+                                                "gathered": 50, "activations": 300}
+    assert per_process(mem, "fsdp", 1, 50) == mem
+    text = dry_run(parse_recipe(recipe_raw("fsdp")), world_size=4)
+    assert "run.distributed = 'fsdp' on 4 processes: memory per process" in text and "gathered" in text
