@@ -22,16 +22,12 @@ ratios to the baseline of the same base, all from the same run.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 from bench_train import LLM_TARGETS, build_hf, make_samples, packed_batch, padded_batches, write_checkpoint
 
-from common import environment, markdown_table, median_time, peak_memory, print_header, run_isolated, save_results
+from common import markdown_table, median_time, peak_memory, results_path, run_training_benchmark, save_results
 
 VARIANTS = ("hf", "hf+patch", "hf+patch packed")
 # transformers 5.23 matches skip patterns from the module path's start (or as a suffix)
@@ -123,48 +119,13 @@ def one_case(shape, variant, path, device, repeats, budget, hf_batch, r, seed):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CPU, small shapes")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (the test)")
-    p.add_argument("--device", default=None, help="default: cuda if available (7B shapes), else cpu (--quick)")
-    p.add_argument("--qlora", action="store_true", help="also the NF4 variants (bitsandbytes)")
-    p.add_argument("--budget", type=int, default=None, help="packed row length (default 2048)")
-    p.add_argument("--hf-batch", type=int, default=4, help="samples per padded micro-batch")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="JSON path or folder (default benchmarks/results/)")
-    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one variant in a fresh process
-    args = p.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() and not (args.quick or args.smoke) else "cpu")
-    shape = "smoke" if args.smoke else "quick" if (args.quick or device == "cpu") else "7b"
-    budget = args.budget or (256 if shape == "smoke" else 2048)
-    repeats = args.repeats or (1 if shape == "smoke" else 3)
-    if args.case:
-        case = json.loads(args.case)
-        print(json.dumps(one_case(shape, case["variant"], case["path"], device, repeats, budget, args.hf_batch,
-                                  args.rank, args.seed)))
+    args, settings, env, rows = run_training_benchmark(
+        argv, __doc__, "bench_hf", __file__,
+        lambda qlora: VARIANTS + (tuple(f"{v} qlora" for v in VARIANTS) if qlora else ()),
+        one_case, write_checkpoint, lambda v: "hf qlora" if v.endswith("qlora") else "hf")
+    if rows is None:
         return
-
-    env = environment(device)
-    print_header(f"bench_hf ({shape} shapes, LoRA r {args.rank})", env)
-    variants = VARIANTS + (tuple(f"{v} qlora" for v in VARIANTS) if args.qlora else ())
-    flags = ["--smoke"] if args.smoke else ["--quick"] if shape == "quick" else []
-    with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(shape, Path(tmp), args.seed)
-        rows = []
-        for v in variants:
-            case = json.dumps({"variant": v, "path": tmp})
-            rows.append(run_isolated(__file__, [*flags, "--device", device, "--budget", str(budget), "--hf-batch",
-                                                str(args.hf_batch), "--rank", str(args.rank), "--repeats",
-                                                str(repeats), "--seed", str(args.seed), "--case", case]))
-            print(f"  {v}: {rows[-1]['seconds']:.2f} s/step, {rows[-1]['peak_bytes'] / 2**30:.2f} GiB", flush=True)
-    by = {r["variant"]: r for r in rows}
-    for r in rows:
-        base = by["hf qlora" if r["variant"].endswith("qlora") else "hf"]
-        r["speedup"] = base["seconds"] / r["seconds"]
-        r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
-        r["loss_gap"] = abs(r["loss"] - base["loss"]) / abs(base["loss"])
+    device, shape, budget = settings["device"], settings["shape"], settings["budget"]
     table = markdown_table(
         ["variant", "s/step", "tokens/s", "row tokens", "step peak GiB", "tokens/s ratio", "memory ratio", "loss",
          "loss gap"],
@@ -179,10 +140,7 @@ def main(argv=None):
     print(table + "\n\n" + note)
     if args.smoke and args.out is None:
         return
-    out = args.out
-    if out is not None and out.suffix != ".json":
-        tag = env["device"].split("(")[0].strip().replace(" ", "_")
-        out = out / f"bench_hf_{shape}_{tag}_{env['date'][:10]}.json"
+    out = results_path(args.out, f"bench_hf_{shape}", env)
     headline = [[f"{r['variant']} ({shape}): tokens/s, memory vs unpatched",
                  f"{r['speedup']:.2f}x, {r['memory_ratio']:.2f}x", r["speedup"]]
                 for r in rows if "patch" in r["variant"]]

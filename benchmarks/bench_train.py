@@ -23,16 +23,13 @@ agree: same weights, same tokens), and ratios to the baseline.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from common import environment, markdown_table, median_time, peak_memory, print_header, run_isolated, save_results
+from common import markdown_table, median_time, peak_memory, results_path, run_training_benchmark, save_results
 
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # name -> (vision config kwargs, text config kwargs, samples, answer length range)
@@ -257,48 +254,13 @@ def one_case(shape, variant, path, device, repeats, budget, hf_batch, r, seed):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CPU, small shapes")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (the test)")
-    p.add_argument("--device", default=None, help="default: cuda if available (7B shapes), else cpu (--quick)")
-    p.add_argument("--qlora", action="store_true", help="also the NF4 variants (bitsandbytes)")
-    p.add_argument("--budget", type=int, default=None, help="fastvlm's packed row length (default 2048)")
-    p.add_argument("--hf-batch", type=int, default=4, help="samples per padded micro-batch of the baseline")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="JSON path or folder (default benchmarks/results/)")
-    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one variant in a fresh process
-    args = p.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() and not (args.quick or args.smoke) else "cpu")
-    shape = "smoke" if args.smoke else "quick" if (args.quick or device == "cpu") else "7b"
-    budget = args.budget or (256 if shape == "smoke" else 2048)
-    repeats = args.repeats or (1 if shape == "smoke" else 3)
-    if args.case:
-        case = json.loads(args.case)
-        print(json.dumps(one_case(shape, case["variant"], case["path"], device, repeats, budget, args.hf_batch,
-                                  args.rank, args.seed)))
+    args, settings, env, rows = run_training_benchmark(
+        argv, __doc__, "bench_train", __file__,
+        lambda qlora: VARIANTS + (QLORA_VARIANTS if qlora else ()),
+        one_case, write_checkpoint, lambda v: "hf+peft qlora" if v.endswith("qlora") else "hf+peft")
+    if rows is None:
         return
-
-    env = environment(device)
-    print_header(f"bench_train ({shape} shapes, LoRA r {args.rank})", env)
-    variants = VARIANTS + (QLORA_VARIANTS if args.qlora else ())
-    with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(shape, Path(tmp), args.seed)
-        rows = []
-        for v in variants:
-            case = json.dumps({"variant": v, "path": tmp})
-            flags = ["--smoke"] if args.smoke else ["--quick"] if shape == "quick" else []
-            rows.append(run_isolated(__file__, [*flags, "--device", device, "--budget", str(budget), "--hf-batch",
-                                                str(args.hf_batch), "--rank", str(args.rank), "--repeats",
-                                                str(repeats), "--seed", str(args.seed), "--case", case]))
-            print(f"  {v}: {rows[-1]['seconds']:.2f} s/step, {rows[-1]['peak_bytes'] / 2**30:.2f} GiB", flush=True)
-    by = {r["variant"]: r for r in rows}
-    for r in rows:
-        base = by["hf+peft qlora" if r["variant"].endswith("qlora") else "hf+peft"]
-        r["speedup"] = base["seconds"] / r["seconds"]
-        r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
-        r["loss_gap"] = abs(r["loss"] - base["loss"]) / abs(base["loss"])
+    device, shape, budget = settings["device"], settings["shape"], settings["budget"]
     table = markdown_table(
         ["variant", "s/step", "tokens/s", "supervised tok/s", "row tokens", "step peak GiB", "process RSS GiB",
          "speedup", "memory", "loss", "loss gap"],
@@ -309,17 +271,15 @@ def main(argv=None):
           f"{r['loss']:.4f}", f"{r['loss_gap']:.1e}"] for r in rows])
     note = (f"{len(make_samples(shape, args.seed)[0])} samples, {rows[0]['tokens']} real tokens "
             f"({rows[0]['supervised_tokens']} supervised); baseline micro-batches of {args.hf_batch} padded, "
-            f"fastvlm rows of {budget}; step peak = what one training step adds at its peak over the loaded "
+            f"fastvlm rows of {budget} (row tokens; its training forward drops their padding and runs the real "
+            f"tokens only); step peak = what one training step adds at its peak over the loaded "
             "model (" + ("CUDA allocator)" if device == "cuda" else
                          "RSS high-water growth in a fresh process per variant); process RSS = that process's "
                          "whole peak, imports and weights included"))
     print(table + "\n\n" + note)
     if args.smoke and args.out is None:
         return
-    out = args.out
-    if out is not None and out.suffix != ".json":
-        tag = env["device"].split("(")[0].strip().replace(" ", "_")
-        out = out / f"bench_train_{shape}_{tag}_{env['date'][:10]}.json"
+    out = results_path(args.out, f"bench_train_{shape}", env)
     save_results(f"bench_train_{shape}", env, {"env": env, "args": vars(args) | {"out": str(args.out)},
                                               "rows": rows, "note": note}, table + "\n\n" + note, out)
 

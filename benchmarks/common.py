@@ -1,12 +1,14 @@
 """Shared benchmark plumbing: environment header, timing, result files."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -98,3 +100,87 @@ def run_isolated(script: str, args: list[str]) -> dict:
     if out.returncode:
         raise RuntimeError(f"{Path(script).name} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- the command line of the end-to-end training-step benchmarks (bench_train, bench_hf) ----
+def training_step_parser(description: str) -> argparse.ArgumentParser:
+    """The options bench_train and bench_hf share: shapes, device, variants, batches, LoRA rank."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU, small shapes")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (the test)")
+    p.add_argument("--device", default=None, help="default: cuda if available (7B shapes), else cpu (--quick)")
+    p.add_argument("--qlora", action="store_true", help="also the NF4 variants (bitsandbytes)")
+    p.add_argument("--budget", type=int, default=None, help="packed row length (default 2048)")
+    p.add_argument("--hf-batch", type=int, default=4, help="samples per padded micro-batch of the baseline")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="JSON path or folder (default benchmarks/results/)")
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one variant in a fresh process
+    return p
+
+
+def training_step_settings(args) -> dict:
+    """device, shape (smoke / quick / 7b), budget and repeats the options resolve to."""
+    device = args.device or ("cuda" if torch.cuda.is_available() and not (args.quick or args.smoke) else "cpu")
+    shape = "smoke" if args.smoke else "quick" if (args.quick or device == "cpu") else "7b"
+    return {"device": device, "shape": shape, "budget": args.budget or (256 if shape == "smoke" else 2048),
+            "repeats": args.repeats or (1 if shape == "smoke" else 3)}
+
+
+def run_training_cases(script: str, args, settings: dict, variants, one_case, write_checkpoint) -> list[dict] | None:
+    """With --case (the child process): run that one variant with `one_case` and print its JSON;
+    returns None. Otherwise write a random-weight checkpoint of the shape and run every variant
+    in a fresh process of `script` (CPU peak memory is then its own); returns their rows."""
+    s = settings
+    common_args = (s["shape"], s["device"], s["repeats"], s["budget"], args.hf_batch, args.rank, args.seed)
+    if args.case:
+        case = json.loads(args.case)
+        shape, device, repeats, budget, *rest = common_args
+        print(json.dumps(one_case(shape, case["variant"], case["path"], device, repeats, budget, *rest)))
+        return None
+    flags = ["--smoke"] if args.smoke else ["--quick"] if s["shape"] == "quick" else []
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(s["shape"], Path(tmp), args.seed)
+        for v in variants:
+            case = json.dumps({"variant": v, "path": tmp})
+            rows.append(run_isolated(script, [*flags, "--device", s["device"], "--budget", str(s["budget"]),
+                                              "--hf-batch", str(args.hf_batch), "--rank", str(args.rank),
+                                              "--repeats", str(s["repeats"]), "--seed", str(args.seed),
+                                              "--case", case]))
+            print(f"  {v}: {rows[-1]['seconds']:.2f} s/step, {rows[-1]['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+    return rows
+
+
+def run_training_benchmark(argv, doc: str, name: str, script: str, variants, one_case, write_checkpoint,
+                           baseline_of):
+    """The shared main of bench_train and bench_hf: (args, settings, env, rows with their ratios);
+    rows is None in a --case child, which has printed its result. `variants(qlora)` lists them."""
+    args = training_step_parser(doc).parse_args(argv)
+    settings = training_step_settings(args)
+    env = None if args.case else environment(settings["device"])
+    if env is not None:
+        print_header(f"{name} ({settings['shape']} shapes, LoRA r {args.rank})", env)
+    rows = run_training_cases(script, args, settings, variants(args.qlora), one_case, write_checkpoint)
+    if rows is not None:
+        add_ratios(rows, baseline_of)
+    return args, settings, env, rows
+
+
+def add_ratios(rows: list[dict], baseline_of) -> None:
+    """speedup, memory_ratio and loss_gap of every row against the row `baseline_of(variant)` names."""
+    by = {r["variant"]: r for r in rows}
+    for r in rows:
+        base = by[baseline_of(r["variant"])]
+        r["speedup"] = base["seconds"] / r["seconds"]
+        r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
+        r["loss_gap"] = abs(r["loss"] - base["loss"]) / abs(base["loss"])
+
+
+def results_path(out: Path | None, name: str, env: dict) -> Path | None:
+    """--out as given when it is a .json path; a folder gets <name>_<device>_<date>.json; None: the default."""
+    if out is None or out.suffix == ".json":
+        return out
+    tag = env["device"].split("(")[0].strip().replace(" ", "_")
+    return out / f"{name}_{tag}_{env['date'][:10]}.json"

@@ -1,4 +1,4 @@
-"""`fastvlm` command line: `fastvlm info | demo | train | eval | export`."""
+"""`fastvlm` command line: `fastvlm info | demo | train | eval | export | bench`."""
 from __future__ import annotations
 
 import argparse
@@ -204,6 +204,44 @@ def _leave(code: int) -> int:
     os._exit(code)
 
 
+def benchmarks_dir():
+    """benchmarks/ of a source checkout: beside the package directory (the scripts are not
+    part of the installed package; an editable install runs them from the checkout)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def cli_bench(args) -> int:
+    """`fastvlm bench all`: benchmarks/run_all.py in a child process, options passed through."""
+    import subprocess
+
+    script = benchmarks_dir() / "run_all.py"
+    if not script.is_file():
+        print(f"fastvlm bench: no benchmark scripts at {script.parent} (they ship with the source, not with "
+              "the installed package): clone the fastvlm repository and run `fastvlm bench all` from an "
+              "editable install of it (pip install -e .), or `python benchmarks/run_all.py` there", file=sys.stderr)
+        return 2
+    flags = ["--quick"] if args.quick else ["--smoke"] if args.smoke else []
+    if args.only:
+        flags += ["--only", *args.only]
+    if args.out:
+        flags += ["--out", args.out]
+    if args.timeout is not None:
+        flags += ["--timeout", str(args.timeout)]
+    return subprocess.run([sys.executable, str(script), *flags]).returncode
+
+
+def _add_bench_args(parser) -> None:
+    parser.add_argument("suite", choices=["all"], help="all: every benchmark (benchmarks/run_all.py)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="CPU, small sizes (minutes)")
+    mode.add_argument("--smoke", action="store_true", help="seconds per benchmark")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="a subset of the benchmarks (run_all's names)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>-<date>)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per benchmark")
+
+
 def _delegate(module: str, function: str):
     """T2's eval / export commands live in their modules; import them only when called."""
     import importlib
@@ -230,6 +268,7 @@ def main(argv=None) -> int:
     _add_train_args(train)
     evaluation = sub.add_parser("eval", help="VQA accuracy per question type of a run or checkpoint")
     export = sub.add_parser("export", help="export a run as a Hugging Face LLaVA, PEFT or fastvlm directory")
+    _add_bench_args(sub.add_parser("bench", help="run the benchmark suite (source checkout: benchmarks/run_all.py)"))
     for module, add, parser_ in (("evaluation", "add_eval_args", evaluation), ("export", "add_export_args", export)):
         try:
             _delegate(f"fastvlm.train.{module}", add)(parser_)
@@ -257,6 +296,8 @@ def main(argv=None) -> int:
         except ValueError as err:  # a bad recipe, path or run directory: the message names it
             print(f"fastvlm train: {err}", file=sys.stderr)
             return 2
+    elif args.command == "bench":
+        return cli_bench(args)
     elif getattr(args, "missing", None):
         raise SystemExit(f"fastvlm {args.command}: unavailable ({args.missing})")
     elif args.command == "eval":

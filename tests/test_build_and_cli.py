@@ -67,3 +67,40 @@ def test_bench_mask_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["kind"] for r in rows} == {"causal", "prefix_lm", "image_bidirectional", "mmca"}
     assert all(r["flex_s"] > 0 and r["reference_s"] > 0 for r in rows)
+
+
+def test_bench_all_passes_its_options_to_run_all(monkeypatch):
+    """`fastvlm bench all` runs the checkout's benchmarks/run_all.py with this Python and the
+    options as run_all spells them (the run itself: test_run_all's smoke run, and the one below)."""
+    from fastvlm import cli
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 3))
+    assert cli.benchmarks_dir() == ROOT / "benchmarks"
+    assert cli.main(["bench", "all", "--quick", "--only", "memory", "vlm", "--out", "res", "--timeout", "60"]) == 3
+    assert cli.main(["bench", "all"]) == 3
+    script = str(ROOT / "benchmarks" / "run_all.py")
+    assert calls == [[sys.executable, script, "--quick", "--only", "memory", "vlm", "--out", "res", "--timeout",
+                      "60.0"], [sys.executable, script]]
+    for bad in (["bench"], ["bench", "some"], ["bench", "all", "--quick", "--smoke"]):
+        try:
+            cli.main(bad)
+        except SystemExit as stop:
+            assert stop.code == 2, bad
+        else:
+            raise AssertionError(f"{bad}: accepted")
+
+
+def test_bench_without_the_benchmark_scripts_says_where_they_are(monkeypatch, tmp_path, capsys):
+    from fastvlm import cli
+
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: tmp_path / "benchmarks")  # a pip install: no checkout
+    assert cli.main(["bench", "all", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "benchmarks") in err and "ship with the source" in err and "run_all.py" in err
+
+
+def test_bench_all_smoke_runs_through_the_cli(tmp_path):
+    res = _run("-m", "fastvlm", "bench", "all", "--smoke", "--only", "memory", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "| memory | passed |" in (tmp_path / "summary.md").read_text()

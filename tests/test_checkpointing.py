@@ -182,3 +182,37 @@ def test_selective_keeps_fused_attention_outputs_including_fastvlms_own_op():
     policy(ctx, torch.ops.fastvlm.mm_attention_fwd.default)
     assert policy(ctx, torch.ops.aten.mm.default, x, w_in) == OpPolicy.MUST_SAVE
     assert policy(ctx, torch.ops.aten.mm.default, torch.empty(4, 256), w_down) == OpPolicy.PREFER_RECOMPUTE
+
+
+def test_selective_keeps_every_fastvlm_attention_and_lora_op():
+    """Every custom forward op the attention and LoRA backends register is seen whole by the
+    checkpoint: an unlisted one is silently recomputed, with everything after it (the CPU
+    attention op was, so `selective` on CPU recomputed attention, o_proj, gate_proj, up_proj)."""
+    import types
+
+    from torch.utils.checkpoint import CheckpointPolicy as OpPolicy
+
+    import fastvlm.ops.attention  # noqa: F401  (registers torch.ops.fastvlm.*)
+    import fastvlm.ops.lora_linear  # noqa: F401
+    from fastvlm.nn.checkpointing import _selective_policy
+    from fastvlm.ops.backend import REGISTRY
+
+    def forward_ops(op_name):
+        names = [n for ops in REGISTRY[op_name].custom_ops.values() for n in ops if n.endswith("_fwd")]
+        return [getattr(torch.ops.fastvlm, n.split("::")[1]).default for n in names]
+
+    ctx = types.SimpleNamespace(is_recompute=False)
+    attention_ops = forward_ops("multimodal_attention")
+    assert len(attention_ops) >= 2
+    for op in attention_ops:
+        assert _selective_policy(64)(ctx, op) == OpPolicy.MUST_SAVE, op
+    lora_ops = forward_ops("lora_linear")
+    assert len(lora_ops) >= 2
+    x, w_in, w_up, w_down = torch.empty(4, 64), torch.empty(64, 64), torch.empty(256, 64), torch.empty(64, 256)
+    for op in lora_ops:
+        policy = _selective_policy(64)
+        assert policy(ctx, op, x, w_in) == OpPolicy.PREFER_RECOMPUTE, op  # q/k/v: before attention
+        policy(ctx, attention_ops[0])
+        assert policy(ctx, op, x, w_in) == OpPolicy.MUST_SAVE, op       # o_proj
+        assert policy(ctx, op, x, w_up) == OpPolicy.MUST_SAVE, op       # gate / up
+        assert policy(ctx, op, torch.empty(4, 256), w_down) == OpPolicy.PREFER_RECOMPUTE, op  # down: narrows

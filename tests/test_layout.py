@@ -295,3 +295,27 @@ def _seg(n=6):
 def test_bad_input_names_the_argument(make, arg):
     with pytest.raises(ValueError, match=f"^{arg}"):
         make()
+
+
+@pytest.mark.parametrize("kind,split", all_kinds())
+@pytest.mark.parametrize("window", [None, 5])
+def test_unpadded_keeps_every_mask_and_position(kind, split, window, seed):
+    """The live tokens of all rows as one row: each token allows exactly the keys it did (the
+    split branches too), no token sees another row's, and RoPE positions are unchanged."""
+    from fastvlm.models.llm import positions_of
+
+    rng = random.Random(seed)
+    base = random_layout(rng, 3, 57, kind, split)
+    layout = AttentionLayout(base.segment_ids, base.image_ids, base.prefix_mask, kind, split_softmax=split,
+                             window=window)
+    flat, index = layout.unpadded()
+    live = (layout.segment_ids >= 0).flatten()
+    assert torch.equal(index, live.nonzero().squeeze(1)) and flat.shape == (1, int(live.sum()))
+    row = index // layout.seq_len
+    same_row = row[:, None] == row[None, :]
+    masks = layout.dense_split() if split else (layout.dense(),)
+    got = flat.dense_split() if split else (flat.dense(),)
+    for want, mask in zip(masks, got):
+        per_row = want[row[:, None], (index % layout.seq_len)[:, None], (index % layout.seq_len)[None, :]]
+        assert torch.equal(mask[0], per_row & same_row)
+    assert torch.equal(positions_of(flat)[0], positions_of(layout).flatten()[index])

@@ -176,3 +176,36 @@ def test_checkpointing_policies_keep_gradients(policy, seed):
     model.set_checkpointing(policy)(ids, segment_ids=seg, labels=ids).backward()
     for n, p in model.named_parameters():  # recomputation repeats the same ops on the same values
         assert torch.equal(p.grad, want[n]), n
+
+
+def _loss_from_logits(model, ids, seg, labels):
+    """The loss as the logits path gives it: every position of every row runs, padding too."""
+    from fastvlm.models.llm import shift_labels
+
+    logits = model(ids, segment_ids=seg)[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), shift_labels(labels, seg).flatten())
+
+
+@pytest.mark.parametrize("kind", ["causal", "image_bidirectional"])
+def test_loss_skips_padding_and_matches_the_full_rows(kind, seed):
+    """With labels, padding is dropped and the rows run as one packed row: the loss and every
+    gradient are those of running the padded rows in full."""
+    model = LLM(LLMConfig.from_dict(dict(TINY, num_hidden_layers=2, attention_kind=kind)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model64 = copy.deepcopy(model).double()
+    ids = torch.randint(0, 97, (3, 23))
+    seg = torch.tensor([[0] * 9 + [1] * 8 + [-1] * 6, [0] * 23, [-1] * 2 + [0] * 5 + [-1] * 16], dtype=torch.int32)
+    labels = torch.where(torch.rand(3, 23) < 0.3, -100, ids)
+    runs = []
+    for m, loss_fn in ((model, lambda m: m(ids, segment_ids=seg, labels=labels)),
+                       (model, lambda m: _loss_from_logits(m, ids, seg, labels)),
+                       (model64, lambda m: _loss_from_logits(m, ids, seg, labels))):
+        m.zero_grad(set_to_none=True)
+        loss = loss_fn(m)
+        loss.backward()
+        runs.append([loss.detach()] + [p.grad.clone() for p in m.parameters()])
+    names = ["loss"] + [n for n, _ in model.named_parameters()]
+    for name, got, base, want in zip(names, *runs):
+        assert_close(got, want, base, name=name)

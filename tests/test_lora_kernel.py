@@ -149,17 +149,27 @@ def check_autograd(x, w, bb, a, b, scaling, backend):
     assert y.dtype == dtype
 
 
+@pytest.mark.parametrize("path", ["triton", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_autograd_matches_float64(dtype, seed):
+def test_autograd_matches_float64(dtype, path, seed):
     x, w, bb, a, b = make(2 * 21, 40, 36, 6, dtype)
-    check_autograd(x.reshape(2, 21, 36), w, bb, a, b, 1.5, "triton")
+    check_autograd(x.reshape(2, 21, 36), w, bb, a, b, 1.5, path)
 
 
-def test_autocast_computes_in_autocast_dtype(seed):
+def test_cpu_path_without_bias_and_past_the_kernel_rank(seed):
+    """The CPU path has no tile limits: no bias and a rank above MAX_FUSED_RANK."""
+    x, w, _, _, _ = make(2 * 9, 12, 10, 1, torch.float32)
+    r = MAX_FUSED_RANK + 3
+    a, b = torch.randn(r, 10) / 10 ** 0.5, torch.randn(12, r) / r ** 0.5
+    check_autograd(x.reshape(2, 9, 10), w, None, a, b, 0.5, "cpu")
+
+
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+def test_autocast_computes_in_autocast_dtype(path, seed):
     x, w, bb, a, b = make(19, 24, 40, 4, torch.float32)
     a.requires_grad_()
     with torch.autocast("cpu", dtype=torch.float16):
-        got = lora_linear(x, w, bb, a, b, 2.0, backend="triton")
+        got = lora_linear(x, w, bb, a, b, 2.0, backend=path)
         want = lora_linear_reference(x, w, bb, a, b, 2.0)
     assert got.dtype == want.dtype == torch.float16
     ref64 = reference64(*(t.half() for t in (x, w)), bb.half(), a.half(), b.half(), 2.0)  # autocast's inputs
@@ -168,12 +178,13 @@ def test_autocast_computes_in_autocast_dtype(seed):
     assert a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()
 
 
-def test_lora_linear_module_uses_fused_path(seed):
+@pytest.mark.parametrize("path", ["triton", "cpu"])
+def test_lora_linear_module_uses_fused_path(path, seed):
     """The module on the fused path vs the same module on the reference (the fp32 baseline)
     and in float64: two fp32 computations differ by their summation orders, so neither is
     the truth (comparing them at a fixed 1e-5 failed for 1 seed in 20)."""
     base = torch.nn.Linear(33, 27)
-    fused, ref = LoRALinear(base, r=4, alpha=8, backend="triton"), LoRALinear(base, r=4, alpha=8,
+    fused, ref = LoRALinear(base, r=4, alpha=8, backend=path), LoRALinear(base, r=4, alpha=8,
                                                                              backend="reference")
     ref.load_state_dict(fused.state_dict())
     torch.nn.init.normal_(fused.lora_B)
@@ -191,7 +202,7 @@ def test_lora_linear_module_uses_fused_path(seed):
 
 
 def test_dispatch(monkeypatch):
-    assert resolve_backend("lora_linear", "auto", "cpu") == "reference"
+    assert resolve_backend("lora_linear", "auto", "cpu") == "cpu"
     x, w, bb, a, b = make(4, 6, 8, 2, torch.float32)
     with pytest.raises(ValueError, match="backend:.*frozen"):
         lora_linear(x, w.requires_grad_(), bb, a, b, 1.0, backend="triton")

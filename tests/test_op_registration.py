@@ -122,14 +122,15 @@ def test_fused_linear_ops_pass_opcheck(reduce, recompute, seed):
                           test_utils=OPCHECK_UTILS)
 
 
+@pytest.mark.parametrize("path", ["lora_linear", "lora_linear_cpu"])
 @pytest.mark.parametrize("write_u", [False, True])
-def test_lora_ops_pass_opcheck(write_u, seed):
+def test_lora_ops_pass_opcheck(write_u, path, seed):
     x, w, bias = _leaf(11, 20), torch.randn(9, 20), torch.randn(9)
     a, b = _leaf(3, 20), _leaf(9, 3, grad=write_u)
-    ops = torch.ops.fastvlm
-    torch.library.opcheck(ops.lora_linear_fwd.default, (x, w, bias, a, b, 0.5, write_u), test_utils=OPCHECK_UTILS)
+    fwd, bwd = (getattr(torch.ops.fastvlm, f"{path}_{part}").default for part in ("fwd", "bwd"))
+    torch.library.opcheck(fwd, (x, w, bias, a, b, 0.5, write_u), test_utils=OPCHECK_UTILS)
     u = torch.randn(11, 3) if write_u else torch.empty(0)
-    torch.library.opcheck(ops.lora_linear_bwd.default,
+    torch.library.opcheck(bwd,
                           (torch.randn(11, 9), x.detach(), w, a.detach(), b.detach(), u, 0.5, [True, True, write_u]),
                           test_utils=OPCHECK_UTILS)
 
@@ -173,7 +174,7 @@ def test_fused_mlp_compiles_fullgraph(impl, reduce, seed):
     _compare_compiled(linear_act, impl, [x, w1, b1])
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["reference", "triton", "cpu"])
 def test_lora_linear_compiles_fullgraph(impl, seed):
     x = torch.randn(3, 5, 16, requires_grad=True)
     w, bias = torch.randn(12, 16) * 0.25, torch.randn(12)

@@ -324,6 +324,11 @@ class LLM(nn.Module):
     def hidden_states(self, input_ids=None, *, inputs_embeds=None, layout: AttentionLayout | None = None,
                       segment_ids=None, position_ids=None) -> torch.Tensor:
         """Final-norm hidden states [B, N, H]."""
+        return self._run_layers(*self._inputs(input_ids, inputs_embeds, layout, segment_ids, position_ids))
+
+    def _inputs(self, input_ids, inputs_embeds, layout, segment_ids, position_ids):
+        """(embeddings, positions, layout) of a forward, checked; the layout built from
+        segment_ids (or one segment per row) when none is given."""
         x = self._embed(input_ids, inputs_embeds)
         b, n = x.shape[:2]
         if layout is not None and segment_ids is not None:
@@ -340,7 +345,7 @@ class LLM(nn.Module):
         if position_ids is None:  # restart at every packed segment
             position_ids = positions_of(layout)
         check_positions(self.config, n, "input_ids", position_ids, layout.segment_ids >= 0)
-        return self._run_layers(x, position_ids, layout)
+        return x, position_ids, layout
 
     def _run_layers(self, x, position_ids, layout, cache: KVCache | None = None):
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
@@ -414,14 +419,24 @@ class LLM(nn.Module):
     def forward(self, input_ids=None, *, inputs_embeds=None, layout=None, segment_ids=None,
                 position_ids=None, labels=None):
         """Logits [B, N, V] without labels; with labels, the mean next-token loss
-        (label -100 is ignored; a token never predicts across a segment boundary)."""
-        h = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, layout=layout,
-                               segment_ids=segment_ids, position_ids=position_ids)
+        (label -100 is ignored; a token never predicts across a segment boundary).
+
+        With labels only the live tokens run: padding (segment -1) is dropped before the
+        first layer and the rows' samples go through as one packed row (AttentionLayout.
+        unpadded: the same mask, the same positions), so fixed-length rows cost what their
+        tokens cost, not what their length does."""
+        x, position_ids, layout = self._inputs(input_ids, inputs_embeds, layout, segment_ids, position_ids)
         if labels is None:
-            return self.lm_head(h)
-        check_labels(labels, tuple(h.shape[:2]), self.config.vocab_size)
-        seg = layout.segment_ids if layout is not None else segment_ids
-        return linear_cross_entropy(h[:, :-1], self.lm_head, shift_labels(labels, seg))
+            return self.lm_head(self._run_layers(x, position_ids, layout))
+        check_labels(labels, tuple(x.shape[:2]), self.config.vocab_size)
+        targets = F.pad(shift_labels(labels, layout.segment_ids), (0, 1), value=-100)  # [B, N]: the last has none
+        live = int((layout.segment_ids >= 0).sum())
+        if 0 < live < layout.segment_ids.numel():
+            layout, index = layout.unpadded()
+            x = x.flatten(0, 1)[index][None]
+            position_ids = position_ids.expand(targets.shape).flatten()[index][None]
+            targets = targets.flatten()[index][None]
+        return linear_cross_entropy(self._run_layers(x, position_ids, layout), self.lm_head, targets)
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype | None = None) -> "LLM":

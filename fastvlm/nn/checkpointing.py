@@ -59,7 +59,12 @@ ATTENTION_OPS = frozenset({aten._scaled_dot_product_flash_attention_for_cpu.defa
                            aten._scaled_dot_product_efficient_attention.default,
                            aten._scaled_dot_product_cudnn_attention.default,
                            aten._scaled_dot_product_fused_attention_overrideable.default})
-ATTENTION_OP_NAMES = frozenset({"fastvlm::mm_attention_fwd"})
+# fastvlm's own attention ops (custom ops: the checkpoint sees them whole, never their insides).
+# Unlisted, the CPU path's attention was recomputed and nothing after it was kept.
+ATTENTION_OP_NAMES = frozenset({"fastvlm::mm_attention_fwd", "fastvlm::sdpa_cpu_attention_fwd"})
+# fastvlm's fused LoRA linears (x, weight [out, in], ...): kept like a plain linear of that shape.
+# Unlisted, a LoRA'd o_proj / gate_proj / up_proj was recomputed in full (base GEMM, adapter, sum).
+LORA_OP_NAMES = frozenset({"fastvlm::lora_linear_fwd", "fastvlm::lora_linear_cpu_fwd"})
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,9 @@ def _selective_policy(width: int):
         elif op in LINEAR_OPS and after_attention[ctx.is_recompute]:
             inputs, weight = args[:2] if op == aten.mm.default else args[1:3]
             if inputs.shape[-1] == width <= weight.shape[-1]:
+                return OpPolicy.MUST_SAVE
+        elif op.name() in LORA_OP_NAMES and after_attention[ctx.is_recompute]:
+            if args[0].shape[-1] == width <= args[1].shape[0]:
                 return OpPolicy.MUST_SAVE
         return OpPolicy.PREFER_RECOMPUTE
 

@@ -213,7 +213,7 @@ class AttentionLayout:
         self.lo, self.hi = mask_kinds.intervals(self.mask_kind, self._token_runs(), window)
         self.is_image = (img >= 0).contiguous()
         self._block_maps: dict[tuple[int, int], BlockMap] = {}
-        self._query_blocks: dict[int, torch.Tensor] = {}
+        self._query_blocks: dict[tuple[int, int], torch.Tensor] = {}
 
     # ---- derived metadata ------------------------------------------------------------
     def _token_runs(self) -> mask_kinds.Tokens:
@@ -252,6 +252,27 @@ class AttentionLayout:
         return AttentionLayout(self.segment_ids.to(device), self.image_ids.to(device),
                                None if self.prefix_mask is None else self.prefix_mask.to(device),
                                self.kind, split_softmax=self.split_softmax, window=self.window)
+
+    def unpadded(self) -> tuple["AttentionLayout", torch.Tensor]:
+        """(the same mask over the live tokens only, as one row [1, T], and their flat indices
+        into [B * N]): every row's segments in order, renumbered so that no two touch with one
+        id (images keep their runs, offset per row). Each kind stays within its segment, so a
+        token attends to exactly the keys it did; per-token work (projections, MLPs, the loss)
+        then skips the padding that fixed-length rows carry."""
+        live = (self.segment_ids >= 0).flatten()
+        index = live.nonzero().squeeze(1)
+        b, n = self.shape
+        row = torch.arange(b, device=self.device).repeat_interleave(n)[index]
+        seg = self.segment_ids.flatten()[index].long()
+        starts = torch.ones_like(seg, dtype=torch.bool)
+        starts[1:] = (seg[1:] != seg[:-1]) | (row[1:] != row[:-1])
+        new_seg = (starts.cumsum(0) - 1).to(self.segment_ids.dtype)
+        img = self.image_ids.flatten()[index].long()
+        stride = int(self.image_ids.max()) + 1 if index.numel() else 1
+        new_img = torch.where(img >= 0, img + row * stride, -1).to(self.image_ids.dtype)
+        prefix = None if self.prefix_mask is None else self.prefix_mask.flatten()[index][None]
+        return AttentionLayout(new_seg[None], new_img[None], prefix, self.kind, split_softmax=self.split_softmax,
+                               window=self.window), index
 
     def __repr__(self):
         window = "" if self.window is None else f", window={self.window}"
@@ -317,7 +338,7 @@ class AttentionLayout:
         (what the kernels evaluate in partial tiles)."""
         return mask_kinds.tile(self.mask_kind, rows, cols, self.lo[b], self.hi[b], self.is_image[b])
 
-    def query_blocks(self, block: int) -> torch.Tensor:
+    def query_blocks(self, block: int, merge: int | None = None) -> torch.Tensor:
         """int64 [calls, 7], rows ``(b, q0, q1, k0, k1, causal, s)``: the calls a per-range
         attention kernel makes, in row order, each query range [q0, q1) with every allowed key
         in [k0, k1), grouped by ``s`` (calls with the same s share keys):
@@ -325,18 +346,21 @@ class AttentionLayout:
           restricted to it) is one call, causal=1, k = q;
         - a longer non-causal one is cut into calls of `block` queries, each against the
           union of its rows' intervals;
-        - shorter segments are merged, in order, into calls of at most `block` tokens
+        - a segment of more than `merge` (default `block`) and at most `block` tokens is one
+          call of its own, causal=1 where its mask is plain causal;
+        - shorter segments are merged, in order, into calls of at most `merge` tokens
           (with the padding around them while it fits: its rows allow nothing, and a row of
-          at most `block` tokens is one call) with k = q, causal=1 only for a single causal
+          at most `merge` tokens is one call) with k = q, causal=1 only for a single causal
           segment without padding.
         So no call spans more than `block` queries unless causal, and no range leaves its
-        segments. Cached per block (it syncs with the host; every layer asks again)."""
+        segments. Cached per (block, merge) (it syncs with the host; every layer asks again)."""
         block = as_int(block, "block", minimum=1)
-        if block not in self._query_blocks:
-            self._query_blocks[block] = self._segment_ranges(block)
-        return self._query_blocks[block]
+        merge = block if merge is None else min(as_int(merge, "merge", minimum=1), block)
+        if (block, merge) not in self._query_blocks:
+            self._query_blocks[block, merge] = self._segment_ranges(block, merge)
+        return self._query_blocks[block, merge]
 
-    def _segment_ranges(self, block: int) -> torch.Tensor:
+    def _segment_ranges(self, block: int, merge: int) -> torch.Tensor:
         t = self._token_runs()
         not_causal = t.live & ((self.lo != t.segment_start) | (self.hi != t.pos))
         if self.mask_kind.isolates_images:  # image keys leave image queries' rows
@@ -355,8 +379,8 @@ class AttentionLayout:
                 c0, c1 = merged[0][0], merged[-1][1]
                 # padding around the chunk joins it while it fits: whole rows become one call
                 prev = calls[-1][2] if calls and calls[-1][0] == b else 0
-                c0 = prev if c1 - prev <= block else c0
-                c1 = n if row_end and n - c0 <= block else c1
+                c0 = prev if c1 - prev <= merge else c0
+                c1 = n if row_end and n - c0 <= merge else c1
                 causal = len(merged) == 1 and merged[0][2] and (c0, c1) == merged[0][:2]
                 calls.append((b, c0, c1, c0, c1, int(causal), c0))
                 merged.clear()
@@ -364,14 +388,14 @@ class AttentionLayout:
             for s in starts[b].nonzero().flatten().tolist():
                 e = ends_b[s]
                 causal = bad_b[e] == bad_b[s]
-                if e - s <= block:
-                    if merged and e - merged[0][0] > block:
+                if e - s <= merge:
+                    if merged and e - merged[0][0] > merge:
                         flush()
                     merged.append((s, e, causal))
                     continue
                 flush()
-                if causal:
-                    calls.append((b, s, e, s, e, 1, s))
+                if causal or e - s <= block:  # one call over the segment's own keys
+                    calls.append((b, s, e, s, e, int(causal), s))
                     continue
                 for q0 in range(s, e, block):
                     q1 = min(q0 + block, e)

@@ -150,15 +150,31 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=ct) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=ct) if need_b else None
         total = torch.zeros((), dtype=ct, device=h.device)
+        # One logits buffer for every chunk, written by the GEMM and then turned into the
+        # softmax gradient in place: a fresh [chunk, vocab] tensor per chunk (the GEMM's
+        # output, logsumexp's shifted copy) is page-faulted in anew on a CPU, which cost as
+        # much as the GEMM itself (vocab 32k, 2 cores).
+        # (Under autocast, or for bf16/fp16 weights, the GEMM keeps its own dtype and output.)
+        direct = (not torch.is_autocast_enabled(h.device.type) and h.dtype == weight.dtype == ct
+                  and (bias is None or bias.dtype == ct))
+        buffer = h.new_empty((min(chunk_size, h.shape[0]), weight.shape[0]), dtype=ct) if direct else None
         for start in range(0, h.shape[0], chunk_size):
             hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]
-            logits = F.linear(hc, weight, bias).to(ct)
-            lse = torch.logsumexp(logits, -1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-            # d(loss)/d(logits) = softmax - onehot, reusing the logits buffer.
-            dlogits = logits.sub_(lse[:, None]).exp_()
-            dlogits[torch.arange(len(yc), device=yc.device), yc] -= 1.0
-            dlogits *= scale
+            if direct:
+                logits = buffer[:len(yc)]
+                if bias is None:
+                    torch.mm(hc, weight.t(), out=logits)
+                else:
+                    torch.addmm(bias, hc, weight.t(), out=logits)
+            else:
+                logits = F.linear(hc, weight, bias).to(ct)
+            target = logits.gather(1, yc[:, None]).squeeze(1)
+            top = logits.amax(1, keepdim=True)
+            exp_sum = logits.sub_(top).exp_().sum(1, keepdim=True)  # logits now hold exp(logit - max)
+            total += ((top + exp_sum.log()).squeeze(1) - target).sum()
+            # d(loss)/d(logits) = softmax - onehot, in the same buffer
+            dlogits = logits.mul_(scale / exp_sum)
+            dlogits[torch.arange(len(yc), device=yc.device), yc] -= scale
             if need_h:
                 grad_h[start:start + chunk_size] = (dlogits.to(weight.dtype) @ weight).to(h.dtype)
             if need_w:
