@@ -1,6 +1,7 @@
 """VQA evaluation: answer normalisation, greedy KV-cache answers equal a cache-free decode,
 exact-match scoring per type, the token-weighted validation loss, result files."""
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -200,6 +201,13 @@ def test_cli_evaluates_a_training_run(tmp_path, capsys):
     turns = [t for r in val for t in r["question_types"]]
     assert result["n"] == len(turns) == sum(row["n"] for row in result["per_type"].values())
     assert set(result["per_type"]) == set(turns)  # eval_inputs passes the split's per-turn types
+    # Chance is the majority answer's share over exactly the questions scored (every turn of
+    # the evaluated samples), not the split-wide last-turn level of meta.json.
+    for qtype, row in result["per_type"].items():
+        answers = Counter(normalize_answer(turn["value"]) for r in val
+                          for t, turn in zip(r["question_types"], [c for c in r["conversations"] if c["from"] == "gpt"])
+                          if t == qtype)
+        assert row["chance"] == max(answers.values()) / sum(answers.values())
     assert result["val_loss"] > 0 and (run / "eval" / "eval-validation-latest.md").is_file()
     checkpoint = complete_checkpoints(run / "checkpoints")[-1]
     assert main(["eval", str(checkpoint), "--no-loss", "--max-new-tokens", "2"]) == 0

@@ -2,9 +2,10 @@
 
 Runs every stage type through the real trainer (contrastive vision pretraining,
 LM pretraining, align with a frozen bf16 tower and the feature cache, instruct
-with LoRA; packed rows, selective checkpointing, bf16 autocast where the CPU has
-it), then prints validation accuracy per question type next to its chance level
-and where the plots and the exported model are.
+with the tiny LLM fully fine-tuned and LoRA on the vision tower; packed rows,
+selective checkpointing, bf16 autocast where the CPU has it), then prints
+validation accuracy per question type next to its chance level and where the
+plots and the exported model are.
 """
 from __future__ import annotations
 

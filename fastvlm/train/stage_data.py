@@ -207,6 +207,26 @@ def eval_inputs(recipe: Recipe, run_dir: Path, model, split: str = "validation")
         types = read_question_types(data.files[split])
     except (ValueError, AttributeError):  # JSON lines, or records of another shape
         types = {}
+    # The evaluation scores every question turn of the evaluated samples, so chance is the
+    # majority answer's share over exactly those questions (meta.json's split-wide "types"
+    # level counts only last turns, of the whole validation split).
+    chance = majority_chance(samples, types) if data.chance is not None and types else data.chance
     return dict(samples=samples, image_root=data.image_root, preprocessor=preprocessor_for(model),
-                template=recipe.data.template, image_tokens=model.image_tokens, chance=data.chance,
+                template=recipe.data.template, image_tokens=model.image_tokens, chance=chance,
                 question_types=types or None)
+
+
+def majority_chance(samples: list, types: dict) -> dict:
+    """Question type -> share of its most frequent reference answer, over every question
+    turn of `samples` (`types`: sample id -> per-turn question types): the accuracy of a
+    model that ignores the image and always gives a type's most common answer."""
+    from collections import Counter
+
+    from fastvlm.train.evaluation import normalize_answer
+
+    counts: dict[str, Counter] = {}
+    for sample in samples:
+        answers = [t["value"] for t in sample.conversations if t["from"] == "gpt"]
+        for qtype, answer in zip(types[sample.id], answers, strict=True):
+            counts.setdefault(qtype, Counter())[normalize_answer(answer)] += 1
+    return {qtype: max(c.values()) / sum(c.values()) for qtype, c in sorted(counts.items())}
