@@ -58,13 +58,24 @@ def test_logits_and_grads_match_transformers(arch, extra, tmp_path, seed):
     assert_close(ours(ids), logits64, hf(ids).logits, name="logits")
     labels = ids.clone()
     labels[:, :10] = -100
-    losses = [m(ids, labels=labels) for m in (ours, hf64, hf)]
+    # Plain PyTorch's fp32 error depends on its attention algorithm: on the q/k gradients (which
+    # cancel, see below) the eager softmax's and SDPA's differ by up to 5x, either way round, so
+    # the baseline is whichever of the two errs more on each tensor.
+    hf_sdpa = copy.deepcopy(hf)
+    hf_sdpa.set_attn_implementation("sdpa")
+    losses = [m(ids, labels=labels) for m in (ours, hf64, hf, hf_sdpa)]
     losses = [loss if isinstance(loss, torch.Tensor) else loss.loss for loss in losses]
     # one number: its floor from the logits it is computed from (|dloss| <= 2 max |dlogit|)
-    assert_close(*losses, scale=2 * float(logits64.norm()), name="loss")
+    assert_close(*losses[:3], scale=2 * float(logits64.norm()), name="loss")
     for loss in losses:
         loss.backward()
-    params64, params32 = dict(hf64.named_parameters()), dict(hf.named_parameters())
+    params64 = dict(hf64.named_parameters())
+    params32 = [dict(m.named_parameters()) for m in (hf, hf_sdpa)]
+
+    def baseline(name):
+        ref = params64[name].grad
+        return max((p[name].grad for p in params32), key=lambda g: float((g.double() - ref).norm()))
+
     for name, p in ours.named_parameters():
         # a bias gradient is a sum over the T tokens (sum_t dq_t) that cancels, q/k's almost fully
         # (softmax ignores a shift shared by all keys): its rounding grows like sqrt(T) times the
@@ -72,7 +83,7 @@ def test_logits_and_grads_match_transformers(arch, extra, tmp_path, seed):
         tokens = ids.numel()
         scale = (tokens ** 0.5 * float(params64[name[:-len("bias")] + "weight"].grad.norm())
                  if name.endswith(".bias") else None)
-        assert_close(p.grad, params64[name].grad, params32[name].grad, scale=scale, name=name)
+        assert_close(p.grad, params64[name].grad, baseline(name), scale=scale, name=name)
 
 
 @pytest.mark.parametrize("rope", list(ROPES))
