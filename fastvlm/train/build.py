@@ -186,8 +186,10 @@ def _prepare_instruct(model: VLM, stage: Stage, device: torch.device) -> None:
 
 
 def finish_stage(model: VLM, stage: Stage) -> None:
-    """What must not outlive the stage: contrastive heads; LoRA (merged into its base)."""
+    """What must not outlive the stage: contrastive heads; LoRA (merged into its base; an NF4
+    base is dequantized, so the next stage and the saved model hold plain Linears)."""
     from fastvlm.nn.lora import LoRALinear, set_submodule
+    from fastvlm.train.quant import merge_quantized
 
     if stage.type == "contrastive" and hasattr(model, "contrastive_heads"):
         del model.contrastive_heads
@@ -195,11 +197,85 @@ def finish_stage(model: VLM, stage: Stage) -> None:
         if getattr(part, "lora_config", None) is None:
             continue
         for name, module in list(part.named_modules()):
-            if isinstance(module, LoRALinear) and not module.quantized:
+            if isinstance(module, LoRALinear) and module.quantized:
+                set_submodule(part, name, merge_quantized(module))
+            elif isinstance(module, LoRALinear):
                 module.merge()
                 set_submodule(part, name, module.base_layer)
-        if not any(isinstance(m, LoRALinear) for m in part.modules()):
-            part.lora_config = None
+        part.lora_config = None
+
+
+def stage_model(recipe: Recipe, tokenizer, index: int, run_dir: Path, device: torch.device) -> VLM:
+    """The model as stage `index` starts training it, rebuilt without training: the starting
+    model, the earlier stages' shaping replayed, the weights a QLoRA stage quantizes restored
+    from their source (``load_nf4_source``). Its trained weights come from a checkpoint."""
+    model = build_model(recipe, tokenizer, recipe.run.seed).to(device)
+    for stage in recipe.stages[:index]:
+        prepare_stage(model, stage, recipe, device)
+        finish_stage(model, stage)
+    load_nf4_source(model, recipe, index, run_dir)
+    prepare_stage(model, recipe.stages[index], recipe, device)
+    return model
+
+
+def nf4_source(model: VLM, recipe: Recipe, index: int, run_dir: Path) -> tuple[Path | None, list[str]]:
+    """(file, keys) of the weights QLoRA stage `index` quantizes, when they must be kept: an
+    earlier stage trained them, so rebuilding the starting model does not give them back.
+    (None, []) otherwise."""
+    from fastvlm.train.checkpoint import nf4_source_path
+
+    stage = recipe.stages[index]
+    keys = quantized_targets(model, stage)
+    if not keys or not llm_trained_before(recipe, index):
+        return None, []
+    return nf4_source_path(Path(run_dir) / "checkpoints", index, stage.name), keys
+
+
+def save_nf4_source(model: VLM, recipe: Recipe, index: int, run_dir: Path) -> None:
+    """Keep the weights QLoRA stage `index` is about to quantize (see nf4_source)."""
+    from fastvlm.train.checkpoint import save_tensors
+
+    path, keys = nf4_source(model, recipe, index, run_dir)
+    if path is not None:
+        state = model.state_dict()
+        save_tensors(path, {k: state[k] for k in keys})
+
+
+def load_nf4_source(model: VLM, recipe: Recipe, index: int, run_dir: Path) -> None:
+    """Put back the weights QLoRA stage `index` quantized when it first started."""
+    from fastvlm.utils.io import read_tensors
+
+    path, keys = nf4_source(model, recipe, index, run_dir)
+    if path is None:
+        return
+    if not path.is_file():
+        raise ValueError(f"--resume: {path} is missing: stage {recipe.stages[index].name!r} quantizes weights an "
+                         "earlier stage trained, and that file holds them as the stage found them")
+    tensors = read_tensors(path)
+    if sorted(tensors) != sorted(keys):
+        raise ValueError(f"--resume: {path} holds other weights than stage {recipe.stages[index].name!r} "
+                         "quantizes (was the recipe changed?)")
+    with torch.no_grad():
+        state = model.state_dict()
+        for k, v in tensors.items():
+            state[k].copy_(v)
+
+
+def llm_trained_before(recipe: Recipe, index: int) -> bool:
+    """Whether a stage before `index` changes the LLM's weights (so they are not the
+    starting model's any more)."""
+    return any(s.type == "lm" or (s.type == "instruct" and "llm" in s.lr) for s in recipe.stages[:index])
+
+
+def quantized_targets(model: VLM, stage: Stage) -> list[str]:
+    """State-dict keys of the weights (and biases) a QLoRA stage quantizes, before it does."""
+    from fastvlm.train.lora import resolve_lora_targets
+
+    if not (stage.type == "instruct" and stage.finetune == "qlora" and "llm" in stage.lr):
+        return []
+    lora = stage.lora
+    found = resolve_lora_targets(model.language_model, lora.targets, lora.r, lora.alpha, lora.dropout, ())[2]
+    return [f"language_model.{name}.{p}" for name, m in found.items() for p, _ in m.named_parameters()]
 
 
 def trainable_by_group(model: nn.Module) -> dict[str, tuple[int, int]]:

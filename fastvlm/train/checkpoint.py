@@ -11,6 +11,11 @@ A run of a distributed recipe (run.distributed = ddp | fsdp, any world size) hol
     rng-<rank>.pt       each rank's RNG states
 instead of model.safetensors; DCP reshards on load, so it resumes on another world size.
 
+Neither holds a QLoRA stage's NF4 weights (fastvlm.train.quant): resuming re-quantizes
+the frozen base from its source, the starting model's weights, or, when an earlier stage
+trained the LLM, RUN/checkpoints/s<stage>-<name>-nf4-source.safetensors (the weights the
+stage quantized, written once when it starts).
+
 A checkpoint is built in RUN/checkpoints/.tmp-<uuid>/ and renamed into place
 once complete (a rename within one folder is atomic), so a writer killed at any
 point leaves the previous checkpoints untouched and at most a .tmp-* folder that
@@ -28,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fastvlm.train.quant import quantized_state_keys
+from fastvlm.utils.io import atomic_write
 
 NAME = re.compile(r"^s(\d{2})-(.+)-step(\d{7})$")
 
@@ -69,7 +77,9 @@ def save_checkpoint(root: Path, name: str, model: torch.nn.Module, state: dict, 
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state_dict = model.state_dict()
+        nf4 = quantized_state_keys(model, state_dict)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in nf4}
         save_file(_untie(tensors), str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
         for filename, text in (extra or {}).items():
@@ -113,8 +123,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer=None, rank: in
     """Load the weights into `model` (whose structure must match); return (state, meta). A DCP
     checkpoint also loads `optimizer` (required then) and gives this rank's RNG states (rank 0's
     where the checkpoint had fewer ranks)."""
-    from safetensors.torch import load_file
-
     if (path / "dcp").is_dir():
         from fastvlm.train import distributed
 
@@ -130,15 +138,37 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer=None, rank: in
         raise ValueError(f"checkpoint {path}: a one-process run's checkpoint (model.safetensors); a distributed "
                          "recipe reads DCP checkpoints only")
 
-    tensors = load_file(str(path / "model.safetensors"))
-    expected = model.state_dict()
-    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path}: does not fit the model of this stage (missing "
-                         f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
-    model.load_state_dict(tensors)
+    load_weights(path / "model.safetensors", model)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     return state, json.loads((path / "meta.json").read_text())
+
+
+def load_weights(file: Path, model: torch.nn.Module, skip=lambda key: False) -> None:
+    """A safetensors file of the model's weights (all of them, but for NF4 weights, which
+    the model re-quantized itself) into `model`; keys `skip` names are left out."""
+    from safetensors.torch import load_file
+
+    tensors = {k: v for k, v in load_file(str(file)).items() if not skip(k)}
+    expected = {k for k in model.state_dict() if not skip(k)}
+    expected -= quantized_state_keys(model, expected)
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {file.parent}: does not fit the model of this stage (missing "
+                         f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
+    model.load_state_dict(tensors, strict=False)
+
+
+def nf4_source_path(root: Path, stage_index: int, stage: str) -> Path:
+    return root / f"s{stage_index:02d}-{stage}-nf4-source.safetensors"
+
+
+def save_tensors(path: Path, tensors: dict) -> None:
+    """A safetensors file written atomically."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(_untie(cpu), tmp))
 
 
 def save_sharded_checkpoint(root: Path, name: str, dist, model, optimizer, state: dict | None, rng: dict,
@@ -222,8 +252,21 @@ def load_for_inference(run_or_checkpoint) -> tuple:
         if not found:
             raise ValueError(f"run_or_checkpoint: {path} holds neither final/ nor a complete checkpoint")
         path = found[-1]
-    model = VLM(VLMConfig.from_dict(json.loads((path / "config.json").read_text())["config"]))
     lora = json.loads((path / "lora.json").read_text())
+    if lora.get("llm_nf4"):  # a QLoRA stage's: its NF4 base is re-quantized from the run's source
+        from fastvlm.train.build import stage_model
+
+        with torch.random.fork_rng():
+            model = stage_model(recipe, tokenizer, json.loads((path / "meta.json").read_text())["stage_index"],
+                                run_dir, torch.device("cpu"))
+        if (path / "dcp").is_dir():
+            from fastvlm.train.distributed import load_model_from_dcp
+
+            load_model_from_dcp(path / "dcp", model)
+        else:
+            load_weights(path / "model.safetensors", model)
+        return model.eval(), tokenizer, recipe
+    model = VLM(VLMConfig.from_dict(json.loads((path / "config.json").read_text())["config"]))
     for part, attr in (("llm", "language_model"), ("vision", "vision_tower")):
         if lora.get(part):
             cfg = LoRAConfig(**lora[part])

@@ -12,7 +12,9 @@ per stage, wraps the model (``Distributed.wrap``):
 - ``fsdp``: ``fully_shard`` on each decoder block and each vision encoder block,
   then on the micro-batch-loss module as the root (embeddings, norms, connector,
   heads), with a ``MixedPrecisionPolicy`` that
-  computes in the stage's precision and reduces gradients in fp32. The optimizer
+  gathers parameters in the dtypes the stage's precision policy stores them in (frozen
+  ones in the compute dtype, trainable ones and norms in fp32; autocast computes in the
+  stage's dtype, as in one process) and reduces gradients in fp32. The optimizer
   must be built right after wrapping (an optimizer built after a ``no_grad``
   forward would hold unsharded parameters and not train).
 
@@ -97,18 +99,11 @@ class Distributed:
             raise ValueError(f"stages.{stage.name}.grad_accum: {stage.grad_accum} micro-batches per step cannot be "
                              f"split over {self.world} ranks; use a multiple of the world size (the global batch "
                              f"is batch_size x grad_accum, whatever the number of processes)")
-        if self.uses_dcp and stage.type == "instruct" and stage.finetune == "qlora":
-            # DCP state dicts lack bitsandbytes' NF4 quantisation state (absmax, ...); a resumable
-            # QLoRA checkpoint needs adapters + trainable parts with the base re-quantised from its
-            # source, which is not built yet.
-            raise ValueError(f"stages.{stage.name}.finetune: 'qlora' is not supported with run.distributed = "
-                             f"{self.mode!r} yet (its DCP checkpoints would lose the NF4 quantisation state); "
-                             "use finetune = 'lora', or run.distributed = 'none'")
         if self.mode == "fsdp" and stage.precision == "fp16":
             raise ValueError(f"stages.{stage.name}.precision: 'fp16' (a loss scaler per shard) is not supported "
                              "with run.distributed = 'fsdp'; use 'bf16' or 'fp32'")
 
-    def wrap(self, model: nn.Module, forward: nn.Module, precision: str) -> nn.Module:
+    def wrap(self, model: nn.Module, forward: nn.Module) -> nn.Module:
         """What the training step calls: `forward` (a module holding `model`) wrapped for the mode."""
         if not self.active:
             return forward
@@ -120,11 +115,12 @@ class Distributed:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from fastvlm.train.precision import DTYPES
-
         mesh = init_device_mesh(self.comm_device.type, (self.world,))
-        compute = None if precision == "fp32" else DTYPES[precision]
-        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        # Parameters gathered as stored: the precision policy already keeps frozen weights in
+        # the compute dtype and trainable ones and norms in fp32, and autocast computes in the
+        # stage's dtype, so a sharded step is the one-process step (a bf16 param_dtype would
+        # also round the norms' and adapters' weights, which one process never does).
+        policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
         for part in fsdp_units(model):
             fully_shard(part, mesh=mesh, mp_policy=policy)
         fully_shard(forward, mesh=mesh, mp_policy=policy)
@@ -211,26 +207,46 @@ def _one_process_ok():
         yield
 
 
+def _without_nf4(model: nn.Module, state: dict) -> dict:
+    # FSDP drops the NF4 weights' quantisation state, and the run re-quantizes them from their
+    # source anyway (fastvlm.train.quant): a checkpoint holds everything else.
+    from fastvlm.train.quant import quantized_state_keys
+
+    nf4 = quantized_state_keys(model, state)
+    return {k: v for k, v in state.items() if k not in nf4}
+
+
+def _options(model_sd: dict, model: nn.Module):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from fastvlm.train.quant import quantized_state_keys
+
+    return StateDictOptions(strict=not quantized_state_keys(model, model_sd))
+
+
 def save_state(path: Path, model: nn.Module, optimizer) -> None:
-    """Model + optimizer of every rank into the DCP directory `path` (each rank its shards)."""
+    """Model (NF4 weights aside) + optimizer of every rank into the DCP directory `path`
+    (each rank its shards)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _one_process_ok():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        dcp.save({"model": _without_nf4(model, model_sd), "optim": optim_sd}, checkpoint_id=str(path))
 
 
 def load_state(path: Path, model: nn.Module, optimizer) -> None:
-    """Model + optimizer from a DCP directory of any world size, resharded to this one."""
+    """Model + optimizer from a DCP directory of any world size, resharded to this one (the
+    model's NF4 weights are its own, re-quantized from their source)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = {"model": _without_nf4(model, model_sd), "optim": optim_sd}
     with _one_process_ok():
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(model_sd, model))
 
 
 def full_model_state(model: nn.Module) -> dict:
@@ -245,7 +261,8 @@ def load_model_from_dcp(path: Path, model: nn.Module) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    state = {"model": get_model_state_dict(model)}
+    full = get_model_state_dict(model)
+    state = {"model": _without_nf4(model, full)}
     with _one_process_ok():
         dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=_options(full, model))

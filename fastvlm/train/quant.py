@@ -4,6 +4,12 @@
 Only the targeted Linears are quantized; norms and fully-trained modules (the
 connector) are kept in fp32, embeddings and the LM head as they are. bitsandbytes
 runs the NF4 matmul on CPU and CUDA alike.
+
+Checkpoints never hold the NF4 weights (``quantized_state_keys``): their
+quantisation state (absmax, ...) is not a tensor FSDP / DCP keep, and it is a
+function of the weights it was made from. A run re-quantises the frozen base from
+its source on resume instead (quantisation is deterministic), and a finished QLoRA
+stage folds each adapter into its dequantized base (``merge_quantized``).
 """
 from __future__ import annotations
 
@@ -45,6 +51,33 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+
+
+def quantized_state_keys(model: nn.Module, state_keys) -> set[str]:
+    """The keys of `state_keys` (a state dict's) that belong to an NF4 weight: the packed
+    weight and the quantisation state bitsandbytes adds beside it (``<weight>.absmax``, ...)."""
+    import bitsandbytes as bnb
+
+    prefixes = tuple(f"{name}.weight" for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
+    if not prefixes:
+        return set()
+    return {k for k in state_keys if k.startswith(prefixes) and (k in prefixes or k.startswith(
+        tuple(p + "." for p in prefixes)))}
+
+
+@torch.no_grad()
+def merge_quantized(layer: nn.Module) -> nn.Linear:
+    """The plain Linear a LoRA layer over an NF4 base computes: dequant(W) + s·BA, summed in
+    float32 and stored in the dtype the weight was quantized from."""
+    base = layer.base_layer
+    weight = dequantized_weight(base)
+    dtype = base.weight.quant_state.dtype
+    merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=weight.device,
+                       dtype=dtype)
+    merged.weight.copy_(weight.float() + layer.delta_weight().float())
+    if base.bias is not None:
+        merged.bias.copy_(base.bias)
+    return merged.requires_grad_(False)
 
 
 def enable_input_require_grads(model: nn.Module):

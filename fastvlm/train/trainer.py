@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
+from fastvlm.train import build, distributed
 from fastvlm.train import checkpoint as ckpt
-from fastvlm.train import distributed
 from fastvlm.train.build import GROUP_PATTERNS, build_model, finish_stage, prepare_stage
 from fastvlm.train.metrics import MetricsLog
 from fastvlm.train.optim import build_optimizer, param_groups
+from fastvlm.train.quant import quantized_state_keys
 from fastvlm.train.recipe import Recipe, Stage, to_toml
 from fastvlm.train.schedule import lr_lambda
 from fastvlm.utils.io import atomic_write_text
@@ -244,6 +245,12 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                 finish_stage(model, stage)
                 continue
             dist.check_stage(stage)
+            resuming_here = bool(start) and index == start["stage_index"]
+            if resuming_here:  # the base this QLoRA stage quantized, as it found it (if an earlier stage trained it)
+                build.load_nf4_source(model, recipe, index, run_dir)
+            elif dist.is_main:
+                build.save_nf4_source(model, recipe, index, run_dir)
+            dist.barrier()
             settings = prepare_stage(model, stage, recipe, device)
             mp = settings["precision"]
             batches = StageBatches(stage, recipe, data, model, seed=recipe.run.seed + index)
@@ -254,10 +261,10 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
             if cache is not None and dist.active:
                 _fill_cache(cache, batches, dist)
             # The optimizer right after wrapping: FSDP2 has swapped in the sharded parameters.
-            step_loss = dist.wrap(model, _MicroLoss(model, stage, device, cache), mp.precision)
+            step_loss = dist.wrap(model, _MicroLoss(model, stage, device, cache))
             optimizer, scheduler = stage_optimizer(model, stage, total)
             step, bad, skipped = 0, 0, 0
-            if start and index == start["stage_index"]:
+            if resuming_here:
                 state, _ = ckpt.load_checkpoint(found[-1], model, optimizer if dist.uses_dcp else None, dist.rank)
                 if not dist.uses_dcp:
                     optimizer.load_state_dict(state["optimizer"])
@@ -315,7 +322,7 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
             bar.close()
             saver.save(step, global_step, bad, skipped)
             if dist.mode == "fsdp" and dist.active:
-                model = _unsharded(model, recipe, data, index, device)
+                model = _unsharded(model, recipe, data, index, device, run_dir)
             summary = {"stage": stage.name, "type": stage.type, "steps": total, "skipped": skipped,
                        "loss": last.get("loss"), "seconds": time.perf_counter() - stage_t0,
                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
@@ -364,18 +371,15 @@ def _silent(*args, **kwargs):
     pass
 
 
-def _unsharded(model, recipe: Recipe, data, index: int, device):
+def _unsharded(model, recipe: Recipe, data, index: int, device, run_dir: Path):
     """The FSDP-sharded model of stage `index` as a plain one on every rank (for evaluation,
     merging LoRA and the next stage): the same model rebuilt by replaying the stages' shaping,
     with the gathered weights loaded."""
     full = distributed.full_model_state(model)
     with torch.random.fork_rng():  # replaying must not move the run's random stream
-        fresh = build_model(recipe, data.tokenizer, recipe.run.seed).to(device)
-        for stage in recipe.stages[:index]:
-            prepare_stage(fresh, stage, recipe, device)
-            finish_stage(fresh, stage)
-        prepare_stage(fresh, recipe.stages[index], recipe, device)
-    fresh.load_state_dict(full)
+        fresh = build.stage_model(recipe, data.tokenizer, index, run_dir, device)
+    nf4 = quantized_state_keys(fresh, fresh.state_dict())  # re-quantized by the rebuild, as at the stage's start
+    fresh.load_state_dict({k: v for k, v in full.items() if k not in nf4}, strict=not nf4)
     return fresh
 
 
@@ -427,8 +431,12 @@ class _Saver:
 def _lora_info(model) -> dict:
     from dataclasses import asdict
 
-    return {part: asdict(cfg) if (cfg := getattr(getattr(model, attr), "lora_config", None)) is not None else None
+    from fastvlm.nn.lora import LoRALinear
+
+    info = {part: asdict(cfg) if (cfg := getattr(getattr(model, attr), "lora_config", None)) is not None else None
             for part, attr in (("llm", "language_model"), ("vision", "vision_tower"))}
+    info["llm_nf4"] = any(isinstance(m, LoRALinear) and m.quantized for m in model.language_model.modules())
+    return info
 
 
 def _feature_cache(model, run_dir: Path, dist=None):
