@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -41,13 +42,19 @@ def environment(device: str) -> dict:
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": commit(), "device": device_name(device), "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
 def print_header(title: str, env: dict) -> None:
     print(f"# {title}")
     print(f"{env['date']}  commit {env['commit']}  device {env['device']}  torch {env['torch']}  "
-          f"triton {env['triton']}")
+          f"triton {env['triton']}  load average {env['load_average_1min']}")
+    if env["device"].startswith("CPU") and env["load_average_1min"] > 0.5 * (os.cpu_count() or 1):
+        # Each CPU kernel's threads wait at a barrier for the slowest: with another process on
+        # the cores, short calls stretch (2 cores: a 251-token attention call 1 ms -> 8 ms).
+        print(f"warning: load average {env['load_average_1min']} on {os.cpu_count()} cores: CPU timings "
+              "are distorted by the other processes; measure on an idle machine")
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1, device: str = "cpu") -> float:

@@ -103,7 +103,22 @@ def _encoder(d):
             for r in d["policies"] if r["policy"] != "none"]
 
 
-EXTRACTORS = {"bench_train": _train, "bench_vlm": _vlm, "bench_mask": _mask, "bench_linear_ce": _linear_ce,
+def _attention(d):
+    """fwd+bwd speed-up over each baseline, the range over layouts and kinds, per N."""
+    out = []
+    baselines = sorted({r["method"] for r in d["rows"]} - {"fastvlm", "reference"})
+    for method in baselines:
+        for n in sorted({r["N"] for r in d["rows"]}):
+            ratios = [r["fwd_bwd_ratio"] for r in d["rows"] if r["method"] == method and r["N"] == n
+                      and r.get("fwd_bwd_ratio")]
+            if ratios:
+                out.append((f"attention fwd+bwd vs {method}, N={n} ({len(ratios)} layouts x kinds): speed-up range",
+                            f"{min(ratios):.2f}-{max(ratios):.2f}x", min(ratios)))
+    return out
+
+
+EXTRACTORS = {"bench_attention": _attention,
+              "bench_train": _train, "bench_vlm": _vlm, "bench_mask": _mask, "bench_linear_ce": _linear_ce,
               "bench_memory": _memory, "bench_encoder": _encoder}
 
 
