@@ -90,6 +90,22 @@ def test_mid_stage_checkpoint_loads_for_inference(finished, tmp_path):
         assert torch.equal(merged.weight, final[f"{name}.weight"]), name
 
 
+def test_peft_export_of_a_qlora_run_holds_its_adapters(finished, tmp_path):
+    from safetensors.torch import load_file
+
+    from fastvlm.train.export import export
+
+    out, _ = finished
+    exported = export(out, tmp_path / "peft", "peft")
+    adapter = load_file(str(exported / "adapter_llm" / "adapter_model.safetensors"))
+    stored = load_file(str(ckpt.complete_checkpoints(out / "checkpoints")[-1] / "model.safetensors"))
+    trained = {k: v for k, v in stored.items() if k.startswith("language_model.") and ".lora_B" in k}
+    assert trained and len([k for k in adapter if "lora_B" in k]) == len(trained)
+    assert all(v.abs().sum() > 0 for v in trained.values()), "the adapters did not train"
+    assert sorted(v.sum().item() for k, v in adapter.items() if "lora_B" in k) == \
+        sorted(v.sum().item() for v in trained.values())
+
+
 def test_merge_quantized_is_dequantized_base_plus_adapter(seed):
     base = torch.nn.Linear(96, 40, bias=True)
     layer = LoRALinear(to_nf4(base, torch.bfloat16), r=4, alpha=8.0)
