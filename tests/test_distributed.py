@@ -23,11 +23,11 @@ STEPS = 3
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def recipe_raw(mode: str, batch_size: int = 2, grad_accum: int = 2) -> dict:
+def recipe_raw(mode: str, batch_size: int = 2, grad_accum: int = 2, first: str = "align") -> dict:
     """align (frozen encoder, its feature cache) then instruct with LoRA: global batch 4 rows."""
     raw = tiny_raw(steps=STEPS, checkpoint_every=1)
     raw["run"].update(evaluate=False, distributed=mode)
-    raw["stages"] = [s for s in raw["stages"] if s["type"] in ("align", "instruct")]
+    raw["stages"] = [s for s in raw["stages"] if s["type"] in (first, "instruct")]
     for s in raw["stages"]:
         s.update(batch_size=batch_size, grad_accum=grad_accum)
     return raw
@@ -130,11 +130,7 @@ def test_grad_accum_must_split_over_ranks():
 
 def qlora_raw(mode: str, batch_size: int = 2, grad_accum: int = 2) -> dict:
     """lm (trains the LLM: the QLoRA stage's base is not the starting model's) then QLoRA."""
-    raw = tiny_raw(steps=STEPS, checkpoint_every=1)
-    raw["run"].update(evaluate=False, distributed=mode)
-    raw["stages"] = [s for s in raw["stages"] if s["type"] in ("lm", "instruct")]
-    for s in raw["stages"]:
-        s.update(batch_size=batch_size, grad_accum=grad_accum)
+    raw = recipe_raw(mode, batch_size, grad_accum, first="lm")
     raw["stages"][1].update(finetune="qlora", precision="bf16")
     return raw
 
