@@ -11,9 +11,12 @@ import math
 import pytest
 import torch
 
+from fastvlm.models.vlm import VLM
+from fastvlm.nn.lora import LoRALinear
 from fastvlm.train import checkpoint as ckpt
 from fastvlm.train.distributed import Distributed
 from fastvlm.train.dryrun import dry_run, per_process
+from fastvlm.train.quant import merge_quantized
 from fastvlm.train.recipe import parse_recipe, to_toml
 
 from .dist_launch import losses, rank_reports, run, run_until_checkpoints
@@ -164,6 +167,14 @@ def test_qlora_on_two_ranks_killed_then_resumed_on_one(mode, qlora, tmp_path):
     res = run(qlora["recipes"][mode], out, 1, "--resume")
     assert "resuming from s01-instruct-step" in res.stdout
     assert_close(losses(out), qlora["losses"], qlora["bound"])
+    # The last (DCP) checkpoint loads in one process with the base and adapters the stage ended
+    # with: folded, they are final/'s weights exactly.
+    model, _, _ = ckpt.load_for_inference(ckpt.complete_checkpoints(out / "checkpoints")[-1])
+    final = VLM.from_pretrained(out / "final").state_dict()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert layers and all(m.quantized for m in layers.values())
+    for name, layer in layers.items():
+        assert torch.equal(merge_quantized(layer).weight, final[f"{name}.weight"]), name
 
 
 def test_unknown_mode_names_the_key():
