@@ -65,6 +65,7 @@ def _greedy_without_cache(model, tok, prompt, pixels, max_new, prefix_len):
         if model.config.attention_kind == "prefix_lm":
             extra["prefix_mask"] = torch.arange(len(ids))[None] < prefix_len
         logits = model(torch.tensor([ids]), pixels, **extra)[0, -1]
+        logits[model.config.image_token_id] = float("-inf")  # never generated (VLM.generate)
         nxt = int(logits.argmax())
         if nxt == tok.eos_token_id:
             break

@@ -140,3 +140,21 @@ def test_llm_prefix_lm_generate_equals_full_forward(prompt_len, seed):
             assert abs(float(ref[got] - ref[want])) <= bound, f"step {step}: cached {got}, full forward {want}"
             break
         seq = torch.cat([seq, torch.tensor([[want]])], 1)
+
+
+def test_generate_never_emits_the_image_placeholder(seed):
+    """With the image token in the vocabulary (as HF LLaVA has it) and made the likeliest
+    first token, VLM.generate still never chooses it (LLM.generate without suppress_tokens does)."""
+    model = tiny_vlm()
+    img = model.config.image_token_id = VOCAB - 1
+    ids = torch.randint(0, VOCAB - 1, (2, 7))
+    lm = model.language_model
+    first = lm.generate(ids, max_new_tokens=1)[:, 0]
+    with torch.no_grad():
+        lm.lm_head.weight[img] = 10 * lm.lm_head.weight[first[0]]
+    plain = lm.generate(ids, max_new_tokens=NEW_TOKENS)
+    assert plain[0, 0] == img, "the construction should make the placeholder the greedy choice"
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS)
+    assert not (out == img).any() and out[0, 0] == first[0]
+    with pytest.raises(ValueError, match=r"suppress_tokens: expected token ids in \[0, 64\)"):
+        lm.generate(ids, max_new_tokens=2, suppress_tokens=[VOCAB])

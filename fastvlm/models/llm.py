@@ -12,6 +12,7 @@ RoPE positions restart at every segment. The loss goes through
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -361,8 +362,10 @@ class LLM(nn.Module):
     def generate(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
                  layout: AttentionLayout | None = None, prefix_mask=None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
-                 pad_token_id: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """New tokens [B, max_new_tokens] (pad_token_id after a row's eos).
+                 pad_token_id: int = 0, generator: torch.Generator | None = None,
+                 suppress_tokens: Sequence[int] = ()) -> torch.Tensor:
+        """New tokens [B, max_new_tokens] (pad_token_id after a row's eos); token ids in
+        `suppress_tokens` are never chosen.
 
         Batched prompts may be left- or right-padded (attention_mask 0 = padding).
         The prefill runs on `layout` (e.g. a multimodal one built with the images'
@@ -392,6 +395,10 @@ class LLM(nn.Module):
         if not (temperature >= 0 and 0 < top_p <= 1):
             raise ValueError(f"temperature: must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
         check_positions(self.config, int(mask.sum(1).max()) + max_new_tokens - 1, "max_new_tokens")
+        suppress = sorted(set(suppress_tokens))
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size
+               for t in suppress):
+            raise ValueError(f"suppress_tokens: expected token ids in [0, {self.config.vocab_size}), got {suppress}")
         cache = KVCache(self.config, b, n + max_new_tokens, x.dtype, x.device, split_softmax=layout.split_softmax)
         cache.key_valid[:, :n] = mask
         cache.key_image[:, :n] = layout.image_ids >= 0
@@ -402,7 +409,10 @@ class LLM(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=x.device)
         out = []
         for step in range(max_new_tokens):
-            tok = sample_next(logits.float(), temperature, top_p, generator)
+            logits = logits.float()
+            if suppress:
+                logits[:, suppress] = float("-inf")
+            tok = sample_next(logits, temperature, top_p, generator)
             tok = torch.where(done, pad_token_id, tok)
             out.append(tok)
             if eos_token_id is not None:

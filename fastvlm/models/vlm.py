@@ -198,11 +198,16 @@ class VLM(nn.Module):
                  **kwargs) -> torch.Tensor:
         """New tokens [B, max_new_tokens]; the prompt is prefilled with the multimodal
         layout (prefix_mask: the prompt's bidirectional prefix under prefix_lm), then
-        decoded with the KV cache (see LLM.generate for the options)."""
+        decoded with the KV cache (see LLM.generate for the options). The image
+        placeholder token is never generated: it stands for no text, and an answer holding
+        it, fed back in a conversation, would ask for an image that is not there."""
         self._check_input_ids(input_ids)
         layout = self.layout(input_ids, attention_mask, prefix_mask=prefix_mask, images=images)
+        image = self.config.image_token_id
+        suppress = (*kwargs.pop("suppress_tokens", ()), *([image] if image < self.config.llm.vocab_size else []))
         return self.language_model.generate(inputs_embeds=self.embed(input_ids, images),
-                                            attention_mask=layout.segment_ids >= 0, layout=layout, **kwargs)
+                                            attention_mask=layout.segment_ids >= 0, layout=layout,
+                                            suppress_tokens=suppress, **kwargs)
 
     # ---- checkpoints ---------------------------------------------------------------------
     @classmethod
