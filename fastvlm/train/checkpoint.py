@@ -276,9 +276,5 @@ def load_for_inference(run_or_checkpoint) -> tuple:
 
         load_model_from_dcp(path / "dcp", model)
         return model.eval(), tokenizer, recipe
-    from safetensors.torch import load_file
-
-    state = {k: v for k, v in load_file(str(path / "model.safetensors")).items()
-             if not k.startswith("contrastive_heads.")}
-    model.load_state_dict(state)
+    load_weights(path / "model.safetensors", model, skip=lambda key: key.startswith("contrastive_heads."))
     return model.eval(), tokenizer, recipe
