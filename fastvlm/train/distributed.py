@@ -207,21 +207,16 @@ def _one_process_ok():
         yield
 
 
-def _without_nf4(model: nn.Module, state: dict) -> dict:
-    # FSDP drops the NF4 weights' quantisation state, and the run re-quantizes them from their
-    # source anyway (fastvlm.train.quant): a checkpoint holds everything else.
-    from fastvlm.train.quant import quantized_state_keys
-
-    nf4 = quantized_state_keys(model, state)
-    return {k: v for k, v in state.items() if k not in nf4}
-
-
-def _options(model_sd: dict, model: nn.Module):
+def _without_nf4(model: nn.Module, state: dict):
+    """(state without NF4 weights, the options that load it): FSDP drops the NF4 weights'
+    quantisation state, and the run re-quantizes them from their source anyway
+    (fastvlm.train.quant), so a checkpoint holds everything else and loads non-strictly."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     from fastvlm.train.quant import quantized_state_keys
 
-    return StateDictOptions(strict=not quantized_state_keys(model, model_sd))
+    nf4 = quantized_state_keys(model, state)
+    return {k: v for k, v in state.items() if k not in nf4}, StateDictOptions(strict=not nf4)
 
 
 def save_state(path: Path, model: nn.Module, optimizer) -> None:
@@ -232,7 +227,7 @@ def save_state(path: Path, model: nn.Module, optimizer) -> None:
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _one_process_ok():
-        dcp.save({"model": _without_nf4(model, model_sd), "optim": optim_sd}, checkpoint_id=str(path))
+        dcp.save({"model": _without_nf4(model, model_sd)[0], "optim": optim_sd}, checkpoint_id=str(path))
 
 
 def load_state(path: Path, model: nn.Module, optimizer) -> None:
@@ -242,11 +237,12 @@ def load_state(path: Path, model: nn.Module, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": _without_nf4(model, model_sd), "optim": optim_sd}
+    model_sd, options = _without_nf4(model, model_sd)
+    state = {"model": model_sd, "optim": optim_sd}
     with _one_process_ok():
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_options(model_sd, model))
+                   options=options)
 
 
 def full_model_state(model: nn.Module) -> dict:
@@ -261,8 +257,8 @@ def load_model_from_dcp(path: Path, model: nn.Module) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    full = get_model_state_dict(model)
-    state = {"model": _without_nf4(model, full)}
+    model_sd, options = _without_nf4(model, get_model_state_dict(model))
+    state = {"model": model_sd}
     with _one_process_ok():
         dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"], options=_options(full, model))
+    set_model_state_dict(model, state["model"], options=options)

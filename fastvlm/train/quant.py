@@ -58,11 +58,11 @@ def quantized_state_keys(model: nn.Module, state_keys) -> set[str]:
     weight and the quantisation state bitsandbytes adds beside it (``<weight>.absmax``, ...)."""
     import bitsandbytes as bnb
 
-    prefixes = tuple(f"{name}.weight" for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
-    if not prefixes:
+    weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    if not weights:
         return set()
-    return {k for k in state_keys if k.startswith(prefixes) and (k in prefixes or k.startswith(
-        tuple(p + "." for p in prefixes)))}
+    beside = tuple(w + "." for w in weights)
+    return {k for k in state_keys if k in weights or k.startswith(beside)}
 
 
 @torch.no_grad()
