@@ -59,6 +59,17 @@ def test_matches_float64_every_kind_gqa_odd_n(kind, split, block, dtype, seed, m
     check_against_reference(layout, _inputs(2, 4, 2, 301, 24, dtype), dtype)
 
 
+@pytest.mark.parametrize("kind,split", all_kinds())
+@pytest.mark.parametrize("block", [37, 1024])
+def test_sliding_window(kind, split, block, seed, monkeypatch):
+    """A sliding window (Mistral's decoder layers) shorter than most samples: a causal
+    segment is no longer plain causal, and each query block's key range starts later."""
+    monkeypatch.setattr(attention_cpu, "CPU_QUERY_BLOCK", block)
+    rng = random.Random(seed)
+    layout = random_layout(rng, 2, 301, kind, split).with_window(rng.randint(1, 80))
+    check_against_reference(layout, _inputs(2, 4, 2, 301, 24, torch.float32), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind,split", all_kinds())
 def test_many_segments_causal_and_long_ones(kind, split, dtype, seed, monkeypatch):

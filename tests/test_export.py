@@ -26,7 +26,10 @@ def _config(family="clip", llm="llama", vision_options=None, **options):
         image_size=28, patch_size=14, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64,
         **(vision_options or {}))
     bias = {"llama": {}, "qwen2": {"qkv_bias": True}, "llama_bias": {"qkv_bias": True, "o_bias": True,
-                                                                     "mlp_bias": True}}[llm]
+                                                                     "mlp_bias": True},
+            # sliding windows shorter than the rows: Mistral's (every layer), Qwen2's (its last layer)
+            "mistral": {"sliding_window": 3}, "qwen2_window": {"qkv_bias": True, "sliding_window": 4,
+                                                               "sliding_layers": [1]}}[llm]
     text = LLMConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, **bias)
     return VLMConfig(vision=vision, llm=text, image_token_id=IMG, **options)
@@ -75,6 +78,8 @@ def _hf_logits(path, ids, mask, pixels):
     ("dinov2", "llama", {"vision_feature": "full",
                          "vision_options": {"num_register_tokens": 2, "interpolate_antialias": True}}),
     ("clip", "llama", {"connector": "multilevel", "select_layers": [-3, -1], "vision_feature": "full"}),
+    ("clip", "mistral", {}),
+    ("siglip", "qwen2_window", {}),
 ])
 def test_hf_llava_logits_match(family, llm, options, tmp_path, seed):
     model = _random_model(_config(family, llm, **options))
@@ -255,6 +260,12 @@ def test_refuses_what_hf_llava_cannot_express(tmp_path):
     bad_bias.llm.o_bias = True
     with pytest.raises(ValueError, match="o_proj bias"):
         to_hf_llava(VLM(bad_bias))
+    for llm, match in (({"sliding_window": 3, "mlp_bias": True}, "sliding-window LLM with q/k/v or MLP biases"),
+                       ({"sliding_window": 3, "sliding_layers": [0]}, "sliding_layers")):
+        cfg = _config()
+        cfg.llm = LLMConfig(**{**vars(cfg.llm), **llm})
+        with pytest.raises(ValueError, match=match):
+            to_hf_llava(VLM(cfg))
     with pytest.raises(ValueError, match="no LoRA adapters"):
         export_model(VLM(_config()), tmp_path / "p", "peft")
     with pytest.raises(ValueError, match="format"):

@@ -28,11 +28,12 @@ NEW_TOKENS = 6
 KINDS = [("causal", False), ("image_bidirectional", False), ("mmca", False), ("mmca", True), ("prefix_lm", False)]
 
 
-def tiny_vlm(kind="causal", split_softmax=False, max_positions=128):
+def tiny_vlm(kind="causal", split_softmax=False, max_positions=128, window=None):
     vision = VisionConfig.clip(image_size=28, patch_size=14, hidden_size=32, num_layers=2, num_heads=4,
                                intermediate_size=64)
     llm = LLMConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions)
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                    sliding_window=window)
     model = VLM(VLMConfig(vision, llm, image_token_id=IMG, attention_kind=kind, split_softmax=split_softmax))
     with torch.no_grad():  # spread the logits, so that most steps are far from a tie
         model.language_model.lm_head.weight.mul_(4)
@@ -83,7 +84,17 @@ def near_tie(model, model64, ids, pixels, prefix_len, kind, a: int, b: int) -> b
 @pytest.mark.parametrize("text_len", [1, 6, 13])
 @pytest.mark.parametrize("kind,split_softmax", KINDS)
 def test_cached_greedy_equals_full_forward(kind, split_softmax, text_len, seed):
-    model = tiny_vlm(kind, split_softmax)
+    check_cached_greedy(tiny_vlm(kind, split_softmax), kind, text_len)
+
+
+@pytest.mark.parametrize("kind,split_softmax", KINDS)
+def test_cached_greedy_with_a_sliding_window(kind, split_softmax, seed):
+    """A window of 5 (less than an image and its neighbours, less than the prompts): the
+    decode steps drop the keys that slide out, by position, right-padded rows included."""
+    check_cached_greedy(tiny_vlm(kind, split_softmax, window=5), kind, 9)
+
+
+def check_cached_greedy(model, kind, text_len):
     model64 = copy.deepcopy(model).double()
     prompts = [random_prompt(text_len, images) for images in (1, 2, 0)]
     # the prefix is at least one token and may end anywhere in the prompt, inside an image too

@@ -48,6 +48,20 @@ def test_window_mask_and_block_maps(kind, split, seed):
     assert not layout.is_packed_causal or window >= layout.varlen_segments()[2]
 
 
+@pytest.mark.parametrize("kind,split", all_kinds())
+def test_with_window_derives_the_same_layout(kind, split, seed):
+    """layout.with_window(w) is AttentionLayout(..., window=w) of the same metadata, built once
+    per window and kept (every sliding layer of a forward shares it), and undone by None."""
+    rng = random.Random(seed)
+    window = rng.randint(1, 24)
+    plain, layout = windowed(rng, 2, rng.randint(10, 90), kind, split, window)
+    derived = plain.with_window(window)
+    assert derived is plain.with_window(window) and plain.with_window(None) is plain
+    assert (derived.window, derived.kind, derived.split_softmax) == (window, kind, split)
+    assert torch.equal(derived.dense(), layout.dense())
+    assert derived.with_window(None).window is None and torch.equal(derived.with_window(None).dense(), plain.dense())
+
+
 def test_window_rejects_bad_values():
     seg = torch.zeros(1, 4, dtype=torch.int32)
     for bad in (0, -2, 1.5, True):

@@ -49,6 +49,9 @@ def _hf_float64(hf):
 
 @pytest.mark.parametrize("arch,extra", [("llama", {}), ("llama", {"attention_bias": True}),
                                         ("qwen2", {}), ("mistral", {}),
+                                        ("mistral", {"sliding_window": 7}),
+                                        ("qwen2", {"use_sliding_window": True, "sliding_window": 5,
+                                                   "max_window_layers": 1}),
                                         ("llama", {"tie_word_embeddings": True})])
 def test_logits_and_grads_match_transformers(arch, extra, tmp_path, seed):
     hf = _hf_model(arch, **extra)
@@ -95,9 +98,11 @@ def test_rope_variants_match_transformers(rope, tmp_path, seed):
     assert_close(ours(ids), _hf_float64(hf)(ids).logits, hf(ids).logits, name="logits")
 
 
-def test_packed_samples_are_independent(tmp_path, seed):
-    """Two samples packed in one row give the logits of each sample run alone."""
-    hf = _hf_model("qwen2")
+@pytest.mark.parametrize("extra", [{}, {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 0}])
+def test_packed_samples_are_independent(extra, tmp_path, seed):
+    """Two samples packed in one row give the logits of each sample run alone (a sliding
+    window slides within each sample)."""
+    hf = _hf_model("qwen2", **extra)
     ours, hf64 = _load_ours(hf, tmp_path), _hf_float64(hf)
     a, b = torch.randint(0, 97, (1, 13)), torch.randint(0, 97, (1, 22))
     seg = torch.tensor([[0] * 13 + [1] * 22 + [-1] * 3], dtype=torch.int32)
@@ -119,6 +124,12 @@ def test_config_and_checkpoint_errors(tmp_path):
         LLMConfig(rope_scaling={"rope_type": "longrope"})
     with pytest.raises(ValueError, match="^num_key_value_heads"):
         LLMConfig(num_attention_heads=4, num_key_value_heads=3)
+    for bad in ({"sliding_layers": [0]}, {"sliding_window": 4, "sliding_layers": [2]},
+                {"sliding_window": 4, "sliding_layers": [1, 1]}, {"sliding_window": 4, "sliding_layers": 1}):
+        with pytest.raises(ValueError, match="^sliding_layers"):
+            LLMConfig(num_hidden_layers=2, **bad)
+    with pytest.raises(ValueError, match="^sliding_window"):
+        LLMConfig(sliding_window=0)
     hf = _hf_model("llama")
     hf.save_pretrained(tmp_path)
     from safetensors.torch import load_file, save_file
@@ -197,11 +208,12 @@ def _loss_from_logits(model, ids, seg, labels):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), shift_labels(labels, seg).flatten())
 
 
-@pytest.mark.parametrize("kind", ["causal", "image_bidirectional"])
-def test_loss_skips_padding_and_matches_the_full_rows(kind, seed):
+@pytest.mark.parametrize("kind,window", [("causal", None), ("image_bidirectional", None), ("causal", 4)])
+def test_loss_skips_padding_and_matches_the_full_rows(kind, window, seed):
     """With labels, padding is dropped and the rows run as one packed row: the loss and every
-    gradient are those of running the padded rows in full."""
-    model = LLM(LLMConfig.from_dict(dict(TINY, num_hidden_layers=2, attention_kind=kind)))
+    gradient are those of running the padded rows in full (a sliding window, in the unpadded
+    row too, slides within each sample)."""
+    model = LLM(LLMConfig.from_dict(dict(TINY, num_hidden_layers=2, attention_kind=kind, sliding_window=window)))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -84,19 +84,13 @@ class ForwardLayouts:
 
     def __init__(self, layout: AttentionLayout):
         self.full = layout
-        self._windowed: dict[int, AttentionLayout] = {}
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.full.shape
 
     def get(self, window: int | None = None) -> AttentionLayout:
-        if window is None:
-            return self.full
-        if window not in self._windowed:
-            f = self.full
-            self._windowed[window] = AttentionLayout(f.segment_ids, f.image_ids, f.prefix_mask, f.kind, window=window)
-        return self._windowed[window]
+        return self.full.with_window(window)
 
 
 def build_layout(kind: str, batch: int, length: int, device, *, attention_mask=None, position_ids=None,

@@ -50,9 +50,11 @@ class LLMConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"        # of the gated MLP
-    # Sliding-window attention (Mistral, Qwen2 with use_sliding_window): the decoder does not
-    # apply it yet (nor its KV cache, nor the export), so sequences longer are refused.
+    # Sliding-window attention (Mistral; Qwen2 with use_sliding_window): a query sees the keys
+    # less than `sliding_window` tokens before it (transformers' rule), in the layers
+    # `sliding_layers` lists (None: every layer), in training and generation alike.
     sliding_window: int | None = None
+    sliding_layers: list[int] | None = None
     attention_dropout: float = 0.0  # not implemented: training with it > 0 is refused
     attention_kind: str = "causal"  # layout kind when the caller gives only segment ids
 
@@ -65,6 +67,16 @@ class LLMConfig:
         activation(self.hidden_act, "hidden_act")
         if self.sliding_window is not None:
             self.sliding_window = as_int(self.sliding_window, "sliding_window", minimum=1)
+        if self.sliding_layers is not None:
+            layers = self.num_hidden_layers
+            if self.sliding_window is None:
+                raise ValueError("sliding_layers: given without a sliding_window")
+            if not isinstance(self.sliding_layers, (list, tuple)) or any(
+                    isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < layers for i in self.sliding_layers) \
+                    or len(set(self.sliding_layers)) != len(self.sliding_layers):
+                raise ValueError(f"sliding_layers: expected distinct layer indices in [0, {layers}), "
+                                 f"got {self.sliding_layers!r}")
+            self.sliding_layers = sorted(self.sliding_layers)
         if not 0 <= self.attention_dropout < 1:
             raise ValueError(f"attention_dropout: expected a probability in [0, 1), got {self.attention_dropout}")
         if self.rope_scaling.get("partial_rotary_factor", 1.0) != 1.0:  # transformers applies it to some types
@@ -74,6 +86,12 @@ class LLMConfig:
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_scaling: unsupported rope_type {rope_type!r}; expected one of "
                              f"{', '.join(ROPE_TYPES)}")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer `layer`, None where it attends to everything."""
+        if self.sliding_layers is not None and layer not in self.sliding_layers:
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_dict(cls, d: dict) -> "LLMConfig":
@@ -105,25 +123,28 @@ class LLMConfig:
             qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
             mlp_bias=llama and bool(hf.get("mlp_bias", False)),
             hidden_act=activation_from_hf(hf.get("hidden_act", "silu"), "hidden_act"),
-            sliding_window=_hf_sliding_window(hf, model_type),
+            **_hf_sliding_window(hf, model_type),
             attention_dropout=float(hf.get("attention_dropout") or 0.0))
 
 
-def _hf_sliding_window(hf: dict, model_type: str) -> int | None:
-    """The window transformers applies to some layer, or None (Llama has none; Qwen2 only
-    with use_sliding_window and then on the layers its layer_types / max_window_layers mark)."""
+def _hf_sliding_window(hf: dict, model_type: str) -> dict:
+    """sliding_window / sliding_layers as transformers applies them: Llama has no window,
+    Mistral slides in every layer, Qwen2 only with use_sliding_window and then in the
+    layers its layer_types (or, without them, max_window_layers) mark."""
     window = hf.get("sliding_window")
     if model_type == "llama" or window is None:
-        return None
-    if model_type == "qwen2":
-        if not hf.get("use_sliding_window", False):
-            return None
-        layers = hf["num_hidden_layers"]
-        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
-                                          else "full_attention" for i in range(layers)]
-        if "sliding_attention" not in types:
-            return None
-    return window
+        return {}
+    if model_type != "qwen2":
+        return {"sliding_window": window}
+    if not hf.get("use_sliding_window", False):
+        return {}
+    layers = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
+                                      else "full_attention" for i in range(layers)]
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if not sliding:
+        return {}
+    return {"sliding_window": window, "sliding_layers": None if len(sliding) == layers else sliding}
 
 
 class RMSNorm(nn.Module):
@@ -186,17 +207,16 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, layer: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer = cfg, layer
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(h, cfg.num_attention_heads * d, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, layout: AttentionLayout | None, cache: "KVCache | None" = None,
-                layer: int = 0):
+    def forward(self, x, cos, sin, layout: AttentionLayout | None, cache: "KVCache | None" = None):
         b, n, _ = x.shape
         d = self.cfg.head_dim
         q = self.q_proj(x).view(b, n, -1, d).transpose(1, 2)
@@ -205,22 +225,27 @@ class Attention(nn.Module):
         # fp32 cos/sin would promote autocast's bf16 q, k; attention wants q, k, v in one dtype
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if cache is not None:
-            k_all, v_all = cache.write(layer, k, v)
+            k_all, v_all = cache.write(self.layer, k, v)
+        window = self.cfg.layer_window(self.layer)
         if layout is not None:  # training, or the prefill of generation
-            out = multimodal_attention(q, k, v.contiguous(), layout)
+            out = multimodal_attention(q, k, v.contiguous(), layout.with_window(window))
         else:
-            out = decode_attention(q, k_all, v_all, cache)
+            out = decode_attention(q, k_all, v_all, cache, window)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
-def decode_attention(q, k, v, cache: KVCache) -> torch.Tensor:
+def decode_attention(q, k, v, cache: KVCache, window: int | None = None) -> torch.Tensor:
     """A decode step's attention over the cache. Generated tokens are text and come
     after the prompt, so every kind lets them see every valid key of their row (the
-    prompt's own rows were computed by the prefill on its layout); under mmca's split
+    prompt's own rows were computed by the prefill on its layout), within a sliding
+    `window` the keys less than `window` positions before the query; under mmca's split
     softmax the text keys and the image keys are two softmaxes, summed, a branch
     without keys giving 0, as multimodal_attention computes it for a text query."""
     n = k.shape[2]
     valid = cache.key_valid[:, :n]
+    if window is not None:  # positions, not cache slots: a right-padded prompt leaves a gap
+        pos = cache.key_pos[:, :n]
+        valid = valid & (pos > pos[:, -1:] - window)
     gqa = k.shape[1] != q.shape[1]
     if not cache.split_softmax:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None], enable_gqa=gqa)
@@ -245,15 +270,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layout, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache, layer)
+    def forward(self, x, cos, sin, layout, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -261,7 +286,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
 
@@ -271,7 +296,8 @@ class KVCache:
 
     Every row appends at the same index; `key_valid` marks which cached
     positions are real tokens (padding of the prompt stays invalid), `key_image`
-    which are image tokens (for mmca's split softmax, `split_softmax`)."""
+    which are image tokens (for mmca's split softmax, `split_softmax`), `key_pos`
+    their positions (for a sliding window)."""
 
     def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype, device, split_softmax: bool = False):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -279,6 +305,7 @@ class KVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.key_image = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.key_pos = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.split_softmax = split_softmax
         self.length = 0  # positions written by completed steps
 
@@ -353,8 +380,8 @@ class LLM(nn.Module):
         if cache is None:
             (x,) = run_blocks(self.model.layers, x, self.checkpointing, cos=cos, sin=sin, layout=layout)
         else:  # generation: no autograd, so no checkpointing, and each layer has its cache slot
-            for i, block in enumerate(self.model.layers):
-                x = block(x, cos, sin, layout, cache, i)
+            for block in self.model.layers:
+                x = block(x, cos, sin, layout, cache)
             cache.length += x.shape[1]
         return self.model.norm(x)
 
@@ -402,7 +429,9 @@ class LLM(nn.Module):
         cache = KVCache(self.config, b, n + max_new_tokens, x.dtype, x.device, split_softmax=layout.split_softmax)
         cache.key_valid[:, :n] = mask
         cache.key_image[:, :n] = layout.image_ids >= 0
-        h = self._run_layers(x, positions_of(layout), layout, cache)
+        positions = positions_of(layout)
+        cache.key_pos[:, :n] = positions
+        h = self._run_layers(x, positions, layout, cache)
         last = n - 1 - mask.flip(1).long().argmax(1)  # last prompt token of each row
         logits = self.lm_head(h[torch.arange(b), last])
         next_pos = mask.sum(1, keepdim=True)
@@ -420,6 +449,7 @@ class LLM(nn.Module):
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             cache.key_valid[:, n + step] = True
+            cache.key_pos[:, n + step] = next_pos[:, 0]
             h = self._run_layers(self.model.embed_tokens(tok[:, None]), next_pos, None, cache)
             logits = self.lm_head(h[:, -1])
             next_pos = next_pos + 1
@@ -497,22 +527,17 @@ def check_labels(labels, shape: tuple[int, int], vocab_size: int | None) -> None
 
 def check_positions(cfg: LLMConfig, length: int, arg: str, positions: torch.Tensor | None = None,
                     live: torch.Tensor | None = None) -> None:
-    """Unscaled RoPE was trained on max_position_embeddings positions: refuse more. A
-    sliding window shorter than the sequence would change the attention: refuse it too.
-    `length` is the row length; a longer row than a limit may still pack segments that
-    each fit (positions restart per segment): then the largest of `positions` at `live`
-    tokens decides, at the cost of one host sync, for such rows only."""
-    rope_limit = cfg.max_position_embeddings if cfg.rope_scaling.get("rope_type", "default") == "default" else None
-    limits = [lim for lim in (rope_limit, cfg.sliding_window) if lim is not None]
-    if positions is not None and limits and length > min(limits):
+    """Unscaled RoPE was trained on max_position_embeddings positions: refuse more.
+    `length` is the row length; a longer row may still pack segments that each fit
+    (positions restart per segment): then the largest of `positions` at `live` tokens
+    decides, at the cost of one host sync, for such rows only."""
+    if cfg.rope_scaling.get("rope_type", "default") != "default" or length <= cfg.max_position_embeddings:
+        return
+    if positions is not None:
         length = int(torch.where(live, positions, -1).max()) + 1
-    if cfg.rope_scaling.get("rope_type", "default") == "default" and length > cfg.max_position_embeddings:
+    if length > cfg.max_position_embeddings:
         raise ValueError(f"{arg}: sequence of {length} tokens is longer than max_position_embeddings "
                          f"({cfg.max_position_embeddings}) and RoPE is not scaled")
-    if cfg.sliding_window is not None and length > cfg.sliding_window:
-        raise ValueError(f"sliding_window: {arg} make a sequence of {length} tokens, longer than the model's "
-                         f"attention window ({cfg.sliding_window}); its window is not applied yet, so "
-                         f"it would attend past it: use at most {cfg.sliding_window} tokens")
 
 
 def _segment_count(seg: torch.Tensor) -> torch.Tensor:

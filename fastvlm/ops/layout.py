@@ -214,6 +214,7 @@ class AttentionLayout:
         self.is_image = (img >= 0).contiguous()
         self._block_maps: dict[tuple[int, int], BlockMap] = {}
         self._query_blocks: dict[tuple[int, int], torch.Tensor] = {}
+        self._windowed: dict[int | None, AttentionLayout] = {}
 
     # ---- derived metadata ------------------------------------------------------------
     def _token_runs(self) -> mask_kinds.Tokens:
@@ -252,6 +253,16 @@ class AttentionLayout:
         return AttentionLayout(self.segment_ids.to(device), self.image_ids.to(device),
                                None if self.prefix_mask is None else self.prefix_mask.to(device),
                                self.kind, split_softmax=self.split_softmax, window=self.window)
+
+    def with_window(self, window: int | None) -> "AttentionLayout":
+        """This mask with a sliding ``window`` (None: without one), built once per window
+        and kept: every sliding layer of a forward shares it (and its block maps)."""
+        if window == self.window:
+            return self
+        if window not in self._windowed:
+            self._windowed[window] = AttentionLayout(self.segment_ids, self.image_ids, self.prefix_mask, self.kind,
+                                                     split_softmax=self.split_softmax, window=window)
+        return self._windowed[window]
 
     def unpadded(self) -> tuple["AttentionLayout", torch.Tensor]:
         """(the same mask over the live tokens only, as one row [1, T], and their flat indices
