@@ -266,6 +266,10 @@ def test_refuses_what_hf_llava_cannot_express(tmp_path):
         cfg.llm = LLMConfig(**{**vars(cfg.llm), **llm})
         with pytest.raises(ValueError, match=match):
             to_hf_llava(VLM(cfg))
+    cfg = _config("clip", "qwen2")
+    cfg.llm = LLMConfig(**{**vars(cfg.llm), "sliding_window": 3, "sliding_layers": [0]})
+    with pytest.warns(UserWarning, match="4.x would slide every layer from max_window_layers=0"):
+        to_hf_llava(VLM(cfg))
     with pytest.raises(ValueError, match="no LoRA adapters"):
         export_model(VLM(_config()), tmp_path / "p", "peft")
     with pytest.raises(ValueError, match="format"):

@@ -67,6 +67,8 @@ def test_window_rejects_bad_values():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="window"):
             AttentionLayout(seg, window=bad)
+        with pytest.raises(ValueError, match="window"):  # True == 1 as a key of its cache: checked first
+            AttentionLayout(seg, window=1).with_window(bad)
 
 
 @pytest.mark.parametrize("kind,split", all_kinds())

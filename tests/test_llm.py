@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastvlm.models.llm import LLM, LLMConfig
+from fastvlm.ops import AttentionLayout
 from tests.utils import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -130,6 +131,12 @@ def test_config_and_checkpoint_errors(tmp_path):
             LLMConfig(num_hidden_layers=2, **bad)
     with pytest.raises(ValueError, match="^sliding_window"):
         LLMConfig(sliding_window=0)
+    # one form per meaning: every layer listed is None, no layer listed is no window
+    assert LLMConfig(num_hidden_layers=2, sliding_window=4, sliding_layers=[1, 0]).sliding_layers is None
+    assert LLMConfig(num_hidden_layers=2, sliding_window=4, sliding_layers=[]).sliding_window is None
+    assert LLMConfig.from_hf({**TINY, "model_type": "mistral"}).sliding_window == 4096  # transformers' default
+    assert LLMConfig.from_hf({**TINY, "model_type": "qwen2", "use_sliding_window": True,
+                              "max_window_layers": 1}).sliding_layers == [1]
     hf = _hf_model("llama")
     hf.save_pretrained(tmp_path)
     from safetensors.torch import load_file, save_file
@@ -147,6 +154,11 @@ def test_config_and_checkpoint_errors(tmp_path):
         ours(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="^labels"):
         ours(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 3, dtype=torch.long))
+    windowed = AttentionLayout(torch.zeros(1, 4, dtype=torch.int32)).with_window(2)
+    for call in (lambda: ours(torch.zeros(1, 4, dtype=torch.long), layout=windowed),
+                 lambda: ours.generate(torch.zeros(1, 4, dtype=torch.long), layout=windowed, max_new_tokens=1)):
+        with pytest.raises(ValueError, match="^layout: has window=2"):
+            call()
 
 
 def _greedy_by_recompute(model, prompt, steps):

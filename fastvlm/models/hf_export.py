@@ -117,15 +117,19 @@ def _text_config(llm, tokenizer_ids: dict) -> dict:
     if qwen2:
         sliding = [c.layer_window(i) is not None for i in range(c.num_hidden_layers)]
         # transformers 4.x reads max_window_layers (the layers from it on slide), 5.x layer_types
-        text.update(use_sliding_window=any(sliding), sliding_window=c.sliding_window,
-                    max_window_layers=sliding.index(True) if any(sliding) else c.num_hidden_layers,
+        first = sliding.index(True) if any(sliding) else c.num_hidden_layers
+        if not all(sliding[first:]):
+            warnings.warn(f"model: sliding_layers {c.sliding_layers} are not the last layers; transformers 5 "
+                          "reads them from layer_types, but 4.x would slide every layer from "
+                          f"max_window_layers={first} on", stacklevel=3)
+        text.update(use_sliding_window=any(sliding), sliding_window=c.sliding_window, max_window_layers=first,
                     layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
     elif c.sliding_window is not None:  # Mistral: Llama's layers, every one sliding
         if c.qkv_bias or c.mlp_bias:
             raise ValueError("model: a sliding-window LLM with q/k/v or MLP biases has no Hugging Face "
                              "(Mistral / Qwen2) equivalent")
         if c.sliding_layers is not None:
-            raise ValueError(f"model: sliding_layers {c.sliding_layers} (not every layer) needs Qwen2's layer "
+            raise ValueError(f"model: sliding_layers {c.sliding_layers} (not every layer) need Qwen2's layer "
                              "types, and so its q/k/v biases; Mistral slides in every layer")
         text.update(model_type="mistral", sliding_window=c.sliding_window)
     else:

@@ -77,6 +77,10 @@ class LLMConfig:
                 raise ValueError(f"sliding_layers: expected distinct layer indices in [0, {layers}), "
                                  f"got {self.sliding_layers!r}")
             self.sliding_layers = sorted(self.sliding_layers)
+            if len(self.sliding_layers) == layers:  # one form per meaning: every layer is None
+                self.sliding_layers = None
+            elif not self.sliding_layers:
+                self.sliding_window, self.sliding_layers = None, None
         if not 0 <= self.attention_dropout < 1:
             raise ValueError(f"attention_dropout: expected a probability in [0, 1), got {self.attention_dropout}")
         if self.rope_scaling.get("partial_rotary_factor", 1.0) != 1.0:  # transformers applies it to some types
@@ -131,7 +135,7 @@ def _hf_sliding_window(hf: dict, model_type: str) -> dict:
     """sliding_window / sliding_layers as transformers applies them: Llama has no window,
     Mistral slides in every layer, Qwen2 only with use_sliding_window and then in the
     layers its layer_types (or, without them, max_window_layers) mark."""
-    window = hf.get("sliding_window")
+    window = hf.get("sliding_window", 4096)  # transformers' default where the key is absent
     if model_type == "llama" or window is None:
         return {}
     if model_type != "qwen2":
@@ -207,7 +211,7 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LLMConfig, layer: int = 0):
+    def __init__(self, cfg: LLMConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, d = cfg.hidden_size, cfg.head_dim
@@ -270,7 +274,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig, layer: int = 0):
+    def __init__(self, cfg: LLMConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
@@ -370,6 +374,7 @@ class LLM(nn.Module):
             layout = self.layout_for(segment_ids)
         if layout.shape != (b, n):
             raise ValueError(f"layout: shape {layout.shape} does not match the tokens ({b}, {n})")
+        check_no_window(layout)
         if position_ids is None:  # restart at every packed segment
             position_ids = positions_of(layout)
         check_positions(self.config, n, "input_ids", position_ids, layout.segment_ids >= 0)
@@ -417,6 +422,7 @@ class LLM(nn.Module):
             raise ValueError("prefix_mask: give it to the layout, not next to one")
         elif not torch.equal(layout.segment_ids >= 0, mask):
             raise ValueError("layout: its padding must match attention_mask")
+        check_no_window(layout)
         if bool((_segment_count(layout.segment_ids) > 1).any()):
             raise ValueError("layout: generate continues one sample per row; a row packs several segments")
         if not (temperature >= 0 and 0 < top_p <= 1):
@@ -538,6 +544,14 @@ def check_positions(cfg: LLMConfig, length: int, arg: str, positions: torch.Tens
     if length > cfg.max_position_embeddings:
         raise ValueError(f"{arg}: sequence of {length} tokens is longer than max_position_embeddings "
                          f"({cfg.max_position_embeddings}) and RoPE is not scaled")
+
+
+def check_no_window(layout: AttentionLayout) -> None:
+    """The decoder windows its sliding layers itself (config.sliding_window); a layout that
+    brings a window would also shift the RoPE positions, which count from its interval."""
+    if layout.window is not None:
+        raise ValueError(f"layout: has window={layout.window}; give it without one (the decoder applies "
+                         "config.sliding_window to its sliding layers)")
 
 
 def _segment_count(seg: torch.Tensor) -> torch.Tensor:

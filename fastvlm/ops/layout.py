@@ -104,6 +104,11 @@ class BlockMap:
         return BlockMap(self.block_q, self.block_k, self.seq_len, *(t.to(device) for t in self.tensors))
 
 
+def _check_window(window) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        _fail("window", f"expected None or a positive int, got {window!r}")
+
+
 def _fail(arg: str, msg: str):
     raise ValueError(f"{arg}: {msg}")
 
@@ -169,8 +174,7 @@ class AttentionLayout:
 
     def __init__(self, segment_ids, image_ids=None, prefix_mask=None, kind: str = "causal", *,
                  split_softmax: bool = False, window: int | None = None):
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            _fail("window", f"expected None or a positive int, got {window!r}")
+        _check_window(window)
         if kind not in KIND_DEFS:
             _fail("kind", f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
         if split_softmax and not KIND_DEFS[kind].split_softmax:
@@ -257,6 +261,7 @@ class AttentionLayout:
     def with_window(self, window: int | None) -> "AttentionLayout":
         """This mask with a sliding ``window`` (None: without one), built once per window
         and kept: every sliding layer of a forward shares it (and its block maps)."""
+        _check_window(window)  # before the lookup: True == 1 and 3.0 == 3 as dict keys
         if window == self.window:
             return self
         if window not in self._windowed:
