@@ -8,6 +8,8 @@
     python benchmarks/bench_attention.py --device cpu    # CPU: fastvlm's CPU path (sdpa_cpu) vs SDPA
                                                          # with the dense mask vs the reference, every
                                                          # kind, N = 1k 2k 8k, fp32 (~15 min on 2 cores)
+    python benchmarks/bench_attention.py --window 1024   # every layout with a sliding window (Mistral's
+                                                         # layers): results in bench_attention_window1024_*
 
 Per (layout, kind, N, head_dim): median ms (CUDA events) of forward and
 forward+backward, TFLOP/s counted on allowed (query, key) pairs only, ratio
@@ -112,7 +114,7 @@ def methods_for(layout: AttentionLayout, plain: bool, device: str, smoke: bool):
         dense = layout.dense()[:, None]
         out["sdpa_dense"] = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense,
                                                                             **group_kw), None)
-        if plain and layout.kind == "causal" and device == "cuda":
+        if plain and layout.kind == "causal" and layout.window is None and device == "cuda":
             def sdpa_flash(q, k, v):
                 with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True, **group_kw)
@@ -222,7 +224,7 @@ def _run_grid(args, device: str, dtype) -> list[dict]:
                     if kind not in args.kinds:
                         continue
                     t0 = _sync_time(device)
-                    layout = build_layout(name, kind, n, args.batch, 0, device)
+                    layout = build_layout(name, kind, n, args.batch, 0, device).with_window(args.window)
                     if device == "cuda" or args.smoke:
                         cfg = kernels.pick_config(torch.device(device), d)
                         layout.block_map(cfg.block_m, cfg.block_n)
@@ -236,7 +238,8 @@ def _run_grid(args, device: str, dtype) -> list[dict]:
                     v = torch.randn_like(k)
                     for method, (fn, setup_s) in methods_for(layout, name == "plain", device, args.smoke).items():
                         res = measure(fn, q, k, v, device, args.repeats, fwd_warmup)
-                        row = {"layout": name, "kind": kind, "N": n, "head_dim": d, "method": method, **res}
+                        row = {"layout": name, "kind": kind, "N": n, "head_dim": d, "window": args.window,
+                               "method": method, **res}
                         if method == "fastvlm":
                             row["setup_ms"] = meta_ms
                         elif setup_s is not None:
@@ -285,7 +288,7 @@ def training_loop(args, device: str, dtype) -> list[dict]:
     def run(step_fn):
         t0 = _sync_time(device)
         for n, family, seed in batches:
-            layout = build_layout(family, kind, n, args.batch, seed, device)
+            layout = build_layout(family, kind, n, args.batch, seed, device).with_window(args.window)
             q, k, v = (torch.randn(args.batch, h, n, d, device=device, dtype=dtype, requires_grad=True)
                        for h in (args.heads, hkv, hkv))
             out = step_fn(q, k, v, layout)
@@ -319,8 +322,9 @@ def training_loop(args, device: str, dtype) -> list[dict]:
 
 # ---- output ----------------------------------------------------------------------------------
 def markdown(env, args, rows, loop) -> str:
+    window = "" if args.window is None else f", sliding window {args.window} on every layout"
     lines = [f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, "
-             f"dtype {args.dtype}, batch {args.batch}, heads {args.heads} (GQA {args.gqa})", ""]
+             f"dtype {args.dtype}, batch {args.batch}, heads {args.heads} (GQA {args.gqa}){window}", ""]
     if args.smoke:
         lines += ["**Smoke run on CPU: the Triton kernel runs in the interpreter. This is NOT a speed test;"
                   " the numbers only show that the script works.**", ""]
@@ -390,12 +394,16 @@ def parse_args(argv=None):
     p.add_argument("--gqa", type=int, default=None, help="query heads per kv head")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--window", type=int, default=None,
+                   help="a sliding window on every layout (keys >= W positions before the query dropped)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .json, .md and .png")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     tiny = args.smoke
     if tiny and args.device == "cuda":
         p.error("--smoke runs on CPU (the Triton interpreter); drop --device cuda")
+    if args.window is not None and args.window < 1:
+        p.error(f"--window: expected a positive number of tokens, got {args.window}")
     args.device = "cpu" if tiny else (args.device or "cuda")
     defaults = {"n": [48] if tiny else [2048, 4096, 8192, 16384], "head_dims": [32] if tiny else [64, 128],
                 "batch": 1 if tiny else 2, "heads": 2 if tiny else 16, "gqa": 2 if tiny else 1,
@@ -424,6 +432,8 @@ def main(argv=None):
     rows = run_grid(args, device, dtype)
     loop = [] if cpu_table else training_loop(args, device, dtype)  # its 50 batches are a GPU scenario
     tag = "smoke" if args.smoke else "CPU" if cpu_table else env["device"].replace(" ", "_")
+    if args.window is not None:  # its own results file: the window-free table stays the headline
+        tag = f"window{args.window}_{tag}"
     text = markdown(env, args, rows, loop)
     print(text)
     payload = {"benchmark": "bench_attention", "env": env, "args": {k: str(v) for k, v in vars(args).items()},

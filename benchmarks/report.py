@@ -107,12 +107,15 @@ def _attention(d):
     """fwd+bwd speed-up over each baseline, the range over layouts and kinds, per N."""
     out = []
     baselines = sorted({r["method"] for r in d["rows"]} - {"fastvlm", "reference"})
+    window = d.get("args", {}).get("window", "None")
+    under = "" if window == "None" else f", sliding window {window}"
     for method in baselines:
         for n in sorted({r["N"] for r in d["rows"]}):
             ratios = [r["fwd_bwd_ratio"] for r in d["rows"] if r["method"] == method and r["N"] == n
                       and r.get("fwd_bwd_ratio")]
             if ratios:
-                out.append((f"attention fwd+bwd vs {method}, N={n} ({len(ratios)} layouts x kinds): speed-up range",
+                out.append((f"attention fwd+bwd vs {method}, N={n}{under} ({len(ratios)} layouts x kinds): "
+                            "speed-up range",
                             f"{min(ratios):.2f}-{max(ratios):.2f}x", min(ratios)))
     return out
 
