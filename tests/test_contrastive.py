@@ -31,7 +31,7 @@ def _loss_and_grads(fn, x, y, scale, bias, dtype, **kw):
     return [loss.detach()] + [t.grad for t in leaves]
 
 
-def _scalar_floor_scales(x, y, scale, bias, kind):
+def _scalar_floor_scales(x, y, scale, bias, kind, chunk):
     """Floor scales for the three scalars (loss, d log t, d b), from error analysis.
 
     Any fp32 implementation rounds each logit l_ij by about u |l_ij|. To first order that
@@ -39,15 +39,26 @@ def _scalar_floor_scales(x, y, scale, bias, kind):
     (sum G_ij l_ij and sum G_ij) by at most sum (|G_ij| + |l_ij|) u |l_ij| and
     sum u |l_ij| |dG/dl| <= sum u |l_ij|, since |dG_ij/dl| <= 1 for both losses. The
     plain-PyTorch baseline can be far luckier than that on a given input (its matching
-    logit minus the row max is exactly 0), so these are the floors, not its error."""
+    logit minus the row max is exactly 0), so these are the floors, not its error.
+
+    Then the sums themselves: a chunked pass adds ceil(B / chunk) partial sums one after
+    another, each a reduction over chunk x B terms, and recursive summation of terms s_k
+    errs by at most (its depth) u sum |s_k| (Higham). The loss's terms are all >= 0, so
+    sum |s_k| is the loss; the scalar gradients sum G_ij (l_ij - b) and G_ij. With chunk 1
+    that depth is B, which the one-reduction baseline never pays."""
     x, y = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1)
+    b = x.shape[0]
+    depth = math.ceil(b / chunk) + math.ceil(math.log2(min(chunk, b) * b))
     t = scale.clamp(max=math.log(100.0)).exp() if kind == "softmax" else scale.exp()
-    logits = (t * x @ y.T).requires_grad_()
-    (g,) = torch.autograd.grad(loss_from_logits(logits, kind, bias), logits)
-    size = logits.abs().detach() / logits.shape[0]  # G carries the 1/B; so does its sensitivity
-    logits = logits.detach()
-    return [float((g.abs() * logits.abs()).sum()), float(((g.abs() + size) * logits.abs()).sum()),
-            float(size.sum())]
+    sims = t * x @ y.T
+    logits = sims.clone().requires_grad_()
+    loss = loss_from_logits(logits, kind, bias)
+    (g,) = torch.autograd.grad(loss, logits)
+    size = logits.abs().detach() / b  # G carries the 1/B; so does its sensitivity
+    logits, g = logits.detach(), g.abs()
+    return [float((g * logits.abs()).sum() + depth * loss.detach().abs()),
+            float(((g + size) * logits.abs()).sum() + depth * (g * sims.abs()).sum()),
+            float(size.sum() + depth * g.sum())]
 
 
 def _embedding_floor_scales(x, y, scale, bias, kind):
@@ -80,7 +91,7 @@ def test_chunked_matches_float64_definition(kind, b, chunk, dtype, seed):
     ref64 = _loss_and_grads(contrastive_loss_reference, x, y, scale, bias, torch.float64, kind=kind)
     base32 = _loss_and_grads(contrastive_loss_reference, x, y, scale, bias, dtype, kind=kind)
     got = _loss_and_grads(contrastive_loss, x, y, scale, bias, dtype, kind=kind, chunk=chunk)
-    floor = _scalar_floor_scales(x, y, scale.double(), bias, kind)
+    floor = _scalar_floor_scales(x, y, scale.double(), bias, kind, chunk)
     scales = [floor[0], *_embedding_floor_scales(x, y, scale.double(), bias, kind), floor[1], floor[2]]
     names = ["loss", "d image_emb", "d text_emb", "d logit_scale", "d logit_bias"]
     for name, g, r, p, sc in zip(names, got, ref64, base32, scales):
