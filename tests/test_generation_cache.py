@@ -160,9 +160,11 @@ def test_generate_never_emits_the_image_placeholder(seed):
     img = model.config.image_token_id = VOCAB - 1
     ids = torch.randint(0, VOCAB - 1, (2, 7))
     lm = model.language_model
-    first = lm.generate(ids, max_new_tokens=1)[:, 0]
-    with torch.no_grad():
-        lm.lm_head.weight[img] = 10 * lm.lm_head.weight[first[0]]
+    # the greedy first token apart from the placeholder (which a random model may prefer already)
+    first = lm.generate(ids, max_new_tokens=1, suppress_tokens=[img])[:, 0]
+    with torch.no_grad():  # the placeholder's logit := the first token's + 5 for row 0's last state
+        h = lm.hidden_states(ids)[0, -1]
+        lm.lm_head.weight[img] = lm.lm_head.weight[first[0]] + 5 * h / h.dot(h)
     plain = lm.generate(ids, max_new_tokens=NEW_TOKENS)
     assert plain[0, 0] == img, "the construction should make the placeholder the greedy choice"
     out = model.generate(ids, max_new_tokens=NEW_TOKENS)
