@@ -214,7 +214,8 @@ def test_transformers_trainer_one_line(tmp_path, seed):
 @pytest.mark.parametrize("name", H.FAMILIES)
 def test_convergence_like_liger(name, seed):
     """Two trainings of the same mini model from one seed, patched and unpatched (and the
-    float64 reference): the loss at every step and all parameters at the end agree."""
+    float64 reference): the loss at every step and all parameters at the end agree, within
+    the widest deviation of equally valid plain fp32 runs (see NUDGED_RUNS)."""
     steps = 12  # Liger uses ~30; tiny models diverge measurably in fewer, and the suite stays short
     group = H.samples(name, H.build(name, seed), seed + 1, EQUAL)
     inputs = labelled(group)
@@ -232,11 +233,30 @@ def test_convergence_like_liger(name, seed):
         return torch.stack(out), torch.cat([p.detach().flatten() for p in model.parameters()])
 
     ref = train(H.build(name, seed, torch.float64))
-    base = train(H.build(name, seed))
+    bases = [train(H.build(name, seed))] + [train(nudged(H.build(name, seed), k)) for k in range(NUDGED_RUNS)]
     got = train(patch(H.build(name, seed)))
     assert float(got[0][-1]) < float(got[0][0])  # it learns
-    assert_close(got[0], ref[0], base[0], torch.float32, name="losses per step")
-    assert_close(got[1], ref[1], base[1], torch.float32, name="parameters after training")
+    for i, what in enumerate(("losses per step", "parameters after training")):
+        base = max((b[i] for b in bases), key=lambda b: float((b.double() - ref[i]).norm()))
+        assert_close(got[i], ref[i], base, torch.float32, name=what)
+
+
+# A trajectory's deviation from float64 is one draw of rounding amplified by the training
+# dynamics, and one plain fp32 run may draw luckily: 12 of 341 seeds of Gemma 3 put a correct
+# patched run past 4x the plain run's deviation. The baseline is therefore the widest of
+# several equally valid plain fp32 runs, the model as built and copies with every weight moved
+# by one ulp either way (as a rounding could have left it): with 6 such copies those 341 seeds
+# all pass, the worst at error / bound 0.47 (with 3 copies, 1.04).
+NUDGED_RUNS = 6
+
+
+def nudged(model, k: int):
+    gen = torch.Generator().manual_seed(k)
+    with torch.no_grad():
+        for p in model.parameters():
+            sign = torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1
+            p.mul_(1 + sign * torch.finfo(p.dtype).eps)
+    return model
 
 
 def test_unsupported_version_and_class(monkeypatch):
