@@ -6,6 +6,10 @@ flash-attn, xformers): each op falls back to its reference implementation, and
 """
 __version__ = "0.1.0"
 
+from fastvlm.utils import quiet  # noqa: E402
+
+quiet.install()  # before anything imports bitsandbytes
+
 from fastvlm import ops  # noqa: E402,F401
 from fastvlm.models.vlm import VLM, VLMConfig  # noqa: E402
 

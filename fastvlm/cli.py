@@ -301,7 +301,11 @@ def main(argv=None) -> int:
     elif getattr(args, "missing", None):
         raise SystemExit(f"fastvlm {args.command}: unavailable ({args.missing})")
     elif args.command == "eval":
-        return _delegate("fastvlm.train.evaluation", "cli_eval")(args) or 0
+        try:
+            return _delegate("fastvlm.train.evaluation", "cli_eval")(args) or 0
+        except ValueError as err:  # a bad path or run directory: the message names it
+            print(f"fastvlm eval: {err}", file=sys.stderr)
+            return 2
     else:
         return _delegate("fastvlm.train.export", "cli_export")(args) or 0
     return 0

@@ -1,5 +1,6 @@
 """The trainer's pieces: what a stage trains, per-group LRs, gradient accumulation, the
 feature cache, non-finite losses, run-directory checks."""
+import json
 import re
 
 import pytest
@@ -161,5 +162,13 @@ def test_non_finite_losses_stop_the_run_naming_stage_and_step(tmp_path, monkeypa
 
 def test_run_dir_of_another_recipe_is_refused(tmp_path):
     prepare_run_dir(tiny_recipe(), tmp_path, resume=False)
+    (tmp_path / "final").mkdir()  # it trained
     with pytest.raises(ValueError, match="holds a run of another recipe"):
         prepare_run_dir(tiny_recipe(["stages.lm.lr.llm=5e-4"]), tmp_path, resume=True)
+
+
+def test_run_dir_of_a_start_that_trained_nothing_is_accepted(tmp_path):
+    prepare_run_dir(tiny_recipe(), tmp_path, resume=False)
+    other = tiny_recipe(["stages.lm.lr.llm=5e-4"])
+    prepare_run_dir(other, tmp_path, resume=False)  # no checkpoint, no final model: nothing to protect
+    assert json.loads((tmp_path / "recipe.json").read_text())["digest"] == other.digest()

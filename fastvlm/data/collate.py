@@ -3,7 +3,8 @@
 An item is one sample as ``VLMDataset`` returns it: ``input_ids`` and ``labels``
 (LongTensor [L], labels unshifted, -100 = not supervised), ``pixel_values``
 ([n_img, 3, H, W] or None), ``image_spans`` ((start, length) of each image's
-token run, in placeholder order), ``prefix_len`` and ``id``.
+token run, in placeholder order), ``prefix_len``, ``id`` and ``image_files`` (the files
+its images came from: the feature cache's keys).
 
 ``PackedCollator`` lays the items of one planned row side by side in rows of
 exactly ``budget`` tokens; ``PaddedCollator`` gives each item its own row,
@@ -60,7 +61,7 @@ def collate_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: 
     image_ids = torch.full((batch_size, width), -1, dtype=torch.int32)
     position_ids = torch.zeros((batch_size, width), dtype=torch.long)
     prefix_mask = torch.zeros((batch_size, width), dtype=torch.bool) if kind == "prefix_lm" else None
-    images, ids, supervised = [], [], 0
+    images, files, ids, supervised = [], [], [], 0
     for r, row in enumerate(rows):
         start = 0
         for s, item in enumerate(row):
@@ -74,13 +75,15 @@ def collate_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: 
             for k, (span_start, span_len) in enumerate(item.get("image_spans", ())):
                 image_ids[r, start + span_start:start + span_start + span_len] = len(images)
                 images.append(item["pixel_values"][k])
+            files += item.get("image_files", ())
             supervised += int((item["labels"][1:] != -100).sum())  # the first token is never a target
             ids.append(item.get("id"))
             start = end
     real = int((segment_ids >= 0).sum())
     return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids, "image_ids": image_ids,
             "position_ids": position_ids, "prefix_mask": prefix_mask,
-            "images": torch.stack(images) if images else None, "ids": ids, "num_samples": len(ids),
+            "images": torch.stack(images) if images else None, "image_files": files, "ids": ids,
+            "num_samples": len(ids),
             "real_tokens": real, "row_tokens": batch_size * width, "supervised_tokens": supervised}
 
 

@@ -104,10 +104,9 @@ class VLMDataset(Dataset):
         encoded = self._encode(sample)
         if encoded is None:
             return None
-        pixels = []
-        for rel in sample.images[:encoded.num_images]:  # images cut off with their turns are not decoded
-            image = load_image(self.image_root / rel, self.preprocessor, self.strict, counter=self.skipped,
-                               **self.image_checks)
+        pixels, files = [], [self.image_root / rel for rel in sample.images[:encoded.num_images]]
+        for path in files:  # images cut off with their turns are not decoded
+            image = load_image(path, self.preprocessor, self.strict, counter=self.skipped, **self.image_checks)
             if image is None:
                 return None
             pixels.append(image)
@@ -115,7 +114,7 @@ class VLMDataset(Dataset):
                 "labels": torch.tensor(encoded.labels, dtype=torch.long),
                 "pixel_values": torch.stack(pixels) if pixels else None,
                 "image_spans": image_spans(encoded.input_ids, self.tokenizer.image_token_id, self.image_tokens),
-                "id": sample.id, "prefix_len": encoded.prefix_len, "index": index}
+                "image_files": files, "id": sample.id, "prefix_len": encoded.prefix_len, "index": index}
 
     # ---- cheap per-sample metadata for the sampler ----------------------------------------
     def _estimates(self) -> np.ndarray:

@@ -38,6 +38,8 @@ class PackedBatchSampler(Sampler[list[int]]):
                  batch_size: int | None = None, has_images: Sequence[bool] | None = None,
                  truncation: str = "turn", window: int = 16384):
         self.lengths = np.asarray(check_lengths(lengths), dtype=np.int64)
+        if not len(self.lengths):  # an epoch of no batches would never end
+            raise ValueError("lengths: no samples to plan batches over (an empty dataset)")
         self.budget = check_budget(budget)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed: expected a non-negative int, got {seed!r}")

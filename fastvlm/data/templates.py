@@ -13,10 +13,13 @@ token string. Templates:
 
 - ``plain``: LLaVA stage 1 (``conv_llava_plain``): the human turn reduced to its image tags,
   then the caption and ``"\\n"``; caption and newline supervised.
-- ``llava_v1``: Vicuna v1 as LLaVA's ``preprocess_v1``: ``"{system} USER: {q} ASSISTANT: {a}</s>"``
-  per round (``</s>`` is the tokenizer's EOS token; Vicuna's is ``</s>``), each ``<image>``
-  moved to the start of its turn followed by ``"\\n"``; the answer (with the space before
-  it) and the end token supervised.
+- ``llava_v1``: LLaVA's ``conv_llava_v1`` as its ``preprocess_v1`` renders it:
+  ``"{system} USER: {q} ASSISTANT: {a}</s>"`` per round (``</s>`` is the tokenizer's EOS
+  token; Vicuna's is ``</s>``), each ``<image>`` moved to the start of its turn followed by
+  ``"\\n"``; the answer (with the space before it) and the end token supervised. Its system
+  prompt speaks of a "curious human".
+- ``vicuna_v1`` (alias ``v1``): LLaVA's ``conv_vicuna_v1``, the same rounds with the system
+  prompt of a "curious user": what LLaVA-1.5's scripts train with (``--version v1``).
 - ``literal`` (role words as plain text): ``"Question: {q}\\nAnswer: {a}\\n"`` per round, the
   answer (with its leading space) and the newline supervised; no markup tokens, so a model
   generating with it stops at the newline. (A tokenizer that glues that newline to the next
@@ -37,8 +40,12 @@ from dataclasses import dataclass, field
 
 from fastvlm.data.formats import IMAGE_TAG
 
+# LLaVA's conversation.py: conv_llava_v1 ("llava_v1") and conv_vicuna_v1 ("v1", "vicuna_v1"),
+# word for word; they differ only in these texts.
 VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
 @dataclass
@@ -152,17 +159,24 @@ def move_images_first(text: str, tag: str = IMAGE_TAG) -> str:
 
 
 class LlavaV1Template(Template):
-    name = "llava_v1"
+    """LLaVA's SeparatorStyle.TWO rounds; ``system`` is the default system prompt."""
+
     roles = ("USER", "ASSISTANT")
+
+    def __init__(self, name: str = "llava_v1", system: str = VICUNA_SYSTEM):
+        self.name, self.system = name, system
 
     def render(self, turns, tokenizer, system=None):
         if tokenizer.eos_token is None:
-            raise ValueError("template 'llava_v1': the tokenizer has no eos_token to end answers with")
+            raise ValueError(f"template {self.name!r}: the tokenizer has no eos_token to end answers with")
         system, pairs = _split(turns, system)
         user, assistant = self.roles
-        return self._rounds(tokenizer, (VICUNA_SYSTEM if system is None else system) + " ", pairs,
+        return self._rounds(tokenizer, (self.system if system is None else system) + " ", pairs,
                             lambda q: f"{user}: {move_images_first(q, tokenizer.image_token)} {assistant}:",
                             lambda a: f" {a}{tokenizer.eos_token}")
+
+    def __repr__(self):
+        return f"LlavaV1Template(name={self.name!r})"
 
 
 class LiteralTemplate(Template):
@@ -325,12 +339,15 @@ class ChatTemplate(Template):
         return _generation_spans(self._render(self._template(tokenizer), messages, True, tokenizer))[0]
 
 
-TEMPLATES = {"plain": PlainTemplate(), "llava_v1": LlavaV1Template(), "literal": LiteralTemplate(),
+TEMPLATES = {"plain": PlainTemplate(), "llava_v1": LlavaV1Template(),
+             "vicuna_v1": LlavaV1Template("vicuna_v1", VICUNA_V1_SYSTEM), "literal": LiteralTemplate(),
              "chat_template": ChatTemplate()}
+TEMPLATES["v1"] = TEMPLATES["vicuna_v1"]  # LLaVA's conv_templates name both
 
 
 def get_template(template) -> Template:
-    """A `Template` by name (``plain``, ``llava_v1``, ``literal``, ``chat_template``) or as given."""
+    """A `Template` by name (``plain``, ``llava_v1``, ``vicuna_v1`` / ``v1``, ``literal``,
+    ``chat_template``) or as given."""
     if isinstance(template, Template):
         return template
     if template not in TEMPLATES:

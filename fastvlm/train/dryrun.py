@@ -4,7 +4,8 @@ The model is built on the meta device from its configuration files, shaped per
 stage exactly as training would (fastvlm.train.build), and measured:
 parameters per group (total / trainable), bytes of weights, gradients and
 optimizer states, an activation estimate at the stage's micro-batch, and the
-number of optimizer steps (from the data's estimated lengths and the packing).
+number of optimizer steps (the run's own batch plan over the data: the same count the
+run takes).
 
 Activations follow Korthikanti et al. (2022) for a transformer layer in 16-bit
 with a fused attention kernel (no s^2 term): 34 * tokens * width bytes per layer
@@ -65,43 +66,33 @@ def stage_memory(model, stage: Stage, tokens: int, images: int) -> dict:
         stage.optimizer], "activations": activation_bytes(model, stage, tokens, images)}
 
 
-def stage_steps(recipe: Recipe, stage: Stage, samples: list, image_tokens: int) -> tuple[int, int, int]:
-    """(optimizer steps, tokens per micro-batch, images per micro-batch), from estimated lengths."""
+def micro_batch_size(stage: Stage, samples: list, image_tokens: int) -> tuple[int, int]:
+    """(tokens, images) of an average micro-batch, from estimated lengths."""
     from fastvlm.data import estimate_length
     from fastvlm.data.packing import pack
 
     if not samples:
-        return stage.max_steps, 0, 0
+        return 0, 0
     lengths = [min(estimate_length(s, image_tokens), stage.packing_budget) for s in samples]
     packed = stage.packing and stage.type != "contrastive"
-    rows = len(pack(lengths, stage.packing_budget)) if packed else len(samples) // stage.batch_size
-    micro = max(1, rows // stage.batch_size) if packed else max(1, rows)
-    steps = stage.max_steps or max(1, math.ceil(stage.epochs * micro / stage.grad_accum))
-    per_sample = len(samples) / max(1, micro)
+    rows = len(pack(lengths, stage.packing_budget)) if packed else len(samples) / stage.batch_size
+    micro = max(1, math.ceil(rows / stage.batch_size) if packed else math.ceil(rows))
+    per_sample = len(samples) / micro
     images = 0 if stage.type == "lm" else round(per_sample * sum(len(s.images) for s in samples) / len(samples))
     tokens = stage.batch_size * stage.packing_budget if packed else round(per_sample * sum(lengths) / len(lengths))
-    return steps, tokens, images
+    return tokens, images
 
 
-def _samples_for(recipe: Recipe, out: Path | None) -> dict:
-    """Stage samples from the data files, generating synthetic data into a temp dir if needed."""
-    from fastvlm.data import read_samples
-
-    d = recipe.data
-    if d.kind == "llava":
-        paths = {"train": d.train, "captions": d.captions or d.train}
-        return {k: list(read_samples(v)) if Path(v).is_file() else [] for k, v in paths.items()}
-    def read(root: Path) -> dict:
-        return {split: list(read_samples(root / f"{split}.json")) for split in ("train", "captions")}
-
-    if out is not None and (out / "data" / "meta.json").is_file():
-        return read(out / "data")
-    from fastvlm.data import synthetic_vqa
+def _run_data(recipe: Recipe, out: Path | None):
+    """(RunData, None), or (None, why) when a data file or folder the recipe names does not
+    exist (the memory estimate needs the configs alone). Writes nothing."""
+    from fastvlm.train.stage_data import MissingPath, prepare_data
 
     with tempfile.TemporaryDirectory(prefix="fastvlm-dryrun-") as tmp:
-        s = d.synthetic
-        synthetic_vqa.write_dataset(tmp, s.n_train, 0, seed=s.seed, image_size=s.image_size)
-        return read(Path(tmp))
+        try:
+            return prepare_data(recipe, out if out is not None else Path(tmp), write=False, scratch=Path(tmp)), None
+        except MissingPath as err:
+            return None, str(err)
 
 
 def per_process(mem: dict, mode: str, world: int, largest_block: int) -> dict:
@@ -122,18 +113,16 @@ def _largest_block(model) -> int:
 def dry_run(recipe: Recipe, out: Path | None = None, world_size: int = 1) -> str:
     from fastvlm.models.vlm import VLM
     from fastvlm.train.build import finish_stage, prepare_stage
+    from fastvlm.train.stage_data import StageBatches, stage_samples
 
-    tokenizer = None
-    if out is not None and (out / "tokenizer" / "tokenizer.json").is_file():
-        from fastvlm.data import load_tokenizer
-
-        tokenizer = load_tokenizer(out / "tokenizer", image_token=recipe.model.image_token)
-    cfg = model_config(recipe, tokenizer)
+    data, missing = _run_data(recipe, out)
+    cfg = model_config(recipe, data.tokenizer if data is not None else None)
     with torch.device("meta"):
         model = VLM(cfg)
-    samples = _samples_for(recipe, out)
     lines = [f"recipe {recipe.name} (hash {recipe.digest()}): {recipe.model.source} model, "
              f"{sum(p.numel() for p in model.parameters()):,} parameters, {model.image_tokens} tokens per image"]
+    if missing:
+        lines.append(f"no data ({missing}): optimizer steps only where max_steps sets them")
     mode = recipe.run.distributed
     if world_size > 1:
         lines.append(f"run.distributed = {mode!r} on {world_size} processes: memory per process"
@@ -141,8 +130,12 @@ def dry_run(recipe: Recipe, out: Path | None = None, world_size: int = 1) -> str
     for i, stage in enumerate(recipe.stages):
         with torch.device("meta"):
             prepare_stage(model, _unquantized(stage), recipe, torch.device("meta"))
-        source = samples["captions"] if stage.type in ("contrastive", "align") else samples["train"]
-        steps, tokens, images = stage_steps(recipe, stage, source, model.image_tokens)
+        if data is not None:  # the steps the run takes: its own batches, planned from the same data
+            steps = StageBatches(stage, recipe, data, model, seed=recipe.run.seed + i).total_steps()
+            source = stage_samples(stage, data)[0]
+        else:
+            steps, source = stage.max_steps, []
+        tokens, images = micro_batch_size(stage, source, model.image_tokens)
         mem = stage_memory(model, stage, tokens, images)
         if stage.type == "instruct" and stage.finetune == "qlora":  # 4-bit bases: a quarter of bf16's bytes
             mem["weights"] -= _quantized_saving(model)

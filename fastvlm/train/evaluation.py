@@ -198,7 +198,7 @@ def validation_loss(model, tokenizer, samples: Sequence, *, image_root, preproce
 
 def evaluate(model, tokenizer, samples: Sequence, *, image_root, preprocessor, template: str, image_tokens: int,
              chance: dict | None = None, question_types: dict | None = None, max_new_tokens: int = 16,
-             batch_size: int = 32, loss: bool = True, system: str | None = None) -> dict:
+             batch_size: int = 32, loss: bool = True, system: str | None = None, skipped=None) -> dict:
     """Accuracy per question type and overall, and the validation loss.
 
     `samples`: fastvlm.data Samples or LLaVA dict records (a record's ``question_types``
@@ -209,7 +209,8 @@ def evaluate(model, tokenizer, samples: Sequence, *, image_root, preprocessor, t
     Returns ``{"overall": float, "n": int, "per_type": {type: {"accuracy": float, "n": int,
     "correct": int, "chance": float | None, "vs_chance": accuracy / chance | None}},
     "val_loss": float | None, "val_tokens": int, "predictions": [{"id", "turn", "type",
-    "answer", "prediction", "correct"}]}``.
+    "answer", "prediction", "correct"}]}``, and ``"skipped"``: `skipped` (a BadImageCounter
+    of samples left out before evaluating, e.g. with a corrupt image) as a dict.
     """
     from fastvlm.data import load_tokenizer
 
@@ -234,7 +235,8 @@ def evaluate(model, tokenizer, samples: Sequence, *, image_root, preprocessor, t
                if loss else (None, 0))
     finally:
         model.train(was_training)
-    return score(questions, predictions, chance) | {"val_loss": val[0], "val_tokens": val[1]}
+    return score(questions, predictions, chance) | {"val_loss": val[0], "val_tokens": val[1],
+                                                    "skipped": skipped.as_dict() if skipped is not None else None}
 
 
 def score(questions: list[dict], predictions: list[str], chance: dict | None = None) -> dict:
@@ -267,6 +269,11 @@ def format_table(result: dict) -> str:
     lines.append(f"| **overall** | {result['n']} | **{result['overall']:.1%}** | | |")
     if result.get("val_loss") is not None:
         lines.append(f"\nvalidation loss: {result['val_loss']:.4f} over {result['val_tokens']} supervised tokens")
+    if (result.get("skipped") or {}).get("total"):
+        skipped = result["skipped"]
+        examples = ", ".join(e for names in skipped["examples"].values() for e in names[:2])
+        lines.append(f"\n{skipped['total']} samples not evaluated (their images cannot be used: "
+                     f"{', '.join(f'{r} {n}' for r, n in skipped['counts'].items())}; e.g. {examples})")
     return "\n".join(lines)
 
 
@@ -296,6 +303,8 @@ def cli_eval(args) -> int:
     from fastvlm.train.stage_data import eval_inputs
 
     target = Path(args.target)
+    if not target.exists():
+        raise ValueError(f"target: {target} does not exist (expected a run directory or one of its checkpoints)")
     model, tokenizer, recipe = load_for_inference(target)
     run_dir = target.parent.parent if NAME.match(target.name) else target
     max_new = args.max_new_tokens or recipe.run.eval_max_new_tokens

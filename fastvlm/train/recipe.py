@@ -31,6 +31,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
     import tomli as tomllib
 
+from fastvlm.data.templates import TEMPLATES
 from fastvlm.nn.checkpointing import CheckpointPolicy
 from fastvlm.ops import KINDS
 from fastvlm.train.optim import OPTIMIZERS
@@ -96,9 +97,13 @@ class DataSection:
     val: str = ""                   # llava: validation conversations
     captions: str = ""              # llava: image-caption conversations for contrastive / align stages
     image_root: str = ""            # llava: folder the image paths are relative to
-    template: str = "llava_v1"      # instruct / lm template (align always uses "plain")
+    template: str = "llava_v1"      # instruct / lm template: llava_v1 | vicuna_v1 (v1) | literal | chat_template
+                                    # (align always uses "plain")
     max_length: int = 0             # tokens per sample (0 = no limit)
     eval_samples: int = 0           # validation samples evaluated (0 = all)
+    # Samples that cannot be used (an image missing, corrupt or truncated; too long to keep a
+    # turn) are skipped and counted; past this fraction of a split or a stage the run stops.
+    max_skipped_fraction: float = 0.01
     synthetic: SyntheticData = field(default_factory=SyntheticData)
 
 
@@ -314,6 +319,9 @@ def validate(recipe: Recipe) -> None:
     if m.token_reduction and m.connector == "resampler":
         raise ValueError("model.token_reduction: the resampler already fixes the token count")
     _one_of(d.kind, ("synthetic_vqa", "llava"), "data.kind")
+    _one_of(d.template, sorted(TEMPLATES), "data.template")
+    if not 0 <= d.max_skipped_fraction <= 1:
+        raise ValueError(f"data.max_skipped_fraction: expected a fraction in [0, 1], got {d.max_skipped_fraction}")
     if d.kind == "llava" and not (d.train and d.val):
         raise ValueError("data.train / data.val: data.kind = 'llava' needs both files")
     if not recipe.stages:

@@ -2,33 +2,53 @@
 
 ``prepare_data`` gives the run its tokenizer and sample lists (generating the
 synthetic VQA dataset into RUN/data, training the built-in BPE tokenizer into
-RUN/tokenizer on first use). ``StageBatches`` turns a stage's samples into an
-endless stream of micro-batches — packed rows of ``packing_budget`` tokens
-(``batch_size`` rows each) or padded batches — whose position is the data
-sampler's resumable state. What each stage type reads:
+RUN/tokenizer on first use). Before anything trains it refuses an empty file and
+checks that every image a sample references exists (a stat, not a decode): samples
+with a missing image are dropped and counted, and past ``data.max_skipped_fraction``
+of a split the run stops with the list. ``StageBatches`` turns a stage's samples
+into an endless stream of optimizer steps, each a list of micro-batches — packed
+rows of ``packing_budget`` tokens (``batch_size`` rows each) or padded batches —
+whose position is the data sampler's resumable state. An epoch sees every sample
+once: its last micro-batch and its last step may be short (a step's micro-batches
+are weighted by their supervised tokens, so a short one is simply a smaller batch).
 
-- contrastive: (image, caption) pairs of the captions file;
+What each stage type reads:
+
+- contrastive: (image, caption) pairs of the captions file (the train file without
+  one): samples with exactly one image; the others are counted as filtered out;
 - lm: the training conversations without their images, every token supervised;
-- align: image + caption in the ``plain`` template (LLaVA stage 1);
+- align: each captioned image sample in the ``plain`` template (LLaVA stage 1), one
+  ``<image>`` per image; text-only samples are counted as filtered out;
 - instruct: the training conversations in the recipe's template.
+
+Samples that cannot be used at run time (a corrupt or truncated image, too long to
+keep one turn pair) are skipped by the dataset and counted per stage
+(``StageBatches.skipped``); past ``data.max_skipped_fraction`` of the stage's samples
+the stage stops (``TooManySkipped``) with the reasons and the first file names.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from fastvlm.data import Sample, load_tokenizer, read_samples, train_bpe_tokenizer
+from fastvlm.data import Sample, load_tokenizer, read_samples, synthetic_vqa, train_bpe_tokenizer
 from fastvlm.data.collate import collate_rows
 from fastvlm.data.dataset import VLMDataset
+from fastvlm.data.images import BadImageCounter, BadImageError, load_image, open_image
 from fastvlm.data.packing import pack
 from fastvlm.data.sampler import PackedBatchSampler
 from fastvlm.models.preprocess import ImagePreprocessor
 from fastvlm.train.recipe import Recipe, Stage
 
 IMAGE_TAG = "<image>"
+
+
+class TooManySkipped(ValueError):
+    """More samples could not be used than ``data.max_skipped_fraction`` allows."""
 
 
 @dataclass
@@ -40,69 +60,156 @@ class RunData:
     image_root: Path
     chance: dict | None  # question type -> chance accuracy (synthetic data), else None
     files: dict = field(default_factory=dict)  # split -> the file its samples came from
+    # split -> samples dropped before training (their images are missing), by reason
+    dropped: dict = field(default_factory=dict)
+    max_skipped_fraction: float = 0.01
+    evaluable: dict = field(default_factory=dict)  # (split, n) -> usable_for_evaluation's answer
 
 
-def prepare_data(recipe: Recipe, run_dir: Path) -> RunData:
+def prepare_data(recipe: Recipe, run_dir: Path, write: bool = True, scratch: Path | None = None) -> RunData:
+    """The run's samples and tokenizer. ``write=False`` (``--dry-run``) leaves `run_dir`
+    untouched: synthetic data not generated there yet goes to `scratch`, the tokenizer is
+    trained in memory."""
     d = recipe.data
     if d.kind == "synthetic_vqa":
-        from fastvlm.data import synthetic_vqa
-
-        root = run_dir / "data"
-        if not (root / "meta.json").is_file():
-            s = d.synthetic
-            synthetic_vqa.write_dataset(root, s.n_train, s.n_val, seed=s.seed, image_size=s.image_size)
-        train, val, captions = (root / "train.json", root / "val.json", root / "captions.json")
-        meta = json.loads((root / "meta.json").read_text())
+        s = d.synthetic
+        root = Path(run_dir) / "data"
+        if not write and not (root / "meta.json").is_file():
+            if scratch is None:
+                raise ValueError("scratch: prepare_data(write=False) needs a folder for the synthetic data")
+            root = Path(scratch) / "data"
+        splits = synthetic_vqa.write_dataset(root, s.n_train, s.n_val, seed=s.seed, image_size=s.image_size)
+        files = {"data.train": splits.train, "data.val": splits.val, "data.captions": splits.captions}
+        meta = splits.meta
         chance = {t: v["chance"] for t, v in meta["splits"]["val"]["types"].items()}
-        root = root / meta["image_folder"]
+        image_root = splits.image_folder
     else:
-        root = _exists(d.image_root or Path(d.train).parent, "data.image_root")
-        train, val = _exists(d.train, "data.train"), _exists(d.val, "data.val")
-        captions, chance = _exists(d.captions, "data.captions") if d.captions else train, None
-    samples = [list(read_samples(p)) for p in (train, val, captions)]
-    tokenizer = run_tokenizer(recipe, run_dir, samples[0] + samples[2])
-    return RunData(tokenizer, *samples, image_root=Path(root), chance=chance,
-                   files={"train": Path(train), "validation": Path(val)})
+        image_root = _exists(d.image_root or Path(d.train).parent, "data.image_root")
+        files = {"data.train": _exists(d.train, "data.train"), "data.val": _exists(d.val, "data.val")}
+        if d.captions:
+            files["data.captions"] = _exists(d.captions, "data.captions")
+        chance = None
+    samples, dropped = {}, {}
+    for key, path in files.items():
+        found = list(read_samples(path))
+        if key == "data.val" and not recipe.run.evaluate:  # only `fastvlm eval` reads it (and checks it)
+            samples[key], dropped[key] = found, BadImageCounter()
+            continue
+        _non_empty(found, key, path)
+        samples[key], dropped[key] = drop_missing_images(found, image_root, key, path, d.max_skipped_fraction)
+    if "data.captions" not in files:  # no captions file: the train file's samples
+        samples["data.captions"], dropped["data.captions"] = samples["data.train"], dropped["data.train"]
+    tokenizer = run_tokenizer(recipe, run_dir, samples["data.train"] + samples["data.captions"], files, write)
+    return RunData(tokenizer, samples["data.train"], samples["data.val"], samples["data.captions"],
+                   image_root=Path(image_root), chance=chance,
+                   files={"train": Path(files["data.train"]), "validation": Path(files["data.val"])},
+                   dropped=dropped, max_skipped_fraction=d.max_skipped_fraction)
+
+
+class MissingPath(ValueError):
+    """A file or directory the recipe names does not exist."""
 
 
 def _exists(path, key: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise ValueError(f"{key}: {path} does not exist")
+        raise MissingPath(f"{key}: {path} does not exist")
     return p
 
 
-def run_tokenizer(recipe: Recipe, run_dir: Path, samples: list):
-    """RUN/tokenizer if saved; else the model's tokenizer, or a BPE trained on `samples`' text."""
-    saved = run_dir / "tokenizer"
+def _non_empty(samples: list, key: str, path) -> None:
+    if not samples:
+        raise ValueError(f"{key}: {path} holds no samples (an empty list); a run needs at least one")
+
+
+def drop_missing_images(samples: list, image_root, key: str, path, max_fraction: float) -> tuple[list, BadImageCounter]:
+    """`samples` without those referencing an image file that does not exist (one stat per
+    distinct path), and their count; more than `max_fraction` of them is an error listing them."""
+    root = Path(image_root)
+    exists: dict[str, bool] = {}
+    kept, missing = [], BadImageCounter()
+    for sample in samples:
+        gone = [p for p in sample.images if not exists.setdefault(p, (root / p).is_file())]
+        if gone:
+            missing.add("missing", root / gone[0])
+        else:
+            kept.append(sample)
+    with_images = sum(1 for s in samples if s.images)
+    every = (f" (every sample with an image: is data.image_root = {root} the folder the image paths are "
+             "relative to?)") if missing.total and missing.total == with_images else ""
+    check_skipped(missing, len(samples), max_fraction, f"{key} ({path}): images under {root}", every)
+    return kept, missing
+
+
+def check_skipped(counter: BadImageCounter, total: int, max_fraction: float, where: str, every: str = "") -> None:
+    if total and counter.total > max_fraction * total:
+        every = every or (" (every sample)" if counter.total >= total else "")
+        raise TooManySkipped(f"{where}: {counter.total} of {total} samples{every} cannot be used, more than "
+                             f"data.max_skipped_fraction = {max_fraction:g} allows; {counter.report()}")
+
+
+def run_tokenizer(recipe: Recipe, run_dir: Path, samples: list, files: dict | None = None, write: bool = True):
+    """RUN/tokenizer if saved from the same source; else the model's tokenizer, or a BPE
+    trained on `samples`' text. Saved with what it came from, so a corrected recipe (another
+    model, vocabulary or data) never reuses a stale one."""
+    saved = Path(run_dir) / "tokenizer"
     m = recipe.model
-    if (saved / "tokenizer.json").is_file():
+    if m.source == "tiny":
+        data = {k: _file_key(v) for k, v in sorted((files or {}).items())}
+        origin = {"source": "tiny", "vocab_size": m.tiny.vocab_size, "seed": recipe.run.seed, "data": data}
+    else:
+        key = "model.tokenizer" if m.tokenizer else "model.path" if m.source == "pretrained" else "model.llm"
+        source = _exists(m.tokenizer or (m.path if m.source == "pretrained" else m.llm), key)
+        origin = {"source": str(Path(source).resolve())}
+    origin["image_token"] = m.image_token
+    origin_file = saved / "fastvlm_origin.json"
+    if (saved / "tokenizer.json").is_file() and origin_file.is_file() and json.loads(origin_file.read_text()) == origin:
         return load_tokenizer(saved, image_token=m.image_token)
     if m.source == "tiny":
         texts = [t["value"].replace(IMAGE_TAG, "") for s in samples for t in s.conversations]
         tok = train_bpe_tokenizer(texts, vocab_size=m.tiny.vocab_size, seed=recipe.run.seed,
                                   image_token=m.image_token)
     else:
-        source = m.tokenizer or (m.path if m.source == "pretrained" else m.llm)
-        tok = load_tokenizer(_exists(source, "model.tokenizer"), image_token=m.image_token)
-    tok.save(saved)
+        try:
+            tok = load_tokenizer(source, image_token=m.image_token)
+        except ValueError as err:  # say which recipe key named the directory
+            raise ValueError(f"{key}: {err}" + ("" if m.tokenizer else "; or name the tokenizer's directory "
+                                                "with model.tokenizer")) from None
+    if write:
+        tok.save(saved)
+        origin_file.write_text(json.dumps(origin))
     return tok
+
+
+def _file_key(path) -> list:
+    st = Path(path).stat()
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
 
 
 def caption_of(sample: Sample) -> str:
     return next(t["value"] for t in reversed(sample.conversations) if t["from"] == "gpt")
 
 
-def stage_samples(stage: Stage, data: RunData) -> tuple[list, str]:
-    """(samples, template) a stage trains on."""
+def stage_samples(stage: Stage, data: RunData) -> tuple[list, str | None, BadImageCounter]:
+    """(samples, template, filtered out) a stage trains on."""
+    filtered = BadImageCounter()
     if stage.type in ("contrastive", "align"):
-        pairs = [replace(s, conversations=[{"from": "human", "value": IMAGE_TAG},
-                                           {"from": "gpt", "value": caption_of(s)}]) for s in data.captions]
-        return pairs, "plain"
+        pairs = []
+        for s in data.captions:
+            if not s.images:
+                filtered.add("no_image", s.id)
+            elif stage.type == "contrastive" and len(s.images) > 1:
+                filtered.add("several_images", s.id)  # a contrastive pair is one image, one caption
+            elif not any(t["from"] == "gpt" for t in s.conversations):
+                filtered.add("no_caption", s.id)
+            else:
+                pairs.append(replace(s, conversations=[{"from": "human", "value": IMAGE_TAG * len(s.images)},
+                                                       {"from": "gpt", "value": caption_of(s)}]))
+        return pairs, "plain", filtered
     if stage.type == "lm":
         return [replace(s, images=[], conversations=[{**t, "value": t["value"].replace(IMAGE_TAG, "").strip()}
-                                                     for t in s.conversations]) for s in data.train], None
-    return data.train, None
+                                                     for t in s.conversations]) for s in data.train], None, filtered
+    return data.train, None, filtered
 
 
 def preprocessor_for(model) -> ImagePreprocessor:
@@ -111,44 +218,67 @@ def preprocessor_for(model) -> ImagePreprocessor:
 
 
 class StageBatches:
-    """Endless micro-batches of one stage; ``state_dict`` is the sampler's (taken between steps)."""
+    """Endless optimizer steps of one stage (``steps()``); ``state_dict`` is the sampler's
+    (taken between steps). ``skipped`` counts the stage's samples that could not be used
+    (each once), ``filtered`` those its type does not train on."""
 
     def __init__(self, stage: Stage, recipe: Recipe, data: RunData, model, seed: int):
         self.stage, self.tokenizer = stage, data.tokenizer
-        samples, template = stage_samples(stage, data)
+        samples, template, self.filtered = stage_samples(stage, data)
+        if not samples:
+            raise ValueError(f"stages.{stage.name}: no sample to train on ({self.filtered.report()}); a "
+                             f"{stage.type} stage needs " + ("captioned images" if stage.type in (
+                                 "contrastive", "align") else "conversations"))
         self.samples = samples
         template = template or recipe.data.template
         budget = stage.packing_budget
         self.kind = stage.attention_kind or recipe.model.attention_kind
-        image_tokens = model.image_tokens
-        self.dataset = VLMDataset(samples, data.image_root, data.tokenizer, template, image_tokens,
+        self.dataset = VLMDataset(samples, data.image_root, data.tokenizer, template, model.image_tokens,
                                   preprocessor_for(model), max_length=min(budget, recipe.data.max_length or budget),
                                   train_on_prompt=stage.type == "lm" or stage.train_on_prompt)
+        self.max_skipped_fraction = recipe.data.max_skipped_fraction
+        self.skipped = BadImageCounter()
+        self._skipped_ids: set[int] = set()
         self.packed = stage.packing and stage.type != "contrastive"
         lengths = self.lengths()
+        self.check_skipped(self.skipped.total)
         self.sampler = PackedBatchSampler(lengths, budget, seed, shuffle=True,
-                                          batch_size=None if self.packed else stage.batch_size,
-                                          drop_last=not self.packed and len(lengths) >= stage.batch_size)
+                                          batch_size=None if self.packed else stage.batch_size)
         self.rows_per_batch = stage.batch_size if self.packed else 1
+        self.grad_accum = stage.grad_accum
         self.pad_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else 0
         self.image_root = data.image_root
         self.rank, self.world = 0, 1
+        self._filler = None
 
     def shard(self, rank: int, world: int) -> None:
-        """Serve rank `rank` of `world`: the global stream of micro-batches stays the same (so
-        is the sampler's position, hence any world size resumes it), and every micro-batch
-        of index != rank (mod world) comes out as None, not collated."""
+        """Serve rank `rank` of `world`: the global stream of steps stays the same (so is the
+        sampler's position, hence any world size resumes it); a step's j-th micro-batch goes
+        to rank j mod `world` (grad_accum is a multiple of it). Every rank gets the same number
+        of micro-batches per step (collectives pair up): a short step tops ranks up with a
+        copy of a usable sample whose counts are zero, so its loss has weight 0."""
         self.rank, self.world = rank, world
 
     def lengths(self) -> list[int]:
-        """Exact token counts (the tokenizer is fast; exact lengths pack without overflow)."""
+        """Exact token counts (the tokenizer is fast; exact lengths pack without overflow).
+        A sample too long to keep is planned as a whole row, then skipped (and counted)."""
         if self.stage.type == "contrastive":
             return [max(1, len(self.tokenizer.encode(caption_of(s))[0])) for s in self.samples]
-        encoded = (self.dataset.encode(i) for i in range(len(self.samples)))
-        return [len(e) if e is not None else self.stage.packing_budget for e in encoded]
+        out = []
+        for i in range(len(self.samples)):
+            encoded = self.dataset.encode(i)
+            if encoded is None:
+                self._note_skip(i)
+            out.append(len(encoded) if encoded is not None else self.stage.packing_budget)
+        return out
 
-    def steps_per_epoch(self, grad_accum: int) -> int:
-        return max(1, len(self.sampler) // (self.rows_per_batch * grad_accum))
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.sampler) / (self.rows_per_batch * self.grad_accum))
+
+    def total_steps(self) -> int:
+        """The stage's optimizer steps: max_steps, else its epochs over the data (the last
+        step of an epoch may be short; a fractional epoch ends at a whole step)."""
+        return self.stage.max_steps or max(1, math.ceil(self.stage.epochs * self.steps_per_epoch()))
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -156,51 +286,138 @@ class StageBatches:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
 
-    def __iter__(self):
-        rows, index = [], 0
-        while True:  # the sampler moves to its next epoch when one ends
-            for indices in self.sampler:
-                rows.append(indices)
-                if len(rows) == self.rows_per_batch:
-                    yield self.collate(rows) if index % self.world == self.rank else None
-                    rows, index = [], index + 1
+    def steps(self):
+        """Endless: per optimizer step, this rank's micro-batches (collated batch dicts)."""
+        sampler, per_step = self.sampler, self.rows_per_batch * self.grad_accum
+        while True:
+            if sampler.position >= len(sampler):
+                sampler.set_epoch(sampler.epoch + 1)
+            plan = sampler.plan()
+            while sampler.position < len(plan):
+                rows = plan[sampler.position:sampler.position + per_step]
+                sampler.position += len(rows)
+                yield self._step(rows)
 
-    def collate(self, rows: list[list[int]]) -> dict:
+    def __iter__(self):
+        """Endless micro-batches (one process: every micro-batch of every step, in order)."""
+        for step in self.steps():
+            yield from step
+
+    def _step(self, rows: list[list[int]]) -> list[dict]:
+        micro = [rows[i:i + self.rows_per_batch] for i in range(0, len(rows), self.rows_per_batch)]
+        mine = [self.collate(m) for j, m in enumerate(micro) if j % self.world == self.rank]
+        mine = [b for b in mine if b is not None]
+        if self.world > 1:  # equal counts on every rank (see shard)
+            mine += [self.filler()] * (math.ceil(len(micro) / self.world) - len(mine))
+        return mine
+
+    def filler(self) -> dict:
+        """A micro-batch that costs its forward and backward but weighs nothing: the first
+        usable sample, its supervised tokens, samples and tokens counted as zero."""
+        if self._filler is None:
+            for i in range(len(self.samples)):
+                batch = self.collate([[i]])
+                if batch is not None:
+                    self._filler = {**batch, "supervised_tokens": 0, "real_tokens": 0, "num_samples": 0}
+                    break
+        return self._filler
+
+    def _note_skip(self, index: int) -> None:
+        """Count a sample that could not be used, once per stage (``check_skipped`` bounds them)."""
+        new = self.dataset.skipped.take_new()  # the dataset's own record of why (reason, file)
+        if index in self._skipped_ids:
+            return
+        self._skipped_ids.add(index)
+        if new.total:
+            self.skipped.merge(new)
+        else:
+            self.skipped.add("unusable", self.samples[index].id)
+
+    def check_skipped(self, total: int) -> None:
+        """TooManySkipped once `total` samples (this rank's count, or the job's sum, so that
+        every rank decides alike) exceed the stage's bound."""
+        counter = self.skipped
+        if total != counter.total:  # the job's sum: this rank's examples, everyone's count
+            counter = BadImageCounter()
+            counter.merge(self.skipped)
+            counter.counts["(all ranks)"] = total - self.skipped.total
+        check_skipped(counter, len(self.samples), self.max_skipped_fraction, f"stages.{self.stage.name}")
+
+    def _item(self, index: int) -> dict | None:
+        item = self.dataset[index]
+        if item is None:
+            self._note_skip(index)
+        return item
+
+    def collate(self, rows: list[list[int]]) -> dict | None:
+        """One micro-batch from planned rows of sample indices; None when no sample of it is usable."""
         if self.stage.type == "contrastive":
             return self.contrastive_batch(rows[0])
-        planned = [[item for item in map(self.dataset.__getitem__, row) if item is not None] for row in rows]
+        planned = [[item for item in map(self._item, row) if item is not None] for row in rows]
+        planned = [row for row in planned if row]
+        if not planned:
+            return None
         width = self.stage.packing_budget if self.packed else max(
             sum(i["input_ids"].numel() for i in row) for row in planned)
         fitted = []
         for row in planned:
             lengths = [i["input_ids"].numel() for i in row]
             fitted += [row] if sum(lengths) <= width else [[row[j] for j in r] for r in pack(lengths, width)]
-        batch = collate_rows([r for r in fitted if r], width, self.pad_id, self.kind)
-        by_id = {s.id: s for s in (self.samples[i] for row in rows for i in row)}
-        batch["image_files"] = [self.image_root / p for sid in batch["ids"] for p in by_id[sid].images]
-        return batch
+        return collate_rows(fitted, width, self.pad_id, self.kind)
 
-    def contrastive_batch(self, indices: list[int]) -> dict:
-        samples = [self.samples[i] for i in indices]
-        ids = [self.tokenizer.encode(caption_of(s))[0] or [self.pad_id] for s in samples]
+    def contrastive_batch(self, indices: list[int]) -> dict | None:
+        pairs = []
+        for i in indices:
+            pixels = load_image(self.image_root / self.samples[i].images[0], self.dataset.preprocessor,
+                                counter=self.dataset.skipped)
+            if pixels is None:
+                self._note_skip(i)
+            else:
+                pairs.append((self.samples[i], pixels))
+        if not pairs:
+            return None
+        ids = [self.tokenizer.encode(caption_of(s))[0] or [self.pad_id] for s, _ in pairs]
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(ids), width, dtype=torch.bool)
         for i, row in enumerate(ids):
             input_ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), True
-        pixels = self.dataset.preprocessor([self.image_root / s.images[0] for s in samples])
-        return {"input_ids": input_ids, "text_mask": mask, "images": pixels, "num_samples": len(samples),
-                "real_tokens": int(mask.sum()), "supervised_tokens": len(samples)}
+        return {"input_ids": input_ids, "text_mask": mask, "images": torch.stack([p for _, p in pairs]),
+                "image_files": [self.image_root / s.images[0] for s, _ in pairs], "ids": [s.id for s, _ in pairs],
+                "num_samples": len(pairs),
+                "real_tokens": int(mask.sum()), "supervised_tokens": len(pairs)}
 
 
-def eval_inputs(recipe: Recipe, run_dir: Path, model, split: str = "validation") -> dict:
+def usable_for_evaluation(samples: list, image_root) -> tuple[list, BadImageCounter]:
+    """`samples` whose images all decode (validation images are opened once, up front, so
+    a corrupt file costs its sample, not the run), and the count of the others."""
+    kept, bad = [], BadImageCounter()
+    for sample in samples:
+        try:
+            for rel in sample.images:
+                open_image(Path(image_root) / rel)
+        except BadImageError as err:
+            bad.add(err.reason, err.path)
+        else:
+            kept.append(sample)
+    return kept, bad
+
+
+def eval_inputs(recipe: Recipe, run_dir: Path, model, split: str = "validation", data: RunData | None = None) -> dict:
     """Keyword arguments of fastvlm.train.evaluation.evaluate for a run's split."""
-    data = prepare_data(recipe, Path(run_dir))
+    data = data or prepare_data(recipe, Path(run_dir))
     samples = {"validation": data.val, "train": data.train}.get(split)
     if samples is None:
         raise ValueError(f"split: expected 'validation' or 'train', got {split!r}")
     if recipe.data.eval_samples:
         samples = samples[:recipe.data.eval_samples]
+    key = (split, len(samples))
+    if key not in data.evaluable:  # each evaluation of a run reads the same images: check them once
+        data.evaluable[key] = usable_for_evaluation(samples, data.image_root)
+    samples, bad = data.evaluable[key]
+    check_skipped(bad, len(samples) + bad.total, data.max_skipped_fraction, f"evaluation on the {split} split")
+    if not samples:
+        raise ValueError(f"evaluation on the {split} split: no sample to evaluate")
     from fastvlm.train.evaluation import read_question_types
 
     try:  # records may carry their question types (the synthetic dataset's do)
@@ -213,7 +430,7 @@ def eval_inputs(recipe: Recipe, run_dir: Path, model, split: str = "validation")
     chance = majority_chance(samples, types) if data.chance is not None and types else data.chance
     return dict(samples=samples, image_root=data.image_root, preprocessor=preprocessor_for(model),
                 template=recipe.data.template, image_tokens=model.image_tokens, chance=chance,
-                question_types=types or None)
+                question_types=types or None, skipped=bad)
 
 
 def majority_chance(samples: list, types: dict) -> dict:

@@ -61,10 +61,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, write: bool = True) -> None:
-    """Write the resolved recipe (unless `write` is False: ranks other than 0 only check);
-    refuse a directory that holds another recipe's run."""
+    """Refuse a directory that holds another recipe's run (checkpoints or a final model: a
+    start that failed before training leaves nothing to protect); with `write`, record the
+    resolved recipe as the run's identity (the trainer does so once the run has started)."""
     info = run_dir / "recipe.json"
-    if info.is_file():
+    trained = bool(ckpt.complete_checkpoints(run_dir / "checkpoints")) or (run_dir / "final").is_dir()
+    if info.is_file() and trained:
         found = json.loads(info.read_text())["digest"]
         if found != recipe.digest():
             raise ValueError(f"--out: {run_dir} holds a run of another recipe (hash {found}, this one "
@@ -221,13 +223,17 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
     prepare_run_dir(recipe, run_dir, resume, write=False)
     dist.barrier()  # every rank checked the directory before rank 0 writes to it
     if dist.is_main:
-        prepare_run_dir(recipe, run_dir, resume)
         data = prepare_data(recipe, run_dir)  # generates the data, trains the tokenizer on first use
     dist.barrier()
     if not dist.is_main:
         data = prepare_data(recipe, run_dir)
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe, data.tokenizer, recipe.run.seed).to(device)
+    if dist.is_main:  # the run has started: from here on the directory is this recipe's
+        prepare_run_dir(recipe, run_dir, resume)
+        for split, dropped in data.dropped.items():
+            if dropped.total:
+                echo(f"{split}: {dropped.total} samples skipped before training: {dropped.report()}")
     log = MetricsLog(run_dir) if dist.is_main else _NoLog()
     echo = echo if dist.is_main else _silent
     ckpt_root = run_dir / "checkpoints"
@@ -255,7 +261,7 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
             mp = settings["precision"]
             batches = StageBatches(stage, recipe, data, model, seed=recipe.run.seed + index)
             batches.shard(dist.rank, dist.world)
-            total = stage.max_steps or max(1, math.ceil(stage.epochs * batches.steps_per_epoch(stage.grad_accum)))
+            total = batches.total_steps()
             frozen_tower = stage.type in ("align", "instruct") and model.vision_tower.frozen
             cache = _feature_cache(model, run_dir, dist) if frozen_tower and stage.feature_cache else None
             if cache is not None and dist.active:
@@ -277,7 +283,7 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                 step, bad, skipped, global_step = state["step"], state["bad"], state["skipped"], state["global_step"]
             saver = _Saver(run_dir, recipe, index, stage, model, optimizer, scheduler, mp, batches, dist)
             model.train()
-            stream = iter(batches)
+            stream = batches.steps()
             bar = _progress(stage, index, total, step, progress and dist.is_main)
             stage_t0 = time.perf_counter()
             last = next((r for r in reversed(log.records()) if r["event"] == "step" and r["stage_index"] == index), {})
@@ -287,12 +293,14 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                     bar.close()
                     raise Interrupted(path)
                 t0 = time.perf_counter()
-                # This rank's share of the step's micro-batches (all of them in one process).
-                micro = [b for b in (next(stream) for _ in range(stage.grad_accum)) if b is not None]
+                micro = next(stream)  # this rank's share of the step's micro-batches (all in one process)
                 loss_value, grad_norm, stepped = optimizer_step(model, stage, micro, optimizer, mp, device, cache,
                                                                 dist, step_loss)
                 finite = loss_value is not None
                 lr = optimizer.param_groups[0]["lr"]
+                lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}  # this step's, not the next
+                skipped_samples = dist.all_reduce([batches.skipped.total])[0]
+                batches.check_skipped(skipped_samples)
                 with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
                     warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
                     scheduler.step()
@@ -309,8 +317,8 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                         "global_step": global_step, "loss": loss_value, "lr": lr,
                         "grad_norm": grad_norm, "skipped": skipped, "loss_scale": mp.loss_scale,
                         "tokens_per_s": real / dt, "samples_per_s": samples / dt,
-                        "peak_mem_mb": dist.all_reduce([_peak_mem_mb(device)], "max")[0]}
-                last.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
+                        "peak_mem_mb": dist.all_reduce([_peak_mem_mb(device)], "max")[0],
+                        "skipped_samples": int(skipped_samples), **lrs}
                 if step % recipe.run.log_every == 0 or step == total:
                     log.write(last)
                 bar.set_postfix_str(_postfix(last))
@@ -325,7 +333,10 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                 model = _unsharded(model, recipe, data, index, device, run_dir)
             summary = {"stage": stage.name, "type": stage.type, "steps": total, "skipped": skipped,
                        "loss": last.get("loss"), "seconds": time.perf_counter() - stage_t0,
-                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       "samples": _sample_report(batches, dist)}
+            log.write({"event": "samples", "stage": stage.name, "stage_index": index, "step": step,
+                       "global_step": global_step, **summary["samples"]})
             summary["eval"] = _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log, mp,
                                         dist)
             if cache is not None:
@@ -480,7 +491,7 @@ def _run_evaluation(model, stage, index, step, global_step, recipe, data, run_di
     with torch.random.fork_rng(), mp.autocast(device.type):
         model.eval()
         result = evaluate(model, data.tokenizer, max_new_tokens=recipe.run.eval_max_new_tokens,
-                          **eval_inputs(recipe, run_dir, model))
+                          **eval_inputs(recipe, run_dir, model, data=data))
         model.train()
         if getattr(model.vision_tower, "frozen", False):
             model.vision_tower.eval()
@@ -526,10 +537,19 @@ def _progress(stage: Stage, index: int, total: int, step: int, enabled: bool):
                 file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
+def _sample_report(batches, dist) -> dict:
+    """What the stage could not use (the job's count; rank 0's file names) and what its type
+    filtered out."""
+    skipped = batches.skipped.as_dict()
+    skipped["total"] = int(dist.all_reduce([batches.skipped.total])[0])
+    return {"stage_samples": len(batches.samples), "skipped": skipped, "filtered": batches.filtered.as_dict()}
+
+
 def _postfix(m: dict) -> str:
     loss = "nan" if m["loss"] is None else f"{m['loss']:.4f}"
-    return (f"loss {loss} lr {m['lr']:.2e} tok/s {m['tokens_per_s']:.0f} samples/s {m['samples_per_s']:.1f} "
+    text = (f"loss {loss} lr {m['lr']:.2e} tok/s {m['tokens_per_s']:.0f} samples/s {m['samples_per_s']:.1f} "
             f"peak {m['peak_mem_mb']:.0f}MB")
+    return text + (f" skipped {m['skipped_samples']}" if m["skipped_samples"] else "")
 
 
 def _stage_line(s: dict) -> str:
@@ -540,6 +560,12 @@ def _stage_line(s: dict) -> str:
         line += f", {s['skipped']} steps skipped (non-finite)"
     if s.get("cache"):
         line += f", feature cache {s['cache'][0]:.0f} hits / {s['cache'][1]:.0f} misses"
+    for what, why in (("skipped", "could not be used"), ("filtered", f"not used by a {s['type']} stage")):
+        counts = s["samples"][what]
+        if counts["total"]:
+            examples = ", ".join(e for names in counts["examples"].values() for e in names[:2])
+            reasons = ", ".join(f"{r} {n}" for r, n in counts["counts"].items())
+            line += f", {counts['total']} samples {what} ({why}: {reasons}; e.g. {examples})"
     if s.get("eval"):
         line += f", val accuracy {s['eval']['overall']:.1%}"
     return line
