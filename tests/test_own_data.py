@@ -377,3 +377,27 @@ def recipe_file(name):
     from fastvlm.train.recipe import recipe_path
 
     return recipe_path(name)
+
+
+def test_skip_counts_survive_a_resume(own, tmp_path, seed):
+    """The sampler state a checkpoint stores carries the stage's skip count: a resumed stage
+    reports what the uninterrupted one does."""
+    root, files = own
+    broken = set(_break(root, files, "corrupt", count=3))
+    hit = sum(1 for r in json.loads(files["train"].read_text()) if broken & set(r.get("images", [r.get("image")])))
+    recipe = parse_recipe(own_raw(root, files, stages=("instruct",), max_skipped_fraction=0.5))
+    data = prepare_data(recipe, tmp_path / "run")
+    model = build_model(recipe, data.tokenizer, seed)
+    stage = recipe.stages[0]
+    through = StageBatches(stage, recipe, data, model, seed)
+    stream, k = through.steps(), 0
+    while not through.skipped.total:
+        next(stream)
+        k += 1
+    resumed = StageBatches(stage, recipe, data, model, seed)
+    resumed.load_state_dict(json.loads(json.dumps(through.state_dict())))
+    assert resumed.skipped.as_dict() == through.skipped.as_dict()
+    rest = resumed.steps()
+    for _ in range(2 * through.steps_per_epoch() - k):
+        assert [b["ids"] for b in next(rest)] == [b["ids"] for b in next(stream)]
+    assert resumed.skipped.as_dict() == through.skipped.as_dict() and through.skipped.total == hit

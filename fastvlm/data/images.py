@@ -79,6 +79,14 @@ class BadImageCounter:
         return {"total": self.total, "counts": dict(sorted(self.counts.items())),
                 "examples": {r: list(e) for r, e in sorted(self.examples.items())}}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> BadImageCounter:
+        """The counter `as_dict` described (as a checkpoint stores it)."""
+        counter = cls()
+        counter.counts.update(d["counts"])
+        counter.examples = {r: list(e) for r, e in d["examples"].items()}
+        return counter
+
     def report(self) -> str:
         if not self.total:
             return "skipped samples: none"

@@ -281,10 +281,17 @@ class StageBatches:
         return self.stage.max_steps or max(1, math.ceil(self.stage.epochs * self.steps_per_epoch()))
 
     def state_dict(self) -> dict:
-        return self.sampler.state_dict()
+        """The sampler's position, and the samples skipped so far (a resumed stage counts on)."""
+        return {**self.sampler.state_dict(), "skipped": self.skipped.as_dict(),
+                "skipped_ids": sorted(self._skipped_ids)}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        skipped, ids = state.pop("skipped", None), state.pop("skipped_ids", [])
         self.sampler.load_state_dict(state)
+        if skipped is not None:
+            self.skipped = BadImageCounter.from_dict(skipped)
+            self._skipped_ids = set(ids)
 
     def steps(self):
         """Endless: per optimizer step, this rank's micro-batches (collated batch dicts)."""
