@@ -7,9 +7,9 @@ endless stream of micro-batches — packed rows of ``packing_budget`` tokens
 (``batch_size`` rows each) or padded batches — whose position is the data
 sampler's resumable state. What each stage type reads:
 
-- contrastive: (image, caption) pairs of the captions file;
+- contrastive: (image, caption) pairs of the captions file (its samples with an image);
 - lm: the training conversations without their images, every token supervised;
-- align: image + caption in the ``plain`` template (LLaVA stage 1);
+- align: the same pairs in the ``plain`` template (LLaVA stage 1);
 - instruct: the training conversations in the recipe's template.
 """
 from __future__ import annotations
@@ -96,8 +96,11 @@ def caption_of(sample: Sample) -> str:
 def stage_samples(stage: Stage, data: RunData) -> tuple[list, str]:
     """(samples, template) a stage trains on."""
     if stage.type in ("contrastive", "align"):
-        pairs = [replace(s, conversations=[{"from": "human", "value": IMAGE_TAG},
-                                           {"from": "gpt", "value": caption_of(s)}]) for s in data.captions]
+        # An image and its caption: a text-only sample has no pair; of several images, the first
+        # (the batch's image files are then the images it decodes, which a feature cache reads).
+        pairs = [replace(s, images=s.images[:1], conversations=[{"from": "human", "value": IMAGE_TAG},
+                                                                {"from": "gpt", "value": caption_of(s)}])
+                 for s in data.captions if s.images]
         return pairs, "plain"
     if stage.type == "lm":
         return [replace(s, images=[], conversations=[{**t, "value": t["value"].replace(IMAGE_TAG, "").strip()}
