@@ -83,25 +83,30 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _stat(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat's fields after the command name (state, ppid, ...), None once it is gone."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process that runs (zombies, dead and waiting for their
+    parent to collect them, excluded), from /proc/<pid>/stat (state and ppid follow the name)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):  # not a process, or gone meanwhile
+            continue
+        if state not in ("Z", "X"):
+            parents[int(entry.name)] = int(ppid)
+    return parents
 
 
 def running() -> set[int]:
-    """Pids of the processes that run (zombies, dead and waiting for their parent, excluded)."""
-    pids = (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
-    return {pid for pid in pids if (fields := _stat(pid)) is not None and fields[0] not in "ZX"}
+    return set(_parents())
 
 
 def descendants(root: int) -> set[int]:
     children: dict[int, list[int]] = {}
-    for pid in running():
-        if (fields := _stat(pid)) is not None:
-            children.setdefault(int(fields[1]), []).append(pid)
+    for pid, ppid in _parents().items():
+        children.setdefault(ppid, []).append(pid)
     found, todo = set(), [root]
     while todo:
         for child in children.get(todo.pop(), []):
