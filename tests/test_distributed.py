@@ -262,6 +262,8 @@ def mixed(tmp_path_factory):
             for turn in record["conversations"]:
                 turn["value"] = turn["value"].replace("<image>", "").strip()
     (root / "mixed.json").write_text(json.dumps(records))
+    # single: the same rows, both in one micro-batch (the contrastive stage's two micro-batches
+    # kept, their B x B loss summed in chunks of 2 rows): the same terms added in another order.
     recipes = {}
     for name, mode, kw in (("ddp", "ddp", {}), ("fsdp", "fsdp", {}),
                            ("single", "ddp", dict(batch_size=2, grad_accum=1, chunk=2))):
