@@ -52,9 +52,74 @@ def run_until_checkpoints(recipe: Path, out: Path, nproc: int, count: int, timeo
             assert time.monotonic() < deadline, "training made no progress"
             time.sleep(0.05)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank
+        kill_tree(proc.pid)
         proc.wait()
+    alive = [pid for pid in running() if str(out) in cmdline(pid)]
+    assert not alive, f"processes of the killed run still alive: {alive}"
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL `root` and every process below it. torchrun (torch >= 2.14) starts each rank in a
+    session of its own, so killing torchrun's process group leaves the ranks training: find
+    them as descendants in /proc, stop each as it is found (a stopped process forks no new
+    one), then kill them all and wait until none runs."""
+    stopped: set[int] = set()
+    while found := {root, *descendants(root)} - stopped:
+        for pid in found:
+            _signal(pid, signal.SIGSTOP)
+        stopped |= found
+    for pid in stopped:
+        _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while alive := stopped & running():
+        assert time.monotonic() < deadline, f"processes {sorted(alive)} survived SIGKILL"
+        time.sleep(0.05)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:  # ended meanwhile
+        pass
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process that runs (zombies, dead and waiting for their
+    parent to collect them, excluded), from /proc/<pid>/stat (state and ppid follow the name)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):  # not a process, or gone meanwhile
+            continue
+        if state not in ("Z", "X"):
+            parents[int(entry.name)] = int(ppid)
+    return parents
+
+
+def running() -> set[int]:
+    return set(_parents())
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, ppid in _parents().items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def losses(out: Path) -> dict:

@@ -1,23 +1,31 @@
 """torchrun DDP / FSDP2 training on CPU (gloo, 2 processes): the same losses as one process
 on the same global batch, gradient accumulation without synchronising, resume across world
-sizes after a SIGKILL, frozen weights identical on every rank, rank 0 alone writing.
+sizes after a SIGKILL (of every rank), frozen weights identical on every rank, rank 0 alone
+writing; on mixed data (text-only, one- and two-image samples) too, where the ranks'
+micro-batches differ in whether they hold an image.
 
 Bounds: a 2-rank run adds the ranks' fp32 gradients in another order than one process
 does; so do two one-process runs of one global batch split differently (2 micro-batches
 of 2 rows vs 1 of 4). Their measured difference, with a floor of a few fp32 roundings of
 the loss per step taken, bounds the 2-rank difference."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from fastvlm.data import Sample, synthetic_vqa
 from fastvlm.models.vlm import VLM
 from fastvlm.nn.lora import LoRALinear
 from fastvlm.train import checkpoint as ckpt
+from fastvlm.train.build import build_model
 from fastvlm.train.distributed import Distributed
 from fastvlm.train.dryrun import dry_run, per_process
 from fastvlm.train.quant import merge_quantized
-from fastvlm.train.recipe import parse_recipe, to_toml
+from fastvlm.train.recipe import load_recipe, parse_recipe, to_toml
+from fastvlm.train.stage_data import RunData, StageBatches, prepare_data, stage_samples
 
 from .dist_launch import losses, rank_reports, run, run_until_checkpoints
 from .train_recipes import tiny_raw
@@ -190,3 +198,131 @@ def test_dry_run_shards_states_under_fsdp_only():
     assert per_process(mem, "fsdp", 1, 50) == mem
     text = dry_run(parse_recipe(recipe_raw("fsdp")), world_size=4)
     assert "run.distributed = 'fsdp' on 4 processes: memory per process" in text and "gathered" in text
+
+
+# ---- mixed data: text-only, one- and two-image samples ----------------------------------------
+
+def mixed_raw(mode: str, root, batch_size: int = 1, grad_accum: int = 2, chunk: int = 4) -> dict:
+    """Every stage type on mixed data (the captions default to it: contrastive and align pair
+    the samples with an image): contrastive, lm, align, instruct with the frozen tower's
+    feature cache (micro-batches with images bring features) and instruct with vision LoRA
+    (they run the tower). One packed row of one or two samples per micro-batch."""
+    raw = tiny_raw(steps=2, checkpoint_every=1)
+    raw["data"] = {"kind": "llava", "train": str(root / "mixed.json"), "val": str(root / "val.json"),
+                   "image_root": str(root / "images"), "template": "literal"}
+    # seed 27: each instruct step gives one rank a text-only micro-batch (checked below)
+    raw["run"].update(evaluate=False, distributed=mode, seed=27)
+    contrastive, lm, align, instruct = raw["stages"]
+    contrastive["contrastive"]["chunk"] = chunk
+    contrastive.update(max_steps=1, grad_accum=2)
+    lm.update(max_steps=1)
+    align.update(max_steps=1)
+    tower = {**instruct, "name": "tower", "lr": {"connector": 1e-3, "llm": 1e-3, "vision": 1e-3},
+             "lora": {"r": 4, "alpha": 8, "vision_blocks": 1}}
+    raw["stages"] = [contrastive, lm, align, instruct, tower]
+    for s in raw["stages"][1:]:  # rows of 80 tokens hold one or two samples (the longest has 79)
+        s.update(batch_size=batch_size, grad_accum=grad_accum, packing_budget=80)
+    return raw
+
+
+def images_per_micro_batch(recipe_path, run_dir, index: int, count: int) -> list[bool]:
+    """Whether each of stage `index`'s first `count` micro-batches holds an image."""
+    recipe = load_recipe(recipe_path)
+    data = prepare_data(recipe, run_dir)
+    model = build_model(recipe, data.tokenizer, recipe.run.seed)
+    batches = iter(StageBatches(recipe.stages[index], recipe, data, model, seed=recipe.run.seed + index))
+    return [next(batches)["images"] is not None for _ in range(count)]
+
+
+def test_contrastive_and_align_pair_the_samples_with_an_image():
+    """Their pairs are image(s) and a caption: a text-only sample of the captions (by default
+    the training file) has none and is counted as filtered out; align keeps every image of a
+    two-image sample (one <image> each), contrastive (one image, one caption) filters it out."""
+    def sample(i, images):
+        turns = [{"from": "human", "value": "<image>\n" * len(images) + "Describe."},
+                 {"from": "gpt", "value": f"caption {i}"}]
+        return Sample(f"s{i}", images, turns)
+
+    captions = [sample(0, []), sample(1, ["a.png"]), sample(2, ["b.png", "c.png"])]
+    data = RunData(None, [], [], captions, Path("."), None)
+    contrastive, align = parse_recipe(mixed_raw("ddp", Path("."))).stages[:3:2]
+    pairs, _, filtered = stage_samples(contrastive, data)
+    assert [(p.id, p.images, p.conversations[1]["value"]) for p in pairs] == [("s1", ["a.png"], "caption 1")]
+    assert filtered.counts == {"no_image": 1, "several_images": 1}
+    pairs, _, filtered = stage_samples(align, data)
+    assert [(p.id, p.images, p.conversations) for p in pairs] == [
+        ("s1", ["a.png"], [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "caption 1"}]),
+        ("s2", ["b.png", "c.png"], [{"from": "human", "value": "<image><image>"},
+                                    {"from": "gpt", "value": "caption 2"}])]
+    assert filtered.counts == {"no_image": 1}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """The synthetic VQA data with every other sample of one image made text-only (12 of 24;
+    8 keep one image, 4 have two); one-process references of every stage type on it."""
+    root = tmp_path_factory.mktemp("mixed-data")
+    records = json.loads(synthetic_vqa.write_dataset(root, 24, 6, seed=0, image_size=24).train.read_text())
+    for i, record in enumerate(records):
+        if "image" in record and i % 2 == 0:
+            del record["image"]
+            for turn in record["conversations"]:
+                turn["value"] = turn["value"].replace("<image>", "").strip()
+    (root / "mixed.json").write_text(json.dumps(records))
+    # single: the same rows, both in one micro-batch (the contrastive stage's two micro-batches
+    # kept, their B x B loss summed in chunks of 2 rows): the same terms added in another order.
+    recipes = {}
+    for name, mode, kw in (("ddp", "ddp", {}), ("fsdp", "fsdp", {}),
+                           ("single", "ddp", dict(batch_size=2, grad_accum=1, chunk=2))):
+        recipes[name] = root / f"{name}.toml"
+        recipes[name].write_text(to_toml(parse_recipe(mixed_raw(mode, root, **kw))))
+    outs = {name: tmp_path_factory.mktemp(f"mixed-ref-{name}") for name in ("ddp", "single")}
+    for name, out in outs.items():
+        run(recipes[name], out, 1)
+    # The data make the ranks differ: in every step of both instruct stages, of the step's 2
+    # micro-batches (rank 0 takes the first, rank 1 the second) one holds an image, one none.
+    for index in (3, 4):
+        held = images_per_micro_batch(recipes["ddp"], outs["ddp"], index, 2 * 2)
+        assert held[0] != held[1] and held[2] != held[3], (index, held)
+    a, b = losses(outs["ddp"]), losses(outs["single"])
+    assert len(a) == 7 and set(a) == set(b) and all(math.isfinite(v) for v in a.values())
+    orderings = max(abs(a[k] - b[k]) for k in a)
+    bound = {k: 4 * orderings + 8 * (i + 1) * EPS32 * abs(a[k]) for i, k in enumerate(sorted(a))}
+    # Final weights: the two one-process runs' difference per tensor bounds the 2-rank one's.
+    w, v = (load_file(outs[name] / "final" / "model.safetensors") for name in ("ddp", "single"))
+    weight_bound = {k: 4 * (w[k] - v[k]).abs().max() + 8 * len(a) * EPS32 * w[k].abs() for k in w}
+    return {"recipes": recipes, "losses": a, "bound": bound, "weights": w, "weight_bound": weight_bound}
+
+
+def assert_weights_close(out, mixed) -> None:
+    found, want = load_file(out / "final" / "model.safetensors"), mixed["weights"]
+    assert set(found) == set(want)
+    for k in sorted(want):
+        assert ((found[k] - want[k]).abs() <= mixed["weight_bound"][k]).all(), k
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_mixed_data_on_two_ranks_matches_one_process(mode, mixed, tmp_path):
+    """Issue 27: a rank whose micro-batch holds no image runs the tower and connector on a
+    blank image (the connector alone when the others bring cached features), so FSDP's
+    gathers and both modes' gradient reductions match across ranks; losses and final
+    weights are one process's."""
+    out = tmp_path / "run"
+    run(mixed["recipes"][mode], out, 2, worker=True)
+    assert_close(losses(out), mixed["losses"], mixed["bound"])
+    r0, r1 = rank_reports(out)
+    assert r0["final"] == r1["final"], "the ranks ended with different weights"
+    assert_weights_close(out, mixed)
+
+
+def test_mixed_data_killed_on_two_fsdp_ranks_then_resumed_on_one(mixed, tmp_path):
+    """Killed after the cached instruct stage's first step (contrastive, lm, align: one each),
+    a step where one rank had no image; the resumed process trains the vision-LoRA stage.
+    (The other direction, and DDP, on image-only data: test_sigkill_then_resume_on_another_world_size.)"""
+    out = tmp_path / "run"
+    run_until_checkpoints(mixed["recipes"]["fsdp"], out, 2, count=4)
+    assert ckpt.complete_checkpoints(out / "checkpoints")[-1].name.startswith("s03-instruct-step")
+    res = run(mixed["recipes"]["fsdp"], out, 1, "--resume")
+    assert "resuming from s03-instruct-step" in res.stdout
+    assert_close(losses(out), mixed["losses"], mixed["bound"])
+    assert_weights_close(out, mixed)

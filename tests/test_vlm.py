@@ -90,6 +90,51 @@ def test_layout_kind_reaches_attention(kind, tmp_path, seed):
     assert torch.equal(a[0, :2], b[0, :2])  # text before the image: the same keys, the same computation
 
 
+@pytest.mark.parametrize("from_features", [False, True])
+def test_text_only_training_batch_runs_the_image_path_for_nothing(from_features, tmp_path, seed):
+    """Issue 27: the ranks of a distributed job must run the same modules whatever their
+    micro-batches hold, so a training batch without images runs the tower and connector
+    (the connector alone when images come as features) on a blank image: the loss and
+    every gradient are those of the text alone, the image path's gradients zeros."""
+    hf = _hf_llava()
+    hf.save_pretrained(tmp_path)
+    model = VLM.from_pretrained(tmp_path)
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, IMG, (2, 9))
+    labels = ids.clone()
+    calls = []
+    model.vision_tower.register_forward_hook(lambda *args: calls.append("tower"))
+    model.multi_modal_projector.register_forward_hook(lambda *args: calls.append("connector"))
+    loss = model(ids, labels=labels, **({"image_features": []} if from_features else {}))
+    loss.backward()
+    assert calls == (["connector"] if from_features else ["tower", "connector"])
+    lm = reference.language_model  # what VLM.forward computes for text, without the image path
+    want = lm(inputs_embeds=lm.model.embed_tokens(ids), layout=reference.layout(ids), labels=labels)
+    want.backward()
+    assert torch.equal(loss, want)
+    # The image path's parameters that a batch with images (the same way in) gives gradients.
+    with_images = copy.deepcopy(reference)
+    image_ids, mask, pixels = _batch(4)
+    features = with_images.vision_tower(pixels, select_layers=with_images.feature_layers)
+    inputs = {"image_features": [f.detach() for f in features]} if from_features else {"images": pixels}
+    with_images(image_ids, labels=image_ids.masked_fill(mask == 0, -100), attention_mask=mask, **inputs).backward()
+    used = {n for n, p in with_images.named_parameters() if p.grad is not None and not n.startswith("language_model.")}
+    assert used and any(n.startswith("multi_modal_projector.") for n in used)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if name.startswith("language_model."):
+            assert torch.equal(p.grad, q.grad), name
+        elif name in used:
+            assert p.grad is not None and not p.grad.any(), name
+        else:
+            assert p.grad is None, name
+    calls.clear()
+    with torch.no_grad():  # evaluation: no gradient to keep in step, no image path
+        model(ids, labels=labels)
+    model.eval()
+    model(ids, labels=labels)
+    assert calls == []
+
+
 def test_mismatch_and_bad_input_errors(tmp_path):
     hf = _hf_llava()
     hf.save_pretrained(tmp_path)

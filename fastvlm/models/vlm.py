@@ -145,11 +145,36 @@ class VLM(nn.Module):
         is_image = input_ids == image_id
         # The placeholder id may lie outside the vocabulary; its rows are overwritten anyway.
         embeds = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))
-        if images is None and image_features is None:
+        if images is None and (image_features is None or len(image_features) == 0):
             if bool(is_image.any()):
                 raise ValueError(f"images: input_ids hold image tokens (id {image_id}) but no images were given")
+            if self.training and torch.is_grad_enabled():
+                return embeds + self.blank_image_term(from_features=image_features is not None)
             return embeds
         return splice_image_features(embeds, input_ids, image_id, self.encode_images(images, image_features))
+
+    def blank_image_term(self, from_features: bool = False) -> torch.Tensor:
+        """Exactly 0, computed from one blank image: by the tower and the connector (pixels), or
+        by the connector alone on blank encoder features (`from_features`: the batches with
+        images bring their features from a feature cache). A training batch without images
+        adds it to its embeddings, so that it runs the modules a batch with images runs and
+        gives their parameters gradients (zeros) too: the ranks of a distributed job then
+        run the same collectives whatever their micro-batches hold (FSDP gathers each
+        block's weights as it runs; DDP and FSDP reduce the same set of gradients), and the
+        gradient is the one-process gradient. LLaVA feeds its text-only samples a blank
+        image for the same reason."""
+        v = self.config.vision
+        if from_features:
+            device = next(self.multi_modal_projector.parameters()).device
+            blank = [torch.zeros(1, v.grid_size ** 2 + v.num_prefix_tokens, v.hidden_size, device=device)
+                     for _ in self.feature_layers]
+            projected = self.encode_images(image_features=blank)
+        else:
+            projected = self.encode_images(torch.zeros(1, v.num_channels, v.image_size, v.image_size,
+                                                       device=self.vision_tower.patch_embed.weight.device))
+        # Blank pixels give finite features, and 0 times a finite sum is exactly 0; its
+        # gradients (0 times finite activations) are zeros, which leave every sum they join exact.
+        return projected.sum() * 0
 
     def tokens_per_image(self, images: torch.Tensor | None = None) -> int:
         """LLM tokens per image (of `images`' resolution; default the config's): what the
@@ -178,7 +203,11 @@ class VLM(nn.Module):
                 attention_mask=None, segment_ids=None, prefix_mask=None, image_features=None):
         """Logits [B, N, V], or the mean next-token loss when labels are given
         (image tokens and label -100 are never targets). `image_features` replaces
-        `images` by precomputed encoder hidden states (see encode_images)."""
+        `images` by precomputed encoder hidden states (see encode_images); `[]` says a batch
+        without images is one of a run whose images come as features. A training batch
+        without images runs the tower and connector (the connector alone with
+        `image_features=[]`) on a blank image whose contribution is exactly 0
+        (blank_image_term), so every rank of a distributed job runs the same modules."""
         self._check_input_ids(input_ids)
         layout = self.layout(input_ids, attention_mask, segment_ids, prefix_mask, images)
         check_positions(self.config.llm, input_ids.shape[1], "input_ids", positions_of(layout),  # before encoding

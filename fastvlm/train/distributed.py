@@ -6,8 +6,10 @@ per stage, wraps the model (``Distributed.wrap``):
 
 - ``ddp``: ``DistributedDataParallel`` over a module that computes the stage's
   micro-batch loss (so every stage type's forward, LLM-only or contrastive, goes
-  through DDP). ``find_unused_parameters=True``: a micro-batch without images
-  leaves the connector unused. Frozen parameters have no gradient and are never
+  through DDP). ``find_unused_parameters=True``: an lm stage leaves the tower and
+  connector unused (a micro-batch without images does not: it runs them on a blank
+  image, see ``VLM.blank_image_term``, so that every rank runs the same collectives
+  whatever its micro-batches hold). Frozen parameters have no gradient and are never
   all-reduced.
 - ``fsdp``: ``fully_shard`` on each decoder block and each vision encoder block,
   then on the micro-batch-loss module as the root (embeddings, norms, connector,

@@ -110,11 +110,13 @@ def micro_loss(model, stage: Stage, batch: dict, device, cache=None) -> torch.Te
         return model.language_model(inputs["input_ids"], segment_ids=inputs["segment_ids"], labels=inputs["labels"])
     prefix = batch.get("prefix_mask")
     kwargs = dict(inputs, prefix_mask=prefix.to(device) if prefix is not None else None)
-    if cache is not None and batch["image_files"]:
+    if cache is not None:
         # The cache asks for its misses' pixels by file bytes; the batch has them decoded already.
+        # A micro-batch without images passes [] (no image's features): the model then runs the
+        # connector alone, as the cached micro-batches do (see VLM.blank_image_term).
         blobs = [p.read_bytes() for p in batch["image_files"]]
         first = {blob: i for i, blob in reversed(list(enumerate(blobs)))}
-        features = cache.features(blobs, lambda missing: batch["images"][[first[b] for b in missing]])
+        features = cache.features(blobs, lambda missing: batch["images"][[first[b] for b in missing]]) if blobs else []
         return model(**kwargs, image_features=features)
     images = batch.get("images")
     return model(**kwargs, images=images.to(device) if images is not None else None)
