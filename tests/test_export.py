@@ -433,3 +433,35 @@ def test_cli_export_of_a_missing_path_names_the_argument(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"fastvlm export: run: {tmp_path / 'no-such-run'} does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_peft_export_of_a_pretrained_run_names_its_hf_base(trained_run, tmp_path, seed):
+    """A run started from an HF LLaVA directory (here the tiny run's hf-llava export): a LoRA
+    stage that also trains the connector gives an adapter naming that directory as its base,
+    the connector in modules_to_save, nothing written beside it, and the trained logits."""
+    from fastvlm.cli import main
+    from fastvlm.train.checkpoint import load_for_inference
+    from fastvlm.train.recipe import parse_recipe
+    from fastvlm.train.trainer import train
+    from tests.llava_models import peft_load
+    from tests.train_recipes import tiny_raw
+
+    hf_dir = tmp_path / "hf"
+    assert main(["export", str(trained_run), str(hf_dir), "--format", "hf-llava"]) == 0
+    raw = tiny_raw(steps=2)
+    raw["stages"] = raw["stages"][3:]  # the LoRA instruct stage (connector and LLM)
+    raw["model"] = {"source": "pretrained", "path": str(hf_dir), "select_layer": -1}
+    raw["run"]["evaluate"] = False
+    run = tmp_path / "run"
+    train(parse_recipe(raw), run, progress=False, echo=lambda *_: None)
+    out = tmp_path / "peft"
+    assert main(["export", str(run), str(out), "--format", "peft"]) == 0
+    cfg = _peft_config(out)
+    assert cfg["base_model_name_or_path"] == str(hf_dir.resolve()) and not (out / "base").exists()
+    assert cfg["modules_to_save"] == ["model.multi_modal_projector"]
+    model, tok, _ = load_for_inference(_newest_checkpoint(run))
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    peft_model = peft_load(hf, out)
+    t, img = model.image_tokens, model.config.image_token_id
+    ids = torch.tensor([[tok.bos_token_id] + [img] * t + tok.encode(" what colour is it?")[0]])
+    _assert_peft_logits(model, peft_model, ids, torch.ones_like(ids), torch.randn(1, 3, 24, 24), "PEFT logits")
