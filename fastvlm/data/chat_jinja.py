@@ -74,6 +74,18 @@ def _default_system(template, tokenizer) -> str:
     return plain[start:len(plain) - len(after)]
 
 
+def _rounds(tokenizer, default_system: str | None, preamble: str, question: str, answer: str,
+            macros: str = "") -> str:
+    """A round-based template (Template._rounds): BOS, `preamble` (may read ``system``), then per
+    user turn `question` and per assistant turn the supervised `answer`, Jinja expressions of
+    ``text`` (the turn's content)."""
+    return (_content_macro(tokenizer.image_token) + macros + _check_roles(True) + _system_and_turns(default_system)
+            + _bos(tokenizer) + preamble
+            + "{%- for message in turns -%}{%- set text = content(message) -%}{%- if message['role'] == 'user' -%}"
+            f"{{{{ {question} }}}}{{%- else -%}}{{% generation %}}{{{{ {answer} }}}}{{% endgeneration %}}"
+            "{%- endif -%}{%- endfor -%}")
+
+
 def _llava_v1(template: LlavaV1Template, tokenizer) -> str:
     if tokenizer.eos_token is None:
         raise ValueError(f"template {template.name!r}: the tokenizer has no eos_token to end answers with")
@@ -85,24 +97,16 @@ def _llava_v1(template: LlavaV1Template, tokenizer) -> str:
              "{%- if n == 0 -%}{{ text }}"
              f"{{%- else -%}}{{{{ ({tag} + '\\n') * n + text.replace({tag}, '').strip() }}}}{{%- endif -%}}"
              "{%- endmacro -%}")
-    return (_content_macro(tokenizer.image_token) + moved + _check_roles(True)
-            + _system_and_turns(_default_system(template, tokenizer)) + _bos(tokenizer) + "{{ system + ' ' }}"
-            "{%- for message in turns -%}{%- if message['role'] == 'user' -%}"
-            f"{{{{ {_lit(user + ': ')} + moved(content(message)) + {_lit(' ' + assistant + ':')} }}}}"
-            "{%- else -%}{% generation %}"
-            f"{{{{ ' ' + content(message) + {_lit(tokenizer.eos_token)} }}}}"
-            "{% endgeneration %}{%- endif -%}{%- endfor -%}")
+    return _rounds(tokenizer, _default_system(template, tokenizer), "{{ system + ' ' }}",
+                   f"{_lit(user + ': ')} + moved(text) + {_lit(' ' + assistant + ':')}",
+                   f"' ' + text + {_lit(tokenizer.eos_token)}", macros=moved)
 
 
 def _literal(template: LiteralTemplate, tokenizer) -> str:
     sep = _lit(template.sep)
-    return (_content_macro(tokenizer.image_token) + _check_roles(True) + _system_and_turns(None) + _bos(tokenizer)
-            + f"{{%- if system is not none -%}}{{{{ system + {sep} }}}}{{%- endif -%}}"
-            "{%- for message in turns -%}{%- if message['role'] == 'user' -%}"
-            f"{{{{ {_lit(template.user + ' ')} + content(message) + {sep} + {_lit(template.assistant)} }}}}"
-            "{%- else -%}{% generation %}"
-            f"{{{{ ' ' + content(message) + {sep} }}}}"
-            "{% endgeneration %}{%- endif -%}{%- endfor -%}")
+    return _rounds(tokenizer, None, f"{{%- if system is not none -%}}{{{{ system + {sep} }}}}{{%- endif -%}}",
+                   f"{_lit(template.user + ' ')} + text + {sep} + {_lit(template.assistant)}",
+                   f"' ' + text + {sep}")
 
 
 def _plain(template: PlainTemplate, tokenizer) -> str:
