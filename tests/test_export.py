@@ -433,6 +433,9 @@ def test_cli_export_of_a_missing_path_names_the_argument(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"fastvlm export: run: {tmp_path / 'no-such-run'} does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert "fastvlm export: run: " in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_cli_peft_export_of_a_pretrained_run_names_its_hf_base(trained_run, tmp_path, seed):

@@ -101,6 +101,9 @@ def export(run_or_checkpoint, out, format: str = "hf-llava", *, allow_causal: bo
                          "model directory such as RUN/final)")
     if source.name == "final" and (source.parent / "recipe.toml").is_file():
         source = source.parent  # its run: the tokenizer, the template and (peft) the unmerged adapters
+    if not any((source / name).is_file() for name in ("recipe.toml", "meta.json", "config.json")):
+        raise ValueError(f"run: {source} is neither a run directory (recipe.toml), a checkpoint (meta.json) nor a "
+                         "model directory (config.json)")
     if (source / "config.json").is_file() and not (source / "recipe.toml").is_file() and \
             not (source / "meta.json").is_file():
         model, tokenizer = _load_model_dir(source)  # a bare model directory
