@@ -410,10 +410,11 @@ def test_cli_peft_export_of_a_run_loads_onto_llava(trained_run, tmp_path, seed, 
 
     processor = transformers.AutoProcessor.from_pretrained(out)
     turns = [{"from": "human", "value": "<image>\nwhat colour is it?"}]
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is it?"}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     image = Image.fromarray((np.random.default_rng(seed).random((30, 40, 3)) * 255).astype(np.uint8))
-    inputs = processor(text=prompt, images=[image], return_tensors="pt", add_special_tokens=False)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "what colour is it?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
     ids = inputs["input_ids"]
     assert ids[0].tolist() == encode_prompt(turns, tok, recipe.data.template, model.image_tokens)
     mask, pixels = inputs["attention_mask"], inputs["pixel_values"]
