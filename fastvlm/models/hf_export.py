@@ -278,13 +278,12 @@ def image_processor_config(preprocessor, family: str) -> dict:
     return config
 
 
-def processor_config(model, image_token: str, chat_template: str | None = None) -> dict:
+def processor_config(model, image_token: str) -> dict:
     """processor_config.json of a LlavaProcessor that expands each image token to the run
-    length fastvlm uses (patches, plus the prefix tokens the feature selection keeps)."""
+    length fastvlm uses (patches, plus the prefix tokens the feature selection keeps). Its chat
+    template goes in chat_template.jinja, where transformers 5 reads it."""
     v = model.config.vision
     config = {"processor_class": "LlavaProcessor", "patch_size": v.patch_size,
               "vision_feature_select_strategy": select_strategy(model), "image_token": image_token,
               "num_additional_image_tokens": v.num_prefix_tokens}
-    if chat_template:
-        config["chat_template"] = chat_template
     return config
