@@ -419,6 +419,8 @@ def test_cli_peft_export_of_a_run_loads_onto_llava(trained_run, tmp_path, seed, 
     assert ids[0].tolist() == encode_prompt(turns, tok, recipe.data.template, model.image_tokens)
     mask, pixels = inputs["attention_mask"], inputs["pixel_values"]
     _assert_peft_logits(model, peft_model, ids, mask, pixels, "PEFT logits of the exported run")
+    with peft_model.disable_adapter(), pytest.raises(AssertionError):  # the bound sees a missing adapter
+        _assert_peft_logits(model, peft_model, ids, mask, pixels, "base logits")
     auto = AutoPeftModel.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(auto(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits,
