@@ -219,13 +219,15 @@ def _assert_peft_logits(model, peft_model, ids, mask, pixels, name):
     assert_close(got[live], ref64[live], base32[live], name=name)
 
 
-def test_peft_export_loads_onto_transformers_llava(tmp_path, seed):
+@pytest.mark.parametrize("options", [{}, {"connector": "multilevel", "select_layers": [-3, -1],
+                                          "vision_feature": "full"}], ids=["mlp", "multilevel"])
+def test_peft_export_loads_onto_transformers_llava(tmp_path, seed, options):
     """Issue 23 item 5: LLM and vision-tower LoRA (other ranks: rank_pattern) and the connector
-    load onto LlavaForConditionalGeneration with fastvlm's logits; with no HF base given, the
-    base is written beside the adapter and named."""
+    (either kind HF LLaVA holds) load onto LlavaForConditionalGeneration with fastvlm's logits;
+    with no HF base given, the base is written beside the adapter and named."""
     from tests.llava_models import peft_load
 
-    model = _random_model(_config())
+    model = _random_model(_config(**options))
     ids, mask, pixels = _batch(model)
     out = tmp_path / "peft"
     export_model(model, out, "peft", trained=("multi_modal_projector",))

@@ -26,7 +26,7 @@ LORA_SUFFIX = re.compile(r"\.lora_[AB]\.weight$")
 
 def module_to_hf(module: str, model) -> str:
     """A VLM module's name in transformers' LLaVA (5.x layout)."""
-    return llava_names.to_hf(module + ".weight", model.config.vision)[:-len(".weight")]
+    return llava_names.to_hf(module + ".weight", model.config.vision, model.config.connector)[:-len(".weight")]
 
 
 def _common_module(names: list[str]) -> str:
@@ -42,7 +42,7 @@ def _common_module(names: list[str]) -> str:
 
 def _hf_or_none(name: str, model) -> str | None:
     try:
-        return llava_names.to_hf(name, model.config.vision)
+        return llava_names.to_hf(name, model.config.vision, model.config.connector)
     except KeyError:
         return None
 
@@ -87,7 +87,7 @@ def _from_hf_name(name: str, model, own: set[str]) -> str:
     if name in own:
         return name
     try:
-        ours = llava_names.from_hf(name, model.config.vision)
+        ours = llava_names.from_hf(name, model.config.vision, model.config.connector)
     except KeyError:
         ours = None
     if ours is None:
