@@ -1,5 +1,7 @@
 """A tiny transformers LLaVA with random weights, and the same weights as a fastvlm.VLM
 (no downloads): the pair the adapter and merge tests compare."""
+import warnings
+
 import torch
 
 IMG = 119  # image token id (inside the vocabulary, as in llava-hf checkpoints)
@@ -38,3 +40,16 @@ def llava_batch(batch: int = 2):
     text = torch.randint(0, IMG, (batch, 5))
     ids = torch.cat([text[:, :2], torch.full((batch, TOKENS_PER_IMAGE), IMG), text[:, 2:]], dim=1)
     return ids, torch.randn(batch, 3, 28, 28)
+
+
+def peft_load(hf, directory):
+    """peft.PeftModel.from_pretrained(hf, directory) in eval mode, refusing an adapter whose
+    keys do not fit (PEFT only warns then, and leaves the unmatched LoRA weights at init)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(hf, str(directory)).eval()
+    missing = [str(w.message) for w in caught if "missing" in str(w.message).lower()]
+    assert not missing, missing
+    return model

@@ -1,5 +1,6 @@
 """Export: fastvlm -> HF LLaVA with the same logits (LoRA merged), tokenizer and processor
 files transformers loads, PEFT adapters + connector, native directory; refusals."""
+import copy
 import json
 import warnings
 
@@ -14,7 +15,7 @@ from fastvlm.models.preprocess import ImagePreprocessor
 from fastvlm.models.vision import VisionConfig
 from fastvlm.models.vlm import VLM, VLMConfig
 from fastvlm.train.export import export_model
-from fastvlm.train.lora import apply_lora, load_adapter
+from fastvlm.train.lora import apply_lora, lora_layers
 from tests.utils import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -190,7 +191,7 @@ def test_tokenizer_and_processor_load_in_transformers(tmp_path, seed):
     assert_close(got, ref64, base32, name="HF logits from the processor's inputs")
 
 
-def test_peft_and_fastvlm_formats(tmp_path, seed):
+def test_fastvlm_format(tmp_path, seed):
     model = _random_model(_config())
     ids, mask, pixels = _batch(model)
     with torch.no_grad():
@@ -202,43 +203,101 @@ def test_peft_and_fastvlm_formats(tmp_path, seed):
         got = native(ids, pixels, attention_mask=mask)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
-    export_model(model, tmp_path / "peft", "peft")
-    meta = json.loads((tmp_path / "peft" / "config.json").read_text())
-    assert meta["adapters"] == ["adapter_llm", "adapter_vision"]
-    from safetensors.torch import load_file
 
-    rebuilt = VLM(VLMConfig.from_dict(meta["config"]))
-    base = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
-    rebuilt.load_state_dict({k.replace("base_layer.", ""): v for k, v in base.items()})
-    connector = load_file(tmp_path / "peft" / "connector.safetensors")
-    with torch.no_grad():  # the connector file alone restores the projector
-        for p in rebuilt.multi_modal_projector.parameters():
-            p.zero_()
-    rebuilt.load_state_dict(connector, strict=False)
-    load_adapter(rebuilt.language_model, str(tmp_path / "peft" / "adapter_llm"))
-    load_adapter(rebuilt.vision_tower, str(tmp_path / "peft" / "adapter_vision"))
+def _peft_config(out):
+    return json.loads((out / "adapter_config.json").read_text())
+
+
+def _assert_peft_logits(model, peft_model, ids, mask, pixels, name):
+    """The PEFT model's logits (adapters active) within a few times fastvlm's own fp32 error
+    of the float64 truth (fastvlm's model with its adapters unmerged)."""
     with torch.no_grad():
-        got = rebuilt.eval()(ids, pixels, attention_mask=mask)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got = peft_model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        base32 = model(ids, pixels, attention_mask=mask)
+        ref64 = copy.deepcopy(model).double()(ids, pixels.double(), attention_mask=mask)
+    live = mask.bool()
+    assert_close(got[live], ref64[live], base32[live], name=name)
 
 
-def test_peft_adapter_loads_in_peft_on_the_transformers_llm(tmp_path, seed):
-    """adapter_llm/ is PEFT's own format: peft.PeftModel puts it on transformers' Llama with the
-    same base weights, and the logits are fastvlm's (adapters active, not merged)."""
-    peft = pytest.importorskip("peft")
-    model = _random_model(_config())
-    export_model(model, tmp_path, "peft")
-    config, _ = to_hf_llava(model)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config["text_config"])).eval()
-    base = {k.replace("base_layer.", ""): v for k, v in model.language_model.state_dict().items() if "lora_" not in k}
-    hf.load_state_dict(base)
-    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter_llm").eval()
-    ids = torch.randint(0, model.config.llm.vocab_size, (2, 9))
+@pytest.mark.parametrize("options", [{}, {"connector": "multilevel", "select_layers": [-3, -1],
+                                          "vision_feature": "full"}], ids=["mlp", "multilevel"])
+def test_peft_export_loads_onto_transformers_llava(tmp_path, seed, options):
+    """Issue 23 item 5: LLM and vision-tower LoRA (other ranks: rank_pattern) and the connector
+    (either kind HF LLaVA holds) load onto LlavaForConditionalGeneration with fastvlm's logits;
+    with no HF base given, the base is written beside the adapter and named."""
+    from tests.llava_models import peft_load
+
+    model = _random_model(_config(**options))
+    ids, mask, pixels = _batch(model)
+    out = tmp_path / "peft"
+    export_model(model, out, "peft", trained=("multi_modal_projector",))
+    cfg = _peft_config(out)
+    assert cfg["base_model_name_or_path"] == str((out / "base").resolve())
+    assert cfg["modules_to_save"] == ["model.multi_modal_projector"]
+    assert cfg["rank_pattern"] and all("vision_tower" in k for k in cfg["rank_pattern"])
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(cfg["base_model_name_or_path"],
+                                                                    dtype=torch.float32).eval()
     with torch.no_grad():
-        got = hf(input_ids=ids).logits
-        base32 = model.language_model(ids)
-        ref64 = model.language_model.double()(ids)
-    assert_close(got, ref64, base32, name="PEFT logits")
+        plain = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    peft_model = peft_load(hf, out)
+    injected = [n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")]
+    assert len(injected) == len(lora_layers(model)) == 2 * 3 + 3  # q, v, down per LLM layer; fc1 per vision block
+    with torch.no_grad():
+        got = peft_model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert (got - plain).abs().max() > 1e-2  # the adapter changes the logits
+    _assert_peft_logits(model, peft_model, ids, mask, pixels, "PEFT logits")
+
+
+def _adapted_llava(seed, directory):
+    """A VLM from an HF LLaVA directory, LoRA put on as a LoRA stage does (per part), the
+    adapters and the connector trained (perturbed)."""
+    from tests.llava_models import llava_pair
+
+    _, model = llava_pair(seed, directory)
+    apply_lora(model.language_model, "q_proj,o_proj,gate_proj", r=4, alpha=8)
+    apply_lora(model.vision_tower, r"blocks\.(1|2)\.(attn|mlp)\.(q_proj|fc2)", r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.startswith("multi_modal_projector."):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_peft_export_names_the_hf_base_the_model_started_from(tmp_path, seed):
+    """With an HF LLaVA base whose weights are still the model's base, the adapter names it
+    (the retrained connector travels in modules_to_save); once an LLM weight has moved, the
+    named base would be wrong, so the base is written beside the adapter instead."""
+    from tests.llava_models import llava_batch, peft_load
+
+    model = _adapted_llava(seed, tmp_path / "hf")
+    ids, pixels = llava_batch()
+    mask = torch.ones_like(ids)
+    export_model(model, tmp_path / "a", "peft", base=tmp_path / "hf")
+    cfg = _peft_config(tmp_path / "a")
+    assert cfg["base_model_name_or_path"] == str((tmp_path / "hf").resolve())
+    assert cfg["modules_to_save"] == ["model.multi_modal_projector"] and not (tmp_path / "a" / "base").exists()
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    _assert_peft_logits(model, peft_load(hf.eval(), tmp_path / "a"), ids, mask, pixels, "PEFT logits on its HF base")
+
+    with torch.no_grad():
+        model.language_model.model.norm.weight.mul_(1.5)
+    export_model(model, tmp_path / "b", "peft", base=tmp_path / "hf")
+    cfg = _peft_config(tmp_path / "b")
+    assert cfg["base_model_name_or_path"] == str((tmp_path / "b" / "base").resolve())
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(cfg["base_model_name_or_path"],
+                                                                    dtype=torch.float32)
+    _assert_peft_logits(model, peft_load(hf.eval(), tmp_path / "b"), ids, mask, pixels, "PEFT logits, written base")
+
+
+def test_failed_export_leaves_no_output_directory(tmp_path):
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        export_model(VLM(_config()), tmp_path / "p", "peft")
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor a temporary folder
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="out: .*not an empty directory"):
+        export_model(VLM(_config()), tmp_path / "full", "fastvlm")
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
 
 
 def test_refuses_what_hf_llava_cannot_express(tmp_path):
@@ -270,8 +329,6 @@ def test_refuses_what_hf_llava_cannot_express(tmp_path):
     cfg.llm = LLMConfig(**{**vars(cfg.llm), "sliding_window": 3, "sliding_layers": [0]})
     with pytest.warns(UserWarning, match="4.x would slide every layer from max_window_layers=0"):
         to_hf_llava(VLM(cfg))
-    with pytest.raises(ValueError, match="no LoRA adapters"):
-        export_model(VLM(_config()), tmp_path / "p", "peft")
     with pytest.raises(ValueError, match="format"):
         export_model(VLM(_config()), tmp_path / "x", "onnx")
     with warnings.catch_warnings():
@@ -310,8 +367,6 @@ def test_cli_exports_a_training_run(trained_run, tmp_path, seed):
         ref64 = model.double()(inputs["input_ids"], inputs["pixel_values"].double())
     assert_close(got, ref64, base32, name="HF logits of the exported run")
 
-    assert main(["export", str(trained_run), str(tmp_path / "peft"), "--format", "peft"]) == 0
-    assert (tmp_path / "peft" / "adapter_llm" / "adapter_model.safetensors").is_file()
     assert main(["export", str(trained_run), str(tmp_path / "native"), "--format", "fastvlm"]) == 0
     native = VLM.from_pretrained(tmp_path / "native")
     torch.testing.assert_close(native.state_dict(), VLM.from_pretrained(trained_run / "final").state_dict())
@@ -322,3 +377,99 @@ def test_cli_exports_a_training_run(trained_run, tmp_path, seed):
     torch.testing.assert_close(load_file(tmp_path / "hf2" / "model.safetensors"),
                                load_file(tmp_path / "hf" / "model.safetensors"), rtol=0, atol=0)
     assert (tmp_path / "hf2" / "tokenizer.json").is_file() and (tmp_path / "hf2" / "processor_config.json").is_file()
+
+
+def _newest_checkpoint(run):
+    from fastvlm.train.checkpoint import complete_checkpoints
+
+    return complete_checkpoints(run / "checkpoints")[-1]
+
+
+@pytest.mark.parametrize("where", ["run", "final"])
+def test_cli_peft_export_of_a_run_loads_onto_llava(trained_run, tmp_path, seed, where):
+    """Issue 23 item 5 from a real run (tiny source: no HF base, so one is written): from RUN and
+    from RUN/final, the adapter of the LoRA stage's last checkpoint, the connector it trained in
+    modules_to_save; PeftModel and AutoPeftModel give the trained model's logits, and the
+    processor in OUT renders the recipe's template."""
+    from peft import AutoPeftModel
+
+    from fastvlm.cli import main
+    from fastvlm.data import encode_prompt
+    from fastvlm.train.checkpoint import load_for_inference
+    from tests.llava_models import peft_load
+
+    model, tok, recipe = load_for_inference(_newest_checkpoint(trained_run))
+    assert lora_layers(model)  # the LoRA stage's checkpoint: adapters unmerged
+    out = tmp_path / "peft"
+    assert main(["export", str(trained_run if where == "run" else trained_run / "final"), str(out),
+                 "--format", "peft"]) == 0
+    cfg = _peft_config(out)
+    assert cfg["base_model_name_or_path"] == str((out / "base").resolve())
+    assert cfg["modules_to_save"] == ["model.multi_modal_projector"]
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(out / "base", dtype=torch.float32).eval()
+    peft_model = peft_load(hf, out)
+    assert sum(n.endswith(".lora_A") for n, _ in peft_model.named_modules()) == len(lora_layers(model))
+
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    turns = [{"from": "human", "value": "<image>\nwhat colour is it?"}]
+    image = Image.fromarray((np.random.default_rng(seed).random((30, 40, 3)) * 255).astype(np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "what colour is it?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    ids = inputs["input_ids"]
+    assert ids[0].tolist() == encode_prompt(turns, tok, recipe.data.template, model.image_tokens)
+    mask, pixels = inputs["attention_mask"], inputs["pixel_values"]
+    _assert_peft_logits(model, peft_model, ids, mask, pixels, "PEFT logits of the exported run")
+    with peft_model.disable_adapter(), pytest.raises(AssertionError):  # the bound sees a missing adapter
+        _assert_peft_logits(model, peft_model, ids, mask, pixels, "base logits")
+    auto = AutoPeftModel.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(auto(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits,
+                                   peft_model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits,
+                                   rtol=0, atol=0)
+
+
+def test_cli_export_of_a_missing_path_names_the_argument(tmp_path, capsys):
+    """Issue 23 item 8: a clear error, no traceback, no output directory."""
+    from fastvlm.cli import main
+
+    assert main(["export", str(tmp_path / "no-such-run"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"fastvlm export: run: {tmp_path / 'no-such-run'} does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert "fastvlm export: run: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_cli_peft_export_of_a_pretrained_run_names_its_hf_base(trained_run, tmp_path, seed):
+    """A run started from an HF LLaVA directory (here the tiny run's hf-llava export): a LoRA
+    stage that also trains the connector gives an adapter naming that directory as its base,
+    the connector in modules_to_save, nothing written beside it, and the trained logits."""
+    from fastvlm.cli import main
+    from fastvlm.train.checkpoint import load_for_inference
+    from fastvlm.train.recipe import parse_recipe
+    from fastvlm.train.trainer import train
+    from tests.llava_models import peft_load
+    from tests.train_recipes import tiny_raw
+
+    hf_dir = tmp_path / "hf"
+    assert main(["export", str(trained_run), str(hf_dir), "--format", "hf-llava"]) == 0
+    raw = tiny_raw(steps=2)
+    raw["stages"] = raw["stages"][3:]  # the LoRA instruct stage (connector and LLM)
+    raw["model"] = {"source": "pretrained", "path": str(hf_dir), "select_layer": -1}
+    raw["run"]["evaluate"] = False
+    run = tmp_path / "run"
+    train(parse_recipe(raw), run, progress=False, echo=lambda *_: None)
+    out = tmp_path / "peft"
+    assert main(["export", str(run), str(out), "--format", "peft"]) == 0
+    cfg = _peft_config(out)
+    assert cfg["base_model_name_or_path"] == str(hf_dir.resolve()) and not (out / "base").exists()
+    assert cfg["modules_to_save"] == ["model.multi_modal_projector"]
+    model, tok, _ = load_for_inference(_newest_checkpoint(run))
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    peft_model = peft_load(hf, out)
+    t, img = model.image_tokens, model.config.image_token_id
+    ids = torch.tensor([[tok.bos_token_id] + [img] * t + tok.encode(" what colour is it?")[0]])
+    _assert_peft_logits(model, peft_model, ids, torch.ones_like(ids), torch.randn(1, 3, 24, 24), "PEFT logits")

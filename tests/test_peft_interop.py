@@ -3,14 +3,13 @@ in either loads in the other with equal logits (LLM and vision-tower adapters, a
 projector, both key layouts), or fails with a ValueError."""
 import copy
 import json
-import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from fastvlm.train.lora import apply_lora, load_adapter, lora_layers, save_adapter
-from tests.llava_models import llava_batch, llava_pair
+from tests.llava_models import llava_batch, llava_pair, peft_load
 from tests.lora_models import ALL_PROJ
 from tests.utils import assert_close
 
@@ -41,17 +40,6 @@ def _assert_same_logits(ours, hf_model, ids, pixels):
     assert_close(ours(ids, pixels), want64, baseline=want, name="logits")
 
 
-def _peft_load(hf, directory):
-    from peft import PeftModel
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(hf, str(directory)).eval()
-    missing = [str(w.message) for w in caught if "missing" in str(w.message).lower()]
-    assert not missing, missing  # PEFT only warns when adapter keys do not fit
-    return model
-
-
 def test_fastvlm_adapter_loads_in_peft_on_transformers(pair, tmp_path):
     hf, ours = pair
     hf_copy = copy.deepcopy(hf)  # PEFT wraps hf in place
@@ -62,7 +50,7 @@ def test_fastvlm_adapter_loads_in_peft_on_transformers(pair, tmp_path):
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["modules_to_save"] == ["model.multi_modal_projector"]
     assert len(cfg["target_modules"]) == len(lora_layers(ours))
-    peft_model = _peft_load(hf, tmp_path / "adapter")
+    peft_model = peft_load(hf, tmp_path / "adapter")
     ids, pixels = llava_batch()
     assert (_hf_logits(peft_model, ids, pixels) - base).abs().max() > 0.1  # the adapter does something
     _assert_same_logits(ours, peft_model, ids, pixels)

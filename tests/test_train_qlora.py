@@ -97,7 +97,7 @@ def test_peft_export_of_a_qlora_run_holds_its_adapters(finished, tmp_path):
 
     out, _ = finished
     exported = export(out, tmp_path / "peft", "peft")
-    adapter = load_file(str(exported / "adapter_llm" / "adapter_model.safetensors"))
+    adapter = load_file(str(exported / "adapter_model.safetensors"))  # PEFT's, for LlavaForConditionalGeneration
     stored = load_file(str(ckpt.complete_checkpoints(out / "checkpoints")[-1] / "model.safetensors"))
     trained = {k: v for k, v in stored.items() if k.startswith("language_model.") and ".lora_B" in k}
     assert trained and len([k for k in adapter if "lora_B" in k]) == len(trained)

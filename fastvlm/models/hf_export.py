@@ -68,9 +68,10 @@ def vision_state_to_hf(state: dict[str, torch.Tensor], config) -> dict[str, torc
     return out
 
 
-def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(module: nn.Module, merge_lora: bool = True) -> dict[str, torch.Tensor]:
     """`module`'s state dict with every LoRALinear folded into a plain Linear's weight/bias
-    (base + s·BA, in float32 then cast back to the base's dtype); the module is not changed."""
+    (base + s·BA, in float32 then cast back to the base's dtype); the module is not changed.
+    ``merge_lora=False``: the base weights alone (the model a PEFT adapter of them applies to)."""
     from fastvlm.train.quant import dequantized_weight
 
     state = dict(module.state_dict())
@@ -86,7 +87,9 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
                 weight, dtype = dequantized_weight(base), base.compute_dtype or torch.float32
             else:
                 weight, dtype = base.weight, base.weight.dtype
-            if not layer.merged:
+            if layer.merged and not merge_lora:
+                raise ValueError(f"model: LoRA layer {name!r} is merged into its base; unmerge it to export the base")
+            if merge_lora and not layer.merged:
                 weight = weight.float() + layer.delta_weight().float()
             state[prefix + "weight"] = weight.to(dtype).detach()
             if base.bias is not None:
@@ -193,15 +196,16 @@ def select_strategy(model) -> str:
     return "default" if model.config.vision_feature == "patch" and v.num_prefix_tokens == 1 else "full"
 
 
-def to_hf_llava(model, *, allow_causal: bool = False, token_ids: dict | None = None, vocab_size: int | None = None
-                ) -> tuple[dict, dict[str, torch.Tensor]]:
+def to_hf_llava(model, *, allow_causal: bool = False, token_ids: dict | None = None, vocab_size: int | None = None,
+                merge_lora: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json dict, state dict) of the LlavaForConditionalGeneration equal to `model`.
 
     `token_ids`: bos/eos/pad ids for the text config (from the tokenizer). `vocab_size`:
     grow the embedding and LM head to this many rows, for a tokenizer that added tokens
     past the LLM's vocabulary (Vicuna's <image> is id 32000 of 32000): fastvlm never looks
     those ids up (image placeholders are overwritten), HF does, so they get zero rows, and
-    their logits are 0 (suppress them at generation: see `added_token_ids`)."""
+    their logits are 0 (suppress them at generation: see `added_token_ids`). `merge_lora=False`:
+    LoRA layers contribute their base weights only (see `merged_state_dict`)."""
     check_exportable(model, allow_causal)
     cfg = model.config
     llm_vocab = cfg.llm.vocab_size
@@ -223,9 +227,9 @@ def to_hf_llava(model, *, allow_causal: bool = False, token_ids: dict | None = N
               "multimodal_projector_bias": cfg.projector_bias,
               "tie_word_embeddings": cfg.llm.tie_word_embeddings}
     state = {f"model.vision_tower.{k}": t
-             for k, t in vision_state_to_hf(merged_state_dict(model.vision_tower), cfg.vision).items()}
+             for k, t in vision_state_to_hf(merged_state_dict(model.vision_tower, merge_lora), cfg.vision).items()}
     for prefix in ("multi_modal_projector.", "language_model."):
-        for key, tensor in merged_state_dict(model.get_submodule(prefix[:-1])).items():
+        for key, tensor in merged_state_dict(model.get_submodule(prefix[:-1]), merge_lora).items():
             if key == "lm_head.weight" and cfg.llm.tie_word_embeddings:
                 continue  # HF ties it to the embedding
             try:
@@ -274,13 +278,12 @@ def image_processor_config(preprocessor, family: str) -> dict:
     return config
 
 
-def processor_config(model, image_token: str, chat_template: str | None = None) -> dict:
+def processor_config(model, image_token: str) -> dict:
     """processor_config.json of a LlavaProcessor that expands each image token to the run
-    length fastvlm uses (patches, plus the prefix tokens the feature selection keeps)."""
+    length fastvlm uses (patches, plus the prefix tokens the feature selection keeps). Its chat
+    template goes in chat_template.jinja, where transformers 5 reads it."""
     v = model.config.vision
     config = {"processor_class": "LlavaProcessor", "patch_size": v.patch_size,
               "vision_feature_select_strategy": select_strategy(model), "image_token": image_token,
               "num_additional_image_tokens": v.num_prefix_tokens}
-    if chat_template:
-        config["chat_template"] = chat_template
     return config

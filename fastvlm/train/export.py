@@ -1,35 +1,56 @@
-"""`fastvlm export RUN --format hf-llava|peft|fastvlm OUT`: a trained model in the formats people serve.
+"""`fastvlm export RUN OUT --format hf-llava|peft|fastvlm`: a trained model in the formats people serve.
 
 - ``hf-llava``: a directory ``transformers.LlavaForConditionalGeneration.from_pretrained``
   loads with the same logits (LoRA merged; fastvlm.models.hf_export holds the mapping),
-  the tokenizer files, and a processor config (``AutoProcessor`` gives a ``LlavaProcessor``
+  the tokenizer files, a processor config (``AutoProcessor`` gives a ``LlavaProcessor``
   whose image processor produces fastvlm's pixel values and expands each image token as
-  fastvlm does).
-- ``peft``: the LoRA adapters in PEFT's format (``adapter_llm/``, ``adapter_vision/``)
-  plus ``connector.safetensors`` (the connector's weights) and the fastvlm ``config.json``
-  they belong to.
+  fastvlm does) and ``chat_template.jinja``: the run's prompt template
+  (fastvlm.data.chat_jinja), so ``processor.apply_chat_template`` renders what training did.
+- ``peft``: OUT is a PEFT LoRA adapter for ``LlavaForConditionalGeneration``
+  (``PeftModel.from_pretrained(llava, OUT)``): every LoRA layer (LLM and vision tower)
+  under transformers' names, the connector in ``modules_to_save`` when the adapter's stage
+  trained it or it differs from the base, and ``base_model_name_or_path`` naming the base
+  the adapter applies to: the run's HF LLaVA directory (``model.source = "pretrained"``)
+  when its weights are still the model's base, else ``OUT/base``, an hf-llava export of the
+  base written with the adapter (``parts`` and ``tiny`` runs, or a base an earlier stage
+  trained). ``AutoPeftModel.from_pretrained(OUT)`` loads base and adapter in one call.
+  OUT holds the tokenizer and processor files too.
 - ``fastvlm``: the native directory (``VLM.save_pretrained``), LoRA merged.
 
-RUN is a run directory (its ``final/`` model, else its newest complete checkpoint), one
-checkpoint directory (see fastvlm.train.checkpoint.load_for_inference), or a bare fastvlm /
-HF LLaVA model directory such as RUN/final (its tokenizer read from tokenizer/ or beside it).
+RUN is a run directory (its ``final/`` model; for ``peft`` its newest complete checkpoint,
+which still holds the adapters final/ has merged), one checkpoint directory (see
+fastvlm.train.checkpoint.load_for_inference), RUN/final (exported as RUN), or a bare
+fastvlm / HF LLaVA model directory (its tokenizer read from tokenizer/ or beside it).
+Each export is built in a temporary folder beside OUT and renamed to OUT once complete:
+a failed export leaves no OUT behind.
 """
 from __future__ import annotations
 
+import copy
 import json
+import os
+import re
 import shutil
+import sys
+import uuid
+from collections import Counter
 from pathlib import Path
 
 import torch
 
+from fastvlm.data.chat_jinja import chat_template_of
+from fastvlm.data.tokenizer import CHAT_TEMPLATE_FILE
 from fastvlm.models.hf_export import (
     added_token_ids,
+    check_exportable,
     image_processor_config,
     merged_state_dict,
     processor_config,
     to_hf_llava,
 )
-from fastvlm.utils.io import atomic_write, atomic_write_text
+from fastvlm.train import peft_llava
+from fastvlm.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoRAConfig, lora_layers
+from fastvlm.utils.io import atomic_write, atomic_write_text, read_json
 
 FORMATS = ("hf-llava", "peft", "fastvlm")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,7 +61,8 @@ def add_export_args(parser) -> None:
     parser.add_argument("run", help="run directory, checkpoint directory, or a model directory (e.g. RUN/final)")
     parser.add_argument("out", help="output directory")
     parser.add_argument("--format", dest="format", choices=FORMATS, default="hf-llava",
-                        help="hf-llava (transformers LLaVA dir), peft (adapters + connector), fastvlm (native)")
+                        help="hf-llava (LlavaForConditionalGeneration dir), peft (PEFT adapter for it), "
+                             "fastvlm (native)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="weight dtype of the export (default: the LLM's)")
     parser.add_argument("--allow-causal", action="store_true",
@@ -49,34 +71,65 @@ def add_export_args(parser) -> None:
 
 
 def cli_export(args) -> int:
-    out = export(args.run, args.out, args.format, allow_causal=args.allow_causal,
-                 dtype=DTYPES[args.dtype] if args.dtype else None)
+    try:
+        out = export(args.run, args.out, args.format, allow_causal=args.allow_causal,
+                     dtype=DTYPES[args.dtype] if args.dtype else None)
+    except ValueError as err:  # a bad path or an unexportable model: the message names it
+        print(f"fastvlm export: {err}", file=sys.stderr)
+        return 2
     print(f"exported {args.run} as {args.format} to {out}")
+    if args.format == "peft":
+        print(f"base model: {read_json(out / ADAPTER_CONFIG)['base_model_name_or_path']}")
     return 0
+
+
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
 
 
 def export(run_or_checkpoint, out, format: str = "hf-llava", *, allow_causal: bool = False,
            dtype: torch.dtype | None = None) -> Path:
     """Export a run or checkpoint; returns the output directory."""
-    from fastvlm.train.checkpoint import complete_checkpoints, load_for_inference
+    from fastvlm.train.checkpoint import NAME, complete_checkpoints, load_for_inference
     from fastvlm.train.stage_data import preprocessor_for
 
-    if format not in FORMATS:
-        raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
+    _check_format(format)
     source = Path(run_or_checkpoint)
-    adapter = source / "final" / "adapter"
-    if format == "peft" and (source / "final").is_dir() and not adapter.is_dir():
-        # final/ has its LoRA merged; the newest checkpoint still holds the adapters.
-        found = complete_checkpoints(source / "checkpoints")
-        source = found[-1] if found else source
+    if not source.exists():
+        raise ValueError(f"run: {source} does not exist (expected a run directory, one of its checkpoints, or a "
+                         "model directory such as RUN/final)")
+    if source.name == "final" and (source.parent / "recipe.toml").is_file():
+        source = source.parent  # its run: the tokenizer, the template and (peft) the unmerged adapters
+    if not any((source / name).is_file() for name in ("recipe.toml", "meta.json", "config.json")):
+        raise ValueError(f"run: {source} is neither a run directory (recipe.toml), a checkpoint (meta.json) nor a "
+                         "model directory (config.json)")
     if (source / "config.json").is_file() and not (source / "recipe.toml").is_file() and \
             not (source / "meta.json").is_file():
-        model, tokenizer = _load_model_dir(source)  # a bare model directory, e.g. RUN/final
+        model, tokenizer = _load_model_dir(source)  # a bare model directory
+        options = {}
     else:
-        model, tokenizer, _ = load_for_inference(source)
+        if format == "peft" and not NAME.match(source.name):
+            found = complete_checkpoints(source / "checkpoints")
+            if not found:
+                raise ValueError(f"run: {source} holds no complete checkpoint; final/ has its LoRA merged, so "
+                                 "there is no adapter to export (use --format hf-llava or fastvlm)")
+            source = found[-1]
+        model, tokenizer, recipe = load_for_inference(source)
+        options = {"template": recipe.data.template}
+        if format == "peft":
+            stage = recipe.stages[read_json(source / "meta.json", "run")["stage_index"]]
+            options.update(base=_recipe_base(recipe),
+                           trained=("multi_modal_projector",) if "connector" in stage.lr else ())
     return export_model(model, out, format, tokenizer=tokenizer, preprocessor=preprocessor_for(model),
-                        allow_causal=allow_causal, dtype=dtype,
-                        saved_adapter=adapter if adapter.is_dir() else None)
+                        allow_causal=allow_causal, dtype=dtype, **options)
+
+
+def _recipe_base(recipe) -> Path | None:
+    """The run's starting model directory (source = "pretrained"), if it is still there."""
+    m = recipe.model
+    path = Path(m.path).expanduser()
+    return path if m.source == "pretrained" and (path / "config.json").is_file() else None
 
 
 def _load_model_dir(path: Path):
@@ -93,27 +146,44 @@ def _load_model_dir(path: Path):
     return model, None
 
 
-def export_model(model, out, format: str = "hf-llava", *, tokenizer=None, preprocessor=None,
-                 allow_causal: bool = False, dtype: torch.dtype | None = None, saved_adapter=None) -> Path:
-    """Export a live VLM. `tokenizer` (fastvlm.data Tokenizer) and `preprocessor`
-    (ImagePreprocessor) go beside an hf-llava export; `saved_adapter` is a PEFT adapter
-    directory written before the LoRA was merged (RUN/final/adapter)."""
-    if format not in FORMATS:
-        raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
+def export_model(model, out, format: str = "hf-llava", *, tokenizer=None, preprocessor=None, template=None,
+                 base=None, trained=(), allow_causal: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Export a live VLM to the new directory `out` (refused if it exists and is not empty).
+
+    `tokenizer` (fastvlm.data Tokenizer) and `preprocessor` (ImagePreprocessor) go beside
+    an hf-llava or peft export; `template` (a fastvlm.data template name or Template) is
+    written as their chat template (default: the tokenizer's own, if any). peft only:
+    `base`, the HF LLaVA directory the model started from (named as the adapter's base
+    while the model's base weights equal it, its connector aside), and `trained`, the
+    fastvlm modules the adapter carries whole (e.g. ``("multi_modal_projector",)``)."""
+    _check_format(format)
     if dtype is not None and dtype not in HF_DTYPE_NAMES:
         raise ValueError(f"dtype: expected one of {sorted(map(str, HF_DTYPE_NAMES))}, got {dtype}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if format == "hf-llava":
-        _export_hf_llava(model, out, tokenizer, preprocessor, allow_causal, dtype)
-    elif format == "peft":
-        _export_peft(model, out, saved_adapter)
-    else:
-        _export_fastvlm(model, out, dtype)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"out: {out} exists and is not an empty directory; export into a new one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{uuid.uuid4().hex}-{out.name}"
+    tmp.mkdir()
+    try:
+        if format == "hf-llava":
+            _export_hf_llava(model, tmp, tokenizer, preprocessor, template, allow_causal, dtype)
+        elif format == "peft":
+            _export_peft(model, tmp, out.resolve(), tokenizer, preprocessor, template, base, trained,
+                         allow_causal, dtype)
+        else:
+            _export_fastvlm(model, tmp, dtype)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _cast(state: dict, dtype: torch.dtype) -> dict:
+def _cast(state: dict, dtype: torch.dtype | None) -> dict:
+    if dtype is None:
+        return state
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
@@ -127,7 +197,8 @@ def _write_json(path: Path, value: dict) -> None:
     atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
-def _export_hf_llava(model, out: Path, tokenizer, preprocessor, allow_causal: bool, dtype) -> None:
+def _export_hf_llava(model, out: Path, tokenizer, preprocessor, template, allow_causal: bool, dtype,
+                     merge_lora: bool = True) -> None:
     token_ids, vocab = {}, model.config.llm.vocab_size
     if tokenizer is not None:
         _check_tokenizer(model, tokenizer)
@@ -135,7 +206,8 @@ def _export_hf_llava(model, out: Path, tokenizer, preprocessor, allow_causal: bo
                      "pad_token_id": tokenizer.pad_token_id}
         vocab = max(vocab, tokenizer.vocab_size)
     vocab = max(vocab, model.config.image_token_id + 1)
-    config, state = to_hf_llava(model, allow_causal=allow_causal, token_ids=token_ids, vocab_size=vocab)
+    config, state = to_hf_llava(model, allow_causal=allow_causal, token_ids=token_ids, vocab_size=vocab,
+                                merge_lora=merge_lora)
     dtype = dtype or model.language_model.model.embed_tokens.weight.dtype
     config["dtype"] = HF_DTYPE_NAMES[dtype]
     _save_tensors(out / "model.safetensors", _cast(state, dtype))
@@ -145,10 +217,20 @@ def _export_hf_llava(model, out: Path, tokenizer, preprocessor, allow_causal: bo
     if added:  # their logits are 0, not -inf: never let generation pick them
         generation["suppress_tokens"] = added
     _write_json(out / "generation_config.json", generation)
+    _write_processor(model, out, tokenizer, preprocessor, template)
+
+
+def _write_processor(model, out: Path, tokenizer, preprocessor, template) -> None:
+    """Tokenizer files, chat_template.jinja (`template` as Jinja, else the tokenizer's own) and
+    the LlavaProcessor / image processor configs."""
     if tokenizer is not None:
+        if template is not None:
+            tokenizer = copy.copy(tokenizer)  # the caller's keeps its own chat template
+            tokenizer.chat_template = chat_template_of(template, tokenizer)
         tokenizer.save(out)
-        _write_json(out / "processor_config.json",
-                    processor_config(model, tokenizer.image_token, tokenizer.chat_template))
+        if tokenizer.chat_template:  # where transformers 5 reads it (tokenizer and processor)
+            atomic_write_text(out / CHAT_TEMPLATE_FILE, tokenizer.chat_template)
+        _write_json(out / "processor_config.json", processor_config(model, tokenizer.image_token))
     if preprocessor is not None:
         _write_json(out / "preprocessor_config.json", image_processor_config(preprocessor, model.config.vision.family))
 
@@ -170,25 +252,71 @@ def _export_fastvlm(model, out: Path, dtype) -> None:
     plain.save_pretrained(out)
 
 
-def _export_peft(model, out: Path, saved_adapter) -> None:
-    from fastvlm.train.lora import save_adapter
+def _export_peft(model, out: Path, final: Path, tokenizer, preprocessor, template, base, trained,
+                 allow_causal: bool, dtype) -> None:
+    """The adapter into `out` (to be renamed `final`), and the base into out/base unless `base` is it."""
+    check_exportable(model, allow_causal)
+    trained = list(trained)
+    differing = _differing_from(model, base) if base is not None else None
+    if differing is not None and all(n.startswith("multi_modal_projector.") for n in differing):
+        if differing and "multi_modal_projector" not in trained:
+            trained.append("multi_modal_projector")  # trained since: the adapter carries it
+    else:
+        base = None  # no HF LLaVA base holds the model's base weights: write one
+    tensors, config = _peft_adapter(model, trained)
+    if base is None:
+        (out / "base").mkdir()
+        _export_hf_llava(model, out / "base", tokenizer, preprocessor, template, allow_causal, dtype,
+                         merge_lora=False)
+        base = final / "base"
+    config["base_model_name_or_path"] = str(Path(base).resolve())
+    _save_tensors(out / ADAPTER_WEIGHTS, _cast(tensors, dtype))
+    _write_json(out / ADAPTER_CONFIG, config)
+    _write_processor(model, out, tokenizer, preprocessor, template)
 
-    written = []
-    for part, attr in (("llm", "language_model"), ("vision", "vision_tower")):
-        module = getattr(model, attr)
-        if getattr(module, "lora_config", None) is not None:
-            save_adapter(module, str(out / f"adapter_{part}"))
-            written.append(part)
-    if "llm" not in written and saved_adapter is not None:
-        target = out / "adapter_llm"
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(saved_adapter, target)
-        written.append("llm")
-    if not written:
-        raise ValueError("run: the model has no LoRA adapters (its last stage trained none, or they were merged "
-                         "without a saved adapter); use --format fastvlm or hf-llava")
-    _save_tensors(out / "connector.safetensors",
-                  {f"multi_modal_projector.{k}": v.detach().contiguous().cpu()
-                   for k, v in model.multi_modal_projector.state_dict().items()})
-    _write_json(out / "config.json", {"model_type": "fastvlm_vlm", "config": model.config.to_dict(),
-                                      "adapters": [f"adapter_{p}" for p in written]})
+
+def _differing_from(model, base) -> list[str] | None:
+    """The model's base weights (LoRA layers' own) that differ from HF LLaVA directory `base`
+    (compared in the model's dtype); None when `base` is not an HF LLaVA directory."""
+    from fastvlm.models.llm import load_state_dict
+    from fastvlm.models.vlm import _from_hf_llava
+
+    raw = read_json(Path(base) / "config.json", "base")
+    if raw.get("model_type") != "llava":
+        return None
+    weights = load_state_dict(Path(base))
+    with torch.device("meta"):  # only the renamed weights are wanted, not a model
+        _, reference = _from_hf_llava(raw, weights)
+    ours = merged_state_dict(model, merge_lora=False)
+    return sorted(k for k, v in ours.items() if k not in reference or reference[k].shape != v.shape
+                  or not torch.equal(reference[k].to(v.dtype), v.detach().cpu()))
+
+
+def _peft_adapter(model, trained: list[str]) -> tuple[dict, dict]:
+    """(adapter_model.safetensors tensors, adapter_config.json) of every LoRA layer in the VLM
+    (wherever apply_lora put them) and the modules `trained`, under transformers' LLaVA names.
+    Layers with another rank or alpha than most get PEFT's rank_pattern / alpha_pattern."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model: has no LoRA adapters (its last stage trained none, or they were merged); use "
+                         "--format hf-llava or fastvlm")
+    if len({layer.rslora for layer in layers.values()}) > 1:
+        raise ValueError("model: some LoRA layers use rsLoRA and some do not; a PEFT adapter has one use_rslora")
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{name}.lora_A.weight"] = layer.lora_A.detach()
+        tensors[f"{name}.lora_B.weight"] = layer.lora_B.detach()
+    for module in trained:
+        for name, p in model.get_submodule(module).named_parameters():
+            tensors[f"{module}.{name}"] = p.detach()
+    renamed, targets, modules = peft_llava.to_hf(model, tensors, trained)
+    (r, alpha), _ = Counter((layer.r, layer.alpha) for layer in layers.values()).most_common(1)[0]
+    first = next(iter(layers.values()))
+    config = LoRAConfig(r, alpha, dropout=getattr(first.dropout, "p", 0.0), targets=targets, trainable=modules,
+                        rslora=first.rslora).to_peft()
+    other = {re.escape(peft_llava.module_to_hf(n, model)): layer for n, layer in layers.items()
+             if (layer.r, layer.alpha) != (r, alpha)}
+    config.update(modules_to_save=modules or None, rank_pattern={k: v.r for k, v in other.items()},
+                  alpha_pattern={k: v.alpha for k, v in other.items()},
+                  auto_mapping={"base_model_class": "LlavaForConditionalGeneration", "parent_library": "transformers"})
+    return {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in renamed.items()}, config

@@ -24,8 +24,9 @@ from fastvlm.models import llava_names
 LORA_SUFFIX = re.compile(r"\.lora_[AB]\.weight$")
 
 
-def _module_to_hf(module: str, model) -> str:
-    return llava_names.to_hf(module + ".weight", model.config.vision)[:-len(".weight")]
+def module_to_hf(module: str, model) -> str:
+    """A VLM module's name in transformers' LLaVA (5.x layout)."""
+    return llava_names.to_hf(module + ".weight", model.config.vision, model.config.connector)[:-len(".weight")]
 
 
 def _common_module(names: list[str]) -> str:
@@ -41,7 +42,7 @@ def _common_module(names: list[str]) -> str:
 
 def _hf_or_none(name: str, model) -> str | None:
     try:
-        return llava_names.to_hf(name, model.config.vision)
+        return llava_names.to_hf(name, model.config.vision, model.config.connector)
     except KeyError:
         return None
 
@@ -58,7 +59,7 @@ def to_hf(model, tensors: dict[str, torch.Tensor], trainable: list[str]) -> tupl
     `tensors` are keyed by fastvlm names (no PEFT prefix)."""
     from fastvlm.train.lora import lora_layers
 
-    targets = sorted(_module_to_hf(n, model) for n in lora_layers(model))
+    targets = sorted(module_to_hf(n, model) for n in lora_layers(model))
     params = dict(model.named_parameters())
     hf_of_all = {n: h for n in params if (h := _hf_or_none(n, model)) is not None}
     modules = []
@@ -76,7 +77,7 @@ def to_hf(model, tensors: dict[str, torch.Tensor], trainable: list[str]) -> tupl
     renamed = {}
     for key, tensor in tensors.items():
         lora = LORA_SUFFIX.search(key)
-        renamed[_module_to_hf(key[:lora.start()], model) + lora.group() if lora
+        renamed[module_to_hf(key[:lora.start()], model) + lora.group() if lora
                 else _translate(key, model, "trainable")] = tensor
     return renamed, targets, modules
 
@@ -86,7 +87,7 @@ def _from_hf_name(name: str, model, own: set[str]) -> str:
     if name in own:
         return name
     try:
-        ours = llava_names.from_hf(name, model.config.vision)
+        ours = llava_names.from_hf(name, model.config.vision, model.config.connector)
     except KeyError:
         ours = None
     if ours is None:
