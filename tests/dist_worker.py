@@ -15,10 +15,10 @@ def digest(t: torch.Tensor) -> str:
 
 
 def main() -> None:
+    from fastvlm.data import load_tokenizer
     from fastvlm.train.build import build_model
     from fastvlm.train.distributed import finish
     from fastvlm.train.recipe import load_recipe
-    from fastvlm.train.stage_data import run_tokenizer
     from fastvlm.train.trainer import train
 
     parser = argparse.ArgumentParser()
@@ -29,7 +29,8 @@ def main() -> None:
     recipe, out = load_recipe(args.recipe), Path(args.out)
     result = train(recipe, out, progress=False)
     dist, model = result["distributed"], result["model"]
-    initial = dict(build_model(recipe, run_tokenizer(recipe, out, []), recipe.run.seed).named_parameters())
+    tokenizer = load_tokenizer(out / "tokenizer", image_token=recipe.model.image_token)  # the run saved it
+    initial = dict(build_model(recipe, tokenizer, recipe.run.seed).named_parameters())
     final = dict(model.named_parameters())
     report = {"rank": dist.rank, "world": dist.world,
               "final": {k: digest(p) for k, p in final.items()},
