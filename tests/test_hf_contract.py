@@ -78,8 +78,9 @@ def test_tuple_outputs_equal_dict_outputs(name, seed):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_attention_outputs(name, seed):
     """output_attentions=True returns one map per decoder layer, [B, heads, N, N], those of
-    the unpatched eager model. (transformers refuses config.output_attentions = True for
-    any implementation but eager, so for "fastvlm" too: documented with C.)"""
+    the unpatched eager model; so does the config's flag set before patch(). (transformers
+    refuses config.output_attentions = True for any implementation but eager, so for
+    "fastvlm" too: documented with C.)"""
     model, ref_model, base_model = models(name, seed)
     inputs = H.batch(H.samples(name, model, seed + 1, SAME_LENGTH))
     with torch.no_grad():
@@ -88,11 +89,16 @@ def test_attention_outputs(name, seed):
         got = model(**inputs, output_attentions=True).attentions
     with pytest.raises(ValueError, match="output_attentions"):
         model.config.get_text_config().output_attentions = True
+    flagged = H.build(name, seed).eval()  # the config's flag, set while the model was eager, is honoured
+    flagged.config.get_text_config().output_attentions = True
+    with torch.no_grad():
+        by_config = patch(flagged)(**inputs).attentions
     b, n = inputs["input_ids"].shape
     heads = model.config.get_text_config().num_attention_heads
-    assert len(got) == text_layers(model)
-    for layer, (g, r, w) in enumerate(zip(got, ref, base)):
+    assert len(got) == len(by_config) == text_layers(model)
+    for layer, (g, c, r, w) in enumerate(zip(got, by_config, ref, base)):
         assert g.shape == (b, heads, n, n)
+        assert torch.equal(c, g)
         assert_close(g, r, w, torch.float32, name=f"attention map of layer {layer}")
 
 
