@@ -203,11 +203,14 @@ def live_positions(group: list[dict], layout: str, left: bool = False) -> list[t
     return out
 
 
+PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")  # [B, N] model inputs
+
+
 def prompt_only(sample: dict) -> dict:
     """The sample without its answer tokens (a generation prompt)."""
     keep = len(sample["input_ids"]) - sample["answer"]
     out = dict(sample, answer=0)
-    for key in ("input_ids", "token_type_ids", "mm_token_type_ids"):
+    for key in PER_TOKEN:
         if key in sample:
             out[key] = sample[key][:keep]
     return out
