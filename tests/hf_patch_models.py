@@ -201,3 +201,30 @@ def live_positions(group: list[dict], layout: str, left: bool = False) -> list[t
         else:
             out.append((i, slice(length - n, length) if left else slice(0, n)))
     return out
+
+
+PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")  # [B, N] model inputs
+
+
+def prompt_only(sample: dict) -> dict:
+    """The sample without its answer tokens (a generation prompt)."""
+    keep = len(sample["input_ids"]) - sample["answer"]
+    out = dict(sample, answer=0)
+    for key in PER_TOKEN:
+        if key in sample:
+            out[key] = sample[key][:keep]
+    return out
+
+
+def extend_with_generated(name: str, inputs: dict, sequences: torch.Tensor) -> dict:
+    """The per-token inputs of `inputs` (a prompt batch) extended over `sequences` (the
+    prompt followed by generated tokens), as generate extends them: attention 1, and the
+    token types of answer text (PaliGemma: 1, the suffix; Gemma 3 / Qwen: 0, text)."""
+    new = sequences.shape[1] - inputs["input_ids"].shape[1]
+    out = {"input_ids": sequences}
+    fills = {"attention_mask": 1, "token_type_ids": int(FAMILIES[name].kind == "paligemma"), "mm_token_type_ids": 0}
+    for key, fill in fills.items():
+        if key in inputs:
+            x = inputs[key]
+            out[key] = torch.cat([x, torch.full((x.shape[0], new), fill, dtype=x.dtype)], 1)
+    return out

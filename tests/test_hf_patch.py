@@ -179,3 +179,70 @@ def test_upstream_packed_masks_are_wrong_ours_are_not(name, seed):
         ours = patch(base)(**inputs).logits[0]
     assert_close(ours, ref, alone, torch.float32, name="patched packed logits")
     assert float((upstream.double() - ref).norm()) > error_bound(alone, ref, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["unpadded", "padded", "packed"])
+def test_paligemma_prefix_in_several_runs(layout, seed):
+    """token_type_ids whose prefix (0) is not one run, e.g. [0 ... 0, 1, 1, 0], which
+    transformers accepts: every type-0 token sees every type-0 token of its sample, the rest
+    is causal. No interval rule says that, so the forward runs on transformers' dense mask
+    (with packed samples kept apart): the unpatched numbers, logits and gradients."""
+    model = patched_model("paligemma", seed)
+    group = H.samples("paligemma", model, seed + 1, ((1, 3), (2, 3), (1, 3))[: 3 if layout == "packed" else 2])
+    for s in group:
+        s["token_type_ids"] = s["token_type_ids"].clone()
+        s["token_type_ids"][-1] = 0  # the last answer token joins the prefix
+    gen = torch.Generator().manual_seed(seed + 2)
+    weights = [torch.randn(len(s["input_ids"]), H.VOCAB, generator=gen, dtype=torch.float64) for s in group]
+
+    def wrong():  # the same rows with the last token back in the suffix: it must matter
+        b = inputs_for("paligemma", model, group, layout)
+        b["token_type_ids"] = b["token_type_ids"].clone()
+        for r, cols in H.live_positions(group, layout):
+            b["token_type_ids"][r, cols.stop - 1] = 1
+        with torch.no_grad():
+            out = model(**b).logits
+        return torch.cat([out[r, c] for r, c in H.live_positions(group, layout)])
+
+    check_against_reference("paligemma", seed, model, group, layout, weights, wrong)
+
+
+def test_segment_ids_that_cannot_apply_are_refused(seed):
+    """segment_ids with a prepared (4-D) attention_mask, or continuing a filled cache, used to
+    be dropped without a word (packed samples then attended to each other): both refused,
+    naming the arguments."""
+    model = patched_model("llava", seed).eval()
+    group = H.samples("llava", model, seed + 1, LENGTHS["packed"])
+    b = H.batch(group, "packed")
+    seg = torch.cat([torch.full((len(s["input_ids"]),), i) for i, s in enumerate(group)])[None]
+    n = seg.shape[1]
+    with pytest.raises(ValueError, match="segment_ids: cannot be combined with a prepared attention_mask"):
+        model(**b, attention_mask=torch.ones(1, 1, n, n, dtype=torch.bool).tril(), segment_ids=seg)
+    with torch.no_grad():
+        past = model(**b, segment_ids=seg, use_cache=True).past_key_values
+    step = {"input_ids": torch.tensor([[3]]), "past_key_values": past, "position_ids": torch.tensor([[n]])}
+    with pytest.raises(ValueError, match="segment_ids: packed segments apply to a forward from position 0"):
+        model(**step, segment_ids=torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_bad_segment_ids_are_refused(seed):
+    """Float segment ids, ids below -1, and a segment boundary inside an image's run of
+    placeholder tokens (from segment_ids or from position_ids restarts): clear errors."""
+    model = patched_model("llava", seed).eval()
+    group = H.samples("llava", model, seed + 1, LENGTHS["packed"])
+    b = H.batch(group, "packed")
+    b.pop("position_ids")
+    seg = torch.cat([torch.full((len(s["input_ids"]),), i) for i, s in enumerate(group)])[None]
+    with pytest.raises(ValueError, match="segment_ids: expected an integer tensor, got dtype torch.float32"):
+        model(**b, segment_ids=seg.float())
+    with pytest.raises(ValueError, match=r"segment_ids: ids must be >= -1 \(-1 marks padding\), got -2"):
+        model(**b, segment_ids=torch.where(seg == 1, -2, seg))
+    image = (b["input_ids"][0] == H.IMAGE).nonzero().squeeze(1)
+    split = int(image[1])  # a new segment from the image's second token on
+    bad = torch.where(torch.arange(seg.shape[1]) >= split, seg + 1, seg)
+    with pytest.raises(ValueError, match=f"segment_ids: a segment boundary inside a run of image tokens "
+                                         f"\\(row 0, token {split}\\)"):
+        model(**b, segment_ids=bad)
+    positions = torch.cat([torch.arange(split), torch.arange(seg.shape[1] - split)])[None]
+    with pytest.raises(ValueError, match="position_ids: a segment boundary inside a run of image tokens"):
+        model(**b, position_ids=positions)

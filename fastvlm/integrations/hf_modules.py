@@ -2,6 +2,8 @@
 checkpointing, and the fused LM loss. Each records how to undo itself."""
 from __future__ import annotations
 
+import functools
+import inspect
 import typing
 from collections import OrderedDict
 
@@ -78,10 +80,29 @@ def is_quantized(layer: nn.Module) -> bool:
     return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in layer.modules())
 
 
-def checkpointed_forward(layer: nn.Module, original, policy: CheckpointPolicy, index: int, *args, **kwargs):
+def call_original(module: nn.Module, previous, *args, **kwargs):
+    """Call the forward `module` had before patch(): `previous` (an instance-level forward
+    set before, kept as it was) or its class's. Never kept as a bound method: a deep copy or
+    an unpickled model then calls its own module, and torch.compile, which rebuilds a bound
+    method as an attribute lookup after a graph break, cannot land on the patched forward."""
+    if previous is not None:
+        return previous(*args, **kwargs)
+    return type(module).forward(module, *args, **kwargs)
+
+
+def original_signature(module: nn.Module, previous) -> inspect.Signature:
+    """The signature of that forward, without ``self``."""
+    if previous is not None:
+        return inspect.signature(previous)
+    sig = inspect.signature(type(module).forward)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+def checkpointed_forward(layer: nn.Module, previous, policy: CheckpointPolicy, index: int, *args, **kwargs):
     """One vision-tower layer under the policy; skipped where transformers' own gradient
     checkpointing already recomputes the layer, or nothing needs gradients, and for a
-    quantised layer on CPU (see is_quantized)."""
+    quantised layer on CPU (see is_quantized). `previous`: see call_original."""
+    original = functools.partial(call_original, layer, previous)
     if (not torch.is_grad_enabled() or not policy.checkpoints(index)
             or (is_quantized(layer) and not any(p.is_cuda for p in layer.parameters()))
             or (getattr(layer, "gradient_checkpointing", False) and layer.training)):

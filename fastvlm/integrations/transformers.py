@@ -8,7 +8,8 @@ release rarely breaks it (Liger-Kernel copies whole ``forward`` methods):
   ``set_attn_implementation({"text_config": "fastvlm"})``; the vision tower
   keeps its own implementation (see fastvlm.integrations.hf_attention);
 - the layout: the model's own ``forward`` is wrapped on the instance (same
-  signature, plus ``segment_ids=``) to derive the AttentionLayout once per
+  signature, plus ``segment_ids=``; a ``PatchedForward`` object, which deep
+  copies and pickles with its model) to derive the AttentionLayout once per
   forward and pass it down as a keyword transformers forwards to every layer
   (fastvlm.integrations.hf_layout);
 - connector: the projector module is swapped for a FusedMLPConnector holding
@@ -41,14 +42,17 @@ import functools
 import inspect
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from fastvlm.integrations import hf_attention
-from fastvlm.integrations.hf_layout import ForwardLayouts, build_layout
+from fastvlm.integrations.hf_layout import build_layout
 from fastvlm.integrations.hf_modules import (
     HFFusedProjector,
+    call_original,
     checkpointed_forward,
     fused_lm_loss,
+    original_signature,
     output_class,
     projector_parts,
     replace_child,
@@ -91,6 +95,12 @@ class PatchState:
     configs: list = field(default_factory=list)      # (config, original _attn_implementation_internal)
     fused_loss: bool = False
     notes: list = field(default_factory=list)        # what was left unpatched, and why
+
+    def __setstate__(self, state: dict) -> None:
+        # a patched model unpickled in a fresh process needs the "fastvlm" functions registered
+        self.__dict__.update(state)
+        if self.configs:
+            hf_attention.register()
 
 
 def check_transformers_version(version: str | None = None) -> None:
@@ -174,58 +184,96 @@ def _patch_vision_layers(model, state: PatchState, policy: CheckpointPolicy) -> 
         if isinstance(container, nn.ModuleList):
             for i, layer in enumerate(container):
                 if isinstance(layer, GradientCheckpointingLayer):
-                    _set_forward(state, layer, functools.partial(checkpointed_forward, layer, layer.forward,
-                                                                 policy, i))
+                    previous = layer.__dict__.get("forward")
+                    _set_forward(state, layer, functools.partial(checkpointed_forward, layer, previous, policy, i))
 
 
 def _layout_for(model, family: Family, kwargs: dict, segment_ids):
-    """The AttentionLayout of this call, or None where the fastvlm path does not apply
-    (decode steps with a filled cache; a 4-D or per-layer mask given by the caller)."""
+    """The ForwardLayouts of this call, or None where the fastvlm path does not apply
+    (decode steps with a filled cache; a static cache, whose keys span its whole length and
+    whose length is a tensor under torch.compile; a 4-D or per-layer mask given by the
+    caller), none of which ``segment_ids`` can be combined with."""
     past = kwargs.get("past_key_values")
-    if past is not None and past.get_seq_length() > 0:
-        return None
     mask = kwargs.get("attention_mask")
-    if mask is not None and (not hasattr(mask, "dim") or mask.dim() != 2):
+    if past is not None and (getattr(past, "is_compileable", False) or past.get_seq_length() > 0):
+        if segment_ids is not None:
+            raise ValueError(f"segment_ids: packed segments apply to a forward from position 0 without a static "
+                             f"cache; this call has a {type(past).__name__} past_key_values that is static or "
+                             f"already filled")
         return None
-    tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if mask is not None and (not hasattr(mask, "dim") or mask.dim() != 2):
+        if segment_ids is not None:
+            raise ValueError(f"segment_ids: cannot be combined with a prepared attention_mask "
+                             f"({type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}); pass a 2-D "
+                             f"attention_mask [B, N] (0 = padding) or none with segment_ids")
+        return None
+    ids = kwargs.get("input_ids")
+    tokens = ids if ids is not None else kwargs.get("inputs_embeds")
     if tokens is None:
         return None
-    layout = build_layout(family.kind, tokens.shape[0], tokens.shape[1], tokens.device, attention_mask=mask,
-                          position_ids=kwargs.get("position_ids"), segment_ids=segment_ids,
-                          token_type_ids=kwargs.get("token_type_ids") if family.token_types else None)
-    return ForwardLayouts(layout)
+    config = model.config
+    image_tokens = [t for t in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+                    if t is not None]
+    is_image = None if ids is None or not image_tokens else torch.isin(ids, torch.tensor(image_tokens,
+                                                                                        device=ids.device))
+    return build_layout(family.kind, tokens.shape[0], tokens.shape[1], tokens.device, attention_mask=mask,
+                        position_ids=kwargs.get("position_ids"), segment_ids=segment_ids,
+                        token_type_ids=kwargs.get("token_type_ids") if family.token_types else None,
+                        is_image=is_image)
 
 
-def _wrapped_forward(model, original, state: PatchState, attention: bool):
-    names = [n for n, p in inspect.signature(original).parameters.items()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+def _output_attentions(model, kwargs: dict) -> bool:
+    """Whether this call asks for attention maps, as transformers reads it (the argument,
+    else the configs' flag)."""
+    if kwargs.get("output_attentions") is not None:
+        return bool(kwargs["output_attentions"])
+    return any(getattr(cfg, "output_attentions", False) for cfg in (model.config, model.config.get_text_config()))
 
-    def forward(*args, segment_ids=None, **kwargs):
+
+class PatchedForward:
+    """The patched top-level forward, set on the model instance: the original forward
+    (same signature, plus ``segment_ids=``) with the forward's layout passed down, and the
+    fused loss. An object holding the model rather than a closure over it, so that
+    ``copy.deepcopy`` and ``pickle`` carry it over to the copy's own model and weights."""
+
+    def __init__(self, model: nn.Module, state: PatchState, attention: bool):
+        self.model, self.state, self.attention = model, state, attention
+        self.previous = model.__dict__.get("forward")  # an instance-level forward set before patch()
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        sig = original_signature(self.model, self.previous)
+        params = list(sig.parameters.values())
+        extra = inspect.Parameter("segment_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
+        return sig.replace(parameters=params[:at] + [extra] + params[at:])
+
+    def __call__(self, *args, segment_ids=None, **kwargs):
+        model, state = self.model, self.state
+        original = functools.partial(call_original, model, self.previous)
+        names = [n for n, p in original_signature(model, self.previous).parameters.items()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         kwargs.update(zip(names, args))
-        if attention:
+        if self.attention:
             kwargs[hf_attention.LAYOUT_KWARG] = _layout_for(model, state.family, kwargs, segment_ids)
+            if _output_attentions(model, kwargs):  # reaches the attention function, which then runs eager
+                kwargs["output_attentions"] = True
         elif segment_ids is not None:
             raise ValueError("segment_ids: packed segments need the fastvlm attention (patch with attention=True)")
         if not (state.fused_loss and kwargs.get("labels") is not None):
             return original(**kwargs)
         labels = kwargs.pop("labels")
         kwargs.pop("logits_to_keep", None)
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = getattr(model.config, "return_dict", True) if return_dict is None else return_dict
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "shift_labels", "ignore_index")
                        if k in kwargs}
-        kwargs["return_dict"] = True
-        outputs = model.model(**kwargs)
+        outputs = model.model(**kwargs, return_dict=True)
         loss = fused_lm_loss(model, outputs.last_hidden_state, labels, **loss_kwargs)
         cls = output_class(model)
         rest = {k: v for k, v in outputs.items() if k in cls.__dataclass_fields__ and k not in ("loss", "logits")}
-        return cls(loss=loss, logits=None, **rest)
-
-    functools.update_wrapper(forward, original)
-    sig = inspect.signature(original)
-    params = list(sig.parameters.values())
-    extra = inspect.Parameter("segment_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
-    at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
-    forward.__signature__ = sig.replace(parameters=params[:at] + [extra] + params[at:])
-    return forward
+        out = cls(loss=loss, logits=None, **rest)
+        return out if return_dict else out.to_tuple()
 
 
 def patch(model: nn.Module, attention: bool = True, connector: bool = True, checkpointing: str | None = "selective",
@@ -253,7 +301,7 @@ def patch(model: nn.Module, attention: bool = True, connector: bool = True, chec
             state.notes.append("fused_loss: final logit soft-capping is applied on full logits; left as is")
         else:
             state.fused_loss = bool(fused_loss)
-        _set_forward(state, hf, _wrapped_forward(hf, hf.forward, state, attention))
+        _set_forward(state, hf, PatchedForward(hf, state, attention))
     except Exception:
         _undo(hf, state)
         raise
