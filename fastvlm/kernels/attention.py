@@ -387,14 +387,16 @@ INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
 # compute capability -> ((head_dim <= bound, forward config, backward config), ...), first
 # match wins. The forward (and the deterministic dQ kernel) walk the forward's block map,
 # dK/dV the backward's, each at its own tiles (the backward's block_m query rows x block_n
-# key rows). Chosen without a GPU from the report of the real launch,
-# `python benchmarks/attention_resources.py --matrix --fp16-bounds 128` (Triton 3.8, GQA 4:1,
-# N=8192; tests/test_attention_aot.py asserts it): tensor-core redundancy 1.0 everywhere
-# (64 rows per warp group: 8 warps only on 128-row products); no forward spill but at
-# head_dim 256 split on sm90 (3.9 KB); dK/dV spills <= 1 KiB up to head_dim 128 (sm90
-# D128: 84/72 B plain, 172/240 B split in the fused pass), ~3 KB at 256; within A100's
-# 164 KiB and H100's 227 KiB of shared memory. Not yet tuned by timing. Other parts
-# (sm86/89, sm120: ~100 KiB) get the small fallback.
+# key rows). Chosen without a GPU from the report of the real launch (GQA 4:1, N=8192),
+# `python benchmarks/attention_resources.py --matrix --fp16-bounds 128`, kept as
+# benchmarks/results/attention_resources_triton3.8_2026-12-06.txt (tests/test_attention_aot.py
+# asserts it) and ..._triton3.6_2026-12-06.txt (the GPU image's Triton): tensor-core
+# redundancy 1.0 everywhere (64 rows per warp group: 8 warps only on 128-row products); no
+# forward spill but at head_dim 256 split on sm90 (3.9 KB; Triton 3.6 adds 32 B in sm80's
+# split forward); dK/dV spills <= 1 KiB up to head_dim 128 (sm90 D128: 84/72 B plain,
+# 172/240 B split in the fused pass), ~3 KB at 256; within A100's 164 KiB and H100's
+# 227 KiB of shared memory. Not yet tuned by timing. Other parts (sm86/89, sm120: ~100 KiB)
+# get the small fallback.
 _SM90 = ((64, TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 2)),
          (128, TileConfig(128, 32, 8, 3), TileConfig(32, 128, 8, 2)),
          (256, TileConfig(64, 32, 4, 2), TileConfig(16, 64, 4, 2)))
