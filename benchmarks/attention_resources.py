@@ -1,18 +1,28 @@
-"""Compile the attention kernels for a GPU target without a GPU; print their resources.
+"""Compile the attention kernels as a real launch does, for a GPU target, without a GPU.
 
-    python benchmarks/attention_resources.py --cap 90 --head-dim 128 [--config 64,64,8,3]
+    python benchmarks/attention_resources.py --cap 90 --head-dim 128 [--fwd 128,64,8,3] [--bwd 64,128,8,2]
     python benchmarks/attention_resources.py --matrix [--jobs 2] [--json]
 
-For each kernel (forward, dQ, dK/dV, delta) and mask variant (plain, mmca split) it
-prints shared memory and ptxas' registers / spill bytes at the tile config the
-launcher picks for that GPU (or the one given). This is how the per-capability
-table in fastvlm/kernels/attention.py was chosen; it is no substitute for timing.
+The launches are the launchers' own (fastvlm.kernels.attention.forward_launches /
+backward_launches) on meta tensors of a realistic call (B=1, 32 q heads, 8 kv heads:
+GQA 4:1, N=8192 unless --n), and each kernel is specialised by Triton's own binder:
+pointers, and the integer arguments divisible by 16 (strides, D, N, TQ, TK, H...),
+get the divisibility a launch gives them, an integer equal to 1 becomes a constant, the
+constexprs are the launch's. (Marking only pointers and strides, as this tool once did,
+compiles another kernel: the `offs_d < D` mask then blocks vectorised, pipelined loads.)
 
---matrix compiles every entry of the tile table for its target (sm80 and sm90
-tables, the fallback at sm89), fp16 and bf16, plain and split, all four kernels,
-and checks each against the target's shared memory (tests/test_bench_attention.py
-runs it). ptxas usage is taken from Triton's own ptxas run and kept beside the
-compiled kernel in Triton's cache, so a warm cache answers without compiling.
+Per kernel it reports shared memory, ptxas registers and spill bytes, and the
+tensor-core work of one loop iteration read off the PTX: the m*n*k of every
+wgmma (per warp group) or mma (per warp) instruction in each innermost loop,
+times the warp groups or warps that issue it, against the useful work of one tile
+(the kernel's matrix products at BLOCK_M x BLOCK_N x BLOCK_D): the redundancy
+ratio, 1.0 when no two warps compute the same product.
+
+--matrix compiles every entry of the tile tables (sm80 and sm90, the fallback at
+sm89), head_dim 64 / 128 / 256, bf16 (fp16 where --fp16-bounds says), plain causal
+and mmca split, every kernel of both backward modes; tests/test_attention_aot.py
+asserts on its rows. ptxas usage is taken from Triton's own ptxas run and kept
+beside the compiled kernel in Triton's cache, so a warm cache answers without compiling.
 """
 from __future__ import annotations
 
@@ -26,51 +36,85 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile for real, before the kernels are defined
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints its own ptxas -v log: no second ptxas run
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.cache import get_cache_manager
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.cache import get_cache_manager  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from fastvlm.kernels import attention as K
-
-FLOATS = ("qk_scale", "sm_scale")
-INT_SCALARS = ("H", "HKV", "GROUP", "N", "D", "TQ", "TK")  # upper-case but not pointers
-I32_POINTERS = ("LO", "HI", "KV_NUM", "KV_IDX", "FULL_KV_NUM", "FULL_KV_IDX", "Q_NUM", "Q_IDX",
-                "FULL_Q_NUM", "FULL_Q_IDX")
-
-
-def signature(fn, dtype: str, constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in FLOATS:
-            sig[name] = "fp32"
-        elif name in ("LSE", "DELTA"):
-            sig[name] = "*fp32"
-        elif name == "IMG":
-            sig[name] = "*u8"
-        elif name in I32_POINTERS:
-            sig[name] = "*i32"
-        elif name.isupper() and name not in INT_SCALARS:
-            sig[name] = f"*{dtype}"
-        else:
-            sig[name] = "i32"
-    return sig
-
+from fastvlm.kernels import attention as K  # noqa: E402
 
 # opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), the launch limit
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 MATRIX_CAPS = (80, 89, 90)  # sm80 and sm90 tables, and the fallback table at sm89
+HEAD_DIMS = (64, 128, 256)
 USAGE_FILE = "fastvlm_ptxas_usage.json"
+VARIANTS = {"plain": ("causal", False), "mmca split": ("mmca", True)}
+KIND_CODES = {"causal": 0, "mmca": 3}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Matrix products of one tile per kernel (plain / split): what the loop body must do once.
+# forward: S = QK^T, PV (split: one PV per branch); dQ: S, dP, dS K; dK/dV: S^T, dP^T,
+# P^T dO, dS^T Q; the fused single pass adds dQ = dS K.
+USEFUL_PRODUCTS = {"_attn_fwd": (2, 3), "_attn_bwd_dq": (3, 3), "_attn_bwd_dkdv": (4, 4),
+                   "_attn_bwd_dkdv+dq": (5, 5)}
 
 
+# ---- the launches of one call ----------------------------------------------------------------
+def call_launches(head_dim: int, dtype: str, fwd: K.TileConfig, bwd: K.TileConfig, variant: str,
+                  n: int = 8192, heads: int = 32, kv_heads: int = 8, batch: int = 1) -> dict:
+    """Every launch of one forward + backward (both backward modes), keyed by kernel name,
+    exactly as the launchers build them, on meta tensors (nothing is allocated)."""
+    kind, split = VARIANTS[variant]
+    meta = dict(device="meta")
+    q = torch.empty(batch, heads, n, head_dim, dtype=DTYPES[dtype], **meta)
+    k = torch.empty(batch, kv_heads, n, head_dim, dtype=DTYPES[dtype], **meta)
+    lo = torch.empty(batch, n, dtype=torch.int32, **meta)
+    is_image = torch.empty(batch, n, dtype=torch.bool, **meta)
+
+    def block_map(cfg):
+        tq, tk = triton.cdiv(n, cfg.block_m), triton.cdiv(n, cfg.block_n)
+        lists = lambda a, b: (torch.empty(batch, a, dtype=torch.int32, **meta),  # noqa: E731
+                              torch.empty(batch, a, b, dtype=torch.int32, **meta))
+        return (*lists(tq, tk), *lists(tq, tk), *lists(tk, tq), *lists(tk, tq))
+
+    common = dict(kind=KIND_CODES[kind], split=split, scale=head_dim ** -0.5)
+    fwd_map, bwd_map = block_map(fwd), block_map(bwd)
+    out, obr, lse, launches = K.forward_launches(q, k, k.clone(), lo, lo.clone(), is_image, *fwd_map[:4],
+                                                 cfg=fwd, **common)
+    found = {kernel_name(launch): launch for launch in launches}
+    for deterministic in (True, False):
+        *_, steps = K.backward_launches(q.clone(), q, k, k.clone(), out, obr, lse, lo, lo.clone(), is_image,
+                                        *fwd_map[:4], *bwd_map[4:], cfg=fwd, dkdv_cfg=bwd,
+                                        deterministic=deterministic, **common)
+        found.update((kernel_name(s), s) for s in steps if isinstance(s, K.Launch))
+    return found
+
+
+def kernel_name(launch: K.Launch) -> str:
+    """The kernel's name; the dK/dV kernel that also sums dQ (the fast backward) is its own entry."""
+    return launch.kernel.__name__ + ("+dq" if launch.kwargs.get("FUSED_DQ") else "")
+
+
+def specialise(launch: K.Launch, backend) -> tuple[ASTSource, dict]:
+    """The source and options Triton's JITFunction.run compiles for this launch (its own binder)."""
+    fn = launch.kernel
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.kwargs, debug=False)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(fn, signature, constexprs, attrs), options.__dict__
+
+
+# ---- resources off the compiled code ---------------------------------------------------------
 def parse_ptxas(text: str) -> dict | None:
     regs = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -85,76 +129,118 @@ def run_ptxas(ptx: str, cap: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
-        res = subprocess.run([str(ptxas), "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run([str(ptxas), "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", f.name,
+                              "-o", os.devnull], capture_output=True, text=True, check=True)
     return parse_ptxas(res.stdout + res.stderr)
 
 
-def compile_kernel(fn, cap: int, dtype: str, consts: dict, num_warps: int, num_stages: int,
-                   aligned: bool = True) -> dict:
-    """Compile one kernel for sm_<cap> through ptxas; its shared memory and ptxas usage."""
-    sig = signature(fn, dtype, consts)
-    # as a real launch specialises them: torch's pointers are 16-byte aligned and the strides
-    # of [B, H, N, D] tensors with D a multiple of 16 are multiples of 16 (this is what lets
-    # loads vectorise and pipeline through shared memory, so it sets the shared memory used)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if sig[name].startswith("*") or name.startswith("stride")} if aligned else {}
-    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+_LABEL = re.compile(r"^(\$L__\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+_WGMMA = re.compile(r"\bwgmma\.mma_async\.\S*\.m(\d+)n(\d+)k(\d+)\.")
+_MMA = re.compile(r"\bmma\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.")
+
+
+def loop_tensor_work(ptx: str, num_warps: int) -> list[int]:
+    """Tensor-core multiply-adds (m*n*k summed over the warps that issue them) of one
+    iteration of each innermost loop of the PTX, in program order. A loop is a label and
+    the backward branch to it; wgmma is issued per warp group (4 warps), mma per warp."""
+    lines = ptx.splitlines()
+    labels = {}
+    loops = []
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if m := _LABEL.match(s):
+            labels[m.group(1)] = i
+        elif (m := _BRANCH.search(s)) and m.group(1) in labels:
+            loops.append((labels[m.group(1)], i))
+    innermost = [(a, b) for a, b in loops if not any(a < c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    work = []
+    for a, b in sorted(innermost):
+        total = 0
+        for line in lines[a:b + 1]:
+            if m := _WGMMA.search(line):
+                total += (num_warps // 4) * int(m.group(1)) * int(m.group(2)) * int(m.group(3))
+            elif m := _MMA.search(line):
+                total += num_warps * int(m.group(1)) * int(m.group(2)) * int(m.group(3))
+        if total:
+            work.append(total)
+    return work
+
+
+def compile_launch(launch: K.Launch, cap: int) -> dict:
+    """Compile one launch for sm_<cap> through ptxas: shared memory, ptxas usage, loop work."""
+    target = GPUTarget("cuda", cap, 32)
+    src, options = specialise(launch, make_backend(target))
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # Triton's ptxas -v log, printed on a cache miss
-        compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
+        compiled = triton.compile(src, target=target, options=options)
     cache = get_cache_manager(compiled.hash)
     usage = parse_ptxas(log.getvalue())
     if usage is None:  # a cache hit: the usage kept from the compile, else ptxas once more
         path = cache.get_file(USAGE_FILE)
         usage = json.loads(Path(path).read_text()) if path else run_ptxas(compiled.asm["ptx"], cap)
     cache.put(json.dumps(usage), USAGE_FILE, binary=False)
-    return {"shared": compiled.metadata.shared, **usage}
+    ptx = compiled.asm["ptx"]
+    return {"shared": compiled.metadata.shared, **usage,
+            "loop_work": loop_tensor_work(ptx, options["num_warps"]),
+            "wgmma": bool(_WGMMA.search(ptx)), "mma": bool(_MMA.search(ptx)),
+            "specialised": [launch.kernel.arg_names[path[0]] for path, attr in src.attrs.items() if attr]}
 
 
-def kernel_jobs(cap: int, head_dim: int, cfg: K.TileConfig, dtype: str) -> list[dict]:
-    """Every kernel launch of one tile config, with the constexprs and options the
-    launchers give it (backward at most 2 stages; delta at its own fixed tiles)."""
-    block_d = K._block_d(head_dim)
+def useful_work(kernel: str, variant: str, consts: dict) -> int | None:
+    products = USEFUL_PRODUCTS.get(kernel)
+    if products is None:
+        return None
+    return products[variant != "plain"] * consts["BLOCK_M"] * consts["BLOCK_N"] * consts["BLOCK_D"]
+
+
+# ---- jobs ------------------------------------------------------------------------------------
+def table_configs(cap: int, head_dim: int) -> tuple[K.TileConfig, K.TileConfig]:
+    return K.gpu_config((cap // 10, cap % 10), head_dim), K.gpu_config((cap // 10, cap % 10), head_dim, backward=True)
+
+
+def kernel_jobs(cap: int, head_dim: int, dtype: str, fwd: K.TileConfig, bwd: K.TileConfig) -> list[dict]:
+    """Every kernel of one call, plain and split (the delta kernel once: it has no variants)."""
     jobs = []
-    for label, mmca, split in (("plain", False, False), ("mmca split", True, True)):
-        consts = dict(ISOLATE_IMAGES=mmca, SPLIT=split, EVEN_N=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_D=block_d, PRECISION="tf32")
-        for fn, stages in (("_attn_fwd", cfg.num_stages), ("_attn_bwd_dq", min(cfg.num_stages, 2)),
-                           ("_attn_bwd_dkdv", min(cfg.num_stages, 2))):
-            jobs.append(dict(cap=cap, head_dim=head_dim, cfg=list(cfg.__dict__.values()), dtype=dtype,
-                             variant=label, kernel=fn, consts=consts, num_warps=cfg.num_warps,
-                             num_stages=stages))
-    # _bwd_delta: launched with BLOCK_M=64 and Triton's default warps / stages, same for all variants
-    jobs.append(dict(cap=cap, head_dim=head_dim, cfg=None, dtype=dtype, variant="any", kernel="_bwd_delta",
-                     consts=dict(BLOCK_M=64, BLOCK_D=block_d), num_warps=4, num_stages=3))
+    for variant in VARIANTS:
+        for kernel in call_launches(head_dim, dtype, fwd, bwd, variant):
+            if kernel == "_bwd_delta" and variant != "plain":
+                continue
+            jobs.append(dict(cap=cap, head_dim=head_dim, dtype=dtype, variant=variant if kernel != "_bwd_delta"
+                             else "any", kernel=kernel, fwd=list(fwd.__dict__.values()),
+                             bwd=list(bwd.__dict__.values())))
     return jobs
 
 
 def run_job(job: dict) -> dict:
-    fn = getattr(K, job["kernel"])
+    fwd, bwd = K.TileConfig(*job["fwd"]), K.TileConfig(*job["bwd"])
+    variant = "plain" if job["variant"] == "any" else job["variant"]
+    launch = call_launches(job["head_dim"], job["dtype"], fwd, bwd, variant)[job["kernel"]]
+    out = dict(job, num_warps=launch.kwargs.get("num_warps", 4), num_stages=launch.kwargs.get("num_stages", 3),
+               block=[launch.kwargs.get("BLOCK_M"), launch.kwargs.get("BLOCK_N")], limit=SHARED_LIMIT[job["cap"]])
+    t0 = time.monotonic()
     try:
-        res = compile_kernel(fn, job["cap"], job["dtype"], job["consts"], job["num_warps"], job["num_stages"])
+        out.update(compile_launch(launch, job["cap"]))
     except Exception as e:  # reported per entry: one failure must not hide the others
-        res = {"error": f"{type(e).__name__}: {str(e)[-500:]}"}
-    out = {k: v for k, v in job.items() if k != "consts"}
-    out.update(res, limit=SHARED_LIMIT[job["cap"]])
-    out["ok"] = "error" not in res and 0 < res["shared"] <= out["limit"]
+        out["error"] = f"{type(e).__name__}: {str(e)[-500:]}"
+    out["seconds"] = round(time.monotonic() - t0, 2)
+    useful = useful_work(job["kernel"], variant, launch.kwargs)
+    if "error" not in out and useful:
+        out["useful"] = useful
+        out["redundancy"] = [round(w / useful, 3) for w in out["loop_work"]]
+    out["ok"] = "error" not in out and 0 < out["shared"] <= out["limit"]
     return out
 
 
 def matrix_jobs(caps=MATRIX_CAPS, fp16_bounds=None) -> list[dict]:
-    """Each table entry once per (target, dtype), at the largest head_dim it serves
-    (head_dims in one entry share BLOCK_D up to that bound, hence the same kernels).
-    bf16 for every entry; fp16 for the entries whose bound is in fp16_bounds (all if None)."""
+    """Each table entry per (target, head_dim 64/128/256): bf16 always, fp16 for the head_dims
+    in fp16_bounds (all if None). fp16 and bf16 tiles have the same bytes."""
     jobs = []
     for cap in caps:
-        table = K._GPU_CONFIGS.get((cap // 10, cap % 10), K._FALLBACK_CONFIGS)
-        for bound, cfg in table:
+        for d in HEAD_DIMS:
             for dtype in ("bf16", "fp16"):
-                if dtype == "bf16" or fp16_bounds is None or bound in fp16_bounds:
-                    jobs += kernel_jobs(cap, bound, cfg, dtype)
+                if dtype == "bf16" or fp16_bounds is None or d in fp16_bounds:
+                    jobs += kernel_jobs(cap, d, dtype, *table_configs(cap, d))
     return jobs
 
 
@@ -167,45 +253,46 @@ def run_all(jobs: list[dict], workers: int) -> list[dict]:
 
 
 def format_row(r: dict) -> str:
-    cfg = "delta 64" if r["cfg"] is None else "x".join(map(str, r["cfg"][:2])) + f" w{r['cfg'][2]}"
-    head = (f"sm{r['cap']} D<={r['head_dim']:<3d} {cfg:12s} {r['dtype']} {r['variant']:10s} "
-            f"{r['kernel']:15s} s{r['num_stages']}")
+    head = (f"sm{r['cap']} D{r['head_dim']:<3d} {r['dtype']} {r['variant']:10s} {r['kernel']:17s} "
+            f"{r['block'][0]}x{r['block'][1]} w{r['num_warps']} s{r['num_stages']}")
     if "error" in r:
         return f"{head} FAILED {r['error']}"
+    tc = "wgmma" if r["wgmma"] else "mma" if r["mma"] else "no tensor cores"
+    red = ("" if "redundancy" not in r else
+           f", {tc} work/iter {r['loop_work']} = {r['redundancy']} x useful {r['useful']}")
     return (f"{head} shared {r['shared']:6d} B / {r['limit']} {'ok ' if r['ok'] else 'OVER'}, "
-            f"{r['regs']} regs, spills {r['spill_st']}/{r['spill_ld']} B st/ld")
-
-
-def report(cap: int, head_dim: int, cfg: K.TileConfig, dtype: str = "bf16") -> list[str]:
-    return [format_row(run_job(j)) for j in kernel_jobs(cap, head_dim, cfg, dtype)]
+            f"{r['regs']} regs, spills {r['spill_st']}/{r['spill_ld']} B st/ld{red}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cap", type=int, default=90, help="compute capability, e.g. 80 or 90")
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--config", default=None, help="block_m,block_n,num_warps,num_stages")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    p.add_argument("--fwd", default=None, help="forward tiles block_m,block_n,num_warps,num_stages (default: table)")
+    p.add_argument("--bwd", default=None, help="backward tiles, likewise")
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
     p.add_argument("--matrix", action="store_true", help="every tile-table entry for sm80/sm89/sm90")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (--matrix)")
-    p.add_argument("--json", action="store_true", help="--matrix: also print one JSON line of all rows")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    p.add_argument("--json", action="store_true", help="also print one JSON line of all rows")
     p.add_argument("--fp16-bounds", default=None,
-                   help="--matrix: fp16 only for these head_dim bounds, e.g. 128 (default: every entry)")
+                   help="--matrix: fp16 only for these head_dims, e.g. 128 (default: every one)")
     args = p.parse_args(argv)
+    t0 = time.monotonic()
     if args.matrix:
         bounds = None if args.fp16_bounds is None else {int(b) for b in args.fp16_bounds.split(",")}
-        rows = run_all(matrix_jobs(fp16_bounds=bounds), args.jobs)
-        print("\n".join(format_row(r) for r in rows))
-        if args.json:
-            print(json.dumps(rows))
-        return 0 if all(r["ok"] for r in rows) else 1
-    if args.config:
-        cfg = K.TileConfig(*map(int, args.config.split(",")))
+        jobs = matrix_jobs(fp16_bounds=bounds)
     else:
-        cfg = K.gpu_config((args.cap // 10, args.cap % 10), args.head_dim)
-    print(f"# {cfg}")
-    print("\n".join(report(args.cap, args.head_dim, cfg, args.dtype)))
-    return 0
+        fwd, bwd = table_configs(args.cap, args.head_dim)
+        fwd = K.TileConfig(*map(int, args.fwd.split(","))) if args.fwd else fwd
+        bwd = K.TileConfig(*map(int, args.bwd.split(","))) if args.bwd else bwd
+        print(f"# forward {fwd}\n# backward {bwd}")
+        jobs = kernel_jobs(args.cap, args.head_dim, args.dtype, fwd, bwd)
+    rows = run_all(jobs, args.jobs)
+    print("\n".join(format_row(r) for r in rows))
+    print(f"# {len(rows)} kernels in {time.monotonic() - t0:.0f} s (triton {triton.__version__})")
+    if args.json:
+        print(json.dumps(rows))
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":

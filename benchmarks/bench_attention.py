@@ -226,8 +226,9 @@ def _run_grid(args, device: str, dtype) -> list[dict]:
                     t0 = _sync_time(device)
                     layout = build_layout(name, kind, n, args.batch, 0, device).with_window(args.window)
                     if device == "cuda" or args.smoke:
-                        cfg = kernels.pick_config(torch.device(device), d)
-                        layout.block_map(cfg.block_m, cfg.block_n)
+                        for backward in (False, True):  # the forward's and the backward's maps
+                            cfg = kernels.pick_config(torch.device(device), d, backward)
+                            layout.block_map(cfg.block_m, cfg.block_n)
                     else:  # what the CPU path builds: its per-segment query blocks
                         layout.query_blocks(attention_cpu.CPU_QUERY_BLOCK)
                     meta_ms = (_sync_time(device) - t0) * 1e3

@@ -112,7 +112,7 @@ def test_flash_path_matches_reference_with_padding_and_gqa(fake_flash_attn, batc
     leaves = [torch.randn(batch, h, n, d, dtype=torch.float32).requires_grad_() for h in (hq, hkv, hkv)]
     dout = torch.randn(batch, hq, n, d)
     scale = 0.3
-    out = attention_module._flash_attention(*leaves, layout, scale)
+    out = attention_module._flash_attention(*leaves, layout, scale, False)
     out.backward(dout)
     dense = lambda *a: attention_reference(*a[:4], scale=a[4], impl="dense")  # noqa: E731
     want = attention_grads(dense, *leaves, dout, layout, scale, torch.float64)
@@ -144,15 +144,16 @@ def test_explicit_flash_backend_refuses_cpu_tensors(fake_flash_attn):
 def test_measured_choice_off_cuda_is_the_table_config():
     layout = AttentionLayout(torch.zeros(1, 8, dtype=torch.int32))
     q = torch.randn(1, 2, 8, 64)
-    cfg = attention_module._measured_choice(q, q, q, layout, 0.1, with_flash=True)
-    assert cfg == kernels.pick_config(q.device, 64)
+    cfg = attention_module._measured_choice(q, q, q, layout, 0.1, with_flash=True, deterministic=False)
+    assert cfg == (kernels.pick_config(q.device, 64), kernels.pick_config(q.device, 64, backward=True))
 
 
 def test_trial_runs_leave_the_callers_graph_alone(seed):
     """`auto` times candidates on detached views: no gradient reaches the caller's tensors."""
     layout = random_layout(random.Random(seed), 1, 21, "mmca", split_softmax=True)
     q, k, v = (torch.randn(1, 2, 21, 16, requires_grad=True) for _ in range(3))
-    attention_module._trial(kernels.INTERPRETER_CONFIG, q, k, v, layout, 0.25, training=True)()
+    cfgs = (kernels.INTERPRETER_CONFIG, kernels.INTERPRETER_CONFIG)
+    attention_module._trial(cfgs, q, k, v, layout, 0.25, training=True, deterministic=False)()
     assert q.grad is None and k.grad is None and v.grad is None
 
 
@@ -249,6 +250,7 @@ def test_choice_key_separates_what_changes_the_winner():
               attention_module.choice_key(q[..., :32], k, causal, True, True),  # head_dim
               attention_module.choice_key(q, k, causal, False, True),  # flash not in the running
               attention_module.choice_key(q, k, causal, True, False),  # forward only
+              attention_module.choice_key(q, k, causal, True, True, deterministic=True),  # backward mode
               attention_module.choice_key(q, k, AttentionLayout(causal.segment_ids, kind="mmca",
                                                                 split_softmax=True), True, True)]
     assert len({base, *others}) == len(others) + 1
@@ -258,7 +260,8 @@ def test_candidate_configs_start_with_the_table_entry():
     for cap in ((8, 0), (9, 0), (8, 9)):
         for d in (32, 64, 80, 128, 256):
             cands = kernels.candidate_configs(cap, d)
-            assert cands[0] == kernels.gpu_config(cap, d) and len(set(cands)) == len(cands)
+            first = (kernels.gpu_config(cap, d), kernels.gpu_config(cap, d, backward=True))
+            assert cands[0] == first and len(set(cands)) == len(cands)
 
 
 @pytest.mark.gpu

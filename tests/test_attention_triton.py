@@ -37,14 +37,21 @@ def reference_grads(q, k, v, dout, layout, scale):
     return attention_grads(dense, q, k, v, dout, layout, scale, torch.float64)
 
 
-def run_kernels(q, k, v, dout, layout, scale, cfg=kernels.INTERPRETER_CONFIG):
-    """Forward + backward through the launchers, every output buffer NaN-poisoned first."""
-    bm = layout.block_map(cfg.block_m, cfg.block_n)
+# the interpreter's backward tiles: other than the forward's, so the two block maps differ
+INTERPRETER_BWD_CONFIG = kernels.TileConfig(32, 16, 4, 1)
+
+
+def run_kernels(q, k, v, dout, layout, scale, cfg=kernels.INTERPRETER_CONFIG, bwd_cfg=None, deterministic=False):
+    """Forward + backward through the launchers, every output buffer NaN-poisoned first.
+    The forward (and the deterministic dQ kernel) walk cfg's block map, dK/dV bwd_cfg's."""
+    bwd_cfg = cfg if bwd_cfg is None else bwd_cfg
+    bm, bwd_bm = layout.block_map(cfg.block_m, cfg.block_n), layout.block_map(bwd_cfg.block_m, bwd_cfg.block_n)
     meta = (layout.lo, layout.hi, layout.is_image)
     kw = dict(kind=layout.kind_code, split=layout.split_softmax, scale=scale, cfg=cfg)
     out, obr, lse = kernels.attention_forward(q, k, v, *meta, *bm.tensors[:4], out=poisoned(like=q), **kw)
     grads = tuple(poisoned(like=t) for t in (q, k, v))
-    grads = kernels.attention_backward(dout, q, k, v, out, obr, lse, *meta, *bm.tensors, grads=grads, **kw)
+    grads = kernels.attention_backward(dout, q, k, v, out, obr, lse, *meta, *bm.tensors[:4], *bwd_bm.tensors[4:],
+                                       grads=grads, dkdv_cfg=bwd_cfg, deterministic=deterministic, **kw)
     return out, *grads
 
 
@@ -79,22 +86,32 @@ def shape_id(s):
     return f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}D{s[4]}-{s[5]}".replace("torch.", "")
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+# the fused backward (the default) at every shape; the deterministic one (its dQ kernel is
+# the only code it does not share) at the two GQA shapes, fp32 and fp16
+MODES = [(s, False) for s in SHAPES] + [(s, True) for s in (SHAPES[0], SHAPES[3])]
+
+
+@pytest.mark.parametrize("shape,deterministic", MODES,
+                         ids=[f"{shape_id(s)}-{'deterministic' if det else 'fused_dq'}" for s, det in MODES])
 @pytest.mark.parametrize("kind,split", KIND_CASES, ids=KIND_IDS)
-def test_kernels_match_reference(kind, split, shape, seed):
+def test_kernels_match_reference(kind, split, shape, deterministic, seed):
+    """Both backward modes: the single dK/dV pass that adds dQ with fp32 atomics (5 products)
+    and the deterministic dQ + dK/dV kernels, at backward tiles other than the forward's."""
     batch, hq, hkv, n, d, dtype = shape
     layout = layout_for(seed, kind, split, batch, n)
     q, k, v, dout = make_inputs(batch, hq, hkv, n, d, dtype)
-    results = run_kernels(q, k, v, dout, layout, d ** -0.5)
+    results = run_kernels(q, k, v, dout, layout, d ** -0.5, bwd_cfg=INTERPRETER_BWD_CONFIG,
+                          deterministic=deterministic)
     check_against_reference(layout, q, k, v, dout, results)
 
 
-def test_public_op_autograd_matches_launchers(seed):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_public_op_autograd_matches_launchers(deterministic, seed):
     layout = layout_for(seed, "mmca", True, 2, 70)
     q, k, v, dout = make_inputs(2, 4, 2, 70, 64, torch.float32)
     k = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # head_dim not unit-stride: copied once
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = multimodal_attention(*leaves, layout, backend="triton", scale=0.1)
+    out = multimodal_attention(*leaves, layout, backend="triton", scale=0.1, deterministic=deterministic)
     assert out.stride() == q.stride()
     out.backward(dout)
     check_against_reference(layout, q, k, v, dout, (out.detach(), *(t.grad for t in leaves)), scale=0.1)
@@ -280,7 +297,7 @@ def test_custom_op_passes_opcheck(seed):
     q, k, v, _ = make_inputs(1, 2, 1, 40, 32, torch.float32)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), layout.lo, layout.hi,
             layout.is_image, *bm.tensors, layout.kind_code, True, 0.2, cfg.block_m, cfg.block_n,
-            cfg.num_warps, cfg.num_stages)
+            cfg.num_warps, cfg.num_stages, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, False)
     torch.library.opcheck(torch.ops.fastvlm.mm_attention_fwd.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))
@@ -311,8 +328,8 @@ def test_gpu_bf16_matches_reference(kind, split, shape, seed):
     batch, hq, hkv, n, d = shape
     layout = layout_for(seed, kind, split, batch, n, device="cuda")
     q, k, v, dout = make_inputs(batch, hq, hkv, n, d, torch.bfloat16, device="cuda")
-    cfg = kernels.pick_config(q.device, d)
-    results = run_kernels(q, k, v, dout, layout, d ** -0.5, cfg)
+    cfg, bwd_cfg = kernels.pick_config(q.device, d), kernels.pick_config(q.device, d, backward=True)
+    results = run_kernels(q, k, v, dout, layout, d ** -0.5, cfg, bwd_cfg)
     # the float64 dense reference at N = 16k, 2 heads needs ~40 GiB: sized for an 80 GiB GPU
     check_against_reference(layout, q, k, v, dout, results)
 
@@ -323,18 +340,19 @@ def test_gpu_every_candidate_config_matches_reference(d, seed):
     """`auto` may pick any of the configs it times: each must be correct on this GPU."""
     layout = layout_for(seed, "mmca", True, 2, 1500, device="cuda")
     q, k, v, dout = make_inputs(2, 4, 2, 1500, d, torch.bfloat16, device="cuda")
-    for cfg in kernels.candidate_configs(torch.cuda.get_device_capability(), d):
-        results = run_kernels(q, k, v, dout, layout, d ** -0.5, cfg)
-        check_against_reference(layout, q, k, v, dout, results)
+    for cfg, bwd_cfg in kernels.candidate_configs(torch.cuda.get_device_capability(), d):
+        for deterministic in (False, True):
+            results = run_kernels(q, k, v, dout, layout, d ** -0.5, cfg, bwd_cfg, deterministic)
+            check_against_reference(layout, q, k, v, dout, results)
 
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic(seed):
-    """No atomics: GQA gradients summed inside one program give bitwise-equal reruns."""
+    """deterministic=True: no atomics, GQA gradients summed inside one program: bitwise-equal reruns."""
     layout = layout_for(seed, "image_bidirectional", False, 2, 3000, device="cuda")
     q, k, v, dout = make_inputs(2, 8, 2, 3000, 128, torch.bfloat16, device="cuda")
-    cfg = kernels.pick_config(q.device, 128)
-    first, second = (run_kernels(q, k, v, dout, layout, 128 ** -0.5, cfg) for _ in range(2))
+    cfgs = kernels.pick_config(q.device, 128), kernels.pick_config(q.device, 128, backward=True)
+    first, second = (run_kernels(q, k, v, dout, layout, 128 ** -0.5, *cfgs, deterministic=True) for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -343,8 +361,9 @@ def test_gpu_compile_fullgraph_inductor(seed):
     layout = layout_for(seed, "mmca", True, 1, 2048, device="cuda")
     q, k, v, dout = make_inputs(1, 4, 2, 2048, 128, torch.bfloat16, device="cuda")
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    cfg = kernels.pick_config(q.device, 128)
-    layout.block_map(cfg.block_m, cfg.block_n)
+    for backward in (False, True):  # both block maps built before tracing
+        cfg = kernels.pick_config(q.device, 128, backward)
+        layout.block_map(cfg.block_m, cfg.block_n)
     torch._dynamo.reset()
     compiled = torch.compile(lambda q, k, v: multimodal_attention(q, k, v, layout), fullgraph=True)
     out = compiled(*leaves)

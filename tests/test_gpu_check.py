@@ -63,3 +63,42 @@ def test_a_step_never_outlasts_the_overall_budget(tmp_path):
     t0 = time.monotonic()
     outcome = gpu_check.run_step(slow, tmp_path, time.monotonic() + 12)  # 12 s of budget left, cap 30 s
     assert outcome.status == "timeout" and time.monotonic() - t0 < 25
+
+
+def test_gpu_plan_puts_the_headline_first_and_fits_the_budget(tmp_path, monkeypatch):
+    """On the GPU: carried wheels, then the attention headline before anything else; every
+    step capped, the caps summing to less than the 8-minute budget with a margin for the
+    runner; pytest without -x (a first hardware run reports every failure), timed per test."""
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "flash_attn-2.8.3-cp312-cp312-linux_x86_64.whl").write_bytes(b"")
+    monkeypatch.setattr(gpu_check, "WHEELS", wheels)
+    monkeypatch.setattr(gpu_check, "gpu_arch", lambda: "9.0")
+    monkeypatch.setattr(gpu_check, "_has_pytest_timeout", lambda python: True)
+    plan = gpu_check.steps(False, tmp_path / "results", sys.executable, out=tmp_path)
+    assert [s.key for s in plan[:2]] == ["wheels", "attention"]
+    assert sum(s.cap_s for s in plan) <= gpu_check.BUDGET_S - 30
+    headline = plan[1].cmd
+    assert headline[1].endswith("bench_attention_headline.py") and headline[-2:] == ["--out", str(tmp_path)]
+    pytest_cmd = next(s.cmd for s in plan if s.key == "pytest")
+    assert "-x" not in pytest_cmd and "--timeout=60" in pytest_cmd
+
+
+def test_headline_rehearsal_writes_every_row_with_the_configs(tmp_path):
+    """The headline's CPU rehearsal (interpreter, tiny): one JSON line per (case, method),
+    the static table's and auto's configs recorded."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out",
+                           str(tmp_path), "--only", "attention"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "attention_headline.jsonl").read_text().splitlines()]
+    cases = {(r["layout"], r["kind"]) for r in rows}
+    assert cases == {("plain", "causal"), ("packed", "causal"), ("packed", "image_bidirectional"),
+                     ("packed", "mmca_split")}
+    for case in cases:
+        methods = {r["method"]: r for r in rows if (r["layout"], r["kind"]) == case}
+        assert {"fastvlm_table", "fastvlm_auto", "fastvlm_table_deterministic", "reference"} <= set(methods)
+        assert all("fwd_bwd_ms" in r for r in methods.values()), methods
+        assert methods["fastvlm_table"]["config"] and methods["fastvlm_auto"]["config"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| headline: attention fwd+bwd at 8k | passed |" in summary
+    assert "| packed | mmca_split | fastvlm_auto |" in summary

@@ -14,8 +14,12 @@ and image keys (branch 1); both LSEs are saved, the branch outputs are kept
 for backward, where each branch has its own delta = rowsum(dO * O_branch).
 
 GQA: the dK/dV program of a kv head loops over the q heads of its group, so
-every gradient element is written by exactly one program (no atomics): the
-backward is deterministic by construction.
+every dK/dV element is written by exactly one program.
+
+Backward: dK/dV computes S^T = K Q^T directly, so P^T and dS^T come out of the
+tensor cores in the layout the dV and dK products take. Fast mode: that pass also
+adds dQ = dS K to an fp32 buffer with atomics (5 products per tile). Deterministic
+mode: a separate dQ kernel (3 products) at the forward's tiles, no atomics.
 """
 from __future__ import annotations
 
@@ -36,17 +40,19 @@ IMAGE_ISOLATING_KINDS = frozenset({3})
 
 # ---- shared device helpers -------------------------------------------------------------------
 @triton.jit
-def _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N,
-             IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr):
-    """Allowed (query, key) pairs of one tile: the only mask logic of all kernels."""
+def _allowed(qm, kn, lo, hi, img_q, img_k, N, IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr):
+    """Allowed (query, key) pairs of one tile: the only mask logic of all kernels. The
+    query-side operands (positions qm, lo, hi, img_q) and the key-side ones (kn, img_k)
+    come broadcastable, as [rows, 1] and [1, cols] for a [query, key] tile or the other
+    way round for a transposed [key, query] tile (dK/dV)."""
     if IS_FULL:
-        # every real pair of a full tile is allowed; only a tail tile's padding columns are not
-        ok = (offs_n[None, :] < N) & (offs_m[:, None] >= 0)
+        # every real pair of a full tile is allowed; only a tail tile's padding keys are not
+        ok = (kn < N) & (qm >= 0)
     else:
-        ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None])
+        ok = (kn >= lo) & (kn <= hi)
         if ISOLATE_IMAGES:
-            both_image = (img_q[:, None] != 0) & (img_k[None, :] != 0)
-            ok = ok & (~both_image | (offs_n[None, :] == offs_m[:, None]))
+            both_image = (img_q != 0) & (img_k != 0)
+            ok = ok & (~both_image | (kn == qm))
     return ok
 
 
@@ -113,7 +119,8 @@ def _fwd_tile(q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, i
               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     offs_n, k, v, img_k = _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, ISOLATE_IMAGES)
+    ok = _allowed(offs_m[:, None], offs_n[None, :], lo[:, None], hi[:, None], img_q[:, None], img_k[None, :], N,
+                  IS_FULL, ISOLATE_IMAGES)
     if SPLIT:
         key_is_image = img_k[None, :] != 0
         m0, l0, acc0 = _online_softmax_step(m0, l0, acc0, s, ok & ~key_is_image, v, True, PRECISION)
@@ -206,19 +213,20 @@ def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_obr,
 
 
 @triton.jit
-def _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT: tl.constexpr, MASKED: tl.constexpr):
-    """P and dS of one tile (dS without the softmax scale), summed over the branches."""
+def _ds_tile(s, dp, ok, key_is_image, lse0, delta0, lse1, delta1, SPLIT: tl.constexpr, MASKED: tl.constexpr):
+    """P and dS of one tile (dS without the softmax scale), summed over the branches. The
+    row statistics (lse, delta) and key_is_image come broadcastable to the tile, which is
+    [query, key] (dQ) or [key, query] (dK/dV)."""
     if SPLIT:
-        key_is_image = img_k[None, :] != 0
-        p0 = tl.where(ok & ~key_is_image, tl.math.exp2(s - lse0[:, None]), 0.0)
-        p1 = tl.where(ok & key_is_image, tl.math.exp2(s - lse1[:, None]), 0.0)
-        ds = p0 * (dp - delta0[:, None]) + p1 * (dp - delta1[:, None])
+        p0 = tl.where(ok & ~key_is_image, tl.math.exp2(s - lse0), 0.0)
+        p1 = tl.where(ok & key_is_image, tl.math.exp2(s - lse1), 0.0)
+        ds = p0 * (dp - delta0) + p1 * (dp - delta1)
         p = p0 + p1
     else:
-        p = tl.math.exp2(s - lse0[:, None])
+        p = tl.math.exp2(s - lse0)
         if MASKED:
             p = tl.where(ok, p, 0.0)
-        ds = p * (dp - delta0[:, None])
+        ds = p * (dp - delta0)
     return p, ds
 
 
@@ -230,9 +238,23 @@ def _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, i
     offs_n, k, v, img_k = _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, ISOLATE_IMAGES)
-    p, ds = _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT, not (IS_FULL and EVEN_N))
+    ok = _allowed(offs_m[:, None], offs_n[None, :], lo[:, None], hi[:, None], img_q[:, None], img_k[None, :], N,
+                  IS_FULL, ISOLATE_IMAGES)
+    p, ds = _ds_tile(s, dp, ok, img_k[None, :] != 0, lse0[:, None], delta0[:, None], lse1[:, None],
+                     delta1[:, None], SPLIT, not (IS_FULL and EVEN_N))
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _row_stats(lse_base, delta_base, stride_lse, offs_m, N, SPLIT: tl.constexpr):
+    """LSE and delta of query rows, per branch (branch 1 repeats branch 0 unless SPLIT)."""
+    lse0 = _load_lse(lse_base, offs_m, N)
+    delta0 = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
+    lse1, delta1 = lse0, delta0
+    if SPLIT:
+        lse1 = _load_lse(lse_base + stride_lse, offs_m, N)
+        delta1 = tl.load(delta_base + stride_lse + offs_m, mask=offs_m < N, other=0.0)
+    return lse0, delta0, lse1, delta1
 
 
 @triton.jit
@@ -253,12 +275,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, D)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, N, D)
     lo, hi, img_q = _load_row_meta(LO, HI, IMG, b, offs_m, N)
-    lse0 = _load_lse(LSE + bh * N, offs_m, N)
-    delta0 = tl.load(DELTA + bh * N + offs_m, mask=offs_m < N, other=0.0)
-    lse1, delta1 = lse0, delta0
-    if SPLIT:
-        lse1 = _load_lse(LSE + stride_lse + bh * N, offs_m, N)
-        delta1 = tl.load(DELTA + stride_lse + bh * N + offs_m, mask=offs_m < N, other=0.0)
+    lse0, delta0, lse1, delta1 = _row_stats(LSE + bh * N, DELTA + bh * N, stride_lse, offs_m, N, SPLIT)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_kb + hk * stride_kh
     img_base = IMG + b * N
@@ -280,37 +297,44 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
 
 
 @triton.jit
-def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
-               stride_lse, lo_base, hi_base, img_base, offs_n, offs_d, img_k, N, D, qk_scale,
+def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don, stride_dqn, lse_base,
+               delta_base, stride_lse, lo_base, hi_base, img_base, offs_n, offs_d, img_k, N, D, qk_scale, sm_scale,
                IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
-               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
+    """One query block against this program's key block, in transposed form: S^T = K Q^T
+    is computed directly, so P^T and dS^T come out of the tensor cores in the layout the
+    dV += P^T dO and dK += dS^T Q products take (no transposes through shared memory).
+    FUSED_DQ: also dQ += dS K for these query rows, added to fp32 dQ with atomics."""
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, D)
     do = _load_rows(do_base, offs_m, offs_d, stride_don, N, D)
     lo, hi, img_q = _load_row_meta(lo_base, hi_base, img_base, 0, offs_m, N)  # bases are per row b
-    lse0 = _load_lse(lse_base, offs_m, N)
-    delta0 = tl.load(delta_base + offs_m, mask=offs_m < N, other=0.0)
-    lse1, delta1 = lse0, delta0
-    if SPLIT:
-        lse1 = _load_lse(lse_base + stride_lse, offs_m, N)
-        delta1 = tl.load(delta_base + stride_lse + offs_m, mask=offs_m < N, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ok = _allowed(offs_m, offs_n, lo, hi, img_q, img_k, N, IS_FULL, ISOLATE_IMAGES)
-    p, ds = _ds_tile(s, dp, ok, img_k, lse0, delta0, lse1, delta1, SPLIT, not (IS_FULL and EVEN_N))
-    dv = dv + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-    dk = dk + tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    lse0, delta0, lse1, delta1 = _row_stats(lse_base, delta_base, stride_lse, offs_m, N, SPLIT)
+    st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [keys, queries]
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    okt = _allowed(offs_m[None, :], offs_n[:, None], lo[None, :], hi[None, :], img_q[None, :], img_k[:, None], N,
+                   IS_FULL, ISOLATE_IMAGES)
+    pt, dst = _ds_tile(st, dpt, okt, img_k[:, None] != 0, lse0[None, :], delta0[None, :], lse1[None, :],
+                       delta1[None, :], SPLIT, not (IS_FULL and EVEN_N))
+    dv = dv + tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+    dk = dk + tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    if FUSED_DQ:
+        dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION) * sm_scale
+        mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+        tl.atomic_add(dq_base + _row_offsets(offs_m, offs_d, stride_dqn), dq, mask=mask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, IMG,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG,
                    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                   stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_lse,
+                   stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                   stride_dqb, stride_dqh, stride_dqn, stride_lse,
                    H, HKV, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
                    ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
+    """dK, dV of one key block (and with FUSED_DQ its share of every dQ, in fp32 DQ)."""
     kb = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
     b = bhk // HKV
@@ -329,20 +353,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, IMG,
         h = hk * GROUP + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
+        dq_base = DQ + b * stride_dqb + h * stride_dqh
         lse_base = LSE + (b * H + h) * N
         delta_base = DELTA + (b * H + h) * N
         for i in range(n_part):
             qb = tl.load(Q_IDX + lists * TQ + i)
-            dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don,
+            dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don, stride_dqn,
                                 lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
-                                offs_n, offs_d, img_k, N, D, qk_scale,
-                                False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION)
+                                offs_n, offs_d, img_k, N, D, qk_scale, sm_scale,
+                                False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION, FUSED_DQ)
         for i in range(n_full):
             qb = tl.load(FULL_Q_IDX + lists * TQ + i)
-            dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, stride_qn, stride_don,
+            dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don, stride_dqn,
                                 lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
-                                offs_n, offs_d, img_k, N, D, qk_scale,
-                                True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION)
+                                offs_n, offs_d, img_k, N, D, qk_scale, sm_scale,
+                                True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION, FUSED_DQ)
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     ptrs = b * stride_dkb + hk * stride_dkh + _row_offsets(offs_n, offs_d, stride_dkn)
     tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
@@ -359,51 +384,64 @@ class TileConfig:
 
 
 INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
-# compute capability -> ((head_dim <= bound, config), ...), first match wins. Forward
-# and backward share one block map, hence one (block_m, block_n). Chosen without a GPU,
-# from ptxas register-spill reports of all three kernels (plain and split) compiled for
-# sm80/sm90 (benchmarks/attention_resources.py), within A100's 164 KiB and H100's 227 KiB
-# of shared memory; not yet tuned by timing. Other parts (sm86/89, sm120: ~100 KiB) get
-# the small fallback.
-_SM80_SM90 = ((64, TileConfig(64, 64, 4, 3)), (128, TileConfig(64, 64, 8, 3)),
-              (256, TileConfig(32, 32, 8, 2)))
-_GPU_CONFIGS = {(8, 0): _SM80_SM90, (9, 0): _SM80_SM90, (10, 0): _SM80_SM90}
-_FALLBACK_CONFIGS = ((64, TileConfig(64, 64, 4, 2)), (128, TileConfig(64, 32, 4, 2)),
-                     (256, TileConfig(32, 32, 4, 1)))
+# compute capability -> ((head_dim <= bound, forward config, backward config), ...), first
+# match wins. The forward (and the deterministic dQ kernel) walk the forward's block map,
+# dK/dV the backward's, each at its own tiles (the backward's block_m query rows x block_n
+# key rows). Chosen without a GPU from the report of the real launch (GQA 4:1, N=8192),
+# `python benchmarks/attention_resources.py --matrix --fp16-bounds 128`, kept as
+# benchmarks/results/attention_resources_triton3.8_2026-12-06.txt (tests/test_attention_aot.py
+# asserts it) and ..._triton3.6_2026-12-06.txt (the GPU image's Triton): tensor-core
+# redundancy 1.0 everywhere (64 rows per warp group: 8 warps only on 128-row products); no
+# forward spill but at head_dim 256 split on sm90 (3.9 KB; Triton 3.6 adds 32 B in sm80's
+# split forward); dK/dV spills <= 1 KiB up to head_dim 128 (sm90 D128: 84/72 B plain,
+# 172/240 B split in the fused pass), ~3 KB at 256; within A100's 164 KiB and H100's
+# 227 KiB of shared memory. Not yet tuned by timing. Other parts (sm86/89, sm120: ~100 KiB)
+# get the small fallback.
+_SM90 = ((64, TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 2)),
+         (128, TileConfig(128, 32, 8, 3), TileConfig(32, 128, 8, 2)),
+         (256, TileConfig(64, 32, 4, 2), TileConfig(16, 64, 4, 2)))
+# sm80's mma.sync splits a dQ product of 32 or 64 query rows over 8 warps with replication
+# (redundancy 1.4 / 1.2 in the report), and 16 rows over 4: its backward tiles differ
+_SM80 = ((64, _SM90[0][1], TileConfig(64, 64, 4, 2)),
+         (128, _SM90[1][1], TileConfig(64, 128, 8, 2)),
+         (256, TileConfig(32, 32, 4, 2), TileConfig(32, 32, 4, 2)))
+_GPU_CONFIGS = {(8, 0): _SM80, (9, 0): _SM90, (10, 0): _SM90}
+_FALLBACK_CONFIGS = ((64, TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2)),
+                     (128, TileConfig(64, 32, 4, 2), TileConfig(64, 32, 4, 2)),
+                     (256, TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)))
 
 
-
-
-def pick_config(device: torch.device, head_dim: int) -> TileConfig:
+def pick_config(device: torch.device, head_dim: int, backward: bool = False) -> TileConfig:
     """Tile sizes for this GPU generation and head_dim (the block map is built at them)."""
     if device.type != "cuda" or INTERPRETED:
         return INTERPRETER_CONFIG
-    return gpu_config(torch.cuda.get_device_capability(device), head_dim)
+    return gpu_config(torch.cuda.get_device_capability(device), head_dim, backward)
 
 
-def gpu_config(capability: tuple[int, int], head_dim: int) -> TileConfig:
+def gpu_config(capability: tuple[int, int], head_dim: int, backward: bool = False) -> TileConfig:
     table = _GPU_CONFIGS.get(tuple(capability), _FALLBACK_CONFIGS)
-    return next(cfg for bound, cfg in table if head_dim <= bound)
+    return next(bwd if backward else fwd for bound, fwd, bwd in table if head_dim <= bound)
 
 
-# Alternatives that `auto` times against the table's entry on the first call of each
-# shape (fastvlm.ops.attention): wider query tiles amortise the k/v loads on long
-# rows, narrower ones waste less on partial tiles. One that does not fit (out of
+# Alternatives (forward, backward) that `auto` times against the table's pair on the first
+# call of each shape (fastvlm.ops.attention): taller query tiles amortise the k/v loads on
+# long rows, shorter ones waste less on partial tiles. One that does not fit (out of
 # shared memory on that part) is dropped by the measurement.
-_SM80_SM90_ALTERNATIVES = ((64, (TileConfig(128, 64, 4, 3), TileConfig(128, 32, 4, 3),
-                                 TileConfig(64, 32, 4, 3))),
-                           (128, (TileConfig(128, 64, 8, 3), TileConfig(128, 32, 8, 3),
-                                  TileConfig(64, 32, 4, 3))),
-                           (256, (TileConfig(64, 32, 8, 2), TileConfig(32, 64, 8, 2))))
+_SM80_SM90_ALTERNATIVES = (
+    (64, ((TileConfig(128, 128, 8, 2), TileConfig(64, 128, 8, 2)),
+          (TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 2)))),
+    (128, ((TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 2)),
+           (TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 2)))),
+    (256, ((TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 1)),)))
 _ALTERNATIVES = {(8, 0): _SM80_SM90_ALTERNATIVES, (9, 0): _SM80_SM90_ALTERNATIVES,
                  (10, 0): _SM80_SM90_ALTERNATIVES}
 
 
-def candidate_configs(capability: tuple[int, int], head_dim: int) -> tuple[TileConfig, ...]:
-    """The table's config first, then the alternatives worth timing on this part."""
+def candidate_configs(capability: tuple[int, int], head_dim: int) -> tuple[tuple[TileConfig, TileConfig], ...]:
+    """(forward, backward) pairs: the table's first, then the alternatives worth timing on this part."""
     table = _ALTERNATIVES.get(tuple(capability), ())
-    extra = next((cfgs for bound, cfgs in table if head_dim <= bound), ())
-    first = gpu_config(capability, head_dim)
+    extra = next((pairs for bound, pairs in table if head_dim <= bound), ())
+    first = (gpu_config(capability, head_dim), gpu_config(capability, head_dim, backward=True))
     return (first,) + tuple(c for c in extra if c != first)
 
 
@@ -442,6 +480,20 @@ def kernel_inputs(q, k, v):
     return q, k, v
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch exactly as a launcher makes it (grid, arguments, constexprs and
+    options): run it, or hand it to benchmarks/attention_resources.py, which compiles the
+    kernel with the specialisation this launch gets, without a GPU."""
+    kernel: object  # a triton.jit function
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
 def attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx, *,
                       kind: int, split: bool, scale: float, cfg: TileConfig, out=None):
     """Returns (out, branch_outs or empty, lse [branches, B, H, N] in log2 units).
@@ -449,6 +501,16 @@ def attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, fu
     q [B, H, N, D], k/v [B, Hkv, N, D], any strides with unit stride on D; out
     is allocated like q (same strides) unless given.
     """
+    *outputs, launches = forward_launches(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx,
+                                          kind=kind, split=split, scale=scale, cfg=cfg, out=out)
+    for launch in launches:
+        launch()
+    return tuple(outputs)
+
+
+def forward_launches(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx, *,
+                     kind: int, split: bool, scale: float, cfg: TileConfig, out=None):
+    """attention_forward's outputs (allocated, not yet written) and its launches."""
     q, k, v = kernel_inputs(q, k, v)
     b, h, n, d = q.shape
     hkv = k.shape[1]
@@ -460,22 +522,45 @@ def attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, fu
     tq, tk = kv_num.shape[1], kv_idx.shape[2]
     img = is_image.view(torch.uint8)
     grid = (tq, b * h)
-    _attn_fwd[grid](
+    launch = Launch(_attn_fwd, grid, (
         q, k, v, out, obr, lse, lo, hi, img, kv_num, kv_idx, full_kv_num, full_kv_idx,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), obr.stride(0), obr.stride(1), obr.stride(2),
         obr.stride(3), b * h * n,
-        h, h // hkv, n, d, tq, tk, scale * LOG2E,
+        h, h // hkv, n, d, tq, tk, scale * LOG2E), dict(
         ISOLATE_IMAGES=kind in IMAGE_ISOLATING_KINDS, SPLIT=split, EVEN_N=n % cfg.block_n == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out, obr, lse
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return out, obr, lse, [launch]
 
 
 def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num,
                        full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, *, kind: int, split: bool,
-                       scale: float, cfg: TileConfig, grads=None):
-    """Returns (dq, dk, dv); grads, if given, are the preallocated output tensors."""
+                       scale: float, cfg: TileConfig, dkdv_cfg: TileConfig | None = None, grads=None,
+                       deterministic: bool = False):
+    """Returns (dq, dk, dv); grads, if given, are the preallocated output tensors. The kv
+    lists are the forward's block map (cfg's tiles: the dQ kernel runs at them), the q lists
+    the backward's (dkdv_cfg's tiles, default cfg: the dK/dV kernel's).
+
+    deterministic=False: one dK/dV pass that also adds each tile's dQ share to an fp32
+    buffer with atomics (5 matrix products per tile; the order of those fp32 additions
+    varies run to run). deterministic=True: a dQ kernel (3 products per tile) and a dK/dV
+    kernel (4), every gradient element written by one program: bitwise-reproducible."""
+    *grads, steps = backward_launches(
+        dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx,
+        full_q_num, full_q_idx, kind=kind, split=split, scale=scale, cfg=cfg, dkdv_cfg=dkdv_cfg, grads=grads,
+        deterministic=deterministic)
+    for step in steps:
+        step()
+    return tuple(grads)
+
+
+def backward_launches(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num,
+                      full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, *, kind: int, split: bool,
+                      scale: float, cfg: TileConfig, dkdv_cfg: TileConfig | None = None, grads=None,
+                      deterministic: bool = False):
+    """attention_backward's gradients (allocated, not yet written) and its steps, in order:
+    kernel launches (Launch) and, in the fused mode, the final copy of fp32 dQ."""
     q, k, v = kernel_inputs(q, k, v)
     dout = _rows(dout)
     b, h, n, d = q.shape
@@ -486,27 +571,38 @@ def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, k
                                                   torch.empty_like(v))
     if dk.stride() != dv.stride():
         raise ValueError("dk, dv: expected equal strides")
+    dkdv_cfg = cfg if dkdv_cfg is None else dkdv_cfg
     _check_block_map(n, cfg, kv_num, kv_idx)  # before any launch
-    _check_block_map(n, cfg, q_num, q_idx, transposed=True)
+    _check_block_map(n, dkdv_cfg, q_num, q_idx, transposed=True)
     delta = torch.empty(branches, b, h, n, dtype=torch.float32, device=q.device)
     src = obr if split else out[None]
-    _bwd_delta[(triton.cdiv(n, 64), b * h, branches)](
+    steps = [Launch(_bwd_delta, (triton.cdiv(n, 64), b * h, branches), (
         src, dout, delta, src.stride(1), src.stride(2), src.stride(3), src.stride(0),
-        dout.stride(0), dout.stride(1), dout.stride(2), h, n, d, BLOCK_M=64, BLOCK_D=block_d)
-    tq, tk = kv_num.shape[1], kv_idx.shape[2]
+        dout.stride(0), dout.stride(1), dout.stride(2), h, n, d), dict(BLOCK_M=64, BLOCK_D=block_d))]
     img = is_image.view(torch.uint8)
-    common = dict(ISOLATE_IMAGES=kind in IMAGE_ISOLATING_KINDS, SPLIT=split, EVEN_N=n % cfg.block_n == 0,
-                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-                  # backward loops stage q and dO tiles (twice the forward's bytes): at most 2 stages
-                  num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, 2))
+
+    def constexprs(c: TileConfig):
+        return dict(ISOLATE_IMAGES=kind in IMAGE_ISOLATING_KINDS, SPLIT=split, EVEN_N=n % c.block_n == 0,
+                    BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+                    # backward loops stage q and dO tiles (twice the forward's bytes): at most 2 stages
+                    num_warps=c.num_warps, num_stages=min(c.num_stages, 2))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                dout.stride(0), dout.stride(1), dout.stride(2))
-    _attn_bwd_dq[(tq, b * h)](
-        q, k, v, dout, dq, lse, delta, lo, hi, img, kv_num, kv_idx, full_kv_num, full_kv_idx,
-        *strides, dq.stride(0), dq.stride(1), dq.stride(2), b * h * n,
-        h, h // hkv, n, d, tq, tk, scale * LOG2E, scale, **common)
-    _attn_bwd_dkdv[(tk, b * hkv)](
-        q, k, v, dout, dk, dv, lse, delta, lo, hi, img, q_num, q_idx, full_q_num, full_q_idx,
-        *strides, dk.stride(0), dk.stride(1), dk.stride(2), b * h * n,
-        h, hkv, h // hkv, n, d, tq, tk, scale * LOG2E, scale, **common)
-    return dq, dk, dv
+    if deterministic:
+        dq_sum = dq
+        tq, tk = kv_num.shape[1], kv_idx.shape[2]
+        steps.append(Launch(_attn_bwd_dq, (tq, b * h), (
+            q, k, v, dout, dq, lse, delta, lo, hi, img, kv_num, kv_idx, full_kv_num, full_kv_idx,
+            *strides, dq.stride(0), dq.stride(1), dq.stride(2), b * h * n,
+            h, h // hkv, n, d, tq, tk, scale * LOG2E, scale), constexprs(cfg)))
+    else:  # dQ summed over key blocks by atomics, in fp32, then rounded once
+        dq_sum = torch.zeros(b, h, n, d, dtype=torch.float32, device=q.device)
+    tk, tq = q_num.shape[1], q_idx.shape[2]
+    steps.append(Launch(_attn_bwd_dkdv, (tk, b * hkv), (
+        q, k, v, dout, dk, dv, dq_sum, lse, delta, lo, hi, img, q_num, q_idx, full_q_num, full_q_idx,
+        *strides, dk.stride(0), dk.stride(1), dk.stride(2), dq_sum.stride(0), dq_sum.stride(1), dq_sum.stride(2),
+        b * h * n, h, hkv, h // hkv, n, d, tq, tk, scale * LOG2E, scale),
+        dict(constexprs(dkdv_cfg), FUSED_DQ=not deterministic)))
+    if not deterministic:
+        steps.append(lambda: dq.copy_(dq_sum))
+    return dq, dk, dv, steps

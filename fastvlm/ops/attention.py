@@ -109,7 +109,7 @@ def check_attention_inputs(q, k, v, layout: AttentionLayout):
 
 
 def multimodal_attention(q, k, v, layout: AttentionLayout, *, scale: float | None = None,
-                         backend: str = "auto") -> torch.Tensor:
+                         backend: str = "auto", deterministic: bool | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale, masked by `layout`) v, per head; returns q's shape and dtype.
 
     backend: ``auto`` (on CUDA the Triton kernel for fp16/bf16, or flash-attn's
@@ -118,29 +118,34 @@ def multimodal_attention(q, k, v, layout: AttentionLayout, *, scale: float | Non
     (fp16/bf16 on CUDA, tile config measured per shape, see the module
     docstring; on CPU only under TRITON_INTERPRET=1, any float dtype),
     ``flash_attn`` (packed-causal layouts only), ``sdpa_cpu`` (CPU tensors, any
-    float dtype) or ``reference``. The Triton and
-    reference backwards use no atomics (each dK/dV program sums its GQA group)
-    and are deterministic for a given tile config; flash-attn's is when
-    torch.use_deterministic_algorithms(True) is on.
+    float dtype) or ``reference``.
+
+    deterministic (default: torch.are_deterministic_algorithms_enabled()): the
+    Triton backward's fast mode is one dK/dV pass that adds dQ with fp32 atomics
+    (5 matrix products per tile; the order of those additions varies run to run);
+    deterministic=True runs a dQ kernel and a dK/dV kernel without atomics, bitwise
+    reproducible for a given tile config. The reference backward is always
+    deterministic; flash-attn's is when this is True.
     """
     check_attention_inputs(q, k, v, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     chosen = resolve_backend("multimodal_attention", backend, q.device)
+    deterministic = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
     if chosen == "flash_attn":
         reason = flash_limitation(q, layout)
         if reason is not None:
             raise ValueError(f"backend='flash_attn' cannot serve this call: {reason}")
-        return _flash_attention(q, k, v, layout, scale)
+        return _flash_attention(q, k, v, layout, scale, deterministic)
     if chosen == "triton" and q.device.type == "cuda" and q.dtype not in GPU_KERNEL_DTYPES:
         if backend == "triton":  # fp32 tiles do not fit shared memory at the tuned sizes
             raise ValueError(f"q: the Triton attention kernel takes float16/bfloat16 on CUDA, got "
                              f"{q.dtype}; use backend='reference' or autocast")
         chosen = "reference"
     if chosen == "triton":
-        cfg = _measured_choice(q, k, v, layout, scale, with_flash=backend == "auto")
+        cfg = _measured_choice(q, k, v, layout, scale, with_flash=backend == "auto", deterministic=deterministic)
         if cfg == "flash_attn":
-            return _flash_attention(q, k, v, layout, scale)
-        return _triton_attention(q, k, v, layout, scale, cfg)
+            return _flash_attention(q, k, v, layout, scale, deterministic)
+        return _triton_attention(q, k, v, layout, scale, cfg, deterministic)
     if chosen == "sdpa_cpu":
         return attention_cpu.sdpa_cpu_attention(q, k, v, layout, scale)
     return attention_reference(q, k, v, layout, scale=scale)
@@ -186,7 +191,7 @@ def flash_limitation(q, layout: AttentionLayout) -> str | None:
     return None
 
 
-def _flash_attention(q, k, v, layout: AttentionLayout, scale: float) -> torch.Tensor:
+def _flash_attention(q, k, v, layout: AttentionLayout, scale: float, deterministic: bool) -> torch.Tensor:
     """Every segment of every row as one packed causal sequence; padding rows output 0.
     Returns [B, H, N, D] with the strides of [B, N, H, D] (a transposed view, as SDPA's)."""
     cu, index, max_len = layout.varlen_segments()
@@ -198,56 +203,64 @@ def _flash_attention(q, k, v, layout: AttentionLayout, scale: float) -> torch.Te
 
     # its backward accumulates dQ with atomics unless asked not to
     out = _flash_varlen()(pack(q), pack(k), pack(v), cu, cu, max_len, max_len, softmax_scale=scale,
-                          causal=True, deterministic=torch.are_deterministic_algorithms_enabled())
+                          causal=True, deterministic=deterministic)
     if index is not None:
         out = out.new_zeros(b * n, h, d).index_copy(0, index, out)
     return out.view(b, n, h, d).transpose(1, 2)
 
 
-def _measured_choice(q, k, v, layout: AttentionLayout, scale: float, with_flash: bool):
-    """The tile config (or "flash_attn") for this call: on CUDA, each candidate is
+def _measured_choice(q, k, v, layout: AttentionLayout, scale: float, with_flash: bool, deterministic: bool):
+    """The (forward, backward) tile configs (or "flash_attn") for this call: on CUDA, each candidate is
     timed on the first call of a shape key (forward + backward when training) and
     the fastest serves that key from then on; elsewhere, and while torch.compile
     traces or a CUDA graph captures, the table's config."""
-    first = _kernels.pick_config(q.device, q.shape[-1])
+    first = (_kernels.pick_config(q.device, q.shape[-1]), _kernels.pick_config(q.device, q.shape[-1], backward=True))
     if not dispatch.can_measure(q.device):
         return first
     flash = with_flash and _flash_available(q.device) is True and flash_limitation(q, layout) is None
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    key = choice_key(q, k, layout, flash, training)
+    key = choice_key(q, k, layout, flash, training, deterministic)
     if key in dispatch.FASTEST:
         return dispatch.FASTEST[key]
     candidates = list(_kernels.candidate_configs(torch.cuda.get_device_capability(q.device), q.shape[-1]))
     if flash:
         candidates.append("flash_attn")
-    runners = {c: _trial(c, q, k, v, layout, scale, training) for c in candidates}
+    runners = {c: _trial(c, q, k, v, layout, scale, training, deterministic) for c in candidates}
     return dispatch.fastest_backend(key, runners, q.device)
 
 
-def choice_key(q, k, layout: AttentionLayout, flash: bool, training: bool) -> tuple:
+def choice_key(q, k, layout: AttentionLayout, flash: bool, training: bool, deterministic: bool = False) -> tuple:
     """What decides the fastest candidate: shapes (N to the next power of two), dtype,
-    the mask kind, whether flash-attn is in the running, and whether backward is timed."""
+    the mask kind, whether flash-attn is in the running, whether backward is timed, and
+    in which mode (deterministic or not)."""
     b, hq, n, d = q.shape
     return ("multimodal_attention", q.device, q.dtype, b, hq, k.shape[1], d, dispatch.shape_bucket(n),
-            layout.kind, layout.split_softmax, flash, training)
+            layout.kind, layout.split_softmax, flash, training, deterministic)
 
 
-def _trial(choice, q, k, v, layout: AttentionLayout, scale: float, training: bool):
+def _trial(choice, q, k, v, layout: AttentionLayout, scale: float, training: bool, deterministic: bool):
     """One call (and backward) on detached views of the inputs: the caller's graph is untouched."""
     def call(q, k, v):
-        return (_flash_attention(q, k, v, layout, scale) if choice == "flash_attn"
-                else _triton_attention(q, k, v, layout, scale, choice))
+        return (_flash_attention(q, k, v, layout, scale, deterministic) if choice == "flash_attn"
+                else _triton_attention(q, k, v, layout, scale, choice, deterministic))
     return dispatch.trial(call, (q, k, v), training)
 
 
-def _triton_attention(q, k, v, layout: AttentionLayout, scale: float, cfg) -> torch.Tensor:
-    bm = layout.block_map(cfg.block_m, cfg.block_n)  # the map must match the kernel's tiles
+def _triton_attention(q, k, v, layout: AttentionLayout, scale: float, cfgs, deterministic: bool) -> torch.Tensor:
+    """cfgs: (forward, backward) tile configs. The forward (and the deterministic dQ kernel)
+    walk the kv lists of the forward's block map, dK/dV the q lists of the backward's."""
+    fwd, bwd = cfgs
+    fwd_map, bwd_map = layout.block_map(fwd.block_m, fwd.block_n), layout.block_map(bwd.block_m, bwd.block_n)
     # strides the kernels take, fixed here so the fake impls' empty_like match the real outputs
     q, k, v = _kernels.kernel_inputs(q, k, v)
     out, _, _ = torch.ops.fastvlm.mm_attention_fwd(
-        q, k, v, layout.lo, layout.hi, layout.is_image, *bm.tensors, layout.kind_code,
-        layout.split_softmax, scale, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+        q, k, v, layout.lo, layout.hi, layout.is_image, *fwd_map.tensors[:4], *bwd_map.tensors[4:],
+        layout.kind_code, layout.split_softmax, scale, *_config_ints(fwd), *_config_ints(bwd), deterministic)
     return out
+
+
+def _config_ints(cfg) -> tuple[int, int, int, int]:
+    return cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages
 
 
 def attention_reference(q, k, v, layout: AttentionLayout, *, scale: float | None = None,
@@ -418,9 +431,11 @@ if _kernels is not None:
                           kv_idx: torch.Tensor, full_kv_num: torch.Tensor, full_kv_idx: torch.Tensor,
                           q_num: torch.Tensor, q_idx: torch.Tensor, full_q_num: torch.Tensor,
                           full_q_idx: torch.Tensor, kind: int, split: bool, scale: float,
-                          block_m: int, block_n: int, num_warps: int, num_stages: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(out, branch outputs [2 or 0, B, H, N, D], lse [branches, B, H, N] in log2 units)."""
+                          block_m: int, block_n: int, num_warps: int, num_stages: int,
+                          bwd_block_m: int, bwd_block_n: int, bwd_num_warps: int, bwd_num_stages: int,
+                          deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(out, branch outputs [2 or 0, B, H, N, D], lse [branches, B, H, N] in log2 units).
+        The kv lists are the forward's block map, the q lists the backward's (bwd_* tiles)."""
         cfg = _kernels.TileConfig(block_m, block_n, num_warps, num_stages)
         return _kernels.attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num,
                                           full_kv_idx, kind=kind, split=split, scale=scale, cfg=cfg)
@@ -439,12 +454,15 @@ if _kernels is not None:
                           kv_idx: torch.Tensor, full_kv_num: torch.Tensor, full_kv_idx: torch.Tensor,
                           q_num: torch.Tensor, q_idx: torch.Tensor, full_q_num: torch.Tensor,
                           full_q_idx: torch.Tensor, kind: int, split: bool, scale: float,
-                          block_m: int, block_n: int, num_warps: int, num_stages: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          block_m: int, block_n: int, num_warps: int, num_stages: int,
+                          bwd_block_m: int, bwd_block_n: int, bwd_num_warps: int, bwd_num_stages: int,
+                          deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = _kernels.TileConfig(block_m, block_n, num_warps, num_stages)
+        dkdv_cfg = _kernels.TileConfig(bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages)
         return _kernels.attention_backward(
             dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx,
-            q_num, q_idx, full_q_num, full_q_idx, kind=kind, split=split, scale=scale, cfg=cfg)
+            q_num, q_idx, full_q_num, full_q_idx, kind=kind, split=split, scale=scale, cfg=cfg,
+            dkdv_cfg=dkdv_cfg, deterministic=deterministic)
 
     @_mm_attention_bwd.register_fake
     def _(dout, q, k, v, *rest):
@@ -458,6 +476,6 @@ if _kernels is not None:
 
     def _fwd_backward(ctx, dout, _dobr, _dlse):
         dq, dk, dv = torch.ops.fastvlm.mm_attention_bwd(dout, *ctx.saved_tensors, *ctx.params)
-        return (dq, dk, dv) + (None,) * 18
+        return (dq, dk, dv) + (None,) * (len(ctx.params) + 11)
 
     _mm_attention_fwd.register_autograd(_fwd_backward, setup_context=_setup_fwd_context)

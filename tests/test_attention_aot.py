@@ -1,0 +1,102 @@
+"""The attention kernels' compiled code, without a GPU (`-m aot`: needs Triton's CUDA
+backend and its ptxas, no device).
+
+benchmarks/attention_resources.py --matrix compiles every tile-table entry the way a real
+launch specialises it (the launchers' own arguments on meta tensors of a GQA 4:1, N=8192
+call, through Triton's binder), for sm80 and sm90 (and the fallback table at sm89),
+head_dim 64 / 128 / 256, plain causal and mmca split, every kernel of both backward modes.
+From its rows: no tensor-core work is done twice (redundancy 1.0: the wgmma / mma m*n*k
+of one loop iteration, over the warps that issue it, equals the tile's products), shared
+memory is within the part's opt-in limit, and spills stay within the bounds below.
+
+One compile of the whole matrix per session (a module fixture), 2 processes; on a cold
+Triton cache 108 kernels took 181 s wall on the shared 2-core machine (95 s CPU), a warm
+cache answers in seconds (~/.triton/cache, keyed by kernel source and options).
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.aot
+
+SHARED_LIMITS = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+FWD_KERNELS = ("_attn_fwd", "_attn_bwd_dq")
+DKDV_KERNELS = ("_attn_bwd_dkdv", "_attn_bwd_dkdv+dq")
+
+
+def spill_bound(row: dict) -> int:
+    """ptxas spill bytes (stores and loads, each) a table entry may have. Forward: none on
+    sm80/sm90 but at head_dim 256 split on sm90 (two [64, 256] fp32 accumulators at 4 warps
+    fill the 255 registers, and 8 warps would split 64-row tiles with replication). dQ: none
+    on sm90 up to head_dim 128. dK/dV (dk and dv accumulators in registers, k and v held):
+    1 KiB up to head_dim 128, 4 KiB at 256. The fallback table (~100 KiB parts) 256 B."""
+    cap, d, kernel = row["cap"], row["head_dim"], row["kernel"]
+    if kernel in DKDV_KERNELS:
+        return 1024 if d <= 128 else 4096
+    if cap == 89:
+        return 256
+    if kernel == "_attn_fwd":
+        return 4096 if (cap, d, row["variant"]) == (90, 256, "mmca split") else 0
+    return 0 if cap == 90 and d <= 128 else 256
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_resources.py"), "--matrix",
+                           "--jobs", "2", "--json", "--fp16-bounds", "128"],
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    *table, last = proc.stdout.strip().splitlines() or [""]
+    print("\n".join(table))
+    print(f"matrix compiled in {time.monotonic() - t0:.0f} s")
+    assert last.startswith("["), proc.stderr[-3000:]
+    return json.loads(last)
+
+
+def test_matrix_covers_every_table_entry(matrix):
+    seen = {(r["cap"], r["head_dim"], r["dtype"], r["variant"], r["kernel"]) for r in matrix}
+    kernels = FWD_KERNELS + DKDV_KERNELS
+    want = {(cap, d, dt, var, k) for cap in (80, 89, 90) for d in (64, 128, 256) for dt in ("bf16", "fp16")
+            for var, ks in (("plain", kernels), ("mmca split", kernels), ("any", ("_bwd_delta",))) for k in ks
+            if dt == "bf16" or d == 128}
+    assert seen == want
+    failed = [r for r in matrix if "error" in r]
+    assert not failed, "\n".join(map(str, failed))
+
+
+def test_shared_memory_within_each_parts_limit(matrix):
+    over = [r for r in matrix if not 0 < r.get("shared", 0) <= SHARED_LIMITS[r["cap"]]]
+    assert not over, "\n".join(map(str, over))
+
+
+def test_no_tensor_core_work_is_redundant(matrix):
+    """Each innermost loop (partial and full tiles) issues exactly one tile's products, on the
+    tensor cores the part has: wgmma on sm90, mma.sync on sm80/89. One exception on sm90: the
+    fused backward's dQ = dS K product has the query block as its M, and below wgmma's 64
+    rows (the 32- and 16-row blocks that keep dK/dV's registers in bounds) Triton issues it
+    as mma.sync."""
+    rows = [r for r in matrix if r["kernel"] != "_bwd_delta"]
+    for r in rows:
+        assert len(r["loop_work"]) == 2 and r["redundancy"] == [1.0, 1.0], r
+        mma_on_sm90 = r["kernel"] == "_attn_bwd_dkdv+dq" and r["block"][0] < 64
+        assert r["wgmma"] == (r["cap"] == 90) and r["mma"] == (r["cap"] != 90 or mma_on_sm90), r
+
+
+def test_spills_within_stated_bounds(matrix):
+    over = [f"sm{r['cap']} D{r['head_dim']} {r['dtype']} {r['variant']} {r['kernel']}: "
+            f"{r['spill_st']}/{r['spill_ld']} B > {spill_bound(r)}"
+            for r in matrix if r["kernel"] != "_bwd_delta" and max(r["spill_st"], r["spill_ld"]) > spill_bound(r)]
+    assert not over, "\n".join(over)
+
+
+def test_launch_specialisation_reaches_the_compiler(matrix):
+    """What a launch at N=8192 specialises: D, N, TQ, TK, H divisible by 16 (GROUP=4 not),
+    so the head_dim mask folds away and loads vectorise."""
+    fwd = next(r for r in matrix if r["kernel"] == "_attn_fwd" and r["cap"] == 90 and r["head_dim"] == 128)
+    names = set(fwd["specialised"])
+    assert {"D", "N", "TQ", "TK", "H", "Q", "stride_qn"} <= names and "GROUP" not in names
