@@ -317,11 +317,8 @@ def write_dataset(root, n_train: int, n_val: int, seed: int = 0, image_size: int
     root = Path(root)
     params = {"n_train": n_train, "n_val": n_val, "n_captions": n_captions, "seed": seed, "image_size": image_size,
               "question_types": list(question_types), "multi_turn_fraction": multi_turn_fraction}
-    meta_path = root / "meta.json"
-    if meta_path.is_file() and not overwrite:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("params") == params:
-            return _splits(root, meta)
+    if not overwrite and (found := _written(root, params)) is not None:
+        return found
     folder = root / "images"
     folder.mkdir(parents=True, exist_ok=True)
     splits = {}
@@ -337,8 +334,25 @@ def write_dataset(root, n_train: int, n_val: int, seed: int = 0, image_size: int
     meta = {"params": params, "image_folder": "images", "question_types": list(question_types),
             "answers": {q: list(ANSWERS[q]) for q in question_types}, "chance_definition": CHANCE_DEFINITION,
             "splits": splits, "captions": {"file": "captions.json", "samples": n_captions}}
-    atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(root / "meta.json", json.dumps(meta, indent=1) + "\n")
     return _splits(root, meta)
+
+
+def written_dataset(root, n_train: int, n_val: int, seed: int = 0, image_size: int = 64) -> SyntheticSplits | None:
+    """The complete dataset under ``root`` if ``write_dataset`` wrote it with these arguments
+    (and its defaults), else None; writes nothing."""
+    params = {"n_train": n_train, "n_val": n_val, "n_captions": n_train, "seed": seed, "image_size": image_size,
+              "question_types": list(QUESTION_TYPES), "multi_turn_fraction": 0.25}
+    return _written(Path(root), params)
+
+
+def _written(root: Path, params: dict) -> SyntheticSplits | None:
+    meta_path = root / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("params") == params:
+            return _splits(root, meta)
+    return None
 
 
 def _splits(root: Path, meta: dict) -> SyntheticSplits:

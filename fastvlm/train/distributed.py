@@ -84,6 +84,14 @@ class Distributed:
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
         return t.tolist()
 
+    def all_gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
+
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank."""
         if not self.active:

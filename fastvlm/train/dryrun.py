@@ -131,8 +131,8 @@ def dry_run(recipe: Recipe, out: Path | None = None, world_size: int = 1) -> str
         with torch.device("meta"):
             prepare_stage(model, _unquantized(stage), recipe, torch.device("meta"))
         if data is not None:  # the steps the run takes: its own batches, planned from the same data
-            steps = StageBatches(stage, recipe, data, model, seed=recipe.run.seed + i).total_steps()
             source = stage_samples(stage, data)[0]
+            steps = stage.max_steps or StageBatches(stage, recipe, data, model, seed=recipe.run.seed + i).total_steps()
         else:
             steps, source = stage.max_steps, []
         tokens, images = micro_batch_size(stage, source, model.image_tokens)

@@ -67,18 +67,20 @@ class RunData:
 
 
 def prepare_data(recipe: Recipe, run_dir: Path, write: bool = True, scratch: Path | None = None) -> RunData:
-    """The run's samples and tokenizer. ``write=False`` (``--dry-run``) leaves `run_dir`
-    untouched: synthetic data not generated there yet goes to `scratch`, the tokenizer is
-    trained in memory."""
+    """The run's samples and tokenizer. ``write=False`` (``--dry-run``, ranks other than 0,
+    ``fastvlm eval``) leaves `run_dir` untouched: synthetic data is generated into `scratch`,
+    a tokenizer not saved there is trained in memory."""
     d = recipe.data
     if d.kind == "synthetic_vqa":
         s = d.synthetic
-        root = Path(run_dir) / "data"
-        if not write and not (root / "meta.json").is_file():
-            if scratch is None:
-                raise ValueError("scratch: prepare_data(write=False) needs a folder for the synthetic data")
-            root = Path(scratch) / "data"
-        splits = synthetic_vqa.write_dataset(root, s.n_train, s.n_val, seed=s.seed, image_size=s.image_size)
+        args = (s.n_train, s.n_val, s.seed, s.image_size)
+        splits = synthetic_vqa.written_dataset(Path(run_dir) / "data", *args)
+        if splits is None:  # not written yet, or with other settings: write it (never into run_dir unless `write`)
+            if not write and scratch is None:
+                raise ValueError(f"scratch: {run_dir}/data holds no dataset of these settings and "
+                                 "prepare_data(write=False) needs a folder to generate one into")
+            splits = synthetic_vqa.write_dataset((Path(run_dir) if write else Path(scratch)) / "data", s.n_train,
+                                                 s.n_val, seed=s.seed, image_size=s.image_size)
         files = {"data.train": splits.train, "data.val": splits.val, "data.captions": splits.captions}
         meta = splits.meta
         chance = {t: v["chance"] for t, v in meta["splits"]["val"]["types"].items()}
@@ -129,7 +131,10 @@ def drop_missing_images(samples: list, image_root, key: str, path, max_fraction:
     exists: dict[str, bool] = {}
     kept, missing = [], BadImageCounter()
     for sample in samples:
-        gone = [p for p in sample.images if not exists.setdefault(p, (root / p).is_file())]
+        for p in sample.images:
+            if p not in exists:
+                exists[p] = (root / p).is_file()
+        gone = [p for p in sample.images if not exists[p]]
         if gone:
             missing.add("missing", root / gone[0])
         else:
@@ -149,9 +154,10 @@ def check_skipped(counter: BadImageCounter, total: int, max_fraction: float, whe
 
 
 def run_tokenizer(recipe: Recipe, run_dir: Path, samples: list, files: dict | None = None, write: bool = True):
-    """RUN/tokenizer if saved from the same source; else the model's tokenizer, or a BPE
-    trained on `samples`' text. Saved with what it came from, so a corrected recipe (another
-    model, vocabulary or data) never reuses a stale one."""
+    """RUN/tokenizer if the run has started (its model uses it, whatever the data files say
+    now) or if saved from the same source; else the model's tokenizer, or a BPE trained on
+    `samples`' text. Saved with what it came from, so a corrected recipe after a failed start
+    (another model, vocabulary or data) never reuses a stale one."""
     saved = Path(run_dir) / "tokenizer"
     m = recipe.model
     if m.source == "tiny":
@@ -163,7 +169,9 @@ def run_tokenizer(recipe: Recipe, run_dir: Path, samples: list, files: dict | No
         origin = {"source": str(Path(source).resolve())}
     origin["image_token"] = m.image_token
     origin_file = saved / "fastvlm_origin.json"
-    if (saved / "tokenizer.json").is_file() and origin_file.is_file() and json.loads(origin_file.read_text()) == origin:
+    started = (Path(run_dir) / "recipe.json").is_file()  # its model was built on the saved tokenizer
+    if (saved / "tokenizer.json").is_file() and (started or origin_file.is_file()
+                                                  and json.loads(origin_file.read_text()) == origin):
         return load_tokenizer(saved, image_token=m.image_token)
     if m.source == "tiny":
         texts = [t["value"].replace(IMAGE_TAG, "") for s in samples for t in s.conversations]
@@ -237,27 +245,33 @@ class StageBatches:
                                   preprocessor_for(model), max_length=min(budget, recipe.data.max_length or budget),
                                   train_on_prompt=stage.type == "lm" or stage.train_on_prompt)
         self.max_skipped_fraction = recipe.data.max_skipped_fraction
+        # The job's record of unusable samples, the same on every rank: each sample once,
+        # whichever rank met it (a rank's new ones are gathered at the end of each step).
         self.skipped = BadImageCounter()
         self._skipped_ids: set[int] = set()
+        self._new_skips: list[tuple[int, str, str]] = []  # this rank's, since the last step
         self.packed = stage.packing and stage.type != "contrastive"
-        lengths = self.lengths()
-        self.check_skipped(self.skipped.total)
+        lengths = self.lengths()  # every rank computes them all: its skips need no gathering
+        self._record_skips([self._new_skips])
         self.sampler = PackedBatchSampler(lengths, budget, seed, shuffle=True,
                                           batch_size=None if self.packed else stage.batch_size)
         self.rows_per_batch = stage.batch_size if self.packed else 1
         self.grad_accum = stage.grad_accum
         self.pad_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else 0
         self.image_root = data.image_root
-        self.rank, self.world = 0, 1
+        self.rank, self.world, self._gather = 0, 1, _alone
         self._filler = None
 
-    def shard(self, rank: int, world: int) -> None:
+    def shard(self, rank: int, world: int, gather=None) -> None:
         """Serve rank `rank` of `world`: the global stream of steps stays the same (so is the
         sampler's position, hence any world size resumes it); a step's j-th micro-batch goes
         to rank j mod `world` (grad_accum is a multiple of it). Every rank gets the same number
         of micro-batches per step (collectives pair up): a short step tops ranks up with a
-        copy of a usable sample whose counts are zero, so its loss has weight 0."""
+        copy of a usable sample whose counts are zero, so its loss has weight 0. `gather`
+        (an object -> every rank's objects, e.g. Distributed.all_gather) shares each step's
+        skipped samples, so every rank keeps the job's record and stops alike."""
         self.rank, self.world = rank, world
+        self._gather = gather or _alone
 
     def lengths(self) -> list[int]:
         """Exact token counts (the tokenizer is fast; exact lengths pack without overflow).
@@ -276,9 +290,17 @@ class StageBatches:
         return math.ceil(len(self.sampler) / (self.rows_per_batch * self.grad_accum))
 
     def total_steps(self) -> int:
-        """The stage's optimizer steps: max_steps, else its epochs over the data (the last
-        step of an epoch may be short; a fractional epoch ends at a whole step)."""
-        return self.stage.max_steps or max(1, math.ceil(self.stage.epochs * self.steps_per_epoch()))
+        """The stage's optimizer steps: max_steps, else its epochs over the data, each epoch's
+        own plan counted (packed in windows, epochs may differ by a row); the last step of an
+        epoch may be short, a fractional epoch ends at a whole step."""
+        if self.stage.max_steps:
+            return self.stage.max_steps
+        per_step = self.rows_per_batch * self.grad_accum
+        whole, part = divmod(self.stage.epochs, 1)
+        steps = sum(math.ceil(len(self.sampler.plan(e)) / per_step) for e in range(int(whole)))
+        if part:
+            steps += math.ceil(part * math.ceil(len(self.sampler.plan(int(whole))) / per_step))
+        return max(1, steps)
 
     def state_dict(self) -> dict:
         """The sampler's position, and the samples skipped so far (a resumed stage counts on)."""
@@ -316,6 +338,7 @@ class StageBatches:
         mine = [b for b in mine if b is not None]
         if self.world > 1:  # equal counts on every rank (see shard)
             mine += [self.filler()] * (math.ceil(len(micro) / self.world) - len(mine))
+        self._record_skips(self._gather(self._new_skips))
         return mine
 
     def filler(self) -> dict:
@@ -330,25 +353,22 @@ class StageBatches:
         return self._filler
 
     def _note_skip(self, index: int) -> None:
-        """Count a sample that could not be used, once per stage (``check_skipped`` bounds them)."""
-        new = self.dataset.skipped.take_new()  # the dataset's own record of why (reason, file)
-        if index in self._skipped_ids:
-            return
-        self._skipped_ids.add(index)
-        if new.total:
-            self.skipped.merge(new)
-        else:
-            self.skipped.add("unusable", self.samples[index].id)
+        """Note a sample that could not be used, with the dataset's own record of why."""
+        new = self.dataset.skipped.take_new()
+        reason = next(iter(new.counts), "unusable")
+        where = (new.examples.get(reason) or [self.samples[index].id])[0]
+        self._new_skips.append((index, reason, str(where)))
 
-    def check_skipped(self, total: int) -> None:
-        """TooManySkipped once `total` samples (this rank's count, or the job's sum, so that
-        every rank decides alike) exceed the stage's bound."""
-        counter = self.skipped
-        if total != counter.total:  # the job's sum: this rank's examples, everyone's count
-            counter = BadImageCounter()
-            counter.merge(self.skipped)
-            counter.counts["(all ranks)"] = total - self.skipped.total
-        check_skipped(counter, len(self.samples), self.max_skipped_fraction, f"stages.{self.stage.name}")
+    def _record_skips(self, per_rank: list) -> None:
+        """Add every rank's newly noted samples to the job's record (each sample once), then
+        stop (TooManySkipped, on every rank alike) past the stage's bound."""
+        for noted in per_rank:
+            for index, reason, where in noted:
+                if index not in self._skipped_ids:
+                    self._skipped_ids.add(index)
+                    self.skipped.add(reason, where)
+        self._new_skips = []
+        check_skipped(self.skipped, len(self.samples), self.max_skipped_fraction, f"stages.{self.stage.name}")
 
     def _item(self, index: int) -> dict | None:
         item = self.dataset[index]
@@ -393,6 +413,11 @@ class StageBatches:
                 "image_files": [self.image_root / s.images[0] for s, _ in pairs], "ids": [s.id for s, _ in pairs],
                 "num_samples": len(pairs),
                 "real_tokens": int(mask.sum()), "supervised_tokens": len(pairs)}
+
+
+def _alone(obj) -> list:
+    """One process's gather: its own object."""
+    return [obj]
 
 
 def usable_for_evaluation(samples: list, image_root) -> tuple[list, BadImageCounter]:

@@ -227,8 +227,8 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
     if dist.is_main:
         data = prepare_data(recipe, run_dir)  # generates the data, trains the tokenizer on first use
     dist.barrier()
-    if not dist.is_main:
-        data = prepare_data(recipe, run_dir)
+    if not dist.is_main:  # reads what rank 0 wrote; writes nothing (another node may see other mtimes)
+        data = prepare_data(recipe, run_dir, write=False)
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe, data.tokenizer, recipe.run.seed).to(device)
     if dist.is_main:  # the run has started: from here on the directory is this recipe's
@@ -262,7 +262,7 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
             settings = prepare_stage(model, stage, recipe, device)
             mp = settings["precision"]
             batches = StageBatches(stage, recipe, data, model, seed=recipe.run.seed + index)
-            batches.shard(dist.rank, dist.world)
+            batches.shard(dist.rank, dist.world, dist.all_gather)
             total = batches.total_steps()
             frozen_tower = stage.type in ("align", "instruct") and model.vision_tower.frozen
             cache = _feature_cache(model, run_dir, dist) if frozen_tower and stage.feature_cache else None
@@ -301,8 +301,6 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                 finite = loss_value is not None
                 lr = optimizer.param_groups[0]["lr"]
                 lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}  # this step's, not the next
-                skipped_samples = dist.all_reduce([batches.skipped.total])[0]
-                batches.check_skipped(skipped_samples)
                 with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
                     warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
                     scheduler.step()
@@ -320,7 +318,7 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
                         "grad_norm": grad_norm, "skipped": skipped, "loss_scale": mp.loss_scale,
                         "tokens_per_s": real / dt, "samples_per_s": samples / dt,
                         "peak_mem_mb": dist.all_reduce([_peak_mem_mb(device)], "max")[0],
-                        "skipped_samples": int(skipped_samples), **lrs}
+                        "skipped_samples": batches.skipped.total, **lrs}
                 if step % recipe.run.log_every == 0 or step == total:
                     log.write(last)
                 bar.set_postfix_str(_postfix(last))
@@ -336,7 +334,8 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
             summary = {"stage": stage.name, "type": stage.type, "steps": total, "skipped": skipped,
                        "loss": last.get("loss"), "seconds": time.perf_counter() - stage_t0,
                        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                       "samples": _sample_report(batches, dist)}
+                       "samples": {"stage_samples": len(batches.samples), "skipped": batches.skipped.as_dict(),
+                                   "filtered": batches.filtered.as_dict()}}
             log.write({"event": "samples", "stage": stage.name, "stage_index": index, "step": step,
                        "global_step": global_step, **summary["samples"]})
             summary["eval"] = _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log, mp,
@@ -537,14 +536,6 @@ def _progress(stage: Stage, index: int, total: int, step: int, enabled: bool):
 
     return tqdm(total=total, initial=step, desc=f"[{index + 1}] {stage.name} ({stage.type})", disable=not enabled,
                 file=sys.stderr, dynamic_ncols=True, leave=False)
-
-
-def _sample_report(batches, dist) -> dict:
-    """What the stage could not use (the job's count; rank 0's file names) and what its type
-    filtered out."""
-    skipped = batches.skipped.as_dict()
-    skipped["total"] = int(dist.all_reduce([batches.skipped.total])[0])
-    return {"stage_samples": len(batches.samples), "skipped": skipped, "filtered": batches.filtered.as_dict()}
 
 
 def _postfix(m: dict) -> str:
