@@ -176,6 +176,7 @@ def test_missing_images_are_found_before_training(own, tmp_path):
     recipe = parse_recipe(own_raw(root, files, max_skipped_fraction=0.1))
     _, lines = quiet_train(recipe, tmp_path / "run")
     assert any(line.startswith("data.train: 1 samples skipped before training") and name in line for line in lines)
+    assert sum("skipped before training" in line for line in lines) == 1  # not again for the captions (the same)
 
 
 def test_every_image_missing_says_so(own, tmp_path):

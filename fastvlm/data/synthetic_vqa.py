@@ -315,8 +315,7 @@ def write_dataset(root, n_train: int, n_val: int, seed: int = 0, image_size: int
     if not 0.0 <= multi_turn_fraction <= 1.0:
         raise ValueError(f"multi_turn_fraction: expected a value in [0, 1], got {multi_turn_fraction}")
     root = Path(root)
-    params = {"n_train": n_train, "n_val": n_val, "n_captions": n_captions, "seed": seed, "image_size": image_size,
-              "question_types": list(question_types), "multi_turn_fraction": multi_turn_fraction}
+    params = _params(n_train, n_val, seed, image_size, n_captions, question_types, multi_turn_fraction)
     if not overwrite and (found := _written(root, params)) is not None:
         return found
     folder = root / "images"
@@ -341,9 +340,15 @@ def write_dataset(root, n_train: int, n_val: int, seed: int = 0, image_size: int
 def written_dataset(root, n_train: int, n_val: int, seed: int = 0, image_size: int = 64) -> SyntheticSplits | None:
     """The complete dataset under ``root`` if ``write_dataset`` wrote it with these arguments
     (and its defaults), else None; writes nothing."""
-    params = {"n_train": n_train, "n_val": n_val, "n_captions": n_train, "seed": seed, "image_size": image_size,
-              "question_types": list(QUESTION_TYPES), "multi_turn_fraction": 0.25}
-    return _written(Path(root), params)
+    return _written(Path(root), _params(n_train, n_val, seed, image_size))
+
+
+def _params(n_train, n_val, seed, image_size, n_captions=None, question_types=QUESTION_TYPES,
+            multi_turn_fraction=0.25) -> dict:
+    """What meta.json records a dataset was written with (write_dataset's arguments and defaults)."""
+    return {"n_train": n_train, "n_val": n_val, "n_captions": n_train if n_captions is None else n_captions,
+            "seed": seed, "image_size": image_size, "question_types": list(question_types),
+            "multi_turn_fraction": multi_turn_fraction}
 
 
 def _written(root: Path, params: dict) -> SyntheticSplits | None:

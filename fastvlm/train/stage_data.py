@@ -67,14 +67,13 @@ class RunData:
 
 
 def prepare_data(recipe: Recipe, run_dir: Path, write: bool = True, scratch: Path | None = None) -> RunData:
-    """The run's samples and tokenizer. ``write=False`` (``--dry-run``, ranks other than 0,
-    ``fastvlm eval``) leaves `run_dir` untouched: synthetic data is generated into `scratch`,
+    """The run's samples and tokenizer. ``write=False`` (``--dry-run``, ranks other than 0)
+    leaves `run_dir` untouched: synthetic data it does not hold is generated into `scratch`,
     a tokenizer not saved there is trained in memory."""
     d = recipe.data
     if d.kind == "synthetic_vqa":
         s = d.synthetic
-        args = (s.n_train, s.n_val, s.seed, s.image_size)
-        splits = synthetic_vqa.written_dataset(Path(run_dir) / "data", *args)
+        splits = synthetic_vqa.written_dataset(Path(run_dir) / "data", s.n_train, s.n_val, s.seed, s.image_size)
         if splits is None:  # not written yet, or with other settings: write it (never into run_dir unless `write`)
             if not write and scratch is None:
                 raise ValueError(f"scratch: {run_dir}/data holds no dataset of these settings and "

@@ -234,7 +234,7 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
     if dist.is_main:  # the run has started: from here on the directory is this recipe's
         prepare_run_dir(recipe, run_dir, resume)
         for split, dropped in data.dropped.items():
-            if dropped.total:
+            if dropped.total and not (split == "data.captions" and dropped is data.dropped["data.train"]):
                 echo(f"{split}: {dropped.total} samples skipped before training: {dropped.report()}")
     log = MetricsLog(run_dir) if dist.is_main else _NoLog()
     echo = echo if dist.is_main else _silent
