@@ -8,6 +8,12 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
+
+from fastvlm.train import evaluation
+from fastvlm.train.checkpoint import NAME
+from fastvlm.train.export import ADAPTER_CONFIG, DTYPES, FORMATS, export, load_for_inference
+from fastvlm.utils.io import read_json
 
 OPTIONAL_PACKAGES = ("torch", "triton", "bitsandbytes", "flash-attn", "xformers", "transformers", "peft",
                      "safetensors", "numpy")
@@ -242,11 +248,58 @@ def _add_bench_args(parser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds per benchmark")
 
 
-def _delegate(module: str, function: str):
-    """T2's eval / export commands live in their modules; import them only when called."""
-    import importlib
+def _add_eval_args(parser) -> None:
+    parser.add_argument("target", help="run directory (its final model or newest checkpoint) or a checkpoint")
+    parser.add_argument("--split", default="validation", choices=("validation", "train"))
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="answer length limit (default: the recipe's run.eval_max_new_tokens)")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    parser.add_argument("--no-loss", action="store_true", help="skip the validation loss")
 
-    return getattr(importlib.import_module(module), function)
+
+def cli_eval(args) -> int:
+    """`fastvlm eval`: VQA accuracy per question type of a run or checkpoint, written to RUN/eval/."""
+    target = Path(args.target)
+    if not target.exists():
+        raise ValueError(f"target: {target} does not exist (expected a run directory or one of its checkpoints)")
+    model, tokenizer, recipe = load_for_inference(target)
+    run_dir = target.parent.parent if NAME.match(target.name) else target
+    max_new = args.max_new_tokens or recipe.run.eval_max_new_tokens
+    result = evaluation.evaluate(model, tokenizer, max_new_tokens=max_new, batch_size=args.batch_size,
+                                 loss=not args.no_loss,
+                                 **evaluation.eval_inputs(recipe, run_dir, model, split=args.split))
+    name = f"eval-{args.split}-{target.name if NAME.match(target.name) else 'latest'}"
+    json_path, md_path = evaluation.write_results(result, run_dir, name)
+    print(evaluation.format_table(result))
+    print(f"results: {json_path} and {md_path}")
+    return 0
+
+
+def _add_export_args(parser) -> None:
+    parser.add_argument("run", help="run directory, checkpoint directory, or a model directory (e.g. RUN/final)")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--format", dest="format", choices=FORMATS, default="hf-llava",
+                        help="hf-llava (LlavaForConditionalGeneration dir), peft (PEFT adapter for it), "
+                             "fastvlm (native)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="weight dtype of the export (default: the LLM's)")
+    parser.add_argument("--allow-causal", action="store_true",
+                        help="hf-llava: export a model trained with a non-causal attention layout anyway "
+                             "(HF runs causal attention; logits differ)")
+
+
+def cli_export(args) -> int:
+    """`fastvlm export`: a run as a Hugging Face LLaVA, PEFT or fastvlm directory."""
+    try:
+        out = export(args.run, args.out, args.format, allow_causal=args.allow_causal,
+                     dtype=DTYPES[args.dtype] if args.dtype else None)
+    except ValueError as err:  # a bad path or an unexportable model: the message names it
+        print(f"fastvlm export: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run} as {args.format} to {out}")
+    if args.format == "peft":
+        print(f"base model: {read_json(out / ADAPTER_CONFIG)['base_model_name_or_path']}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -269,11 +322,8 @@ def main(argv=None) -> int:
     evaluation = sub.add_parser("eval", help="VQA accuracy per question type of a run or checkpoint")
     export = sub.add_parser("export", help="export a run as a Hugging Face LLaVA, PEFT or fastvlm directory")
     _add_bench_args(sub.add_parser("bench", help="run the benchmark suite (source checkout: benchmarks/run_all.py)"))
-    for module, add, parser_ in (("evaluation", "add_eval_args", evaluation), ("export", "add_export_args", export)):
-        try:
-            _delegate(f"fastvlm.train.{module}", add)(parser_)
-        except ModuleNotFoundError as err:  # a partial install: say so when the command is used
-            parser_.set_defaults(missing=str(err))
+    _add_eval_args(evaluation)
+    _add_export_args(export)
     args = parser.parse_args(argv)
     if args.command == "info":
         env = environment()
@@ -298,16 +348,14 @@ def main(argv=None) -> int:
             return 2
     elif args.command == "bench":
         return cli_bench(args)
-    elif getattr(args, "missing", None):
-        raise SystemExit(f"fastvlm {args.command}: unavailable ({args.missing})")
     elif args.command == "eval":
         try:
-            return _delegate("fastvlm.train.evaluation", "cli_eval")(args) or 0
+            return cli_eval(args)
         except ValueError as err:  # a bad path or run directory: the message names it
             print(f"fastvlm eval: {err}", file=sys.stderr)
             return 2
     else:
-        return _delegate("fastvlm.train.export", "cli_export")(args) or 0
+        return cli_export(args)
     return 0
 
 

@@ -23,6 +23,7 @@ from fastvlm.train import checkpoint as ckpt
 from fastvlm.train.build import build_model
 from fastvlm.train.distributed import Distributed
 from fastvlm.train.dryrun import dry_run, per_process
+from fastvlm.train.export import load_for_inference
 from fastvlm.train.quant import merge_quantized
 from fastvlm.train.recipe import load_recipe, parse_recipe, to_toml
 from fastvlm.train.stage_data import RunData, StageBatches, prepare_data, stage_samples
@@ -177,7 +178,7 @@ def test_qlora_on_two_ranks_killed_then_resumed_on_one(mode, qlora, tmp_path):
     assert_close(losses(out), qlora["losses"], qlora["bound"])
     # The last (DCP) checkpoint loads in one process with the base and adapters the stage ended
     # with: folded, they are final/'s weights exactly.
-    model, _, _ = ckpt.load_for_inference(ckpt.complete_checkpoints(out / "checkpoints")[-1])
+    model, _, _ = load_for_inference(ckpt.complete_checkpoints(out / "checkpoints")[-1])
     final = VLM.from_pretrained(out / "final").state_dict()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert layers and all(m.quantized for m in layers.values())

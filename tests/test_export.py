@@ -174,7 +174,7 @@ def test_tokenizer_and_processor_load_in_transformers(tmp_path, seed):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     text = "how many circles"
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)[0]
-    processor = transformers.AutoProcessor.from_pretrained(tmp_path)
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path, backend="pil")  # the pixels training saw (torchvision resamples differently)
     assert type(processor).__name__ == "LlavaProcessor"
     image = Image.fromarray((np.random.default_rng(seed).random((40, 52, 3)) * 255).astype(np.uint8))
     inputs = processor(text=f"{tok.image_token} how many circles", images=[image], return_tensors="pt")
@@ -353,7 +353,7 @@ def trained_run(tmp_path_factory):
 
 def test_cli_exports_a_training_run(trained_run, tmp_path, seed):
     from fastvlm.cli import main
-    from fastvlm.train.checkpoint import load_for_inference
+    from fastvlm.train.export import load_for_inference
 
     model, tok, _ = load_for_inference(trained_run)
     assert main(["export", str(trained_run), str(tmp_path / "hf"), "--format", "hf-llava"]) == 0
@@ -395,7 +395,7 @@ def test_cli_peft_export_of_a_run_loads_onto_llava(trained_run, tmp_path, seed, 
 
     from fastvlm.cli import main
     from fastvlm.data import encode_prompt
-    from fastvlm.train.checkpoint import load_for_inference
+    from fastvlm.train.export import load_for_inference
     from tests.llava_models import peft_load
 
     model, tok, recipe = load_for_inference(_newest_checkpoint(trained_run))
@@ -448,7 +448,7 @@ def test_cli_peft_export_of_a_pretrained_run_names_its_hf_base(trained_run, tmp_
     stage that also trains the connector gives an adapter naming that directory as its base,
     the connector in modules_to_save, nothing written beside it, and the trained logits."""
     from fastvlm.cli import main
-    from fastvlm.train.checkpoint import load_for_inference
+    from fastvlm.train.export import load_for_inference
     from fastvlm.train.recipe import parse_recipe
     from fastvlm.train.trainer import train
     from tests.llava_models import peft_load

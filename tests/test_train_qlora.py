@@ -11,6 +11,7 @@ import torch
 from fastvlm.models.vlm import VLM
 from fastvlm.nn.lora import LoRALinear
 from fastvlm.train import checkpoint as ckpt
+from fastvlm.train.export import load_for_inference
 from fastvlm.train.quant import dequantized_weight, merge_quantized, to_nf4
 from fastvlm.train.recipe import parse_recipe
 from fastvlm.train.trainer import train
@@ -81,7 +82,7 @@ def test_mid_stage_checkpoint_loads_for_inference(finished, tmp_path):
     folding it gives the final model's weights exactly."""
     out, result = finished
     last = ckpt.complete_checkpoints(out / "checkpoints")[-1]
-    model, _, _ = ckpt.load_for_inference(last)
+    model, _, _ = load_for_inference(last)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert layers and all(m.quantized for m in layers.values())
     final = result["model"].state_dict()

@@ -29,7 +29,7 @@ from torch import nn
 
 from fastvlm.models import hf_vision
 from fastvlm.models.llava_names import PROJECTOR_NAMES, to_hf
-from fastvlm.nn.lora import LoRALinear
+from fastvlm.nn.lora import LoRALinear, dequantized_weight
 from fastvlm.ops.activations import HF_ACTIVATIONS
 
 VISION_MODEL_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "dinov2": "dinov2"}
@@ -72,8 +72,6 @@ def merged_state_dict(module: nn.Module, merge_lora: bool = True) -> dict[str, t
     """`module`'s state dict with every LoRALinear folded into a plain Linear's weight/bias
     (base + s·BA, in float32 then cast back to the base's dtype); the module is not changed.
     ``merge_lora=False``: the base weights alone (the model a PEFT adapter of them applies to)."""
-    from fastvlm.train.quant import dequantized_weight
-
     state = dict(module.state_dict())
     for name, layer in module.named_modules():
         if not isinstance(layer, LoRALinear):

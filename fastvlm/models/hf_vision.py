@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fastvlm.models.vision import VisionConfig, VisionEncoder
+from fastvlm.models.vision_config import VisionConfig
 from fastvlm.ops.activations import activation_from_hf
 from fastvlm.utils.config import require
 from fastvlm.utils.io import read_json, read_tensors
@@ -198,8 +198,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"path: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path}")
 
 
-def load_hf_vision_encoder(path, **overrides) -> VisionEncoder:
-    """`overrides` replace config fields, e.g. interpolate_pos=True."""
+def read_hf_vision(path, **overrides) -> tuple[VisionConfig, dict[str, torch.Tensor], list[str]]:
+    """(config, state dict under fastvlm names, unexpected HF keys) of a local checkpoint
+    directory; `overrides` replace config fields, e.g. interpolate_pos=True.
+    VisionEncoder.from_pretrained builds the encoder from them."""
     path = Path(path)
     hf = read_json(path / "config.json")
     if hf.get("model_type") not in VISION_MODEL_TYPES:
@@ -208,17 +210,6 @@ def load_hf_vision_encoder(path, **overrides) -> VisionEncoder:
     config = config_from_hf(hf)
     if overrides:
         config = config.replace(**overrides)
-    encoder = VisionEncoder(config)
     state, unexpected = convert_state_dict(read_weights(path), config,
                                            full_model=hf.get("model_type") in FULL_MODEL_TYPES)
-    expected = encoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected += [k for k in state if k not in expected]  # e.g. registers for a config without
-    shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
-              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{path}: checkpoint does not match a {config.family} encoder: "
-                         f"missing keys (fastvlm names) {missing}, unexpected keys {sorted(unexpected)}, "
-                         f"shape mismatches {shapes}")
-    encoder.load_state_dict(state)
-    return encoder
+    return config, state, unexpected

@@ -129,3 +129,16 @@ def _weight_device(module: nn.Module) -> torch.device:
 def set_submodule(model: nn.Module, name: str, module: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear of `model`, by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The weight an NF4 Linear4bit actually multiplies by (for inspection, merging and tests)."""
+    import bitsandbytes.functional as bnbf  # bitsandbytes is core, but slow to import: only where NF4 is used
+
+    return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+

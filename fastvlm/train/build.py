@@ -11,15 +11,24 @@ resuming replays them over the stages already done before loading a checkpoint.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastvlm.models.hf_vision import config_from_hf
 from fastvlm.models.llm import LLMConfig
 from fastvlm.models.vision import VisionConfig
-from fastvlm.models.vlm import VLM, VLMConfig
+from fastvlm.models.vlm import VLM, VLMConfig, _from_hf_llava
+from fastvlm.nn.lora import LoRALinear, set_submodule
+from fastvlm.train.checkpoint import nf4_source_path, save_tensors
+from fastvlm.train.contrastive import ContrastiveHeads
+from fastvlm.train.lora import apply_lora, resolve_lora_targets
+from fastvlm.train.precision import MixedPrecision
+from fastvlm.train.quant import apply_qlora, merge_quantized
 from fastvlm.train.recipe import Recipe, Stage
+from fastvlm.utils.io import read_tensors
 
 # Parameter groups by name (the optimizer's per-group learning rates); first match wins.
 GROUP_PATTERNS = {
@@ -73,8 +82,6 @@ def tiny_config(recipe: Recipe, vocab_size: int, image_token_id: int) -> VLMConf
 
 def model_config(recipe: Recipe, tokenizer) -> VLMConfig:
     """The starting model's configuration, read without loading any weight (for --dry-run too)."""
-    from fastvlm.models.hf_vision import config_from_hf
-
     m = recipe.model
     if m.source == "tiny":
         return tiny_config(recipe, tokenizer.vocab_size if tokenizer is not None else m.tiny.vocab_size,
@@ -88,8 +95,6 @@ def model_config(recipe: Recipe, tokenizer) -> VLMConfig:
     if raw.get("model_type") == "fastvlm_vlm":
         return VLMConfig.from_dict(raw["config"])
     with torch.device("meta"):
-        from fastvlm.models.vlm import _from_hf_llava
-
         return _from_hf_llava(raw, {})[0].config
 
 
@@ -119,13 +124,9 @@ def build_model(recipe: Recipe, tokenizer, seed: int) -> VLM:
 def prepare_stage(model: VLM, stage: Stage, recipe: Recipe, device: torch.device) -> dict:
     """Freeze all but the groups the stage trains, add its adapters/heads; returns the
     stage's runtime settings (precision policy, ...)."""
-    from fastvlm.train.precision import MixedPrecision
-
     model.requires_grad_(False)
     tower = model.vision_tower
     if stage.type == "contrastive":
-        from fastvlm.train.contrastive import ContrastiveHeads
-
         c = stage.contrastive
         model.contrastive_heads = ContrastiveHeads(model.config.vision.hidden_size, model.config.llm.hidden_size,
                                                    c.embed_dim, c.kind, c.image_pool).to(device)
@@ -159,8 +160,6 @@ def _unfreeze_tower(tower) -> None:
 
 
 def _prepare_instruct(model: VLM, stage: Stage, device: torch.device) -> None:
-    from fastvlm.train.lora import apply_lora
-
     lora = stage.lora
     if "llm" in stage.lr:
         if stage.finetune == "full":
@@ -168,8 +167,6 @@ def _prepare_instruct(model: VLM, stage: Stage, device: torch.device) -> None:
         elif stage.finetune == "lora":
             apply_lora(model.language_model, lora.targets, lora.r, lora.alpha, lora.dropout)
         else:
-            from fastvlm.train.quant import apply_qlora
-
             apply_qlora(model.language_model, lora.targets, lora.r, lora.alpha, lora.dropout,
                         compute_dtype="bf16" if stage.precision == "bf16" else "fp16")
     if "vision" in stage.lr:
@@ -188,9 +185,6 @@ def _prepare_instruct(model: VLM, stage: Stage, device: torch.device) -> None:
 def finish_stage(model: VLM, stage: Stage) -> None:
     """What must not outlive the stage: contrastive heads; LoRA (merged into its base; an NF4
     base is dequantized, so the next stage and the saved model hold plain Linears)."""
-    from fastvlm.nn.lora import LoRALinear, set_submodule
-    from fastvlm.train.quant import merge_quantized
-
     if stage.type == "contrastive" and hasattr(model, "contrastive_heads"):
         del model.contrastive_heads
     for part in (model.language_model, model.vision_tower):
@@ -222,8 +216,6 @@ def nf4_source(model: VLM, recipe: Recipe, index: int, run_dir: Path) -> tuple[P
     """(file, keys) of the weights QLoRA stage `index` quantizes, when they must be kept: an
     earlier stage trained them, so rebuilding the starting model does not give them back.
     (None, []) otherwise."""
-    from fastvlm.train.checkpoint import nf4_source_path
-
     stage = recipe.stages[index]
     keys = quantized_targets(model, stage)
     if not keys or not llm_trained_before(recipe, index):
@@ -233,8 +225,6 @@ def nf4_source(model: VLM, recipe: Recipe, index: int, run_dir: Path) -> tuple[P
 
 def save_nf4_source(model: VLM, recipe: Recipe, index: int, run_dir: Path) -> None:
     """Keep the weights QLoRA stage `index` is about to quantize (see nf4_source)."""
-    from fastvlm.train.checkpoint import save_tensors
-
     path, keys = nf4_source(model, recipe, index, run_dir)
     if path is not None:
         state = model.state_dict()
@@ -243,8 +233,6 @@ def save_nf4_source(model: VLM, recipe: Recipe, index: int, run_dir: Path) -> No
 
 def load_nf4_source(model: VLM, recipe: Recipe, index: int, run_dir: Path) -> None:
     """Put back the weights QLoRA stage `index` quantized when it first started."""
-    from fastvlm.utils.io import read_tensors
-
     path, keys = nf4_source(model, recipe, index, run_dir)
     if path is None:
         return
@@ -269,8 +257,6 @@ def llm_trained_before(recipe: Recipe, index: int) -> bool:
 
 def quantized_targets(model: VLM, stage: Stage) -> list[str]:
     """State-dict keys of the weights (and biases) a QLoRA stage quantizes, before it does."""
-    from fastvlm.train.lora import resolve_lora_targets
-
     if not (stage.type == "instruct" and stage.finetune == "qlora" and "llm" in stage.lr):
         return []
     lora = stage.lora
@@ -280,8 +266,6 @@ def quantized_targets(model: VLM, stage: Stage) -> list[str]:
 
 def trainable_by_group(model: nn.Module) -> dict[str, tuple[int, int]]:
     """{group: (total, trainable)} parameter counts."""
-    import re
-
     counts: dict[str, list[int]] = {g: [0, 0] for g in GROUP_PATTERNS}
     compiled = {g: re.compile(p) for g, p in GROUP_PATTERNS.items()}
     for name, p in model.named_parameters():

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastvlm.train import distributed
 from fastvlm.train.quant import quantized_state_keys
 from fastvlm.utils.io import atomic_write
 
@@ -124,8 +125,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer=None, rank: in
     checkpoint also loads `optimizer` (required then) and gives this rank's RNG states (rank 0's
     where the checkpoint had fewer ranks)."""
     if (path / "dcp").is_dir():
-        from fastvlm.train import distributed
-
         if optimizer is None:
             raise ValueError(f"checkpoint {path}: a distributed run's checkpoint; resume it with the recipe's "
                              "run.distributed (ddp / fsdp), which loads model and optimizer together")
@@ -176,8 +175,6 @@ def save_sharded_checkpoint(root: Path, name: str, dist, model, optimizer, state
     """save_checkpoint for every rank of a job: all ranks write their DCP shards and RNG
     states into one temporary directory, then rank 0 adds state.pt, `extra` and meta.json,
     renames it into place and prunes (keeping `keep`)."""
-    from fastvlm.train import distributed
-
     tmp = root / dist.broadcast(f".tmp-{uuid.uuid4().hex}")
     if dist.is_main:
         tmp.mkdir(parents=True)
@@ -229,52 +226,3 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
     for d in root.glob(".tmp-*"):
         shutil.rmtree(d, ignore_errors=True)
-
-
-def load_for_inference(run_or_checkpoint) -> tuple:
-    """(model, tokenizer, recipe) of a run directory (RUN/final if written, else its newest
-    complete checkpoint) or of one checkpoint directory; LoRA layers come back as trained."""
-    from fastvlm.data import load_tokenizer
-    from fastvlm.models.vlm import VLM, VLMConfig
-    from fastvlm.train.lora import LoRAConfig, apply_lora
-    from fastvlm.train.recipe import load_recipe
-
-    path = Path(run_or_checkpoint)
-    if not path.exists():
-        raise ValueError(f"run_or_checkpoint: {path} does not exist")
-    run_dir = path.parent.parent if NAME.match(path.name) else path
-    recipe = load_recipe(run_dir / "recipe.toml")
-    tokenizer = load_tokenizer(run_dir / "tokenizer", image_token=recipe.model.image_token)
-    if not NAME.match(path.name):
-        if (path / "final" / "config.json").is_file():
-            return VLM.from_pretrained(path / "final"), tokenizer, recipe
-        found = complete_checkpoints(path / "checkpoints")
-        if not found:
-            raise ValueError(f"run_or_checkpoint: {path} holds neither final/ nor a complete checkpoint")
-        path = found[-1]
-    lora = json.loads((path / "lora.json").read_text())
-    if lora.get("llm_nf4"):  # a QLoRA stage's: its NF4 base is re-quantized from the run's source
-        from fastvlm.train.build import stage_model
-
-        with torch.random.fork_rng():
-            model = stage_model(recipe, tokenizer, json.loads((path / "meta.json").read_text())["stage_index"],
-                                run_dir, torch.device("cpu"))
-        if (path / "dcp").is_dir():
-            from fastvlm.train.distributed import load_model_from_dcp
-
-            load_model_from_dcp(path / "dcp", model)
-        else:
-            load_weights(path / "model.safetensors", model)
-        return model.eval(), tokenizer, recipe
-    model = VLM(VLMConfig.from_dict(json.loads((path / "config.json").read_text())["config"]))
-    for part, attr in (("llm", "language_model"), ("vision", "vision_tower")):
-        if lora.get(part):
-            cfg = LoRAConfig(**lora[part])
-            apply_lora(getattr(model, attr), cfg.targets, cfg.r, cfg.alpha, cfg.dropout, cfg.trainable, cfg.rslora)
-    if (path / "dcp").is_dir():  # a distributed run's: the weights of its sharded model
-        from fastvlm.train.distributed import load_model_from_dcp
-
-        load_model_from_dcp(path / "dcp", model)
-        return model.eval(), tokenizer, recipe
-    load_weights(path / "model.safetensors", model, skip=lambda key: key.startswith("contrastive_heads."))
-    return model.eval(), tokenizer, recipe

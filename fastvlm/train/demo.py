@@ -13,6 +13,11 @@ import shutil
 import time
 from pathlib import Path
 
+from fastvlm.train.evaluation import format_table
+from fastvlm.train.export import export
+from fastvlm.train.recipe import load_recipe
+from fastvlm.train.trainer import train
+
 DEMO_RECIPE = "tiny-demo"
 
 
@@ -26,11 +31,6 @@ def fresh_run_dir(out: Path) -> None:
 
 
 def run_training_demo(out=None, overrides=(), progress: bool = True) -> int:
-    from fastvlm.train.evaluation import format_table
-    from fastvlm.train.export import export
-    from fastvlm.train.recipe import load_recipe
-    from fastvlm.train.trainer import train
-
     t0, cpu0 = time.perf_counter(), time.process_time()
     recipe = load_recipe(DEMO_RECIPE, overrides)
     out = Path(out or Path("runs") / DEMO_RECIPE)

@@ -47,6 +47,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from fastvlm.train.quant import quantized_state_keys
+
 MODES = ("none", "ddp", "fsdp")
 
 
@@ -178,10 +180,17 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return list(model.language_model.model.layers) + list(model.vision_tower.blocks)
 
 
+def pick_device(name: str) -> torch.device:
+    """run.device: 'auto' (CUDA when there is one), 'cpu', 'cuda', ..."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device: 'cuda' requested but CUDA is not available")
+    return torch.device(name)
+
+
 def init(mode: str, device_name: str) -> tuple[Distributed, torch.device]:
     """Join the torchrun job described by the environment (or none); (dist, this rank's device)."""
-    from fastvlm.train.trainer import pick_device
-
     if mode not in MODES:
         raise ValueError(f"run.distributed: expected one of {', '.join(MODES)}, got {mode!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -222,8 +231,6 @@ def _without_nf4(model: nn.Module, state: dict):
     quantisation state, and the run re-quantizes them from their source anyway
     (fastvlm.train.quant), so a checkpoint holds everything else and loads non-strictly."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    from fastvlm.train.quant import quantized_state_keys
 
     nf4 = quantized_state_keys(model, state)
     return {k: v for k, v in state.items() if k not in nf4}, StateDictOptions(strict=not nf4)

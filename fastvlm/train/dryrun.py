@@ -28,8 +28,13 @@ from pathlib import Path
 
 import torch
 
-from fastvlm.train.build import model_config, trainable_by_group
+from fastvlm.data import estimate_length
+from fastvlm.data.packing import pack
+from fastvlm.models.vlm import VLM
+from fastvlm.train.build import finish_stage, model_config, prepare_stage, trainable_by_group
+from fastvlm.train.lora import lora_layers
 from fastvlm.train.recipe import Recipe, Stage
+from fastvlm.train.stage_data import MissingPath, StageBatches, prepare_data, stage_samples
 
 BYTES_PER_LAYER_TOKEN = {"none": 34, "selective": 24, "full": 2}
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "paged_adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
@@ -68,9 +73,6 @@ def stage_memory(model, stage: Stage, tokens: int, images: int) -> dict:
 
 def micro_batch_size(stage: Stage, samples: list, image_tokens: int) -> tuple[int, int]:
     """(tokens, images) of an average micro-batch, from estimated lengths."""
-    from fastvlm.data import estimate_length
-    from fastvlm.data.packing import pack
-
     if not samples:
         return 0, 0
     lengths = [min(estimate_length(s, image_tokens), stage.packing_budget) for s in samples]
@@ -86,8 +88,6 @@ def micro_batch_size(stage: Stage, samples: list, image_tokens: int) -> tuple[in
 def _run_data(recipe: Recipe, out: Path | None):
     """(RunData, None), or (None, why) when a data file or folder the recipe names does not
     exist (the memory estimate needs the configs alone). Writes nothing."""
-    from fastvlm.train.stage_data import MissingPath, prepare_data
-
     with tempfile.TemporaryDirectory(prefix="fastvlm-dryrun-") as tmp:
         try:
             return prepare_data(recipe, out if out is not None else Path(tmp), write=False, scratch=Path(tmp)), None
@@ -111,10 +111,6 @@ def _largest_block(model) -> int:
 
 
 def dry_run(recipe: Recipe, out: Path | None = None, world_size: int = 1) -> str:
-    from fastvlm.models.vlm import VLM
-    from fastvlm.train.build import finish_stage, prepare_stage
-    from fastvlm.train.stage_data import StageBatches, stage_samples
-
     data, missing = _run_data(recipe, out)
     cfg = model_config(recipe, data.tokenizer if data is not None else None)
     with torch.device("meta"):
@@ -161,8 +157,6 @@ def _unquantized(stage: Stage) -> Stage:
 
 
 def _quantized_saving(model) -> int:
-    from fastvlm.train.lora import lora_layers
-
     return sum(m.base_layer.weight.numel() * (m.base_layer.weight.element_size() - 0.5)
                for m in lora_layers(model.language_model).values())
 

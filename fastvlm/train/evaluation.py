@@ -20,12 +20,16 @@ from __future__ import annotations
 import json
 import re
 import string
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from fastvlm.data import Sample, encode_conversation, encode_prompt, load_tokenizer
+from fastvlm.data.images import BadImageCounter, BadImageError, open_image
+from fastvlm.train.recipe import Recipe
+from fastvlm.train.stage_data import RunData, check_skipped, prepare_data, preprocessor_for
 from fastvlm.utils.io import atomic_write_text
 
 ARTICLES = {"a", "an", "the"}
@@ -76,7 +80,6 @@ def _field(sample, name):
 
 
 def _as_sample(sample):
-    from fastvlm.data import Sample
 
     if isinstance(sample, Sample):
         return sample
@@ -90,7 +93,6 @@ def _as_sample(sample):
 def questions_of(samples: Sequence, tokenizer, template: str, image_tokens: int, question_types=None,
                  system: str | None = None) -> list[dict]:
     """One entry per question turn: id, turn, type, prompt ids, reference answer, image paths."""
-    from fastvlm.data import encode_prompt
 
     questions = []
     for raw in samples:
@@ -163,7 +165,6 @@ def generate_answers(model, tokenizer, questions: list[dict], *, image_root, pre
 def validation_loss(model, tokenizer, samples: Sequence, *, image_root, preprocessor, template: str,
                     image_tokens: int, batch_size: int = 32, system: str | None = None) -> tuple[float, int]:
     """(mean teacher-forced loss over every supervised token, number of those tokens)."""
-    from fastvlm.data import encode_conversation
 
     device = next(model.parameters()).device
     image_id = model.config.image_token_id
@@ -212,7 +213,6 @@ def evaluate(model, tokenizer, samples: Sequence, *, image_root, preprocessor, t
     "answer", "prediction", "correct"}]}``, and ``"skipped"``: `skipped` (a BadImageCounter
     of samples left out before evaluating, e.g. with a corrupt image) as a dict.
     """
-    from fastvlm.data import load_tokenizer
 
     if not len(samples):
         raise ValueError("samples: nothing to evaluate")
@@ -289,34 +289,6 @@ def write_results(result: dict, run_dir, name: str) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def add_eval_args(parser) -> None:
-    parser.add_argument("target", help="run directory (its final model or newest checkpoint) or a checkpoint")
-    parser.add_argument("--split", default="validation", choices=("validation", "train"))
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="answer length limit (default: the recipe's run.eval_max_new_tokens)")
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
-    parser.add_argument("--no-loss", action="store_true", help="skip the validation loss")
-
-
-def cli_eval(args) -> int:
-    from fastvlm.train.checkpoint import NAME, load_for_inference
-    from fastvlm.train.stage_data import eval_inputs
-
-    target = Path(args.target)
-    if not target.exists():
-        raise ValueError(f"target: {target} does not exist (expected a run directory or one of its checkpoints)")
-    model, tokenizer, recipe = load_for_inference(target)
-    run_dir = target.parent.parent if NAME.match(target.name) else target
-    max_new = args.max_new_tokens or recipe.run.eval_max_new_tokens
-    result = evaluate(model, tokenizer, max_new_tokens=max_new, batch_size=args.batch_size, loss=not args.no_loss,
-                      **eval_inputs(recipe, run_dir, model, split=args.split))
-    name = f"eval-{args.split}-{target.name if NAME.match(target.name) else 'latest'}"
-    json_path, md_path = write_results(result, run_dir, name)
-    print(format_table(result))
-    print(f"results: {json_path} and {md_path}")
-    return 0
-
-
 def read_question_types(path) -> dict[str, list[str]]:
     """Sample id -> per-turn question types from a dataset JSON whose records carry them
     (``question_types``, or ``question_type`` for single-question records)."""
@@ -327,3 +299,58 @@ def read_question_types(path) -> dict[str, list[str]]:
         if types is not None:
             out[str(r.get("id", ""))] = list(types)
     return out
+
+
+def usable_for_evaluation(samples: list, image_root) -> tuple[list, BadImageCounter]:
+    """`samples` whose images all decode (validation images are opened once, up front, so
+    a corrupt file costs its sample, not the run), and the count of the others."""
+    kept, bad = [], BadImageCounter()
+    for sample in samples:
+        try:
+            for rel in sample.images:
+                open_image(Path(image_root) / rel)
+        except BadImageError as err:
+            bad.add(err.reason, err.path)
+        else:
+            kept.append(sample)
+    return kept, bad
+
+
+def eval_inputs(recipe: Recipe, run_dir: Path, model, split: str = "validation", data: RunData | None = None) -> dict:
+    """Keyword arguments of fastvlm.train.evaluation.evaluate for a run's split."""
+    data = data or prepare_data(recipe, Path(run_dir))
+    samples = {"validation": data.val, "train": data.train}.get(split)
+    if samples is None:
+        raise ValueError(f"split: expected 'validation' or 'train', got {split!r}")
+    if recipe.data.eval_samples:
+        samples = samples[:recipe.data.eval_samples]
+    key = (split, len(samples))
+    if key not in data.evaluable:  # each evaluation of a run reads the same images: check them once
+        data.evaluable[key] = usable_for_evaluation(samples, data.image_root)
+    samples, bad = data.evaluable[key]
+    check_skipped(bad, len(samples) + bad.total, data.max_skipped_fraction, f"evaluation on the {split} split")
+    if not samples:
+        raise ValueError(f"evaluation on the {split} split: no sample to evaluate")
+    try:  # records may carry their question types (the synthetic dataset's do)
+        types = read_question_types(data.files[split])
+    except (ValueError, AttributeError):  # JSON lines, or records of another shape
+        types = {}
+    # The evaluation scores every question turn of the evaluated samples, so chance is the
+    # majority answer's share over exactly those questions (meta.json's split-wide "types"
+    # level counts only last turns, of the whole validation split).
+    chance = majority_chance(samples, types) if data.chance is not None and types else data.chance
+    return dict(samples=samples, image_root=data.image_root, preprocessor=preprocessor_for(model),
+                template=recipe.data.template, image_tokens=model.image_tokens, chance=chance,
+                question_types=types or None, skipped=bad)
+
+
+def majority_chance(samples: list, types: dict) -> dict:
+    """Question type -> share of its most frequent reference answer, over every question
+    turn of `samples` (`types`: sample id -> per-turn question types): the accuracy of a
+    model that ignores the image and always gives a type's most common answer."""
+    counts: dict[str, Counter] = {}
+    for sample in samples:
+        answers = [t["value"] for t in sample.conversations if t["from"] == "gpt"]
+        for qtype, answer in zip(types[sample.id], answers, strict=True):
+            counts.setdefault(qtype, Counter())[normalize_answer(answer)] += 1
+    return {qtype: max(c.values()) / sum(c.values()) for qtype, c in sorted(counts.items())}

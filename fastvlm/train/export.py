@@ -31,13 +31,13 @@ import json
 import os
 import re
 import shutil
-import sys
 import uuid
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from fastvlm.data import load_tokenizer
 from fastvlm.data.chat_jinja import chat_template_of
 from fastvlm.data.tokenizer import CHAT_TEMPLATE_FILE
 from fastvlm.models.hf_export import (
@@ -48,39 +48,20 @@ from fastvlm.models.hf_export import (
     processor_config,
     to_hf_llava,
 )
+from fastvlm.models.llm import load_state_dict
+from fastvlm.models.vlm import VLM, VLMConfig, _from_hf_llava
+from fastvlm.train import checkpoint as ckpt
 from fastvlm.train import peft_llava
-from fastvlm.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoRAConfig, lora_layers
+from fastvlm.train.build import stage_model
+from fastvlm.train.distributed import load_model_from_dcp
+from fastvlm.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoRAConfig, apply_lora, lora_layers
+from fastvlm.train.recipe import load_recipe
+from fastvlm.train.stage_data import preprocessor_for
 from fastvlm.utils.io import atomic_write, atomic_write_text, read_json
 
 FORMATS = ("hf-llava", "peft", "fastvlm")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def add_export_args(parser) -> None:
-    parser.add_argument("run", help="run directory, checkpoint directory, or a model directory (e.g. RUN/final)")
-    parser.add_argument("out", help="output directory")
-    parser.add_argument("--format", dest="format", choices=FORMATS, default="hf-llava",
-                        help="hf-llava (LlavaForConditionalGeneration dir), peft (PEFT adapter for it), "
-                             "fastvlm (native)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                        help="weight dtype of the export (default: the LLM's)")
-    parser.add_argument("--allow-causal", action="store_true",
-                        help="hf-llava: export a model trained with a non-causal attention layout anyway "
-                             "(HF runs causal attention; logits differ)")
-
-
-def cli_export(args) -> int:
-    try:
-        out = export(args.run, args.out, args.format, allow_causal=args.allow_causal,
-                     dtype=DTYPES[args.dtype] if args.dtype else None)
-    except ValueError as err:  # a bad path or an unexportable model: the message names it
-        print(f"fastvlm export: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {args.run} as {args.format} to {out}")
-    if args.format == "peft":
-        print(f"base model: {read_json(out / ADAPTER_CONFIG)['base_model_name_or_path']}")
-    return 0
 
 
 def _check_format(format: str) -> None:
@@ -91,8 +72,6 @@ def _check_format(format: str) -> None:
 def export(run_or_checkpoint, out, format: str = "hf-llava", *, allow_causal: bool = False,
            dtype: torch.dtype | None = None) -> Path:
     """Export a run or checkpoint; returns the output directory."""
-    from fastvlm.train.checkpoint import NAME, complete_checkpoints, load_for_inference
-    from fastvlm.train.stage_data import preprocessor_for
 
     _check_format(format)
     source = Path(run_or_checkpoint)
@@ -109,8 +88,8 @@ def export(run_or_checkpoint, out, format: str = "hf-llava", *, allow_causal: bo
         model, tokenizer = _load_model_dir(source)  # a bare model directory
         options = {}
     else:
-        if format == "peft" and not NAME.match(source.name):
-            found = complete_checkpoints(source / "checkpoints")
+        if format == "peft" and not ckpt.NAME.match(source.name):
+            found = ckpt.complete_checkpoints(source / "checkpoints")
             if not found:
                 raise ValueError(f"run: {source} holds no complete checkpoint; final/ has its LoRA merged, so "
                                  "there is no adapter to export (use --format hf-llava or fastvlm)")
@@ -134,8 +113,6 @@ def _recipe_base(recipe) -> Path | None:
 
 def _load_model_dir(path: Path):
     """A fastvlm or HF LLaVA directory, with its tokenizer beside it (tokenizer/ or the dir itself) if any."""
-    from fastvlm.data import load_tokenizer
-    from fastvlm.models.vlm import VLM
 
     model = VLM.from_pretrained(path).eval()
     for folder in (path / "tokenizer", path):
@@ -242,7 +219,6 @@ def _check_tokenizer(model, tokenizer) -> None:
 
 
 def _export_fastvlm(model, out: Path, dtype) -> None:
-    from fastvlm.models.vlm import VLM
 
     plain = VLM(model.config)
     state = {k: v for k, v in merged_state_dict(model).items() if not k.startswith("contrastive_heads.")}
@@ -278,8 +254,6 @@ def _export_peft(model, out: Path, final: Path, tokenizer, preprocessor, templat
 def _differing_from(model, base) -> list[str] | None:
     """The model's base weights (LoRA layers' own) that differ from HF LLaVA directory `base`
     (compared in the model's dtype); None when `base` is not an HF LLaVA directory."""
-    from fastvlm.models.llm import load_state_dict
-    from fastvlm.models.vlm import _from_hf_llava
 
     raw = read_json(Path(base) / "config.json", "base")
     if raw.get("model_type") != "llava":
@@ -320,3 +294,41 @@ def _peft_adapter(model, trained: list[str]) -> tuple[dict, dict]:
                   alpha_pattern={k: v.alpha for k, v in other.items()},
                   auto_mapping={"base_model_class": "LlavaForConditionalGeneration", "parent_library": "transformers"})
     return {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in renamed.items()}, config
+
+
+def load_for_inference(run_or_checkpoint) -> tuple:
+    """(model, tokenizer, recipe) of a run directory (RUN/final if written, else its newest
+    complete checkpoint) or of one checkpoint directory; LoRA layers come back as trained."""
+    path = Path(run_or_checkpoint)
+    if not path.exists():
+        raise ValueError(f"run_or_checkpoint: {path} does not exist")
+    run_dir = path.parent.parent if ckpt.NAME.match(path.name) else path
+    recipe = load_recipe(run_dir / "recipe.toml")
+    tokenizer = load_tokenizer(run_dir / "tokenizer", image_token=recipe.model.image_token)
+    if not ckpt.NAME.match(path.name):
+        if (path / "final" / "config.json").is_file():
+            return VLM.from_pretrained(path / "final"), tokenizer, recipe
+        found = ckpt.complete_checkpoints(path / "checkpoints")
+        if not found:
+            raise ValueError(f"run_or_checkpoint: {path} holds neither final/ nor a complete checkpoint")
+        path = found[-1]
+    lora = json.loads((path / "lora.json").read_text())
+    if lora.get("llm_nf4"):  # a QLoRA stage's: its NF4 base is re-quantized from the run's source
+        with torch.random.fork_rng():
+            model = stage_model(recipe, tokenizer, json.loads((path / "meta.json").read_text())["stage_index"],
+                                run_dir, torch.device("cpu"))
+        if (path / "dcp").is_dir():
+            load_model_from_dcp(path / "dcp", model)
+        else:
+            ckpt.load_weights(path / "model.safetensors", model)
+        return model.eval(), tokenizer, recipe
+    model = VLM(VLMConfig.from_dict(json.loads((path / "config.json").read_text())["config"]))
+    for part, attr in (("llm", "language_model"), ("vision", "vision_tower")):
+        if lora.get(part):
+            cfg = LoRAConfig(**lora[part])
+            apply_lora(getattr(model, attr), cfg.targets, cfg.r, cfg.alpha, cfg.dropout, cfg.trainable, cfg.rslora)
+    if (path / "dcp").is_dir():  # a distributed run's: the weights of its sharded model
+        load_model_from_dcp(path / "dcp", model)
+        return model.eval(), tokenizer, recipe
+    ckpt.load_weights(path / "model.safetensors", model, skip=lambda key: key.startswith("contrastive_heads."))
+    return model.eval(), tokenizer, recipe

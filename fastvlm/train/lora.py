@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastvlm.nn.lora import LoRALinear, check_rank_and_dropout, set_submodule
+from fastvlm.nn.lora import LoRALinear, check_rank_and_dropout, lora_layers, set_submodule  # noqa: F401
 from fastvlm.train import peft_llava
 from fastvlm.utils.io import atomic_write
 
@@ -209,10 +209,6 @@ def apply_lora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32.0,
         module.requires_grad_(True)
     model.lora_config = LoRAConfig(r, alpha, dropout, targets, trainable, rslora)
     return model
-
-
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def merge(model: nn.Module):

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from fastvlm.models import llava_names
+from fastvlm.models.vlm import VLM
+from fastvlm.nn.lora import lora_layers
 
 LORA_SUFFIX = re.compile(r"\.lora_[AB]\.weight$")
 
@@ -57,8 +59,6 @@ def _translate(name: str, model, what: str) -> str:
 def to_hf(model, tensors: dict[str, torch.Tensor], trainable: list[str]) -> tuple[dict, list[str], list[str]]:
     """(tensors under HF names, HF target_modules, HF modules_to_save) of a VLM's adapter.
     `tensors` are keyed by fastvlm names (no PEFT prefix)."""
-    from fastvlm.train.lora import lora_layers
-
     targets = sorted(module_to_hf(n, model) for n in lora_layers(model))
     params = dict(model.named_parameters())
     hf_of_all = {n: h for n in params if (h := _hf_or_none(n, model)) is not None}
@@ -139,6 +139,4 @@ def _saved_module(key: str, modules_to_save: list[str]) -> str:
 
 
 def is_vlm(model: nn.Module) -> bool:
-    from fastvlm.models.vlm import VLM
-
     return isinstance(model, VLM)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvlm.nn.lora import keep_trainable_4bit_format, set_submodule
+from fastvlm.nn.lora import dequantized_weight, keep_trainable_4bit_format, set_submodule  # noqa: F401
 from fastvlm.train.lora import apply_lora, resolve_lora_targets
 from fastvlm.train.precision import is_norm
 
@@ -44,13 +44,6 @@ def to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
     return keep_trainable_4bit_format(q)
-
-
-def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The weight an NF4 Linear4bit actually multiplies by (for inspection and tests)."""
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
 
 
 def quantized_state_keys(model: nn.Module, state_keys) -> set[str]:

@@ -38,7 +38,7 @@ import torch
 from fastvlm.data import Sample, load_tokenizer, read_samples, synthetic_vqa, train_bpe_tokenizer
 from fastvlm.data.collate import collate_rows
 from fastvlm.data.dataset import VLMDataset
-from fastvlm.data.images import BadImageCounter, BadImageError, load_image, open_image
+from fastvlm.data.images import BadImageCounter, load_image
 from fastvlm.data.packing import pack
 from fastvlm.data.sampler import PackedBatchSampler
 from fastvlm.models.preprocess import ImagePreprocessor
@@ -417,64 +417,3 @@ class StageBatches:
 def _alone(obj) -> list:
     """One process's gather: its own object."""
     return [obj]
-
-
-def usable_for_evaluation(samples: list, image_root) -> tuple[list, BadImageCounter]:
-    """`samples` whose images all decode (validation images are opened once, up front, so
-    a corrupt file costs its sample, not the run), and the count of the others."""
-    kept, bad = [], BadImageCounter()
-    for sample in samples:
-        try:
-            for rel in sample.images:
-                open_image(Path(image_root) / rel)
-        except BadImageError as err:
-            bad.add(err.reason, err.path)
-        else:
-            kept.append(sample)
-    return kept, bad
-
-
-def eval_inputs(recipe: Recipe, run_dir: Path, model, split: str = "validation", data: RunData | None = None) -> dict:
-    """Keyword arguments of fastvlm.train.evaluation.evaluate for a run's split."""
-    data = data or prepare_data(recipe, Path(run_dir))
-    samples = {"validation": data.val, "train": data.train}.get(split)
-    if samples is None:
-        raise ValueError(f"split: expected 'validation' or 'train', got {split!r}")
-    if recipe.data.eval_samples:
-        samples = samples[:recipe.data.eval_samples]
-    key = (split, len(samples))
-    if key not in data.evaluable:  # each evaluation of a run reads the same images: check them once
-        data.evaluable[key] = usable_for_evaluation(samples, data.image_root)
-    samples, bad = data.evaluable[key]
-    check_skipped(bad, len(samples) + bad.total, data.max_skipped_fraction, f"evaluation on the {split} split")
-    if not samples:
-        raise ValueError(f"evaluation on the {split} split: no sample to evaluate")
-    from fastvlm.train.evaluation import read_question_types
-
-    try:  # records may carry their question types (the synthetic dataset's do)
-        types = read_question_types(data.files[split])
-    except (ValueError, AttributeError):  # JSON lines, or records of another shape
-        types = {}
-    # The evaluation scores every question turn of the evaluated samples, so chance is the
-    # majority answer's share over exactly those questions (meta.json's split-wide "types"
-    # level counts only last turns, of the whole validation split).
-    chance = majority_chance(samples, types) if data.chance is not None and types else data.chance
-    return dict(samples=samples, image_root=data.image_root, preprocessor=preprocessor_for(model),
-                template=recipe.data.template, image_tokens=model.image_tokens, chance=chance,
-                question_types=types or None, skipped=bad)
-
-
-def majority_chance(samples: list, types: dict) -> dict:
-    """Question type -> share of its most frequent reference answer, over every question
-    turn of `samples` (`types`: sample id -> per-turn question types): the accuracy of a
-    model that ignores the image and always gives a type's most common answer."""
-    from collections import Counter
-
-    from fastvlm.train.evaluation import normalize_answer
-
-    counts: dict[str, Counter] = {}
-    for sample in samples:
-        answers = [t["value"] for t in sample.conversations if t["from"] == "gpt"]
-        for qtype, answer in zip(types[sample.id], answers, strict=True):
-            counts.setdefault(qtype, Counter())[normalize_answer(answer)] += 1
-    return {qtype: max(c.values()) / sum(c.values()) for qtype, c in sorted(counts.items())}

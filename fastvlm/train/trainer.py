@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import re
+import resource
 import signal
 import sys
 import time
@@ -29,14 +30,20 @@ from pathlib import Path
 
 import torch
 
+from fastvlm.data.images import load_image
+from fastvlm.models.feature_cache import FeatureCache
+from fastvlm.nn.lora import LoRALinear
 from fastvlm.train import build, distributed
 from fastvlm.train import checkpoint as ckpt
 from fastvlm.train.build import GROUP_PATTERNS, build_model, finish_stage, prepare_stage
+from fastvlm.train.contrastive import text_states
+from fastvlm.train.evaluation import eval_inputs, evaluate, write_results
 from fastvlm.train.metrics import MetricsLog
 from fastvlm.train.optim import build_optimizer, param_groups
 from fastvlm.train.quant import quantized_state_keys
 from fastvlm.train.recipe import Recipe, Stage, to_toml
 from fastvlm.train.schedule import lr_lambda
+from fastvlm.train.stage_data import StageBatches, prepare_data
 from fastvlm.utils.io import atomic_write_text
 
 
@@ -50,14 +57,6 @@ class Interrupted(Exception):
     def __init__(self, path):
         super().__init__(f"interrupted: checkpoint written to {path}")
         self.path = path
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device: 'cuda' requested but CUDA is not available")
-    return torch.device(name)
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, write: bool = True) -> None:
@@ -125,8 +124,6 @@ def micro_loss(model, stage: Stage, batch: dict, device, cache=None) -> torch.Te
 def contrastive_micro_loss(model, stage: Stage, batch: dict, device) -> torch.Tensor:
     """The towers under the caller's autocast; pooling, projections and the B x B loss in
     fp32 (in bf16 the loss itself would be rounded to 3 significant digits)."""
-    from fastvlm.train.contrastive import text_states
-
     heads, tower, mask = model.contrastive_heads, model.vision_tower, batch["text_mask"].to(device)
     (vision_hidden,) = tower(batch["images"].to(device), select_layers=[-1])
     text = text_states(model.language_model, batch["input_ids"].to(device), mask, stage.contrastive.text_source)
@@ -218,8 +215,6 @@ def train(recipe: Recipe, run_dir, *, resume: bool = False, progress: bool = Tru
     """Run every stage of `recipe` into `run_dir`; returns {"stages": [...], "final": path}.
     Under torchrun (run.distributed = 'ddp' | 'fsdp') every rank calls it; rank 0 alone
     writes logs, plots, evaluations and the final model."""
-    from fastvlm.train.stage_data import StageBatches, prepare_data
-
     run_dir = Path(run_dir)
     dist, device = distributed.init(recipe.run.distributed, recipe.run.device)
     prepare_run_dir(recipe, run_dir, resume, write=False)
@@ -398,8 +393,6 @@ def _unsharded(model, recipe: Recipe, data, index: int, device, run_dir: Path):
 def _fill_cache(cache, batches, dist, chunk: int = 16) -> None:
     """Encode every image of the stage once across the job: rank r takes every W-th missing
     file, writes its shards to the shared cache directory; then every rank indexes them all."""
-    from fastvlm.data.images import load_image
-
     files = sorted({batches.image_root / p for s in batches.samples for p in s.images})
     blobs = {path: path.read_bytes() for path in files[dist.rank::dist.world]}
     mine = [path for path, blob in blobs.items() if blob not in cache]
@@ -443,8 +436,6 @@ class _Saver:
 def _lora_info(model) -> dict:
     from dataclasses import asdict
 
-    from fastvlm.nn.lora import LoRALinear
-
     info = {part: asdict(cfg) if (cfg := getattr(getattr(model, attr), "lora_config", None)) is not None else None
             for part, attr in (("llm", "language_model"), ("vision", "vision_tower"))}
     info["llm_nf4"] = any(isinstance(m, LoRALinear) and m.quantized for m in model.language_model.modules())
@@ -455,8 +446,6 @@ def _feature_cache(model, run_dir: Path, dist=None):
     """One cache per run: a later stage with the same frozen tower reads the earlier one's
     features (the cache's fingerprint covers the weights; other weights reset it). Ranks
     share the directory; rank 0 opens (or resets) it first."""
-    from fastvlm.models.feature_cache import FeatureCache
-
     def open_cache():
         return FeatureCache(run_dir / "feature_cache", model.vision_tower, model.feature_layers, on_stale="reset")
 
@@ -483,9 +472,6 @@ def _evaluate(model, stage, index, step, global_step, recipe, data, run_dir, log
 
 
 def _run_evaluation(model, stage, index, step, global_step, recipe, data, run_dir, log, mp, dist) -> dict:
-    from fastvlm.train.evaluation import evaluate, write_results
-    from fastvlm.train.stage_data import eval_inputs
-
     device = next(model.parameters()).device
     # Under the stage's autocast: frozen weights may be stored in bf16. And forking the RNG
     # keeps evaluation from shifting the training run's random stream.
@@ -526,7 +512,6 @@ def _bad_steps_message(stage: Stage, step: int, bad: int, mp, lr: float, finite:
 def _peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
