@@ -174,7 +174,8 @@ def test_tokenizer_and_processor_load_in_transformers(tmp_path, seed):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     text = "how many circles"
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)[0]
-    processor = transformers.AutoProcessor.from_pretrained(tmp_path, backend="pil")  # the pixels training saw (torchvision resamples differently)
+    # backend="pil": the pixels training saw (the torchvision backend resamples differently)
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path, backend="pil")
     assert type(processor).__name__ == "LlavaProcessor"
     image = Image.fromarray((np.random.default_rng(seed).random((40, 52, 3)) * 255).astype(np.uint8))
     inputs = processor(text=f"{tok.image_token} how many circles", images=[image], return_tensors="pt")
