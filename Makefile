@@ -43,7 +43,7 @@ demo: build
 	$(PY) -m fastvlm demo
 
 bench: build
-	$(PY) benchmarks/bench_mask.py
+	$(PY) benchmarks/bench_layout.py
 
 clean:
 	rm -rf $(VENV) build $(CMAKE_BUILD) fastvlm/_C*.so *.egg-info

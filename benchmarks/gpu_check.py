@@ -21,9 +21,9 @@ shared 2-core dev machine, 2026-12-06, 275 s in all; the rehearsal triples each 
   build        90 s  fastvlm._C for this machine's arch only            107 s (CPU part)
   pytest      100 s  pytest -m gpu, no -x, 60 s per test (pytest-timeout 8 s (one file: skips)
                      is in the image), -v so the log holds each result
-  connector    20 s  bench_connector at its issue target                15 s (--smoke)
+  connector    20 s  bench_fused_mlp at its issue target                15 s (--smoke)
   encoder      20 s  bench_encoder                                      22 s (--smoke)
-  lora         15 s  bench_lora                                         17 s (--smoke)
+  lora         15 s  bench_lora_linear                                  17 s (--smoke)
   train        20 s  bench_train (7B shapes: likely cut at its cap)     41 s (--smoke)
 
 A step that fails or runs out of time is recorded and the next one runs; the exit
@@ -128,14 +128,15 @@ def steps(dry_run: bool, results: Path, python: str, out: Path | None = None) ->
         argv = [str(BENCH / script), *(tiny + (smoke_args or []) if dry_run else args)]
         plan.append(Step(key, name, py + argv, cap * scale))
 
-    bench("connector", "connector vs eager / compile", "bench_connector.py",
-          ["--only", "clip-l/336->4096", "--repeats", "10", "--out", str(results / "bench_connector.json")], 20,
-          ["--out", str(results / "bench_connector_smoke.json")])
+    bench("connector", "connector vs eager / compile", "bench_fused_mlp.py",
+          ["--only", "clip-l/336->4096", "--repeats", "10", "--out", str(results / "bench_fused_mlp.json")], 20,
+          ["--out", str(results / "bench_fused_mlp_smoke.json")])
     bench("encoder", "encoder checkpointing + offload", "bench_encoder.py",
           ["--models", "clip-l14-336", "--layers", "6", "--repeats", "3", "--out", str(results / "bench_encoder.json")],
           20, ["--out", str(results / "bench_encoder_smoke.json")])
-    bench("lora", "fused LoRA vs PEFT", "bench_lora.py", ["--reps", "30", "--out", str(results / "bench_lora.json")],
-          15, ["--out", str(results / "bench_lora_smoke.json")])
+    bench("lora", "fused LoRA vs PEFT", "bench_lora_linear.py",
+          ["--reps", "30", "--out", str(results / "bench_lora_linear.json")],
+          15, ["--out", str(results / "bench_lora_linear_smoke.json")])
     if (BENCH / "bench_train.py").exists():  # the end-to-end benchmark, once it exists
         bench("train", "bench_train", "bench_train.py", ["--out", str(results)], 20, ["--out", str(results)])
     return plan

@@ -121,8 +121,10 @@ def _attention(d):
 
 
 EXTRACTORS = {"bench_attention": _attention,
-              "bench_train": _train, "bench_vlm": _vlm, "bench_mask": _mask, "bench_linear_ce": _linear_ce,
-              "bench_memory": _memory, "bench_encoder": _encoder}
+              "bench_train": _train, "bench_vlm": _vlm, "bench_layout": _mask,
+              "bench_linear_cross_entropy": _linear_ce, "bench_memory": _memory, "bench_encoder": _encoder,
+              # results written before the scripts took their op's name (bench_layout, ...)
+              "bench_mask": _mask, "bench_linear_ce": _linear_ce}
 
 
 def benchmark_of(path: Path, d: dict) -> str:

@@ -60,9 +60,9 @@ def test_demo_runs():
     assert "max |blockwise - dense|" in res.stdout
 
 
-def test_bench_mask_smoke(tmp_path):
+def test_bench_layout_smoke(tmp_path):
     out = tmp_path / "mask.json"
-    res = _run("benchmarks/bench_mask.py", "--sizes", "700", "--smoke", "--out", str(out))
+    res = _run("benchmarks/bench_layout.py", "--sizes", "700", "--smoke", "--out", str(out))
     assert res.returncode == 0, res.stderr
     rows = json.loads(out.read_text())["rows"]
     assert {r["kind"] for r in rows} == {"causal", "prefix_lm", "image_bidirectional", "mmca"}

@@ -147,7 +147,7 @@ def test_benchmark_smoke(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "ce.json"
-    res = subprocess.run([sys.executable, "benchmarks/bench_linear_ce.py", "--smoke", "--out", str(out)],
+    res = subprocess.run([sys.executable, "benchmarks/bench_linear_cross_entropy.py", "--smoke", "--out", str(out)],
                          cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     rows = json.loads(out.read_text())["rows"]

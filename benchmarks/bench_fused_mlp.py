@@ -5,10 +5,10 @@ torch.compile of it, and torch._addmm_activation. Two rows compute tanh-GELU
 instead of exact GELU and are shown for speed only: addmm_act (cuBLASLt's
 epilogue via torch) and fastvlm_cublaslt (our cuBLASLt path, plain variant only).
 
-    python benchmarks/bench_connector.py                 # one GPU, bf16, the default grid
-    python benchmarks/bench_connector.py --full          # every shape x images x variant
-    python benchmarks/bench_connector.py --only clip-l/336->4096 --no-compile
-    python benchmarks/bench_connector.py --smoke         # CPU, tiny, seconds: NOT a speed test
+    python benchmarks/bench_fused_mlp.py                 # one GPU, bf16, the default grid
+    python benchmarks/bench_fused_mlp.py --full          # every shape x images x variant
+    python benchmarks/bench_fused_mlp.py --only clip-l/336->4096 --no-compile
+    python benchmarks/bench_fused_mlp.py --smoke         # CPU, tiny, seconds: NOT a speed test
 
 Each case compiles (torch.compile) and autotunes (Triton) once, so the default
 grid takes several minutes per projector; results are rewritten after every
@@ -251,7 +251,7 @@ def main():
     print_header("connector MLP: fused vs eager / torch.compile / _addmm_activation", env)
     if args.smoke:
         print("SMOKE MODE: CPU, tiny shapes, Triton interpreter. This checks the plumbing; it is NOT a speed test.")
-    rows, name = [], "bench_connector" + ("_smoke" if args.smoke else "")
+    rows, name = [], "bench_fused_mlp" + ("_smoke" if args.smoke else "")
     for case in cases(args):
         rows.append(one_case(args, *case))
         print("\n".join(table(rows[-1:], methods(args)).splitlines()[2:]), flush=True)  # progress

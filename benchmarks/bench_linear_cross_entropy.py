@@ -1,9 +1,9 @@
 """Memory and time of the LM-head loss: fastvlm's linear_cross_entropy vs the naive
 fp32-logits head, forward + backward, at vocab 32k (Llama/Vicuna) and 152k (Qwen2).
 
-    python benchmarks/bench_linear_ce.py                    # CPU, small hidden size
-    python benchmarks/bench_linear_ce.py --device cuda      # GPU: 7B shapes, bf16
-    python benchmarks/bench_linear_ce.py --smoke            # seconds; what the tests run
+    python benchmarks/bench_linear_cross_entropy.py                    # CPU, small hidden size
+    python benchmarks/bench_linear_cross_entropy.py --device cuda      # GPU: 7B shapes, bf16
+    python benchmarks/bench_linear_cross_entropy.py --smoke            # seconds; what the tests run
 
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on CPU each case runs in a
 fresh process and reports its peak resident-set growth over the inputs.
@@ -63,7 +63,7 @@ def main(argv=None):
                                   args.repeats)))
         return None
     env = environment(args.device)
-    print_header("LM head + cross-entropy (bench_linear_ce.py)", env)
+    print_header("LM head + cross-entropy (bench_linear_cross_entropy.py)", env)
     rows = []
     for vocab in args.vocabs:
         for method in METHODS:
@@ -87,10 +87,10 @@ def main(argv=None):
                          "fastvlm ms", "speedup"], table)
     print(f"tokens={tokens} hidden={hidden} dtype={dtype} supervised={args.supervised}")
     print(md)
-    payload = {"benchmark": "bench_linear_ce", "env": env, "tokens": tokens, "hidden": hidden,
+    payload = {"benchmark": "bench_linear_cross_entropy", "env": env, "tokens": tokens, "hidden": hidden,
                "dtype": str(dtype), "supervised": args.supervised, "rows": rows}
     if args.out or not args.smoke:
-        save_results(f"bench_linear_ce_sup{round(100 * args.supervised)}", env, payload, md, args.out)
+        save_results(f"bench_linear_cross_entropy_sup{round(100 * args.supervised)}", env, payload, md, args.out)
     return payload
 
 

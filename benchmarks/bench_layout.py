@@ -1,9 +1,9 @@
 """Block-map construction: fastvlm's C++ op vs its torch reference vs FlexAttention's
 create_block_mask, on the same packed VLM layouts, plus the bytes each representation holds.
 
-    python benchmarks/bench_mask.py                       # N = 4k, 16k, 64k on CPU
-    python benchmarks/bench_mask.py --device cuda         # adds the CUDA op (GPU machines)
-    python benchmarks/bench_mask.py --sizes 1024 --smoke  # seconds; what the tests run
+    python benchmarks/bench_layout.py                       # N = 4k, 16k, 64k on CPU
+    python benchmarks/bench_layout.py --device cuda         # adds the CUDA op (GPU machines)
+    python benchmarks/bench_layout.py --sizes 1024 --smoke  # seconds; what the tests run
 
 FlexAttention builds its block mask by evaluating mask_mod over all N x N pairs
 (in chunks); fastvlm derives tiles from per-block summaries in O(N + (N/B)^2).
@@ -69,7 +69,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = p.parse_args(argv)
     env = environment(args.device)
-    print_header("block-map construction (bench_mask.py)", env)
+    print_header("block-map construction (bench_layout.py)", env)
     flex_max_n = args.flex_max_n or (16384 if args.device == "cpu" else 1 << 30)
     rows = bench(args.sizes, args.kinds, args.device, 1 if args.smoke else args.repeats, flex_max_n)
     compiled = "cpp" if args.device == "cpu" else "cuda"
@@ -85,9 +85,9 @@ def main(argv=None):
     md = markdown_table(["N", "kind", f"{compiled} ms", "reference ms", "flex create_block_mask ms",
                          f"flex / {compiled}", "layout", "block map", "dense bool mask"], table)
     print(md)
-    payload = {"benchmark": "bench_mask", "block": BLOCK, "scenario": "multi_image", "env": env, "rows": rows}
+    payload = {"benchmark": "bench_layout", "block": BLOCK, "scenario": "multi_image", "env": env, "rows": rows}
     if args.out or not args.smoke:
-        save_results("bench_mask", env, payload, md, args.out)
+        save_results("bench_layout", env, payload, md, args.out)
     return payload
 
 

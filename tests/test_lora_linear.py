@@ -128,7 +128,7 @@ def test_offsets_past_int32_range(seed):
     unwidened offset may SIGSEGV, which must fail this test, not kill the session."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = f"import json; from tests.test_lora_kernel import int64_offsets_check as f; print(json.dumps(f({seed})))"
+    code = f"import json; from tests.test_lora_linear import int64_offsets_check as f; print(json.dumps(f({seed})))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"

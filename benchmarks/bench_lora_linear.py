@@ -5,8 +5,8 @@ under bf16 autocast (the mixed-precision LoRA training setup); the plain frozen
 nn.Linear is timed as the floor. Forward (no grad) and forward+backward (grads
 for x, A, B) are timed separately; outputs are checked against each other first.
 
-    python benchmarks/bench_lora.py            # GPU, LLaVA-7B-like shapes
-    python benchmarks/bench_lora.py --smoke    # CPU, tiny shape, Triton interpreter, fp32
+    python benchmarks/bench_lora_linear.py            # GPU, LLaVA-7B-like shapes
+    python benchmarks/bench_lora_linear.py --smoke    # CPU, tiny shape, Triton interpreter, fp32
 """
 from __future__ import annotations
 
@@ -114,13 +114,14 @@ def main(argv=None) -> list[dict]:
     else:
         ap.error("needs a CUDA GPU; use --smoke on CPU")
     env = environment(device)
-    print_header("fused LoRA linear vs PEFT (bench_lora.py)" + (" -- SMOKE, interpreter: not a speed test"
+    print_header("fused LoRA linear vs PEFT (bench_lora_linear.py)" + (" -- SMOKE, interpreter: not a speed test"
                                                                if args.smoke else ""), env)
     rows = [row for shape in shapes for row in case(*shape, device, dtype, reps)]
     table = markdown(rows)
     print(table)
     if args.out or not args.smoke:
-        save_results("bench_lora", env, {"benchmark": "bench_lora", "env": env, "rows": rows}, table, args.out)
+        payload = {"benchmark": "bench_lora_linear", "env": env, "rows": rows}
+        save_results("bench_lora_linear", env, payload, table, args.out)
     return rows
 
 

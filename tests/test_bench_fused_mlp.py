@@ -1,4 +1,4 @@
-"""benchmarks/bench_connector.py --smoke runs end to end and writes its results."""
+"""benchmarks/bench_fused_mlp.py --smoke runs end to end and writes its results."""
 import json
 import os
 import subprocess
@@ -8,10 +8,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_connector_smoke(tmp_path):
+def test_bench_fused_mlp_smoke(tmp_path):
     out = tmp_path / "connector.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "benchmarks/bench_connector.py", "--smoke", "--out", str(out)],
+    res = subprocess.run([sys.executable, "benchmarks/bench_fused_mlp.py", "--smoke", "--out", str(out)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "NOT a speed test" in res.stdout
