@@ -7,7 +7,7 @@ import torch
 
 from fastvlm.models.llm import LLM, LLMConfig
 from fastvlm.models.vision import VisionConfig, VisionEncoder
-from fastvlm.train.contrastive import (
+from fastvlm.nn.contrastive import (
     ContrastiveHeads,
     contrastive_loss,
     contrastive_loss_reference,

@@ -5,6 +5,7 @@ import torch
 import fastvlm.models.feature_cache as feature_cache
 from fastvlm.models.feature_cache import FeatureCache, StaleCacheError
 from fastvlm.models.vision import VisionConfig, VisionEncoder
+from fastvlm.utils.io import content_key
 
 SHAPE = (3, 28, 28)
 
@@ -117,8 +118,23 @@ def test_requires_frozen_encoder(tmp_path):
                                num_heads=4, intermediate_size=48)
     with pytest.raises(ValueError, match="frozen"):
         FeatureCache(tmp_path, VisionEncoder(config))
-    with pytest.raises(ValueError, match="image file bytes"):
-        FeatureCache(tmp_path, frozen_encoder()).key("not bytes")
+    with pytest.raises(ValueError, match="image file's bytes or its content key"):
+        FeatureCache(tmp_path, frozen_encoder()).key(123)
+
+
+def test_content_keys_and_bytes_find_the_same_features(tmp_path):
+    """The data loader hands the cache content keys (computed where it reads the file):
+    an image cached by its bytes is a hit by its key, and the reverse."""
+    encoder = frozen_encoder()
+    cache = FeatureCache(tmp_path, encoder)
+    blobs, decode = make_images(3), Decoder()
+    (by_bytes,) = cache.features(blobs[:2], decode)
+    keys = [content_key(b) for b in blobs]
+    assert [k in cache for k in keys] == [True, True, False]
+    (by_keys,) = cache.features(keys, lambda missing: decode([blobs[keys.index(k)] for k in missing]))
+    assert cache.hits == 2 and cache.misses == 3
+    torch.testing.assert_close(by_keys[:2], by_bytes, rtol=0, atol=0)
+    assert blobs[2] in cache
 
 
 @pytest.mark.gpu

@@ -8,15 +8,12 @@ import torch
 
 from fastvlm.train import trainer
 from fastvlm.train.build import GROUP_PATTERNS, build_model, finish_stage, prepare_stage
-from fastvlm.train.stage_data import StageBatches, prepare_data
-from fastvlm.train.trainer import (
-    TrainingError,
-    accumulate_gradients,
-    optimizer_step,
-    prepare_run_dir,
-    stage_optimizer,
-    train,
-)
+from fastvlm.train.checkpoint import prepare_run_dir
+from fastvlm.train.distributed import Distributed
+from fastvlm.train.losses import stage_loss
+from fastvlm.train.optim import accumulate, optimizer_step, stage_optimizer
+from fastvlm.train.stage_data import StageBatches, open_feature_cache, prepare_data
+from fastvlm.train.trainer import TrainingError, train
 
 from .train_recipes import tiny_recipe
 from .utils import unit_roundoff
@@ -45,7 +42,8 @@ def test_each_stage_trains_exactly_the_groups_it_names(run_data, seed):
         optimizer, _ = stage_optimizer(model, stage, 2)
         batches = iter(StageBatches(stage, recipe, data, model, seed))
         for _ in range(2):
-            loss, _, stepped = optimizer_step(model, stage, [next(batches)], optimizer, mp, CPU)
+            loss, _, stepped = optimizer_step(stage_loss(model, stage, CPU), [next(batches)], optimizer, mp, stage,
+                                              "cpu", Distributed())
             assert stepped and loss is not None
         after = model.state_dict()
         for name, value in before.items():
@@ -114,7 +112,7 @@ def test_grad_accumulation_equals_one_k_times_batch(run_data, seed):
         model.to(dtype)
         for how, batches in (("accumulated", micro), ("one batch", [_concat(micro)])):
             model.zero_grad(set_to_none=True)
-            assert accumulate_gradients(model, stage, batches, mp, CPU) is not None
+            assert accumulate(stage_loss(model, stage, CPU), batches, mp, "cpu", Distributed()) is not None
             grads[how, dtype] = _grads(model).double()
     ref = grads["one batch", torch.float64]
     err64 = float((grads["accumulated", torch.float64] - ref).norm())
@@ -127,7 +125,7 @@ def test_grad_accumulation_equals_one_k_times_batch(run_data, seed):
     # with unequal shares, a plain mean of micro-batch means (the classic mistake) is far outside it
     model.to(torch.float64).zero_grad(set_to_none=True)
     for b in micro:
-        (trainer.micro_loss(model, stage, b, CPU) / len(micro)).backward()
+        (stage_loss(model, stage, CPU)(b)[0] / len(micro)).backward()
     assert float((_grads(model).double() - ref).norm()) > 100 * bound
 
 
@@ -136,11 +134,12 @@ def test_feature_cache_gives_the_towers_features(run_data, seed, tmp_path):
     model = build_model(recipe, data.tokenizer, seed)
     stage = recipe.stages[2]
     prepare_stage(model, stage, recipe, CPU)
-    cache = trainer._feature_cache(model, tmp_path)
+    cache = open_feature_cache(model, tmp_path, Distributed())
     batch = next(iter(StageBatches(stage, recipe, data, model, seed)))
-    direct = trainer.micro_loss(model, stage, batch, CPU)
-    miss = trainer.micro_loss(model, stage, batch, CPU, cache)
-    hit = trainer.micro_loss(model, stage, batch, CPU, cache)
+    assert batch["image_keys"] and len(batch["image_keys"]) == len(batch["images"])
+    direct = stage_loss(model, stage, CPU)(batch)[0]
+    miss = stage_loss(model, stage, CPU, cache)(batch)[0]
+    hit = stage_loss(model, stage, CPU, cache)(batch)[0]
     assert cache.misses > 0 and cache.hits == cache.misses
     assert torch.equal(direct, miss) and torch.equal(miss, hit)
 
@@ -149,11 +148,16 @@ def test_non_finite_losses_stop_the_run_naming_stage_and_step(tmp_path, monkeypa
     recipe = tiny_recipe(["stages.vision.max_bad_steps=2"])
     calls = []
 
-    def nan_loss(model, stage, batch, device, cache=None):
-        calls.append(stage.name)
-        return torch.tensor(float("nan"), requires_grad=True)
+    class NanLoss(torch.nn.Module):
+        def __init__(self, stage):
+            super().__init__()
+            self.stage = stage
 
-    monkeypatch.setattr(trainer, "micro_loss", nan_loss)
+        def forward(self, batch):
+            calls.append(self.stage.name)
+            return torch.tensor(float("nan"), requires_grad=True), {}
+
+    monkeypatch.setattr(trainer, "stage_loss", lambda model, stage, device, cache=None: NanLoss(stage))
     with pytest.raises(TrainingError, match=r"stage 'vision', step 2: non-finite loss in 2 steps in a row; "
                                             r"likely cause: the learning rate"):
         train(recipe, tmp_path / "run", progress=False, echo=lambda *_: None)

@@ -3,8 +3,8 @@
 An item is one sample as ``VLMDataset`` returns it: ``input_ids`` and ``labels``
 (LongTensor [L], labels unshifted, -100 = not supervised), ``pixel_values``
 ([n_img, 3, H, W] or None), ``image_spans`` ((start, length) of each image's
-token run, in placeholder order), ``prefix_len``, ``id`` and ``image_files`` (the files
-its images came from: the feature cache's keys).
+token run, in placeholder order), ``prefix_len``, ``id``, ``image_files`` (the files
+its images came from) and ``image_keys`` (their content keys: the feature cache's index).
 
 ``PackedCollator`` lays the items of one planned row side by side in rows of
 exactly ``budget`` tokens; ``PaddedCollator`` gives each item its own row,
@@ -61,7 +61,7 @@ def collate_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: 
     image_ids = torch.full((batch_size, width), -1, dtype=torch.int32)
     position_ids = torch.zeros((batch_size, width), dtype=torch.long)
     prefix_mask = torch.zeros((batch_size, width), dtype=torch.bool) if kind == "prefix_lm" else None
-    images, files, ids, supervised = [], [], [], 0
+    images, files, keys, ids, supervised = [], [], [], [], 0
     for r, row in enumerate(rows):
         start = 0
         for s, item in enumerate(row):
@@ -76,13 +76,15 @@ def collate_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: 
                 image_ids[r, start + span_start:start + span_start + span_len] = len(images)
                 images.append(item["pixel_values"][k])
             files += item.get("image_files", ())
+            keys += item.get("image_keys", ())
             supervised += int((item["labels"][1:] != -100).sum())  # the first token is never a target
             ids.append(item.get("id"))
             start = end
     real = int((segment_ids >= 0).sum())
     return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids, "image_ids": image_ids,
             "position_ids": position_ids, "prefix_mask": prefix_mask,
-            "images": torch.stack(images) if images else None, "image_files": files, "ids": ids,
+            "images": torch.stack(images) if images else None, "image_files": files, "image_keys": keys,
+            "ids": ids,
             "num_samples": len(ids),
             "real_tokens": real, "row_tokens": batch_size * width, "supervised_tokens": supervised}
 
@@ -100,16 +102,25 @@ class PackedCollator:
         self.pad_id, self.budget, self.kind = int(pad_id), check_budget(budget), _check_kind(kind)
 
     def __call__(self, items: Sequence[dict]) -> dict:
-        lengths = [_check_item(item) for item in items]
-        too_long = [(item.get("id"), n) for item, n in zip(items, lengths) if n > self.budget]
-        if too_long:
-            raise ValueError(f"items: sample {too_long[0][0]!r} has {too_long[0][1]} tokens, more than the row "
-                             f"budget {self.budget} (give VLMDataset max_length={self.budget})")
-        if not items:
+        """The items of one planned row."""
+        return self.collate_planned([items])
+
+    def collate_planned(self, rows: Sequence[Sequence[dict]]) -> dict:
+        """Several planned rows (a micro-batch of them), each kept as planned unless its
+        true lengths overflow the budget (then re-packed, best-fit decreasing)."""
+        if not rows or not all(rows):
             raise ValueError("items: nothing to collate (an empty row)")
-        rows = [list(range(len(items)))] if sum(lengths) <= self.budget else pack(lengths, self.budget, "bfd")
-        batch = collate_rows([[items[i] for i in row] for row in rows], self.budget, self.pad_id, self.kind)
-        batch["overflow_rows"] = len(rows) - 1
+        fitted = []
+        for items in rows:
+            lengths = [_check_item(item) for item in items]
+            too_long = [(item.get("id"), n) for item, n in zip(items, lengths) if n > self.budget]
+            if too_long:
+                raise ValueError(f"items: sample {too_long[0][0]!r} has {too_long[0][1]} tokens, more than the "
+                                 f"row budget {self.budget} (give VLMDataset max_length={self.budget})")
+            fitted += ([list(items)] if sum(lengths) <= self.budget
+                       else [[items[i] for i in row] for row in pack(lengths, self.budget, "bfd")])
+        batch = collate_rows(fitted, self.budget, self.pad_id, self.kind)
+        batch["overflow_rows"] = len(fitted) - len(rows)
         return batch
 
 

@@ -21,10 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastvlm.data.conversation import SampleTooLong, encode_conversation
 from fastvlm.data.formats import estimate_length
-from fastvlm.data.images import BadImageCounter, load_image
+from fastvlm.data.images import BadImageCounter, load_image_and_key
 from fastvlm.data.lengths import cached_array, code_hash
 from fastvlm.data.packing import TRUNCATIONS
-from fastvlm.data.sampler import PackedBatchSampler
 from fastvlm.data.tokenizer import load_tokenizer
 from fastvlm.models.preprocess import ImagePreprocessor
 
@@ -104,17 +103,20 @@ class VLMDataset(Dataset):
         encoded = self._encode(sample)
         if encoded is None:
             return None
-        pixels, files = [], [self.image_root / rel for rel in sample.images[:encoded.num_images]]
+        pixels, keys, files = [], [], [self.image_root / rel for rel in sample.images[:encoded.num_images]]
         for path in files:  # images cut off with their turns are not decoded
-            image = load_image(path, self.preprocessor, self.strict, counter=self.skipped, **self.image_checks)
-            if image is None:
+            loaded = load_image_and_key(path, self.preprocessor, self.strict, counter=self.skipped,
+                                        **self.image_checks)
+            if loaded is None:
                 return None
-            pixels.append(image)
+            pixels.append(loaded[0])
+            keys.append(loaded[1])
         return {"input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
                 "labels": torch.tensor(encoded.labels, dtype=torch.long),
                 "pixel_values": torch.stack(pixels) if pixels else None,
                 "image_spans": image_spans(encoded.input_ids, self.tokenizer.image_token_id, self.image_tokens),
-                "image_files": files, "id": sample.id, "prefix_len": encoded.prefix_len, "index": index}
+                "image_files": files, "image_keys": keys, "id": sample.id, "prefix_len": encoded.prefix_len,
+                "index": index}
 
     # ---- cheap per-sample metadata for the sampler ----------------------------------------
     def _estimates(self) -> np.ndarray:
@@ -181,7 +183,8 @@ class _SkippingCollate:
 
 
 class VLMLoader(DataLoader):
-    """A DataLoader over a PackedBatchSampler that
+    """A DataLoader over a PackedBatchSampler (or a StepSampler of one: see
+    fastvlm.data.steps; a "batch" is then one optimizer step) that
 
     - skips samples the dataset returned as None, and gathers the workers' skip
       counts in ``skipped`` (a BadImageCounter);
@@ -202,7 +205,7 @@ class VLMLoader(DataLoader):
 
     def __iter__(self):
         sampler = self.batch_sampler
-        tracked = isinstance(sampler, PackedBatchSampler)
+        tracked = hasattr(sampler, "_tracked_externally")  # a PackedBatchSampler or a StepSampler over one
         if tracked and sampler.position >= len(sampler):
             sampler._next_epoch()
         epoch = sampler.epoch if tracked else len(self.epoch_stats)

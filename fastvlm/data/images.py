@@ -8,6 +8,7 @@ a ``ValueError`` names the file and the reason.
 """
 from __future__ import annotations
 
+import io
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fastvlm.models.preprocess import ImagePreprocessor, load_rgb
+from fastvlm.utils.io import content_key
 
 REASONS = ("missing", "unreadable", "empty", "corrupt", "truncated", "too_small", "too_large", "extreme_aspect")
 EXAMPLES_PER_REASON = 5  # file names kept per reason, for the report
@@ -105,31 +107,37 @@ def open_image(path, *, min_size: int = 8, max_pixels: int | None = None, max_as
     decompression bomb is refused without allocating it. max_pixels defaults to
     PIL's own limit (Image.MAX_IMAGE_PIXELS), whose warning is treated as a refusal.
     """
+    return read_image(path, min_size=min_size, max_pixels=max_pixels, max_aspect=max_aspect)[0]
+
+
+def read_image(path, *, min_size: int = 8, max_pixels: int | None = None, max_aspect: float = 200.0
+               ) -> tuple[Image.Image, str]:
+    """(open_image's image, the file's content key): the file is read once, its bytes
+    both hashed (fastvlm.utils.io.content_key, the feature cache's index) and decoded."""
     path = Path(path)
     max_pixels = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        if path.stat().st_size == 0:
-            raise BadImageError.of(path, "empty", "zero bytes")
+        blob = path.read_bytes()
     except FileNotFoundError:
         raise BadImageError.of(path, "missing", "no such file") from None
     except OSError as err:
         raise BadImageError.of(path, "unreadable", str(err)) from None
+    if not blob:
+        raise BadImageError.of(path, "empty", "zero bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(io.BytesIO(blob))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadImageError.of(path, "too_large", str(err)) from None
     except UnidentifiedImageError as err:
         raise BadImageError.of(path, "corrupt", str(err)) from None
-    except PermissionError as err:
-        raise BadImageError.of(path, "unreadable", str(err)) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise BadImageError.of(path, "corrupt", str(err)) from None
     try:
         _check_size(path, image.size, min_size, max_pixels, max_aspect)
         image.load()  # decode now: truncated data fails here, not in the preprocessor
-        return load_rgb(image)
+        return load_rgb(image), content_key(blob)
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         if isinstance(err, BadImageError):
             raise
@@ -156,12 +164,19 @@ def load_image(path, preprocessor: ImagePreprocessor, strict: bool = False, *,
     """Pixel values [3, S, S] of the image at `path`, preprocessed; for a bad file,
     None (counted in `counter` by reason) or, with strict=True, a ValueError naming
     the file. `checks`: min_size, max_pixels, max_aspect of open_image."""
+    loaded = load_image_and_key(path, preprocessor, strict, counter=counter, **checks)
+    return None if loaded is None else loaded[0]
+
+
+def load_image_and_key(path, preprocessor: ImagePreprocessor, strict: bool = False, *,
+                       counter: BadImageCounter | None = None, **checks) -> tuple[torch.Tensor, str] | None:
+    """load_image's pixels and the file's content key (read_image), or None."""
     try:
-        image = open_image(path, **checks)
+        image, key = read_image(path, **checks)
     except BadImageError as err:
         if strict:
             raise
         if counter is not None:
             counter.add(err.reason, err.path)
         return None
-    return preprocessor([image])[0]
+    return preprocessor([image])[0], key

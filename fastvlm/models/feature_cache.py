@@ -7,7 +7,9 @@ states on disk so later epochs only read them.
 Layout of a cache directory:
     cache.json              fingerprint: encoder config, weights hash, select_layers, dtype
     shards/<uuid>.safetensors   one per write, tensors named "<image key>.<n>" (n-th selected layer)
-An image's key hashes its bytes together with the fingerprint. A shard appears
+An image's key hashes its content key (fastvlm.utils.io.content_key of its file's
+bytes, which the data loader computes where it reads the file) together with the
+fingerprint. A shard appears
 under its final name only through os.replace of a fully written temporary file,
 so an interrupted write leaves at most a ".tmp-*" file that is never read.
 Opening a directory whose cache.json describes another encoder, other layers or
@@ -28,9 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fastvlm.models.vision import VisionEncoder
-from fastvlm.utils.io import atomic_write
+from fastvlm.utils.io import atomic_write, content_key
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: keyed by content keys (1 hashed the bytes with the fingerprint directly)
 
 
 class StaleCacheError(ValueError):
@@ -99,13 +101,17 @@ class FeatureCache:
             for name in names:
                 self.index[name.rsplit(".", 1)[0]] = shard
 
-    def key(self, image_bytes: bytes) -> str:
-        if not isinstance(image_bytes, (bytes, bytearray, memoryview)):
-            raise ValueError(f"images: expected the encoded image file bytes, got {type(image_bytes).__name__}")
-        return hashlib.blake2b(bytes(image_bytes), key=self._salt, digest_size=20).hexdigest()
+    def key(self, image: bytes | str) -> str:
+        """The cache's key of an image given as its file's bytes or its content key."""
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image = content_key(image)
+        if not isinstance(image, str):
+            raise ValueError(f"images: expected an image file's bytes or its content key (str), got "
+                             f"{type(image).__name__}")
+        return hashlib.blake2b(image.encode(), key=self._salt, digest_size=20).hexdigest()
 
-    def __contains__(self, image_bytes: bytes) -> bool:
-        return self.key(image_bytes) in self.index
+    def __contains__(self, image: bytes | str) -> bool:
+        return self.key(image) in self.index
 
     def __len__(self) -> int:
         return len(self.index)
@@ -130,14 +136,15 @@ class FeatureCache:
         atomic_write(shard, lambda p: save_file(tensors, p))
         self.index.update({key: shard for key in keys})
 
-    def features(self, images: Sequence[bytes], preprocess: Callable[[list[bytes]], torch.Tensor]
+    def features(self, images: Sequence[bytes | str], preprocess: Callable[[list], torch.Tensor]
                  ) -> list[torch.Tensor]:
-        """Selected features of `images` ([B, T, C] per layer, on the encoder's device).
+        """Selected features of `images` (file bytes or content keys; [B, T, C] per layer, on
+        the encoder's device).
 
-        `preprocess` turns the image bytes of the misses into pixel values; hits
-        are neither decoded nor encoded."""
-        if isinstance(images, (bytes, bytearray, memoryview)) or not len(images):
-            raise ValueError("images: expected a non-empty sequence of encoded images")
+        `preprocess` turns the misses (as given) into pixel values; hits are neither
+        decoded nor encoded."""
+        if isinstance(images, (bytes, bytearray, memoryview, str)) or not len(images):
+            raise ValueError("images: expected a non-empty sequence of image file bytes or content keys")
         keys = [self.key(image) for image in images]
         is_miss = [key not in self.index for key in keys]
         self.misses += sum(is_miss)

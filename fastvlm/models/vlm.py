@@ -4,7 +4,11 @@
 features to the LLM's width, splices them into the token embeddings at the
 image placeholders (fastvlm.models.splice), builds the attention layout of the
 batch from its token metadata (segments, image runs) and runs the LLM with the
-fused LM-head loss. Hugging Face LLaVA checkpoints (``LlavaForConditionalGeneration``,
+fused LM-head loss. It is the first model the trainer trains through its seam
+(fastvlm.train.losses.TrainableModel): ``batch_inputs`` reads a collated batch,
+``GROUP_PATTERNS`` names its parameter groups, ``fsdp_units`` its sharding units,
+``text_loss`` and ``contrastive_loss`` serve the lm and contrastive stages.
+Hugging Face LLaVA checkpoints (``LlavaForConditionalGeneration``,
 old and new key layouts) load with ``VLM.from_pretrained``; ``save_pretrained``
 writes fastvlm's own directory format, which from_pretrained also reads.
 """
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 from fastvlm.models import llava_names
+from fastvlm.models.feature_cache import FeatureCache
 from fastvlm.models.hf_vision import config_from_hf, convert_state_dict
 from fastvlm.models.llm import (
     LLM,
@@ -32,6 +37,7 @@ from fastvlm.models.llm import (
 from fastvlm.models.splice import splice_image_features
 from fastvlm.models.vision import VisionConfig, VisionEncoder
 from fastvlm.nn.connector import FusedMLPConnector, MultiLevelConnector, ResamplerConnector
+from fastvlm.nn.contrastive import ContrastiveHeads, text_states
 from fastvlm.nn.lora import LoRALinear
 from fastvlm.ops import KINDS, AttentionLayout
 from fastvlm.ops.activations import FUSED_ACTIVATIONS, activation_from_hf
@@ -99,6 +105,14 @@ class VLMConfig:
 
 
 class VLM(nn.Module):
+    # Parameter groups by name (the optimizer's per-group learning rates); first match wins.
+    GROUP_PATTERNS = {
+        "heads": r"contrastive_heads\..*",
+        "connector": r"multi_modal_projector\..*",
+        "vision": r"vision_tower\..*",
+        "llm": r"language_model\..*",
+    }
+
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.config = cfg
@@ -197,6 +211,55 @@ class VLM(nn.Module):
                                               prefix_mask=prefix_mask, kind=self.config.attention_kind,
                                               split_softmax=self.config.split_softmax,
                                               tokens_per_image=self.tokens_per_image(images))
+
+    # ---- the trainer's seam (fastvlm.train.losses.TrainableModel) ------------------------
+    def batch_inputs(self, batch: dict, device, cache: FeatureCache | None = None) -> dict:
+        """forward's keyword arguments from a collated batch (fastvlm.data.collate), on
+        `device`: its token metadata, and its images as pixels or, with a `cache` of this
+        model's frozen tower, as their cached encoder features (keyed by the content keys
+        the batch carries; the misses are encoded from the batch's pixels). A batch without
+        images passes no features (``[]``: see blank_image_term)."""
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "labels", "segment_ids", "prefix_mask")
+                  if batch.get(k) is not None}
+        images = batch.get("images")
+        if cache is None:
+            return {**inputs, "images": images.to(device) if images is not None else None}
+        keys = batch["image_keys"]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}
+        features = cache.features(keys, lambda missing: images[[first[k] for k in missing]]) if keys else []
+        return {**inputs, "image_features": features}
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules FSDP shards as units of their own: every decoder and vision encoder block.
+        The rest (embeddings, norms, connector, heads) is the root's unit, gathered for the
+        whole micro-batch (the contrastive loss embeds captions with the LLM's token table
+        alone). Blocks, not the tower: a wrapped transformers tower breaks its hidden-state
+        capture (it looks modules up by class name)."""
+        return list(self.language_model.model.layers) + list(self.vision_tower.blocks)
+
+    def text_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, segment_ids=None, **_) -> torch.Tensor:
+        """The LLM alone on text (an ``lm`` stage: images and the tower play no part)."""
+        return self.language_model(input_ids, segment_ids=segment_ids, labels=labels)
+
+    def add_contrastive_heads(self, embed_dim: int, kind: str = "sigmoid", image_pool: str = "mean") -> None:
+        """Pooling + projections of both towers for a contrastive stage (``contrastive_heads``)."""
+        self.contrastive_heads = ContrastiveHeads(self.config.vision.hidden_size, self.config.llm.hidden_size,
+                                                  embed_dim, kind, image_pool)
+
+    def contrastive_loss(self, images: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor, *,
+                         text_source: str = "embeddings", chunk: int = 1024) -> torch.Tensor:
+        """CLIP / SigLIP loss of (image, caption) pairs through ``contrastive_heads``: the towers
+        under the caller's autocast; pooling, projections and the B x B loss in fp32 (in bf16
+        the loss itself would be rounded to 3 significant digits)."""
+        heads = getattr(self, "contrastive_heads", None)
+        if heads is None:
+            raise ValueError("contrastive_heads: none; add them first (add_contrastive_heads)")
+        (vision_hidden,) = self.vision_tower(images, select_layers=[-1])
+        text = text_states(self.language_model, input_ids, text_mask, text_source)
+        with torch.autocast(images.device.type, enabled=False):
+            image_emb = heads.image_embedding(vision_hidden.float(), self.vision_tower.config.num_prefix_tokens)
+            text_emb = heads.text_embedding(text.float(), text_mask)
+            return heads.loss(image_emb, text_emb, chunk)
 
     # ---- training / inference ------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None, labels=None, *,

@@ -22,21 +22,15 @@ from fastvlm.models.llm import LLMConfig
 from fastvlm.models.vision import VisionConfig
 from fastvlm.models.vlm import VLM, VLMConfig, _from_hf_llava
 from fastvlm.nn.lora import LoRALinear, set_submodule
+from fastvlm.train import distributed
 from fastvlm.train.checkpoint import nf4_source_path, save_tensors
-from fastvlm.train.contrastive import ContrastiveHeads
 from fastvlm.train.lora import apply_lora, resolve_lora_targets
 from fastvlm.train.precision import MixedPrecision
-from fastvlm.train.quant import apply_qlora, merge_quantized
+from fastvlm.train.quant import apply_qlora, merge_quantized, quantized_state_keys
 from fastvlm.train.recipe import Recipe, Stage
 from fastvlm.utils.io import read_tensors
 
-# Parameter groups by name (the optimizer's per-group learning rates); first match wins.
-GROUP_PATTERNS = {
-    "heads": r"contrastive_heads\..*",
-    "connector": r"multi_modal_projector\..*",
-    "vision": r"vision_tower\..*",
-    "llm": r"language_model\..*",
-}
+GROUP_PATTERNS = VLM.GROUP_PATTERNS
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -128,8 +122,8 @@ def prepare_stage(model: VLM, stage: Stage, recipe: Recipe, device: torch.device
     tower = model.vision_tower
     if stage.type == "contrastive":
         c = stage.contrastive
-        model.contrastive_heads = ContrastiveHeads(model.config.vision.hidden_size, model.config.llm.hidden_size,
-                                                   c.embed_dim, c.kind, c.image_pool).to(device)
+        model.add_contrastive_heads(c.embed_dim, c.kind, c.image_pool)
+        model.contrastive_heads.to(device)
         model.contrastive_heads.requires_grad_("heads" in stage.lr)
         _unfreeze_tower(tower)
         tower.requires_grad_("vision" in stage.lr)
@@ -274,3 +268,16 @@ def trainable_by_group(model: nn.Module) -> dict[str, tuple[int, int]]:
         counts[group][0] += n
         counts[group][1] += n if p.requires_grad else 0
     return {g: (t, tr) for g, (t, tr) in counts.items() if t}
+
+
+def unsharded(model: VLM, recipe: Recipe, tokenizer, index: int, device: torch.device, run_dir: Path) -> VLM:
+    """The FSDP-sharded model of stage `index` as a plain one on every rank (for evaluation,
+    merging LoRA and the next stage): the same model rebuilt by replaying the stages' shaping,
+    with the gathered weights loaded."""
+    full = distributed.full_model_state(model)
+    with torch.random.fork_rng():  # replaying must not move the run's random stream
+        fresh = stage_model(recipe, tokenizer, index, run_dir, device)
+    nf4 = quantized_state_keys(fresh, fresh.state_dict())  # re-quantized by the rebuild, as at the stage's start
+    fresh.load_state_dict({k: v for k, v in full.items() if k not in nf4}, strict=not nf4)
+    return fresh
+

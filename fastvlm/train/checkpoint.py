@@ -28,15 +28,19 @@ import os
 import random
 import re
 import shutil
+import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastvlm.nn.lora import LoRALinear
 from fastvlm.train import distributed
 from fastvlm.train.quant import quantized_state_keys
-from fastvlm.utils.io import atomic_write
+from fastvlm.train.recipe import Recipe, to_toml
+from fastvlm.utils.io import atomic_write, atomic_write_text
 
 NAME = re.compile(r"^s(\d{2})-(.+)-step(\d{7})$")
 
@@ -226,3 +230,75 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
     for d in root.glob(".tmp-*"):
         shutil.rmtree(d, ignore_errors=True)
+
+
+def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool, write: bool = True) -> None:
+    """Refuse a directory that holds another recipe's run (checkpoints or a final model: a
+    start that failed before training leaves nothing to protect); with `write`, record the
+    resolved recipe as the run's identity (the trainer does so once the run has started)."""
+    info = run_dir / "recipe.json"
+    trained = bool(complete_checkpoints(run_dir / "checkpoints")) or (run_dir / "final").is_dir()
+    if info.is_file() and trained:
+        found = json.loads(info.read_text())["digest"]
+        if found != recipe.digest():
+            raise ValueError(f"--out: {run_dir} holds a run of another recipe (hash {found}, this one "
+                             f"{recipe.digest()}); use another directory")
+        if not resume and complete_checkpoints(run_dir / "checkpoints"):
+            raise ValueError(f"--out: {run_dir} already holds checkpoints of this recipe; pass --resume to "
+                             "continue it, or use another directory")
+    if not write:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.toml", to_toml(recipe))
+    atomic_write_text(info, json.dumps({"digest": recipe.digest(), "recipe": recipe.to_dict()}, indent=2))
+
+
+def lora_info(model) -> dict:
+    """The LoRA setup of a VLM's parts (lora.json beside a checkpoint's weights)."""
+    info = {part: asdict(cfg) if (cfg := getattr(getattr(model, attr), "lora_config", None)) is not None else None
+            for part, attr in (("llm", "language_model"), ("vision", "vision_tower"))}
+    info["llm_nf4"] = any(isinstance(m, LoRALinear) and m.quantized for m in model.language_model.modules())
+    return info
+
+
+class StageSaver:
+    """Writes a stage's checkpoints (model + every state needed to continue) and prunes old ones."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe, index: int, stage, model, optimizer, scheduler, mp,
+                 batches, dist):
+        self.run_dir, self.recipe, self.index, self.stage, self.model = Path(run_dir), recipe, index, stage, model
+        self.optimizer, self.scheduler, self.mp, self.batches, self.dist = optimizer, scheduler, mp, batches, dist
+
+    def save(self, step: int, global_step: int, bad: int, skipped: int) -> Path:
+        dcp = self.dist.uses_dcp  # model + optimizer sharded through DCP then, the rest from rank 0
+        state = {"optimizer": None if dcp else self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.mp.scaler.state_dict() if self.mp.scaler is not None else None,
+                 "sampler": self.batches.state_dict(), "rng": rng_state(), "step": step,
+                 "global_step": global_step, "bad": bad, "skipped": skipped}
+        meta = {"stage": self.stage.name, "stage_index": self.index, "step": step, "global_step": global_step,
+                "digest": self.recipe.digest(), "time": time.time()}
+        extra = {"config.json": json.dumps({"model_type": "fastvlm_vlm", "config": self.model.config.to_dict()}),
+                 "lora.json": json.dumps(lora_info(self.model))}
+        root = self.run_dir / "checkpoints"
+        name = checkpoint_name(self.index, self.stage.name, step)
+        if dcp:
+            return save_sharded_checkpoint(root, name, self.dist, self.model, self.optimizer, state, rng_state(),
+                                           meta, extra, self.recipe.run.keep_checkpoints)
+        path = save_checkpoint(root, name, self.model, state, meta, extra)
+        prune(root, self.recipe.run.keep_checkpoints)
+        return path
+
+    def restore(self, path: Path, device: torch.device) -> dict:
+        """Load checkpoint `path` into the model, optimizer, scheduler, scaler, sampler and RNG;
+        returns its counters (step, bad, skipped, global_step)."""
+        state, _ = load_checkpoint(path, self.model, self.optimizer if self.dist.uses_dcp else None, self.dist.rank)
+        if not self.dist.uses_dcp:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None:
+            self.mp.scaler = torch.amp.GradScaler(device.type)
+            self.mp.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        return {k: state[k] for k in ("step", "bad", "skipped", "global_step")}
+

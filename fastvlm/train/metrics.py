@@ -4,12 +4,17 @@ metrics.jsonl holds one JSON object per logged step (``stage``, ``stage_index``,
 ``step``, ``global_step``, ``loss``, ``lr``, ``tokens_per_s``, ``samples_per_s``,
 ``grad_norm``, ``skipped``, ...) and one per evaluation (``"event": "eval"``).
 On resume, lines past the checkpoint's step are dropped, so the file reads as one
-uninterrupted run.
+uninterrupted run. The progress bar's text and each stage's closing line are made here.
 """
 from __future__ import annotations
 
 import json
+import resource
+import sys
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
 
 from fastvlm.utils.io import atomic_write_text
 
@@ -80,3 +85,55 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class NoLog:
+    """What ranks other than 0 log: nothing."""
+
+    def truncate_after(self, *args):
+        pass
+
+    def records(self):
+        return []
+
+    write = plot = close = truncate_after
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def progress_bar(stage, index: int, total: int, step: int, enabled: bool):
+    return tqdm(total=total, initial=step, desc=f"[{index + 1}] {stage.name} ({stage.type})", disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def step_postfix(m: dict) -> str:
+    """The progress bar's text of a step record."""
+    loss = "nan" if m["loss"] is None else f"{m['loss']:.4f}"
+    text = (f"loss {loss} lr {m['lr']:.2e} tok/s {m['tokens_per_s']:.0f} samples/s {m['samples_per_s']:.1f} "
+            f"peak {m['peak_mem_mb']:.0f}MB")
+    return text + (f" skipped {m['skipped_samples']}" if m["skipped_samples"] else "")
+
+
+def stage_line(s: dict) -> str:
+    """The line printed at a stage's end, from its summary."""
+    loss = "nan" if s["loss"] is None else f"{s['loss']:.4f}"
+    line = (f"stage {s['stage']} ({s['type']}): {s['steps']} steps in {s['seconds']:.1f}s, final loss {loss}, "
+            f"{s['trainable']:,} trainable parameters")
+    if s["skipped"]:
+        line += f", {s['skipped']} steps skipped (non-finite)"
+    if s.get("cache"):
+        line += f", feature cache {s['cache'][0]:.0f} hits / {s['cache'][1]:.0f} misses"
+    for what, why in (("skipped", "could not be used"), ("filtered", f"not used by a {s['type']} stage")):
+        counts = s["samples"][what]
+        if counts["total"]:
+            examples = ", ".join(e for names in counts["examples"].values() for e in names[:2])
+            reasons = ", ".join(f"{r} {n}" for r, n in counts["counts"].items())
+            line += f", {counts['total']} samples {what} ({why}: {reasons}; e.g. {examples})"
+    if s.get("eval"):
+        line += f", val accuracy {s['eval']['overall']:.1%}"
+    return line
+

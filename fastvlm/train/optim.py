@@ -5,16 +5,20 @@ tolerates a high one, while adapters on pretrained parts (LLM, and more so the
 vision encoder) need lower ones, or training undoes their pre-training.
 ``param_groups`` sorts trainable parameters into named groups by regex over
 parameter names (first match wins); ``build_optimizer`` makes a torch AdamW or
-a bitsandbytes 8-bit / paged AdamW over them.
+a bitsandbytes 8-bit / paged AdamW over them. ``optimizer_step`` is one step of a
+stage: the micro-batches' weighted backward (``accumulate``, one process or many),
+clipping, and an update skipped when the loss or gradient is not finite.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 from torch import nn
 
 from fastvlm.train.lora import TOWER_NAMES
+from fastvlm.train.schedule import lr_lambda
 
 
 def _under(names) -> str:
@@ -76,3 +80,72 @@ def build_optimizer(groups: list[dict], name: str = "adamw", betas=(0.9, 0.999),
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
            "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
     return cls(groups, betas=betas, eps=eps)
+
+
+# ---- one optimizer step of a stage ---------------------------------------------------------
+def stage_optimizer(model: nn.Module, stage, total_steps: int):
+    """(optimizer, scheduler): one parameter group per trained group of the model's
+    GROUP_PATTERNS (its own LR; biases and norms without weight decay), warmup then
+    cosine / constant over the stage's steps."""
+    groups = param_groups(model, stage.lr, model.GROUP_PATTERNS, stage.weight_decay)
+    optimizer = build_optimizer(groups, stage.optimizer, tuple(stage.betas))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, total_steps))
+
+
+def accumulate(step_loss: nn.Module, micro: list[dict], mp, device_type: str, dist) -> float | None:
+    """Backward of this rank's micro-batches of a step, each weighted by its supervised
+    tokens (pairs, for contrastive) over the step's count on all ranks, times the world
+    size (the gradient reduction averages): k micro-batches give the gradient of one
+    k-times batch, whatever the number of ranks. Gradients synchronise on the last one
+    only. Returns the step's loss, or None when it is not finite (every rank runs every
+    backward, a non-finite one too: its NaN gradients reach all ranks, so they agree on
+    skipping the step)."""
+    total = dist.all_reduce([sum(b["supervised_tokens"] for b in micro)])[0]
+    local = 0.0
+    for i, batch in enumerate(micro):
+        weight = batch["supervised_tokens"] / total if total else 0.0
+        with dist.sync_context(step_loss, sync=i == len(micro) - 1):
+            with mp.autocast(device_type):
+                loss, _ = step_loss(batch)
+            mp.backward(loss * (weight * dist.world))
+        local += float(loss.detach()) * weight
+    value = dist.all_reduce([local])[0]
+    return value if math.isfinite(value) else None
+
+
+def _grad_norm(params, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+
+
+def optimizer_step(step_loss: nn.Module, micro: list[dict], optimizer, mp, stage, device_type: str,
+                   dist) -> tuple[float | None, float, bool]:
+    """One optimizer step: (loss or None when non-finite, gradient norm, whether it stepped).
+    A non-finite loss or gradient skips the update (fp16: the loss scale backs off)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_value = accumulate(step_loss, micro, mp, device_type, dist)
+    grad_norm = float("nan")
+    if loss_value is not None:
+        mp.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = _grad_norm(params, stage.grad_clip or float("inf"))
+    # With fp16 the scaler sees inf gradients itself (skips, backs off); otherwise skip here.
+    stepped = loss_value is not None and (mp.scaler is not None or math.isfinite(grad_norm)) and mp.step(optimizer)
+    if loss_value is None and mp.scaler is not None:
+        mp.scaler.update(mp.scaler.get_scale() / 2)  # back off as GradScaler does on an overflow
+    if not stepped:
+        optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm, stepped
+
+
+def bad_steps_message(stage, step: int, bad: int, mp, lr: float, finite: bool) -> str:
+    """Why a stage stops after `bad` skipped steps in a row, and what to change."""
+    what = "loss" if not finite else "gradient norm"
+    if mp.precision == "fp16":
+        cause = (f"fp16 overflow (loss scale now {mp.loss_scale:g}); use precision = 'bf16' or 'fp32', "
+                 "or lower the learning rate")
+    else:
+        cause = (f"the learning rate (lr {lr:.3g} now; max {max(stage.lr.values()):.3g}) is too high for this stage, "
+                 "or a batch holds broken data")
+    return f"stage {stage.name!r}, step {step}: non-finite {what} in {bad} steps in a row; likely cause: {cause}"
+

@@ -104,6 +104,7 @@ class DataSection:
     # Samples that cannot be used (an image missing, corrupt or truncated; too long to keep a
     # turn) are skipped and counted; past this fraction of a split or a stage the run stops.
     max_skipped_fraction: float = 0.01
+    num_workers: int = 2            # DataLoader processes decoding images (0 = in the training process)
     synthetic: SyntheticData = field(default_factory=SyntheticData)
 
 
@@ -322,6 +323,8 @@ def validate(recipe: Recipe) -> None:
     _one_of(d.template, sorted(TEMPLATES), "data.template")
     if not 0 <= d.max_skipped_fraction <= 1:
         raise ValueError(f"data.max_skipped_fraction: expected a fraction in [0, 1], got {d.max_skipped_fraction}")
+    if isinstance(d.num_workers, bool) or not isinstance(d.num_workers, int) or d.num_workers < 0:
+        raise ValueError(f"data.num_workers: expected an int >= 0 (DataLoader processes), got {d.num_workers!r}")
     if d.kind == "llava" and not (d.train and d.val):
         raise ValueError("data.train / data.val: data.kind = 'llava' needs both files")
     if not recipe.stages:

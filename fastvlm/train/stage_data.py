@@ -35,12 +35,14 @@ from pathlib import Path
 
 import torch
 
-from fastvlm.data import Sample, load_tokenizer, read_samples, synthetic_vqa, train_bpe_tokenizer
-from fastvlm.data.collate import collate_rows
-from fastvlm.data.dataset import VLMDataset
-from fastvlm.data.images import BadImageCounter, load_image
-from fastvlm.data.packing import pack
+from fastvlm.data import load_tokenizer, read_samples, synthetic_vqa, train_bpe_tokenizer
+from fastvlm.data.collate import PackedCollator, PaddedCollator
+from fastvlm.data.dataset import VLMDataset, make_loader
+from fastvlm.data.images import BadImageCounter, load_image_and_key
+from fastvlm.data.pairs import CaptionPairs, PairCollator, caption_of
 from fastvlm.data.sampler import PackedBatchSampler
+from fastvlm.data.steps import StepCollator, StepItems, StepSampler
+from fastvlm.models.feature_cache import FeatureCache
 from fastvlm.models.preprocess import ImagePreprocessor
 from fastvlm.train.recipe import Recipe, Stage
 
@@ -193,10 +195,6 @@ def _file_key(path) -> list:
     return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
 
 
-def caption_of(sample: Sample) -> str:
-    return next(t["value"] for t in reversed(sample.conversations) if t["from"] == "gpt")
-
-
 def stage_samples(stage: Stage, data: RunData) -> tuple[list, str | None, BadImageCounter]:
     """(samples, template, filtered out) a stage trains on."""
     filtered = BadImageCounter()
@@ -225,58 +223,66 @@ def preprocessor_for(model) -> ImagePreprocessor:
 
 
 class StageBatches:
-    """Endless optimizer steps of one stage (``steps()``); ``state_dict`` is the sampler's
-    (taken between steps). ``skipped`` counts the stage's samples that could not be used
-    (each once), ``filtered`` those its type does not train on."""
+    """One stage's data: its samples; the dataset that encodes them (tokens in the main
+    process for the sampler's exact lengths, images decoded by the DataLoader's
+    ``data.num_workers`` worker processes); ``sampler``, the plan of packed rows or padded
+    batches; and ``loader``, fastvlm.data's DataLoader over this rank's share of each
+    optimizer step (fastvlm.data.steps). ``steps()`` yields those shares, endlessly.
+    ``state_dict`` is the sampler's (taken between steps) with the job's record of skipped
+    samples: ``skipped`` counts the stage's samples that could not be used (each once,
+    whichever rank or epoch met it), ``filtered`` those its type does not train on."""
 
-    def __init__(self, stage: Stage, recipe: Recipe, data: RunData, model, seed: int):
+    def __init__(self, stage: Stage, recipe: Recipe, data: RunData, model, seed: int, *, rank: int = 0,
+                 world: int = 1, gather=None, num_workers: int | None = None):
         self.stage, self.tokenizer = stage, data.tokenizer
         samples, template, self.filtered = stage_samples(stage, data)
         if not samples:
             raise ValueError(f"stages.{stage.name}: no sample to train on ({self.filtered.report()}); a "
                              f"{stage.type} stage needs " + ("captioned images" if stage.type in (
                                  "contrastive", "align") else "conversations"))
-        self.samples = samples
-        template = template or recipe.data.template
-        budget = stage.packing_budget
-        self.kind = stage.attention_kind or recipe.model.attention_kind
-        self.dataset = VLMDataset(samples, data.image_root, data.tokenizer, template, model.image_tokens,
-                                  preprocessor_for(model), max_length=min(budget, recipe.data.max_length or budget),
-                                  train_on_prompt=stage.type == "lm" or stage.train_on_prompt)
+        self.samples, self.image_root = samples, data.image_root
+        self.pad_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else 0
+        budget, kind = stage.packing_budget, stage.attention_kind or recipe.model.attention_kind
+        self.packed = stage.packing and stage.type != "contrastive"
+        if stage.type == "contrastive":
+            self.dataset = CaptionPairs(samples, data.image_root, data.tokenizer, preprocessor_for(model))
+            self.collator = PairCollator(self.pad_id)
+        else:
+            self.dataset = VLMDataset(samples, data.image_root, data.tokenizer, template or recipe.data.template,
+                                      model.image_tokens, preprocessor_for(model),
+                                      max_length=min(budget, recipe.data.max_length or budget),
+                                      train_on_prompt=stage.type == "lm" or stage.train_on_prompt)
+            self.collator = (PackedCollator(self.pad_id, budget, kind) if self.packed
+                             else PaddedCollator(self.pad_id, kind))
         self.max_skipped_fraction = recipe.data.max_skipped_fraction
-        # The job's record of unusable samples, the same on every rank: each sample once,
-        # whichever rank met it (a rank's new ones are gathered at the end of each step).
         self.skipped = BadImageCounter()
         self._skipped_ids: set[int] = set()
-        self._new_skips: list[tuple[int, str, str]] = []  # this rank's, since the last step
-        self.packed = stage.packing and stage.type != "contrastive"
+        self._new_skips: list[tuple[int, str, str]] = []  # noted in this process, for the next step's gather
         lengths = self.lengths()  # every rank computes them all: its skips need no gathering
         self._record_skips([self._new_skips])
         self.sampler = PackedBatchSampler(lengths, budget, seed, shuffle=True,
                                           batch_size=None if self.packed else stage.batch_size)
         self.rows_per_batch = stage.batch_size if self.packed else 1
-        self.grad_accum = stage.grad_accum
-        self.pad_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else 0
-        self.image_root = data.image_root
-        self.rank, self.world, self._gather = 0, 1, _alone
+        self.num_workers = recipe.data.num_workers if num_workers is None else num_workers
         self._filler = None
+        self.shard(rank, world, gather)
 
     def shard(self, rank: int, world: int, gather=None) -> None:
-        """Serve rank `rank` of `world`: the global stream of steps stays the same (so is the
-        sampler's position, hence any world size resumes it); a step's j-th micro-batch goes
-        to rank j mod `world` (grad_accum is a multiple of it). Every rank gets the same number
-        of micro-batches per step (collectives pair up): a short step tops ranks up with a
-        copy of a usable sample whose counts are zero, so its loss has weight 0. `gather`
-        (an object -> every rank's objects, e.g. Distributed.all_gather) shares each step's
-        skipped samples, so every rank keeps the job's record and stops alike."""
-        self.rank, self.world = rank, world
-        self._gather = gather or _alone
+        """Serve rank `rank` of `world` (see fastvlm.data.steps: the global stream of steps
+        is the same for any world size, hence so is the sampler's position, and any world
+        size resumes it; grad_accum is a multiple of `world`). `gather` (an object -> every
+        rank's objects, e.g. Distributed.all_gather) shares each step's skipped samples, so
+        every rank keeps the job's record and stops alike."""
+        self.rank, self.world, self._gather = rank, world, gather or _alone
+        self.step_sampler = StepSampler(self.sampler, self.rows_per_batch, self.stage.grad_accum, rank, world)
+        self.loader = make_loader(StepItems(self.dataset), self.step_sampler, StepCollator(self.collator),
+                                  self.num_workers)
 
     def lengths(self) -> list[int]:
         """Exact token counts (the tokenizer is fast; exact lengths pack without overflow).
         A sample too long to keep is planned as a whole row, then skipped (and counted)."""
         if self.stage.type == "contrastive":
-            return [max(1, len(self.tokenizer.encode(caption_of(s))[0])) for s in self.samples]
+            return self.dataset.lengths()
         out = []
         for i in range(len(self.samples)):
             encoded = self.dataset.encode(i)
@@ -286,7 +292,7 @@ class StageBatches:
         return out
 
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.sampler) / (self.rows_per_batch * self.grad_accum))
+        return math.ceil(len(self.sampler) / (self.rows_per_batch * self.stage.grad_accum))
 
     def total_steps(self) -> int:
         """The stage's optimizer steps: max_steps, else its epochs over the data, each epoch's
@@ -294,7 +300,7 @@ class StageBatches:
         epoch may be short, a fractional epoch ends at a whole step."""
         if self.stage.max_steps:
             return self.stage.max_steps
-        per_step = self.rows_per_batch * self.grad_accum
+        per_step = self.rows_per_batch * self.stage.grad_accum
         whole, part = divmod(self.stage.epochs, 1)
         steps = sum(math.ceil(len(self.sampler.plan(e)) / per_step) for e in range(int(whole)))
         if part:
@@ -315,44 +321,35 @@ class StageBatches:
             self._skipped_ids = set(ids)
 
     def steps(self):
-        """Endless: per optimizer step, this rank's micro-batches (collated batch dicts)."""
-        sampler, per_step = self.sampler, self.rows_per_batch * self.grad_accum
+        """Endless: per optimizer step, this rank's micro-batches (collated batch dicts), an
+        empty slot filled with a copy that weighs nothing (see filler)."""
         while True:
-            if sampler.position >= len(sampler):
-                sampler.set_epoch(sampler.epoch + 1)
-            plan = sampler.plan()
-            while sampler.position < len(plan):
-                rows = plan[sampler.position:sampler.position + per_step]
-                sampler.position += len(rows)
-                yield self._step(rows)
+            for step in self.loader:  # one epoch
+                self._record_skips(self._gather(step["skipped"] + self._new_skips))
+                yield [batch if batch is not None else self.filler() for batch in step["micro"]]
 
     def __iter__(self):
         """Endless micro-batches (one process: every micro-batch of every step, in order)."""
         for step in self.steps():
             yield from step
 
-    def _step(self, rows: list[list[int]]) -> list[dict]:
-        micro = [rows[i:i + self.rows_per_batch] for i in range(0, len(rows), self.rows_per_batch)]
-        mine = [self.collate(m) for j, m in enumerate(micro) if j % self.world == self.rank]
-        mine = [b for b in mine if b is not None]
-        if self.world > 1:  # equal counts on every rank (see shard)
-            mine += [self.filler()] * (math.ceil(len(micro) / self.world) - len(mine))
-        self._record_skips(self._gather(self._new_skips))
-        return mine
-
     def filler(self) -> dict:
         """A micro-batch that costs its forward and backward but weighs nothing: the first
         usable sample, its supervised tokens, samples and tokens counted as zero."""
         if self._filler is None:
             for i in range(len(self.samples)):
-                batch = self.collate([[i]])
-                if batch is not None:
-                    self._filler = {**batch, "supervised_tokens": 0, "real_tokens": 0, "num_samples": 0}
-                    break
+                item = self.dataset[i]
+                if item is None:
+                    self._note_skip(i)
+                    continue
+                collate = getattr(self.collator, "collate_planned", None)
+                batch = collate([[item]]) if collate is not None else self.collator([item])
+                self._filler = {**batch, "supervised_tokens": 0, "real_tokens": 0, "num_samples": 0}
+                break
         return self._filler
 
     def _note_skip(self, index: int) -> None:
-        """Note a sample that could not be used, with the dataset's own record of why."""
+        """Note a sample this process found unusable, with the dataset's own record of why."""
         new = self.dataset.skipped.take_new()
         reason = next(iter(new.counts), "unusable")
         where = (new.examples.get(reason) or [self.samples[index].id])[0]
@@ -369,51 +366,36 @@ class StageBatches:
         self._new_skips = []
         check_skipped(self.skipped, len(self.samples), self.max_skipped_fraction, f"stages.{self.stage.name}")
 
-    def _item(self, index: int) -> dict | None:
-        item = self.dataset[index]
-        if item is None:
-            self._note_skip(index)
-        return item
-
-    def collate(self, rows: list[list[int]]) -> dict | None:
-        """One micro-batch from planned rows of sample indices; None when no sample of it is usable."""
-        if self.stage.type == "contrastive":
-            return self.contrastive_batch(rows[0])
-        planned = [[item for item in map(self._item, row) if item is not None] for row in rows]
-        planned = [row for row in planned if row]
-        if not planned:
-            return None
-        width = self.stage.packing_budget if self.packed else max(
-            sum(i["input_ids"].numel() for i in row) for row in planned)
-        fitted = []
-        for row in planned:
-            lengths = [i["input_ids"].numel() for i in row]
-            fitted += [row] if sum(lengths) <= width else [[row[j] for j in r] for r in pack(lengths, width)]
-        return collate_rows(fitted, width, self.pad_id, self.kind)
-
-    def contrastive_batch(self, indices: list[int]) -> dict | None:
-        pairs = []
-        for i in indices:
-            pixels = load_image(self.image_root / self.samples[i].images[0], self.dataset.preprocessor,
-                                counter=self.dataset.skipped)
-            if pixels is None:
-                self._note_skip(i)
-            else:
-                pairs.append((self.samples[i], pixels))
-        if not pairs:
-            return None
-        ids = [self.tokenizer.encode(caption_of(s))[0] or [self.pad_id] for s, _ in pairs]
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(ids), width, dtype=torch.bool)
-        for i, row in enumerate(ids):
-            input_ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), True
-        return {"input_ids": input_ids, "text_mask": mask, "images": torch.stack([p for _, p in pairs]),
-                "image_files": [self.image_root / s.images[0] for s, _ in pairs], "ids": [s.id for s, _ in pairs],
-                "num_samples": len(pairs),
-                "real_tokens": int(mask.sum()), "supervised_tokens": len(pairs)}
-
 
 def _alone(obj) -> list:
     """One process's gather: its own object."""
     return [obj]
+
+
+def open_feature_cache(model, run_dir: Path, dist) -> FeatureCache:
+    """One cache per run: a later stage with the same frozen tower reads the earlier one's
+    features (the cache's fingerprint covers the weights; other weights reset it). Ranks
+    share the directory; rank 0 opens (or resets) it first."""
+    def open_cache():
+        return FeatureCache(Path(run_dir) / "feature_cache", model.vision_tower, model.feature_layers,
+                            on_stale="reset")
+
+    cache = open_cache() if dist.is_main else None
+    dist.barrier()
+    return cache or open_cache()
+
+
+def fill_feature_cache(cache: FeatureCache, batches: StageBatches, dist, chunk: int = 16) -> None:
+    """Encode every image of the stage once across the job (so the ranks' steps only read):
+    rank r takes every W-th file, writes its shards to the shared cache directory; then
+    every rank indexes them all. Bad files are left to the dataset, which skips their samples."""
+    files = sorted({batches.image_root / p for s in batches.samples for p in s.images})[dist.rank::dist.world]
+    for i in range(0, len(files), chunk):
+        loaded = [load_image_and_key(p, batches.dataset.preprocessor) for p in files[i:i + chunk]]
+        pixels = {key: x for x, key in filter(None, loaded) if key not in cache}
+        if pixels:
+            with torch.no_grad():
+                cache.features(list(pixels), lambda missing: torch.stack([pixels[k] for k in missing]))
+    dist.barrier()
+    cache.refresh()
+

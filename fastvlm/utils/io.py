@@ -1,6 +1,7 @@
 """Crash-safe file writes: a file appears under its final name only complete."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -56,3 +57,10 @@ def read_tensors(file, arg: str = "path") -> dict:
         return torch.load(file, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
         raise ValueError(f"{arg}: cannot read {file} (truncated or corrupt? {type(err).__name__}: {err})") from err
+
+
+def content_key(blob: bytes) -> str:
+    """A short hash of a file's bytes: the same image under any path or name has one key
+    (the feature cache's index, computed where the file is read anyway)."""
+    return hashlib.blake2b(bytes(blob), digest_size=20).hexdigest()
+
