@@ -264,7 +264,7 @@ class StageBatches:
                                           batch_size=None if self.packed else stage.batch_size)
         self.rows_per_batch = stage.batch_size if self.packed else 1
         self.num_workers = recipe.data.num_workers if num_workers is None else num_workers
-        self._filler = None
+        self.seed, self._filler = seed, None
         self.shard(rank, world, gather)
 
     def shard(self, rank: int, world: int, gather=None) -> None:
@@ -275,8 +275,11 @@ class StageBatches:
         every rank keeps the job's record and stops alike."""
         self.rank, self.world, self._gather = rank, world, gather or _alone
         self.step_sampler = StepSampler(self.sampler, self.rows_per_batch, self.stage.grad_accum, rank, world)
+        # The loader's own generator: the seed a DataLoader draws for its workers on each
+        # iteration would otherwise come from the global RNG (dropout's), and a resumed run
+        # (which starts one more iteration) would see other random numbers.
         self.loader = make_loader(StepItems(self.dataset), self.step_sampler, StepCollator(self.collator),
-                                  self.num_workers)
+                                  self.num_workers, generator=torch.Generator().manual_seed(self.seed))
 
     def lengths(self) -> list[int]:
         """Exact token counts (the tokenizer is fast; exact lengths pack without overflow).
