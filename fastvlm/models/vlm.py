@@ -241,6 +241,17 @@ class VLM(nn.Module):
                                             attention_mask=layout.segment_ids >= 0, layout=layout,
                                             suppress_tokens=suppress, **kwargs)
 
+    @torch.no_grad()
+    def score_answers(self, answers, input_ids, images=None, *, attention_mask=None,
+                      prefix_mask=None) -> list[torch.Tensor]:
+        """The logits that predict each answer's tokens ([B, L_j] ids each) after the prompt
+        `input_ids` with its images, the prompt encoded and prefilled once (LLM.score_answers:
+        what a forward over [prompt | answer] gives there)."""
+        self._check_input_ids(input_ids)
+        layout = self.layout(input_ids, attention_mask, prefix_mask=prefix_mask, images=images)
+        return self.language_model.score_answers(answers, inputs_embeds=self.embed(input_ids, images),
+                                                 attention_mask=layout.segment_ids >= 0, layout=layout)
+
     # ---- checkpoints ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype | None = None) -> "VLM":
