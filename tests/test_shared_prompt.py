@@ -16,7 +16,7 @@ from fastvlm.ops.attention import attention_reference
 from fastvlm.ops.layout import shared_prompt_mrope_positions
 from tests.layouts import all_kinds, parse_mask, random_branched_layout, tile_classes_from_dense
 from tests.test_attention_triton import INTERPRETER_BWD_CONFIG, check_against_reference, make_inputs, run_kernels
-from tests.test_mask_kinds import oracle
+from tests.test_mask_kinds import check_derivations, oracle
 from tests.utils import assert_close
 
 KIND_IDS = ["causal", "prefix_lm", "image_bidirectional", "mmca", "mmca_split"]
@@ -48,23 +48,13 @@ def test_picture_of_the_docstring():
 
 @pytest.mark.parametrize("kind,split", all_kinds(), ids=KIND_IDS)
 def test_every_derivation_matches_the_rule(kind, split, seed):
-    """Dense mask, tile predicate, FlexAttention's mask_mod and the O(N) pair count against
-    the oracle, k up to 3 answers, packed with plain samples and padding; a row without
-    branch_ids (or all zeros) keeps today's mask exactly."""
-    from torch.nn.attention.flex_attention import create_mask
-
+    """Dense mask, tile predicate, FlexAttention's mask_mod, the split branches and the O(N)
+    pair count against the oracle, k up to 3 answers, packed with plain samples and padding;
+    a row whose branch_ids are all 0 keeps today's mask exactly."""
     rng = random.Random(seed)
     for _ in range(4):
-        n = rng.randint(1, 100)
-        layout = random_branched_layout(rng, rng.randint(1, 3), n, kind, split)
-        want = branch_oracle(layout)
-        assert torch.equal(layout.dense(), want)
-        idx = torch.arange(n)
-        for b in range(layout.batch_size):
-            assert torch.equal(layout.tile_predicate(b, idx, idx), want[b])
-        flex = create_mask(layout.flex_mask_mod(), layout.batch_size, None, n, n, device="cpu")
-        assert torch.equal(flex[:, 0], want)
-        assert layout.allowed_pairs() == int(want.sum())
+        layout = random_branched_layout(rng, rng.randint(1, 3), rng.randint(1, 100), kind, split)
+        check_derivations(layout, branch_oracle(layout))
         plain = AttentionLayout(layout.segment_ids, layout.image_ids, layout.prefix_mask, kind, split_softmax=split,
                                 branch_ids=torch.zeros_like(layout.segment_ids))
         assert plain.cut is None and torch.equal(plain.dense(), oracle(plain))
