@@ -76,6 +76,20 @@ def test_positions_continue_from_the_prompt():
         shared_prompt_mrope_positions(prompt[:2], [1])
 
 
+@pytest.mark.parametrize("kind,split", all_kinds(), ids=KIND_IDS)
+def test_unpadded_keeps_mask_and_positions(kind, split, seed):
+    """AttentionLayout.unpadded (what LLM.forward runs with labels) keeps each live token's
+    keys and position, branches included."""
+    rng = random.Random(seed)
+    n = rng.randint(2, 60)
+    layout = random_branched_layout(rng, 3, n, kind, split)
+    packed, index = layout.unpadded()
+    row, pos = index // n, index % n
+    want = layout.dense()[row[:, None], pos[:, None], pos[None, :]] & (row[:, None] == row[None, :])
+    assert torch.equal(packed.dense()[0], want)
+    assert torch.equal(packed.positions()[0], layout.positions()[row, pos])
+
+
 @pytest.mark.parametrize("branch,img,pre,arg", [
     ([[0, 1, 0, 1]], None, None, "branch_ids: each answer"),      # an answer in two runs
     ([[1, 1, 0, 0]], None, None, "branch_ids: the shared prompt"),  # prompt after an answer
