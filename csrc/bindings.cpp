@@ -54,37 +54,56 @@ std::vector<at::Tensor> allocate_outputs(const at::Tensor& lo, int64_t block_q, 
   return t;
 }
 
+// The optional cuts [2, B, N] (shared-prompt layouts), contiguous, or an undefined tensor.
+at::Tensor checked_cut(const at::Tensor& lo, const std::optional<at::Tensor>& cut) {
+  if (!cut.has_value() || !cut->defined()) return at::Tensor();
+  TORCH_CHECK(cut->scalar_type() == at::kInt, "block_map: cut must be int32");
+  TORCH_CHECK(cut->dim() == 3 && cut->size(0) == 2 && cut->size(1) == lo.size(0) &&
+                  cut->size(2) == lo.size(1),
+              "block_map: cut must be [2, B, N] with lo's [B, N], got ", cut->sizes());
+  TORCH_CHECK(cut->device() == lo.device(), "block_map: cut must be on lo's device");
+  return cut->contiguous();
+}
+
+const int32_t* cut_row(const at::Tensor& cut, int which) {
+  return cut.defined() ? cut.data_ptr<int32_t>() + which * cut.size(1) * cut.size(2) : nullptr;
+}
+
 std::vector<at::Tensor> block_map_cpu(const at::Tensor& lo_in, const at::Tensor& hi_in,
                                       const at::Tensor& is_image_in, int64_t kind,
-                                      int64_t block_q, int64_t block_k) {
+                                      int64_t block_q, int64_t block_k,
+                                      const std::optional<at::Tensor>& cut_in) {
   check_metadata(lo_in, hi_in, is_image_in, kind, block_q, block_k);
   auto lo = lo_in.contiguous(), hi = hi_in.contiguous();
   auto is_image = is_image_in.to(at::kByte).contiguous();
+  auto cut = checked_cut(lo, cut_in);
   BlockMapOut out{};
   auto result = allocate_outputs(lo, block_q, block_k, out);
   fastvlm::block_map_cpu(lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(),
                          is_image.data_ptr<uint8_t>(), lo.size(0), lo.size(1), kind, block_q,
-                         block_k, out);
+                         block_k, out, cut_row(cut, 0), cut_row(cut, 1));
   return result;
 }
 
 #if defined(FASTVLM_WITH_CUDA)
 std::vector<at::Tensor> block_map_cuda(const at::Tensor& lo_in, const at::Tensor& hi_in,
                                        const at::Tensor& is_image_in, int64_t kind,
-                                       int64_t block_q, int64_t block_k) {
+                                       int64_t block_q, int64_t block_k,
+                                       const std::optional<at::Tensor>& cut_in) {
   check_metadata(lo_in, hi_in, is_image_in, kind, block_q, block_k);
   c10::cuda::CUDAGuard guard(lo_in.device());
   auto lo = lo_in.contiguous(), hi = hi_in.contiguous();
   auto is_image = is_image_in.to(at::kByte).contiguous();
+  auto cut = checked_cut(lo, cut_in);
   BlockMapOut out{};
   auto result = allocate_outputs(lo, block_q, block_k, out);
   const int64_t ws_bytes =
-      fastvlm::block_map_cuda_workspace_bytes(lo.size(0), lo.size(1), block_q, block_k);
+      fastvlm::block_map_cuda_workspace_bytes(lo.size(0), lo.size(1), block_q, block_k, cut.defined());
   auto workspace = at::empty({ws_bytes}, lo.options().dtype(at::kByte));
   const int err = fastvlm::block_map_cuda(
       lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(), is_image.data_ptr<uint8_t>(), lo.size(0),
       lo.size(1), kind, block_q, block_k, out, workspace.data_ptr(),
-      c10::cuda::getCurrentCUDAStream().stream());
+      c10::cuda::getCurrentCUDAStream().stream(), cut_row(cut, 0), cut_row(cut, 1));
   TORCH_CHECK(err == 0, "block_map CUDA kernel failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   return result;
@@ -164,8 +183,8 @@ bool built_with_cublaslt() {
 }  // namespace
 
 TORCH_LIBRARY(fastvlm, m) {
-  m.def("block_map(Tensor lo, Tensor hi, Tensor is_image, int kind, int block_q, int block_k)"
-        " -> Tensor[]");
+  m.def("block_map(Tensor lo, Tensor hi, Tensor is_image, int kind, int block_q, int block_k,"
+        " Tensor? cut=None) -> Tensor[]");
   m.def("cublaslt_linear_gelu(Tensor x, Tensor w, Tensor b) -> (Tensor, Tensor)");
   m.def("cublaslt_dgelu_bgrad(Tensor dy, Tensor w2, Tensor pre) -> (Tensor, Tensor)");
 }

@@ -41,12 +41,12 @@ def supports_device(device: torch.device) -> bool:
     return False
 
 
-def block_map(lo, hi, is_image, kind: int, block_q: int, block_k: int) -> list[torch.Tensor]:
+def block_map(lo, hi, is_image, kind: int, block_q: int, block_k: int, cut=None) -> list[torch.Tensor]:
     """torch.ops.fastvlm.block_map: the 8 count/index tensors of a BlockMap."""
     if not supports_device(lo.device):
         raise RuntimeError(f"fastvlm._C has no block_map kernel for device {lo.device} "
                            f"(extension: {'built' if available() else load_error})")
-    return torch.ops.fastvlm.block_map(lo, hi, is_image, kind, block_q, block_k)
+    return torch.ops.fastvlm.block_map(lo, hi, is_image, kind, block_q, block_k, cut)
 
 
 def cublaslt_built() -> bool:

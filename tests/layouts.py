@@ -47,6 +47,45 @@ def random_layout(rng: random.Random, batch: int, n: int, kind: str, split_softm
                            kind, split_softmax=split_softmax)
 
 
+def random_branch_metadata(rng: random.Random, seg: torch.Tensor, img: torch.Tensor, pre, max_branches: int = 3):
+    """Shared-prompt rows from random_metadata's: most samples become a prompt (sometimes
+    empty) and 1..max_branches answers of random lengths (some of one token); an image run
+    that would cross a branch boundary is split there into two images, a prefix is cut at
+    the end of the branch it starts in. -> (branch_ids, image_ids, prefix_mask)."""
+    batch, n = seg.shape
+    branch = torch.zeros_like(seg)
+    for b in range(batch):
+        for s in seg[b].unique().tolist():
+            if s < 0 or rng.random() < 0.2:
+                continue
+            where = (seg[b] == s).nonzero().flatten()
+            start, length = int(where[0]), len(where)
+            k = rng.randint(1, max_branches)
+            cuts = sorted(rng.randint(0, length) for _ in range(k))
+            for i, c in enumerate(cuts):
+                branch[b, start + c:start + length] = i + 1
+    img, pre = img.clone(), None if pre is None else pre.clone()
+    prev = torch.cat([torch.full_like(img[:, :1], -1), img[:, :-1]], 1)
+    prev_branch = torch.cat([branch[:, :1], branch[:, :-1]], 1)
+    crossing = (img >= 0) & (img == prev) & (branch != prev_branch)
+    img = torch.where(img >= 0, img * (n + 1) + crossing.long().cumsum(1), -1).to(torch.int32)  # new id per part
+    if pre is not None:
+        for b in range(batch):
+            on = pre[b].nonzero().flatten().tolist()
+            for i in on:
+                if branch[b, i] != branch[b, on[0]] or seg[b, i] != seg[b, on[0]]:
+                    pre[b, i] = False
+    return branch, img, pre
+
+
+def random_branched_layout(rng: random.Random, batch: int, n: int, kind: str, split_softmax=False,
+                           max_branches: int = 3, padding: bool = True, device="cpu") -> AttentionLayout:
+    seg, img, pre = random_metadata(rng, batch, n, kind, padding)
+    branch, img, pre = random_branch_metadata(rng, seg, img, pre, max_branches)
+    return AttentionLayout(seg.to(device), img.to(device), None if pre is None else pre.to(device), kind,
+                           split_softmax=split_softmax, branch_ids=branch.to(device))
+
+
 def _branches_in_dtype(q, k, v, layout: AttentionLayout, scale: float):
     """Per softmax branch: (probabilities P [B, H, N, N], whether the row has a key)."""
     scores = (q @ k.transpose(-1, -2)) * scale

@@ -47,7 +47,7 @@ def run_kernels(q, k, v, dout, layout, scale, cfg=kernels.INTERPRETER_CONFIG, bw
     bwd_cfg = cfg if bwd_cfg is None else bwd_cfg
     bm, bwd_bm = layout.block_map(cfg.block_m, cfg.block_n), layout.block_map(bwd_cfg.block_m, bwd_cfg.block_n)
     meta = (layout.lo, layout.hi, layout.is_image)
-    kw = dict(kind=layout.kind_code, split=layout.split_softmax, scale=scale, cfg=cfg)
+    kw = dict(kind=layout.kind_code, split=layout.split_softmax, scale=scale, cfg=cfg, cut=layout.cut)
     out, obr, lse = kernels.attention_forward(q, k, v, *meta, *bm.tensors[:4], out=poisoned(like=q), **kw)
     grads = tuple(poisoned(like=t) for t in (q, k, v))
     grads = kernels.attention_backward(dout, q, k, v, out, obr, lse, *meta, *bm.tensors[:4], *bwd_bm.tensors[4:],

@@ -19,7 +19,7 @@ import torch
 from fastvlm.models.llm import LLMConfig
 from fastvlm.models.vision import VisionConfig
 from fastvlm.models.vlm import VLM, VLMConfig
-from tests.utils import ERROR_FACTOR, FLOOR_ULPS, unit_roundoff
+from tests.utils import ERROR_FACTOR, FLOOR_ULPS, assert_close, unit_roundoff
 
 VOCAB = 64
 IMG = VOCAB  # outside the vocabulary: a generated token can never be read back as a placeholder
@@ -171,3 +171,38 @@ def test_generate_never_emits_the_image_placeholder(seed):
     assert not (out == img).any() and out[0, 0] == first[0]
     with pytest.raises(ValueError, match=r"suppress_tokens: expected token ids in \[0, 64\)"):
         lm.generate(ids, max_new_tokens=2, suppress_tokens=[VOCAB])
+
+
+@pytest.mark.parametrize("left_pad", [False, True], ids=["right_padded", "left_padded"])
+@pytest.mark.parametrize("kind,split_softmax", KINDS)
+def test_vlm_score_answers_equals_full_forward(kind, split_softmax, left_pad, seed):
+    """Answers scored against a cached prompt with images (VLM.score_answers: the prompt
+    encoded and prefilled once, three answers as one chunk of the cache, each seeing the
+    prompt and itself) get the logits the full float64 forward over [prompt | answer] gives
+    at the positions that predict the answer's tokens; bound: that forward's float32 error
+    (not rescaled to float64: RMSNorm rounds to fp32 whatever the dtype, so two float64
+    paths that differ in the last bits may round a value apart there)."""
+    model64 = tiny_vlm(kind, split_softmax).double()
+    prompts = [random_prompt(text_len, images) for text_len, images in ((5, 1), (3, 2))]
+    prefixes = [int(torch.randint(1, len(p) + 1, ())) for p in prompts]
+    per_row = [sum(t == IMG for t in p) // TOKENS_PER_IMAGE for p in prompts]
+    pixels = torch.randn(sum(per_row), 3, 28, 28, dtype=torch.float64)
+    answers = [torch.randint(0, VOCAB, (len(prompts), n)) for n in (3, 1, 2)]
+    ids, mask, prefix = batch(prompts, prefixes, left_pad)
+    extra = {"prefix_mask": prefix} if kind == "prefix_lm" else {}
+    got = model64.score_answers(answers, ids, pixels, attention_mask=mask, **extra)
+    model32 = copy.deepcopy(model64).float()
+    start = 0
+    for b, prompt in enumerate(prompts):
+        row_pixels = pixels[start:start + per_row[b]]
+        start += per_row[b]
+        for j, answer in enumerate(answers):
+            seq = torch.tensor([prompt + answer[b].tolist()])
+            pre = torch.zeros_like(seq, dtype=torch.bool)
+            pre[0, :prefixes[b]] = True
+            kw = {"prefix_mask": pre} if kind == "prefix_lm" else {}
+            span = slice(len(prompt) - 1, len(prompt) - 1 + answer.shape[1])
+            with torch.no_grad():
+                want = model64(seq, row_pixels, **kw)[0, span]
+                base = model32(seq, row_pixels.float(), **kw)[0, span]
+            assert_close(got[j][b], want, base, torch.float32, name=f"row {b} answer {j}")

@@ -36,23 +36,28 @@ def oracle(layout: AttentionLayout) -> torch.Tensor:
 def test_every_derivation_matches_the_definition(kind, split, seed):
     """Dense mask, tile predicate and FlexAttention's mask_mod (under its vmap) against the
     oracle; the split branches partition it by key type; the O(N) pair count matches."""
-    from torch.nn.attention.flex_attention import create_mask
 
     rng = random.Random(seed)
     for _ in range(4):
-        n = rng.randint(1, 130)
-        layout = random_layout(rng, rng.randint(1, 3), n, kind, split)
-        want = oracle(layout)
-        assert torch.equal(layout.dense(), want)
-        idx = torch.arange(n)
-        for b in range(layout.batch_size):
-            assert torch.equal(layout.tile_predicate(b, idx, idx), want[b])
-        flex = create_mask(layout.flex_mask_mod(), layout.batch_size, None, n, n, device="cpu")
-        assert torch.equal(flex[:, 0], want)
-        text, image = layout.dense_split()
-        assert torch.equal(text | image, want) and not bool((text & image).any())
-        assert torch.equal(image, want & layout.is_image[:, None, :])
-        assert layout.allowed_pairs() == int(want.sum())
+        layout = random_layout(rng, rng.randint(1, 3), rng.randint(1, 130), kind, split)
+        check_derivations(layout, oracle(layout))
+
+
+def check_derivations(layout: AttentionLayout, want: torch.Tensor) -> None:
+    """Every derivation of the layout's mask equals `want` [B, N, N] (see the test above)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    n = layout.seq_len
+    assert torch.equal(layout.dense(), want)
+    idx = torch.arange(n)
+    for b in range(layout.batch_size):
+        assert torch.equal(layout.tile_predicate(b, idx, idx), want[b])
+    flex = create_mask(layout.flex_mask_mod(), layout.batch_size, None, n, n, device="cpu")
+    assert torch.equal(flex[:, 0], want)
+    text, image = layout.dense_split()
+    assert torch.equal(text | image, want) and not bool((text & image).any())
+    assert torch.equal(image, want & layout.is_image[:, None, :])
+    assert layout.allowed_pairs() == int(want.sum())
 
 
 @pytest.mark.parametrize("kind", [k for k in KINDS if mask_kinds.KIND_DEFS[k].isolates_images])

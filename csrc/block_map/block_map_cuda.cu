@@ -15,11 +15,12 @@ struct Workspace {
   QBlockSummary* qsum;  // [B, Tq]
   int32_t* last_text;   // [B, Tk]
   uint8_t* cls;         // [B, Tq, Tk]
+  CutCell* cells;       // [B, Tq, Tk + 1] with cuts, else nullptr
 };
 
 FASTVLM_HD int64_t align_up(int64_t x) { return (x + 255) / 256 * 256; }
 
-Workspace carve(void* base, int32_t batch, int32_t n, int32_t tq, int32_t tk) {
+Workspace carve(void* base, int32_t batch, int32_t n, int32_t tq, int32_t tk, bool cuts) {
   char* p = static_cast<char*>(base);
   Workspace w;
   const int64_t cum = align_up(int64_t(batch) * (n + 1) * sizeof(int32_t));
@@ -30,6 +31,8 @@ Workspace carve(void* base, int32_t batch, int32_t n, int32_t tq, int32_t tk) {
   w.last_text = reinterpret_cast<int32_t*>(p + 2 * cum + qs);
   const int64_t lt = align_up(int64_t(batch) * tk * sizeof(int32_t));
   w.cls = reinterpret_cast<uint8_t*>(p + 2 * cum + qs + lt);
+  const int64_t cl = align_up(int64_t(batch) * tq * tk);
+  w.cells = cuts ? reinterpret_cast<CutCell*>(p + 2 * cum + qs + lt + cl) : nullptr;
   return w;
 }
 
@@ -96,6 +99,46 @@ __global__ void summaries_kernel(const int32_t* lo, const int32_t* hi,
   }
 }
 
+// With cuts: each query block's summary gets its cut minima, its cells start empty.
+__global__ void cut_init_kernel(const int32_t* lo, const int32_t* hi, const uint8_t* is_image,
+                                const int32_t* cut_lo, const int32_t* cut_hi, int32_t batch,
+                                int32_t n, bool isolate, int32_t block_q, int32_t tq, int32_t tk,
+                                Workspace w) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(batch) * tq) return;
+  const int32_t b = i / tq, q0 = (i % tq) * block_q;
+  const int64_t off = int64_t(b) * n;
+  summarize_cuts(w.qsum[i], lo + off, hi + off, is_image + off, cut_lo + off, cut_hi + off,
+                 isolate, q0, min(n, q0 + block_q) - 1);
+  for (int32_t kb = 0; kb <= tk; ++kb) w.cells[i * (tk + 1) + kb] = empty_cut_cell();
+}
+
+// One thread per token: its writes into its query block's cells, by atomics.
+__global__ void cut_cells_kernel(const int32_t* lo, const int32_t* hi, const uint8_t* is_image,
+                                 const int32_t* cut_lo, const int32_t* cut_hi, int32_t batch,
+                                 int32_t n, bool isolate, int32_t block_q, int32_t block_k,
+                                 int32_t tq, int32_t tk, Workspace w) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(batch) * n) return;
+  const int32_t b = i / n, q = i % n;
+  const int64_t off = int64_t(b) * n, coff = int64_t(b) * (n + 1);
+  if (!row_nonempty(lo[off + q], hi[off + q])) return;
+  const CutRowWrites c = cut_row_writes(q, lo + off, is_image + off, cut_lo + off, cut_hi + off,
+                                        w.nonpad_cum + coff, w.image_cum + coff, isolate, block_k, tk);
+  CutCell* row = w.cells + (int64_t(b) * tq + q / block_q) * (tk + 1);
+  if (c.text_bucket >= 0) atomicMax(&row[c.text_bucket].text_cut_lo, c.text_cut_lo);
+  if (c.image_bucket >= 0) {
+    atomicMin(&row[c.image_bucket].image_lo, c.image_lo);
+    if (c.prompt_text_hit) atomicMax(&row[c.image_bucket].prompt_text, 1);
+  }
+  if (c.cut_bucket >= 0) atomicMax(&row[c.cut_bucket].cut_hi, c.cut_hi);
+}
+
+__global__ void cut_finish_kernel(int32_t batch, int32_t tq, int32_t tk, Workspace w) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < int64_t(batch) * tq) finish_cut_cells(w.cells + i * (tk + 1), tk);
+}
+
 __global__ void classify_kernel(const uint8_t* is_image, int32_t batch, int32_t n,
                                 int32_t kind, int32_t block_q, int32_t block_k,
                                 int32_t tq, int32_t tk, Workspace w) {
@@ -107,7 +150,8 @@ __global__ void classify_kernel(const uint8_t* is_image, int32_t batch, int32_t 
   const int64_t coff = int64_t(b) * (n + 1);
   w.cls[i] = classify_tile(kind, w.qsum[int64_t(b) * tq + qb], q0, q1, k0, k1,
                            w.last_text[int64_t(b) * tk + kb], w.nonpad_cum + coff,
-                           w.image_cum + coff, is_image + int64_t(b) * n);
+                           w.image_cum + coff, is_image + int64_t(b) * n,
+                           w.cells ? w.cells + (int64_t(b) * tq + qb) * (tk + 1) : nullptr, kb);
 }
 
 // One thread per list: walks its row (or column) of tile classes in order.
@@ -154,27 +198,38 @@ unsigned grid_for(int64_t work, int threads) {
 }  // namespace
 
 int64_t block_map_cuda_workspace_bytes(int32_t batch, int32_t seq_len, int32_t block_q,
-                                       int32_t block_k) {
+                                       int32_t block_k, bool cuts) {
   const int32_t tq = ceil_div(seq_len, block_q), tk = ceil_div(seq_len, block_k);
   return 2 * align_up(int64_t(batch) * (seq_len + 1) * sizeof(int32_t)) +
          align_up(int64_t(batch) * tq * sizeof(QBlockSummary)) +
          align_up(int64_t(batch) * tk * sizeof(int32_t)) +
-         align_up(int64_t(batch) * tq * tk);
+         align_up(int64_t(batch) * tq * tk) +
+         (cuts ? int64_t(batch) * tq * (tk + 1) * int64_t(sizeof(CutCell)) : 0);
 }
 
 int block_map_cuda(const int32_t* lo, const int32_t* hi, const uint8_t* is_image,
                    int32_t batch, int32_t seq_len, int32_t kind, int32_t block_q,
-                   int32_t block_k, BlockMapOut out, void* workspace, void* stream) {
+                   int32_t block_k, BlockMapOut out, void* workspace, void* stream,
+                   const int32_t* cut_lo, const int32_t* cut_hi) {
   if (batch == 0 || seq_len == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int32_t n = seq_len, tq = ceil_div(n, block_q), tk = ceil_div(n, block_k);
-  Workspace w = carve(workspace, batch, n, tq, tk);
+  const bool cuts = cut_lo != nullptr, isolate = isolates_images(kind);
+  Workspace w = carve(workspace, batch, n, tq, tk, cuts);
   constexpr int kThreads = 256;
   prefix_counts_kernel<<<batch, kScanThreads, 0, s>>>(lo, hi, is_image, n, w.nonpad_cum,
                                                       w.image_cum);
   const int64_t lists = int64_t(batch) * (tq + tk);
   summaries_kernel<<<grid_for(lists, kThreads), kThreads, 0, s>>>(
       lo, hi, is_image, batch, n, block_q, block_k, tq, tk, w.qsum, w.last_text);
+  if (cuts) {
+    const int64_t blocks = int64_t(batch) * tq;
+    cut_init_kernel<<<grid_for(blocks, kThreads), kThreads, 0, s>>>(
+        lo, hi, is_image, cut_lo, cut_hi, batch, n, isolate, block_q, tq, tk, w);
+    cut_cells_kernel<<<grid_for(int64_t(batch) * n, kThreads), kThreads, 0, s>>>(
+        lo, hi, is_image, cut_lo, cut_hi, batch, n, isolate, block_q, block_k, tq, tk, w);
+    cut_finish_kernel<<<grid_for(blocks, kThreads), kThreads, 0, s>>>(batch, tq, tk, w);
+  }
   classify_kernel<<<grid_for(int64_t(batch) * tq * tk, kThreads), kThreads, 0, s>>>(
       is_image, batch, n, kind, block_q, block_k, tq, tk, w);
   compact_kernel<<<grid_for(lists, kThreads), kThreads, 0, s>>>(w.cls, batch, tq, tk, out);

@@ -1,6 +1,7 @@
 // Test support: random packed layouts, their per-token intervals, and tile
 // classes by brute force over the mask definitions (no summaries involved).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -13,7 +14,10 @@ struct Layout {
   int32_t batch = 0, n = 0, kind = 0;
   std::vector<int32_t> seg, img, lo, hi;  // [B, N]
   std::vector<uint8_t> pre, is_image;     // [B, N]
+  std::vector<int32_t> br, cut_lo, cut_hi;  // [B, N]: shared-prompt branches (0 = prompt) and cuts
 };
+
+inline void compute_intervals(Layout& L);
 
 // Padding runs, segments, image runs and a prefix run at random.
 inline Layout random_layout(std::mt19937& rng, int32_t batch, int32_t n, int32_t kind) {
@@ -45,8 +49,18 @@ inline Layout random_layout(std::mt19937& rng, int32_t batch, int32_t n, int32_t
       ++s, pos += len;
     }
   }
-  // Intervals: lo = segment start; hi = end of the bidirectional run or q itself.
+  L.br.assign(batch * n, 0);
+  compute_intervals(L);
+  return L;
+}
+
+// Intervals: lo = segment start; hi = end of the bidirectional run or q itself; with
+// branches, the cut of an answer's query (the answers between the prompt and its own),
+// kept only strictly inside the interval as fastvlm.ops.mask_kinds.intervals keeps it.
+inline void compute_intervals(Layout& L) {
+  const int batch = L.batch, n = L.n, kind = L.kind;
   L.lo.assign(batch * n, 0), L.hi.assign(batch * n, -1), L.is_image.assign(batch * n, 0);
+  L.cut_lo.assign(batch * n, 0), L.cut_hi.assign(batch * n, -1);
   for (int b = 0; b < batch; ++b) {
     const int32_t* seg = &L.seg[b * n];
     const int32_t* img = &L.img[b * n];
@@ -61,9 +75,56 @@ inline Layout random_layout(std::mt19937& rng, int32_t batch, int32_t n, int32_t
       if (kind == fastvlm::kImageBidirectional && img[q] >= 0)
         while (end + 1 < n && seg[end + 1] == seg[q] && img[end + 1] == img[q]) ++end;
       L.lo[b * n + q] = start, L.hi[b * n + q] = end, L.is_image[b * n + q] = img[q] >= 0;
+      const int32_t* br = &L.br[b * n];
+      if (br[q] == 0) continue;
+      int branch_start = q, prompt_end = start - 1;
+      while (branch_start > start && br[branch_start - 1] == br[q]) --branch_start;
+      for (int k = start; k < n && seg[k] == seg[q] && br[k] == 0; ++k) prompt_end = k;
+      if (prompt_end + 1 > branch_start - 1) continue;  // the first answer: nothing to cut
+      if (start >= prompt_end + 1) {  // no prompt: the interval starts at the own answer
+        L.lo[b * n + q] = branch_start;
+      } else {
+        L.cut_lo[b * n + q] = prompt_end + 1, L.cut_hi[b * n + q] = branch_start - 1;
+      }
     }
   }
-  return L;
+}
+
+// Most segments become a prompt and 1..3 answers; an image run crossing an answer's
+// boundary is split there (a new image id), a prefix ends with the branch it starts in.
+inline void add_branches(std::mt19937& rng, Layout& L) {
+  auto uni = [&](int a, int b) { return std::uniform_int_distribution<int>(a, b)(rng); };
+  const int n = L.n;
+  for (int b = 0; b < L.batch; ++b) {
+    int32_t* seg = &L.seg[b * n];
+    int32_t* br = &L.br[b * n];
+    for (int start = 0; start < n;) {
+      if (seg[start] < 0) { ++start; continue; }
+      int end = start;
+      while (end + 1 < n && seg[end + 1] == seg[start]) ++end;
+      if (uni(0, 4) != 0) {
+        const int k = uni(1, 3), len = end - start + 1;
+        std::vector<int> cuts(k);
+        for (int& c : cuts) c = uni(0, len);
+        std::sort(cuts.begin(), cuts.end());
+        for (int j = 0; j < k; ++j)
+          for (int i = start + cuts[j]; i <= end; ++i) br[i] = j + 1;
+      }
+      int32_t* img = &L.img[b * n];
+      uint8_t* pre = &L.pre[b * n];
+      int fresh = 1000, prefix_branch = -1;
+      for (int i = start; i <= end; ++i) {
+        if (i > start && img[i] >= 0 && br[i] != br[i - 1]) {
+          const int32_t old = img[i], renamed = fresh++;
+          for (int j = i; j <= end && img[j] == old; ++j) img[j] = renamed;
+        }
+        if (pre[i] && prefix_branch < 0) prefix_branch = br[i];
+        if (pre[i] && br[i] != prefix_branch) pre[i] = 0;
+      }
+      start = end + 1;
+    }
+  }
+  compute_intervals(L);
 }
 
 // The mask kinds exactly as documented (fastvlm/ops/mask_kinds.py), written out
@@ -73,6 +134,8 @@ inline bool allowed(const Layout& L, int b, int q, int k) {
   const int32_t* img = &L.img[b * L.n];
   const uint8_t* pre = &L.pre[b * L.n];
   if (seg[q] < 0 || seg[q] != seg[k]) return false;
+  const int32_t* br = &L.br[b * L.n];
+  if (br[k] != 0 && br[k] != br[q]) return false;  // an answer sees the prompt and itself
   const bool causal = k <= q;
   switch (L.kind) {
     case fastvlm::kCausal: return causal;

@@ -1,4 +1,5 @@
-// block_map_cpu against brute-force tile classes on random layouts.
+// block_map_cpu against brute-force tile classes on random layouts, plain and with
+// shared-prompt branches (the cuts).
 #include <cstdio>
 
 #include "layout_gen.h"
@@ -11,17 +12,21 @@ int main() {
     const int n = 1 + static_cast<int>(rng() % 180);
     const int batch = 1 + static_cast<int>(rng() % 3);
     for (int kind = 0; kind < fastvlm::kNumMaskKinds; ++kind) {
-      auto L = fastvlm_test::random_layout(rng, batch, n, kind);
-      for (auto& bs : blocks) {
-        const int tq = (n + bs[0] - 1) / bs[0], tk = (n + bs[1] - 1) / bs[1];
-        fastvlm_test::Lists lists(batch, tq, tk);
-        fastvlm::block_map_cpu(L.lo.data(), L.hi.data(), L.is_image.data(), batch, n, kind,
-                               bs[0], bs[1], lists.out());
-        ++cases;
-        if (!fastvlm_test::lists_match(lists, fastvlm_test::brute_force_classes(L, bs[0], bs[1]))) {
-          ++failures;
-          std::printf("MISMATCH trial=%d kind=%d n=%d batch=%d block=(%d,%d)\n", trial, kind, n,
-                      batch, bs[0], bs[1]);
+      for (int branched = 0; branched < 2; ++branched) {
+        auto L = fastvlm_test::random_layout(rng, batch, n, kind);
+        if (branched) fastvlm_test::add_branches(rng, L);
+        for (auto& bs : blocks) {
+          const int tq = (n + bs[0] - 1) / bs[0], tk = (n + bs[1] - 1) / bs[1];
+          fastvlm_test::Lists lists(batch, tq, tk);
+          fastvlm::block_map_cpu(L.lo.data(), L.hi.data(), L.is_image.data(), batch, n, kind,
+                                 bs[0], bs[1], lists.out(), branched ? L.cut_lo.data() : nullptr,
+                                 branched ? L.cut_hi.data() : nullptr);
+          ++cases;
+          if (!fastvlm_test::lists_match(lists, fastvlm_test::brute_force_classes(L, bs[0], bs[1]))) {
+            ++failures;
+            std::printf("MISMATCH trial=%d kind=%d branched=%d n=%d batch=%d block=(%d,%d)\n", trial,
+                        kind, branched, n, batch, bs[0], bs[1]);
+          }
         }
       }
     }

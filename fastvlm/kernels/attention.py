@@ -9,6 +9,11 @@ kernel walks the transposed lists. Tiles in neither list are never touched.
 Scores are kept in log2 units (scaled by log2(e)) so the softmax uses exp2;
 the saved LSE is in the same units and stays internal to this module.
 
+Shared-prompt layouts (HAS_CUT): a query also drops the keys of its cut
+[cut_lo, cut_hi] (an answer skips the answers before it); only partial tiles
+load and evaluate it, the block map keeps full tiles exact. Without cuts the
+kernels compile as before (HAS_CUT is a constexpr; the cut pointers go unused).
+
 split_softmax (mmca): two online softmaxes per row, over text keys (branch 0)
 and image keys (branch 1); both LSEs are saved, the branch outputs are kept
 for backward, where each branch has its own delta = rowsum(dO * O_branch).
@@ -40,16 +45,19 @@ IMAGE_ISOLATING_KINDS = frozenset({3})
 
 # ---- shared device helpers -------------------------------------------------------------------
 @triton.jit
-def _allowed(qm, kn, lo, hi, img_q, img_k, N, IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr):
+def _allowed(qm, kn, lo, hi, cut_lo, cut_hi, img_q, img_k, N, IS_FULL: tl.constexpr,
+             ISOLATE_IMAGES: tl.constexpr, HAS_CUT: tl.constexpr):
     """Allowed (query, key) pairs of one tile: the only mask logic of all kernels. The
-    query-side operands (positions qm, lo, hi, img_q) and the key-side ones (kn, img_k)
-    come broadcastable, as [rows, 1] and [1, cols] for a [query, key] tile or the other
-    way round for a transposed [key, query] tile (dK/dV)."""
+    query-side operands (positions qm, lo, hi, cut_lo, cut_hi, img_q) and the key-side
+    ones (kn, img_k) come broadcastable, as [rows, 1] and [1, cols] for a [query, key]
+    tile or the other way round for a transposed [key, query] tile (dK/dV)."""
     if IS_FULL:
         # every real pair of a full tile is allowed; only a tail tile's padding keys are not
         ok = (kn < N) & (qm >= 0)
     else:
         ok = (kn >= lo) & (kn <= hi)
+        if HAS_CUT:
+            ok = ok & ((kn < cut_lo) | (kn > cut_hi))
         if ISOLATE_IMAGES:
             both_image = (img_q != 0) & (img_k != 0)
             ok = ok & (~both_image | (kn == qm))
@@ -96,12 +104,17 @@ def _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N
 
 
 @triton.jit
-def _load_row_meta(LO, HI, IMG, b, offs_m, N):
-    """Allowed-key interval and image flag of query rows; rows past N allow nothing."""
+def _load_row_meta(LO, HI, IMG, CUT_LO, CUT_HI, b, offs_m, N, HAS_CUT: tl.constexpr):
+    """Allowed-key interval, cut (lo, hi without HAS_CUT: never read) and image flag of
+    query rows; rows past N allow nothing."""
     lo = tl.load(LO + b * N + offs_m, mask=offs_m < N, other=0)
     hi = tl.load(HI + b * N + offs_m, mask=offs_m < N, other=-1)
     img_q = tl.load(IMG + b * N + offs_m, mask=offs_m < N, other=0)
-    return lo, hi, img_q
+    cut_lo, cut_hi = lo, hi
+    if HAS_CUT:
+        cut_lo = tl.load(CUT_LO + b * N + offs_m, mask=offs_m < N, other=0)
+        cut_hi = tl.load(CUT_HI + b * N + offs_m, mask=offs_m < N, other=-1)
+    return lo, hi, cut_lo, cut_hi, img_q
 
 
 @triton.jit
@@ -113,14 +126,14 @@ def _load_lse(lse_base, offs_m, N):
 
 # ---- forward ---------------------------------------------------------------------------------
 @triton.jit
-def _fwd_tile(q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base, N, D,
+def _fwd_tile(q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, cut_lo, cut_hi, img_q, img_base, N, D,
               qk_scale, m0, l0, acc0, m1, l1, acc1,
               IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
-              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr):
     offs_n, k, v, img_k = _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    ok = _allowed(offs_m[:, None], offs_n[None, :], lo[:, None], hi[:, None], img_q[:, None], img_k[None, :], N,
-                  IS_FULL, ISOLATE_IMAGES)
+    ok = _allowed(offs_m[:, None], offs_n[None, :], lo[:, None], hi[:, None], cut_lo[:, None], cut_hi[:, None],
+                  img_q[:, None], img_k[None, :], N, IS_FULL, ISOLATE_IMAGES, HAS_CUT)
     if SPLIT:
         key_is_image = img_k[None, :] != 0
         m0, l0, acc0 = _online_softmax_step(m0, l0, acc0, s, ok & ~key_is_image, v, True, PRECISION)
@@ -140,13 +153,13 @@ def _finish_branch(m, l, acc):
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG,
+def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG, CUT_LO, CUT_HI,
               KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
               stride_ob, stride_oh, stride_on, stride_rbr, stride_rb, stride_rh, stride_rn, stride_lse,
               H, GROUP, N, D, TQ, TK, qk_scale,
               ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr):
     qb = tl.program_id(0)
     # int64 from here on: b * stride_qb (and bh * N * branches) exceeds 2^31 once a tensor
     # holds more than 2^31 elements (B=16, H=32, N=32k, D=128), and int32 wraps on a GPU
@@ -157,7 +170,7 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG,
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, D)
-    lo, hi, img_q = _load_row_meta(LO, HI, IMG, b, offs_m, N)
+    lo, hi, cut_lo, cut_hi, img_q = _load_row_meta(LO, HI, IMG, CUT_LO, CUT_HI, b, offs_m, N, HAS_CUT)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_kb + hk * stride_kh
     img_base = IMG + b * N
@@ -170,13 +183,13 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG,
     for i in range(tl.load(KV_NUM + lists)):
         kb = tl.load(KV_IDX + lists * TK + i)
         m0, l0, acc0, m1, l1, acc1 = _fwd_tile(
-            q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base, N, D,
-            qk_scale, m0, l0, acc0, m1, l1, acc1, False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION)
+            q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, cut_lo, cut_hi, img_q, img_base, N, D,
+            qk_scale, m0, l0, acc0, m1, l1, acc1, False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION, HAS_CUT)
     for i in range(tl.load(FULL_KV_NUM + lists)):
         kb = tl.load(FULL_KV_IDX + lists * TK + i)
         m0, l0, acc0, m1, l1, acc1 = _fwd_tile(
-            q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base, N, D,
-            qk_scale, m0, l0, acc0, m1, l1, acc1, True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION)
+            q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, cut_lo, cut_hi, img_q, img_base, N, D,
+            qk_scale, m0, l0, acc0, m1, l1, acc1, True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION, HAS_CUT)
 
     row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     lse_ptrs = LSE + bh * N + offs_m
@@ -231,15 +244,15 @@ def _ds_tile(s, dp, ok, key_is_image, lse0, delta0, lse1, delta1, SPLIT: tl.cons
 
 
 @triton.jit
-def _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q, img_base,
+def _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, cut_lo, cut_hi, img_q, img_base,
              N, D, qk_scale, lse0, delta0, lse1, delta1,
              IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
-             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr):
     offs_n, k, v, img_k = _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ok = _allowed(offs_m[:, None], offs_n[None, :], lo[:, None], hi[:, None], img_q[:, None], img_k[None, :], N,
-                  IS_FULL, ISOLATE_IMAGES)
+    ok = _allowed(offs_m[:, None], offs_n[None, :], lo[:, None], hi[:, None], cut_lo[:, None], cut_hi[:, None],
+                  img_q[:, None], img_k[None, :], N, IS_FULL, ISOLATE_IMAGES, HAS_CUT)
     p, ds = _ds_tile(s, dp, ok, img_k[None, :] != 0, lse0[:, None], delta0[:, None], lse1[:, None],
                      delta1[:, None], SPLIT, not (IS_FULL and EVEN_N))
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -258,13 +271,13 @@ def _row_stats(lse_base, delta_base, stride_lse, offs_m, N, SPLIT: tl.constexpr)
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT_HI,
                  KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                  stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_lse,
                  H, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
                  ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
     b = bh // H
@@ -274,7 +287,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, D)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, N, D)
-    lo, hi, img_q = _load_row_meta(LO, HI, IMG, b, offs_m, N)
+    lo, hi, cut_lo, cut_hi, img_q = _load_row_meta(LO, HI, IMG, CUT_LO, CUT_HI, b, offs_m, N, HAS_CUT)
     lse0, delta0, lse1, delta1 = _row_stats(LSE + bh * N, DELTA + bh * N, stride_lse, offs_m, N, SPLIT)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_kb + hk * stride_kh
@@ -283,14 +296,14 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
     lists = b * TQ + qb
     for i in range(tl.load(KV_NUM + lists)):
         kb = tl.load(KV_IDX + lists * TK + i)
-        dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q,
+        dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, cut_lo, cut_hi, img_q,
                       img_base, N, D, qk_scale, lse0, delta0, lse1, delta1,
-                      False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION)
+                      False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION, HAS_CUT)
     for i in range(tl.load(FULL_KV_NUM + lists)):
         kb = tl.load(FULL_KV_IDX + lists * TK + i)
-        dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, img_q,
+        dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, cut_lo, cut_hi, img_q,
                       img_base, N, D, qk_scale, lse0, delta0, lse1, delta1,
-                      True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION)
+                      True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION, HAS_CUT)
     mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     ptrs = DQ + b * stride_dqb + h * stride_dqh + _row_offsets(offs_m, offs_d, stride_dqn)
     tl.store(ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
@@ -298,9 +311,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
 
 @triton.jit
 def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don, stride_dqn, lse_base,
-               delta_base, stride_lse, lo_base, hi_base, img_base, offs_n, offs_d, img_k, N, D, qk_scale, sm_scale,
+               delta_base, stride_lse, lo_base, hi_base, img_base, cut_lo_base, cut_hi_base, offs_n, offs_d, img_k,
+               N, D, qk_scale, sm_scale,
                IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
-               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
+               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, HAS_CUT: tl.constexpr):
     """One query block against this program's key block, in transposed form: S^T = K Q^T
     is computed directly, so P^T and dS^T come out of the tensor cores in the layout the
     dV += P^T dO and dK += dS^T Q products take (no transposes through shared memory).
@@ -308,12 +322,13 @@ def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, D)
     do = _load_rows(do_base, offs_m, offs_d, stride_don, N, D)
-    lo, hi, img_q = _load_row_meta(lo_base, hi_base, img_base, 0, offs_m, N)  # bases are per row b
+    lo, hi, cut_lo, cut_hi, img_q = _load_row_meta(lo_base, hi_base, img_base, cut_lo_base, cut_hi_base, 0, offs_m,
+                                                   N, HAS_CUT)  # bases are per row b
     lse0, delta0, lse1, delta1 = _row_stats(lse_base, delta_base, stride_lse, offs_m, N, SPLIT)
     st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [keys, queries]
     dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    okt = _allowed(offs_m[None, :], offs_n[:, None], lo[None, :], hi[None, :], img_q[None, :], img_k[:, None], N,
-                   IS_FULL, ISOLATE_IMAGES)
+    okt = _allowed(offs_m[None, :], offs_n[:, None], lo[None, :], hi[None, :], cut_lo[None, :], cut_hi[None, :],
+                   img_q[None, :], img_k[:, None], N, IS_FULL, ISOLATE_IMAGES, HAS_CUT)
     pt, dst = _ds_tile(st, dpt, okt, img_k[:, None] != 0, lse0[None, :], delta0[None, :], lse1[None, :],
                        delta1[None, :], SPLIT, not (IS_FULL and EVEN_N))
     dv = dv + tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
@@ -326,14 +341,15 @@ def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT_HI,
                    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
                    stride_dqb, stride_dqh, stride_dqn, stride_lse,
                    H, HKV, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
                    ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
+                   HAS_CUT: tl.constexpr):
     """dK, dV of one key block (and with FUSED_DQ its share of every dQ, in fp32 DQ)."""
     kb = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
@@ -360,14 +376,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG,
             qb = tl.load(Q_IDX + lists * TQ + i)
             dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don, stride_dqn,
                                 lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
-                                offs_n, offs_d, img_k, N, D, qk_scale, sm_scale,
-                                False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION, FUSED_DQ)
+                                CUT_LO + b * N, CUT_HI + b * N, offs_n, offs_d, img_k, N, D, qk_scale, sm_scale,
+                                False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION, FUSED_DQ, HAS_CUT)
         for i in range(n_full):
             qb = tl.load(FULL_Q_IDX + lists * TQ + i)
             dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don, stride_dqn,
                                 lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
-                                offs_n, offs_d, img_k, N, D, qk_scale, sm_scale,
-                                True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION, FUSED_DQ)
+                                CUT_LO + b * N, CUT_HI + b * N, offs_n, offs_d, img_k, N, D, qk_scale, sm_scale,
+                                True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION, FUSED_DQ, HAS_CUT)
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     ptrs = b * stride_dkb + hk * stride_dkh + _row_offsets(offs_n, offs_d, stride_dkn)
     tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
@@ -495,21 +511,26 @@ class Launch:
 
 
 def attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx, *,
-                      kind: int, split: bool, scale: float, cfg: TileConfig, out=None):
+                      kind: int, split: bool, scale: float, cfg: TileConfig, out=None, cut=None):
     """Returns (out, branch_outs or empty, lse [branches, B, H, N] in log2 units).
 
     q [B, H, N, D], k/v [B, Hkv, N, D], any strides with unit stride on D; out
-    is allocated like q (same strides) unless given.
+    is allocated like q (same strides) unless given. cut: the layout's (int32 [2, B, N]) or None.
     """
     *outputs, launches = forward_launches(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx,
-                                          kind=kind, split=split, scale=scale, cfg=cfg, out=out)
+                                          kind=kind, split=split, scale=scale, cfg=cfg, out=out, cut=cut)
     for launch in launches:
         launch()
     return tuple(outputs)
 
 
+def _cut_rows(cut, lo, hi):
+    """(cut_lo, cut_hi) pointers of the kernels: the cut's rows, or lo / hi (never read)."""
+    return (lo, hi) if cut is None else (cut[0], cut[1])
+
+
 def forward_launches(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx, *,
-                     kind: int, split: bool, scale: float, cfg: TileConfig, out=None):
+                     kind: int, split: bool, scale: float, cfg: TileConfig, out=None, cut=None):
     """attention_forward's outputs (allocated, not yet written) and its launches."""
     q, k, v = kernel_inputs(q, k, v)
     b, h, n, d = q.shape
@@ -523,21 +544,21 @@ def forward_launches(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, ful
     img = is_image.view(torch.uint8)
     grid = (tq, b * h)
     launch = Launch(_attn_fwd, grid, (
-        q, k, v, out, obr, lse, lo, hi, img, kv_num, kv_idx, full_kv_num, full_kv_idx,
+        q, k, v, out, obr, lse, lo, hi, img, *_cut_rows(cut, lo, hi), kv_num, kv_idx, full_kv_num, full_kv_idx,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), obr.stride(0), obr.stride(1), obr.stride(2),
         obr.stride(3), b * h * n,
         h, h // hkv, n, d, tq, tk, scale * LOG2E), dict(
         ISOLATE_IMAGES=kind in IMAGE_ISOLATING_KINDS, SPLIT=split, EVEN_N=n % cfg.block_n == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        HAS_CUT=cut is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return out, obr, lse, [launch]
 
 
 def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num,
                        full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, *, kind: int, split: bool,
                        scale: float, cfg: TileConfig, dkdv_cfg: TileConfig | None = None, grads=None,
-                       deterministic: bool = False):
+                       deterministic: bool = False, cut=None):
     """Returns (dq, dk, dv); grads, if given, are the preallocated output tensors. The kv
     lists are the forward's block map (cfg's tiles: the dQ kernel runs at them), the q lists
     the backward's (dkdv_cfg's tiles, default cfg: the dK/dV kernel's).
@@ -549,7 +570,7 @@ def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, k
     *grads, steps = backward_launches(
         dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx,
         full_q_num, full_q_idx, kind=kind, split=split, scale=scale, cfg=cfg, dkdv_cfg=dkdv_cfg, grads=grads,
-        deterministic=deterministic)
+        deterministic=deterministic, cut=cut)
     for step in steps:
         step()
     return tuple(grads)
@@ -558,7 +579,7 @@ def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, k
 def backward_launches(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num,
                       full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, *, kind: int, split: bool,
                       scale: float, cfg: TileConfig, dkdv_cfg: TileConfig | None = None, grads=None,
-                      deterministic: bool = False):
+                      deterministic: bool = False, cut=None):
     """attention_backward's gradients (allocated, not yet written) and its steps, in order:
     kernel launches (Launch) and, in the fused mode, the final copy of fp32 dQ."""
     q, k, v = kernel_inputs(q, k, v)
@@ -584,6 +605,7 @@ def backward_launches(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv
     def constexprs(c: TileConfig):
         return dict(ISOLATE_IMAGES=kind in IMAGE_ISOLATING_KINDS, SPLIT=split, EVEN_N=n % c.block_n == 0,
                     BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+                    HAS_CUT=cut is not None,
                     # backward loops stage q and dO tiles (twice the forward's bytes): at most 2 stages
                     num_warps=c.num_warps, num_stages=min(c.num_stages, 2))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -592,14 +614,16 @@ def backward_launches(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv
         dq_sum = dq
         tq, tk = kv_num.shape[1], kv_idx.shape[2]
         steps.append(Launch(_attn_bwd_dq, (tq, b * h), (
-            q, k, v, dout, dq, lse, delta, lo, hi, img, kv_num, kv_idx, full_kv_num, full_kv_idx,
+            q, k, v, dout, dq, lse, delta, lo, hi, img, *_cut_rows(cut, lo, hi), kv_num, kv_idx, full_kv_num,
+            full_kv_idx,
             *strides, dq.stride(0), dq.stride(1), dq.stride(2), b * h * n,
             h, h // hkv, n, d, tq, tk, scale * LOG2E, scale), constexprs(cfg)))
     else:  # dQ summed over key blocks by atomics, in fp32, then rounded once
         dq_sum = torch.zeros(b, h, n, d, dtype=torch.float32, device=q.device)
     tk, tq = q_num.shape[1], q_idx.shape[2]
     steps.append(Launch(_attn_bwd_dkdv, (tk, b * hkv), (
-        q, k, v, dout, dk, dv, dq_sum, lse, delta, lo, hi, img, q_num, q_idx, full_q_num, full_q_idx,
+        q, k, v, dout, dk, dv, dq_sum, lse, delta, lo, hi, img, *_cut_rows(cut, lo, hi), q_num, q_idx, full_q_num,
+        full_q_idx,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), dq_sum.stride(0), dq_sum.stride(1), dq_sum.stride(2),
         b * h * n, h, hkv, h // hkv, n, d, tq, tk, scale * LOG2E, scale),
         dict(constexprs(dkdv_cfg), FUSED_DQ=not deterministic)))

@@ -239,24 +239,30 @@ class Attention(nn.Module):
 
 
 def decode_attention(q, k, v, cache: KVCache, window: int | None = None) -> torch.Tensor:
-    """A decode step's attention over the cache. Generated tokens are text and come
-    after the prompt, so every kind lets them see every valid key of their row (the
-    prompt's own rows were computed by the prefill on its layout), within a sliding
-    `window` the keys less than `window` positions before the query; under mmca's split
-    softmax the text keys and the image keys are two softmaxes, summed, a branch
-    without keys giving 0, as multimodal_attention computes it for a text query."""
-    n = k.shape[2]
-    valid = cache.key_valid[:, :n]
+    """Attention of the newest cache slots (q's tokens, one per decode step or a chunk of
+    answers to score) over the cache. New tokens are text and come after the prompt, so
+    every kind lets them see every valid key of their row up to their own slot (the
+    prompt's own rows were computed by the prefill on its layout), of the prompt (branch
+    0) and of their own branch only (answers scored together never see each other), within
+    a sliding `window` the keys less than `window` positions before the query; under
+    mmca's split softmax the text keys and the image keys are two softmaxes, summed, a
+    branch without keys giving 0, as multimodal_attention computes it for a text query."""
+    n, new = k.shape[2], q.shape[2]
+    slots = torch.arange(n, device=q.device)
+    key_branch, query_branch = cache.key_branch[:, None, :n], cache.key_branch[:, n - new:n, None]
+    valid = (cache.key_valid[:, None, :n] & (slots[None, None] <= slots[n - new:, None])
+             & ((key_branch == 0) | (key_branch == query_branch)))  # [B, new, n]
     if window is not None:  # positions, not cache slots: a right-padded prompt leaves a gap
         pos = cache.key_pos[:, :n]
-        valid = valid & (pos > pos[:, -1:] - window)
+        valid = valid & (pos[:, None, :] > pos[:, n - new:, None] - window)
     gqa = k.shape[1] != q.shape[1]
     if not cache.split_softmax:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None], enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None], enable_gqa=gqa)
     out = torch.zeros_like(q)
-    for keys in (valid & ~cache.key_image[:, :n], valid & cache.key_image[:, :n]):
-        branch = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None], enable_gqa=gqa)
-        out += torch.where(keys.any(1)[:, None, None, None], branch, 0)  # SDPA gives NaN without keys
+    image = cache.key_image[:, None, :n]
+    for keys in (valid & ~image, valid & image):
+        branch = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None], enable_gqa=gqa)
+        out += torch.where(keys.any(-1)[:, None, :, None], branch, 0)  # SDPA gives NaN without keys
     return out
 
 
@@ -301,7 +307,8 @@ class KVCache:
     Every row appends at the same index; `key_valid` marks which cached
     positions are real tokens (padding of the prompt stays invalid), `key_image`
     which are image tokens (for mmca's split softmax, `split_softmax`), `key_pos`
-    their positions (for a sliding window)."""
+    their positions (for a sliding window), `key_branch` their branch (0: the prompt and
+    generated tokens; 1..k: answers scored together, LLM.score_answers)."""
 
     def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype, device, split_softmax: bool = False):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -310,6 +317,7 @@ class KVCache:
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.key_image = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.key_pos = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.key_branch = torch.zeros(batch, max_len, dtype=torch.int32, device=device)
         self.split_softmax = split_softmax
         self.length = 0  # positions written by completed steps
 
@@ -338,8 +346,8 @@ class LLM(nn.Module):
         self.checkpointing = CheckpointPolicy.parse(policy)
         return self
 
-    def layout_for(self, segment_ids: torch.Tensor) -> AttentionLayout:
-        return AttentionLayout(segment_ids, kind=self.config.attention_kind)
+    def layout_for(self, segment_ids: torch.Tensor, branch_ids=None) -> AttentionLayout:
+        return AttentionLayout(segment_ids, kind=self.config.attention_kind, branch_ids=branch_ids)
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
@@ -354,28 +362,31 @@ class LLM(nn.Module):
         return inputs_embeds
 
     def hidden_states(self, input_ids=None, *, inputs_embeds=None, layout: AttentionLayout | None = None,
-                      segment_ids=None, position_ids=None) -> torch.Tensor:
+                      segment_ids=None, position_ids=None, branch_ids=None) -> torch.Tensor:
         """Final-norm hidden states [B, N, H]."""
-        return self._run_layers(*self._inputs(input_ids, inputs_embeds, layout, segment_ids, position_ids))
+        return self._run_layers(*self._inputs(input_ids, inputs_embeds, layout, segment_ids, position_ids,
+                                              branch_ids))
 
-    def _inputs(self, input_ids, inputs_embeds, layout, segment_ids, position_ids):
+    def _inputs(self, input_ids, inputs_embeds, layout, segment_ids, position_ids, branch_ids=None):
         """(embeddings, positions, layout) of a forward, checked; the layout built from
-        segment_ids (or one segment per row) when none is given."""
+        segment_ids (or one segment per row) and branch_ids when none is given."""
         x = self._embed(input_ids, inputs_embeds)
         b, n = x.shape[:2]
         if layout is not None and segment_ids is not None:
             raise ValueError("segment_ids: give a layout or segment_ids, not both (the layout's would win)")
+        if layout is not None and branch_ids is not None:
+            raise ValueError("branch_ids: give them to the layout, not next to one")
         if self.training and self.config.attention_dropout > 0:
             raise ValueError(f"attention_dropout: {self.config.attention_dropout} is not implemented; set "
                              "config.attention_dropout = 0 to train without it (eval mode is unaffected)")
         if layout is None:
             if segment_ids is None:
                 segment_ids = torch.zeros(b, n, dtype=torch.int32, device=x.device)
-            layout = self.layout_for(segment_ids)
+            layout = self.layout_for(segment_ids, branch_ids)
         if layout.shape != (b, n):
             raise ValueError(f"layout: shape {layout.shape} does not match the tokens ({b}, {n})")
         check_no_window(layout)
-        if position_ids is None:  # restart at every packed segment
+        if position_ids is None:  # restart at every packed segment; answers continue the prompt
             position_ids = positions_of(layout)
         check_positions(self.config, n, "input_ids", position_ids, layout.segment_ids >= 0)
         return x, position_ids, layout
@@ -407,40 +418,16 @@ class LLM(nn.Module):
         otherwise sampling with nucleus top_p.
         """
         as_int(max_new_tokens, "max_new_tokens", minimum=1)
-        x = self._embed(input_ids, inputs_embeds)
-        b, n = x.shape[:2]
-        mask = (torch.ones(b, n, dtype=torch.bool, device=x.device) if attention_mask is None
-                else attention_mask.bool())
-        if mask.shape != (b, n):
-            raise ValueError(f"attention_mask: expected shape {(b, n)}, got {tuple(mask.shape)}")
-        if not bool(mask.any(1).all()):
-            raise ValueError("attention_mask: every row needs at least one prompt token")
-        if layout is None:
-            layout = AttentionLayout(torch.where(mask, 0, -1).to(torch.int32), prefix_mask=prefix_mask,
-                                     kind=self.config.attention_kind)
-        elif prefix_mask is not None:
-            raise ValueError("prefix_mask: give it to the layout, not next to one")
-        elif not torch.equal(layout.segment_ids >= 0, mask):
-            raise ValueError("layout: its padding must match attention_mask")
-        check_no_window(layout)
-        if bool((_segment_count(layout.segment_ids) > 1).any()):
-            raise ValueError("layout: generate continues one sample per row; a row packs several segments")
         if not (temperature >= 0 and 0 < top_p <= 1):
             raise ValueError(f"temperature: must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
-        check_positions(self.config, int(mask.sum(1).max()) + max_new_tokens - 1, "max_new_tokens")
         suppress = sorted(set(suppress_tokens))
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size
                for t in suppress):
             raise ValueError(f"suppress_tokens: expected token ids in [0, {self.config.vocab_size}), got {suppress}")
-        cache = KVCache(self.config, b, n + max_new_tokens, x.dtype, x.device, split_softmax=layout.split_softmax)
-        cache.key_valid[:, :n] = mask
-        cache.key_image[:, :n] = layout.image_ids >= 0
-        positions = positions_of(layout)
-        cache.key_pos[:, :n] = positions
-        h = self._run_layers(x, positions, layout, cache)
-        last = n - 1 - mask.flip(1).long().argmax(1)  # last prompt token of each row
-        logits = self.lm_head(h[torch.arange(b), last])
-        next_pos = mask.sum(1, keepdim=True)
+        x = self._embed(input_ids, inputs_embeds)
+        b = x.shape[0]
+        cache, logits, mask, next_pos = self._prefill(x, attention_mask, layout, prefix_mask, max_new_tokens)
+        n = mask.shape[1]
         done = torch.zeros(b, dtype=torch.bool, device=x.device)
         out = []
         for step in range(max_new_tokens):
@@ -462,20 +449,93 @@ class LLM(nn.Module):
         tokens = torch.stack(out, 1)
         return F.pad(tokens, (0, max_new_tokens - tokens.shape[1]), value=pad_token_id)
 
+    def _prefill(self, x, attention_mask, layout, prefix_mask, new_tokens: int):
+        """The prompt x [B, n, H] through the model into a fresh KV cache with room for
+        `new_tokens` more: (cache, logits [B, V] of each row's last prompt token, the
+        prompt's mask [B, n], the next position [B, 1])."""
+        b, n = x.shape[:2]
+        mask = (torch.ones(b, n, dtype=torch.bool, device=x.device) if attention_mask is None
+                else attention_mask.bool())
+        if mask.shape != (b, n):
+            raise ValueError(f"attention_mask: expected shape {(b, n)}, got {tuple(mask.shape)}")
+        if not bool(mask.any(1).all()):
+            raise ValueError("attention_mask: every row needs at least one prompt token")
+        if layout is None:
+            layout = AttentionLayout(torch.where(mask, 0, -1).to(torch.int32), prefix_mask=prefix_mask,
+                                     kind=self.config.attention_kind)
+        elif prefix_mask is not None:
+            raise ValueError("prefix_mask: give it to the layout, not next to one")
+        elif not torch.equal(layout.segment_ids >= 0, mask):
+            raise ValueError("layout: its padding must match attention_mask")
+        check_no_window(layout)
+        if bool((_segment_count(layout.segment_ids) > 1).any()):
+            raise ValueError("layout: generate continues one sample per row; a row packs several segments")
+        if layout.branch_ids is not None:
+            raise ValueError("layout: the cached prompt is one branch; give the answers to score_answers")
+        check_positions(self.config, int(mask.sum(1).max()) + new_tokens - 1, "max_new_tokens")
+        cache = KVCache(self.config, b, n + new_tokens, x.dtype, x.device, split_softmax=layout.split_softmax)
+        cache.key_valid[:, :n] = mask
+        cache.key_image[:, :n] = layout.image_ids >= 0
+        positions = positions_of(layout)
+        cache.key_pos[:, :n] = positions
+        h = self._run_layers(x, positions, layout, cache)
+        last = n - 1 - mask.flip(1).long().argmax(1)  # last prompt token of each row
+        return cache, self.lm_head(h[torch.arange(b), last]), mask, mask.sum(1, keepdim=True)
+
+    @torch.no_grad()
+    def score_answers(self, answers: Sequence[torch.Tensor], input_ids=None, *, inputs_embeds=None,
+                      attention_mask=None, layout: AttentionLayout | None = None, prefix_mask=None
+                      ) -> list[torch.Tensor]:
+        """The logits that predict each answer's tokens after a shared prompt, [B, L_j, V] per
+        answer [B, L_j] (its first from the prompt's last token): what a forward over
+        [prompt | answer] gives there. The prompt (its layout and padding as in `generate`) is
+        prefilled once into the KV cache; then all answers run as one chunk, each token seeing
+        the cached prompt and its own answer so far, never another answer (the cache's branch
+        ids; decode_attention), positions continuing from the prompt's end for every answer."""
+        if not isinstance(answers, (list, tuple)) or not answers:
+            raise ValueError("answers: expected a non-empty list of token id tensors [B, L]")
+        x = self._embed(input_ids, inputs_embeds)
+        b = x.shape[0]
+        for j, a in enumerate(answers):
+            check_token_ids(a, self.config.vocab_size, f"answers[{j}]")
+            if a.shape[0] != b:
+                raise ValueError(f"answers[{j}]: expected {b} rows (the prompt's), got {a.shape[0]}")
+        lengths = [a.shape[1] for a in answers]
+        total = sum(lengths)
+        cache, first, mask, next_pos = self._prefill(x, attention_mask, layout, prefix_mask, total)
+        n = mask.shape[1]
+        branch = torch.cat([torch.full((ln,), j + 1, dtype=torch.int32) for j, ln in enumerate(lengths)])
+        within = torch.cat([torch.arange(ln) for ln in lengths])
+        positions = next_pos + within.to(x.device)[None]  # [B, total]
+        cache.key_valid[:, n:n + total] = True
+        cache.key_branch[:, n:n + total] = branch.to(x.device)
+        cache.key_pos[:, n:n + total] = positions
+        h = self._run_layers(self.model.embed_tokens(torch.cat(list(answers), 1)), positions, None, cache)
+        logits = self.lm_head(h)
+        out, start = [], 0
+        for ln in lengths:
+            out.append(torch.cat([first[:, None], logits[:, start:start + ln - 1]], 1))
+            start += ln
+        return out
+
     def forward(self, input_ids=None, *, inputs_embeds=None, layout=None, segment_ids=None,
-                position_ids=None, labels=None):
+                position_ids=None, labels=None, branch_ids=None):
         """Logits [B, N, V] without labels; with labels, the mean next-token loss
-        (label -100 is ignored; a token never predicts across a segment boundary).
+        (label -100 is ignored; a token never predicts across a segment boundary, nor from
+        one answer of a shared prompt into the next: `branch_ids`, see AttentionLayout; the
+        prompt's last token predicts the first answer's first token only).
 
         With labels only the live tokens run: padding (segment -1) is dropped before the
         first layer and the rows' samples go through as one packed row (AttentionLayout.
         unpadded: the same mask, the same positions), so fixed-length rows cost what their
         tokens cost, not what their length does."""
-        x, position_ids, layout = self._inputs(input_ids, inputs_embeds, layout, segment_ids, position_ids)
+        x, position_ids, layout = self._inputs(input_ids, inputs_embeds, layout, segment_ids, position_ids,
+                                               branch_ids)
         if labels is None:
             return self.lm_head(self._run_layers(x, position_ids, layout))
         check_labels(labels, tuple(x.shape[:2]), self.config.vocab_size)
-        targets = F.pad(shift_labels(labels, layout.segment_ids), (0, 1), value=-100)  # [B, N]: the last has none
+        targets = F.pad(shift_labels(labels, layout.segment_ids, layout.branch_ids), (0, 1),
+                        value=-100)  # [B, N]: the last has none
         live = int((layout.segment_ids >= 0).sum())
         if 0 < live < layout.segment_ids.numel():
             layout, index = layout.unpadded()
@@ -561,9 +621,9 @@ def _segment_count(seg: torch.Tensor) -> torch.Tensor:
 
 
 def positions_of(layout: AttentionLayout) -> torch.Tensor:
-    """RoPE positions: the index within each packed segment."""
-    n = layout.seq_len
-    return torch.arange(n, device=layout.device)[None] - layout.lo.long()
+    """RoPE positions: the index within each packed segment, every answer of a shared
+    prompt continuing from the prompt's end (AttentionLayout.positions)."""
+    return layout.positions()
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -579,12 +639,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return order.gather(-1, choice).squeeze(-1)
 
 
-def shift_labels(labels: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+def shift_labels(labels: torch.Tensor, segment_ids: torch.Tensor | None,
+                 branch_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Labels for positions 0..N-2 (the next token), -100 where the next token
-    starts another packed segment or the position is padding."""
+    starts another packed segment or the position is padding, or (shared prompt) where
+    an answer's last token is followed by the next answer."""
     nxt = labels[:, 1:].clone()
     if segment_ids is not None:
         nxt[(segment_ids[:, 1:] != segment_ids[:, :-1]) | (segment_ids[:, :-1] < 0)] = -100
+    if branch_ids is not None:
+        nxt[(branch_ids[:, :-1] > 0) & (branch_ids[:, 1:] != branch_ids[:, :-1])] = -100
     return nxt
 
 

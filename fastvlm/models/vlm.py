@@ -203,14 +203,16 @@ class VLM(nn.Module):
         return tokens // 4 if self.config.token_reduction else tokens
 
     def layout(self, input_ids, attention_mask=None, segment_ids=None, prefix_mask=None,
-               images: torch.Tensor | None = None) -> AttentionLayout:
+               images: torch.Tensor | None = None, branch_ids=None) -> AttentionLayout:
         """The batch's attention layout: a run of image tokens holds one image per
-        tokens_per_image tokens (two images written back to back are two images)."""
+        tokens_per_image tokens (two images written back to back are two images);
+        branch_ids: a shared prompt (with its images) and its answers (AttentionLayout)."""
         return AttentionLayout.from_input_ids(input_ids, self.config.image_token_id,
                                               attention_mask=attention_mask, segment_ids=segment_ids,
                                               prefix_mask=prefix_mask, kind=self.config.attention_kind,
                                               split_softmax=self.config.split_softmax,
-                                              tokens_per_image=self.tokens_per_image(images))
+                                              tokens_per_image=self.tokens_per_image(images),
+                                              branch_ids=branch_ids)
 
     # ---- the trainer's seam (fastvlm.train.losses.TrainableModel) ------------------------
     def batch_inputs(self, batch: dict, device, cache: FeatureCache | None = None) -> dict:
@@ -263,16 +265,17 @@ class VLM(nn.Module):
 
     # ---- training / inference ------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None, labels=None, *,
-                attention_mask=None, segment_ids=None, prefix_mask=None, image_features=None):
+                attention_mask=None, segment_ids=None, prefix_mask=None, image_features=None, branch_ids=None):
         """Logits [B, N, V], or the mean next-token loss when labels are given
         (image tokens and label -100 are never targets). `image_features` replaces
         `images` by precomputed encoder hidden states (see encode_images); `[]` says a batch
         without images is one of a run whose images come as features. A training batch
         without images runs the tower and connector (the connector alone with
         `image_features=[]`) on a blank image whose contribution is exactly 0
-        (blank_image_term), so every rank of a distributed job runs the same modules."""
+        (blank_image_term), so every rank of a distributed job runs the same modules.
+        `branch_ids`: a shared prompt and its answers in one row (see AttentionLayout)."""
         self._check_input_ids(input_ids)
-        layout = self.layout(input_ids, attention_mask, segment_ids, prefix_mask, images)
+        layout = self.layout(input_ids, attention_mask, segment_ids, prefix_mask, images, branch_ids)
         check_positions(self.config.llm, input_ids.shape[1], "input_ids", positions_of(layout),  # before encoding
                         layout.segment_ids >= 0)
         embeds = self.embed(input_ids, images, image_features)
@@ -300,6 +303,17 @@ class VLM(nn.Module):
         return self.language_model.generate(inputs_embeds=self.embed(input_ids, images),
                                             attention_mask=layout.segment_ids >= 0, layout=layout,
                                             suppress_tokens=suppress, **kwargs)
+
+    @torch.no_grad()
+    def score_answers(self, answers, input_ids, images=None, *, attention_mask=None,
+                      prefix_mask=None) -> list[torch.Tensor]:
+        """The logits that predict each answer's tokens ([B, L_j] ids each) after the prompt
+        `input_ids` with its images, the prompt encoded and prefilled once (LLM.score_answers:
+        what a forward over [prompt | answer] gives there)."""
+        self._check_input_ids(input_ids)
+        layout = self.layout(input_ids, attention_mask, prefix_mask=prefix_mask, images=images)
+        return self.language_model.score_answers(answers, inputs_embeds=self.embed(input_ids, images),
+                                                 attention_mask=layout.segment_ids >= 0, layout=layout)
 
     # ---- checkpoints ---------------------------------------------------------------------
     @classmethod

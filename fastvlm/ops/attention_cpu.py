@@ -52,17 +52,18 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _branch_masks(call, lo, hi, is_image, kind: int, split: bool, dtype):
+def _branch_masks(call, lo, hi, is_image, kind: int, split: bool, dtype, cut=None):
     """Additive masks [q1 - q0, k1 - k0] per branch for one non-causal call."""
     b, q0, q1, k0, k1 = call[:5]
     rows = torch.arange(q0, q1, device=lo.device)
     cols = torch.arange(k0, k1, device=lo.device)
-    ok = mask_kinds.tile(mask_kinds.kind_by_code(kind), rows, cols, lo[b], hi[b], is_image[b])
+    ok = mask_kinds.tile(mask_kinds.kind_by_code(kind), rows, cols, lo[b], hi[b], is_image[b],
+                         None if cut is None else cut[:, b])
     oks = mask_kinds.branches(ok, is_image[b, cols][None, :], split)
     return [torch.zeros(ok.shape, dtype=dtype, device=lo.device).masked_fill_(~m, float("-inf")) for m in oks]
 
 
-def _calls(schedule: torch.Tensor, lo, hi, is_image, kind: int, split: bool, dtype, masks, mask_at):
+def _calls(schedule: torch.Tensor, lo, hi, is_image, kind: int, split: bool, dtype, masks, mask_at, cut=None):
     """(call, [(is_causal, mask or None) per branch]) for every call of the schedule; a call's
     masks come from the flat `masks` at `mask_at[call]` (one offset per branch) if >= 0."""
     for call, at in zip(schedule.tolist(), mask_at.tolist()):
@@ -73,7 +74,7 @@ def _calls(schedule: torch.Tensor, lo, hi, is_image, kind: int, split: bool, dty
             size = shape[0] * shape[1]
             yield call, [(False, masks[o:o + size].view(shape)) for o in at[:len(at) if split else 1]]
         else:
-            yield call, [(False, m) for m in _branch_masks(call, lo, hi, is_image, kind, split, dtype)]
+            yield call, [(False, m) for m in _branch_masks(call, lo, hi, is_image, kind, split, dtype, cut)]
 
 
 _MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layout -> {(block, dtype): masks}
@@ -94,7 +95,8 @@ def layout_masks(layout, schedule: torch.Tensor, dtype: torch.dtype, block: int)
                 if causal or len(members) > 1:
                     offsets.append((-1, -1))
                     continue
-                masks = _branch_masks(schedule[i].tolist(), layout.lo, layout.hi, layout.is_image, kind, split, dtype)
+                masks = _branch_masks(schedule[i].tolist(), layout.lo, layout.hi, layout.is_image, kind, split, dtype,
+                                      layout.cut)
                 offsets.append(tuple(used + j * masks[0].numel() for j in range(len(masks))) + (-1,) * (2 - len(masks)))
                 pieces += [m.flatten() for m in masks]
                 used += sum(m.numel() for m in masks)
@@ -152,9 +154,10 @@ def _whole_rows(q, schedule, masks, mask_at, split: bool):
 @torch.library.custom_op("fastvlm::sdpa_cpu_attention_fwd", mutates_args=())
 def sdpa_cpu_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor,
                            hi: torch.Tensor, is_image: torch.Tensor, schedule: torch.Tensor, masks: torch.Tensor,
-                           mask_at: torch.Tensor, kind: int, split: bool, scale: float
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [B, H, N, D], branch outputs [2 or 0, B, H, N, D], lse [branches, B, H, N])."""
+                           mask_at: torch.Tensor, kind: int, split: bool, scale: float,
+                           cut: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [B, H, N, D], branch outputs [2 or 0, B, H, N, D], lse [branches, B, H, N]); cut:
+    the layout's (shared prompt) or None."""
     heads, nbr = q.shape[1], 2 if split else 1
     whole = _whole_rows(q, schedule, masks, mask_at, split)
     if whole is not None:
@@ -168,7 +171,8 @@ def sdpa_cpu_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
         return obr[0] + obr[1], obr, lse
     outs = [_Rows(q, heads) for _ in range(nbr)]
     lses = [_Rows(q, heads, _lse_dtype(q.dtype), trailing=False) for _ in range(nbr)]
-    for (b, q0, q1, k0, k1, *_), branches in _calls(schedule, lo, hi, is_image, kind, split, q.dtype, masks, mask_at):
+    for (b, q0, q1, k0, k1, *_), branches in _calls(schedule, lo, hi, is_image, kind, split, q.dtype, masks, mask_at,
+                                                    cut):
         qs, ks, vs = q[b:b + 1, :, q0:q1], k[b:b + 1, :, k0:k1], v[b:b + 1, :, k0:k1]
         for br, (causal, mask) in enumerate(branches):
             o, lse = _flash_fwd(qs, ks, vs, 0.0, causal, attn_mask=mask, scale=scale)
@@ -186,7 +190,7 @@ def sdpa_cpu_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
 
 
 @sdpa_cpu_attention_fwd.register_fake
-def _(q, k, v, lo, hi, is_image, schedule, masks, mask_at, kind, split, scale):
+def _(q, k, v, lo, hi, is_image, schedule, masks, mask_at, kind, split, scale, cut=None):
     return (torch.empty_like(q), q.new_empty((2 if split else 0,) + tuple(q.shape)),
             q.new_empty((2 if split else 1,) + tuple(q.shape[:3]), dtype=_lse_dtype(q.dtype)))
 
@@ -209,8 +213,8 @@ def _key_groups(schedule: torch.Tensor):
 def sdpa_cpu_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, obr: torch.Tensor, lse: torch.Tensor, lo: torch.Tensor,
                            hi: torch.Tensor, is_image: torch.Tensor, schedule: torch.Tensor, masks: torch.Tensor,
-                           mask_at: torch.Tensor, kind: int, split: bool, scale: float
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           mask_at: torch.Tensor, kind: int, split: bool, scale: float,
+                           cut: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     outs = obr if split else out[None]
     whole = _whole_rows(q, schedule, masks, mask_at, split)
     if whole is not None:
@@ -219,7 +223,7 @@ def sdpa_cpu_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         if len(grads) == 1:
             return grads[0]
         return tuple(a + b for a, b in zip(*grads))
-    calls = list(_calls(schedule, lo, hi, is_image, kind, split, q.dtype, masks, mask_at))
+    calls = list(_calls(schedule, lo, hi, is_image, kind, split, q.dtype, masks, mask_at, cut))
     acc = _lse_dtype(q.dtype)  # dK/dV of a blocked segment sum over its blocks: fp32 for bf16/fp16
     dq, dk, dv = _Rows(q, q.shape[1]), _Rows(k, k.shape[1]), _Rows(v, v.shape[1])
     for b, g0, g1, _, members in _key_groups(schedule):
@@ -260,7 +264,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dobr, _dlse):
     dq, dk, dv = torch.ops.fastvlm.sdpa_cpu_attention_bwd(dout.contiguous(), *ctx.saved_tensors, *ctx.params)
-    return (dq, dk, dv) + (None,) * 9
+    return (dq, dk, dv) + (None,) * (len(ctx.params) + 6)
 
 
 sdpa_cpu_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -273,5 +277,5 @@ def sdpa_cpu_attention(q, k, v, layout, scale: float) -> torch.Tensor:
     masks, mask_at = layout_masks(layout, schedule, q.dtype, block)
     out, _, _ = torch.ops.fastvlm.sdpa_cpu_attention_fwd(q, k, v, layout.lo, layout.hi, layout.is_image, schedule,
                                                          masks, mask_at, layout.kind_code, layout.split_softmax,
-                                                         scale)
+                                                         scale, layout.cut)
     return out

@@ -14,7 +14,9 @@ predicate and the block map below all derive from that definition.
 
 Internally every kind reduces to an interval of allowed keys per query row,
 ``[lo[q], hi[q]]`` (a kind that isolates images, mmca, also drops other image
-keys for image queries).
+keys for image queries). A shared-prompt row (``branch_ids``: 0 = the prompt,
+1..k = answers) adds per query a cut ``[cut_lo[q], cut_hi[q]]`` inside it: an
+answer's query sees the prompt and its own answer, two intervals.
 That makes the block map O(N + (N/B)^2) and gives the kernels a predicate of
 two loads per row. It requires the runs the kinds rely on to be contiguous
 (each segment, each image within a segment, the prefix within a segment),
@@ -151,8 +153,26 @@ def _runs_contiguous(key: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     return starts == distinct
 
 
-
-
+def _check_branches(branch_ids, seg: torch.Tensor, img: torch.Tensor, prefix_mask) -> torch.Tensor:
+    """branch_ids validated against the other metadata, as int32 with 0 at padding."""
+    branch = _as_ids(branch_ids, "branch_ids", tuple(seg.shape), seg.device)
+    live = seg >= 0
+    if bool((branch[live] < 0).any()):
+        _fail("branch_ids", "expected ids >= 0 at live tokens (0 = the shared prompt, 1..k = answers)")
+    branch = torch.where(live, branch, 0)
+    tokens = mask_kinds.Tokens(seg, img, None, branch)
+    if not bool(_runs_contiguous(tokens.branch_key, live).all()):
+        _fail("branch_ids", "each answer (branch id > 0) and the prompt (0) must be one contiguous run "
+                            "within its segment")
+    if bool((live & (branch == 0) & (tokens.branch_start != tokens.segment_start)).any()):
+        _fail("branch_ids", "the shared prompt (branch 0) must lead its segment, before every answer")
+    same_seg = live & (seg == _shift(seg, -2))
+    crosses = same_seg & (branch != _shift(branch, 0))
+    if bool((crosses & (img >= 0) & (img == _shift(img, -1))).any()):
+        _fail("image_ids", "an image's run crosses from one branch (branch_ids) into another")
+    if prefix_mask is not None and bool((crosses & prefix_mask & _shift(prefix_mask, False)).any()):
+        _fail("prefix_mask", "the prefix crosses from one branch (branch_ids) into another")
+    return branch.contiguous()
 
 
 class AttentionLayout:
@@ -168,12 +188,18 @@ class AttentionLayout:
         split_softmax: ``mmca`` only: separate softmaxes over image and text keys.
         window: None, or a positive int: each query also drops keys ``window`` or more
             positions before it (sliding-window attention; see mask_kinds.intervals).
+        branch_ids: int [B, N] or None; a shared prompt and its answers in one segment:
+            0 for the prompt, which leads its segment, 1..k for the answers, each one
+            contiguous run (values at padding are ignored). An answer sees the prompt and
+            itself, never another answer; the prompt never sees an answer (on top of the
+            kind; see mask_kinds). Images and the prefix lie within one branch each.
+            Positions (``positions``) of every answer continue from the prompt's end.
 
     See the module docstring for a picture of each kind.
     """
 
     def __init__(self, segment_ids, image_ids=None, prefix_mask=None, kind: str = "causal", *,
-                 split_softmax: bool = False, window: int | None = None):
+                 split_softmax: bool = False, window: int | None = None, branch_ids=None):
         _check_window(window)
         if kind not in KIND_DEFS:
             _fail("kind", f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -210,11 +236,14 @@ class AttentionLayout:
                 _fail("prefix_mask", "the prefix must be one contiguous run within each segment")
         elif KIND_DEFS[kind].uses_prefix:
             _fail("prefix_mask", f"required for kind={kind!r}")
+        if branch_ids is not None:
+            branch_ids = _check_branches(branch_ids, seg, img, prefix_mask)
 
         self.segment_ids, self.image_ids, self.prefix_mask = seg, img, prefix_mask
+        self.branch_ids = branch_ids
         self.kind, self.split_softmax, self.window = kind, bool(split_softmax), window
         self.mask_kind = KIND_DEFS[kind]
-        self.lo, self.hi = mask_kinds.intervals(self.mask_kind, self._token_runs(), window)
+        self.lo, self.hi, self.cut = mask_kinds.intervals(self.mask_kind, self._token_runs(), window)
         self.is_image = (img >= 0).contiguous()
         self._block_maps: dict[tuple[int, int], BlockMap] = {}
         self._query_blocks: dict[tuple[int, int], torch.Tensor] = {}
@@ -223,7 +252,7 @@ class AttentionLayout:
     # ---- derived metadata ------------------------------------------------------------
     def _token_runs(self) -> mask_kinds.Tokens:
         """The metadata as the kinds' rules read it (not kept: the layout holds lo / hi only)."""
-        return mask_kinds.Tokens(self.segment_ids, self.image_ids, self.prefix_mask)
+        return mask_kinds.Tokens(self.segment_ids, self.image_ids, self.prefix_mask, self.branch_ids)
 
     @property
     def kind_code(self) -> int:
@@ -231,7 +260,7 @@ class AttentionLayout:
 
     def allowed_pairs(self) -> int:
         """(query, key) pairs the mask allows over the batch, in O(N)."""
-        return mask_kinds.allowed_pairs(self.mask_kind, self.lo, self.hi, self.is_image)
+        return mask_kinds.allowed_pairs(self.mask_kind, self.lo, self.hi, self.is_image, self.cut)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -250,13 +279,27 @@ class AttentionLayout:
         return self.segment_ids.device
 
     def nbytes(self) -> int:
-        """Bytes held by the metadata (the kernels' view: lo, hi, is_image)."""
-        return sum(t.numel() * t.element_size() for t in (self.lo, self.hi, self.is_image))
+        """Bytes held by the metadata (the kernels' view: lo, hi, is_image and any cut)."""
+        held = (self.lo, self.hi, self.is_image) + (() if self.cut is None else (self.cut,))
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def positions(self) -> torch.Tensor:
+        """int64 [B, N] RoPE positions: the index within each packed segment, where every
+        answer of a shared prompt continues from the prompt's end (the answers before it in
+        the row, its cut, are not counted). Padding keeps its index in the row."""
+        idx = torch.arange(self.seq_len, device=self.device)[None]
+        t = self._token_runs()
+        pos = idx - t.segment_start.long()
+        if self.branch_ids is not None:  # from the metadata, not the cut (a window may drop it)
+            skipped = t.branch_start.long() - t.prompt_end.long() - 1
+            pos = pos - torch.where(self.branch_ids > 0, skipped, 0)
+        return torch.where(t.live, pos, idx)
 
     def to(self, device) -> "AttentionLayout":
         return AttentionLayout(self.segment_ids.to(device), self.image_ids.to(device),
                                None if self.prefix_mask is None else self.prefix_mask.to(device),
-                               self.kind, split_softmax=self.split_softmax, window=self.window)
+                               self.kind, split_softmax=self.split_softmax, window=self.window,
+                               branch_ids=None if self.branch_ids is None else self.branch_ids.to(device))
 
     def with_window(self, window: int | None) -> "AttentionLayout":
         """This mask with a sliding ``window`` (None: without one), built once per window
@@ -266,7 +309,8 @@ class AttentionLayout:
             return self
         if window not in self._windowed:
             self._windowed[window] = AttentionLayout(self.segment_ids, self.image_ids, self.prefix_mask, self.kind,
-                                                     split_softmax=self.split_softmax, window=window)
+                                                     split_softmax=self.split_softmax, window=window,
+                                                     branch_ids=self.branch_ids)
         return self._windowed[window]
 
     def unpadded(self) -> tuple["AttentionLayout", torch.Tensor]:
@@ -287,11 +331,13 @@ class AttentionLayout:
         stride = int(self.image_ids.max()) + 1 if index.numel() else 1
         new_img = torch.where(img >= 0, img + row * stride, -1).to(self.image_ids.dtype)
         prefix = None if self.prefix_mask is None else self.prefix_mask.flatten()[index][None]
+        branch = None if self.branch_ids is None else self.branch_ids.flatten()[index][None]
         return AttentionLayout(new_seg[None], new_img[None], prefix, self.kind, split_softmax=self.split_softmax,
-                               window=self.window), index
+                               window=self.window, branch_ids=branch), index
 
     def __repr__(self):
         window = "" if self.window is None else f", window={self.window}"
+        window += "" if self.branch_ids is None else ", branched"
         return (f"AttentionLayout(kind={self.kind!r}, split_softmax={self.split_softmax}{window}, "
                 f"shape={self.shape}, device={self.device})")
 
@@ -306,7 +352,7 @@ class AttentionLayout:
         # a kind that isolates images removes image keys from image queries' rows: only
         # without images is it causal
         isolated = self.mask_kind.isolates_images and bool(self.is_image.any())
-        return causal_rows and bool(t.live.any()) and not isolated
+        return causal_rows and bool(t.live.any()) and not isolated and self.cut is None
 
     def varlen_segments(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """(cu_seqlens int32 [S + 1], index of the live tokens in the flattened [B * N]
@@ -332,8 +378,9 @@ class AttentionLayout:
         """bool [B, N, N], mask[b, q, k] = q may attend to k (union of branches)."""
         pos = torch.arange(self.seq_len, device=self.device)
         img = self.is_image
+        cuts = () if self.cut is None else (self.cut[0][:, :, None], self.cut[1][:, :, None])
         return mask_kinds.allowed(self.mask_kind, pos[None, :, None], pos[None, None, :], self.lo[:, :, None],
-                                  self.hi[:, :, None], img[:, :, None], img[:, None, :])
+                                  self.hi[:, :, None], img[:, :, None], img[:, None, :], *cuts)
 
     def dense_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(text-key mask, image-key mask), each bool [B, N, N]; their union is dense()."""
@@ -342,17 +389,19 @@ class AttentionLayout:
     def flex_mask_mod(self):
         """The same mask as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``, for
         interoperability and as the baseline in tests and benchmarks."""
-        lo, hi, img, kind = self.lo, self.hi, self.is_image, self.mask_kind
+        lo, hi, img, kind, cut = self.lo, self.hi, self.is_image, self.mask_kind, self.cut
 
         def mask_mod(b, h, q, k):
-            return mask_kinds.allowed(kind, q, k, lo[b, q], hi[b, q], img[b, q], img[b, k])
+            cuts = () if cut is None else (cut[0, b, q], cut[1, b, q])
+            return mask_kinds.allowed(kind, q, k, lo[b, q], hi[b, q], img[b, q], img[b, k], *cuts)
 
         return mask_mod
 
     def tile_predicate(self, b: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """bool [rows, cols]: the allowed pairs of query `rows` x key `cols` of batch row b
         (what the kernels evaluate in partial tiles)."""
-        return mask_kinds.tile(self.mask_kind, rows, cols, self.lo[b], self.hi[b], self.is_image[b])
+        return mask_kinds.tile(self.mask_kind, rows, cols, self.lo[b], self.hi[b], self.is_image[b],
+                               None if self.cut is None else self.cut[:, b])
 
     def query_blocks(self, block: int, merge: int | None = None) -> torch.Tensor:
         """int64 [calls, 7], rows ``(b, q0, q1, k0, k1, causal, s)``: the calls a per-range
@@ -381,6 +430,8 @@ class AttentionLayout:
         not_causal = t.live & ((self.lo != t.segment_start) | (self.hi != t.pos))
         if self.mask_kind.isolates_images:  # image keys leave image queries' rows
             not_causal |= self.is_image
+        if self.cut is not None:  # answers of a shared prompt skip the answers before them
+            not_causal |= self.cut[1] >= self.cut[0]
         bad = torch.nn.functional.pad(not_causal.long().cumsum(1), (1, 0))
         ends = mask_kinds.run_end(self.segment_ids.long(), t.live) + 1
         starts = segment_starts(self.segment_ids)
@@ -437,9 +488,9 @@ class AttentionLayout:
             return self._block_maps[(block_q, block_k)]
         backend = resolve_backend("block_map", backend, self.device)
         if backend == "reference":
-            lists = block_map_reference(self.lo, self.hi, self.is_image, self.kind_code, block_q, block_k)
+            lists = block_map_reference(self.lo, self.hi, self.is_image, self.kind_code, block_q, block_k, self.cut)
         else:
-            lists = _ext.block_map(self.lo, self.hi, self.is_image, self.kind_code, block_q, block_k)
+            lists = _ext.block_map(self.lo, self.hi, self.is_image, self.kind_code, block_q, block_k, self.cut)
         bm = BlockMap(block_q, block_k, self.seq_len, *lists)
         if cached:
             self._block_maps[(block_q, block_k)] = bm
@@ -477,13 +528,14 @@ class AttentionLayout:
     @classmethod
     def from_input_ids(cls, input_ids, image_token_id: int, *, attention_mask=None,
                        segment_ids=None, prefix_mask=None, kind: str = "causal",
-                       split_softmax: bool = False, tokens_per_image: int | None = None):
+                       split_softmax: bool = False, tokens_per_image: int | None = None, branch_ids=None):
         """From token ids: each consecutive run of ``image_token_id`` is one image,
         or, with ``tokens_per_image``, that many images back to back.
 
         Segments come from ``segment_ids`` if given, else from
         ``attention_mask`` (0 = padding), else the whole row is one sample.
-        Images are numbered 0, 1, ... per row in order of appearance.
+        Images are numbered 0, 1, ... per row in order of appearance. ``branch_ids``: a
+        shared prompt and its answers (see the class).
         """
         ids = _as_ids(input_ids, "input_ids") if isinstance(input_ids, torch.Tensor) and \
             input_ids.dim() == 2 and not input_ids.is_floating_point() else None
@@ -511,7 +563,7 @@ class AttentionLayout:
         if bool(((image_ids >= 0) & (image_ids == _shift(image_ids, -1)) & segment_starts(seg)).any()):
             _fail("input_ids", "an image's placeholder run crosses a segment boundary (segment_ids / "
                                "attention_mask): each image must lie within one sample")
-        return cls(seg, image_ids, prefix_mask, kind, split_softmax=split_softmax)
+        return cls(seg, image_ids, prefix_mask, kind, split_softmax=split_softmax, branch_ids=branch_ids)
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int] | Sequence[Sequence[int]], seq_len: int | None = None,
@@ -607,16 +659,16 @@ register_op("block_map", {"reference": always, "cpp": _compiled_block_map("cpu")
 
 if _ext.available():  # the C++ op's shapes, so torch.compile traces a block map built inside a graph
     @torch.library.register_fake("fastvlm::block_map")
-    def _(lo, hi, is_image, kind, block_q, block_k):
+    def _(lo, hi, is_image, kind, block_q, block_k, cut=None):
         b, n = lo.shape
         tq, tk = -(-n // block_q), -(-n // block_k)
         shapes = ((b, tq), (b, tq, tk), (b, tq), (b, tq, tk), (b, tk), (b, tk, tq), (b, tk), (b, tk, tq))
         return [lo.new_empty(s, dtype=torch.int32) for s in shapes]
 
 
-def block_map_reference(lo, hi, is_image, kind: int, block_q: int, block_k: int):
-    """Torch block map from per-token intervals: the same O(N + Tq*Tk) summaries
-    and exact tile rules as csrc/block_map/block_map.h, vectorised."""
+def block_map_reference(lo, hi, is_image, kind: int, block_q: int, block_k: int, cut=None):
+    """Torch block map from per-token intervals (and cuts, int32 [2, B, N] or None): the
+    same O(N + Tq*Tk) summaries and exact tile rules as csrc/block_map/block_map.h, vectorised."""
     b, n = lo.shape
     dev = lo.device
     tq, tk = -(-n // block_q), -(-n // block_k)
@@ -666,6 +718,12 @@ def block_map_reference(lo, hi, is_image, kind: int, block_q: int, block_k: int)
         image_keys = image_cum[:, k1 + 1] - image_cum[:, k0]
         diag_only = (col(image_rows) == 1) & (image_keys == 1) & (k1 == q0) & image[:, q0.clamp(max=n - 1)]
         all_ &= ~((col(image_rows) > 0) & (image_keys > 0) & ~diag_only)
+    if cut is not None:
+        text_cum = nonpad_cum - image_cum
+        cut_any, cut_free = _cut_rules(lo, hi, image if isolate else torch.zeros_like(image), cut, text_cum,
+                                       last_text, block_q, block_k, tq, tk)
+        any_ = torch.where(overlap | ~before, any_, cut_any & (col(rows) > 0))
+        all_ &= cut_free
     cls = torch.where(any_, torch.where(all_, 2, 1), 0)  # [B, Tq, Tk]
 
     def lists(c, value):
@@ -679,3 +737,71 @@ def block_map_reference(lo, hi, is_image, kind: int, block_q: int, block_k: int)
 
     cls_t = cls.transpose(1, 2)
     return (*lists(cls, 1), *lists(cls, 2), *lists(cls_t, 1), *lists(cls_t, 2))
+
+
+def _cut_rules(lo, hi, isolated, cut, text_cum, last_text, block_q: int, block_k: int, tq: int, tk: int):
+    """(any allowed pair in a tile of keys strictly before its queries, no query's cut meets
+    the tile), bool [B, Tq, Tk], for a layout with cuts (block_map.h's CutCell, vectorised).
+    A query q sees [lo, hi] less its cut, lo < cut_lo <= cut_hi < q <= hi; `isolated` marks
+    the image queries of an image-isolating kind, which see text keys (and themselves) only.
+    Each rule is "some query of the block with x_q <= (a bound of the tile) has y_q > (another
+    bound)": x_q picks a kv-block bucket of one cell per (q block, bucket), a cumulative max
+    or min over the buckets answers it for every tile, O(N + Tq*Tk)."""
+    b, n = lo.shape
+    dev = lo.device
+    big = _INT32_MAX
+    live = hi >= lo
+    cut_lo, cut_hi = cut[0].long(), cut[1].long()
+    has_cut = live & (cut_hi >= cut_lo)
+    lo, qblock = lo.long(), (torch.arange(n, device=dev) // block_q).expand(b, n)
+
+    def cells(bucket, value, member, reduce: str, init: int):
+        out = torch.full((b, tq * (tk + 1)), init, dtype=torch.long, device=dev)
+        value = torch.where(member, value, init)
+        out.scatter_reduce_(1, qblock * (tk + 1) + bucket.clamp(0, tk), value, reduce)
+        return out.view(b, tq, tk + 1)
+
+    def per_block(value, member):  # min over each q block's members
+        padded = torch.nn.functional.pad(torch.where(member, value, big), (0, tq * block_q - n), value=big)
+        return padded.view(b, tq, block_q).amin(-1)
+
+    k0 = (torch.arange(tk, device=dev) * block_k)[None, None]
+    k1 = torch.clamp(k0 + block_k, max=n) - 1
+    text_rows = live & ~isolated
+    # a text-role query meets a before-tile iff lo <= k1 and not (cut_lo <= k0 and k1 <= cut_hi)
+    text_cut_lo = cells(lo // block_k, torch.where(has_cut, cut_lo, big), text_rows, "amax", -1).cummax(-1).values
+    min_cut_hi_text = per_block(cut_hi, text_rows & has_cut)[..., None]
+    any_ = (text_cut_lo[..., :tk] > k0) | (min_cut_hi_text < k1)
+    # an isolated image query: a text key of [lo, cut_lo - 1] or of [cut_hi + 1, q - 1] in the tile
+    image_rows = live & isolated
+    if bool(image_rows.any()):
+        prompt_bucket = torch.where(has_cut, (cut_lo - 1) // block_k, tk)
+        image_lo = cells(prompt_bucket, lo, image_rows, "amin", big).flip(-1).cummin(-1).values.flip(-1)
+        last_text_t = last_text[:, None, :]
+        tile_start = prompt_bucket.clamp(max=tk - 1) * block_k
+        first = torch.maximum(lo, tile_start)
+        prompt_text = text_cum.gather(1, cut_lo.clamp(0, n)) - text_cum.gather(1, first.clamp(0, n))
+        hit = cells(prompt_bucket, (prompt_text > 0).long(), image_rows & has_cut, "amax", 0)[..., :tk] > 0
+        min_cut_hi_image = per_block(cut_hi, image_rows & has_cut)[..., None]
+        any_ |= hit | ((last_text_t >= 0) & ((image_lo[..., 1:] <= last_text_t) | (min_cut_hi_image < last_text_t)))
+    # no query's cut meets the tile: none with cut_lo <= k1 has cut_hi >= k0
+    cut_reach = cells(cut_lo // block_k, cut_hi, has_cut, "amax", -1).cummax(-1).values[..., :tk]
+    return any_, cut_reach < k0
+
+
+def shared_prompt_mrope_positions(prompt_positions: torch.Tensor, answer_lengths: Sequence[int]) -> torch.Tensor:
+    """Qwen-style 3-row M-RoPE positions (temporal, height, width) of a shared-prompt row
+    ``[prompt | answer 1 | ... | answer k]``: the prompt's own [3, P] (e.g. from the model's
+    get_rope_index, images included), then every answer, text, counting on all three rows
+    from the prompt's largest position + 1, as it would after the prompt alone.
+    -> int64 [3, P + sum(answer_lengths)]."""
+    if not isinstance(prompt_positions, torch.Tensor) or prompt_positions.dim() != 2 \
+            or prompt_positions.shape[0] != 3 or prompt_positions.is_floating_point():
+        _fail("prompt_positions", "expected an integer tensor [3, P] (M-RoPE's three rows)")
+    lengths = [as_int(n, "answer_lengths", minimum=1) for n in answer_lengths]
+    if not lengths:
+        _fail("answer_lengths", "expected at least one answer")
+    start = int(prompt_positions.max()) + 1 if prompt_positions.numel() else 0
+    dev = prompt_positions.device
+    answers = torch.cat([torch.arange(start, start + n, device=dev) for n in lengths])
+    return torch.cat([prompt_positions.long(), answers[None].expand(3, -1)], 1)
