@@ -15,6 +15,14 @@ padding; RoPE positions restart per segment), ``image_ids`` (the image's index i
 ``images``, -1 = text) and, for ``kind="prefix_lm"``, ``prefix_mask``. ``images``
 holds every image of the batch in the order its placeholders appear (row by row),
 which is the order ``fastvlm.models.splice`` fills them in.
+
+Shared-prompt items (``fastvlm.data.preference``: a prompt and k answers in one sample)
+carry their own ``position_ids`` (answers continue from the prompt's end), ``branch_ids``
+(0 = the shared prompt, 1..k = answers), ``targets`` (next-token labels within a branch) and
+``sequence_ids`` (each answer's index within the item, -1 = none); a batch with such items
+holds ``branch_ids`` (0 at padding), ``targets`` (-100 at padding), ``sequence_ids`` numbered
+across the batch (an item's answers after those of the items before it, row by row; -1 at
+padding) and ``num_sequences``.
 """
 from __future__ import annotations
 
@@ -44,6 +52,10 @@ def _check_item(item: dict) -> int:
     if ids.dim() != 1 or labels.shape != ids.shape:
         raise ValueError(f"items: sample {item.get('id')!r}: expected input_ids and labels of one shape [L], "
                          f"got {tuple(ids.shape)} and {tuple(labels.shape)}")
+    for key in ("position_ids", "branch_ids", "targets", "sequence_ids"):
+        if key in item and item[key].shape != ids.shape:
+            raise ValueError(f"items: sample {item.get('id')!r}: expected {key} of the shape of input_ids "
+                             f"{tuple(ids.shape)}, got {tuple(item[key].shape)}")
     pixels = item.get("pixel_values")
     images = 0 if pixels is None else pixels.shape[0]
     if len(item.get("image_spans", ())) != images:
@@ -61,7 +73,14 @@ def collate_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: 
     image_ids = torch.full((batch_size, width), -1, dtype=torch.int32)
     position_ids = torch.zeros((batch_size, width), dtype=torch.long)
     prefix_mask = torch.zeros((batch_size, width), dtype=torch.bool) if kind == "prefix_lm" else None
-    images, files, ids, supervised = [], [], [], 0
+    branched = any("branch_ids" in item for row in rows for item in row)
+    if branched and not all("branch_ids" in item for row in rows for item in row):
+        raise ValueError("items: shared-prompt items (with branch_ids) and plain ones cannot share a batch")
+    if branched:
+        branch_ids = torch.zeros((batch_size, width), dtype=torch.int32)
+        targets = torch.full((batch_size, width), -100, dtype=torch.long)
+        sequence_ids = torch.full((batch_size, width), -1, dtype=torch.long)
+    images, files, ids, supervised, sequences = [], [], [], 0, 0
     for r, row in enumerate(rows):
         start = 0
         for s, item in enumerate(row):
@@ -69,7 +88,12 @@ def collate_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: 
             end = start + n
             input_ids[r, start:end], labels[r, start:end] = item["input_ids"], item["labels"]
             segment_ids[r, start:end] = s
-            position_ids[r, start:end] = torch.arange(n)
+            position_ids[r, start:end] = item["position_ids"] if "position_ids" in item else torch.arange(n)
+            if branched:
+                branch_ids[r, start:end], targets[r, start:end] = item["branch_ids"], item["targets"]
+                own = item["sequence_ids"]
+                sequence_ids[r, start:end] = torch.where(own >= 0, own + sequences, -1)
+                sequences += int(item["num_sequences"])
             if prefix_mask is not None:
                 prefix_mask[r, start:start + int(item.get("prefix_len", 0))] = True
             for k, (span_start, span_len) in enumerate(item.get("image_spans", ())):
@@ -80,11 +104,14 @@ def collate_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: 
             ids.append(item.get("id"))
             start = end
     real = int((segment_ids >= 0).sum())
-    return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids, "image_ids": image_ids,
-            "position_ids": position_ids, "prefix_mask": prefix_mask,
-            "images": torch.stack(images) if images else None, "image_files": files, "ids": ids,
-            "num_samples": len(ids),
-            "real_tokens": real, "row_tokens": batch_size * width, "supervised_tokens": supervised}
+    batch = {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids, "image_ids": image_ids,
+             "position_ids": position_ids, "prefix_mask": prefix_mask,
+             "images": torch.stack(images) if images else None, "image_files": files, "ids": ids,
+             "num_samples": len(ids),
+             "real_tokens": real, "row_tokens": batch_size * width, "supervised_tokens": supervised}
+    if branched:
+        batch.update(branch_ids=branch_ids, targets=targets, sequence_ids=sequence_ids, num_sequences=sequences)
+    return batch
 
 
 class PackedCollator:
