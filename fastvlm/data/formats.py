@@ -164,11 +164,16 @@ def _images(record: dict, where: str, sample_id, part_images: list) -> list[str]
     return [_check_image_path(p, where, sample_id) for p in images]
 
 
-def parse_record(record, where: str, index: int) -> Sample:
-    """Validate one raw record (a dict from the file) and normalise it to a `Sample`."""
+def record_id(record, where: str, index: int) -> str:
+    """The id of a raw record (its ``id``, else ``#index``); a record that is no object is an error."""
     if not isinstance(record, dict):
         raise _bad(where, f"#{index}", f"expected a JSON object, got {type(record).__name__}")
-    sample_id = str(record["id"]) if record.get("id") is not None else f"#{index}"
+    return str(record["id"]) if record.get("id") is not None else f"#{index}"
+
+
+def parse_record(record, where: str, index: int) -> Sample:
+    """Validate one raw record (a dict from the file) and normalise it to a `Sample`."""
+    sample_id = record_id(record, where, index)
     part_images: list = []
     turns = _turns(record, where, sample_id, part_images)
     _check_alternation(turns, where, sample_id)

@@ -34,17 +34,14 @@ carries the branch metadata). Skips: ``identical_answers``, ``too_long`` (the pa
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from fastvlm.data.conversation import IGNORE_INDEX, _resolve, encode_conversation
-from fastvlm.data.dataset import image_spans
+from fastvlm.data.dataset import VLMDataset, image_spans
 from fastvlm.data.formats import (
     IMAGE_TAG,
     ROLE_NAMES,
@@ -55,10 +52,10 @@ from fastvlm.data.formats import (
     _images,
     _normalise,
     read_samples,
+    record_id,
 )
-from fastvlm.data.images import BadImageCounter, load_image
+from fastvlm.data.images import load_image
 from fastvlm.data.lengths import cached_array, code_hash
-from fastvlm.data.tokenizer import load_tokenizer
 from fastvlm.models.preprocess import ImagePreprocessor
 
 CHOSEN, REJECTED = 1, 2  # branch ids; sequence ids within a pair are branch - 1
@@ -116,9 +113,7 @@ def _prompt(record: dict, where: str, sample_id, part_images: list) -> list[dict
 
 def parse_preference_record(record, where: str, index: int) -> PreferencePair:
     """Validate one raw record and normalise it to a `PreferencePair` (see the module docstring)."""
-    if not isinstance(record, dict):
-        raise _bad(where, f"#{index}", f"expected a JSON object, got {type(record).__name__}")
-    sample_id = str(record["id"]) if record.get("id") is not None else f"#{index}"
+    sample_id = record_id(record, where, index)
     part_images: list = []
     prompt = _prompt(record, where, sample_id, part_images)
     chosen, rejected = (_answer(record, key, where, sample_id) for key in ("chosen", "rejected"))
@@ -183,37 +178,24 @@ def encode_pair(pair: PreferencePair, tokenizer, template="llava_v1", image_toke
     return EncodedPair(ids, labels, targets, branches, positions, sequences, shared, encoded[0].num_images)
 
 
-class PreferenceDataset(Dataset):
-    """Preference pairs as shared-prompt row items, decoded lazily (VLMDataset's contract).
+class PreferenceDataset(VLMDataset):
+    """Preference pairs as shared-prompt row items, decoded lazily: VLMDataset's contract and
+    options (strict, image_checks, the skip counter), over ``read_preference`` samples.
 
     max_length: a pair longer than this (prompt and both answers) is skipped as ``too_long``
-    (give the packing budget). strict: raise instead of skipping. lengths() are exact (each
-    pair tokenized once, images not decoded), cached next to the data file."""
+    (give the packing budget; a pair is never cut). lengths() are exact (each pair tokenized
+    once, images not decoded), cached next to the data file."""
 
     def __init__(self, samples: Sequence, image_root, tokenizer, template, image_tokens: int,
                  preprocessor: ImagePreprocessor, *, strict: bool = False, max_length: int | None = None,
                  system: str | None = None, data_path=None, image_checks: dict | None = None):
-        if not isinstance(image_tokens, int) or image_tokens < 1:
-            raise ValueError(f"image_tokens: expected a positive int, got {image_tokens!r}")
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
-        if not isinstance(preprocessor, ImagePreprocessor):
-            raise ValueError(f"preprocessor: expected an ImagePreprocessor, got {type(preprocessor).__name__}")
-        self.samples, self.image_root = samples, Path(image_root)
-        self.tokenizer = load_tokenizer(tokenizer)
-        self.template, self.image_tokens, self.preprocessor = template, image_tokens, preprocessor
-        self.strict, self.max_length, self.system = strict, max_length, system
-        self.data_path = data_path if data_path is not None else getattr(samples, "path", None)
-        self.image_checks = dict(image_checks or {})
-        self.skipped = BadImageCounter()
+        super().__init__(samples, image_root, tokenizer, template, image_tokens, preprocessor, strict=strict,
+                         max_length=max_length, truncation="drop", system=system, data_path=data_path,
+                         image_checks=image_checks)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _skip(self, reason: str, where, message: str):
-        if self.strict:
-            raise ValueError(message)
-        self.skipped.add(reason, where)
+    def _pair(self, pair: PreferencePair) -> EncodedPair:
+        return encode_pair(pair, self.tokenizer, self.template, self.image_tokens,
+                           system=self.encode_options["system"])
 
     def encode(self, index: int) -> EncodedPair | None:
         """The pair's row item, or None when it is skipped (counted)."""
@@ -221,7 +203,7 @@ class PreferenceDataset(Dataset):
         if pair.chosen == pair.rejected:
             return self._skip("identical_answers", pair.id, f"sample {pair.id!r}: chosen and rejected are "
                                                             "the same answer")
-        encoded = encode_pair(pair, self.tokenizer, self.template, self.image_tokens, system=self.system)
+        encoded = self._pair(pair)
         if self.max_length is not None and len(encoded) > self.max_length:
             return self._skip("too_long", pair.id, f"sample {pair.id!r}: prompt and answers are {len(encoded)} "
                                                    f"tokens, more than max_length {self.max_length}")
@@ -246,33 +228,19 @@ class PreferenceDataset(Dataset):
                                            self.image_tokens),
                 "image_files": files, "id": pair.id, "prefix_len": encoded.shared_len, "index": index}
 
-    # ---- per-pair metadata for the sampler ----------------------------------------------------
-    def _lengths_and_images(self) -> np.ndarray:
-        """[2, n]: each pair's exact token count and image count, cached by data file hash
-        (and everything else they depend on: encoder, tokenizer, template)."""
+    def _estimates(self) -> np.ndarray:
+        """[2, n]: each pair's exact token count (lengths()) and image count (has_images()),
+        cached by data file hash and everything else they depend on."""
         if self.data_path is None:
             if not hasattr(self, "_memo"):
                 self._memo = self._measure_all()
             return self._memo
-        backend = getattr(self.tokenizer, "backend", None)
-        tokenizer = hashlib.sha256((backend.to_str() if backend is not None else repr(self.tokenizer))
-                                   .encode()).hexdigest()[:16]
         options = "|".join(["preference", f"image_tokens={self.image_tokens}", f"encoder={code_hash(encode_pair)}",
-                            f"n={len(self)}", f"template={self.template!r}", f"system={self.system!r}",
-                            f"tokenizer={tokenizer}"])
+                            f"n={len(self)}", f"template={self.template!r}",
+                            f"system={self.encode_options['system']!r}", f"tokenizer={self._tokenizer_hash()}"])
         return cached_array(self.data_path, options, self._measure_all)
 
     def _measure_all(self) -> np.ndarray:
-        lengths, images = [], []
-        for pair in self.samples:
-            lengths.append(len(encode_pair(pair, self.tokenizer, self.template, self.image_tokens,
-                                           system=self.system)))
-            images.append(len(pair.images))
+        lengths = [len(self._pair(pair)) for pair in self.samples]
+        images = [len(pair.images) for pair in self.samples]
         return np.asarray([lengths, images], dtype=np.int64).reshape(2, len(lengths))
-
-    def lengths(self) -> list[int]:
-        """Exact token count per pair (prompt once, both answers)."""
-        return self._lengths_and_images()[0].tolist()
-
-    def has_images(self) -> list[bool]:
-        return (self._lengths_and_images()[1] > 0).tolist()
