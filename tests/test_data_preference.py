@@ -15,6 +15,8 @@ from fastvlm.data.sampler import PackedBatchSampler
 from fastvlm.models.llm import shift_labels
 from fastvlm.models.preprocess import ImagePreprocessor
 from fastvlm.ops import linear_logprob
+from tests.test_data_templates import CHATML, SPECIALS
+from tests.test_data_tokenizer import word_tokenizer
 
 IMAGE_SIZE, IMAGE_TOKENS = 28, 4
 
@@ -29,15 +31,24 @@ def vqa(tmp_path_factory):
     return splits, pairs, train_bpe_tokenizer(texts, vocab_size=300, seed=3)
 
 
+@pytest.fixture(scope="module")
+def chatml(vqa):
+    """A word-level tokenizer with a ChatML chat template (answers end ``<|im_end|>\\n``)."""
+    _, pairs, _ = vqa
+    texts = [t["value"] for r in json.loads(pairs.read_text()) for t in r["conversations"]]
+    texts += [a for r in json.loads(pairs.read_text()) for a in (r["chosen"], r["rejected"])]
+    return word_tokenizer(texts + ["user assistant"], specials=SPECIALS, chat_template=CHATML)
+
+
 def _write(path, records, lines=False):
     path.write_text("\n".join(json.dumps(r) for r in records) if lines else json.dumps(records))
     return path
 
 
-def _dataset(vqa, path=None, **kw):
-    splits, pairs, tokenizer = vqa
-    return PreferenceDataset(read_preference(path or pairs), splits.image_folder, tokenizer, kw.pop("template",
-                             "llava_v1"), IMAGE_TOKENS, ImagePreprocessor.for_family("clip", IMAGE_SIZE), **kw)
+def _dataset(vqa, path=None, tokenizer=None, template="llava_v1", **kw):
+    splits, pairs, bpe = vqa
+    return PreferenceDataset(read_preference(path or pairs), splits.image_folder, tokenizer or bpe, template,
+                             IMAGE_TOKENS, ImagePreprocessor.for_family("clip", IMAGE_SIZE), **kw)
 
 
 # ---- formats ------------------------------------------------------------------------------------
@@ -97,13 +108,13 @@ def _alone(pair, answer, tokenizer, template):
                                last_turn_only=True)
 
 
-@pytest.mark.parametrize("template", ["llava_v1", "literal"])
-def test_item_is_prompt_plus_each_answer_token_for_token(vqa, template):
+@pytest.mark.parametrize("template", ["llava_v1", "literal", "chat_template"])
+def test_item_is_prompt_plus_each_answer_token_for_token(vqa, chatml, template):
     """The shared part plus branch b, in order, is exactly the prompt + that answer encoded
     alone: tokens, labels (the answer and its end-of-turn token), positions 0.. and next-token
     targets; the answers' log-prob tokens (targets counted per sequence) are that answer's
     supervised tokens, nothing else."""
-    dataset = _dataset(vqa, template=template)
+    dataset = _dataset(vqa, template=template, tokenizer=chatml if template == "chat_template" else None)
     for i in range(len(dataset)):
         item, pair = dataset[i], dataset.samples[i]
         shared = item["prefix_len"]
