@@ -45,8 +45,10 @@ def _run(fn, hidden, head, dtype):
     return fn(h, head), params
 
 
-def _check(got, params, wants, labels, h, v, grad_out, check=assert_close, dtype=None):
-    """got=(logp, counts) and its gradients against wants=[ref64 run, baseline run]."""
+def _check(got, params, wants, labels, h, v, grad_out, check=assert_close, dtype=None, chunks=1):
+    """got=(logp, counts) and its gradients against wants=[ref64 run, baseline run]. The weight
+    and bias gradients of a chunked run are running sums over ``chunks`` chunk contributions,
+    one rounding each (plain PyTorch reduces in one blocked GEMM): the floor scales with it."""
     (ref, ref_params), (base, base_params) = wants
     assert torch.equal(got[1], ref[1]), "token counts"
     terms = h + v + labels.numel()
@@ -55,7 +57,7 @@ def _check(got, params, wants, labels, h, v, grad_out, check=assert_close, dtype
     outs = zip(_grads(got[0], params, grad_out.to(got[0].dtype)), _grads(ref[0], ref_params, grad_out.double()),
                _grads(base[0], base_params, grad_out.to(base[0].dtype)))
     for i, (g, r, b) in enumerate(outs):
-        check(g, r, b, name=f"grad {i}", **kw)
+        check(g, r, b, name=f"grad {i}", scale=chunks * float(r.norm()), **kw)
 
 
 @pytest.mark.parametrize("backend", ["fused", "checkpointed"])
@@ -71,7 +73,8 @@ def test_matches_plain_head_fp64(backend, bias, chunk_size, seed):
     grad_out = torch.randn(5, dtype=torch.float64)
     ref = _run(lambda h, w: linear_logprob_reference(h, w, labels, seq, 5), hidden, head, torch.float64)
     base = _run(lambda h, w: linear_logprob_reference(h, w, labels, seq, 5), hidden, head, torch.float32)
-    _check(got, params, [ref, base], labels, 24, 101, grad_out, check=assert_close_float64)
+    chunks = -(-int(got[1].sum()) // chunk_size)
+    _check(got, params, [ref, base], labels, 24, 101, grad_out, check=assert_close_float64, chunks=chunks)
 
 
 def test_reference_is_log_softmax_gather_per_sequence(seed):
@@ -152,6 +155,23 @@ def test_bf16_accumulates_in_fp32(backend, seed):
     base = _run(lambda h, w: linear_logprob_reference(h, w, labels, seq, 4), hidden, head, torch.bfloat16)
     grad_out = torch.randn(4)
     _check(got, [hidden, head.weight], [ref, base], labels, 64, 500, grad_out, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["fused", "checkpointed"])
+def test_autocast_bf16_hidden_fp32_head(backend, seed):
+    """Mixed precision as a training step runs it: bf16 hidden states, an fp32 head, autocast on;
+    backward recomputes the logits under the same autocast (without it the GEMM would mix
+    bf16 and fp32 operands). Bound: the plain head under the same autocast."""
+    hidden, labels, seq = _data((1, 90), 32, 300, 3, torch.bfloat16)
+    head = nn.Linear(32, 300)
+    grad_out = torch.randn(3)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = linear_logprob(hidden, head, labels, seq, 3, chunk_size=32, backend=backend)
+        base = linear_logprob_reference(hidden, head, labels, seq, 3)
+    assert got[0].dtype == torch.float32
+    ref = _run(lambda h, w: linear_logprob_reference(h, w, labels, seq, 3), hidden, head, torch.float64)
+    params = [hidden, *head.parameters()]
+    _check(got, params, [ref, (base, params)], labels, 32, 300, grad_out, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", ["fused", "checkpointed", "reference"])

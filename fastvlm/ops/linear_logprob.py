@@ -110,6 +110,10 @@ class _FusedLinearLogprob(torch.autograd.Function):
         ce = fused_ce_pass(h, weight, bias, y, chunk_size)[0]
         ctx.save_for_backward(h, weight, bias, y, seq)
         ctx.chunk_size = chunk_size
+        # backward recomputes the logits as forward did: under the same autocast, if any
+        # (the engine runs backward without it; bf16 hidden states and an fp32 head need it)
+        device = h.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return _per_sequence(-ce, seq, num_sequences)
 
     @staticmethod
@@ -117,6 +121,8 @@ class _FusedLinearLogprob(torch.autograd.Function):
         h, weight, bias, y, seq = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         token_scale = -grad_out.to(loss_dtype(h.dtype)).index_select(0, seq)
-        _, grad_h, grad_w, grad_b = fused_ce_pass(h, weight, bias, y, ctx.chunk_size, token_scale, need)
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype, enabled=enabled):
+            _, grad_h, grad_w, grad_b = fused_ce_pass(h, weight, bias, y, ctx.chunk_size, token_scale, need)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
