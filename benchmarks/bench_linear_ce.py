@@ -10,6 +10,8 @@ fresh process and reports its peak resident-set growth over the inputs.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
@@ -36,7 +38,7 @@ def one_case(method, tokens, hidden, vocab, dtype, device, repeats, supervised):
 
 
 def main(argv=None):
-    return lm_head_benchmark(argv, __doc__, __file__, "bench_linear_ce", "LM head + cross-entropy", one_case)
+    return lm_head_benchmark(argv, __doc__, __file__, Path(__file__).stem, "LM head + cross-entropy", one_case)
 
 
 if __name__ == "__main__":

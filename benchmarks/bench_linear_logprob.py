@@ -13,6 +13,8 @@ process and reports its peak resident-set growth over the inputs. Times are medi
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from fastvlm.ops.linear_logprob import linear_logprob
@@ -43,7 +45,7 @@ def one_case(method, tokens, hidden, vocab, dtype, device, repeats, supervised, 
 
 
 def main(argv=None):
-    return lm_head_benchmark(argv, __doc__, __file__, "bench_linear_logprob", "per-sequence answer log-probs",
+    return lm_head_benchmark(argv, __doc__, __file__, Path(__file__).stem, "per-sequence answer log-probs",
                              one_case, extra=[("--sequences", int, 16, "answers per batch (2 per preference pair)")])
 
 

@@ -34,6 +34,8 @@ from fastvlm.data.packing import check_budget, pack
 from fastvlm.ops import KINDS
 
 MODEL_KEYS = ("input_ids", "images", "labels", "segment_ids", "prefix_mask")
+# what a shared-prompt item carries per token besides input_ids and labels
+BRANCH_KEYS = ("branch_ids", "position_ids", "targets", "sequence_ids")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -52,7 +54,7 @@ def _check_item(item: dict) -> int:
     if ids.dim() != 1 or labels.shape != ids.shape:
         raise ValueError(f"items: sample {item.get('id')!r}: expected input_ids and labels of one shape [L], "
                          f"got {tuple(ids.shape)} and {tuple(labels.shape)}")
-    for key in ("position_ids", "branch_ids", "targets", "sequence_ids"):
+    for key in BRANCH_KEYS:
         if key in item and item[key].shape != ids.shape:
             raise ValueError(f"items: sample {item.get('id')!r}: expected {key} of the shape of input_ids "
                              f"{tuple(ids.shape)}, got {tuple(item[key].shape)}")
@@ -66,6 +68,38 @@ def _check_item(item: dict) -> int:
 
 def collate_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: str) -> dict:
     """Rows of items -> the batch dict (see the module docstring); every row `width` tokens."""
+    branched = [BRANCH_KEYS[0] in item for row in rows for item in row]
+    if any(branched) and not all(branched):
+        raise ValueError("items: shared-prompt items (with branch_ids) and plain ones cannot share a batch")
+    batch = _collate_plain_rows(rows, width, pad_id, kind)
+    if any(branched):
+        _add_branches(batch, rows)
+    return batch
+
+
+def _add_branches(batch: dict, rows: Sequence[Sequence[dict]]) -> None:
+    """Shared-prompt items' own positions and branch metadata, laid out as collate_rows laid
+    out their tokens (items side by side from each row's start)."""
+    shape = batch["input_ids"].shape
+    branch_ids = torch.zeros(shape, dtype=torch.int32)
+    targets = torch.full(shape, -100, dtype=torch.long)
+    sequence_ids = torch.full(shape, -1, dtype=torch.long)
+    sequences = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for item in row:
+            end = start + item["input_ids"].numel()
+            batch["position_ids"][r, start:end] = item["position_ids"]
+            branch_ids[r, start:end], targets[r, start:end] = item["branch_ids"], item["targets"]
+            own = item["sequence_ids"]
+            sequence_ids[r, start:end] = torch.where(own >= 0, own + sequences, -1)
+            sequences += int(item["num_sequences"])
+            start = end
+    batch.update(branch_ids=branch_ids, targets=targets, sequence_ids=sequence_ids, num_sequences=sequences)
+
+
+def _collate_plain_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: str) -> dict:
+    """collate_rows for items without branches (every sample's positions 0, 1, ...)."""
     batch_size = len(rows)
     input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
     labels = torch.full((batch_size, width), -100, dtype=torch.long)
@@ -73,14 +107,7 @@ def collate_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: 
     image_ids = torch.full((batch_size, width), -1, dtype=torch.int32)
     position_ids = torch.zeros((batch_size, width), dtype=torch.long)
     prefix_mask = torch.zeros((batch_size, width), dtype=torch.bool) if kind == "prefix_lm" else None
-    branched = any("branch_ids" in item for row in rows for item in row)
-    if branched and not all("branch_ids" in item for row in rows for item in row):
-        raise ValueError("items: shared-prompt items (with branch_ids) and plain ones cannot share a batch")
-    if branched:
-        branch_ids = torch.zeros((batch_size, width), dtype=torch.int32)
-        targets = torch.full((batch_size, width), -100, dtype=torch.long)
-        sequence_ids = torch.full((batch_size, width), -1, dtype=torch.long)
-    images, files, ids, supervised, sequences = [], [], [], 0, 0
+    images, files, ids, supervised = [], [], [], 0
     for r, row in enumerate(rows):
         start = 0
         for s, item in enumerate(row):
@@ -88,12 +115,7 @@ def collate_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: 
             end = start + n
             input_ids[r, start:end], labels[r, start:end] = item["input_ids"], item["labels"]
             segment_ids[r, start:end] = s
-            position_ids[r, start:end] = item["position_ids"] if "position_ids" in item else torch.arange(n)
-            if branched:
-                branch_ids[r, start:end], targets[r, start:end] = item["branch_ids"], item["targets"]
-                own = item["sequence_ids"]
-                sequence_ids[r, start:end] = torch.where(own >= 0, own + sequences, -1)
-                sequences += int(item["num_sequences"])
+            position_ids[r, start:end] = torch.arange(n)
             if prefix_mask is not None:
                 prefix_mask[r, start:start + int(item.get("prefix_len", 0))] = True
             for k, (span_start, span_len) in enumerate(item.get("image_spans", ())):
@@ -104,14 +126,11 @@ def collate_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: 
             ids.append(item.get("id"))
             start = end
     real = int((segment_ids >= 0).sum())
-    batch = {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids, "image_ids": image_ids,
-             "position_ids": position_ids, "prefix_mask": prefix_mask,
-             "images": torch.stack(images) if images else None, "image_files": files, "ids": ids,
-             "num_samples": len(ids),
-             "real_tokens": real, "row_tokens": batch_size * width, "supervised_tokens": supervised}
-    if branched:
-        batch.update(branch_ids=branch_ids, targets=targets, sequence_ids=sequence_ids, num_sequences=sequences)
-    return batch
+    return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids, "image_ids": image_ids,
+            "position_ids": position_ids, "prefix_mask": prefix_mask,
+            "images": torch.stack(images) if images else None, "image_files": files, "ids": ids,
+            "num_samples": len(ids),
+            "real_tokens": real, "row_tokens": batch_size * width, "supervised_tokens": supervised}
 
 
 class PackedCollator:
