@@ -10,20 +10,18 @@ fresh process and reports its peak resident-set growth over the inputs.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
 
-from common import environment, markdown_table, median_time, peak_memory, print_header, run_isolated, save_results
+from common import lm_head_benchmark, median_time, peak_memory
 
 METHODS = {"naive": "reference", "fastvlm": "auto"}
 
 
-def one_case(method, tokens, hidden, vocab, supervised, dtype, device, repeats):
+def one_case(method, tokens, hidden, vocab, dtype, device, repeats, supervised):
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(tokens, hidden, generator=gen).to(device, dtype).requires_grad_()
     head = torch.nn.Linear(hidden, vocab, bias=False).to(device, dtype)
@@ -40,58 +38,7 @@ def one_case(method, tokens, hidden, vocab, supervised, dtype, device, repeats):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--tokens", type=int, default=None)
-    p.add_argument("--hidden", type=int, default=None)
-    p.add_argument("--vocabs", type=int, nargs="+", default=[32000, 152064])
-    p.add_argument("--supervised", type=float, default=0.3, help="fraction of tokens with a label")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one CPU case in a fresh process
-    args = p.parse_args(argv)
-    gpu = args.device == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    tokens = args.tokens or (8192 if gpu else 2048)
-    hidden = args.hidden or (4096 if gpu else 256)
-    if args.smoke:
-        tokens, hidden, args.vocabs, args.repeats = 256, 32, [2000], 1
-    if args.case:
-        method, vocab = args.case.split(":")
-        print(json.dumps(one_case(method, tokens, hidden, int(vocab), args.supervised, dtype, "cpu",
-                                  args.repeats)))
-        return None
-    env = environment(args.device)
-    print_header("LM head + cross-entropy (bench_linear_cross_entropy.py)", env)
-    rows = []
-    for vocab in args.vocabs:
-        for method in METHODS:
-            if gpu:
-                res = one_case(method, tokens, hidden, vocab, args.supervised, dtype, "cuda", args.repeats)
-            else:
-                res = run_isolated(__file__, ["--case", f"{method}:{vocab}", "--tokens", str(tokens),
-                                              "--hidden", str(hidden), "--supervised", str(args.supervised),
-                                              "--repeats", str(args.repeats)])
-            rows.append({"vocab": vocab, "method": method, **res})
-            print(f"  vocab {vocab:6d} {method:8s} peak {res['peak_bytes'] / 2**20:9.1f} MiB  "
-                  f"{res['seconds'] * 1e3:9.1f} ms", flush=True)
-    table = []
-    for vocab in args.vocabs:
-        naive, ours = (next(r for r in rows if r["vocab"] == vocab and r["method"] == m) for m in METHODS)
-        table.append([vocab, f"{naive['peak_bytes'] / 2**20:.0f}", f"{ours['peak_bytes'] / 2**20:.0f}",
-                      f"{naive['peak_bytes'] / max(ours['peak_bytes'], 1):.1f}x",
-                      f"{naive['seconds'] * 1e3:.1f}", f"{ours['seconds'] * 1e3:.1f}",
-                      f"{naive['seconds'] / ours['seconds']:.2f}x"])
-    md = markdown_table(["vocab", "naive peak MiB", "fastvlm peak MiB", "memory saved", "naive ms",
-                         "fastvlm ms", "speedup"], table)
-    print(f"tokens={tokens} hidden={hidden} dtype={dtype} supervised={args.supervised}")
-    print(md)
-    payload = {"benchmark": "bench_linear_cross_entropy", "env": env, "tokens": tokens, "hidden": hidden,
-               "dtype": str(dtype), "supervised": args.supervised, "rows": rows}
-    if args.out or not args.smoke:
-        save_results(f"bench_linear_cross_entropy_sup{round(100 * args.supervised)}", env, payload, md, args.out)
-    return payload
+    return lm_head_benchmark(argv, __doc__, __file__, Path(__file__).stem, "LM head + cross-entropy", one_case)
 
 
 if __name__ == "__main__":

@@ -191,3 +191,66 @@ def results_path(out: Path | None, name: str, env: dict) -> Path | None:
         return out
     tag = env["device"].split("(")[0].strip().replace(" ", "_")
     return out / f"{name}_{tag}_{env['date'][:10]}.json"
+
+
+# ---- the LM-head benchmarks (bench_linear_cross_entropy, bench_linear_logprob) ----
+def lm_head_benchmark(argv, doc: str, script: str, name: str, title: str, one_case, extra=()) -> dict | None:
+    """The shared main: naive vs fastvlm per vocabulary, each CPU case in a fresh process.
+    ``one_case(method, tokens, hidden, vocab, dtype, device, repeats, **extra)`` times one case;
+    ``extra``: (flag, type, default, help) of the script's own options, passed to it by name."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--vocabs", type=int, nargs="+", default=[32000, 152064])
+    p.add_argument("--supervised", type=float, default=0.3, help="fraction of tokens with a label")
+    for flag, kind, default, text in extra:
+        p.add_argument(flag, type=kind, default=default, help=text)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one CPU case in a fresh process
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    tokens = args.tokens or (8192 if gpu else 2048)
+    hidden = args.hidden or (4096 if gpu else 256)
+    if args.smoke:
+        tokens, hidden, args.vocabs, args.repeats = 256, 32, [2000], 1
+    own = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
+           for flag, *_ in extra}
+    case = {"supervised": args.supervised, **own}
+    if args.case:
+        method, vocab = args.case.split(":")
+        print(json.dumps(one_case(method, tokens, hidden, int(vocab), dtype, "cpu", args.repeats, **case)))
+        return None
+    env = environment(args.device)
+    print_header(f"{title} ({name}.py)", env)
+    rows = []
+    for vocab in args.vocabs:
+        for method in ("naive", "fastvlm"):
+            if gpu:
+                res = one_case(method, tokens, hidden, vocab, dtype, "cuda", args.repeats, **case)
+            else:
+                flags = [a for k, v in case.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+                res = run_isolated(script, ["--case", f"{method}:{vocab}", "--tokens", str(tokens),
+                                            "--hidden", str(hidden), "--repeats", str(args.repeats), *flags])
+            rows.append({"vocab": vocab, "method": method, **res})
+            print(f"  vocab {vocab:6d} {method:8s} peak {res['peak_bytes'] / 2**20:9.1f} MiB  "
+                  f"{res['seconds'] * 1e3:9.1f} ms", flush=True)
+    table = []
+    for vocab in args.vocabs:
+        naive, ours = (next(r for r in rows if r["vocab"] == vocab and r["method"] == m) for m in ("naive", "fastvlm"))
+        table.append([vocab, f"{naive['peak_bytes'] / 2**20:.0f}", f"{ours['peak_bytes'] / 2**20:.0f}",
+                      f"{naive['peak_bytes'] / max(ours['peak_bytes'], 1):.1f}x",
+                      f"{naive['seconds'] * 1e3:.1f}", f"{ours['seconds'] * 1e3:.1f}",
+                      f"{naive['seconds'] / ours['seconds']:.2f}x"])
+    md = markdown_table(["vocab", "naive peak MiB", "fastvlm peak MiB", "memory saved", "naive ms (median)",
+                         "fastvlm ms (median)", "speedup"], table)
+    print(f"tokens={tokens} hidden={hidden} dtype={dtype} " + " ".join(f"{k}={v}" for k, v in case.items()))
+    print(md)
+    payload = {"benchmark": name, "env": env, "tokens": tokens, "hidden": hidden, "dtype": str(dtype), **case,
+               "rows": rows}
+    if args.out or not args.smoke:
+        save_results(f"{name}_sup{round(100 * args.supervised)}", env, payload, md, args.out)
+    return payload

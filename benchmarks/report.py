@@ -76,7 +76,8 @@ def _linear_ce(d):
         rows = {r["method"]: r for r in d["rows"] if r["vocab"] == vocab}
         naive = rows.pop("naive")
         for method, r in rows.items():
-            out.append((f"LM-head loss, vocab {vocab}, {d.get('supervised', '?')} supervised: {method} memory vs naive",
+            what = "answer log-probs" if d.get("benchmark", "").startswith("bench_linear_logprob") else "LM-head loss"
+            out.append((f"{what}, vocab {vocab}, {d.get('supervised', '?')} supervised: {method} memory vs naive",
                         f"{_ratio(r['peak_bytes'], naive['peak_bytes']):.2f}x",
                         _ratio(r["peak_bytes"], naive["peak_bytes"])))
     return out
@@ -122,7 +123,8 @@ def _attention(d):
 
 EXTRACTORS = {"bench_attention": _attention,
               "bench_train": _train, "bench_vlm": _vlm, "bench_layout": _mask,
-              "bench_linear_cross_entropy": _linear_ce, "bench_memory": _memory, "bench_encoder": _encoder,
+              "bench_linear_cross_entropy": _linear_ce, "bench_linear_logprob": _linear_ce,
+              "bench_memory": _memory, "bench_encoder": _encoder,
               # results written before the scripts took their op's name (bench_layout, ...)
               "bench_mask": _mask, "bench_linear_ce": _linear_ce}
 

@@ -26,6 +26,8 @@ NOT_CUSTOM_OPS = {
     ("multimodal_attention", "flash_attn"): "flash-attn's own ops",
     ("linear_cross_entropy", "fused"): "plain torch in an autograd.Function, any head module",
     ("linear_cross_entropy", "checkpointed"): "calls the head module under checkpointing",
+    ("linear_logprob", "fused"): "plain torch in an autograd.Function (linear_cross_entropy's loop)",
+    ("linear_logprob", "checkpointed"): "calls the head module under checkpointing",
 }
 # public functions of fastvlm.ops that are not themselves registry ops
 NOT_REGISTRY_OPS = {"multimodal_attention_varlen": "a view of multimodal_attention",

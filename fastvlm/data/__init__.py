@@ -25,3 +25,8 @@ __all__ += [
     "BadImageCounter", "BadImageError", "PackedBatchSampler", "PackedCollator", "PackedRows", "PaddedCollator",
     "VLMDataset", "VLMLoader", "load_image", "make_loader", "model_inputs", "open_image", "pack",
 ]
+
+# preference pairs (shared-prompt rows)
+from fastvlm.data.preference import PreferenceDataset, PreferencePair, encode_pair, read_preference  # noqa: E402
+
+__all__ += ["PreferenceDataset", "PreferencePair", "encode_pair", "read_preference"]

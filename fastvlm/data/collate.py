@@ -15,6 +15,14 @@ padding; RoPE positions restart per segment), ``image_ids`` (the image's index i
 ``images``, -1 = text) and, for ``kind="prefix_lm"``, ``prefix_mask``. ``images``
 holds every image of the batch in the order its placeholders appear (row by row),
 which is the order ``fastvlm.models.splice`` fills them in.
+
+Shared-prompt items (``fastvlm.data.preference``: a prompt and k answers in one sample)
+carry their own ``position_ids`` (answers continue from the prompt's end), ``branch_ids``
+(0 = the shared prompt, 1..k = answers), ``targets`` (next-token labels within a branch) and
+``sequence_ids`` (each answer's index within the item, -1 = none); a batch with such items
+holds ``branch_ids`` (0 at padding), ``targets`` (-100 at padding), ``sequence_ids`` numbered
+across the batch (an item's answers after those of the items before it, row by row; -1 at
+padding) and ``num_sequences``.
 """
 from __future__ import annotations
 
@@ -26,6 +34,8 @@ from fastvlm.data.packing import check_budget, pack
 from fastvlm.ops import KINDS
 
 MODEL_KEYS = ("input_ids", "images", "labels", "segment_ids", "prefix_mask")
+# what a shared-prompt item carries per token besides input_ids and labels
+BRANCH_KEYS = ("branch_ids", "position_ids", "targets", "sequence_ids")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -44,6 +54,10 @@ def _check_item(item: dict) -> int:
     if ids.dim() != 1 or labels.shape != ids.shape:
         raise ValueError(f"items: sample {item.get('id')!r}: expected input_ids and labels of one shape [L], "
                          f"got {tuple(ids.shape)} and {tuple(labels.shape)}")
+    for key in BRANCH_KEYS:
+        if key in item and item[key].shape != ids.shape:
+            raise ValueError(f"items: sample {item.get('id')!r}: expected {key} of the shape of input_ids "
+                             f"{tuple(ids.shape)}, got {tuple(item[key].shape)}")
     pixels = item.get("pixel_values")
     images = 0 if pixels is None else pixels.shape[0]
     if len(item.get("image_spans", ())) != images:
@@ -54,6 +68,38 @@ def _check_item(item: dict) -> int:
 
 def collate_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: str) -> dict:
     """Rows of items -> the batch dict (see the module docstring); every row `width` tokens."""
+    branched = [BRANCH_KEYS[0] in item for row in rows for item in row]
+    if any(branched) and not all(branched):
+        raise ValueError("items: shared-prompt items (with branch_ids) and plain ones cannot share a batch")
+    batch = _collate_plain_rows(rows, width, pad_id, kind)
+    if any(branched):
+        _add_branches(batch, rows)
+    return batch
+
+
+def _add_branches(batch: dict, rows: Sequence[Sequence[dict]]) -> None:
+    """Shared-prompt items' own positions and branch metadata, laid out as collate_rows laid
+    out their tokens (items side by side from each row's start)."""
+    shape = batch["input_ids"].shape
+    branch_ids = torch.zeros(shape, dtype=torch.int32)
+    targets = torch.full(shape, -100, dtype=torch.long)
+    sequence_ids = torch.full(shape, -1, dtype=torch.long)
+    sequences = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for item in row:
+            end = start + item["input_ids"].numel()
+            batch["position_ids"][r, start:end] = item["position_ids"]
+            branch_ids[r, start:end], targets[r, start:end] = item["branch_ids"], item["targets"]
+            own = item["sequence_ids"]
+            sequence_ids[r, start:end] = torch.where(own >= 0, own + sequences, -1)
+            sequences += int(item["num_sequences"])
+            start = end
+    batch.update(branch_ids=branch_ids, targets=targets, sequence_ids=sequence_ids, num_sequences=sequences)
+
+
+def _collate_plain_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: str) -> dict:
+    """collate_rows for items without branches (every sample's positions 0, 1, ...)."""
     batch_size = len(rows)
     input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
     labels = torch.full((batch_size, width), -100, dtype=torch.long)

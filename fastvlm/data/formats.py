@@ -164,11 +164,16 @@ def _images(record: dict, where: str, sample_id, part_images: list) -> list[str]
     return [_check_image_path(p, where, sample_id) for p in images]
 
 
-def parse_record(record, where: str, index: int) -> Sample:
-    """Validate one raw record (a dict from the file) and normalise it to a `Sample`."""
+def record_id(record, where: str, index: int) -> str:
+    """The id of a raw record (its ``id``, else ``#index``); a record that is no object is an error."""
     if not isinstance(record, dict):
         raise _bad(where, f"#{index}", f"expected a JSON object, got {type(record).__name__}")
-    sample_id = str(record["id"]) if record.get("id") is not None else f"#{index}"
+    return str(record["id"]) if record.get("id") is not None else f"#{index}"
+
+
+def parse_record(record, where: str, index: int) -> Sample:
+    """Validate one raw record (a dict from the file) and normalise it to a `Sample`."""
+    sample_id = record_id(record, where, index)
     part_images: list = []
     turns = _turns(record, where, sample_id, part_images)
     _check_alternation(turns, where, sample_id)
@@ -180,10 +185,12 @@ def parse_record(record, where: str, index: int) -> Sample:
 
 
 class _Records(Sequence):
-    """Lazily validated samples of one file; subclasses say how to fetch raw record i."""
+    """Lazily validated samples of one file; subclasses say how to fetch raw record i;
+    ``parser(raw, where, index)`` validates and normalises it (parse_record by default)."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.parser = parse_record
 
     def raw(self, index: int):
         raise NotImplementedError
@@ -198,7 +205,7 @@ class _Records(Sequence):
         if not isinstance(index, int) or not -n <= index < n:
             raise IndexError(f"sample index {index!r} out of range for {n} samples in {self.path}")
         index %= n
-        return parse_record(self.raw(index), self._where(index), index)
+        return self.parser(self.raw(index), self._where(index), index)
 
     def validate(self) -> None:
         """Read every record once, raising at the first bad one (for a check before training)."""
@@ -272,14 +279,17 @@ def _is_json_lines(path: Path) -> bool:
     return False
 
 
-def read_samples(path) -> Sequence[Sample]:
+def read_samples(path, parser=parse_record) -> Sequence[Sample]:
     """The samples of a LLaVA JSON list (``.json``) or a JSON-lines file (``.jsonl``, or one
-    object per line under another name): indexable, ``len()``, validated per sample when read."""
+    object per line under another name): indexable, ``len()``, validated per sample when read
+    by ``parser(raw record, where, index)`` (another record format: preference pairs)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"path: no conversation file at {path}")
     if _is_json_lines(path):
-        return JSONLinesSamples(path)
+        samples = JSONLinesSamples(path)
+        samples.parser = parser
+        return samples
     try:
         with open(path, "rb") as f:
             records = json.load(f)
@@ -287,7 +297,9 @@ def read_samples(path) -> Sequence[Sample]:
         raise ValueError(f"{path}: malformed JSON: {e}") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of samples, got {type(records).__name__}")  # noqa: TRY004
-    return JSONListSamples(path, records)
+    samples = JSONListSamples(path, records)
+    samples.parser = parser
+    return samples
 
 
 def estimate_length(sample: Sample, image_tokens: int, chars_per_token: float = 3.5, per_turn: int = 6,

@@ -28,6 +28,11 @@ levels: ``chance`` = accuracy of always answering that type's most frequent answ
 (the majority baseline: what a model that ignores the image reaches), ``uniform_chance`` =
 1 / number of possible answers. With balanced answers the two agree up to rounding.
 
+Preference pairs (``write_preference_pairs``, a separate call: ``write_dataset`` writes none):
+per sample of a split, its conversation up to the last question with the right answer as
+``chosen`` and a plausible wrong one of the same type as ``rejected``, in
+``{split}_preference.json``.
+
 Determinism: sample i of a split depends only on the seed, the split, i and its planned
 (type, answer), so the same arguments give the same bytes. ``train.json``, ``val.json``,
 ``captions.json`` and, last, ``meta.json`` are written atomically; a dataset with a
@@ -335,6 +340,37 @@ def write_dataset(root, n_train: int, n_val: int, seed: int = 0, image_size: int
             "splits": splits, "captions": {"file": "captions.json", "samples": n_captions}}
     atomic_write_text(root / "meta.json", json.dumps(meta, indent=1) + "\n")
     return _splits(root, meta)
+
+
+def plausible_wrong_answer(qtype: str, answer: str, rng: random.Random) -> str:
+    """A wrong answer of the same question type: for counts one off (what a model that
+    miscounts says), else any other answer of the type."""
+    if qtype not in ANSWERS or answer not in ANSWERS[qtype]:
+        raise ValueError(f"answer: {answer!r} is not a {qtype!r} answer (expected one of {ANSWERS.get(qtype)})")
+    if qtype == "count":
+        return rng.choice([c for c in COUNTS if abs(int(c) - int(answer)) == 1])
+    return rng.choice([a for a in ANSWERS[qtype] if a != answer])
+
+
+def write_preference_pairs(splits: SyntheticSplits, split: str = "train", seed: int = 0) -> Path:
+    """``{split}_preference.json`` next to the split's file (fastvlm.data.preference's format):
+    per sample its image(s), its conversation up to the last question, ``chosen`` = the right
+    answer and ``rejected`` = `plausible_wrong_answer`, with ``question_type`` and ``answer``.
+    The same dataset and seed give the same bytes; the dataset's own files are not touched."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+    source = splits.train if split == "train" else splits.val
+    records = json.loads(source.read_text())
+    pairs = []
+    for i, r in enumerate(records):
+        rng = random.Random(f"fastvlm-synthetic-vqa-preference:{seed}:{split}:{i}")
+        images = {k: r[k] for k in ("image", "images") if k in r}
+        pairs.append({"id": r["id"], **images, "conversations": r["conversations"][:-1], "chosen": r["answer"],
+                      "rejected": plausible_wrong_answer(r["question_type"], r["answer"], rng),
+                      "question_type": r["question_type"], "answer": r["answer"]})
+    out = source.with_name(f"{split}_preference.json")
+    atomic_write_text(out, json.dumps(pairs, indent=0) + "\n")
+    return out
 
 
 def written_dataset(root, n_train: int, n_val: int, seed: int = 0, image_size: int = 64) -> SyntheticSplits | None:

@@ -12,7 +12,8 @@ they launch live in ``fastvlm/kernels/<op>.py``, which imports nothing from here
 - ``fused_linear_act`` / ``fused_mlp`` (fused_mlp.py), the connector's GEMM + bias
   + activation (activations.py: the one activation table), reading inputs through
   ``reduce_tokens`` (token_reduction.py);
-- ``lora_linear`` (lora_linear.py); ``linear_cross_entropy`` (linear_cross_entropy.py).
+- ``lora_linear`` (lora_linear.py); ``linear_cross_entropy`` (linear_cross_entropy.py)
+  and ``linear_logprob`` (linear_logprob.py, on its machinery).
 
 Importing this package registers every op's backends (fastvlm.ops.backend, which
 also documents how ``auto`` measures and how each family picks its tile
@@ -22,8 +23,9 @@ from fastvlm.ops.attention import multimodal_attention, multimodal_attention_var
 from fastvlm.ops.fused_mlp import fused_linear_act, fused_mlp
 from fastvlm.ops.layout import KINDS, AttentionLayout, BlockMap
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy
+from fastvlm.ops.linear_logprob import linear_logprob
 from fastvlm.ops.lora_linear import lora_linear
 from fastvlm.ops.token_reduction import reduce_tokens
 
 __all__ = ["AttentionLayout", "BlockMap", "KINDS", "fused_linear_act", "fused_mlp", "linear_cross_entropy",
-           "lora_linear", "multimodal_attention", "multimodal_attention_varlen", "reduce_tokens"]
+           "linear_logprob", "lora_linear", "multimodal_attention", "multimodal_attention_varlen", "reduce_tokens"]
