@@ -80,6 +80,10 @@ FAMILIES = {
                                               qwen_vision=True),
     "Qwen2_5_VLForConditionalGeneration": Family("causal", "model.visual.merger.mlp", "model.visual",
                                                  qwen_vision=True),
+    "Qwen3VLForConditionalGeneration": Family("causal", None, "model.visual", qwen_vision=True),
+    "Idefics3ForConditionalGeneration": Family("causal", None, "model.vision_model"),
+    "SmolVLMForConditionalGeneration": Family("causal", None, "model.vision_model"),
+    "LlavaOnevisionForConditionalGeneration": Family("causal", "model.multi_modal_projector", "model.vision_tower"),
 }
 
 
