@@ -64,6 +64,8 @@ SUPPORTED_TRANSFORMERS = ("5.23", "5.24")  # [min, max): the range the tests ran
 
 @dataclass(frozen=True)
 class Family:
+    name: str                       # the family as users call it
+    model_type: str                 # config.model_type of its checkpoints
     kind: str                       # AttentionLayout kind of the decoder
     projector: str | None           # path of a Linear-act-Linear connector, from the top model
     vision: str                     # path of the vision tower
@@ -72,19 +74,44 @@ class Family:
 
 
 FAMILIES = {
-    "LlavaForConditionalGeneration": Family("causal", "model.multi_modal_projector", "model.vision_tower"),
-    "LlavaNextForConditionalGeneration": Family("causal", "model.multi_modal_projector", "model.vision_tower"),
-    "Gemma3ForConditionalGeneration": Family("image_bidirectional", None, "model.vision_tower", token_types=True),
-    "PaliGemmaForConditionalGeneration": Family("prefix_lm", None, "model.vision_tower", token_types=True),
-    "Qwen2VLForConditionalGeneration": Family("causal", "model.visual.merger.mlp", "model.visual",
+    "LlavaForConditionalGeneration": Family("LLaVA", "llava", "causal", "model.multi_modal_projector",
+                                            "model.vision_tower"),
+    "LlavaNextForConditionalGeneration": Family("LLaVA-NeXT", "llava_next", "causal", "model.multi_modal_projector",
+                                                "model.vision_tower"),
+    "LlavaOnevisionForConditionalGeneration": Family("LLaVA-OneVision", "llava_onevision", "causal",
+                                                     "model.multi_modal_projector", "model.vision_tower"),
+    "Gemma3ForConditionalGeneration": Family("Gemma 3", "gemma3", "image_bidirectional", None, "model.vision_tower",
+                                             token_types=True),
+    "PaliGemmaForConditionalGeneration": Family("PaliGemma", "paligemma", "prefix_lm", None, "model.vision_tower",
+                                                token_types=True),
+    "Qwen2VLForConditionalGeneration": Family("Qwen2-VL", "qwen2_vl", "causal", "model.visual.merger.mlp",
+                                              "model.visual", qwen_vision=True),
+    "Qwen2_5_VLForConditionalGeneration": Family("Qwen2.5-VL", "qwen2_5_vl", "causal", "model.visual.merger.mlp",
+                                                 "model.visual", qwen_vision=True),
+    # Qwen3-VL's mergers hold their LayerNorm beside fc1/act/fc2 in one module: no projector to swap
+    "Qwen3VLForConditionalGeneration": Family("Qwen3-VL", "qwen3_vl", "causal", None, "model.visual",
                                               qwen_vision=True),
-    "Qwen2_5_VLForConditionalGeneration": Family("causal", "model.visual.merger.mlp", "model.visual",
-                                                 qwen_vision=True),
-    "Qwen3VLForConditionalGeneration": Family("causal", None, "model.visual", qwen_vision=True),
-    "Idefics3ForConditionalGeneration": Family("causal", None, "model.vision_model"),
-    "SmolVLMForConditionalGeneration": Family("causal", None, "model.vision_model"),
-    "LlavaOnevisionForConditionalGeneration": Family("causal", "model.multi_modal_projector", "model.vision_tower"),
+    # Idefics3 / SmolVLM: pixel shuffle, then one Linear (nothing to fuse)
+    "Idefics3ForConditionalGeneration": Family("Idefics3", "idefics3", "causal", None, "model.vision_model"),
+    "SmolVLMForConditionalGeneration": Family("SmolVLM", "smolvlm", "causal", None, "model.vision_model"),
 }
+
+
+@dataclass(frozen=True)
+class SupportedFamily:
+    name: str        # "Qwen3-VL"
+    class_name: str  # the transformers class patch() takes: "Qwen3VLForConditionalGeneration"
+    model_type: str  # config.model_type of its checkpoints: "qwen3_vl"
+
+
+def supported_families() -> list[SupportedFamily]:
+    """The transformers model classes patch() supports, with their family and model_type."""
+    return [SupportedFamily(f.name, cls, f.model_type) for cls, f in FAMILIES.items()]
+
+
+def supported_list() -> str:
+    """The supported classes, for error messages."""
+    return ", ".join(f"{cls} ({f.name})" for cls, f in FAMILIES.items())
 
 
 class UnsupportedModelError(ValueError):
@@ -137,7 +164,7 @@ def family_of(model: nn.Module) -> Family:
         if cls.__name__ in FAMILIES and cls.__module__.startswith("transformers."):
             return FAMILIES[cls.__name__]
     raise UnsupportedModelError(f"model: {type(model).__name__} is not supported; fastvlm patches "
-                                f"{', '.join(FAMILIES)}")
+                                f"{supported_list()}")
 
 
 def _set_forward(state: PatchState, module: nn.Module, forward) -> None:
