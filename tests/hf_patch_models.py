@@ -61,6 +61,8 @@ def _paligemma(attn):
 QWEN_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=VOCAB, rope_parameters={"rope_type": "default",
                                                                            "mrope_section": [1, 1, 2]})
+QWEN_TOKENS = dict(image_token_id=IMAGE, vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 2,
+                   video_token_id=VOCAB - 4)
 
 
 def _qwen2_vl(attn):
@@ -68,9 +70,7 @@ def _qwen2_vl(attn):
 
     vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
-    cfg = Qwen2VLConfig(text_config=QWEN_TEXT, vision_config=vision, image_token_id=IMAGE,
-                        vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 2,
-                        video_token_id=VOCAB - 4, attn_implementation=attn)
+    cfg = Qwen2VLConfig(text_config=QWEN_TEXT, vision_config=vision, attn_implementation=attn, **QWEN_TOKENS)
     return Qwen2VLForConditionalGeneration(cfg)
 
 
@@ -80,9 +80,7 @@ def _qwen2_5_vl(attn):
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=28,
                   fullatt_block_indexes=[1])
-    cfg = Qwen2_5_VLConfig(text_config=QWEN_TEXT, vision_config=vision, image_token_id=IMAGE,
-                           vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 2,
-                           video_token_id=VOCAB - 4, attn_implementation=attn)
+    cfg = Qwen2_5_VLConfig(text_config=QWEN_TEXT, vision_config=vision, attn_implementation=attn, **QWEN_TOKENS)
     return Qwen2_5_VLForConditionalGeneration(cfg)
 
 
@@ -96,9 +94,7 @@ def _qwen3_vl(attn):
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16,
                   deepstack_visual_indexes=[0])
-    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
-                        vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 2,
-                        video_token_id=VOCAB - 4, attn_implementation=attn)
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, attn_implementation=attn, **QWEN_TOKENS)
     return Qwen3VLForConditionalGeneration(cfg)
 
 

@@ -25,16 +25,20 @@ vision attention (routed by ``cu_seqlens`` to multimodal_attention_varlen) and,
 as said, the top-level forward wrapper. Gemma 3's sliding-window layers run
 fastvlm attention on the layout with its ``window``. Per family:
 
-============================================  ====================  ==========================  =========
-class                                         layout kind           connector fused             vision
-============================================  ====================  ==========================  =========
-LlavaForConditionalGeneration                 causal                multi_modal_projector       CLIP/SigLIP layers
-LlavaNextForConditionalGeneration             causal                multi_modal_projector       CLIP layers
-Gemma3ForConditionalGeneration                image_bidirectional   none (pool + norm + matmul) SigLIP layers
-PaliGemmaForConditionalGeneration             prefix_lm             none (one Linear)           SigLIP layers
-Qwen2VLForConditionalGeneration               causal                visual.merger.mlp           blocks, varlen attn
-Qwen2_5_VLForConditionalGeneration            causal                visual.merger.mlp           blocks, varlen attn
-============================================  ====================  ==========================  =========
+======================================  ====================  ==========================  =========
+class                                   layout kind           connector fused             vision
+======================================  ====================  ==========================  =========
+LlavaForConditionalGeneration           causal                multi_modal_projector       CLIP/SigLIP layers
+LlavaNextForConditionalGeneration       causal                multi_modal_projector       CLIP layers
+LlavaOnevisionForConditionalGeneration  causal                multi_modal_projector       SigLIP layers
+Gemma3ForConditionalGeneration          image_bidirectional   none (pool + norm + matmul) SigLIP layers
+PaliGemmaForConditionalGeneration       prefix_lm             none (one Linear)           SigLIP layers
+Qwen2VLForConditionalGeneration         causal                visual.merger.mlp           blocks, varlen attn
+Qwen2_5_VLForConditionalGeneration      causal                visual.merger.mlp           blocks, varlen attn
+Qwen3VLForConditionalGeneration         causal                none (norm inside merger)   blocks, varlen attn
+Idefics3ForConditionalGeneration        causal                none (shuffle + one Linear) SigLIP-like layers
+SmolVLMForConditionalGeneration         causal                none (shuffle + one Linear) SigLIP-like layers
+======================================  ====================  ==========================  =========
 """
 from __future__ import annotations
 
