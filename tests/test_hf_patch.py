@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastvlm.integrations import hf_attention
+from fastvlm.integrations import hf_attention, hf_modules
 from fastvlm.integrations.transformers import patch, unpatch
 from tests import hf_patch_models as H
 from tests.utils import assert_close, error_bound
@@ -150,6 +150,27 @@ def test_unpatch_restores_modules_and_outputs(seed):
     assert torch.equal(model(**inputs).logits, before)
     with pytest.raises(ValueError, match="not patched"):
         unpatch(model)
+
+
+def test_qwen3_mergers_run_fused(seed, monkeypatch):
+    """Qwen3-VL's merger and deepstack merger run their MLP on fused_mlp (their numbers are
+    test_patched_equals_eager's); connector=False and unpatch leave them as transformers has them."""
+    model = H.build("qwen3_vl", seed)
+    inputs = H.batch(H.samples("qwen3_vl", model, seed + 1))
+    calls = []
+    real = hf_modules.fused_mlp
+    monkeypatch.setattr(hf_modules, "fused_mlp", lambda *a, **kw: (calls.append(a[0].shape), real(*a, **kw))[1])
+    mergers = [model.model.visual.merger, *model.model.visual.deepstack_merger_list]
+    patch(model, connector=False)
+    model(**inputs)
+    assert not calls and not any("forward" in m.__dict__ for m in mergers)
+    unpatch(model)
+    patch(model)
+    model(**inputs)
+    tokens = int(inputs["image_grid_thw"].prod(-1).sum()) // 4
+    assert calls == [(tokens, 4 * 32)] * len(mergers)
+    unpatch(model)
+    assert not any("forward" in m.__dict__ for m in mergers)
 
 
 def test_state_dict_keys_unchanged_and_loadable(seed):

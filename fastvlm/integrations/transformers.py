@@ -20,8 +20,9 @@ release rarely breaks it (Liger-Kernel copies whole ``forward`` methods):
   ``lm_head`` module as it is at call time (LoRA / 4-bit honoured); the output
   then has ``logits=None``.
 
-Two places have no extension point and are replaced on the instance: Qwen's
-vision attention (routed by ``cu_seqlens`` to multimodal_attention_varlen) and,
+Three places have no extension point and are replaced on the instance: Qwen's
+vision attention (routed by ``cu_seqlens`` to multimodal_attention_varlen),
+Qwen3-VL's patch mergers (their MLP on fused_mlp, their LayerNorm as it is) and,
 as said, the top-level forward wrapper. Gemma 3's sliding-window layers run
 fastvlm attention on the layout with its ``window``. Per family:
 
@@ -35,7 +36,7 @@ Gemma3ForConditionalGeneration          image_bidirectional   none (pool + norm 
 PaliGemmaForConditionalGeneration       prefix_lm             none (one Linear)           SigLIP layers
 Qwen2VLForConditionalGeneration         causal                visual.merger.mlp           blocks, varlen attn
 Qwen2_5_VLForConditionalGeneration      causal                visual.merger.mlp           blocks, varlen attn
-Qwen3VLForConditionalGeneration         causal                none (norm inside merger)   blocks, varlen attn
+Qwen3VLForConditionalGeneration         causal                (deepstack) merger MLPs     blocks, varlen attn
 Idefics3ForConditionalGeneration        causal                none (shuffle + one Linear) SigLIP-like layers
 SmolVLMForConditionalGeneration         causal                none (shuffle + one Linear) SigLIP-like layers
 ======================================  ====================  ==========================  =========
@@ -55,7 +56,9 @@ from fastvlm.integrations.hf_modules import (
     HFFusedProjector,
     call_original,
     checkpointed_forward,
+    fused_activation,
     fused_lm_loss,
+    fused_merger_forward,
     original_signature,
     output_class,
     projector_parts,
@@ -75,6 +78,7 @@ class Family:
     vision: str                     # path of the vision tower
     token_types: bool = False       # the layout reads token_type_ids (Gemma 3, PaliGemma)
     qwen_vision: bool = False       # vision attention by cu_seqlens
+    merger: str | None = None       # class of norm + MLP mergers whose MLP runs fused (Qwen3-VL)
 
 
 FAMILIES = {
@@ -92,9 +96,10 @@ FAMILIES = {
                                               "model.visual", qwen_vision=True),
     "Qwen2_5_VLForConditionalGeneration": Family("Qwen2.5-VL", "qwen2_5_vl", "causal", "model.visual.merger.mlp",
                                                  "model.visual", qwen_vision=True),
-    # Qwen3-VL's mergers hold their LayerNorm beside fc1/act/fc2 in one module: no projector to swap
+    # Qwen3-VL's mergers (and deepstack mergers) hold their LayerNorm beside fc1/act/fc2 in one
+    # module: their forward runs the MLP fused (hf_modules.fused_merger_forward)
     "Qwen3VLForConditionalGeneration": Family("Qwen3-VL", "qwen3_vl", "causal", None, "model.visual",
-                                              qwen_vision=True),
+                                              qwen_vision=True, merger="Qwen3VLVisionPatchMerger"),
     # Idefics3 / SmolVLM: pixel shuffle, then one Linear (nothing to fuse)
     "Idefics3ForConditionalGeneration": Family("Idefics3", "idefics3", "causal", None, "model.vision_model"),
     "SmolVLMForConditionalGeneration": Family("SmolVLM", "smolvlm", "causal", None, "model.vision_model"),
@@ -203,6 +208,18 @@ def _patch_attention(model, state: PatchState) -> None:
 
 
 def _patch_connector(model, state: PatchState) -> None:
+    if state.family.merger:
+        mergers = [m for m in model.get_submodule(state.family.vision).modules()
+                   if type(m).__name__ == state.family.merger]
+        try:
+            for merger in mergers:
+                fused_activation(merger.act_fn)
+        except ValueError as exc:
+            state.notes.append(f"connector: {exc}; {state.family.merger} left as is")
+            return
+        for merger in mergers:
+            _set_forward(state, merger, functools.partial(fused_merger_forward, merger))
+        return
     path = state.family.projector
     parts = projector_parts(model.get_submodule(path)) if path else None
     if parts is None:
