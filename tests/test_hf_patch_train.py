@@ -78,7 +78,8 @@ def lora(model, lm_head=False, vision=False):
 
     targets = r".*(language_model|text_model).*\.(q_proj|v_proj)" + ("|lm_head" if lm_head else "")
     if vision:
-        targets += r"|.*(vision_tower|vision_model|visual)\..*\.(q_proj|v_proj|qkv)"
+        # linear_fc1: Qwen3-VL's vision MLPs and its (fused) mergers, whose LoRA'd Linear must be honoured
+        targets += r"|.*(vision_tower|vision_model|visual)\..*\.(q_proj|v_proj|qkv|linear_fc1)"
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
 
 
