@@ -237,6 +237,23 @@ def make_sample(name: str, model, gen: torch.Generator, prompt: int, answer: int
     return s
 
 
+def qwen3_video_sample(model, gen: torch.Generator, prompt: int, answer: int, grid=(2, 4, 4)) -> dict:
+    """A Qwen3-VL video sample as its processor lays one out: `prompt` text tokens, then per
+    temporal slice of the grid a timestamp (text) and the slice's tokens between vision
+    start / end tokens, `prompt` more, then `answer` tokens. get_rope_index then takes each
+    slice as its own [1, h, w] grid, positioned after its timestamp."""
+    t, h, w = grid
+    text = lambda k: torch.randint(0, TEXT_MAX, (k,), generator=gen)  # noqa: E731
+    frames = [torch.cat([text(1), torch.tensor([QWEN_TOKENS["vision_start_token_id"]]),
+                         torch.full((h * w // 4,), QWEN_TOKENS["video_token_id"]),
+                         torch.tensor([QWEN_TOKENS["vision_end_token_id"]])]) for _ in range(t)]
+    ids = torch.cat([text(prompt), *frames, text(prompt), text(answer)])
+    dtype = next(model.parameters()).dtype
+    return {"input_ids": ids, "answer": answer, "mm_token_type_ids": 2 * (ids == QWEN_TOKENS["video_token_id"]).int(),
+            "pixel_values_videos": torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=gen).to(dtype),
+            "video_grid_thw": torch.tensor([list(grid)])}
+
+
 def samples(name: str, model, seed: int, lengths=((2, 3), (3, 2))) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     return [make_sample(name, model, gen, p, a, i) for i, (p, a) in enumerate(lengths)]
@@ -253,10 +270,11 @@ def _images(group: list[dict], packed: bool = False) -> dict:
     drops); Idefics3 tiles [rows, max tiles, ...] (all-zero padding tiles, which the
     model drops), one row's worth when packed."""
     out = {}
-    for key in ("pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes"):
-        if key not in group[0]:
+    for key in ("pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes", "pixel_values_videos",
+                "video_grid_thw"):
+        xs = [s[key] for s in group if key in s]  # a Qwen video sample has no image, and the reverse
+        if not xs:
             continue
-        xs = [s[key] for s in group]
         if "pixel_attention_mask" in group[0]:  # Idefics3: images of a row along dim 1
             out[key] = torch.cat(xs, 1) if packed else torch.cat([_pad_dim1(x, max(y.shape[1] for y in xs))
                                                                   for x in xs])

@@ -5,6 +5,8 @@ unpadded, padded and packed; rules that matter are checked to matter (a wrong ma
 moves the result past the bound)."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -26,7 +28,9 @@ def qwen_positions(model, group):
     so a segment starts where all three are 0)."""
     rows = []
     for s in group:
-        pos, _ = model.model.get_rope_index(s["input_ids"][None], s["mm_token_type_ids"][None], s["image_grid_thw"])
+        pos, _ = model.model.get_rope_index(s["input_ids"][None], s["mm_token_type_ids"][None],
+                                            image_grid_thw=s.get("image_grid_thw"),
+                                            video_grid_thw=s.get("video_grid_thw"))
         rows.append(pos)
     return torch.cat(rows, -1)
 
@@ -91,6 +95,14 @@ def patched_model(name, seed):
     return patch(model)
 
 
+def one_segment_logits(name, model, group):
+    """The packed row's logits with its samples' positions but one segment (they see each other)."""
+    b = inputs_for(name, model, group, "packed")
+    b.pop("token_type_ids", None)  # one segment's prefix would not be one run
+    with torch.no_grad():
+        return model(**b, segment_ids=torch.zeros_like(b["input_ids"])).logits[0]
+
+
 @pytest.mark.parametrize("layout", ["unpadded", "padded", "packed"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_patched_equals_eager(name, layout, seed):
@@ -101,11 +113,7 @@ def test_patched_equals_eager(name, layout, seed):
 
     wrong = None
     if layout == "packed":  # the same positions, but one segment: the samples see each other
-        def wrong():
-            b = inputs_for(name, model, group, layout)
-            b.pop("token_type_ids", None)  # one segment's prefix would not be one run
-            with torch.no_grad():
-                return model(**b, segment_ids=torch.zeros_like(b["input_ids"])).logits[0]
+        wrong = functools.partial(one_segment_logits, name, model, group)
     elif H.FAMILIES[name].kind in ("gemma3", "paligemma"):  # images / prefix attend causally only
         def wrong():
             b = inputs_for(name, model, group, layout)
@@ -114,6 +122,19 @@ def test_patched_equals_eager(name, layout, seed):
                 out = model(**b).logits
             return torch.cat([out[r, c] for r, c in H.live_positions(group, layout)])
     check_against_reference(name, seed, model, group, layout, weights, wrong)
+
+
+def test_qwen3_video_packed_with_images(seed):
+    """A Qwen3-VL video (two temporal slices, each after its timestamp token, so its grid is
+    split per slice by get_rope_index) packed between two image samples of other grids, with
+    each sample's own M-RoPE ids: every sample's logits and all gradients as run alone."""
+    model = patched_model("qwen3_vl", seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    group = [H.make_sample("qwen3_vl", model, gen, 1, 2, 0), H.qwen3_video_sample(model, gen, 2, 3),
+             H.make_sample("qwen3_vl", model, gen, 2, 2, 2)]
+    weights = [torch.randn(len(s["input_ids"]), H.VOCAB, generator=gen, dtype=torch.float64) for s in group]
+    check_against_reference("qwen3_vl", seed, model, group, "packed", weights,
+                            functools.partial(one_segment_logits, "qwen3_vl", model, group))
 
 
 def test_packed_uses_one_fastvlm_call_per_layer(monkeypatch, seed):
