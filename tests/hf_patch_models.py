@@ -254,6 +254,24 @@ def qwen3_video_sample(model, gen: torch.Generator, prompt: int, answer: int, gr
             "video_grid_thw": torch.tensor([list(grid)])}
 
 
+def onevision_multi_image_sample(model, gen: torch.Generator, prompt: int, answer: int,
+                                 sizes=([28, 28], [28, 42])) -> dict:
+    """A LLaVA-OneVision sample with several images, which the model reads as base tiles only
+    (no anyres grid; `batch_num_images` says which sample has several): `prompt` text tokens,
+    the images with a text token between them, `prompt` more, then `answer` tokens."""
+    text = lambda k: torch.randint(0, TEXT_MAX, (k,), generator=gen)  # noqa: E731
+    pixels = [_anyres_pixels("llava_onevision", model, size, gen) for size in sizes]
+    pixels = torch.cat([_pad_dim1(p, max(q.shape[1] for q in pixels)) for p in pixels])
+    per_image = model.model.get_image_features(pixels, image_sizes=torch.tensor(sizes),
+                                               batch_num_images=torch.tensor([len(sizes)])).pooler_output
+    parts = [text(prompt)]
+    for feats in per_image:
+        parts += [torch.full((feats.shape[0],), IMAGE), text(1)]
+    ids = torch.cat(parts + [text(prompt - 1), text(answer)])
+    return {"input_ids": ids, "answer": answer, "pixel_values": pixels, "image_sizes": torch.tensor(sizes),
+            "batch_num_images": torch.tensor([len(sizes)])}
+
+
 def samples(name: str, model, seed: int, lengths=((2, 3), (3, 2))) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     return [make_sample(name, model, gen, p, a, i) for i, (p, a) in enumerate(lengths)]
@@ -271,7 +289,7 @@ def _images(group: list[dict], packed: bool = False) -> dict:
     model drops), one row's worth when packed."""
     out = {}
     for key in ("pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes", "pixel_values_videos",
-                "video_grid_thw"):
+                "video_grid_thw", "batch_num_images"):
         xs = [s[key] for s in group if key in s]  # a Qwen video sample has no image, and the reverse
         if not xs:
             continue

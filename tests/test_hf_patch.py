@@ -137,6 +137,22 @@ def test_qwen3_video_packed_with_images(seed):
                             functools.partial(one_segment_logits, "qwen3_vl", model, group))
 
 
+def test_onevision_multi_image_packed_with_single_images(seed):
+    """LLaVA-OneVision: a two-image sample (base tiles only) packed between single-image
+    samples (anyres grids, unpadded), `batch_num_images` per sample: every sample's logits
+    and all gradients as run alone."""
+    name = "llava_onevision"
+    model = patched_model(name, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    group = [H.make_sample(name, model, gen, 1, 2, 0), H.onevision_multi_image_sample(model, gen, 2, 3),
+             H.make_sample(name, model, gen, 2, 2, 2)]
+    for s in (group[0], group[2]):
+        s["batch_num_images"] = torch.tensor([1])
+    weights = [torch.randn(len(s["input_ids"]), H.VOCAB, generator=gen, dtype=torch.float64) for s in group]
+    check_against_reference(name, seed, model, group, "packed", weights,
+                            functools.partial(one_segment_logits, name, model, group))
+
+
 def test_packed_uses_one_fastvlm_call_per_layer(monkeypatch, seed):
     """The packed row goes through multimodal_attention in every layer (the sliding one with
     its window), one segment per sample, even though use_cache defaults to True in train mode."""
