@@ -5,10 +5,12 @@ unpadded, padded and packed; rules that matter are checked to matter (a wrong ma
 moves the result past the bound)."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from fastvlm.integrations import hf_attention
+from fastvlm.integrations import hf_attention, hf_modules
 from fastvlm.integrations.transformers import patch, unpatch
 from tests import hf_patch_models as H
 from tests.utils import assert_close, error_bound
@@ -26,7 +28,9 @@ def qwen_positions(model, group):
     so a segment starts where all three are 0)."""
     rows = []
     for s in group:
-        pos, _ = model.model.get_rope_index(s["input_ids"][None], s["mm_token_type_ids"][None], s["image_grid_thw"])
+        pos, _ = model.model.get_rope_index(s["input_ids"][None], s["mm_token_type_ids"][None],
+                                            image_grid_thw=s.get("image_grid_thw"),
+                                            video_grid_thw=s.get("video_grid_thw"))
         rows.append(pos)
     return torch.cat(rows, -1)
 
@@ -91,6 +95,14 @@ def patched_model(name, seed):
     return patch(model)
 
 
+def one_segment_logits(name, model, group):
+    """The packed row's logits with its samples' positions but one segment (they see each other)."""
+    b = inputs_for(name, model, group, "packed")
+    b.pop("token_type_ids", None)  # one segment's prefix would not be one run
+    with torch.no_grad():
+        return model(**b, segment_ids=torch.zeros_like(b["input_ids"])).logits[0]
+
+
 @pytest.mark.parametrize("layout", ["unpadded", "padded", "packed"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_patched_equals_eager(name, layout, seed):
@@ -101,11 +113,7 @@ def test_patched_equals_eager(name, layout, seed):
 
     wrong = None
     if layout == "packed":  # the same positions, but one segment: the samples see each other
-        def wrong():
-            b = inputs_for(name, model, group, layout)
-            b.pop("token_type_ids", None)  # one segment's prefix would not be one run
-            with torch.no_grad():
-                return model(**b, segment_ids=torch.zeros_like(b["input_ids"])).logits[0]
+        wrong = functools.partial(one_segment_logits, name, model, group)
     elif H.FAMILIES[name].kind in ("gemma3", "paligemma"):  # images / prefix attend causally only
         def wrong():
             b = inputs_for(name, model, group, layout)
@@ -114,6 +122,35 @@ def test_patched_equals_eager(name, layout, seed):
                 out = model(**b).logits
             return torch.cat([out[r, c] for r, c in H.live_positions(group, layout)])
     check_against_reference(name, seed, model, group, layout, weights, wrong)
+
+
+def test_qwen3_video_packed_with_images(seed):
+    """A Qwen3-VL video (two temporal slices, each after its timestamp token, so its grid is
+    split per slice by get_rope_index) packed between two image samples of other grids, with
+    each sample's own M-RoPE ids: every sample's logits and all gradients as run alone."""
+    model = patched_model("qwen3_vl", seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    group = [H.make_sample("qwen3_vl", model, gen, 1, 2, 0), H.qwen3_video_sample(model, gen, 2, 3),
+             H.make_sample("qwen3_vl", model, gen, 2, 2, 2)]
+    weights = [torch.randn(len(s["input_ids"]), H.VOCAB, generator=gen, dtype=torch.float64) for s in group]
+    check_against_reference("qwen3_vl", seed, model, group, "packed", weights,
+                            functools.partial(one_segment_logits, "qwen3_vl", model, group))
+
+
+def test_onevision_multi_image_packed_with_single_images(seed):
+    """LLaVA-OneVision: a two-image sample (base tiles only) packed between single-image
+    samples (anyres grids, unpadded), `batch_num_images` per sample: every sample's logits
+    and all gradients as run alone."""
+    name = "llava_onevision"
+    model = patched_model(name, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    group = [H.make_sample(name, model, gen, 1, 2, 0), H.onevision_multi_image_sample(model, gen, 2, 3),
+             H.make_sample(name, model, gen, 2, 2, 2)]
+    for s in (group[0], group[2]):
+        s["batch_num_images"] = torch.tensor([1])
+    weights = [torch.randn(len(s["input_ids"]), H.VOCAB, generator=gen, dtype=torch.float64) for s in group]
+    check_against_reference(name, seed, model, group, "packed", weights,
+                            functools.partial(one_segment_logits, name, model, group))
 
 
 def test_packed_uses_one_fastvlm_call_per_layer(monkeypatch, seed):
@@ -150,6 +187,27 @@ def test_unpatch_restores_modules_and_outputs(seed):
     assert torch.equal(model(**inputs).logits, before)
     with pytest.raises(ValueError, match="not patched"):
         unpatch(model)
+
+
+def test_qwen3_mergers_run_fused(seed, monkeypatch):
+    """Qwen3-VL's merger and deepstack merger run their MLP on fused_mlp (their numbers are
+    test_patched_equals_eager's); connector=False and unpatch leave them as transformers has them."""
+    model = H.build("qwen3_vl", seed)
+    inputs = H.batch(H.samples("qwen3_vl", model, seed + 1))
+    calls = []
+    real = hf_modules.fused_mlp
+    monkeypatch.setattr(hf_modules, "fused_mlp", lambda *a, **kw: (calls.append(a[0].shape), real(*a, **kw))[1])
+    mergers = [model.model.visual.merger, *model.model.visual.deepstack_merger_list]
+    patch(model, connector=False)
+    model(**inputs)
+    assert not calls and not any("forward" in m.__dict__ for m in mergers)
+    unpatch(model)
+    patch(model)
+    model(**inputs)
+    tokens = int(inputs["image_grid_thw"].prod(-1).sum()) // 4
+    assert calls == [(tokens, 4 * 32)] * len(mergers)
+    unpatch(model)
+    assert not any("forward" in m.__dict__ for m in mergers)
 
 
 def test_state_dict_keys_unchanged_and_loadable(seed):

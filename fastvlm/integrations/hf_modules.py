@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from fastvlm.nn import FusedMLPConnector
 from fastvlm.nn.checkpointing import CheckpointPolicy, checkpoint_kwargs
 from fastvlm.nn.connector import activation_name
-from fastvlm.ops import linear_cross_entropy
+from fastvlm.ops import fused_mlp, linear_cross_entropy
 
 # transformers' ACT2FN classes whose function a fused activation equals
 HF_ACTIVATIONS = {"GELUActivation": "gelu", "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh",
@@ -46,6 +46,20 @@ class HFFusedProjector(FusedMLPConnector):
         if type(first) is nn.Linear and type(last) is nn.Linear:
             return super().forward(x)
         return last(act(first(x)))
+
+
+def fused_merger_forward(merger: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Qwen3-VL's patch merger (its LayerNorm before or after the 2x2 merge, then
+    linear_fc1 - act_fn - linear_fc2) with the MLP on fused_mlp, recomputing in backward as
+    FusedMLPConnector does. The MLP shares its module with the LayerNorm, so it cannot be
+    swapped like a projector: the merger's forward is replaced on the instance and reads its
+    Linears at call time, running the module chain where PEFT or bitsandbytes replaced one."""
+    width = merger.hidden_size
+    x = merger.norm(x.view(-1, width) if merger.use_postshuffle_norm else x).view(-1, width)
+    first, act, last = merger.linear_fc1, merger.act_fn, merger.linear_fc2
+    if type(first) is nn.Linear and type(last) is nn.Linear:
+        return fused_mlp(x, first.weight, first.bias, last.weight, last.bias, fused_activation(act), recompute=True)
+    return last(act(first(x)))
 
 
 def projector_parts(projector: nn.Module):

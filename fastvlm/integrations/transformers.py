@@ -20,21 +20,26 @@ release rarely breaks it (Liger-Kernel copies whole ``forward`` methods):
   ``lm_head`` module as it is at call time (LoRA / 4-bit honoured); the output
   then has ``logits=None``.
 
-Two places have no extension point and are replaced on the instance: Qwen's
-vision attention (routed by ``cu_seqlens`` to multimodal_attention_varlen) and,
+Three places have no extension point and are replaced on the instance: Qwen's
+vision attention (routed by ``cu_seqlens`` to multimodal_attention_varlen),
+Qwen3-VL's patch mergers (their MLP on fused_mlp, their LayerNorm as it is) and,
 as said, the top-level forward wrapper. Gemma 3's sliding-window layers run
 fastvlm attention on the layout with its ``window``. Per family:
 
-============================================  ====================  ==========================  =========
-class                                         layout kind           connector fused             vision
-============================================  ====================  ==========================  =========
-LlavaForConditionalGeneration                 causal                multi_modal_projector       CLIP/SigLIP layers
-LlavaNextForConditionalGeneration             causal                multi_modal_projector       CLIP layers
-Gemma3ForConditionalGeneration                image_bidirectional   none (pool + norm + matmul) SigLIP layers
-PaliGemmaForConditionalGeneration             prefix_lm             none (one Linear)           SigLIP layers
-Qwen2VLForConditionalGeneration               causal                visual.merger.mlp           blocks, varlen attn
-Qwen2_5_VLForConditionalGeneration            causal                visual.merger.mlp           blocks, varlen attn
-============================================  ====================  ==========================  =========
+======================================  ====================  ==========================  =========
+class                                   layout kind           connector fused             vision
+======================================  ====================  ==========================  =========
+LlavaForConditionalGeneration           causal                multi_modal_projector       CLIP/SigLIP layers
+LlavaNextForConditionalGeneration       causal                multi_modal_projector       CLIP layers
+LlavaOnevisionForConditionalGeneration  causal                multi_modal_projector       SigLIP layers
+Gemma3ForConditionalGeneration          image_bidirectional   none (pool + norm + matmul) SigLIP layers
+PaliGemmaForConditionalGeneration       prefix_lm             none (one Linear)           SigLIP layers
+Qwen2VLForConditionalGeneration         causal                visual.merger.mlp           blocks, varlen attn
+Qwen2_5_VLForConditionalGeneration      causal                visual.merger.mlp           blocks, varlen attn
+Qwen3VLForConditionalGeneration         causal                (deepstack) merger MLPs     blocks, varlen attn
+Idefics3ForConditionalGeneration        causal                none (shuffle + one Linear) SigLIP-like layers
+SmolVLMForConditionalGeneration         causal                none (shuffle + one Linear) SigLIP-like layers
+======================================  ====================  ==========================  =========
 """
 from __future__ import annotations
 
@@ -51,7 +56,9 @@ from fastvlm.integrations.hf_modules import (
     HFFusedProjector,
     call_original,
     checkpointed_forward,
+    fused_activation,
     fused_lm_loss,
+    fused_merger_forward,
     original_signature,
     output_class,
     projector_parts,
@@ -64,23 +71,56 @@ SUPPORTED_TRANSFORMERS = ("5.23", "5.24")  # [min, max): the range the tests ran
 
 @dataclass(frozen=True)
 class Family:
+    name: str                       # the family as users call it
+    model_type: str                 # config.model_type of its checkpoints
     kind: str                       # AttentionLayout kind of the decoder
     projector: str | None           # path of a Linear-act-Linear connector, from the top model
     vision: str                     # path of the vision tower
     token_types: bool = False       # the layout reads token_type_ids (Gemma 3, PaliGemma)
     qwen_vision: bool = False       # vision attention by cu_seqlens
+    merger: str | None = None       # class of norm + MLP mergers whose MLP runs fused (Qwen3-VL)
 
 
 FAMILIES = {
-    "LlavaForConditionalGeneration": Family("causal", "model.multi_modal_projector", "model.vision_tower"),
-    "LlavaNextForConditionalGeneration": Family("causal", "model.multi_modal_projector", "model.vision_tower"),
-    "Gemma3ForConditionalGeneration": Family("image_bidirectional", None, "model.vision_tower", token_types=True),
-    "PaliGemmaForConditionalGeneration": Family("prefix_lm", None, "model.vision_tower", token_types=True),
-    "Qwen2VLForConditionalGeneration": Family("causal", "model.visual.merger.mlp", "model.visual",
-                                              qwen_vision=True),
-    "Qwen2_5_VLForConditionalGeneration": Family("causal", "model.visual.merger.mlp", "model.visual",
-                                                 qwen_vision=True),
+    "LlavaForConditionalGeneration": Family("LLaVA", "llava", "causal", "model.multi_modal_projector",
+                                            "model.vision_tower"),
+    "LlavaNextForConditionalGeneration": Family("LLaVA-NeXT", "llava_next", "causal", "model.multi_modal_projector",
+                                                "model.vision_tower"),
+    "LlavaOnevisionForConditionalGeneration": Family("LLaVA-OneVision", "llava_onevision", "causal",
+                                                     "model.multi_modal_projector", "model.vision_tower"),
+    "Gemma3ForConditionalGeneration": Family("Gemma 3", "gemma3", "image_bidirectional", None, "model.vision_tower",
+                                             token_types=True),
+    "PaliGemmaForConditionalGeneration": Family("PaliGemma", "paligemma", "prefix_lm", None, "model.vision_tower",
+                                                token_types=True),
+    "Qwen2VLForConditionalGeneration": Family("Qwen2-VL", "qwen2_vl", "causal", "model.visual.merger.mlp",
+                                              "model.visual", qwen_vision=True),
+    "Qwen2_5_VLForConditionalGeneration": Family("Qwen2.5-VL", "qwen2_5_vl", "causal", "model.visual.merger.mlp",
+                                                 "model.visual", qwen_vision=True),
+    # Qwen3-VL's mergers (and deepstack mergers) hold their LayerNorm beside fc1/act/fc2 in one
+    # module: their forward runs the MLP fused (hf_modules.fused_merger_forward)
+    "Qwen3VLForConditionalGeneration": Family("Qwen3-VL", "qwen3_vl", "causal", None, "model.visual",
+                                              qwen_vision=True, merger="Qwen3VLVisionPatchMerger"),
+    # Idefics3 / SmolVLM: pixel shuffle, then one Linear (nothing to fuse)
+    "Idefics3ForConditionalGeneration": Family("Idefics3", "idefics3", "causal", None, "model.vision_model"),
+    "SmolVLMForConditionalGeneration": Family("SmolVLM", "smolvlm", "causal", None, "model.vision_model"),
 }
+
+
+@dataclass(frozen=True)
+class SupportedFamily:
+    name: str        # "Qwen3-VL"
+    class_name: str  # the transformers class patch() takes: "Qwen3VLForConditionalGeneration"
+    model_type: str  # config.model_type of its checkpoints: "qwen3_vl"
+
+
+def supported_families() -> list[SupportedFamily]:
+    """The transformers model classes patch() supports, with their family and model_type."""
+    return [SupportedFamily(f.name, cls, f.model_type) for cls, f in FAMILIES.items()]
+
+
+def supported_list() -> str:
+    """The supported classes, for error messages."""
+    return ", ".join(f"{cls} ({f.name})" for cls, f in FAMILIES.items())
 
 
 class UnsupportedModelError(ValueError):
@@ -133,7 +173,7 @@ def family_of(model: nn.Module) -> Family:
         if cls.__name__ in FAMILIES and cls.__module__.startswith("transformers."):
             return FAMILIES[cls.__name__]
     raise UnsupportedModelError(f"model: {type(model).__name__} is not supported; fastvlm patches "
-                                f"{', '.join(FAMILIES)}")
+                                f"{supported_list()}")
 
 
 def _set_forward(state: PatchState, module: nn.Module, forward) -> None:
@@ -168,6 +208,18 @@ def _patch_attention(model, state: PatchState) -> None:
 
 
 def _patch_connector(model, state: PatchState) -> None:
+    if state.family.merger:
+        mergers = [m for m in model.get_submodule(state.family.vision).modules()
+                   if type(m).__name__ == state.family.merger]
+        try:
+            for merger in mergers:
+                fused_activation(merger.act_fn)
+        except ValueError as exc:
+            state.notes.append(f"connector: {exc}; {state.family.merger} left as is")
+            return
+        for merger in mergers:
+            _set_forward(state, merger, functools.partial(fused_merger_forward, merger))
+        return
     path = state.family.projector
     parts = projector_parts(model.get_submodule(path)) if path else None
     if parts is None:

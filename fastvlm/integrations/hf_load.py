@@ -1,0 +1,70 @@
+"""Load a local transformers VLM directory with transformers' own class and patch it:
+the entry point of the Hugging Face model source (``model.source = "hf"``).
+
+The class comes from the directory's config: its ``architectures`` entry where that
+names a supported class, else the supported class of its ``model_type``. Anything
+else is refused before any weight is read, naming the class and the supported list.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig
+
+from fastvlm.integrations.transformers import (
+    FAMILIES,
+    UnsupportedModelError,
+    check_transformers_version,
+    patch,
+    supported_list,
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def family_class_name(config) -> str:
+    """The supported transformers class a checkpoint's config loads as."""
+    for arch in getattr(config, "architectures", None) or ():
+        if arch in FAMILIES:
+            return arch
+    for cls, family in FAMILIES.items():
+        if family.model_type == config.model_type:
+            return cls
+    archs = ", ".join(getattr(config, "architectures", None) or ()) or "no architectures entry"
+    raise UnsupportedModelError(f"path: the checkpoint is a {archs} (model_type {config.model_type!r}), which "
+                                f"fastvlm.integrations.transformers does not patch; supported: {supported_list()}")
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype: expected one of {', '.join(DTYPES)} (a name or the torch.dtype), got {dtype!r}")
+
+
+def _check_patch_options(options: dict) -> None:
+    accepted = [n for n in inspect.signature(patch).parameters if n != "model"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"patch_options: unknown option(s) {', '.join(unknown)}; patch() takes "
+                         f"{', '.join(accepted)}")
+
+
+def load_patched(path, dtype, **patch_options):
+    """The transformers model in directory `path` (config, weights; nothing downloaded),
+    loaded with its own class in `dtype` (a torch.dtype or its name) and patched with
+    ``patch(model, **patch_options)``. Returned as from_pretrained leaves it (eval mode)."""
+    check_transformers_version()
+    dtype = _dtype(dtype)
+    _check_patch_options(patch_options)
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"path: {path} is not a transformers model directory (no config.json there)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    cls = getattr(transformers, family_class_name(config))
+    model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return patch(model, **patch_options)
