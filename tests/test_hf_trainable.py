@@ -43,7 +43,16 @@ def items(tmp_path_factory):
 
 
 def model(name, seed, dtype):
-    return HFVLM(patch(H.build(name, seed, dtype)))
+    """The family's tiny model, patched, in HFVLM. Matrices transformers initialises to zero
+    (Gemma 3's mm_input_projection_weight, which would make every image invisible) are
+    drawn at random, so that image order and content reach the loss."""
+    hf = H.build(name, seed, torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / p.shape[0] ** 0.5)
+    return HFVLM(patch(hf.to(dtype)))
 
 
 def loss_and_grads(vlm, batches):
