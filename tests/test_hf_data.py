@@ -202,6 +202,22 @@ def test_lengths_estimate_text_and_each_image(root):
     assert est[2] - est[0] >= 16 - 6  # 224x224 at max 112x112 pixels: 16 tokens; 56x84: 6
 
 
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava_next", "gemma3"])
+def test_image_token_estimate_without_the_processors_count(root, name, monkeypatch):
+    """A processor that cannot count its image tokens from sizes: the count is measured on a
+    blank image of each size, the same as the processor's own count where it has one."""
+    ds = dataset(root, name)
+    own = [ds._image_tokens(s) for s in ds.samples]
+    monkeypatch.delattr(type(ds.processor), "_get_num_multimodal_tokens")
+    measured = [ds._image_tokens(s) for s in ds.samples]
+    true = [int(torch.isin(ds[i]["input_ids"], torch.tensor(sorted(ds.image_ids))).sum()) for i in range(len(ds))]
+    assert measured == true
+    # Gemma 3's processor names <start_of_image> its image token: counted among the image ids
+    # (one per image), not in its own count of soft tokens
+    wrappers = [len(s.images) if name == "gemma3" else 0 for s in ds.samples]
+    assert own == [t - w for t, w in zip(true, wrappers)]
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_packed_rows_hold_whole_samples(root, name):
     """One row of `budget` tokens: each sample's tokens, labels and per-token inputs in

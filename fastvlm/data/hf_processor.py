@@ -363,8 +363,20 @@ class HFProcessorDataset(Dataset):
                 continue
         if not sizes:
             return 0
-        count = self.processor._get_num_multimodal_tokens(image_sizes=sizes)
-        return int(sum(count["num_image_tokens"]))
+        if hasattr(self.processor, "_get_num_multimodal_tokens"):
+            return int(sum(self.processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]))
+        return sum(self._measured_image_tokens(size) for size in sizes)
+
+    def _measured_image_tokens(self, size: tuple[int, int]) -> int:
+        """Placeholder tokens of one image of `size` (height, width), by running the processor
+        on a blank one (for a processor that cannot say without an image); memoised by size."""
+        memo = self.__dict__.setdefault("_image_token_memo", {})
+        if size not in memo:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
+            image = Image.new("RGB", (size[1], size[0]))
+            ids = self.process(self._render(messages), [image])["input_ids"]
+            memo[size] = int(torch.isin(ids, torch.tensor(sorted(self.image_ids))).sum())
+        return memo[size]
 
     def _estimate_all(self) -> np.ndarray:
         raw = np.asarray([estimate_length(s, 0) for s in self.samples], dtype=np.int64)

@@ -88,7 +88,7 @@ class HFVLM(nn.Module):
         grids = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw") if batch.get(k) is not None}
         per_sample = batch["sample_images"].tolist()
         take = inspect.signature(self.rope_index).parameters
-        out = torch.zeros(3, *ids.shape, dtype=torch.long)
+        out = torch.zeros(3, *ids.shape, dtype=torch.long, device=ids.device)
         image, sample = 0, 0
         for r in range(ids.shape[0]):
             for s in range(int(seg[r].max()) + 1):
