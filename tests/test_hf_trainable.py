@@ -11,6 +11,8 @@ import json
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastvlm.data.formats import read_samples
 from fastvlm.data.hf_collate import HFPackedCollator, HFPaddedCollator
@@ -161,10 +163,26 @@ def test_save_and_load_round_trip(items, tmp_path, seed):
 def test_refusals(tmp_path, seed):
     with pytest.raises(ValueError, match="model: not patched by fastvlm"):
         HFVLM(H.build("llava", seed))
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     LlamaForCausalLM(LlamaConfig(**{k: v for k, v in H.LLAMA.items() if k != "model_type"})).save_pretrained(
         tmp_path / "llama")
     with pytest.raises(ValueError, match=r"model.path: .* holds a \['LlamaForCausalLM'\] model; fastvlm trains "
                                          r"LlavaForConditionalGeneration"):
         _load_patched(tmp_path / "llama", torch.float32)
+
+
+def test_peft_wrapped_model(items, seed):
+    """HFVLM over a PeftModel (LoRA on the decoder's attention): the same inputs and, at
+    initialisation (B = 0), the same loss; the adapters train and sit in the llm group."""
+    plain = model("qwen2_vl", seed, torch.float64)
+    wrapped = HFVLM(get_peft_model(model("qwen2_vl", seed, torch.float64).model,
+                                   LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
+    batch = HFPackedCollator(0, sum(len(it["input_ids"]) for it in items["qwen2_vl"]))(items["qwen2_vl"])
+    inputs = wrapped.batch_inputs(batch)
+    assert inputs.keys() == plain.batch_inputs(batch).keys()
+    loss = wrapped(**inputs, labels=batch["labels"])
+    with torch.no_grad():
+        torch.testing.assert_close(loss, plain(**inputs, labels=batch["labels"]), rtol=1e-14, atol=0)
+    loss.backward()
+    lora = {id(p) for n, p in wrapped.named_parameters() if "lora_" in n}
+    assert lora and all(p.grad is not None for n, p in wrapped.named_parameters() if "lora_B" in n)
+    assert lora <= {id(p) for p in wrapped.parameter_groups()["llm"]}
