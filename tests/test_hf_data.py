@@ -155,13 +155,17 @@ def test_no_chat_template_is_an_error_unless_given(root, tmp_path):
      "did not render each message's text once"),
     # changes the answers' text
     (P.QWEN_TEMPLATE.replace("{{ part['text'] }}", "{{ part['text'] | upper }}"), "cannot be aligned to its messages"),
+    # renders no image placeholder
+    (P.QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", ""),
+     r"the chat template rendered 0 image placeholder\(s\) '<\|image_pad\|>' for 1 image\(s\)"),
     # the answer's first characters merge with the template's last one ("t" + "he...")
     (P.QWEN_TEMPLATE.replace("<|im_start|>{{ message['role'] }}\n", "<|im_start|>{{ message['role'] }}\nt"),
      "straddles the boundary of an assistant message"),
 ])
 def test_render_that_cannot_be_aligned_names_the_sample(root, template, match):
-    records = [{"id": "odd", "conversations": [{"from": "system", "value": "Be short."},
-                                               {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "here"}]}]
+    records = [{"id": "odd", "image": "a.png", "conversations": [
+        {"from": "system", "value": "Be short."}, {"from": "human", "value": "<image>Hi?"},
+        {"from": "gpt", "value": "here"}]}]
     path = root / "odd.json"
     path.write_text(json.dumps(records))
     ds = HFProcessorDataset(read_samples(path), root / "img", root / "qwen2_vl", chat_template=template)
@@ -285,3 +289,24 @@ def test_loader_packs_and_gathers_skips(root, tmp_path):
     seen = [i for batch in loader for i in batch["ids"]]
     assert sorted(seen) == sorted(RECORDS[i]["id"] for i in usable("paligemma"))
     assert loader.skipped.as_dict()["counts"] == {"rejected": 1}
+
+
+def test_image_the_processor_rejects_and_tag_count_mismatch(root, tmp_path):
+    """An image Qwen's resize refuses (aspect ratio over 200, let through open_image's own
+    check): a counted skip naming the sample, or the processor's error with strict=True. More
+    <image> tags than images: the file's sample is refused naming it."""
+    P.write_images(tmp_path / "img", {"thin.png": (2100, 10)}, seed=0)
+    records = [{"id": "thin", "image": "thin.png", "conversations": RECORDS[0]["conversations"]},
+               {"id": "tags", "image": "thin.png", "conversations": [
+                   {"from": "human", "value": "<image><image>Hi?"}, {"from": "gpt", "value": "Yes."}]}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(records))
+    checks = {"max_aspect": 1000.0}
+    ds = HFProcessorDataset(read_samples(path), tmp_path / "img", root / "qwen2_vl", image_checks=checks)
+    assert ds[0] is None and ds.skipped.as_dict()["examples"] == {"rejected": ["thin"]}
+    strict = HFProcessorDataset(read_samples(path), tmp_path / "img", root / "qwen2_vl", image_checks=checks,
+                                strict=True)
+    with pytest.raises(ValueError, match="sample 'thin': the processor rejected it: ValueError: .*aspect ratio"):
+        strict[0]
+    with pytest.raises(ValueError, match="sample 'tags': 2 <image> tag\\(s\\) but 1 image\\(s\\)"):
+        ds[1]

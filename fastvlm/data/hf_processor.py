@@ -273,6 +273,10 @@ class HFProcessorDataset(Dataset):
         messages in it."""
         messages = to_messages(sample.conversations, self.system)
         text, spans = message_spans(self._render, messages, sample.id)
+        placeholder = getattr(self.processor, "image_token", None)
+        if isinstance(placeholder, str) and text.count(placeholder) != len(sample.images):
+            raise RenderError(f"sample {sample.id!r}: the chat template rendered {text.count(placeholder)} image "
+                              f"placeholder(s) {placeholder!r} for {len(sample.images)} image(s)")
         return text, [s for s, m in zip(spans, messages) if m["role"] == "assistant" and s is not None]
 
     def _render_tokens(self, sample: Sample, text: str, spans):
@@ -323,7 +327,10 @@ class HFProcessorDataset(Dataset):
 
     def process(self, text: str, images) -> dict:
         """The processor's outputs for a render and its images (batch dim 1)."""
-        return self.processor(text=[text], images=images or None, add_special_tokens=False, return_tensors="pt")
+        # one list of images per text: the processor sees one multi-image sample (LLaVA-OneVision,
+        # Idefics3 treat a flat list as one image per sample)
+        return self.processor(text=[text], images=[list(images)] if images else None, add_special_tokens=False,
+                              return_tensors="pt")
 
     def __getitem__(self, index: int) -> dict | None:
         sample = self.samples[index]
