@@ -31,7 +31,7 @@ from fastvlm.integrations import hf_attention
 from fastvlm.integrations.transformers import FAMILIES, _layout_for, family_of, patch, unwrap
 
 VISION_TOWERS = ("vision_tower", "visual", "vision_model")  # the inner model's vision child, per family
-CONNECTOR_IN_TOWER = "merger"  # Qwen-VL keeps its projector (merger) inside the vision tower
+CONNECTOR_IN_TOWER = "merger"  # Qwen-VL keeps its projectors (merger, deepstack mergers) in the vision tower
 BOOKKEEPING = ("labels", "image_files", "ids", "num_samples", "real_tokens", "row_tokens", "supervised_tokens",
                "overflow_rows", "sample_images")
 
@@ -132,7 +132,8 @@ class HFVLM(nn.Module):
         if tower_name is None:
             raise ValueError(f"model: {type(inner).__name__} has none of {VISION_TOWERS} (its vision tower)")
         tower = getattr(inner, tower_name)
-        in_tower = {id(p) for n, p in tower.named_parameters() if CONNECTOR_IN_TOWER in n.split(".")}
+        in_tower = {id(p) for n, p in tower.named_parameters()
+                    if any(CONNECTOR_IN_TOWER in part for part in n.split("."))}  # Qwen3-VL: deepstack_merger_list
         groups = {"connector": [], "llm": [], "vision": []}
         seen = set()
 
