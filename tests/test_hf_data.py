@@ -310,3 +310,21 @@ def test_image_the_processor_rejects_and_tag_count_mismatch(root, tmp_path):
         strict[0]
     with pytest.raises(ValueError, match="sample 'tags': 2 <image> tag\\(s\\) but 1 image\\(s\\)"):
         ds[1]
+
+
+def test_processor_that_changes_an_answer_token_is_an_error(root):
+    """Tokens the processor inserts are never labels; a supervised token it changed makes the
+    labels unalignable: an error naming the sample and the token."""
+    ds = dataset(root, "llava")
+    sample = ds.samples[0]
+    text, spans = ds.render(sample)
+    ids = ds.process(text, [open_image(root / "img" / "a.png")])["input_ids"][0].tolist()
+    labels, _ = ds.labels(sample, text, spans, ids)
+    inserted = ids[:3] + [H.IMAGE] * 5 + ids[3:]  # more tokens from the processor: shifted, never labels
+    shifted, _ = ds.labels(sample, text, spans, inserted)
+    assert shifted[:3].tolist() == labels[:3].tolist() and (shifted[3:8] == -100).all()
+    assert shifted[8:].tolist() == labels[3:].tolist()
+    answer = int((labels != -100).nonzero()[0][0])
+    changed = ids[:answer] + [ids[answer] + 1] + ids[answer + 1:]
+    with pytest.raises(RenderError, match="sample 'one': the processor changed supervised token 'R'"):
+        ds.labels(sample, text, spans, changed)

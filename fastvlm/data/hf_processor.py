@@ -202,7 +202,7 @@ def supervised_tokens(text: str, offsets: np.ndarray, ids: list[int], spans, spe
     return sup
 
 
-def align(render_ids: list[int], processor_ids: list[int]) -> np.ndarray:
+def align(render_ids: list[int], processor_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """int per processor token: the render token it is (-1: inserted by the processor), and
     bool per render token: kept unchanged by the processor."""
     source = np.full(len(processor_ids), -1, dtype=np.int64)
