@@ -49,6 +49,15 @@ def block_map(lo, hi, is_image, kind: int, block_q: int, block_k: int, cut=None)
     return torch.ops.fastvlm.block_map(lo, hi, is_image, kind, block_q, block_k, cut)
 
 
+if available():  # the C++ op's shapes, so torch.compile traces a block map built inside a graph
+    @torch.library.register_fake("fastvlm::block_map")
+    def _(lo, hi, is_image, kind, block_q, block_k, cut=None):
+        b, n = lo.shape
+        tq, tk = -(-n // block_q), -(-n // block_k)
+        shapes = ((b, tq), (b, tq, tk), (b, tq), (b, tq, tk), (b, tk), (b, tk, tq), (b, tk), (b, tk, tq))
+        return [lo.new_empty(s, dtype=torch.int32) for s in shapes]
+
+
 def cublaslt_built() -> bool:
     """Whether fastvlm._C carries the cuBLASLt connector GEMMs."""
     return cuda_built() and bool(getattr(_C, "built_with_cublaslt", lambda: False)())

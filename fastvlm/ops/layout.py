@@ -657,15 +657,6 @@ register_op("block_map", {"reference": always, "cpp": _compiled_block_map("cpu")
             {"cpu": ("cpp", "reference"), "cuda": ("cuda", "reference")},
             {"cpp": ("fastvlm::block_map",), "cuda": ("fastvlm::block_map",)})
 
-if _ext.available():  # the C++ op's shapes, so torch.compile traces a block map built inside a graph
-    @torch.library.register_fake("fastvlm::block_map")
-    def _(lo, hi, is_image, kind, block_q, block_k, cut=None):
-        b, n = lo.shape
-        tq, tk = -(-n // block_q), -(-n // block_k)
-        shapes = ((b, tq), (b, tq, tk), (b, tq), (b, tq, tk), (b, tk), (b, tk, tq), (b, tk), (b, tk, tq))
-        return [lo.new_empty(s, dtype=torch.int32) for s in shapes]
-
-
 def block_map_reference(lo, hi, is_image, kind: int, block_q: int, block_k: int, cut=None):
     """Torch block map from per-token intervals (and cuts, int32 [2, B, N] or None): the
     same O(N + Tq*Tk) summaries and exact tile rules as csrc/block_map/block_map.h, vectorised."""
