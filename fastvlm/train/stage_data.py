@@ -6,9 +6,13 @@ RUN/tokenizer on first use). Before anything trains it refuses an empty file and
 checks that every image a sample references exists (a stat, not a decode): samples
 with a missing image are dropped and counted, and past ``data.max_skipped_fraction``
 of a split the run stops with the list. ``StageBatches`` turns a stage's samples
-into an endless stream of optimizer steps, each a list of micro-batches — packed
-rows of ``packing_budget`` tokens (``batch_size`` rows each) or padded batches —
-whose position is the data sampler's resumable state. An epoch sees every sample
+into an endless stream of optimizer steps through fastvlm.data's one data path (its
+dataset, collators, and DataLoader over fastvlm.data.steps: the per-rank split
+inside the sampler, images decoded in ``data.num_workers`` worker processes), each
+step a list of micro-batches — packed rows of ``packing_budget`` tokens
+(``batch_size`` rows each) or padded batches — whose position is the data sampler's
+resumable state. ``open_feature_cache`` / ``fill_feature_cache`` serve a frozen
+tower's features. An epoch sees every sample
 once: its last micro-batch and its last step may be short (a step's micro-batches
 are weighted by their supervised tokens, so a short one is simply a smaller batch).
 
