@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastvlm.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from tests.utils import assert_close, assert_close_float64
+from tests.utils import assert_close, assert_close_float64, lm_head_benchmark_smoke
 
 
 class LoRAHead(nn.Module):
@@ -140,18 +140,7 @@ def test_bad_input_names_the_argument(call, arg):
 
 
 def test_benchmark_smoke(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "ce.json"
-    res = subprocess.run([sys.executable, "benchmarks/bench_linear_cross_entropy.py", "--smoke", "--out", str(out)],
-                         cwd=root, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert {r["method"] for r in rows} == {"naive", "fastvlm"} and all(r["seconds"] > 0 for r in rows)
+    lm_head_benchmark_smoke("bench_linear_cross_entropy.py", tmp_path / "ce.json")
 
 
 def test_qlora_head_is_honoured(seed):

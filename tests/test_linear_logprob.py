@@ -16,7 +16,7 @@ from torch import nn
 from fastvlm.ops import linear_logprob
 from fastvlm.ops.linear_logprob import linear_logprob_reference
 from tests.test_linear_cross_entropy import LoRAHead
-from tests.utils import assert_close, assert_close_float64
+from tests.utils import assert_close, assert_close_float64, lm_head_benchmark_smoke
 
 
 def _data(shape, h, v, sequences, dtype, ignore_frac=0.3, uncounted_frac=0.2):
@@ -215,17 +215,5 @@ def test_bad_input_names_the_argument(call, arg):
 
 
 def test_benchmark_smoke(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "logprob.json"
-    res = subprocess.run([sys.executable, "benchmarks/bench_linear_logprob.py", "--smoke", "--out", str(out)],
-                         cwd=root, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    payload = json.loads(out.read_text())
-    rows = payload["rows"]
-    assert {r["method"] for r in rows} == {"naive", "fastvlm"} and all(r["seconds"] > 0 for r in rows)
+    payload = lm_head_benchmark_smoke("bench_linear_logprob.py", tmp_path / "logprob.json")
     assert payload["env"]["torch"] == torch.__version__

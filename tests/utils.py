@@ -155,3 +155,22 @@ def check_op(fast: Callable, reference: Callable, inputs: Sequence, *, baseline:
         assert g.dtype == b.dtype, f"{name}: gradient {i} dtype {g.dtype} != {b.dtype}"
         assert_close(g, r, b, dtype, factor=factor, name=f"{name}: gradient {i}")
     return out
+
+
+def lm_head_benchmark_smoke(script: str, out) -> dict:
+    """Run an LM-head benchmark (bench_linear_cross_entropy / bench_linear_logprob) with
+    --smoke into `out`; its payload, after checking both methods were timed."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke", "--out", str(out)], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    payload = json.loads(Path(out).read_text())
+    assert {r["method"] for r in payload["rows"]} == {"naive", "fastvlm"}
+    assert all(r["seconds"] > 0 for r in payload["rows"])
+    return payload
+
