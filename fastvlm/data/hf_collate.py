@@ -112,16 +112,24 @@ class HFPackedCollator:
         self.pad_id, self.budget = pad_id, check_budget(budget)
 
     def __call__(self, items: Sequence[dict]) -> dict:
-        if not items:
+        return self.collate_planned([items])
+
+    def collate_planned(self, rows: Sequence[Sequence[dict]]) -> dict:
+        """Several planned rows (a micro-batch of them), each kept as planned unless its true
+        lengths overflow the budget (then re-packed, best-fit decreasing)."""
+        if not rows or not all(rows):
             raise ValueError("items: nothing to collate (an empty row)")
-        lengths = [_check_item(item) for item in items]
-        too_long = [(item.get("id"), n) for item, n in zip(items, lengths) if n > self.budget]
-        if too_long:
-            raise ValueError(f"items: sample {too_long[0][0]!r} has {too_long[0][1]} tokens, more than the row "
-                             f"budget {self.budget} (give HFProcessorDataset max_length={self.budget})")
-        rows = [list(range(len(items)))] if sum(lengths) <= self.budget else pack(lengths, self.budget, "bfd")
-        batch = collate_hf_rows([[items[i] for i in row] for row in rows], self.budget, self.pad_id)
-        batch["overflow_rows"] = len(rows) - 1
+        fitted = []
+        for items in rows:
+            lengths = [_check_item(item) for item in items]
+            too_long = [(item.get("id"), n) for item, n in zip(items, lengths) if n > self.budget]
+            if too_long:
+                raise ValueError(f"items: sample {too_long[0][0]!r} has {too_long[0][1]} tokens, more than the "
+                                 f"row budget {self.budget} (give HFProcessorDataset max_length={self.budget})")
+            fitted += ([list(items)] if sum(lengths) <= self.budget
+                       else [[items[i] for i in row] for row in pack(lengths, self.budget, "bfd")])
+        batch = collate_hf_rows(fitted, self.budget, self.pad_id)
+        batch["overflow_rows"] = len(fitted) - len(rows)
         return batch
 
 

@@ -1,0 +1,131 @@
+"""`fastvlm train` on Hugging Face VLMs (model.source = "hf"): a tiny Qwen2-VL saved with its
+processor, trained through train() (align, then instruct with LoRA), a SIGKILLed run resumed
+with the same losses, and the refusals."""
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from fastvlm.integrations.hf_trainable import HFVLM
+from fastvlm.train.build import build_model
+from fastvlm.train.recipe import parse_recipe, to_toml
+from fastvlm.train.trainer import train
+from tests import hf_processors as P
+from tests import test_resume as R
+
+SIZES = {"a.png": (56, 84), "b.png": (112, 56), "c.png": (70, 70), "d.png": (84, 56)}
+QUESTIONS = [("What is it?", "A square."), ("Which color?", "Red then blue."), ("Where?", "On the left."),
+             ("How many?", "Three of them."), ("Is it big?", "No, it is small."), ("Why?", "It was made so.")]
+
+
+def records() -> list[dict]:
+    out = [{"id": f"s{i}", "image": file, "conversations": [
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}
+        for i, ((q, a), file) in enumerate(zip(QUESTIONS, list(SIZES) * 2))]
+    out.append({"id": "text", "conversations": [{"from": "human", "value": "Say hi."},
+                                                {"from": "gpt", "value": "hi there"}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """Images, a data file, and the model directory (tiny float32 Qwen2-VL + its processor)."""
+    root = tmp_path_factory.mktemp("hftrain")
+    P.write_images(root / "img", SIZES, seed=0)
+    (root / "train.json").write_text(json.dumps(records()))
+    P.save_family("qwen2_vl", 0, root / "qwen2_vl")
+    return root
+
+
+def raw_recipe(root, family: str = "qwen2_vl", steps: int = 2, checkpoint_every: int = 0) -> dict:
+    common = {"max_steps": steps, "batch_size": 2, "packing_budget": 160, "precision": "fp32",
+              "warmup_ratio": 0.3, "checkpoint_every": checkpoint_every}
+    return {
+        "name": "hf-test",
+        "model": {"source": "hf", "path": str(root / family)},
+        "data": {"kind": "llava", "train": str(root / "train.json"), "val": str(root / "train.json"),
+                 "image_root": str(root / "img"), "num_workers": 0},
+        "run": {"evaluate": False, "device": "cpu", "keep_checkpoints": 2},
+        "stages": [
+            {"name": "align", "type": "align", "lr": {"connector": 1e-2}, **common},
+            {"name": "sft", "type": "instruct", "lr": {"connector": 1e-2, "llm": 1e-2}, **common,
+             "lora": {"r": 4, "alpha": 8, "targets": "q_proj,v_proj"}, "checkpointing": {"llm": "full"}},
+        ],
+    }
+
+
+def groups_of(model: HFVLM) -> dict[str, dict[str, torch.Tensor]]:
+    compiled = {g: re.compile(p) for g, p in model.GROUP_PATTERNS.items()}
+    out = {g: {} for g in compiled}
+    for name, value in model.state_dict().items():
+        group = next(g for g, rx in compiled.items() if rx.fullmatch(name))
+        out[group][name] = value.clone()
+    return out
+
+
+def test_hf_run_trains_the_stages_groups_and_saves_the_familys_format(root, tmp_path, seed):
+    recipe = parse_recipe(raw_recipe(root), [f"run.seed={seed}"])
+    before = groups_of(build_model(recipe, None, seed))
+    result = train(recipe, tmp_path / "run", progress=False, echo=lambda *a: None)
+    model = result["model"]
+    after = groups_of(model)
+    assert all(torch.equal(before["vision"][k], v) for k, v in after["vision"].items())  # never trained
+    for group in ("connector", "llm"):  # trained (the LLM's LoRA merged at the stage's end)
+        assert any(not torch.equal(before[group][k], v) for k, v in after[group].items()), group
+    assert model.language_model.lora_config is None
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    assert [(r["stage_index"], r["step"]) for r in steps] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert "lr_connector" in steps[0] and "lr_llm" not in steps[0] and "lr_llm" in steps[2]
+    # final/ is the family's own directory; the processor beside it, in final/tokenizer
+    final = result["final"]
+    loaded = AutoModelForImageTextToText.from_pretrained(final)
+    assert type(loaded) is type(model.hf)
+    state = model.hf.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    assert (final / "tokenizer" / "chat_template.jinja").is_file() or \
+        "chat_template" in (final / "tokenizer" / "processor_config.json").read_text()
+
+
+def test_hf_run_sigkill_then_resume_gives_the_same_losses(root, tmp_path, seed):
+    steps = 2
+    recipe = tmp_path / "hf.toml"
+    recipe.write_text(to_toml(parse_recipe(raw_recipe(root, steps=steps, checkpoint_every=1),
+                                           [f"run.seed={seed}"])))
+    R._finish(recipe, tmp_path / "reference")
+    reference = R._losses(tmp_path / "reference")
+    assert len(reference) == 2 * steps and all(v is not None for v in reference.values())
+    out = tmp_path / "run"
+    proc = R._run_until(recipe, out, random.Random(seed).randint(1, 2 * steps - 1))
+    time.sleep(random.Random(seed + 1).random() * 0.5)  # anywhere: mid-step, mid-checkpoint, ...
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    R._finish(recipe, out, "--resume")
+    assert R._losses(out) == reference
+
+
+def test_hf_refusals(root, tmp_path):
+    raw = raw_recipe(root)
+    with pytest.raises(ValueError, match="model.path: .* does not exist"):
+        build_model(parse_recipe(raw, [f"model.path={tmp_path / 'nowhere'}"]), None, 0)
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                                 "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"model.path: the checkpoint is a LlamaForCausalLM .*supported: .*"
+                                         r"Qwen2VLForConditionalGeneration"):
+        build_model(parse_recipe(raw, [f"model.path={tmp_path / 'llama'}"]), None, 0)
+    with pytest.raises(ValueError, match=r"stages\[1\] \(sft\).type: model.source = 'hf' trains align and "
+                                         r"instruct stages, got 'lm'"):
+        parse_recipe(raw, ["stages.sft.type=lm", "stages.sft.lr={llm = 1e-3}"])
+    with pytest.raises(ValueError, match="run.evaluate: the VQA evaluation runs on fastvlm.VLM models only"):
+        parse_recipe(raw, ["run.evaluate=true"])
+    with pytest.raises(ValueError, match="checkpointing.llm: a Hugging Face LLM checkpoints each decoder layer"):
+        parse_recipe(raw, ["stages.sft.checkpointing={llm = 'selective'}"])
