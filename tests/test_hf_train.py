@@ -14,8 +14,11 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from fastvlm.integrations.hf_trainable import HFVLM
-from fastvlm.train.build import build_model
+from fastvlm.nn.lora import LoRALinear
+from fastvlm.train.build import build_model, finish_stage, prepare_stage
+from fastvlm.train.losses import stage_loss
 from fastvlm.train.recipe import parse_recipe, to_toml
+from fastvlm.train.stage_data import StageBatches, prepare_data
 from fastvlm.train.trainer import train
 from tests import hf_processors as P
 from tests import test_resume as R
@@ -129,3 +132,40 @@ def test_hf_refusals(root, tmp_path):
         parse_recipe(raw, ["run.evaluate=true"])
     with pytest.raises(ValueError, match="checkpointing.llm: a Hugging Face LLM checkpoints each decoder layer"):
         parse_recipe(raw, ["stages.sft.checkpointing={llm = 'selective'}"])
+
+
+def test_qlora_llm_and_vision_lora_on_hf_modules(root, tmp_path, seed):
+    """instruct with QLoRA on the decoder and LoRA on the tower's last layer (fastvlm's
+    LoRALinear by module name on transformers modules): exactly those adapters and the
+    projector train, a step gives each of them a gradient, and finish_stage leaves plain
+    Linears with the adapters folded in."""
+    raw = raw_recipe(root)
+    raw["stages"] = [{**raw["stages"][1], "finetune": "qlora", "precision": "bf16", "checkpointing": {},
+                      "lr": {"connector": 1e-2, "llm": 1e-2, "vision": 1e-3},
+                      "lora": {"r": 4, "alpha": 8, "targets": "q_proj,v_proj", "vision_blocks": 1,
+                               "vision_targets": "qkv,fc1"}}]
+    recipe = parse_recipe(raw, [f"run.seed={seed}"])
+    data = prepare_data(recipe, tmp_path)
+    model = build_model(recipe, data.tokenizer, seed)
+    stage = recipe.stages[0]
+    mp = prepare_stage(model, stage, recipe, torch.device("cpu"))["precision"]
+    lora = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    tower = next(n for n, m in model.named_modules() if m is model.vision_tower)
+    last = len(model.vision_tower.blocks) - 1
+    assert {n for n in lora if n.startswith(tower)} == {f"{tower}.blocks.{last}.attn.qkv",
+                                                         f"{tower}.blocks.{last}.mlp.fc1"}
+    decoder = [m for n, m in model.named_modules() if isinstance(m, LoRALinear) and not n.startswith(tower)]
+    assert len(decoder) == 2 * len(model.language_model.layers) and all(m.quantized for m in decoder)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    connector = re.compile(model.GROUP_PATTERNS["connector"])
+    assert trainable == {n for n, _ in model.named_parameters() if ".lora_" in n or connector.fullmatch(n)}
+    batch = next(iter(StageBatches(stage, recipe, data, model, seed)))
+    with mp.autocast("cpu"):
+        loss, _ = stage_loss(model, stage, torch.device("cpu"))(batch)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if p.requires_grad and "lora_A" not in n)  # lora_B starts at zero: A's gradient is zero
+    finish_stage(model, stage)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    with torch.no_grad(), mp.autocast("cpu"):
+        assert torch.isfinite(model(**model.batch_inputs(batch, "cpu")))
