@@ -156,10 +156,7 @@ def _prepare_hf_stage(model: HFVLM, stage: Stage, device: torch.device) -> dict:
     shape_hf_stage(model, stage)
     model.to(device)
     precision = stage.precision
-    # NF4 layers compute in bf16 whatever the device: without autocast a transformers
-    # attention would meet bf16 keys (a plain NF4 k_proj) and fp32 queries (NF4 + LoRA)
-    qlora = stage.type == "instruct" and stage.finetune == "qlora" and "llm" in stage.lr
-    if precision == "bf16" and not bf16_supported(device) and not qlora:
+    if precision == "bf16" and not bf16_supported(device):
         precision = "fp32"
     mp = MixedPrecision(precision)
     mp.prepare(model)
