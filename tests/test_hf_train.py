@@ -11,17 +11,22 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+import transformers
+from peft import PeftModel
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.nn.lora import LoRALinear
 from fastvlm.train.build import build_model, finish_stage, prepare_stage
+from fastvlm.train.export import export
 from fastvlm.train.losses import stage_loss
 from fastvlm.train.recipe import parse_recipe, to_toml
 from fastvlm.train.stage_data import StageBatches, prepare_data
 from fastvlm.train.trainer import train
 from tests import hf_processors as P
 from tests import test_resume as R
+from tests.utils import assert_close
 
 SIZES = {"a.png": (56, 84), "b.png": (112, 56), "c.png": (70, 70), "d.png": (84, 56)}
 QUESTIONS = [("What is it?", "A square."), ("Which color?", "Red then blue."), ("Where?", "On the left."),
@@ -73,29 +78,73 @@ def groups_of(model: HFVLM) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def test_hf_run_trains_the_stages_groups_and_saves_the_familys_format(root, tmp_path, seed):
-    recipe = parse_recipe(raw_recipe(root), [f"run.seed={seed}"])
-    before = groups_of(build_model(recipe, None, seed))
-    result = train(recipe, tmp_path / "run", progress=False, echo=lambda *a: None)
+@pytest.fixture(scope="module")
+def trained(root, tmp_path_factory):
+    """(run directory, train()'s result, the starting weights by group) of align then LoRA instruct."""
+    recipe = parse_recipe(raw_recipe(root))
+    before = groups_of(build_model(recipe, None, 0))
+    run = tmp_path_factory.mktemp("hfrun") / "run"
+    return run, train(recipe, run, progress=False, echo=lambda *a: None), before
+
+
+def test_hf_run_trains_the_stages_groups_and_saves_the_familys_format(trained):
+    run, result, before = trained
     model = result["model"]
     after = groups_of(model)
     assert all(torch.equal(before["vision"][k], v) for k, v in after["vision"].items())  # never trained
     for group in ("connector", "llm"):  # trained (the LLM's LoRA merged at the stage's end)
         assert any(not torch.equal(before[group][k], v) for k, v in after[group].items()), group
     assert model.language_model.lora_config is None
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["event"] == "step"]
     assert [(r["stage_index"], r["step"]) for r in steps] == [(0, 1), (0, 2), (1, 1), (1, 2)]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     assert "lr_connector" in steps[0] and "lr_llm" not in steps[0] and "lr_llm" in steps[2]
-    # final/ is the family's own directory; the processor beside it, in final/tokenizer
-    final = result["final"]
-    loaded = AutoModelForImageTextToText.from_pretrained(final)
+    # final/ is the family's own directory (the processor in final/tokenizer)
+    loaded = AutoModelForImageTextToText.from_pretrained(result["final"])
     assert type(loaded) is type(model.hf)
     state = model.hf.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
-    assert (final / "tokenizer" / "chat_template.jinja").is_file() or \
-        "chat_template" in (final / "tokenizer" / "processor_config.json").read_text()
+    assert AutoProcessor.from_pretrained(result["final"] / "tokenizer").chat_template
+
+
+def prompt_inputs(processor, root) -> dict:
+    """A user turn with an image, through the processor's own chat template."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return dict(processor(text=[text], images=[Image.open(root / "img" / "a.png")], return_tensors="pt"))
+
+
+def logits(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}).logits
+
+
+def test_export_hf_and_peft_round_trips(trained, root, tmp_path):
+    """--format hf: AutoModelForImageTextToText + AutoProcessor load OUT, with the trained
+    model's logits (the same class on the trained weights). --format peft: OUT's adapter on
+    the family class of its base gives those logits (fp32, within plain PyTorch's error of a
+    float64 evaluation of the merged model), and names model.path as its base."""
+    run, result, _ = trained
+    hf_out = export(run, tmp_path / "hf", "hf")
+    exported = AutoModelForImageTextToText.from_pretrained(hf_out)
+    processor = AutoProcessor.from_pretrained(hf_out)
+    inputs = prompt_inputs(processor, root)
+    trained_hf = type(result["model"].hf)(result["model"].hf.config)
+    trained_hf.load_state_dict(result["model"].hf.state_dict())
+    merged32 = logits(exported, inputs)
+    assert torch.equal(merged32, logits(trained_hf.eval(), inputs))
+    merged64 = logits(AutoModelForImageTextToText.from_pretrained(hf_out, dtype=torch.float64), inputs)
+
+    peft_out = export(run, tmp_path / "peft", "peft")
+    config = json.loads((peft_out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((root / "qwen2_vl").resolve())
+    assert config["modules_to_save"] == ["model.visual.merger"]
+    cls = getattr(transformers, config["auto_mapping"]["base_model_class"])
+    adapted = PeftModel.from_pretrained(cls.from_pretrained(config["base_model_name_or_path"]), peft_out).eval()
+    assert_close(logits(adapted, inputs), merged64, merged32, name="peft logits")
+    with pytest.raises(ValueError, match="format: a Hugging Face VLM run .* exports as hf or peft"):
+        export(run, tmp_path / "llava", "hf-llava")
 
 
 def test_hf_run_sigkill_then_resume_gives_the_same_losses(root, tmp_path, seed):
