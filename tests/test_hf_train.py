@@ -16,14 +16,16 @@ from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from fastvlm.cli import main as cli_main
 from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.nn.lora import LoRALinear
 from fastvlm.train.build import build_model, finish_stage, prepare_stage
 from fastvlm.train.export import export
 from fastvlm.train.losses import stage_loss
-from fastvlm.train.recipe import parse_recipe, to_toml
+from fastvlm.train.recipe import load_recipe, parse_recipe, shipped_recipes, to_toml
 from fastvlm.train.stage_data import StageBatches, prepare_data
 from fastvlm.train.trainer import train
+from tests import hf_patch_models as H
 from tests import hf_processors as P
 from tests import test_resume as R
 from tests.utils import assert_close
@@ -218,3 +220,27 @@ def test_qlora_llm_and_vision_lora_on_hf_modules(root, tmp_path, seed):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     with torch.no_grad(), mp.autocast("cpu"):
         assert torch.isfinite(model(**model.batch_inputs(batch, "cpu")))
+
+
+HF_RECIPES = {"qwen2.5-vl-7b-lora": "qwen2_5_vl", "qwen3-vl-4b-lora": "qwen3_vl", "gemma-3-4b-qlora": "gemma3",
+              "smolvlm-lora": "smolvlm", "llava-onevision-7b-lora": "llava_onevision"}
+
+
+def test_shipped_hf_recipes_parse_and_dry_run_on_a_config_alone(tmp_path, capsys):
+    """Each shipped Hugging Face recipe loads by name, and `fastvlm train NAME --dry-run` with
+    model.path set (--set) to a directory holding only its family's config.json (no weight,
+    no processor, no data) prints each stage's groups: the adapters are trainable, the tower
+    frozen."""
+    assert set(HF_RECIPES) <= set(shipped_recipes())
+    for name, family in HF_RECIPES.items():
+        recipe = load_recipe(name)
+        assert recipe.model.source == "hf" and [s.type for s in recipe.stages] == ["instruct"]
+        folder = tmp_path / family
+        folder.mkdir()
+        (folder / "config.json").write_text(H.build(family, 0).config.to_json_string())
+        assert cli_main(["train", name, "--dry-run", "--set", f"model.path={folder}"]) == 0
+        text = capsys.readouterr().out
+        assert f"recipe {name} " in text and "no data (" in text, text
+        groups = dict(re.findall(r"^\s+(connector|vision|llm)\s+[\d,]+ total\s+([\d,]+) trainable", text, re.M))
+        assert groups["vision"] == "0" and groups["llm"] != "0", (name, text)
+        assert (groups["connector"] != "0") == ("connector" in recipe.stages[0].lr), (name, text)

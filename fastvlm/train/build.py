@@ -278,8 +278,9 @@ def quantized_targets(model: VLM, stage: Stage) -> list[str]:
 
 def trainable_by_group(model: nn.Module) -> dict[str, tuple[int, int]]:
     """{group: (total, trainable)} parameter counts."""
-    counts: dict[str, list[int]] = {g: [0, 0] for g in GROUP_PATTERNS}
-    compiled = {g: re.compile(p) for g, p in GROUP_PATTERNS.items()}
+    patterns = model.GROUP_PATTERNS  # fastvlm.VLM's, or a Hugging Face VLM's own
+    counts: dict[str, list[int]] = {g: [0, 0] for g in patterns}
+    compiled = {g: re.compile(p) for g, p in patterns.items()}
     for name, p in model.named_parameters():
         group = next(g for g, rx in compiled.items() if rx.fullmatch(name))
         n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # NF4 packs two weights per byte
