@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastvlm.data.packing import check_budget, pack
+from fastvlm.data.packing import check_budget, fit_planned_rows
 
 PER_TOKEN_FILL = {"input_ids": None, "labels": -100, "segment_ids": -1, "position_ids": 0, "attention_mask": 0}
 
@@ -119,15 +119,13 @@ class HFPackedCollator:
         lengths overflow the budget (then re-packed, best-fit decreasing)."""
         if not rows or not all(rows):
             raise ValueError("items: nothing to collate (an empty row)")
-        fitted = []
-        for items in rows:
-            lengths = [_check_item(item) for item in items]
-            too_long = [(item.get("id"), n) for item, n in zip(items, lengths) if n > self.budget]
-            if too_long:
-                raise ValueError(f"items: sample {too_long[0][0]!r} has {too_long[0][1]} tokens, more than the "
-                                 f"row budget {self.budget} (give HFProcessorDataset max_length={self.budget})")
-            fitted += ([list(items)] if sum(lengths) <= self.budget
-                       else [[items[i] for i in row] for row in pack(lengths, self.budget, "bfd")])
+        lengths = [[_check_item(item) for item in items] for items in rows]
+        too_long = [(item.get("id"), n) for items, sizes in zip(rows, lengths) for item, n in zip(items, sizes)
+                    if n > self.budget]
+        if too_long:
+            raise ValueError(f"items: sample {too_long[0][0]!r} has {too_long[0][1]} tokens, more than the row "
+                             f"budget {self.budget} (give HFProcessorDataset max_length={self.budget})")
+        fitted = fit_planned_rows(rows, lengths, self.budget)
         batch = collate_hf_rows(fitted, self.budget, self.pad_id)
         batch["overflow_rows"] = len(fitted) - len(rows)
         return batch

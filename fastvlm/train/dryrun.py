@@ -146,14 +146,20 @@ def dry_run(recipe: Recipe, out: Path | None = None, world_size: int = 1) -> str
         lines.append(f"\n[{i + 1}] {stage.name} ({stage.type}): {steps} optimizer steps, micro-batch ~{tokens} "
                      f"tokens / {images} images, {stage.grad_accum} micro-batch(es) per step, "
                      f"precision {stage.precision}")
-        for group, (total, trainable) in trainable_by_group(model).items():
-            lr = f"lr {stage.lr[group]:g}" if group in stage.lr else "frozen"
-            lines.append(f"    {group:10s} {total:>14,} total {trainable:>14,} trainable   {lr}")
-        for key, value in mem.items():
-            lines.append(f"    {key:12s} {_gib(value)}")
-        lines.append(f"    {'sum':12s} {_gib(sum(mem.values()))}   (estimate; activations per micro-batch)")
+        lines += _group_and_memory_lines(model, stage, mem, "activations per micro-batch")
         finish_stage(model, stage)
     return "\n".join(lines)
+
+
+def _group_and_memory_lines(model, stage: Stage, mem: dict, note: str) -> list[str]:
+    lines = []
+    for group, (total, trainable) in trainable_by_group(model).items():
+        lr = f"lr {stage.lr[group]:g}" if group in stage.lr else "frozen"
+        lines.append(f"    {group:10s} {total:>14,} total {trainable:>14,} trainable   {lr}")
+    for key, value in mem.items():
+        lines.append(f"    {key:12s} {_gib(value)}")
+    lines.append(f"    {'sum':12s} {_gib(sum(mem.values()))}   (estimate; {note})")
+    return lines
 
 
 def hf_model_on_meta(recipe: Recipe) -> HFVLM:
@@ -206,13 +212,8 @@ def hf_dry_run(recipe: Recipe, out: Path | None = None, world_size: int = 1) -> 
                                                      for b in blocks))
         lines.append(f"\n[{i + 1}] {stage.name} ({stage.type}): {steps} optimizer steps, micro-batch <= {tokens} "
                      f"tokens, {stage.grad_accum} micro-batch(es) per step, precision {stage.precision}")
-        for group, (total, n) in trainable_by_group(model).items():
-            lr = f"lr {stage.lr[group]:g}" if group in stage.lr else "frozen"
-            lines.append(f"    {group:10s} {total:>14,} total {n:>14,} trainable   {lr}")
-        for key, value in mem.items():
-            lines.append(f"    {key:12s} {_gib(value)}")
-        lines.append(f"    {'sum':12s} {_gib(sum(mem.values()))}   (estimate; LLM activations per micro-batch, "
-                     "vision tower's not counted)")
+        lines += _group_and_memory_lines(model, stage, mem,
+                                         "LLM activations per micro-batch, vision tower's not counted")
         finish_stage(model, stage)
     return "\n".join(lines)
 
