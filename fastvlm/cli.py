@@ -279,8 +279,9 @@ def _add_export_args(parser) -> None:
     parser.add_argument("run", help="run directory, checkpoint directory, or a model directory (e.g. RUN/final)")
     parser.add_argument("out", help="output directory")
     parser.add_argument("--format", dest="format", choices=FORMATS, default="hf-llava",
-                        help="hf-llava (LlavaForConditionalGeneration dir), peft (PEFT adapter for it), "
-                             "fastvlm (native)")
+                        help="hf-llava (LlavaForConditionalGeneration dir), peft (PEFT adapter for it, or "
+                             "for a model.source = 'hf' run's family class), fastvlm (native); hf: a "
+                             "model.source = 'hf' run as its family's own save_pretrained dir")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="weight dtype of the export (default: the LLM's)")
     parser.add_argument("--allow-causal", action="store_true",
@@ -320,7 +321,8 @@ def main(argv=None) -> int:
     train = sub.add_parser("train", help="run a training recipe (stages, checkpoints, metrics, plots)")
     _add_train_args(train)
     evaluation = sub.add_parser("eval", help="VQA accuracy per question type of a run or checkpoint")
-    export = sub.add_parser("export", help="export a run as a Hugging Face LLaVA, PEFT or fastvlm directory")
+    export = sub.add_parser("export", help="export a run as a Hugging Face (LLaVA or its own family), PEFT or "
+                                           "fastvlm directory")
     _add_bench_args(sub.add_parser("bench", help="run the benchmark suite (source checkout: benchmarks/run_all.py)"))
     _add_eval_args(evaluation)
     _add_export_args(export)

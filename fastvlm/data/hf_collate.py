@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastvlm.data.packing import check_budget, pack
+from fastvlm.data.packing import check_budget, fit_planned_rows
 
 PER_TOKEN_FILL = {"input_ids": None, "labels": -100, "segment_ids": -1, "position_ids": 0, "attention_mask": 0}
 
@@ -112,16 +112,22 @@ class HFPackedCollator:
         self.pad_id, self.budget = pad_id, check_budget(budget)
 
     def __call__(self, items: Sequence[dict]) -> dict:
-        if not items:
+        return self.collate_planned([items])
+
+    def collate_planned(self, rows: Sequence[Sequence[dict]]) -> dict:
+        """Several planned rows (a micro-batch of them), each kept as planned unless its true
+        lengths overflow the budget (then re-packed, best-fit decreasing)."""
+        if not rows or not all(rows):
             raise ValueError("items: nothing to collate (an empty row)")
-        lengths = [_check_item(item) for item in items]
-        too_long = [(item.get("id"), n) for item, n in zip(items, lengths) if n > self.budget]
+        lengths = [[_check_item(item) for item in items] for items in rows]
+        too_long = [(item.get("id"), n) for items, sizes in zip(rows, lengths) for item, n in zip(items, sizes)
+                    if n > self.budget]
         if too_long:
             raise ValueError(f"items: sample {too_long[0][0]!r} has {too_long[0][1]} tokens, more than the row "
                              f"budget {self.budget} (give HFProcessorDataset max_length={self.budget})")
-        rows = [list(range(len(items)))] if sum(lengths) <= self.budget else pack(lengths, self.budget, "bfd")
-        batch = collate_hf_rows([[items[i] for i in row] for row in rows], self.budget, self.pad_id)
-        batch["overflow_rows"] = len(rows) - 1
+        fitted = fit_planned_rows(rows, lengths, self.budget)
+        batch = collate_hf_rows(fitted, self.budget, self.pad_id)
+        batch["overflow_rows"] = len(fitted) - len(rows)
         return batch
 
 

@@ -108,3 +108,14 @@ def row_fill(rows: Sequence[Sequence[int]], lengths: Sequence[int], budget: int)
     """Planned packing efficiency: real tokens / row tokens."""
     real = sum(min(int(lengths[i]), budget) for row in rows for i in row)
     return real / (len(rows) * budget) if rows else 0.0
+
+
+def fit_planned_rows(rows: Sequence[Sequence], lengths: Sequence[Sequence[int]], budget: int) -> list[list]:
+    """Planned rows of items (`lengths`: each item's true length), each kept as planned when
+    it fits `budget`, else re-packed (best-fit decreasing) into as many rows as it needs.
+    Every item must fit the budget on its own (the callers check)."""
+    fitted = []
+    for items, sizes in zip(rows, lengths):
+        fitted += ([list(items)] if sum(sizes) <= budget
+                   else [[items[i] for i in row] for row in pack(sizes, budget, "bfd")])
+    return fitted

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset, Sampler
 
 from fastvlm.data.collate import PackedCollator
+from fastvlm.data.hf_collate import HFPackedCollator
 from fastvlm.data.sampler import PackedBatchSampler
 
 COUNTS = ("num_samples", "real_tokens", "row_tokens", "supervised_tokens")
@@ -161,7 +162,7 @@ class StepItems(Dataset):
 
 class StepCollator:
     """One step's fetched items -> {"micro": [batch or None per slot], "skipped": [...],
-    the counts summed}. A PackedCollator collates a slot's rows as planned (re-packing a
+    the counts summed}. A PackedCollator (or HFPackedCollator) collates a slot's rows as planned (re-packing a
     row only if the true lengths overflow it); any other collator takes the slot's items."""
 
     def __init__(self, collator):
@@ -181,7 +182,7 @@ class StepCollator:
         return {**step, **{key: sum(b[key] for b in micro if b is not None) for key in COUNTS}}
 
     def _collate(self, items: list[dict]) -> dict:
-        if isinstance(self.collator, PackedCollator):
+        if isinstance(self.collator, (PackedCollator, HFPackedCollator)):
             rows: dict[int, list[dict]] = {}
             for item in items:
                 rows.setdefault(item["row"], []).append(item)

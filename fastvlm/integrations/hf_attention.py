@@ -106,6 +106,9 @@ def fastvlm_attention_forward(module, query, key, value, attention_mask, dropout
         layout = layouts.get(sliding_window)
         layout = layout if layout.device == query.device else layout.to(query.device)
     if layout is not None and not eager:
+        device = query.device.type
+        if torch.is_autocast_enabled(device):  # as autocast runs SDPA: q, k, v in its dtype (mixed under QLoRA)
+            query, key, value = (t.to(torch.get_autocast_dtype(device)) for t in (query, key, value))
         out = multimodal_attention(query, key, value, layout, scale=scaling)
         return out.transpose(1, 2), None
     if request is None:

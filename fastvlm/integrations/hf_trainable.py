@@ -3,7 +3,10 @@
 ``HFVLM`` wraps a model patched by ``fastvlm.integrations.transformers.patch`` (or a
 PeftModel around one) and takes the batches of ``fastvlm.data.hf_collate``:
 
-- ``batch_inputs(batch)``: the forward's keyword arguments from a collated batch: the
+It is the trainer's model seam (fastvlm.train.losses.TrainableModel), as ``fastvlm.VLM`` is:
+
+- ``batch_inputs(batch, device)``: the forward's keyword arguments from a collated batch,
+  on `device`, ``labels`` included: the
   per-token inputs the model's forward takes (``input_ids``, ``attention_mask``,
   ``token_type_ids``, ``mm_token_type_ids``...), ``segment_ids``, the vision inputs, and
   ``position_ids``: the batch's 1-D per-sample positions, or, for a model with
@@ -15,37 +18,35 @@ PeftModel around one) and takes the batches of ``fastvlm.data.hf_collate``:
   without, the model's output;
 - ``final_hidden(**inputs)`` and ``output_head()``: the hidden states before the LM head
   and the head, for losses the trainer computes itself;
-- ``parameter_groups()``: ``connector`` / ``llm`` / ``vision``;
-- ``save_pretrained(path)``: the family's own format.
+- ``parameter_groups()``: ``connector`` / ``llm`` / ``vision``, and ``GROUP_PATTERNS``,
+  the same partition as regexes over this module's parameter names (``group_patterns``:
+  what the optimizer and the dry run read; they hold for LoRA layers added later);
+- ``language_model`` / ``vision_tower``: the decoder and the vision tower (what a stage
+  adapts), ``fsdp_units()``: their layers;
+- ``save_pretrained(path)``: the family's own format; ``checkpoint_files()``: the text
+  files beside a checkpoint's weights (the transformers config, the LoRA setup).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
+import re
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 
 from fastvlm.integrations import hf_attention
-from fastvlm.integrations.transformers import FAMILIES, _layout_for, family_of, patch, unwrap
+from fastvlm.integrations.hf_load import load_patched
+from fastvlm.integrations.transformers import _layout_for, family_of, unwrap
+from fastvlm.models.feature_cache import FeatureCache
+from fastvlm.nn.lora import LoRALinear
 
 VISION_TOWERS = ("vision_tower", "visual", "vision_model")  # the inner model's vision child, per family
 CONNECTOR_IN_TOWER = "merger"  # Qwen-VL keeps its projectors (merger, deepstack mergers) in the vision tower
 BOOKKEEPING = ("labels", "image_files", "ids", "num_samples", "real_tokens", "row_tokens", "supervised_tokens",
                "overflow_rows", "sample_images")
-
-
-def _load_patched(path, dtype: torch.dtype, **patch_options) -> nn.Module:
-    """The model of a transformers checkpoint directory, by the class its config names,
-    patched. (To be replaced by integrations.transformers.load_patched.)"""
-    config = transformers.AutoConfig.from_pretrained(path)
-    names = [n for n in (config.architectures or []) if n in FAMILIES]
-    if not names:
-        raise ValueError(f"model.path: {path} holds a {config.architectures} model; fastvlm trains "
-                         f"{', '.join(FAMILIES)}")
-    model = getattr(transformers, names[0]).from_pretrained(path, dtype=dtype)
-    return patch(model, **patch_options)
 
 
 class HFVLM(nn.Module):
@@ -59,10 +60,12 @@ class HFVLM(nn.Module):
         params = inspect.signature(hf.forward).parameters  # the patched forward's: with segment_ids
         self.input_names = {n for n, p in params.items() if p.kind != p.VAR_KEYWORD} - set(BOOKKEEPING)
         self.rope_index = getattr(hf.model, "get_rope_index", None)
+        prefix = next(n for n, m in self.named_modules() if m is hf)
+        self.GROUP_PATTERNS = group_patterns(hf, prefix + ".")
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, **patch_options) -> HFVLM:
-        return cls(_load_patched(Path(path), dtype, **patch_options))
+        return cls(load_patched(Path(path), dtype, **patch_options))
 
     @property
     def hf(self) -> nn.Module:
@@ -70,12 +73,17 @@ class HFVLM(nn.Module):
         return unwrap(self.model)
 
     # ---- inputs ----------------------------------------------------------------------------
-    def batch_inputs(self, batch: dict) -> dict:
+    def batch_inputs(self, batch: dict, device, cache: FeatureCache | None = None) -> dict:
+        """The forward's keyword arguments (with ``labels``) on `device`. `cache`: a feature
+        cache is fastvlm.VLM's; a Hugging Face tower always encodes its pixels."""
+        if cache is not None:
+            raise ValueError("cache: a Hugging Face VLM encodes its images itself (no feature cache)")
         inputs = {k: v for k, v in batch.items() if k in self.input_names and v is not None}
         inputs["segment_ids"] = batch["segment_ids"]
         if self.rope_index is not None:
             inputs["position_ids"] = self.rope_positions(batch)
-        return inputs
+        inputs["labels"] = batch["labels"]
+        return {k: v.to(device) for k, v in inputs.items()}
 
     def rope_positions(self, batch: dict) -> torch.Tensor:
         """[3, B, N]: each sample's multimodal RoPE positions from the model's get_rope_index,
@@ -150,5 +158,56 @@ class HFVLM(nn.Module):
         add("connector", self.model.parameters())  # the rest: projectors, image_newline
         return groups
 
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder (what LoRA / QLoRA / full fine-tuning of the LLM adapt)."""
+        return self.hf.get_decoder()
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        inner = self.hf.model
+        tower_name = next((n for n in VISION_TOWERS if hasattr(inner, n)), None)
+        if tower_name is None:
+            raise ValueError(f"model: {type(inner).__name__} has none of {VISION_TOWERS} (its vision tower)")
+        return getattr(inner, tower_name)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Every decoder layer and vision block (the longest ModuleList of each tower)."""
+        return list(layer_list(self.language_model)[1]) + list(layer_list(self.vision_tower)[1])
+
+    def checkpoint_files(self) -> dict[str, str]:
+        """config.json (the transformers config) and lora.json (the LoRA setup of the decoder
+        and the tower, and whether the decoder's base is NF4) beside a checkpoint's weights."""
+        lora = {}
+        for part, module in (("llm", self.language_model), ("vision", self.vision_tower)):
+            cfg = getattr(module, "lora_config", None)
+            lora[part] = None if cfg is None else dataclasses.asdict(cfg)
+        lora["llm_nf4"] = any(isinstance(m, LoRALinear) and m.quantized for m in self.language_model.modules())
+        return {"config.json": self.hf.config.to_json_string(), "lora.json": json.dumps(lora)}
+
     def save_pretrained(self, path, **kwargs) -> None:
         self.model.save_pretrained(path, **kwargs)
+
+
+def layer_list(tower: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, modules) of the tower's longest ModuleList: its transformer layers."""
+    lists = [(n, m) for n, m in tower.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"model: {type(tower).__name__} holds no list of layers")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def group_patterns(hf: nn.Module, prefix: str = "") -> dict[str, str]:
+    """parameter_groups' partition of a transformers VLM `hf` as regexes over parameter
+    names under `prefix` (first match wins): ``connector`` (a merger inside the vision tower,
+    and whatever is neither tower nor head: the projector, image_newline), ``vision`` (the
+    tower), ``llm`` (the decoder and the output head)."""
+    names = {id(m): n for n, m in hf.named_modules()}
+    inner = hf.model
+    tower_name = next((n for n in VISION_TOWERS if hasattr(inner, n)), None)
+    if tower_name is None:
+        raise ValueError(f"model: {type(inner).__name__} has none of {VISION_TOWERS} (its vision tower)")
+    tower = re.escape(prefix + names[id(getattr(inner, tower_name))])
+    llm = "|".join(re.escape(prefix + names[id(m)]) for m in (hf.get_decoder(), hf.get_output_embeddings()))
+    merger = rf"{tower}\.(.*\.)?[^.]*{CONNECTOR_IN_TOWER}[^.]*\..*"
+    return {"connector": rf"{merger}|(?!{tower}\.|({llm})\.).*", "vision": rf"{tower}\..*", "llm": rf"({llm})\..*"}

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.models.hf_vision import config_from_hf
 from fastvlm.models.llm import LLMConfig
 from fastvlm.models.vision import VisionConfig
@@ -24,6 +25,7 @@ from fastvlm.models.vlm import VLM, VLMConfig, _from_hf_llava
 from fastvlm.nn.lora import LoRALinear, set_submodule
 from fastvlm.train import distributed
 from fastvlm.train.checkpoint import nf4_source_path, save_tensors
+from fastvlm.train.hf_build import build_hf_model, shape_hf_stage
 from fastvlm.train.lora import apply_lora, resolve_lora_targets
 from fastvlm.train.precision import MixedPrecision
 from fastvlm.train.quant import apply_qlora, merge_quantized, quantized_state_keys
@@ -101,6 +103,8 @@ def _image_token_id(tokenizer, llm: LLMConfig) -> int:
 def build_model(recipe: Recipe, tokenizer, seed: int) -> VLM:
     """The run's starting model (weights from disk, or a seeded random init)."""
     m = recipe.model
+    if m.source == "hf":
+        return build_hf_model(recipe)
     if m.source == "pretrained":
         model = VLM.from_pretrained(_existing(m.path, "model.path"))
         if tokenizer.image_token_id != model.config.image_token_id:
@@ -118,6 +122,8 @@ def build_model(recipe: Recipe, tokenizer, seed: int) -> VLM:
 def prepare_stage(model: VLM, stage: Stage, recipe: Recipe, device: torch.device) -> dict:
     """Freeze all but the groups the stage trains, add its adapters/heads; returns the
     stage's runtime settings (precision policy, ...)."""
+    if isinstance(model, HFVLM):
+        return _prepare_hf_stage(model, stage, device)
     model.requires_grad_(False)
     tower = model.vision_tower
     if stage.type == "contrastive":
@@ -143,6 +149,17 @@ def prepare_stage(model: VLM, stage: Stage, recipe: Recipe, device: torch.device
         precision = "fp32"  # emulated bf16 on a CPU without it is slower and no more useful
     mp = MixedPrecision(precision)
     mp.prepare(model, cast_frozen=stage.type != "contrastive")
+    return {"precision": mp}
+
+
+def _prepare_hf_stage(model: HFVLM, stage: Stage, device: torch.device) -> dict:
+    shape_hf_stage(model, stage)
+    model.to(device)
+    precision = stage.precision
+    if precision == "bf16" and not bf16_supported(device):
+        precision = "fp32"
+    mp = MixedPrecision(precision)
+    mp.prepare(model)
     return {"precision": mp}
 
 
@@ -255,13 +272,15 @@ def quantized_targets(model: VLM, stage: Stage) -> list[str]:
         return []
     lora = stage.lora
     found = resolve_lora_targets(model.language_model, lora.targets, lora.r, lora.alpha, lora.dropout, ())[2]
-    return [f"language_model.{name}.{p}" for name, m in found.items() for p, _ in m.named_parameters()]
+    llm = next(n for n, m in model.named_modules() if m is model.language_model)
+    return [f"{llm}.{name}.{p}" for name, m in found.items() for p, _ in m.named_parameters()]
 
 
 def trainable_by_group(model: nn.Module) -> dict[str, tuple[int, int]]:
     """{group: (total, trainable)} parameter counts."""
-    counts: dict[str, list[int]] = {g: [0, 0] for g in GROUP_PATTERNS}
-    compiled = {g: re.compile(p) for g, p in GROUP_PATTERNS.items()}
+    patterns = model.GROUP_PATTERNS  # fastvlm.VLM's, or a Hugging Face VLM's own
+    counts: dict[str, list[int]] = {g: [0, 0] for g in patterns}
+    compiled = {g: re.compile(p) for g, p in patterns.items()}
     for name, p in model.named_parameters():
         group = next(g for g, rx in compiled.items() if rx.fullmatch(name))
         n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # NF4 packs two weights per byte

@@ -261,6 +261,16 @@ def lora_info(model) -> dict:
     return info
 
 
+def checkpoint_files(model) -> dict[str, str]:
+    """The text files beside a checkpoint's weights: the model's own (``checkpoint_files()``,
+    e.g. a Hugging Face VLM's config), else fastvlm.VLM's config.json and lora.json."""
+    own = getattr(model, "checkpoint_files", None)
+    if own is not None:
+        return own()
+    return {"config.json": json.dumps({"model_type": "fastvlm_vlm", "config": model.config.to_dict()}),
+            "lora.json": json.dumps(lora_info(model))}
+
+
 class StageSaver:
     """Writes a stage's checkpoints (model + every state needed to continue) and prunes old ones."""
 
@@ -277,8 +287,7 @@ class StageSaver:
                  "global_step": global_step, "bad": bad, "skipped": skipped}
         meta = {"stage": self.stage.name, "stage_index": self.index, "step": step, "global_step": global_step,
                 "digest": self.recipe.digest(), "time": time.time()}
-        extra = {"config.json": json.dumps({"model_type": "fastvlm_vlm", "config": self.model.config.to_dict()}),
-                 "lora.json": json.dumps(lora_info(self.model))}
+        extra = checkpoint_files(self.model)
         root = self.run_dir / "checkpoints"
         name = checkpoint_name(self.index, self.stage.name, step)
         if dcp:

@@ -27,9 +27,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoConfig
 
 from fastvlm.data import estimate_length
 from fastvlm.data.packing import pack
+from fastvlm.integrations.hf_load import family_class_name
+from fastvlm.integrations.hf_trainable import HFVLM
+from fastvlm.integrations.transformers import UnsupportedModelError, patch
 from fastvlm.models.vlm import VLM
 from fastvlm.train.build import finish_stage, model_config, prepare_stage, trainable_by_group
 from fastvlm.train.lora import lora_layers
@@ -111,6 +116,8 @@ def _largest_block(model) -> int:
 
 
 def dry_run(recipe: Recipe, out: Path | None = None, world_size: int = 1) -> str:
+    if recipe.model.source == "hf":
+        return hf_dry_run(recipe, out, world_size)
     data, missing = _run_data(recipe, out)
     cfg = model_config(recipe, data.tokenizer if data is not None else None)
     with torch.device("meta"):
@@ -139,12 +146,74 @@ def dry_run(recipe: Recipe, out: Path | None = None, world_size: int = 1) -> str
         lines.append(f"\n[{i + 1}] {stage.name} ({stage.type}): {steps} optimizer steps, micro-batch ~{tokens} "
                      f"tokens / {images} images, {stage.grad_accum} micro-batch(es) per step, "
                      f"precision {stage.precision}")
-        for group, (total, trainable) in trainable_by_group(model).items():
-            lr = f"lr {stage.lr[group]:g}" if group in stage.lr else "frozen"
-            lines.append(f"    {group:10s} {total:>14,} total {trainable:>14,} trainable   {lr}")
-        for key, value in mem.items():
-            lines.append(f"    {key:12s} {_gib(value)}")
-        lines.append(f"    {'sum':12s} {_gib(sum(mem.values()))}   (estimate; activations per micro-batch)")
+        lines += _group_and_memory_lines(model, stage, mem, "activations per micro-batch")
+        finish_stage(model, stage)
+    return "\n".join(lines)
+
+
+def _group_and_memory_lines(model, stage: Stage, mem: dict, note: str) -> list[str]:
+    lines = []
+    for group, (total, trainable) in trainable_by_group(model).items():
+        lr = f"lr {stage.lr[group]:g}" if group in stage.lr else "frozen"
+        lines.append(f"    {group:10s} {total:>14,} total {trainable:>14,} trainable   {lr}")
+    for key, value in mem.items():
+        lines.append(f"    {key:12s} {_gib(value)}")
+    lines.append(f"    {'sum':12s} {_gib(sum(mem.values()))}   (estimate; {note})")
+    return lines
+
+
+def hf_model_on_meta(recipe: Recipe) -> HFVLM:
+    """The Hugging Face VLM of model.path built on the meta device from its config.json
+    alone (its class, patched as the run patches it; no weight read)."""
+    path = Path(recipe.model.path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model.path: {path} holds no config.json (a transformers model directory)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        cls = getattr(transformers, family_class_name(config))
+    except UnsupportedModelError as err:
+        raise ValueError(f"model.{err}") from None
+    with torch.device("meta"):
+        hf = cls._from_config(config, dtype=torch.float32)
+    return HFVLM(patch(hf, checkpointing=recipe.stages[0].checkpointing.get("vision", "none")))
+
+
+def hf_dry_run(recipe: Recipe, out: Path | None = None, world_size: int = 1) -> str:
+    """dry_run of a Hugging Face VLM recipe: parameters per group, weights, gradients and
+    optimizer states per stage from the config alone; the LLM's activations (as for
+    fastvlm.VLM) at a full micro-batch of packed rows (or padded ones at the budget); the
+    vision tower's are not estimated (its token count depends on each image's size)."""
+    model = hf_model_on_meta(recipe)
+    text = model.hf.config.get_text_config()
+    try:
+        data, missing = _run_data(recipe, out)
+    except ValueError as err:  # no processor beside a bare config: the plan needs one
+        data, missing = None, str(err)
+    lines = [f"recipe {recipe.name} (hash {recipe.digest()}): hf model {type(model.hf).__name__}, "
+             f"{sum(p.numel() for p in model.parameters()):,} parameters"]
+    if missing:
+        lines.append(f"no data ({missing}): optimizer steps only where max_steps sets them")
+    mode = recipe.run.distributed
+    for i, stage in enumerate(recipe.stages):
+        prepare_stage(model, _unquantized(stage), recipe, torch.device("meta"))
+        steps = stage.max_steps
+        if data is not None and not steps:
+            steps = StageBatches(stage, recipe, data, model, seed=recipe.run.seed + i).total_steps()
+        tokens = stage.batch_size * stage.packing_budget
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        activations = text.num_hidden_layers * tokens * text.hidden_size * _policy_bytes(
+            stage.checkpointing.get("llm", "none"))
+        mem = {"weights": sum(p.numel() * p.element_size() for p in model.parameters()), "gradients": trainable * 4,
+               "optimizer": trainable * OPTIMIZER_STATE_BYTES[stage.optimizer], "activations": activations}
+        if stage.type == "instruct" and stage.finetune == "qlora":
+            mem["weights"] -= _quantized_saving(model)
+        blocks = model.fsdp_units()
+        mem = per_process(mem, mode, world_size, max(sum(p.numel() * p.element_size() for p in b.parameters())
+                                                     for b in blocks))
+        lines.append(f"\n[{i + 1}] {stage.name} ({stage.type}): {steps} optimizer steps, micro-batch <= {tokens} "
+                     f"tokens, {stage.grad_accum} micro-batch(es) per step, precision {stage.precision}")
+        lines += _group_and_memory_lines(model, stage, mem,
+                                         "LLM activations per micro-batch, vision tower's not counted")
         finish_stage(model, stage)
     return "\n".join(lines)
 

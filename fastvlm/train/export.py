@@ -1,4 +1,9 @@
-"""`fastvlm export RUN OUT --format hf-llava|peft|fastvlm`: a trained model in the formats people serve.
+"""`fastvlm export RUN OUT --format hf-llava|peft|fastvlm|hf`: a trained model in the formats people serve.
+
+A run of a Hugging Face VLM (``model.source = "hf"``) exports as ``hf`` (its family's own
+``save_pretrained`` directory, LoRA merged, the processor beside it) or ``peft`` (an
+adapter for its family's class): fastvlm.train.hf_export. The rest of this docstring is
+about fastvlm.VLM runs:
 
 - ``hf-llava``: a directory ``transformers.LlavaForConditionalGeneration.from_pretrained``
   loads with the same logits (LoRA merged; fastvlm.models.hf_export holds the mapping),
@@ -54,12 +59,14 @@ from fastvlm.train import checkpoint as ckpt
 from fastvlm.train import peft_llava
 from fastvlm.train.build import stage_model
 from fastvlm.train.distributed import load_model_from_dcp
+from fastvlm.train.hf_export import export_hf_run
 from fastvlm.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoRAConfig, apply_lora, lora_layers
 from fastvlm.train.recipe import load_recipe
 from fastvlm.train.stage_data import preprocessor_for
 from fastvlm.utils.io import atomic_write, atomic_write_text, read_json
 
-FORMATS = ("hf-llava", "peft", "fastvlm")
+FORMATS = ("hf-llava", "peft", "fastvlm", "hf")
+HF_RUN_FORMATS = ("hf", "peft")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -83,6 +90,18 @@ def export(run_or_checkpoint, out, format: str = "hf-llava", *, allow_causal: bo
     if not any((source / name).is_file() for name in ("recipe.toml", "meta.json", "config.json")):
         raise ValueError(f"run: {source} is neither a run directory (recipe.toml), a checkpoint (meta.json) nor a "
                          "model directory (config.json)")
+    hf_run = _hf_run_dir(source)
+    if hf_run is not None:
+        if format not in HF_RUN_FORMATS:
+            raise ValueError(f"format: a Hugging Face VLM run (model.source = 'hf') exports as "
+                             f"{' or '.join(HF_RUN_FORMATS)}, got {format!r}")
+        _check_dtype(dtype)
+        recipe = load_recipe(hf_run / "recipe.toml")
+        return _into_new_dir(out, lambda tmp, final: export_hf_run(source, hf_run, recipe, tmp, final, format,
+                                                                    dtype))
+    if format == "hf":
+        raise ValueError(f"format: 'hf' exports a Hugging Face VLM run (model.source = 'hf'); {source} is not one "
+                         "(use hf-llava, peft or fastvlm)")
     if (source / "config.json").is_file() and not (source / "recipe.toml").is_file() and \
             not (source / "meta.json").is_file():
         model, tokenizer = _load_model_dir(source)  # a bare model directory
@@ -102,6 +121,16 @@ def export(run_or_checkpoint, out, format: str = "hf-llava", *, allow_causal: bo
                            trained=("multi_modal_projector",) if "connector" in stage.lr else ())
     return export_model(model, out, format, tokenizer=tokenizer, preprocessor=preprocessor_for(model),
                         allow_causal=allow_causal, dtype=dtype, **options)
+
+
+def _hf_run_dir(source: Path) -> Path | None:
+    """The run directory of `source` (a run or one of its checkpoints) when its recipe
+    trains a Hugging Face VLM, else None."""
+    run_dir = source.parent.parent if ckpt.NAME.match(source.name) else source
+    if not (run_dir / "recipe.json").is_file():
+        return None
+    recipe = read_json(run_dir / "recipe.json", "run")["recipe"]
+    return run_dir if recipe["model"]["source"] == "hf" else None
 
 
 def _recipe_base(recipe) -> Path | None:
@@ -134,8 +163,29 @@ def export_model(model, out, format: str = "hf-llava", *, tokenizer=None, prepro
     while the model's base weights equal it, its connector aside), and `trained`, the
     fastvlm modules the adapter carries whole (e.g. ``("multi_modal_projector",)``)."""
     _check_format(format)
+    if format == "hf":
+        raise ValueError("format: 'hf' exports a Hugging Face VLM run (export(RUN, OUT, 'hf')), not a fastvlm.VLM")
+    _check_dtype(dtype)
+
+    def write(tmp: Path, final: Path) -> None:
+        if format == "hf-llava":
+            _export_hf_llava(model, tmp, tokenizer, preprocessor, template, allow_causal, dtype)
+        elif format == "peft":
+            _export_peft(model, tmp, final, tokenizer, preprocessor, template, base, trained, allow_causal, dtype)
+        else:
+            _export_fastvlm(model, tmp, dtype)
+
+    return _into_new_dir(out, write)
+
+
+def _check_dtype(dtype) -> None:
     if dtype is not None and dtype not in HF_DTYPE_NAMES:
         raise ValueError(f"dtype: expected one of {sorted(map(str, HF_DTYPE_NAMES))}, got {dtype}")
+
+
+def _into_new_dir(out, write) -> Path:
+    """``write(tmp, final)`` fills a temporary folder beside `out` (`final`: the path it is
+    renamed to once complete); a failed export leaves no `out` behind."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out: {out} exists and is not an empty directory; export into a new one")
@@ -143,13 +193,7 @@ def export_model(model, out, format: str = "hf-llava", *, tokenizer=None, prepro
     tmp = out.parent / f".tmp-{uuid.uuid4().hex}-{out.name}"
     tmp.mkdir()
     try:
-        if format == "hf-llava":
-            _export_hf_llava(model, tmp, tokenizer, preprocessor, template, allow_causal, dtype)
-        elif format == "peft":
-            _export_peft(model, tmp, out.resolve(), tokenizer, preprocessor, template, base, trained,
-                         allow_causal, dtype)
-        else:
-            _export_fastvlm(model, tmp, dtype)
+        write(tmp, out.resolve())
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

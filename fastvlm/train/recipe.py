@@ -40,7 +40,7 @@ from fastvlm.utils.config import check_known_keys
 STAGE_TYPES = ("contrastive", "lm", "align", "instruct")
 STAGE_GROUPS = {"contrastive": ("vision", "heads"), "lm": ("llm",), "align": ("connector",),
                 "instruct": ("connector", "llm", "vision")}
-SOURCES = ("tiny", "pretrained", "parts")
+SOURCES = ("tiny", "pretrained", "parts", "hf")
 SCHEDULES = ("cosine", "constant")
 FINETUNE = ("lora", "qlora", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -66,7 +66,8 @@ class TinyModel:
 @dataclass
 class ModelSection:
     source: str = "tiny"            # tiny | pretrained (a HF LLaVA / fastvlm dir) | parts (vision + llm dirs)
-    path: str = ""                  # pretrained: the model directory
+                                    # | hf (a transformers VLM directory: fastvlm.integrations.hf_load)
+    path: str = ""                  # pretrained / hf: the model directory
     vision: str = ""                # parts: CLIP / SigLIP / DINOv2 directory
     llm: str = ""                   # parts: Llama / Qwen2 / Mistral directory (holds the tokenizer)
     tokenizer: str = ""             # default: path (pretrained) or llm (parts); tiny: trained on the data
@@ -105,6 +106,10 @@ class DataSection:
     # turn) are skipped and counted; past this fraction of a split or a stage the run stops.
     max_skipped_fraction: float = 0.01
     num_workers: int = 2            # DataLoader processes decoding images (0 = in the training process)
+    # model.source = "hf": the processor's pixel budget per image (Qwen-VL's dynamic resolution; 0 = its own)
+    min_pixels: int = 0
+    max_pixels: int = 0
+    chat_template: str = ""         # model.source = "hf": a Jinja file used instead of the processor's template
     synthetic: SyntheticData = field(default_factory=SyntheticData)
 
 
@@ -312,6 +317,8 @@ def validate(recipe: Recipe) -> None:
     _one_of(m.vision_feature, ("patch", "full"), "model.vision_feature")
     if m.source == "pretrained" and not m.path:
         raise ValueError("model.path: source = 'pretrained' needs the model directory")
+    if m.source == "hf":
+        validate_hf(recipe)
     if m.source == "parts" and not (m.vision and m.llm):
         raise ValueError("model.vision / model.llm: source = 'parts' needs both directories")
     if len(m.select_layers) > 1 and m.connector != "multilevel":
@@ -395,6 +402,40 @@ def validate_stage(s: Stage, where: str, recipe: Recipe) -> None:
     _positive(s.eval_every, f"{where}.eval_every", allow_zero=True)
     _positive(s.checkpoint_every, f"{where}.checkpoint_every", allow_zero=True)
     _positive(s.max_bad_steps, f"{where}.max_bad_steps")
+
+
+HF_STAGE_TYPES = ("align", "instruct")
+HF_CHECKPOINTING = ("none", "full")
+
+
+def validate_hf(recipe: Recipe) -> None:
+    """What a Hugging Face VLM run (model.source = "hf") supports on top of the common checks."""
+    m, d = recipe.model, recipe.data
+    if not m.path:
+        raise ValueError("model.path: source = 'hf' needs the transformers model directory")
+    for key in ("min_pixels", "max_pixels"):
+        if getattr(d, key) < 0:
+            raise ValueError(f"data.{key}: expected pixels >= 0 (0 = the processor's own), got {getattr(d, key)}")
+    if recipe.run.evaluate:
+        raise ValueError("run.evaluate: the VQA evaluation runs on fastvlm.VLM models only; set run.evaluate = "
+                         "false for model.source = 'hf' (evaluate the exported model with its own generate)")
+    policies = set()
+    for i, s in enumerate(recipe.stages):
+        where = f"stages[{i}] ({s.name})"
+        if s.type not in HF_STAGE_TYPES:
+            raise ValueError(f"{where}.type: model.source = 'hf' trains {' and '.join(HF_STAGE_TYPES)} stages, "
+                             f"got {s.type!r}")
+        if s.attention_kind and s.attention_kind != "causal":
+            raise ValueError(f"{where}.attention_kind: a Hugging Face VLM keeps its own mask (causal), got "
+                             f"{s.attention_kind!r}")
+        llm = s.checkpointing.get("llm", "none")
+        if llm not in HF_CHECKPOINTING:
+            raise ValueError(f"{where}.checkpointing.llm: a Hugging Face LLM checkpoints each decoder layer "
+                             f"(one of {', '.join(HF_CHECKPOINTING)}), got {llm!r}")
+        policies.add(s.checkpointing.get("vision", "none"))
+    if len(policies) > 1:
+        raise ValueError(f"stages.checkpointing.vision: the patch sets one vision policy per run; the stages ask "
+                         f"for {sorted(policies)}")
 
 
 def to_toml(recipe: Recipe) -> str:

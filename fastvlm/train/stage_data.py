@@ -42,12 +42,15 @@ import torch
 from fastvlm.data import load_tokenizer, read_samples, synthetic_vqa, train_bpe_tokenizer
 from fastvlm.data.collate import PackedCollator, PaddedCollator
 from fastvlm.data.dataset import VLMDataset, make_loader
+from fastvlm.data.hf_collate import HFPackedCollator, HFPaddedCollator
 from fastvlm.data.images import BadImageCounter, load_image_and_key
 from fastvlm.data.pairs import CaptionPairs, PairCollator, caption_of
 from fastvlm.data.sampler import PackedBatchSampler
 from fastvlm.data.steps import StepCollator, StepItems, StepSampler
+from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.models.feature_cache import FeatureCache
 from fastvlm.models.preprocess import ImagePreprocessor
+from fastvlm.train.hf_build import RunProcessor, hf_stage_dataset
 from fastvlm.train.recipe import Recipe, Stage
 
 IMAGE_TAG = "<image>"
@@ -165,6 +168,9 @@ def run_tokenizer(recipe: Recipe, run_dir: Path, samples: list, files: dict | No
     (another model, vocabulary or data) never reuses a stale one."""
     saved = Path(run_dir) / "tokenizer"
     m = recipe.model
+    if m.source == "hf":  # the model directory's own processor (never trained, never copied into the run)
+        key = "model.tokenizer" if m.tokenizer else "model.path"
+        return RunProcessor.load(_exists(m.tokenizer or m.path, key), recipe.data.chat_template)
     if m.source == "tiny":
         data = {k: _file_key(v) for k, v in sorted((files or {}).items())}
         origin = {"source": "tiny", "vocab_size": m.tiny.vocab_size, "seed": recipe.run.seed, "data": data}
@@ -248,7 +254,11 @@ class StageBatches:
         self.pad_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else 0
         budget, kind = stage.packing_budget, stage.attention_kind or recipe.model.attention_kind
         self.packed = stage.packing and stage.type != "contrastive"
-        if stage.type == "contrastive":
+        self.hf = isinstance(model, HFVLM)  # its own processor's items and collators
+        if self.hf:
+            self.dataset = hf_stage_dataset(samples, data.image_root, data.tokenizer, recipe, stage)
+            self.collator = HFPackedCollator(self.pad_id, budget) if self.packed else HFPaddedCollator(self.pad_id)
+        elif stage.type == "contrastive":
             self.dataset = CaptionPairs(samples, data.image_root, data.tokenizer, preprocessor_for(model))
             self.collator = PairCollator(self.pad_id)
         else:
@@ -287,8 +297,10 @@ class StageBatches:
 
     def lengths(self) -> list[int]:
         """Exact token counts (the tokenizer is fast; exact lengths pack without overflow).
-        A sample too long to keep is planned as a whole row, then skipped (and counted)."""
-        if self.stage.type == "contrastive":
+        A sample too long to keep is planned as a whole row, then skipped (and counted).
+        Contrastive pairs and a Hugging Face processor's samples: the dataset's estimates
+        (a row they overflow is re-packed by the collator)."""
+        if self.stage.type == "contrastive" or self.hf:
             return self.dataset.lengths()
         out = []
         for i in range(len(self.samples)):

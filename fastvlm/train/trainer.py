@@ -194,7 +194,7 @@ def setup_stage(run: Run, index: int, stage: Stage) -> StageState:
     mp = build.prepare_stage(model, stage, recipe, run.device)["precision"]
     batches = StageBatches(stage, recipe, run.data, model, recipe.run.seed + index, rank=dist.rank,
                            world=dist.world, gather=dist.all_gather)
-    frozen_tower = stage.type in ("align", "instruct") and model.vision_tower.frozen
+    frozen_tower = stage.type in ("align", "instruct") and getattr(model.vision_tower, "frozen", False)
     cache = open_feature_cache(model, run.dir, dist) if frozen_tower and stage.feature_cache else None
     if cache is not None and dist.active:
         fill_feature_cache(cache, batches, dist)
