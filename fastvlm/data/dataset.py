@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -244,9 +245,33 @@ class VLMLoader(DataLoader):
         return {"epochs": {e: dict(s) for e, s in self.epoch_stats.items()}, "skipped": self.skipped.as_dict()}
 
 
+def worker_context():
+    """Where DataLoader workers start: a forkserver (a clean, single-threaded process that
+    imported torch and fastvlm.data once), not a fork of the training process. A fork
+    copies a process whose other threads (an earlier loader's queue feeders, gloo's) may
+    hold a lock at that instant; CPython 3.11's child then waits on it forever in
+    PyOS_AfterFork_Child (seen here: a DDP rank's worker hung that way under load)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "fastvlm.data"])
+    return context
+
+
 def make_loader(dataset, sampler, collator, num_workers: int = 0, **kwargs) -> VLMLoader:
     """A torch DataLoader (VLMLoader) yielding collated batches; images are decoded in
-    the `num_workers` worker processes. kwargs go to DataLoader (pin_memory, ...)."""
+    the `num_workers` worker processes (started from ``worker_context()`` unless kwargs
+    name another ``multiprocessing_context``). kwargs go to DataLoader (pin_memory, ...)."""
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")
+    if num_workers:
+        kwargs.setdefault("multiprocessing_context", worker_context())
     return VLMLoader(dataset, sampler, collator, num_workers=num_workers, **kwargs)
+
+
+def close_loader(loader: DataLoader) -> None:
+    """End a loader's worker processes now (persistent workers otherwise live as long as
+    the loader object). DataLoader offers no public call for it: its iterator's shutdown
+    is what garbage collection would run."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None

@@ -41,7 +41,7 @@ import torch
 
 from fastvlm.data import load_tokenizer, read_samples, synthetic_vqa, train_bpe_tokenizer
 from fastvlm.data.collate import PackedCollator, PaddedCollator
-from fastvlm.data.dataset import VLMDataset, make_loader
+from fastvlm.data.dataset import VLMDataset, close_loader, make_loader
 from fastvlm.data.hf_collate import HFPackedCollator, HFPaddedCollator
 from fastvlm.data.images import BadImageCounter, load_image_and_key
 from fastvlm.data.pairs import CaptionPairs, PairCollator, caption_of
@@ -292,8 +292,14 @@ class StageBatches:
         # The loader's own generator: the seed a DataLoader draws for its workers on each
         # iteration would otherwise come from the global RNG (dropout's), and a resumed run
         # (which starts one more iteration) would see other random numbers.
+        # Workers persist across epochs (started once per stage; close() ends them).
         self.loader = make_loader(StepItems(self.dataset), self.step_sampler, StepCollator(self.collator),
-                                  self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+                                  self.num_workers, generator=torch.Generator().manual_seed(self.seed),
+                                  persistent_workers=self.num_workers > 0)
+
+    def close(self) -> None:
+        """End the DataLoader's worker processes (at the stage's end)."""
+        close_loader(self.loader)
 
     def lengths(self) -> list[int]:
         """Exact token counts (the tokenizer is fast; exact lengths pack without overflow).

@@ -250,7 +250,8 @@ def end_stage(run: Run, s: StageState) -> dict:
     """The stage's last checkpoint, its summary line and record, its evaluation; then what
     must not outlive it (contrastive heads, unmerged adapters) goes."""
     s.bar.close()
-    s.stream.close()  # the DataLoader's worker processes end with it
+    s.stream.close()
+    s.batches.close()  # the DataLoader's worker processes end here
     s.save()
     if run.dist.mode == "fsdp" and run.dist.active:
         run.model = build.unsharded(run.model, run.recipe, run.data.tokenizer, s.index, run.device, run.dir)
