@@ -38,7 +38,6 @@ the DPO loss, ratios to TRL.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import random
@@ -51,17 +50,16 @@ import zlib
 from pathlib import Path
 
 import torch
-from hf_sft import LOSS_RTOL, StepTimer, versions
+from hf_sft import LOSS_RTOL, StepTimer, optimizer, run_cases, sample_text, start
 
 from common import (
-    environment,
     markdown_table,
     median_time,
     peak_memory,
-    print_header,
     results_path,
-    run_isolated,
     save_results,
+    training_step_parser,
+    training_step_settings,
 )
 
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -94,9 +92,6 @@ SHAPES = {
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048), 4, (8, 30),
               (4, 20)),
 }
-WORDS = ("the", "a", "red", "cat", "sits", "on", "blue", "mat", "two", "dogs", "run", "near", "green", "tree",
-         "what", "is", "shown", "here", "left", "right", "of", "and", "small", "large", "house", "sky")
-
 
 def image_tokens(vision: dict) -> int:
     return (vision["image_size"] // vision["patch_size"]) ** 2
@@ -141,19 +136,12 @@ def write_checkpoint(shape: str, path: Path, seed: int) -> None:
     for i in range(count):
         pixels = torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8)
         Image.fromarray(pixels.numpy()).save(path / f"img{i}.png")
-        chosen, rejected = (_text(rng, rng.randint(*answer_chars)) for _ in range(2))
+        chosen, rejected = (sample_text(rng, rng.randint(*answer_chars)) for _ in range(2))
         rejected = rejected if rejected != chosen else rejected + " no"
         records.append({"id": f"p{i}", "image": f"img{i}.png", "chosen": chosen, "rejected": rejected,
                         "conversations": [{"from": "human",
-                                           "value": "<image>\n" + _text(rng, rng.randint(*prompt_chars))}]})
+                                           "value": "<image>\n" + sample_text(rng, rng.randint(*prompt_chars))}]})
     (path / "pairs.json").write_text(json.dumps(records))
-
-
-def _text(rng: random.Random, chars: int) -> str:
-    words = []
-    while sum(len(w) + 1 for w in words) < chars:
-        words.append(rng.choice(WORDS))
-    return " ".join(words).capitalize() + "."
 
 
 # ---- equal adapter weights in both stacks --------------------------------------------------
@@ -199,10 +187,6 @@ def adapters_off(model: torch.nn.Module):
 
 
 # ---- the variants --------------------------------------------------------------------------
-def _optimizer(model):
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-
 def build_fastvlm(path: Path, device, dtype, budget: int, r: int, seed: int, vision: dict):
     from fastvlm.data.collate import PackedCollator
     from fastvlm.data.packing import pack
@@ -226,7 +210,7 @@ def build_fastvlm(path: Path, device, dtype, budget: int, r: int, seed: int, vis
     model.language_model.set_checkpointing("selective")
     model.train()
     head = model.language_model.lm_head
-    opt, pairs = _optimizer(model), len(items)
+    opt, pairs = optimizer(model), len(items)
     batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in rows]
 
     def step() -> dict:
@@ -328,42 +312,28 @@ def one_case(shape, variant, path, device, repeats, budget, batch, r, seed):
 
 # ---- the command ---------------------------------------------------------------------------
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CPU, small shapes")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (the test)")
-    p.add_argument("--device", default=None, help="default: cuda if available (7B shapes), else cpu (--quick)")
-    p.add_argument("--budget", type=int, default=None, help="fastvlm's packed row length (default 2048)")
-    p.add_argument("--hf-batch", type=int, default=4, help="pairs per TRL micro-batch")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="JSON path or folder (default benchmarks/results/)")
-    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one variant in a fresh process
+    p = training_step_parser(__doc__)
+    p.set_defaults(hf_batch=4)
     args = p.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() and not (args.quick or args.smoke) else "cpu")
-    shape = "smoke" if args.smoke else "quick" if (args.quick or device == "cpu") else "7b"
-    budget = args.budget or (512 if shape == "smoke" else 2048)
-    repeats = args.repeats or (1 if shape == "smoke" else 3)
+    if args.qlora:
+        p.error("--qlora: bench_preference compares LoRA steps only")
+    if args.smoke and args.budget is None:
+        args.budget = 512  # a smoke pair (system prompt, image, two answers) is ~250 tokens
+    s = training_step_settings(args)
+    device, shape, budget, repeats = s["device"], s["shape"], s["budget"], s["repeats"]
     if args.case:
         case = json.loads(args.case)
         print(json.dumps(one_case(shape, case["variant"], case["path"], device, repeats, budget, args.hf_batch,
                                   args.rank, args.seed)))
         return
-    env = environment(device) | versions()
     name = f"bench_preference_{shape}"
-    print_header(f"{name} (DPO, LoRA r {args.rank})", env)
-    print(f"transformers {env['transformers']}  peft {env['peft']}  trl {env['trl']}")
+    env = start(name, f"DPO, LoRA r {args.rank}", device)
     flags = ["--smoke"] if args.smoke else ["--quick"] if shape == "quick" else []
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(shape, Path(tmp), args.seed)
-        for v in VARIANTS:
-            rows.append(run_isolated(__file__, [*flags, "--device", device, "--budget", str(budget), "--hf-batch",
-                                                str(args.hf_batch), "--rank", str(args.rank), "--repeats",
-                                                str(repeats), "--seed", str(args.seed),
-                                                "--case", json.dumps({"variant": v, "path": tmp})]))
-            print(f"  {v}: {rows[-1]['seconds']:.3f} s/step, DPO loss {rows[-1]['loss']:.6f}, policy log-probs "
-                  f"chosen {rows[-1]['chosen_logp']:.4f} rejected {rows[-1]['rejected_logp']:.4f}", flush=True)
+        rows = run_cases(__file__, VARIANTS, tmp, [*flags, "--device", device, "--budget", str(budget), "--hf-batch",
+                                                   str(args.hf_batch), "--rank", str(args.rank), "--repeats",
+                                                   str(repeats), "--seed", str(args.seed)])
     by = {r["variant"]: r for r in rows}
     base, ours = by["trl"], by["fastvlm"]
     for key in ("loss", "chosen_logp", "rejected_logp"):  # the policy's log-probs: every answer token counts

@@ -188,14 +188,15 @@ def write_checkpoint(family: str, shape: str, path: Path, seed: int) -> None:
             pixels = torch.randint(0, 256, (s["image"], s["image"], 3), generator=g, dtype=torch.uint8)
             files.append(f"img{i}_{k}.png")
             Image.fromarray(pixels.numpy()).save(path / files[-1])
-        prompt = _text(rng, rng.randint(8, 60))
-        answer = _text(rng, rng.randint(*s["answer"]))
+        prompt = sample_text(rng, rng.randint(8, 60))
+        answer = sample_text(rng, rng.randint(*s["answer"]))
         records.append({"id": f"s{i}", "images": files, "conversations": [
             {"from": "human", "value": "<image>\n" * len(files) + prompt}, {"from": "gpt", "value": answer}]})
     (path / "samples.json").write_text(json.dumps(records))
 
 
-def _text(rng: random.Random, chars: int) -> str:
+def sample_text(rng: random.Random, chars: int) -> str:
+    """Words drawn by `rng` up to about `chars` characters, as a sentence."""
     words = []
     while sum(len(w) + 1 for w in words) < chars:
         words.append(rng.choice(WORDS))
@@ -222,13 +223,13 @@ def _items(path: Path):
     return [data[i] for i in range(len(data))], data.processor.tokenizer.pad_token_id
 
 
-def _optimizer(model):
+def optimizer(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 
 def _step_fn(model, micro, total_sup, device, dtype):
     """One training step over `micro` [(loss fn, supervised targets)] with the global token mean."""
-    opt = _optimizer(model)
+    opt = optimizer(model)
 
     def step():
         loss_sum = 0.0
@@ -425,20 +426,14 @@ def main(argv, doc: str, script: str) -> None:
         print(json.dumps(one_case(args.hf, shape, case["variant"], case["path"], device, s["repeats"], s["budget"],
                                   args.hf_batch, args.rank)))
         return
-    env = environment(device) | versions()
     name = f"bench_train_hf_{args.hf}_{shape}"
-    print_header(f"{name} (LoRA r {args.rank})", env)
-    print(f"transformers {env['transformers']}  peft {env['peft']}  trl {env['trl']}")
+    env = start(name, f"LoRA r {args.rank}", device)
     flags = ["--smoke"] if args.smoke else ["--quick"] if shape == "quick" else []
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(args.hf, shape, Path(tmp), args.seed)
-        for v in VARIANTS:
-            case = json.dumps({"variant": v, "path": tmp})
-            rows.append(run_isolated(script, [*flags, "--hf", args.hf, "--device", device, "--budget",
-                                              str(s["budget"]), "--hf-batch", str(args.hf_batch), "--rank",
-                                              str(args.rank), "--repeats", str(s["repeats"]), "--case", case]))
-            print(f"  {v}: {rows[-1]['seconds']:.3f} s/step, loss {rows[-1]['loss']:.6f}", flush=True)
+        rows = run_cases(script, VARIANTS, tmp, [*flags, "--hf", args.hf, "--device", device, "--budget",
+                                                 str(s["budget"]), "--hf-batch", str(args.hf_batch), "--rank",
+                                                 str(args.rank), "--repeats", str(s["repeats"])])
     check_agreement(rows, device)
     by = {r["variant"]: r for r in rows}
     for r in rows:
@@ -473,6 +468,23 @@ def main(argv, doc: str, script: str) -> None:
     out = results_path(args.out, name, env)
     save_results(name, env, {"env": env, "args": vars(args) | {"out": str(args.out)}, "rows": rows, "note": note},
                  table + "\n\n" + note, out)
+
+
+def start(name: str, what: str, device: str) -> dict:
+    """The run's environment (with the compared stacks' versions), printed as its header."""
+    env = environment(device) | versions()
+    print_header(f"{name} ({what})", env)
+    print(f"transformers {env['transformers']}  peft {env['peft']}  trl {env['trl']}")
+    return env
+
+
+def run_cases(script: str, variants, path, case_args: list[str]) -> list[dict]:
+    """Each variant in a fresh process of `script` (``--case``) on the checkpoint at `path`."""
+    rows = []
+    for v in variants:
+        rows.append(run_isolated(script, [*case_args, "--case", json.dumps({"variant": v, "path": str(path)})]))
+        print(f"  {v}: {rows[-1]['seconds']:.3f} s/step, loss {rows[-1]['loss']:.6f}", flush=True)
+    return rows
 
 
 def versions() -> dict:
