@@ -20,6 +20,13 @@ agree: same weights, same tokens), and ratios to the baseline.
     python benchmarks/bench_train.py --quick     # CPU, small shapes (minutes)
     python benchmarks/bench_train.py             # GPU: LLaVA-1.5-7B shapes, bf16
     python benchmarks/bench_train.py --smoke     # seconds; what the tests run
+
+``--hf qwen2.5-vl | gemma3``: the same step on a Hugging Face VLM (tiny processor, random
+weights of the shape): fastvlm (patched, packed) vs TRL's SFTTrainer vs a plain
+transformers + PEFT loop; see benchmarks/hf_sft.py.
+
+    python benchmarks/bench_train.py --hf qwen2.5-vl --quick   # CPU
+    python benchmarks/bench_train.py --hf qwen2.5-vl           # GPU: Qwen2.5-VL-7B shapes (gemma3: 4B)
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import random
 import sys
 from pathlib import Path
 
+import hf_sft
 import torch
 
 from common import markdown_table, median_time, peak_memory, results_path, run_training_benchmark, save_results
@@ -254,6 +262,9 @@ def one_case(shape, variant, path, device, repeats, budget, hf_batch, r, seed):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--hf" or a.startswith("--hf=") for a in argv):
+        return hf_sft.main(argv, __doc__, __file__)
     args, settings, env, rows = run_training_benchmark(
         argv, __doc__, "bench_train", __file__,
         lambda qlora: VARIANTS + (QLORA_VARIANTS if qlora else ()),

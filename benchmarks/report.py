@@ -49,6 +49,28 @@ def _train(d):
     return out
 
 
+def _train_hf(d):
+    """bench_train --hf: fastvlm against TRL's SFTTrainer and the plain PEFT loop."""
+    ours = next(r for r in d["rows"] if r["variant"] == "fastvlm")
+    family = ours.get("family", "")
+    out = []
+    for base in ("trl", "hf+peft"):
+        speed, memory = ours[f"speedup_vs_{base}"], ours[f"memory_vs_{base}"]
+        out.append((f"{family} SFT vs {base}: supervised tokens/s", f"{speed:.2f}x", speed))
+        if memory is not None:
+            out.append((f"{family} SFT vs {base}: step peak memory", f"{memory:.2f}x", memory))
+    return out
+
+
+def _preference(d):
+    ours = next(r for r in d["rows"] if r["variant"] == "fastvlm")
+    out = [("DPO step vs TRL DPOTrainer: pairs/s", f"{ours['speedup']:.2f}x", ours["speedup"])]
+    if ours["memory_ratio"] is not None:
+        out.append(("DPO step vs TRL DPOTrainer: step peak memory", f"{ours['memory_ratio']:.2f}x",
+                    ours["memory_ratio"]))
+    return out
+
+
 def _vlm(d):
     by = {r["variant"]: r for r in d["results"]}
     ours = by["fastvlm"]
@@ -122,7 +144,8 @@ def _attention(d):
 
 
 EXTRACTORS = {"bench_attention": _attention,
-              "bench_train": _train, "bench_vlm": _vlm, "bench_layout": _mask,
+              "bench_train": _train, "bench_train_hf": _train_hf, "bench_preference": _preference,
+              "bench_vlm": _vlm, "bench_layout": _mask,
               "bench_linear_cross_entropy": _linear_ce, "bench_linear_logprob": _linear_ce,
               "bench_memory": _memory, "bench_encoder": _encoder,
               # results written before the scripts took their op's name (bench_layout, ...)

@@ -56,6 +56,14 @@ PLAN = {
                                "full": ["--out", "{json}"]}),
     "train": ("bench_train.py", {"smoke": ["--smoke", "--out", "{json}"], "quick": ["--quick", "--out", "{json}"],
                                  "full": ["--qlora", "--out", "{json}"]}),
+    "train_hf_qwen": ("bench_train.py", {"smoke": ["--hf", "qwen2.5-vl", "--smoke", "--out", "{json}"],
+                                         "quick": ["--hf", "qwen2.5-vl", "--quick", "--out", "{json}"],
+                                         "full": ["--hf", "qwen2.5-vl", "--out", "{json}"]}),
+    "train_hf_gemma3": ("bench_train.py", {"smoke": ["--hf", "gemma3", "--smoke", "--out", "{json}"],
+                                           "quick": ["--hf", "gemma3", "--quick", "--out", "{json}"],
+                                           "full": ["--hf", "gemma3", "--out", "{json}"]}),
+    "preference": ("bench_preference.py", {"smoke": ["--smoke", "--out", "{json}"],
+                                           "quick": ["--quick", "--out", "{json}"], "full": ["--out", "{json}"]}),
 }
 
 
