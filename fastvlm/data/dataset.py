@@ -10,9 +10,13 @@ on a few hundred tokenized samples), cached next to the data file.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -256,14 +260,35 @@ def worker_context():
     return context
 
 
+def _end_with_client(client: int, init, worker_id: int) -> None:
+    """worker_init_fn of a forkserver's worker: it is not its client's child, so torch's
+    watchdog (which watches the parent, here the forkserver, which lives as long as its
+    workers do) would never see the training process die, and a killed run would leave
+    its workers behind. A daemon thread ends the worker once the client is gone."""
+    def watch():
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(client, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # alive, another user's: cannot happen for our client
+                pass
+
+    threading.Thread(target=watch, daemon=True, name="fastvlm-client-watch").start()
+    if init is not None:
+        init(worker_id)
+
+
 def make_loader(dataset, sampler, collator, num_workers: int = 0, **kwargs) -> VLMLoader:
     """A torch DataLoader (VLMLoader) yielding collated batches; images are decoded in
     the `num_workers` worker processes (started from ``worker_context()`` unless kwargs
     name another ``multiprocessing_context``). kwargs go to DataLoader (pin_memory, ...)."""
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")
-    if num_workers:
-        kwargs.setdefault("multiprocessing_context", worker_context())
+    if num_workers and "multiprocessing_context" not in kwargs:
+        kwargs["multiprocessing_context"] = worker_context()
+        kwargs["worker_init_fn"] = functools.partial(_end_with_client, os.getpid(), kwargs.get("worker_init_fn"))
     return VLMLoader(dataset, sampler, collator, num_workers=num_workers, **kwargs)
 
 
