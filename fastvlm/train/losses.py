@@ -88,6 +88,12 @@ class ContrastiveLoss(nn.Module):
         return loss, {"pairs": batch["num_samples"]}
 
 
+def loss_params(p: PreferenceSection) -> dict:
+    """The keyword arguments of the stage's preference loss (fastvlm.train.preference)."""
+    return {"dpo": {"beta": p.beta, "label_smoothing": p.label_smoothing},
+            "simpo": {"beta": p.beta, "gamma": p.gamma}, "orpo": {"beta": p.beta}}[p.loss]
+
+
 def preference_inputs(model: TrainableModel, batch: dict, device, cache: FeatureCache | None = None) -> dict:
     """answer_logprobs' keyword arguments from a collated batch of shared-prompt rows."""
     return {**model.batch_inputs(batch, device, cache),
@@ -106,10 +112,7 @@ class PreferenceLoss(nn.Module):
                  cache: FeatureCache | None = None, reference: torch.Tensor | None = None):
         super().__init__()
         self.model, self.device, self.settings, self.cache = model, device, settings, cache
-        self.reference = reference
-        p = settings
-        self.params = {"dpo": {"beta": p.beta, "label_smoothing": p.label_smoothing},
-                       "simpo": {"beta": p.beta, "gamma": p.gamma}, "orpo": {"beta": p.beta}}[p.loss]
+        self.reference, self.params = reference, loss_params(settings)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         inputs = preference_inputs(self.model, batch, self.device, self.cache)

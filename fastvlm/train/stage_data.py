@@ -258,6 +258,13 @@ def preprocessor_for(model) -> ImagePreprocessor:
     return ImagePreprocessor.for_family(v.family, v.image_size)
 
 
+def preference_dataset(pairs: list, stage: Stage, recipe: Recipe, data: RunData, model) -> PreferenceDataset:
+    """`pairs` as a preference stage encodes them (its template, the pair within its budget)."""
+    budget = stage.packing_budget
+    return PreferenceDataset(pairs, data.image_root, data.tokenizer, recipe.data.template, model.image_tokens,
+                             preprocessor_for(model), max_length=min(budget, recipe.data.max_length or budget))
+
+
 class StageBatches:
     """One stage's data: its samples; the dataset that encodes them (tokens in the main
     process for the sampler's exact lengths, images decoded by the DataLoader's
@@ -285,9 +292,7 @@ class StageBatches:
             self.dataset = CaptionPairs(samples, data.image_root, data.tokenizer, preprocessor_for(model))
             self.collator = PairCollator(self.pad_id)
         elif stage.type == "preference":
-            self.dataset = PreferenceDataset(samples, data.image_root, data.tokenizer, recipe.data.template,
-                                             model.image_tokens, preprocessor_for(model),
-                                             max_length=min(budget, recipe.data.max_length or budget))
+            self.dataset = preference_dataset(samples, stage, recipe, data, model)
             self.collator = (PairPackedCollator(self.pad_id, budget, kind) if self.packed
                              else PairPaddedCollator(self.pad_id, kind))
         else:

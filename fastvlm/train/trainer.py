@@ -200,7 +200,8 @@ def setup_stage(run: Run, index: int, stage: Stage) -> StageState:
     if cache is not None and dist.active:
         fill_feature_cache(cache, batches, dist)
     # The optimizer right after wrapping: FSDP2 has swapped in the sharded parameters.
-    reference = stage_reference(model, stage, index, recipe, batches, mp, run.device, run.dir, dist, resuming)
+    reference = stage_reference(model, stage, index, recipe, batches, mp, run.device, run.dir, dist, resuming,
+                                run.data)
     step_loss = dist.wrap(model, stage_loss(model, stage, run.device, cache, reference))
     total = batches.total_steps()
     optimizer, scheduler = stage_optimizer(model, stage, total)
