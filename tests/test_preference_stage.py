@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import random
+import re
 import signal
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from fastvlm.data.images import load_image_and_key
 from fastvlm.nn.lora import adapters_disabled, lora_layers
 from fastvlm.train.build import build_model, prepare_stage
+from fastvlm.train.dryrun import dry_run
 from fastvlm.train.losses import PreferenceLoss, preference_inputs
 from fastvlm.train.recipe import parse_recipe, to_toml
 from fastvlm.train.stage_data import StageBatches, prepare_data
@@ -225,3 +227,9 @@ def test_pairs_carry_their_images_feature_cache_keys(stage_batch):
     preprocessor = batches.dataset.preprocessor
     assert item["image_keys"] == [load_image_and_key(p, preprocessor)[1] for p in item["image_files"]]
     assert len(batch["image_keys"]) == len(batch["images"]) > 0
+
+
+def test_dry_run_plans_a_preference_stage():
+    text = dry_run(parse_recipe(preference_raw()))
+    assert "[1] prefer (preference): 3 optimizer steps" in text and "llm_adapters" not in text
+    assert re.search(r"llm +[\d,]+ total +[\d,]+ trainable +lr 0.01", text)
