@@ -17,7 +17,7 @@ from fastvlm.nn.lora import adapters_disabled, lora_layers
 from fastvlm.train.build import build_model, prepare_stage
 from fastvlm.train.dryrun import dry_run
 from fastvlm.train.losses import PreferenceLoss, preference_inputs
-from fastvlm.train.recipe import parse_recipe, to_toml
+from fastvlm.train.recipe import load_recipe, parse_recipe, to_toml
 from fastvlm.train.stage_data import StageBatches, prepare_data
 from fastvlm.train.trainer import train
 
@@ -233,3 +233,20 @@ def test_dry_run_plans_a_preference_stage():
     text = dry_run(parse_recipe(preference_raw()))
     assert "[1] prefer (preference): 3 optimizer steps" in text and "llm_adapters" not in text
     assert re.search(r"llm +[\d,]+ total +[\d,]+ trainable +lr 0.01", text)
+
+
+def test_shipped_recipe_continues_from_a_final_model(lora_run, tmp_path):
+    """tiny-demo-preference on a run's final directory (here the tiny DPO run's, in place of
+    the demo's), shrunk to one step: it trains and prints rewards and VQA before and after."""
+    final = lora_run[2]["final"]
+    recipe = load_recipe("tiny-demo-preference", [
+        f"model.path={final}", f"model.tokenizer={final / 'tokenizer'}", "data.eval_samples=4",
+        "data.synthetic.n_train=24", "data.synthetic.n_val=4", "data.synthetic.image_size=24",
+        "stages.dpo.max_steps=1", "stages.dpo.packing_budget=192", "stages.dpo.precision=fp32",
+        "run.eval_max_new_tokens=3"])
+    lines = []
+    train(recipe, tmp_path / "run", progress=False, echo=lines.append)
+    text = "\n".join(lines)
+    assert "stage dpo (preference): 1 steps" in text
+    assert re.search(r"validation pairs 4: chosen answer preferred [\d.]+% -> [\d.]+%, reward accuracy", text)
+    assert re.search(r"VQA accuracy before -> after:\n(  \w+: [\d.]+% -> [\d.]+%\n)+  overall: ", text)
