@@ -21,6 +21,7 @@ from fastvlm.train.recipe import load_recipe, parse_recipe, to_toml
 from fastvlm.train.stage_data import StageBatches, prepare_data
 from fastvlm.train.trainer import train
 
+from . import dist_launch
 from .test_resume import _finish, _losses, _run_until
 from .train_recipes import preference_raw
 from .utils import assert_close, unit_roundoff
@@ -250,3 +251,29 @@ def test_shipped_recipe_continues_from_a_final_model(lora_run, tmp_path):
     assert "stage dpo (preference): 1 steps" in text
     assert re.search(r"validation pairs 4: chosen answer preferred [\d.]+% -> [\d.]+%, reward accuracy", text)
     assert re.search(r"VQA accuracy before -> after:\n(  \w+: [\d.]+% -> [\d.]+%\n)+  overall: ", text)
+
+
+# ---- two DDP ranks ------------------------------------------------------------------------
+def _ddp_recipe(path, batch_size: int, grad_accum: int):
+    raw = preference_raw(steps=2)
+    raw["run"].update(evaluate=False, distributed="ddp")
+    raw["stages"][0].update(batch_size=batch_size, grad_accum=grad_accum)
+    path.write_text(to_toml(parse_recipe(raw)))
+    return path
+
+
+def test_two_ddp_ranks_match_one_process(tmp_path):
+    """A DPO step of 2 rows (one micro-batch of one row per rank, the reference from the
+    adapters off on each rank) gives one process's losses; bounded as in test_distributed by
+    two one-process runs of the same global batch split differently (2 x 1 row vs 1 x 2 rows)
+    plus a few fp32 roundings of the loss per step."""
+    split, whole = _ddp_recipe(tmp_path / "split.toml", 1, 2), _ddp_recipe(tmp_path / "whole.toml", 2, 1)
+    dist_launch.run(split, tmp_path / "one", 1)
+    dist_launch.run(whole, tmp_path / "whole", 1)
+    dist_launch.run(split, tmp_path / "two", 2)
+    a, b, found = (dist_launch.losses(tmp_path / d) for d in ("one", "whole", "two"))
+    assert set(found) == set(a) == set(b) and len(a) == 2
+    orderings = max(abs(a[k] - b[k]) for k in a)
+    eps = torch.finfo(torch.float32).eps
+    for i, k in enumerate(sorted(a)):
+        assert abs(found[k] - a[k]) <= 4 * orderings + 8 * (i + 1) * eps * abs(a[k]), (k, found[k], a[k])
