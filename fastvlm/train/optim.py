@@ -95,7 +95,7 @@ def stage_optimizer(model: nn.Module, stage, total_steps: int):
 def accumulate(step_loss: nn.Module, micro: list[dict], mp, device_type: str, dist,
                metrics: dict | None = None) -> float | None:
     """Backward of this rank's micro-batches of a step, each weighted by its supervised
-    tokens (pairs, for contrastive) over the step's count on all ranks, times the world
+    tokens (pairs, for contrastive and preference) over the step's count on all ranks, times the world
     size (the gradient reduction averages): k micro-batches give the gradient of one
     k-times batch, whatever the number of ranks. Gradients synchronise on the last one
     only. Returns the step's loss, or None when it is not finite (every rank runs every

@@ -6,12 +6,13 @@ torchrun, the run's data and tokenizer, the starting model), then for each stage
 1. ``setup_stage``: shape the model for the stage (freeze, adapters, heads:
    fastvlm.train.build), its data (``StageBatches``: fastvlm.data's DataLoader over
    this rank's share of each optimizer step), its loss module (fastvlm.train.losses,
-   the one seam to the model; DDP / FSDP wrap it), optimizer and schedule, and, when
-   resuming, every state from the newest checkpoint;
+   the one seam to the model; DDP / FSDP wrap it; a preference stage's precomputed
+   reference: fastvlm.train.reference), optimizer and schedule, and, when resuming,
+   every state from the newest checkpoint;
 2. per optimizer step, ``train_step``: the weighted backward of the step's
    micro-batches, clipping, an update skipped when the loss or gradient is not finite
    (fastvlm.train.optim.optimizer_step), then the schedule, counters and the step's
-   record (metrics.jsonl, the progress bar);
+   record (metrics.jsonl, with the loss module's own metrics; the progress bar);
 3. evaluations and checkpoints on their schedules, then ``end_stage``: the last
    checkpoint, the stage's summary, its evaluation, its adapters merged.
 
@@ -199,9 +200,10 @@ def setup_stage(run: Run, index: int, stage: Stage) -> StageState:
     cache = open_feature_cache(model, run.dir, dist) if frozen_tower and stage.feature_cache else None
     if cache is not None and dist.active:
         fill_feature_cache(cache, batches, dist)
-    # The optimizer right after wrapping: FSDP2 has swapped in the sharded parameters.
+    # A precomputed reference (preference stages) is made before wrapping, from the whole model.
     reference = stage_reference(model, stage, index, recipe, batches, mp, run.device, run.dir, dist, resuming,
                                 run.data)
+    # The optimizer right after wrapping: FSDP2 has swapped in the sharded parameters.
     step_loss = dist.wrap(model, stage_loss(model, stage, run.device, cache, reference))
     total = batches.total_steps()
     optimizer, scheduler = stage_optimizer(model, stage, total)
