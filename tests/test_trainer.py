@@ -157,7 +157,7 @@ def test_non_finite_losses_stop_the_run_naming_stage_and_step(tmp_path, monkeypa
             calls.append(self.stage.name)
             return torch.tensor(float("nan"), requires_grad=True), {}
 
-    monkeypatch.setattr(trainer, "stage_loss", lambda model, stage, device, cache=None: NanLoss(stage))
+    monkeypatch.setattr(trainer, "stage_loss", lambda model, stage, device, cache=None, reference=None: NanLoss(stage))
     with pytest.raises(TrainingError, match=r"stage 'vision', step 2: non-finite loss in 2 steps in a row; "
                                             r"likely cause: the learning rate"):
         train(recipe, tmp_path / "run", progress=False, echo=lambda *_: None)

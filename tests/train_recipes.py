@@ -33,3 +33,20 @@ def tiny_recipe(overrides=(), **kw):
 def write_tiny_recipe(path, overrides=(), **kw):
     path.write_text(to_toml(tiny_recipe(overrides, **kw)))
     return path
+
+
+def preference_raw(steps: int = 3, checkpoint_every: int = 0, reference: str = "adapters_off",
+                   loss: str = "dpo") -> dict:
+    """The tiny recipe with one preference stage (LoRA, or full FT with a precomputed reference):
+    its pairs fit a row of 192 tokens."""
+    raw = tiny_raw(steps, checkpoint_every)
+    stage = {**{k: raw["stages"][3][k] for k in ("max_steps", "batch_size", "precision", "checkpoint_every",
+                                                   "warmup_ratio")},
+             "name": "prefer", "type": "preference", "packing_budget": 192,
+             "preference": {"loss": loss, "beta": 0.1, "reference": reference}}
+    if reference == "precomputed":
+        stage.update(finetune="full", lr={"connector": 1e-3, "llm": 1e-3})
+    else:
+        stage.update(lr={"llm": 1e-2}, lora={"r": 4, "alpha": 8})
+    raw["stages"] = [stage]
+    return raw

@@ -22,7 +22,7 @@ carry their own ``position_ids`` (answers continue from the prompt's end), ``bra
 ``sequence_ids`` (each answer's index within the item, -1 = none); a batch with such items
 holds ``branch_ids`` (0 at padding), ``targets`` (-100 at padding), ``sequence_ids`` numbered
 across the batch (an item's answers after those of the items before it, row by row; -1 at
-padding) and ``num_sequences``.
+padding), ``num_sequences`` and ``item_indices`` (each item's dataset ``index``, in that order).
 """
 from __future__ import annotations
 
@@ -84,10 +84,11 @@ def _add_branches(batch: dict, rows: Sequence[Sequence[dict]]) -> None:
     branch_ids = torch.zeros(shape, dtype=torch.int32)
     targets = torch.full(shape, -100, dtype=torch.long)
     sequence_ids = torch.full(shape, -1, dtype=torch.long)
-    sequences = 0
+    sequences, indices = 0, []
     for r, row in enumerate(rows):
         start = 0
         for item in row:
+            indices.append(item.get("index"))
             end = start + item["input_ids"].numel()
             batch["position_ids"][r, start:end] = item["position_ids"]
             branch_ids[r, start:end], targets[r, start:end] = item["branch_ids"], item["targets"]
@@ -95,7 +96,8 @@ def _add_branches(batch: dict, rows: Sequence[Sequence[dict]]) -> None:
             sequence_ids[r, start:end] = torch.where(own >= 0, own + sequences, -1)
             sequences += int(item["num_sequences"])
             start = end
-    batch.update(branch_ids=branch_ids, targets=targets, sequence_ids=sequence_ids, num_sequences=sequences)
+    batch.update(branch_ids=branch_ids, targets=targets, sequence_ids=sequence_ids, num_sequences=sequences,
+                 item_indices=indices)  # each item's dataset index, in the order of its sequences
 
 
 def _collate_plain_rows(rows: Sequence[Sequence[dict]], width: int, pad_id: int, kind: str) -> dict:

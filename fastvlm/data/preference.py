@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fastvlm.data.collate import PackedCollator, PaddedCollator
 from fastvlm.data.conversation import IGNORE_INDEX, _resolve, encode_conversation
 from fastvlm.data.dataset import VLMDataset, image_spans
 from fastvlm.data.formats import (
@@ -54,7 +55,7 @@ from fastvlm.data.formats import (
     read_samples,
     record_id,
 )
-from fastvlm.data.images import load_image
+from fastvlm.data.images import load_image_and_key
 from fastvlm.data.lengths import cached_array, code_hash
 from fastvlm.models.preprocess import ImagePreprocessor
 
@@ -214,19 +215,22 @@ class PreferenceDataset(VLMDataset):
         if encoded is None:
             return None
         pair = self.samples[index]
-        pixels, files = [], [self.image_root / rel for rel in pair.images]
+        pixels, keys, files = [], [], [self.image_root / rel for rel in pair.images]
         for path in files:
-            image = load_image(path, self.preprocessor, self.strict, counter=self.skipped, **self.image_checks)
-            if image is None:
+            loaded = load_image_and_key(path, self.preprocessor, self.strict, counter=self.skipped,
+                                        **self.image_checks)
+            if loaded is None:
                 return None
-            pixels.append(image)
+            pixels.append(loaded[0])
+            keys.append(loaded[1])
         as_long = {key: torch.tensor(getattr(encoded, key), dtype=torch.long)
                    for key in ("input_ids", "labels", "targets", "position_ids", "sequence_ids")}
         return {**as_long, "branch_ids": torch.tensor(encoded.branch_ids, dtype=torch.int32), "num_sequences": 2,
                 "pixel_values": torch.stack(pixels) if pixels else None,
                 "image_spans": image_spans(encoded.input_ids[:encoded.shared_len], self.tokenizer.image_token_id,
                                            self.image_tokens),
-                "image_files": files, "id": pair.id, "prefix_len": encoded.shared_len, "index": index}
+                "image_files": files, "image_keys": keys, "id": pair.id, "prefix_len": encoded.shared_len,
+                "index": index}
 
     def _estimates(self) -> np.ndarray:
         """[2, n]: each pair's exact token count (lengths()) and image count (has_images()),
@@ -244,3 +248,24 @@ class PreferenceDataset(VLMDataset):
         lengths = [len(self._pair(pair)) for pair in self.samples]
         images = [len(pair.images) for pair in self.samples]
         return np.asarray([lengths, images], dtype=np.int64).reshape(2, len(lengths))
+
+
+def per_pair(batch: dict) -> dict:
+    """A preference batch weighs its pairs, not its tokens: a step's micro-batches are
+    weighted by ``supervised_tokens`` (the step's loss is then the mean over its pairs)."""
+    batch["supervised_tokens"] = batch["num_samples"]
+    return batch
+
+
+class PairPackedCollator(PackedCollator):
+    """PackedCollator for PreferenceDataset items, each micro-batch weighed by its pairs."""
+
+    def collate_planned(self, rows):
+        return per_pair(super().collate_planned(rows))
+
+
+class PairPaddedCollator(PaddedCollator):
+    """PaddedCollator for PreferenceDataset items, each micro-batch weighed by its pairs."""
+
+    def __call__(self, items):
+        return per_pair(super().__call__(items))

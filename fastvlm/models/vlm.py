@@ -41,6 +41,7 @@ from fastvlm.nn.contrastive import ContrastiveHeads, text_states
 from fastvlm.nn.lora import LoRALinear
 from fastvlm.ops import KINDS, AttentionLayout
 from fastvlm.ops.activations import FUSED_ACTIVATIONS, activation_from_hf
+from fastvlm.ops.linear_logprob import linear_logprob
 from fastvlm.utils.config import check_known_keys, check_required_keys, require
 from fastvlm.utils.io import atomic_write, read_json
 
@@ -283,6 +284,29 @@ class VLM(nn.Module):
             check_labels(labels, tuple(input_ids.shape), None)  # the LLM checks the ids, placeholders masked
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
         return self.language_model(inputs_embeds=embeds, layout=layout, labels=labels)
+
+    def answer_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor, sequence_ids: torch.Tensor,
+                        num_sequences: int, branch_ids: torch.Tensor, images: torch.Tensor | None = None, *,
+                        segment_ids=None, prefix_mask=None, image_features=None,
+                        **_) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp [S], token_count [S]): each answer's summed token log-probabilities and its
+        token count, from one forward of shared-prompt rows (fastvlm.data.preference: the
+        prompt and its images once, every answer attending to it and to itself; `targets`
+        the next token's label within a branch, `sequence_ids` the answer each token's
+        target belongs to) through the fused linear log-prob (no [tokens x vocab] logits).
+        Padding is dropped before the first layer, as in forward."""
+        self._check_input_ids(input_ids)
+        layout = self.layout(input_ids, None, segment_ids, prefix_mask, images, branch_ids)
+        positions = positions_of(layout)
+        check_positions(self.config.llm, input_ids.shape[1], "input_ids", positions, layout.segment_ids >= 0)
+        embeds = self.embed(input_ids, images, image_features)
+        if 0 < int((layout.segment_ids >= 0).sum()) < layout.segment_ids.numel():
+            layout, index = layout.unpadded()
+            embeds = embeds.flatten(0, 1)[index][None]
+            positions, targets, sequence_ids = (t.expand(input_ids.shape).flatten()[index][None]
+                                                for t in (positions, targets, sequence_ids))
+        hidden = self.language_model.hidden_states(inputs_embeds=embeds, layout=layout, position_ids=positions)
+        return linear_logprob(hidden, self.language_model.lm_head, targets, sequence_ids, num_sequences)
 
     def _check_input_ids(self, input_ids) -> None:
         # the placeholder id may lie outside the vocabulary: its rows are overwritten

@@ -6,6 +6,7 @@ Attaching adapters to a model, freezing, and PEFT's file format live in
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -49,6 +50,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=dev))
         self.merged = False
+        self.disabled = False  # adapters_disabled(): the base layer alone (a preference stage's reference)
         self.reset_lora_parameters()
         base_layer.requires_grad_(False)
         if self.quantized:
@@ -87,7 +89,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base_layer(x)
         if self.quantized or (self.training and not isinstance(self.dropout, nn.Identity)):
             # Dropout puts a different x on the adapter branch, and NF4 bases run their own
@@ -134,6 +136,25 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module):
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRALinear of `model`, by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Every LoRALinear of `model` runs its base layer alone inside the block: the model as it
+    was before its adapters (what DPO's reference is when only adapters train), with no second
+    copy. Merged adapters are in the weights and cannot be switched off: an error."""
+    layers = list(lora_layers(model).items())
+    merged = [name for name, m in layers if m.merged]
+    if merged:
+        raise ValueError(f"model: adapter {merged[0]!r} is merged into its base weight and cannot be switched off")
+    previous = [m.disabled for _, m in layers]
+    for _, m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for (_, m), was in zip(layers, previous):
+            m.disabled = was
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:

@@ -29,7 +29,7 @@ from fastvlm.train.hf_build import build_hf_model, shape_hf_stage
 from fastvlm.train.lora import apply_lora, resolve_lora_targets
 from fastvlm.train.precision import MixedPrecision
 from fastvlm.train.quant import apply_qlora, merge_quantized, quantized_state_keys
-from fastvlm.train.recipe import Recipe, Stage
+from fastvlm.train.recipe import TUNING_STAGES, Recipe, Stage
 from fastvlm.utils.io import read_tensors
 
 GROUP_PATTERNS = VLM.GROUP_PATTERNS
@@ -138,7 +138,7 @@ def prepare_stage(model: VLM, stage: Stage, recipe: Recipe, device: torch.device
     elif stage.type == "align":
         if not tower.frozen:
             tower.freeze(torch.bfloat16 if bf16_supported(device) else None)
-    else:
+    else:  # instruct, preference
         _prepare_instruct(model, stage, device)
     model.multi_modal_projector.requires_grad_("connector" in stage.lr)
     model.config.attention_kind = stage.attention_kind or recipe.model.attention_kind
@@ -263,12 +263,12 @@ def load_nf4_source(model: VLM, recipe: Recipe, index: int, run_dir: Path) -> No
 def llm_trained_before(recipe: Recipe, index: int) -> bool:
     """Whether a stage before `index` changes the LLM's weights (so they are not the
     starting model's any more)."""
-    return any(s.type == "lm" or (s.type == "instruct" and "llm" in s.lr) for s in recipe.stages[:index])
+    return any(s.type == "lm" or (s.type in TUNING_STAGES and "llm" in s.lr) for s in recipe.stages[:index])
 
 
 def quantized_targets(model: VLM, stage: Stage) -> list[str]:
     """State-dict keys of the weights (and biases) a QLoRA stage quantizes, before it does."""
-    if not (stage.type == "instruct" and stage.finetune == "qlora" and "llm" in stage.lr):
+    if not (stage.type in TUNING_STAGES and stage.finetune == "qlora" and "llm" in stage.lr):
         return []
     lora = stage.lora
     found = resolve_lora_targets(model.language_model, lora.targets, lora.r, lora.alpha, lora.dropout, ())[2]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -32,13 +33,14 @@ from transformers import AutoConfig
 
 from fastvlm.data import estimate_length
 from fastvlm.data.packing import pack
+from fastvlm.data.preference import PreferencePair
 from fastvlm.integrations.hf_load import family_class_name
 from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.integrations.transformers import UnsupportedModelError, patch
 from fastvlm.models.vlm import VLM
 from fastvlm.train.build import finish_stage, model_config, prepare_stage, trainable_by_group
 from fastvlm.train.lora import lora_layers
-from fastvlm.train.recipe import Recipe, Stage
+from fastvlm.train.recipe import TUNING_STAGES, Recipe, Stage
 from fastvlm.train.stage_data import MissingPath, StageBatches, prepare_data, stage_samples
 
 BYTES_PER_LAYER_TOKEN = {"none": 34, "selective": 24, "full": 2}
@@ -56,7 +58,7 @@ def _policy_bytes(policy: str) -> int:
 
 def activation_bytes(model, stage: Stage, tokens: int, images: int) -> int:
     cfg = model.config
-    llm_grads = stage.type in ("lm", "align", "instruct")
+    llm_grads = stage.type in ("lm", "align", *TUNING_STAGES)
     vision_grads = any(p.requires_grad for p in model.vision_tower.parameters())
     total = 0
     if llm_grads:
@@ -80,6 +82,7 @@ def micro_batch_size(stage: Stage, samples: list, image_tokens: int) -> tuple[in
     """(tokens, images) of an average micro-batch, from estimated lengths."""
     if not samples:
         return 0, 0
+    samples = [_as_row(s) if isinstance(s, PreferencePair) else s for s in samples]
     lengths = [min(estimate_length(s, image_tokens), stage.packing_budget) for s in samples]
     packed = stage.packing and stage.type != "contrastive"
     rows = len(pack(lengths, stage.packing_budget)) if packed else len(samples) / stage.batch_size
@@ -88,6 +91,12 @@ def micro_batch_size(stage: Stage, samples: list, image_tokens: int) -> tuple[in
     images = 0 if stage.type == "lm" else round(per_sample * sum(len(s.images) for s in samples) / len(samples))
     tokens = stage.batch_size * stage.packing_budget if packed else round(per_sample * sum(lengths) / len(lengths))
     return tokens, images
+
+
+def _as_row(pair: PreferencePair) -> SimpleNamespace:
+    """A preference pair as the conversation its shared-prompt row holds: the prompt, then both answers."""
+    answers = [{"from": "gpt", "value": a} for a in (pair.chosen, pair.rejected)]
+    return SimpleNamespace(conversations=[*pair.prompt, *answers], images=pair.images)
 
 
 def _run_data(recipe: Recipe, out: Path | None):
@@ -140,7 +149,7 @@ def dry_run(recipe: Recipe, out: Path | None = None, world_size: int = 1) -> str
             steps, source = stage.max_steps, []
         tokens, images = micro_batch_size(stage, source, model.image_tokens)
         mem = stage_memory(model, stage, tokens, images)
-        if stage.type == "instruct" and stage.finetune == "qlora":  # 4-bit bases: a quarter of bf16's bytes
+        if stage.type in TUNING_STAGES and stage.finetune == "qlora":  # 4-bit bases: a quarter of bf16's bytes
             mem["weights"] -= _quantized_saving(model)
         mem = per_process(mem, mode, world_size, _largest_block(model))
         lines.append(f"\n[{i + 1}] {stage.name} ({stage.type}): {steps} optimizer steps, micro-batch ~{tokens} "

@@ -30,6 +30,7 @@ import torch
 from fastvlm.data import Sample, encode_conversation, encode_prompt, load_tokenizer
 from fastvlm.data.images import BadImageCounter, BadImageError, open_image
 from fastvlm.train import distributed
+from fastvlm.train.preference_eval import evaluate_preference
 from fastvlm.train.recipe import Recipe
 from fastvlm.train.stage_data import RunData, check_skipped, prepare_data, preprocessor_for
 from fastvlm.utils.io import atomic_write_text
@@ -360,12 +361,13 @@ def majority_chance(samples: list, types: dict) -> dict:
 
 def evaluate_stage(model, stage, index: int, step: int, global_step: int, recipe: Recipe, data: RunData,
                    run_dir: Path, log, mp, dist) -> dict | None:
-    """The trainer's evaluation of a stage that produces answers (align, instruct): VQA
-    accuracy per question type + validation loss, on rank 0, written to RUN/eval and the
+    """The trainer's evaluation of a stage that produces answers (align, instruct, preference):
+    VQA accuracy per question type + validation loss (a preference stage: its validation
+    rewards too, fastvlm.train.preference_eval), on rank 0, written to RUN/eval and the
     metrics log; on every rank in lockstep while the model is FSDP-sharded (its forward
     gathers). Under the stage's autocast (frozen weights may be stored in bf16), with the
     RNG forked (evaluation must not shift the training run's random stream)."""
-    if stage.type not in ("align", "instruct") or not recipe.run.evaluate:
+    if stage.type not in ("align", "instruct", "preference") or not recipe.run.evaluate:
         return None
     sharded = dist.active and distributed.is_sharded(model)
     if not (dist.is_main or sharded):
@@ -375,15 +377,22 @@ def evaluate_stage(model, stage, index: int, step: int, global_step: int, recipe
     with dist.gathered() if sharded else contextlib.nullcontext(), torch.random.fork_rng(), \
             mp.autocast(device.type):
         model.eval()
-        result = evaluate(model, data.tokenizer, max_new_tokens=recipe.run.eval_max_new_tokens,
-                          **eval_inputs(recipe, run_dir, model, data=data))
+
+        def vqa() -> dict:
+            return evaluate(model, data.tokenizer, max_new_tokens=recipe.run.eval_max_new_tokens,
+                            **eval_inputs(recipe, run_dir, model, data=data))
+
+        result = vqa()
+        if stage.type == "preference":  # its rewards on data.preference_val, VQA before it too
+            result["preference"] = evaluate_preference(model, stage, index, recipe, data, run_dir, mp, vqa)
         model.train()
         if getattr(model.vision_tower, "frozen", False):
             model.vision_tower.eval()
     if dist.is_main:
         write_results(result, run_dir, f"{stage.name}-step{step}")
         log.write({"event": "eval", "stage": stage.name, "stage_index": index, "step": step,
-                   "global_step": global_step, "accuracy": result["overall"], "val_loss": result.get("val_loss")})
+                   "global_step": global_step, "accuracy": result["overall"], "val_loss": result.get("val_loss"),
+                   **{f"val_{k}": v for k, v in (result.get("preference") or {}).items() if k != "vqa_before"}})
         log.plot()
     if not sharded:
         dist.barrier()  # the other ranks wait for rank 0's evaluation

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fastvlm.train.preference_eval import preference_table
 from fastvlm.utils.io import atomic_write_text
 
 
@@ -135,5 +136,7 @@ def stage_line(s: dict) -> str:
             line += f", {counts['total']} samples {what} ({why}: {reasons}; e.g. {examples})"
     if s.get("eval"):
         line += f", val accuracy {s['eval']['overall']:.1%}"
+        if s["eval"].get("preference"):
+            line += "\n" + preference_table(s["eval"])
     return line
 

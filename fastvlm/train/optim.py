@@ -92,23 +92,29 @@ def stage_optimizer(model: nn.Module, stage, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, total_steps))
 
 
-def accumulate(step_loss: nn.Module, micro: list[dict], mp, device_type: str, dist) -> float | None:
+def accumulate(step_loss: nn.Module, micro: list[dict], mp, device_type: str, dist,
+               metrics: dict | None = None) -> float | None:
     """Backward of this rank's micro-batches of a step, each weighted by its supervised
-    tokens (pairs, for contrastive) over the step's count on all ranks, times the world
+    tokens (pairs, for contrastive and preference) over the step's count on all ranks, times the world
     size (the gradient reduction averages): k micro-batches give the gradient of one
     k-times batch, whatever the number of ranks. Gradients synchronise on the last one
     only. Returns the step's loss, or None when it is not finite (every rank runs every
     backward, a non-finite one too: its NaN gradients reach all ranks, so they agree on
-    skipping the step)."""
+    skipping the step). `metrics` (a dict) receives the loss module's ``counts["metrics"]``
+    averaged over the step with the same weights."""
     total = dist.all_reduce([sum(b["supervised_tokens"] for b in micro)])[0]
-    local = 0.0
+    local, named = 0.0, {}
     for i, batch in enumerate(micro):
         weight = batch["supervised_tokens"] / total if total else 0.0
         with dist.sync_context(step_loss, sync=i == len(micro) - 1):
             with mp.autocast(device_type):
-                loss, _ = step_loss(batch)
+                loss, counts = step_loss(batch)
             mp.backward(loss * (weight * dist.world))
         local += float(loss.detach()) * weight
+        for name, v in counts.get("metrics", {}).items():
+            named[name] = named.get(name, 0.0) + float(v) * weight
+    if metrics is not None and named:  # every rank runs the same loss module, so holds the same names
+        metrics.update(zip(sorted(named), dist.all_reduce([named[k] for k in sorted(named)])))
     value = dist.all_reduce([local])[0]
     return value if math.isfinite(value) else None
 
@@ -119,11 +125,12 @@ def _grad_norm(params, max_norm: float) -> float:
 
 
 def optimizer_step(step_loss: nn.Module, micro: list[dict], optimizer, mp, stage, device_type: str,
-                   dist) -> tuple[float | None, float, bool]:
+                   dist, metrics: dict | None = None) -> tuple[float | None, float, bool]:
     """One optimizer step: (loss or None when non-finite, gradient norm, whether it stepped).
-    A non-finite loss or gradient skips the update (fp16: the loss scale backs off)."""
+    A non-finite loss or gradient skips the update (fp16: the loss scale backs off).
+    `metrics`: see accumulate."""
     optimizer.zero_grad(set_to_none=True)
-    loss_value = accumulate(step_loss, micro, mp, device_type, dist)
+    loss_value = accumulate(step_loss, micro, mp, device_type, dist, metrics)
     grad_norm = float("nan")
     if loss_value is not None:
         mp.unscale_(optimizer)

@@ -14,6 +14,7 @@ result; what a stage trains follows from its ``type`` and the groups of its
 | `lm`          | the whole LLM, text only (``llm``)                                  |
 | `align`       | the connector; frozen vision tower (bf16, no autograd, feature cache) and LLM (``connector``) |
 | `instruct`    | connector, LLM by LoRA / QLoRA / full FT, optional vision LoRA (``connector``, ``llm``, ``vision``) |
+| `preference`  | as instruct, on preference pairs (``[stages.preference]``: DPO / SimPO / ORPO) |
 """
 from __future__ import annotations
 
@@ -35,11 +36,14 @@ from fastvlm.data.templates import TEMPLATES
 from fastvlm.nn.checkpointing import CheckpointPolicy
 from fastvlm.ops import KINDS
 from fastvlm.train.optim import OPTIMIZERS
+from fastvlm.train.preference import LOSSES as PREFERENCE_LOSSES
 from fastvlm.utils.config import check_known_keys
 
-STAGE_TYPES = ("contrastive", "lm", "align", "instruct")
+STAGE_TYPES = ("contrastive", "lm", "align", "instruct", "preference")
 STAGE_GROUPS = {"contrastive": ("vision", "heads"), "lm": ("llm",), "align": ("connector",),
-                "instruct": ("connector", "llm", "vision")}
+                "instruct": ("connector", "llm", "vision"), "preference": ("connector", "llm", "vision")}
+TUNING_STAGES = ("instruct", "preference")  # LoRA / QLoRA / full fine-tuning of the LLM (and the tower)
+REFERENCES = ("adapters_off", "precomputed")
 SOURCES = ("tiny", "pretrained", "parts", "hf")
 SCHEDULES = ("cosine", "constant")
 FINETUNE = ("lora", "qlora", "full")
@@ -97,6 +101,8 @@ class DataSection:
     train: str = ""                 # llava: train conversations (JSON / JSON lines)
     val: str = ""                   # llava: validation conversations
     captions: str = ""              # llava: image-caption conversations for contrastive / align stages
+    preference: str = ""            # llava: preference pairs of preference stages (fastvlm.data.preference)
+    preference_val: str = ""        # llava: validation pairs (reward accuracy; optional)
     image_root: str = ""            # llava: folder the image paths are relative to
     template: str = "llava_v1"      # instruct / lm template: llava_v1 | vicuna_v1 (v1) | literal | chat_template
                                     # (align always uses "plain")
@@ -133,9 +139,21 @@ class ContrastiveSection:
 
 
 @dataclass
+class PreferenceSection:
+    """A preference stage's loss (fastvlm.train.preference)."""
+    loss: str = "dpo"               # dpo | simpo | orpo
+    beta: float = 0.1               # dpo: KL strength (0.1); simpo: reward scale (2.0); orpo: odds-ratio weight
+    label_smoothing: float = 0.0    # dpo: conservative DPO's label noise, in [0, 0.5)
+    gamma: float = 0.5              # simpo: target reward margin
+    # dpo's reference log-probs: adapters_off (the model with its LoRA / QLoRA adapters off, in the
+    # same step, no second copy) | precomputed (one pass before training, RUN/reference; full FT)
+    reference: str = "adapters_off"
+
+
+@dataclass
 class Stage:
     name: str = ""
-    type: str = ""                  # contrastive | lm | align | instruct
+    type: str = ""                  # contrastive | lm | align | instruct | preference
     epochs: float = 1.0             # passes over the stage's data (ignored when max_steps > 0)
     max_steps: int = 0              # optimizer steps (0 = from epochs)
     batch_size: int = 8             # per micro-batch: packed rows (or images for contrastive)
@@ -153,9 +171,10 @@ class Stage:
     precision: str = "bf16"         # bf16 | fp16 (loss scaling) | fp32; bf16 falls back to fp32 without support
     checkpointing: dict[str, str] = field(default_factory=dict)  # per tower: vision | llm -> policy
     attention_kind: str = ""        # "" = the model's
-    finetune: str = "lora"          # instruct: lora | qlora | full
+    finetune: str = "lora"          # instruct / preference: lora | qlora | full
     lora: LoRASection = field(default_factory=LoRASection)
     contrastive: ContrastiveSection = field(default_factory=ContrastiveSection)
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
     feature_cache: bool = True      # align / instruct with a frozen tower: features from RUN/feature_cache
     train_on_prompt: bool = False
     eval_every: int = 0             # steps between evaluations (0 = only at the stage's end)
@@ -362,7 +381,7 @@ def validate_stage(s: Stage, where: str, recipe: Recipe) -> None:
                          f"{', '.join(allowed)}")
     if s.type == "contrastive" and "vision" not in s.lr and "heads" not in s.lr:
         raise ValueError(f"{where}.lr: a contrastive stage needs lr.vision or lr.heads")
-    if s.type == "instruct":
+    if s.type in TUNING_STAGES:
         _one_of(s.finetune, FINETUNE, f"{where}.finetune")
         if s.lora.vision_blocks and "vision" not in s.lr:
             raise ValueError(f"{where}.lora.vision_blocks: vision LoRA needs lr.vision")
@@ -370,6 +389,8 @@ def validate_stage(s: Stage, where: str, recipe: Recipe) -> None:
             raise ValueError(f"{where}.lr.vision: set lora.vision_blocks (vision LoRA) or finetune = 'full'")
         if s.finetune == "qlora" and recipe.model.source == "tiny" and s.precision == "fp32":
             raise ValueError(f"{where}.finetune: qlora computes in bf16/fp16; precision fp32 contradicts it")
+    if s.type == "preference":
+        validate_preference(s, where, recipe)
     if s.max_steps <= 0 and s.epochs <= 0:
         raise ValueError(f"{where}.epochs / max_steps: one of them must be positive")
     _positive(s.max_steps, f"{where}.max_steps", allow_zero=True)
@@ -436,6 +457,32 @@ def validate_hf(recipe: Recipe) -> None:
     if len(policies) > 1:
         raise ValueError(f"stages.checkpointing.vision: the patch sets one vision policy per run; the stages ask "
                          f"for {sorted(policies)}")
+
+
+def validate_preference(s: Stage, where: str, recipe: Recipe) -> None:
+    p = s.preference
+    _one_of(p.loss, PREFERENCE_LOSSES, f"{where}.preference.loss")
+    _one_of(p.reference, REFERENCES, f"{where}.preference.reference")
+    _positive(p.beta, f"{where}.preference.beta")
+    _positive(p.gamma, f"{where}.preference.gamma", allow_zero=True)
+    if not 0 <= p.label_smoothing < 0.5:
+        raise ValueError(f"{where}.preference.label_smoothing: expected a number in [0, 0.5), got {p.label_smoothing}")
+    if recipe.data.kind == "llava" and not recipe.data.preference:
+        raise ValueError(f"data.preference: stage {s.name!r} is a preference stage; data.kind = 'llava' needs "
+                         "the pairs file")
+    if p.loss != "dpo" or p.reference != "adapters_off":
+        return
+    # With adapters off the model must be the reference: everything it trains is an adapter.
+    if s.finetune == "full":
+        raise ValueError(f"{where}.preference.reference: finetune = 'full' has no adapters to switch off; "
+                         "use reference = 'precomputed'")
+    if "connector" in s.lr:
+        raise ValueError(f"{where}.lr.connector: reference = 'adapters_off' needs every trained parameter to be "
+                         "a LoRA adapter (the connector is trained in full); drop lr.connector or use "
+                         "reference = 'precomputed'")
+    if "llm" not in s.lr and not s.lora.vision_blocks:
+        raise ValueError(f"{where}.lr: reference = 'adapters_off' needs LoRA / QLoRA adapters (lr.llm, or "
+                         "lr.vision with lora.vision_blocks)")
 
 
 def to_toml(recipe: Recipe) -> str:

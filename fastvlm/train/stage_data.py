@@ -23,7 +23,9 @@ What each stage type reads:
 - lm: the training conversations without their images, every token supervised;
 - align: each captioned image sample in the ``plain`` template (LLaVA stage 1), one
   ``<image>`` per image; text-only samples are counted as filtered out;
-- instruct: the training conversations in the recipe's template.
+- instruct: the training conversations in the recipe's template;
+- preference: the pairs of ``data.preference`` (synthetic data: generated from the training
+  split, the right answer against a plausible wrong one), one shared-prompt row item each.
 
 Samples that cannot be used at run time (a corrupt or truncated image, too long to
 keep one turn pair) are skipped by the dataset and counted per stage
@@ -45,6 +47,7 @@ from fastvlm.data.dataset import VLMDataset, close_loader, make_loader
 from fastvlm.data.hf_collate import HFPackedCollator, HFPaddedCollator
 from fastvlm.data.images import BadImageCounter, load_image_and_key
 from fastvlm.data.pairs import CaptionPairs, PairCollator, caption_of
+from fastvlm.data.preference import PairPackedCollator, PairPaddedCollator, PreferenceDataset, read_preference
 from fastvlm.data.sampler import PackedBatchSampler
 from fastvlm.data.steps import StepCollator, StepItems, StepSampler
 from fastvlm.integrations.hf_trainable import HFVLM
@@ -73,6 +76,8 @@ class RunData:
     dropped: dict = field(default_factory=dict)
     max_skipped_fraction: float = 0.01
     evaluable: dict = field(default_factory=dict)  # (split, n) -> usable_for_evaluation's answer
+    preference: list = field(default_factory=list)  # preference stages' pairs (read only when a stage is one)
+    preference_val: list = field(default_factory=list)
 
 
 def prepare_data(recipe: Recipe, run_dir: Path, write: bool = True, scratch: Path | None = None) -> RunData:
@@ -110,10 +115,39 @@ def prepare_data(recipe: Recipe, run_dir: Path, write: bool = True, scratch: Pat
     if "data.captions" not in files:  # no captions file: the train file's samples
         samples["data.captions"], dropped["data.captions"] = samples["data.train"], dropped["data.train"]
     tokenizer = run_tokenizer(recipe, run_dir, samples["data.train"] + samples["data.captions"], files, write)
-    return RunData(tokenizer, samples["data.train"], samples["data.val"], samples["data.captions"],
+    pairs = preference_data(recipe, splits if d.kind == "synthetic_vqa" else None, image_root, dropped)
+    return RunData(tokenizer, samples["data.train"], samples["data.val"], samples["data.captions"], **pairs,
                    image_root=Path(image_root), chance=chance,
                    files={"train": Path(files["data.train"]), "validation": Path(files["data.val"])},
                    dropped=dropped, max_skipped_fraction=d.max_skipped_fraction)
+
+
+def preference_data(recipe: Recipe, splits, image_root, dropped: dict) -> dict:
+    """{"preference": pairs, "preference_val": pairs} when a stage is a preference stage: the
+    synthetic dataset's generated pairs (``{split}_preference.json`` beside its split, written
+    once: the same dataset gives the same bytes) or the data.preference / data.preference_val
+    files; pairs whose images are missing are dropped and counted in `dropped`."""
+    if not any(s.type == "preference" for s in recipe.stages):
+        return {}
+    d = recipe.data
+    if splits is not None:
+        files = {}
+        for key, split in (("data.preference", "train"), ("data.preference_val", "val")):
+            path = (splits.train if split == "train" else splits.val).with_name(f"{split}_preference.json")
+            if not path.is_file():
+                path = synthetic_vqa.write_preference_pairs(splits, split, d.synthetic.seed)
+            files[key] = path
+    else:
+        files = {"data.preference": _exists(d.preference, "data.preference")}
+        if d.preference_val:
+            files["data.preference_val"] = _exists(d.preference_val, "data.preference_val")
+    out = {"preference": [], "preference_val": []}
+    for key, path in files.items():
+        found = list(read_preference(path))
+        _non_empty(found, key, path)
+        out[key.removeprefix("data.")], dropped[key] = drop_missing_images(found, image_root, key, path,
+                                                                          d.max_skipped_fraction)
+    return out
 
 
 class MissingPath(ValueError):
@@ -221,6 +255,8 @@ def stage_samples(stage: Stage, data: RunData) -> tuple[list, str | None, BadIma
                 pairs.append(replace(s, conversations=[{"from": "human", "value": IMAGE_TAG * len(s.images)},
                                                        {"from": "gpt", "value": caption_of(s)}]))
         return pairs, "plain", filtered
+    if stage.type == "preference":
+        return data.preference, None, filtered
     if stage.type == "lm":
         return [replace(s, images=[], conversations=[{**t, "value": t["value"].replace(IMAGE_TAG, "").strip()}
                                                      for t in s.conversations]) for s in data.train], None, filtered
@@ -230,6 +266,13 @@ def stage_samples(stage: Stage, data: RunData) -> tuple[list, str | None, BadIma
 def preprocessor_for(model) -> ImagePreprocessor:
     v = model.config.vision
     return ImagePreprocessor.for_family(v.family, v.image_size)
+
+
+def preference_dataset(pairs: list, stage: Stage, recipe: Recipe, data: RunData, model) -> PreferenceDataset:
+    """`pairs` as a preference stage encodes them (its template, the pair within its budget)."""
+    budget = stage.packing_budget
+    return PreferenceDataset(pairs, data.image_root, data.tokenizer, recipe.data.template, model.image_tokens,
+                             preprocessor_for(model), max_length=min(budget, recipe.data.max_length or budget))
 
 
 class StageBatches:
@@ -249,7 +292,8 @@ class StageBatches:
         if not samples:
             raise ValueError(f"stages.{stage.name}: no sample to train on ({self.filtered.report()}); a "
                              f"{stage.type} stage needs " + ("captioned images" if stage.type in (
-                                 "contrastive", "align") else "conversations"))
+                                 "contrastive", "align") else "preference pairs" if stage.type == "preference"
+                                 else "conversations"))
         self.samples, self.image_root = samples, data.image_root
         self.pad_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else 0
         budget, kind = stage.packing_budget, stage.attention_kind or recipe.model.attention_kind
@@ -261,6 +305,10 @@ class StageBatches:
         elif stage.type == "contrastive":
             self.dataset = CaptionPairs(samples, data.image_root, data.tokenizer, preprocessor_for(model))
             self.collator = PairCollator(self.pad_id)
+        elif stage.type == "preference":
+            self.dataset = preference_dataset(samples, stage, recipe, data, model)
+            self.collator = (PairPackedCollator(self.pad_id, budget, kind) if self.packed
+                             else PairPaddedCollator(self.pad_id, kind))
         else:
             self.dataset = VLMDataset(samples, data.image_root, data.tokenizer, template or recipe.data.template,
                                       model.image_tokens, preprocessor_for(model),

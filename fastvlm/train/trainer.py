@@ -6,12 +6,13 @@ torchrun, the run's data and tokenizer, the starting model), then for each stage
 1. ``setup_stage``: shape the model for the stage (freeze, adapters, heads:
    fastvlm.train.build), its data (``StageBatches``: fastvlm.data's DataLoader over
    this rank's share of each optimizer step), its loss module (fastvlm.train.losses,
-   the one seam to the model; DDP / FSDP wrap it), optimizer and schedule, and, when
-   resuming, every state from the newest checkpoint;
+   the one seam to the model; DDP / FSDP wrap it; a preference stage's precomputed
+   reference: fastvlm.train.reference), optimizer and schedule, and, when resuming,
+   every state from the newest checkpoint;
 2. per optimizer step, ``train_step``: the weighted backward of the step's
    micro-batches, clipping, an update skipped when the loss or gradient is not finite
    (fastvlm.train.optim.optimizer_step), then the schedule, counters and the step's
-   record (metrics.jsonl, the progress bar);
+   record (metrics.jsonl, with the loss module's own metrics; the progress bar);
 3. evaluations and checkpoints on their schedules, then ``end_stage``: the last
    checkpoint, the stage's summary, its evaluation, its adapters merged.
 
@@ -42,6 +43,7 @@ from fastvlm.train.losses import stage_loss
 from fastvlm.train.metrics import MetricsLog, NoLog, peak_memory_mb, progress_bar, stage_line, step_postfix
 from fastvlm.train.optim import bad_steps_message, optimizer_step, stage_optimizer
 from fastvlm.train.recipe import Recipe, Stage
+from fastvlm.train.reference import stage_reference
 from fastvlm.train.stage_data import (
     RunData,
     StageBatches,
@@ -194,12 +196,15 @@ def setup_stage(run: Run, index: int, stage: Stage) -> StageState:
     mp = build.prepare_stage(model, stage, recipe, run.device)["precision"]
     batches = StageBatches(stage, recipe, run.data, model, recipe.run.seed + index, rank=dist.rank,
                            world=dist.world, gather=dist.all_gather)
-    frozen_tower = stage.type in ("align", "instruct") and getattr(model.vision_tower, "frozen", False)
+    frozen_tower = stage.type in ("align", "instruct", "preference") and getattr(model.vision_tower, "frozen", False)
     cache = open_feature_cache(model, run.dir, dist) if frozen_tower and stage.feature_cache else None
     if cache is not None and dist.active:
         fill_feature_cache(cache, batches, dist)
+    # A precomputed reference (preference stages) is made before wrapping, from the whole model.
+    reference = stage_reference(model, stage, index, recipe, batches, mp, run.device, run.dir, dist, resuming,
+                                run.data)
     # The optimizer right after wrapping: FSDP2 has swapped in the sharded parameters.
-    step_loss = dist.wrap(model, stage_loss(model, stage, run.device, cache))
+    step_loss = dist.wrap(model, stage_loss(model, stage, run.device, cache, reference))
     total = batches.total_steps()
     optimizer, scheduler = stage_optimizer(model, stage, total)
     saver = ckpt.StageSaver(run.dir, recipe, index, stage, model, optimizer, scheduler, mp, batches, dist)
@@ -220,8 +225,9 @@ def train_step(run: Run, s: StageState, micro: list[dict]) -> None:
     """One optimizer step of this rank's micro-batches, then the schedule, the counters
     and the step's record."""
     t0 = time.perf_counter()
+    metrics = {}  # the loss module's own (a preference stage's rewards), averaged over the step
     loss, grad_norm, stepped = optimizer_step(s.step_loss, micro, s.optimizer, s.mp, s.stage, run.device.type,
-                                              run.dist)
+                                              run.dist, metrics)
     lr = s.optimizer.param_groups[0]["lr"]
     lrs = {f"lr_{g['name']}": g["lr"] for g in s.optimizer.param_groups}  # this step's, not the next
     with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
@@ -239,7 +245,7 @@ def train_step(run: Run, s: StageState, micro: list[dict]) -> None:
               "global_step": run.global_step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": s.skipped,
               "loss_scale": s.mp.loss_scale, "tokens_per_s": real / dt, "samples_per_s": samples / dt,
               "peak_mem_mb": run.dist.all_reduce([peak_memory_mb(run.device)], "max")[0],
-              "skipped_samples": s.batches.skipped.total, **lrs}
+              "skipped_samples": s.batches.skipped.total, **lrs, **metrics}
     if s.step % run.recipe.run.log_every == 0 or s.step == s.total:
         run.log.write(s.last)
     s.bar.set_postfix_str(step_postfix(s.last))
