@@ -266,18 +266,29 @@ def _end_with_client(client: int, init, worker_id: int) -> None:
     workers do) would never see the training process die, and a killed run would leave
     its workers behind. A daemon thread ends the worker once the client is gone."""
     def watch():
-        while True:
+        while _alive(client):
             time.sleep(0.5)
-            try:
-                os.kill(client, 0)
-            except ProcessLookupError:
-                os._exit(0)
-            except PermissionError:  # alive, another user's: cannot happen for our client
-                pass
+        os._exit(0)
 
     threading.Thread(target=watch, daemon=True, name="fastvlm-client-watch").start()
     if init is not None:
         init(worker_id)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie (exited, not yet reaped: e.g. a child whose
+    parent waits for its output pipes, which these workers would hold open) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no procfs: kill(pid, 0) is all there is
+        return True
+    return state not in ("Z", "X")
 
 
 def make_loader(dataset, sampler, collator, num_workers: int = 0, **kwargs) -> VLMLoader:

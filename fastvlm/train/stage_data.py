@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -344,6 +345,8 @@ class StageBatches:
         self.loader = make_loader(StepItems(self.dataset), self.step_sampler, StepCollator(self.collator),
                                   self.num_workers, generator=torch.Generator().manual_seed(self.seed),
                                   persistent_workers=self.num_workers > 0)
+        # A run that stops early (Ctrl-C, an error) ends the workers too, at the latest at exit.
+        weakref.finalize(self, close_loader, self.loader)
 
     def close(self) -> None:
         """End the DataLoader's worker processes (at the stage's end)."""
