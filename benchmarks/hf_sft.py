@@ -267,7 +267,7 @@ def build_fastvlm(path, device, dtype, batch_size, budget, r):
     rows = [_to(collate([items[i] for i in row]), device)
             for row in pack([len(it["input_ids"]) for it in items], budget, "bfd")]
     total = sum(b["supervised_tokens"] for b in rows)
-    micro = [(lambda b=b: model(labels=b["labels"], **model.batch_inputs(b)), b["supervised_tokens"]) for b in rows]
+    micro = [(lambda b=b: model(**model.batch_inputs(b, device)), b["supervised_tokens"]) for b in rows]
     return model, _step_fn(model, micro, total, device, dtype), rows
 
 

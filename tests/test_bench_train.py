@@ -27,7 +27,9 @@ def test_bench_train_smoke(tmp_path):
     assert out.with_suffix(".md").exists()
 
 
-@pytest.mark.parametrize("family", ["qwen2.5-vl", "gemma3"])
+# One family in the suite (its time is near its limit): gemma3's path differs only in the
+# tiny builder, and its --quick result is committed (benchmarks/results/bench_train_hf_gemma3_*).
+@pytest.mark.parametrize("family", ["qwen2.5-vl"])
 def test_bench_train_hf_smoke(tmp_path, family):
     """--hf: fastvlm (patched, packed), TRL's SFTTrainer and a plain PEFT loop train the same
     tiny VLM on the same samples: the same supervised targets and, at equal weights, the same
