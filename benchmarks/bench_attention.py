@@ -19,11 +19,13 @@ construction are timed separately. A training-loop scenario runs 50
 consecutive batches whose lengths and image layouts all differ, end to end
 (metadata, masks, compilation, fwd+bwd), against FlexAttention compiled with
 dynamic=False and dynamic=True. Writes a markdown table, JSON and a PNG plot
-under benchmarks/results/.
+under benchmarks/results/; the longest N runs first, and each row is appended to a .jsonl
+beside them as it is measured, so a run cut short keeps its 8k rows.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -126,19 +128,51 @@ def methods_for(layout: AttentionLayout, plain: bool, device: str, smoke: bool):
             flex = _grid_flex()
             out["flex"] = (lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True), setup)
         if device == "cuda" and layout.is_packed_causal:
-            out.update(_varlen_baselines(*layout.varlen_segments()))
+            out.update(_varlen_baselines(*layout.varlen_segments(), device))
     return out
 
 
-def _varlen_baselines(cu, index, max_len):
+def varlen_method(varlen, cu, index, max_len):
+    """fn(q, k, v) -> [B, H, N, D] through a varlen kernel ``varlen(q, k, v, cu_seqlens, max_len)``
+    on [T, H, D]: every segment of every row as one packed sequence (a view when B == 1 and
+    there is no padding), padding rows output 0 (the shape autograd needs for q's gradient)."""
+    def run(q, k, v):
+        b, h, n, d = q.shape
+
+        def pack(t):
+            t = t.transpose(1, 2).reshape(b * n, t.shape[1], d)
+            return t if index is None else t[index]
+        out = varlen(pack(q), pack(k), pack(v), cu, max_len)
+        if index is not None:
+            out = out.new_zeros(b * n, h, d).index_copy(0, index, out)
+        return out.view(b, n, h, d).transpose(1, 2)
+    return run
+
+
+def _torch_flash_varlen(q, k, v, cu, max_len):
+    """FlashAttention-2's varlen kernel as built into PyTorch (what SDPA runs for nested
+    tensors; differentiable): a packed-documents baseline when flash_attn is not installed."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False)[0]
+
+
+def _varlen_baselines(cu, index, max_len, device: str = "cuda"):
+    """name -> (fn(q, k, v) -> [B, H, N, D], None) for packed causal layouts: flash-attn 2's
+    varlen kernel and xformers where installed, PyTorch's own FA2 varlen kernel on CUDA (with
+    GQA, and on k/v expanded to the query heads in case it refuses GQA)."""
     found = {}
+    if device == "cuda":
+        found["sdpa_flash_varlen"] = (varlen_method(_torch_flash_varlen, cu, index, max_len), None)
+
+        def expanded(q, k, v, cu, max_len):
+            group = q.shape[1] // k.shape[1]
+            return _torch_flash_varlen(q, *(t.repeat_interleave(group, 1) for t in (k, v)), cu, max_len)
+        found["sdpa_flash_varlen_kv_expanded"] = (varlen_method(expanded, cu, index, max_len), None)
     try:
         from flash_attn import flash_attn_varlen_func
 
-        def fa(q, k, v):
-            pack = lambda t: t.transpose(1, 2).flatten(0, 1)[slice(None) if index is None else index]  # noqa: E731
-            return flash_attn_varlen_func(pack(q), pack(k), pack(v), cu, cu, max_len, max_len, causal=True)
-        found["flash_attn_varlen"] = (fa, None)
+        def fa(q, k, v, cu, max_len):
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+        found["flash_attn_varlen"] = (varlen_method(fa, cu, index, max_len), None)
     except ImportError:
         pass
     try:
@@ -146,13 +180,12 @@ def _varlen_baselines(cu, index, max_len):
         from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
         bias = BlockDiagonalCausalMask.from_seqlens(torch.diff(cu).tolist())
 
-        def xf(q, k, v):
+        def xf(q, k, v, cu, max_len):
             # xformers wants [1, T, H, D] with k/v heads expanded (views, no copy)
-            pack = lambda t: t.transpose(1, 2).flatten(0, 1)[slice(None) if index is None else index][None]  # noqa: E731
             hq, hk = q.shape[1], k.shape[1]
-            kk, vv = (pack(t).unflatten(2, (hk, 1)).expand(-1, -1, -1, hq // hk, -1).flatten(2, 3) for t in (k, v))
-            return xops.memory_efficient_attention(pack(q), kk, vv, attn_bias=bias)
-        found["xformers"] = (xf, None)
+            kk, vv = (t[None].unflatten(2, (hk, 1)).expand(-1, -1, -1, hq // hk, -1).flatten(2, 3) for t in (k, v))
+            return xops.memory_efficient_attention(q[None], kk, vv, attn_bias=bias)[0]
+        found["xformers"] = (varlen_method(xf, cu, index, max_len), None)
     except ImportError:
         pass
     return found
@@ -165,7 +198,7 @@ def _sync_time(device: str) -> float:
     return time.perf_counter()
 
 
-def measure(fn, q, k, v, device: str, repeats: int, fwd_warmup: int = 2) -> dict:
+def measure(fn, q, k, v, device: str, repeats: int, fwd_warmup: int = 2, bwd_warmup: int = 1) -> dict:
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     dout = torch.randn_like(q)
 
@@ -184,7 +217,7 @@ def measure(fn, q, k, v, device: str, repeats: int, fwd_warmup: int = 2) -> dict
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        res["fwd_bwd_ms"] = median_ms(fwd_bwd, device, repeats, warmup=1)
+        res["fwd_bwd_ms"] = median_ms(fwd_bwd, device, repeats, warmup=bwd_warmup)
         if device == "cuda":
             res["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     except torch.OutOfMemoryError:
@@ -198,26 +231,28 @@ def measure(fn, q, k, v, device: str, repeats: int, fwd_warmup: int = 2) -> dict
 
 
 # ---- the table -------------------------------------------------------------------------------
-def run_grid(args, device: str, dtype) -> list[dict]:
+def run_grid(args, device: str, dtype, sink: Path | None = None) -> list[dict]:
+    """The table, longest N first (the 8k rows are what a run cut short must keep); each
+    row is appended to `sink` (JSON lines) the moment it is measured."""
     # the grid compiles flex once per (N, head_dim, kind): keep it compiled rather than
     # falling back to eager at dynamo's default recompile limit (the training-loop
     # scenario keeps the defaults a user has)
     limit = torch._dynamo.config.cache_size_limit
     torch._dynamo.config.cache_size_limit = max(limit, 256)
     try:
-        return _run_grid(args, device, dtype)
+        return _run_grid(args, device, dtype, sink)
     finally:
         torch._dynamo.config.cache_size_limit = limit
 
 
-def _run_grid(args, device: str, dtype) -> list[dict]:
+def _run_grid(args, device: str, dtype, sink: Path | None) -> list[dict]:
     rows = []
     # CPU: one causal row and VLM-packed rows (what bench_vlm trains on); the slow reference and
     # dense SDPA at 8k make more families cost tens of minutes on a laptop-class CPU
     layouts = ["plain", "packed"] if device == "cpu" and not args.smoke else \
         ["plain", "llava15", "multi_image", "packed", "qwen2vl"]
     fwd_warmup = 1 if device == "cpu" and not args.smoke else 2
-    for n in args.n:
+    for n in sorted(args.n, reverse=True):
         for d in args.head_dims:
             for name in layouts:
                 for kind in (("causal",) if name == "plain" else KINDS):
@@ -251,6 +286,9 @@ def _run_grid(args, device: str, dtype) -> list[dict]:
                             row["fwd_bwd_tflops"] = 3.5 * flops / res["fwd_bwd_ms"] / 1e9
                         rows.append(row)
                         print(_row_line(row), flush=True)
+                        if sink is not None:
+                            with open(sink, "a") as f:
+                                f.write(json.dumps(row) + "\n")
     _add_ratios(rows)
     return rows
 
@@ -430,11 +468,14 @@ def main(argv=None):
     if args.smoke:
         print("SMOKE MODE: CPU + Triton interpreter at tiny size. This is NOT a speed test.")
     cpu_table = device == "cpu" and not args.smoke
-    rows = run_grid(args, device, dtype)
-    loop = [] if cpu_table else training_loop(args, device, dtype)  # its 50 batches are a GPU scenario
     tag = "smoke" if args.smoke else "CPU" if cpu_table else env["device"].replace(" ", "_")
     if args.window is not None:  # its own results file: the window-free table stays the headline
         tag = f"window{args.window}_{tag}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    sink = args.out / f"bench_attention_{tag}_{env['date'][:10]}.jsonl"  # the rows so far, if cut short
+    sink.unlink(missing_ok=True)
+    rows = run_grid(args, device, dtype, sink)
+    loop = [] if cpu_table else training_loop(args, device, dtype)  # its 50 batches are a GPU scenario
     text = markdown(env, args, rows, loop)
     print(text)
     payload = {"benchmark": "bench_attention", "env": env, "args": {k: str(v) for k, v in vars(args).items()},
