@@ -48,10 +48,13 @@ bench: build
 clean:
 	rm -rf $(VENV) build $(CMAKE_BUILD) fastvlm/_C*.so *.egg-info
 
-# On a GPU machine, in 8 minutes (480 s budget, step caps summing to 415 s): the attention
-# headline first (each row written to GPU_CHECK_OUT as measured), then the build for its
-# arch, `pytest -m gpu`, the other benchmarks; bundled under GPU_CHECK_OUT
-# (see benchmarks/gpu_check.py; `--dry-run` rehearses it on CPU).
+# On a GPU machine, in 8 minutes (480 s budget, step caps summing to 420 s, 440 s with carried
+# wheels): the attention headline first (each row written to GPU_CHECK_OUT as measured), then
+# info, the build for this GPU's arch (the editable install), `pytest -m gpu` (no -x, 60 s per
+# test), the other benchmarks; at most 7 files under GPU_CHECK_OUT, summary.md rewritten after
+# every step (see benchmarks/gpu_check.py; `--dry-run` rehearses it on CPU). It needs no
+# install beforehand and no network. A copy without .git: pass FASTVLM_COMMIT=<sha>.
 GPU_CHECK_OUT ?= benchmarks/results/_local/gpu_check
+FASTVLM_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 gpu-check:
-	python3 benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
+	FASTVLM_COMMIT=$(FASTVLM_COMMIT) python3 benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
