@@ -46,6 +46,9 @@ logs.tar.gz and results.tar.gz (re-bundled after every step); the work folder is
 
 Without .git on the machine, pass the commit: FASTVLM_COMMIT=<sha> (the summary also
 records the git blob ids of the attention sources, which name the commit they came from).
+Through the device tool: one call, timeout_s 560 (the 480 s budget, Python start-up and a
+margin), command `FASTVLM_COMMIT=<sha> python3 benchmarks/gpu_check.py --out $OUT` (make may
+be absent there); commit what comes back under benchmarks/results/gpu_check_<device>_<date>/.
 
 Wheels for the optional baselines, downloaded beforehand on a machine with a package
 registry (the GPU machine's python is 3.12), into the repository's .whl/ (git-ignored),
@@ -86,6 +89,7 @@ STOP_GRACE_S = 5  # a step over its cap: SIGINT, then SIGKILL this much later
 PER_TEST_TIMEOUT_S = 60
 HEADLINE_CAP_S = 190
 DRY_RUN_SCALE = 4  # the rehearsal's caps and budget: the interpreter and a shared 2-core machine are slow
+GPU_MARK = "pytest.mark.gpu"  # how a GPU test is marked (tests/conftest.py skips it without CUDA)
 SOURCES = ("fastvlm/kernels/attention.py", "fastvlm/ops/attention.py", "benchmarks/bench_attention_headline.py")
 
 
@@ -123,7 +127,7 @@ def gpu_test_files() -> list[str]:
     """The test files that hold GPU tests: collecting only them keeps the step's time for
     running tests (the whole suite's collection imports every model family)."""
     return sorted(f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")
-                  if "mark.gpu" in p.read_text(errors="replace"))
+                  if GPU_MARK in p.read_text(errors="replace"))
 
 
 def steps(dry_run: bool, results: Path, python: str, out: Path | None = None) -> list[Step]:

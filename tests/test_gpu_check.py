@@ -54,8 +54,10 @@ def test_gpu_plan_runs_every_gpu_test_reporting_each(tmp_path, monkeypatch):
     assert ["-m", "gpu"] == cmd[cmd.index("-m", cmd.index("pytest")):][:2]
     assert f"--junitxml={tmp_path / 'pytest_gpu.xml'}" in cmd
     files = [a for a in cmd if a.startswith("tests/")]
-    with_gpu_tests = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text()}
-    assert set(files) == with_gpu_tests and "tests/test_attention_triton.py" in files
+    with_gpu_tests = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")
+                      if gpu_check.GPU_MARK in p.read_text()}
+    assert set(files) == with_gpu_tests and "tests/test_gpu_check.py" not in files
+    assert {"tests/test_attention_triton.py", "tests/test_fused_mlp.py", "tests/test_qlora.py"} <= set(files)
 
 
 def test_gpu_plan_builds_for_the_machines_arch_only_without_network(tmp_path, monkeypatch):
