@@ -157,16 +157,11 @@ def _torch_flash_varlen(q, k, v, cu, max_len):
 
 def _varlen_baselines(cu, index, max_len, device: str = "cuda"):
     """name -> (fn(q, k, v) -> [B, H, N, D], None) for packed causal layouts: flash-attn 2's
-    varlen kernel and xformers where installed, PyTorch's own FA2 varlen kernel on CUDA (with
-    GQA, and on k/v expanded to the query heads in case it refuses GQA)."""
+    varlen kernel and xformers where installed, PyTorch's own FA2 varlen kernel on CUDA (GQA
+    native: k/v heads dividing the query heads)."""
     found = {}
     if device == "cuda":
         found["sdpa_flash_varlen"] = (varlen_method(_torch_flash_varlen, cu, index, max_len), None)
-
-        def expanded(q, k, v, cu, max_len):
-            group = q.shape[1] // k.shape[1]
-            return _torch_flash_varlen(q, *(t.repeat_interleave(group, 1) for t in (k, v)), cu, max_len)
-        found["sdpa_flash_varlen_kv_expanded"] = (varlen_method(expanded, cu, index, max_len), None)
     try:
         from flash_attn import flash_attn_varlen_func
 

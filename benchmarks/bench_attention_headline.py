@@ -85,8 +85,10 @@ def methods(layout, name: str, kind: str, device: str, scale: float, head_dim: i
     if name == "plain":
         out += [(0, method, lambda fn=fn: fn) for method, fn in sdpa_methods(device).items()]
     if layout.is_packed_causal:
-        out += [(0, method, lambda fn=fn: fn)
-                for method, (fn, _) in _varlen_baselines(*layout.varlen_segments(), device).items()]
+        varlen = _varlen_baselines(*layout.varlen_segments(), device)
+        if "sdpa_flash_varlen" in varlen:  # in case it refuses GQA: k/v expanded beforehand
+            varlen["sdpa_flash_varlen" + EXPANDED] = varlen["sdpa_flash_varlen"]
+        out += [(0, method, lambda fn=fn: fn) for method, (fn, _) in varlen.items()]
     if device == "cpu":
         out.append((0, "reference", lambda: lambda q, k, v: multimodal_attention(q, k, v, layout,
                                                                                 backend="reference")))

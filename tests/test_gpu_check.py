@@ -14,7 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import attention_targets  # noqa: E402
+import bench_attention_headline as headline  # noqa: E402
 import gpu_check  # noqa: E402
+from bench_attention import build_layout  # noqa: E402
 
 MAX_FILES_BACK = 8  # what the device tool brings back from $OUT
 
@@ -208,3 +210,22 @@ def test_dry_run_pytest_step_reports_in_junit(tmp_path):
     counts = gpu_check.pytest_counts(tmp_path / "pytest_gpu.xml")
     tests = int(counts.split(",")[0].split()[1])
     assert tests > 50 and f"pytest -m gpu: {counts}" in (tmp_path / "summary.md").read_text()
+
+
+def test_headline_plan_on_cuda_names_every_targets_baseline():
+    """The CUDA plan (built on CPU: nothing runs) gives each case the methods its target reads,
+    under the names attention_targets looks for, in the rounds the budget keeps first: a
+    renamed method would leave a target 'not measured' on the GPU."""
+    flex = object()  # a stand-in: the plan only closes over it
+    planned = {}
+    for name, kind in headline.CASES:
+        layout = build_layout(name, kind, 256, 1, 0, "cpu")
+        planned[name, kind] = {m: r for r, m, _ in headline.methods(layout, name, kind, "cuda", 0.1, 64, flex)}
+    for layout, kind, _, baselines, _ in attention_targets.TARGETS:
+        methods = planned[layout, kind]
+        assert methods["fastvlm_table"] == 0 and methods["fastvlm_auto"] == 2
+        # every target has a baseline that needs no carried wheel, in round 0 or, for Flex, round 1
+        available = [m for m in baselines if m in methods]
+        assert available and min(methods[m] for m in available) <= 1, (layout, kind, methods)
+    assert planned["plain", "causal"]["sdpa_cudnn"] == 0 and planned["plain", "causal"]["flex"] == 3
+    assert "sdpa_flash_varlen" not in planned["packed", "image_bidirectional"]  # not a causal mask
