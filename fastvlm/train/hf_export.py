@@ -50,6 +50,17 @@ def checkpoint_model(recipe: Recipe, run_dir: Path, checkpoint: Path) -> tuple[H
     return model.eval(), index
 
 
+def load_hf_run(source: Path, run_dir: Path, recipe: Recipe) -> tuple[HFVLM, RunProcessor]:
+    """(model, processor) of a Hugging Face VLM run for inference (``fastvlm eval``): RUN/final
+    when `source` is the run directory and it is written, else the checkpoint `source` (or the
+    run's newest) with its stage's adapters as trained."""
+    if not ckpt.NAME.match(source.name) and (run_dir / "final" / "config.json").is_file():
+        model = HFVLM(load_patched(run_dir / "final", torch.float32)).eval()
+    else:
+        model, _ = checkpoint_model(recipe, run_dir, source if ckpt.NAME.match(source.name) else _newest(run_dir))
+    return model, run_processor(recipe)
+
+
 def export_hf_run(source: Path, run_dir: Path, recipe: Recipe, out: Path, final: Path, format: str,
                   dtype: torch.dtype | None) -> None:
     """Write `format` ("hf" | "peft") of run `run_dir` (or its checkpoint `source`) into the
