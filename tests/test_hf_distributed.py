@@ -1,0 +1,64 @@
+"""torchrun DDP and FSDP2 of a Hugging Face VLM run (model.source = "hf", tiny Qwen2-VL with its
+processor, align then LoRA instruct) on 2 CPU ranks (gloo): the per-step losses of one
+process on the same global batch, within the bound tests/test_distributed.py derives (the
+difference of two one-process runs that split the global batch differently, plus a few
+fp32 roundings per step); a 2-rank DDP run SIGKILLed (every rank) and resumed in one
+process continues on those losses; the FSDP run evaluates (VQA, generate) at each stage's
+end. One test: each run is a few processes that import torch and transformers."""
+import json
+import math
+
+from fastvlm.train import checkpoint as ckpt
+from fastvlm.train.recipe import parse_recipe, to_toml
+from tests import hf_processors as P
+from tests.test_hf_train import QUESTIONS, SIZES, raw_recipe, records
+
+from .dist_launch import losses, run, run_until_checkpoints
+from .test_distributed import EPS32, assert_close
+
+STEPS = 2
+
+
+def hf_raw(root, mode: str, batch_size: int, grad_accum: int) -> dict:
+    raw = raw_recipe(root, steps=STEPS, checkpoint_every=1)
+    raw["run"].update(distributed=mode, keep_checkpoints=2 * STEPS, evaluate=True, eval_max_new_tokens=4, seed=3)
+    for stage in raw["stages"]:
+        stage.update(batch_size=batch_size, grad_accum=grad_accum)
+    return raw
+
+
+def test_hf_two_ranks_ddp_and_fsdp_match_one_process_and_resume(tmp_path):
+    root = tmp_path / "data"
+    P.write_images(root / "img", SIZES, seed=0)
+    # every sample with an image: each rank's micro-batch runs the tower (FSDP gathers its layers)
+    (root / "train.json").write_text(json.dumps([r for r in records() if "image" in r]))
+    P.save_family("qwen2_vl", 0, root / "qwen2_vl")
+    recipes = {}
+    for name, mode, kw in (("ddp", "ddp", dict(batch_size=1, grad_accum=2)),
+                           ("fsdp", "fsdp", dict(batch_size=1, grad_accum=2)),
+                           ("single", "ddp", dict(batch_size=2, grad_accum=1))):
+        recipes[name] = tmp_path / f"{name}.toml"
+        recipes[name].write_text(to_toml(parse_recipe(hf_raw(root, mode, **kw))))
+    refs = {}
+    for name in ("ddp", "single"):
+        run(recipes[name], tmp_path / f"ref-{name}", 1)
+        refs[name] = losses(tmp_path / f"ref-{name}")
+    a, b = refs["ddp"], refs["single"]
+    assert len(a) == 2 * STEPS and set(a) == set(b) and all(math.isfinite(v) for v in a.values())
+    orderings = max(abs(a[k] - b[k]) for k in a)
+    bound = {k: 4 * orderings + 8 * (i + 1) * EPS32 * abs(a[k]) for i, k in enumerate(sorted(a))}
+
+    out = tmp_path / "fsdp"
+    res = run(recipes["fsdp"], out, 2)
+    assert_close(losses(out), a, bound)
+    assert res.stdout.count("stage sft (instruct):") == 1  # rank 0 alone reports
+    for stage in ("align", "sft"):
+        result = json.loads((out / "eval" / f"{stage}-step{STEPS}.json").read_text())
+        assert len(result["predictions"]) == len(QUESTIONS) and result["val_loss"] > 0
+
+    out = tmp_path / "ddp"
+    run_until_checkpoints(recipes["ddp"], out, 2, count=STEPS + 1)  # align's, then sft's first
+    assert ckpt.complete_checkpoints(out / "checkpoints")[-1].name.startswith("s01-sft")
+    res = run(recipes["ddp"], out, 1, "--resume")
+    assert "resuming from s01-sft" in res.stdout
+    assert_close(losses(out), a, bound)
