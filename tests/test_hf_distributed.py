@@ -8,8 +8,17 @@ end. One test: each run is a few processes that import torch and transformers.""
 import json
 import math
 
+import pytest
+import torch
+import torch.distributed as tdist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from fastvlm.integrations.hf_trainable import HFVLM, layer_list
+from fastvlm.integrations.transformers import patch
 from fastvlm.train import checkpoint as ckpt
 from fastvlm.train.recipe import parse_recipe, to_toml
+from tests import hf_patch_models as H
 from tests import hf_processors as P
 from tests.test_hf_train import QUESTIONS, SIZES, raw_recipe, records
 
@@ -62,3 +71,23 @@ def test_hf_two_ranks_ddp_and_fsdp_match_one_process_and_resume(tmp_path):
     res = run(recipes["ddp"], out, 1, "--resume")
     assert "resuming from s01-sft" in res.stdout
     assert_close(losses(out), a, bound)
+
+
+def test_fsdp_refuses_a_training_micro_batch_without_images(tmp_path, seed):
+    """A text-only micro-batch skips the tower, whose FSDP-sharded layers the other ranks may
+    be gathering: an error naming the rank rather than a hang (one process, a group of 1)."""
+    model = HFVLM(patch(H.build("qwen2_vl", seed))).train()
+    ids = torch.randint(0, H.TEXT_MAX, (1, 12), generator=torch.Generator().manual_seed(seed))
+    assert torch.isfinite(model(input_ids=ids, labels=ids))  # unsharded: the tower is not needed
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in layer_list(model.vision_tower)[1]:
+            fully_shard(layer, mesh=mesh)
+        with pytest.raises(ValueError, match="batch: rank 0's micro-batch holds no image, and under "
+                                             "run.distributed = 'fsdp'"):
+            model(input_ids=ids, labels=ids)
+        model.eval()  # evaluation runs every rank on the same inputs: allowed
+        assert torch.isfinite(model(input_ids=ids, labels=ids))
+    finally:
+        tdist.destroy_process_group()
