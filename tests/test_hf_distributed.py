@@ -3,8 +3,8 @@ processor, align then LoRA instruct) on 2 CPU ranks (gloo): the per-step losses 
 process on the same global batch, within the bound tests/test_distributed.py derives (the
 difference of two one-process runs that split the global batch differently, plus a few
 fp32 roundings per step); a 2-rank DDP run SIGKILLed (every rank) and resumed in one
-process continues on those losses; the FSDP run evaluates (VQA, generate) at each stage's
-end. One test: each run is a few processes that import torch and transformers."""
+process continues on those losses; the FSDP run evaluates (VQA, generate) during each
+stage (sharded) and at its end. One test: each run is a few processes that import torch and transformers."""
 import json
 import math
 
@@ -28,11 +28,14 @@ from .test_distributed import EPS32, assert_close
 STEPS = 2
 
 
-def hf_raw(root, mode: str, batch_size: int, grad_accum: int) -> dict:
+def hf_raw(root, mode: str, batch_size: int, grad_accum: int, evaluate: bool = False) -> dict:
+    """align then LoRA instruct (raw_recipe), `evaluate`: after each stage's first step (on the
+    sharded model under FSDP: every rank generates in lockstep) and at its end (evaluation
+    forks the RNG: the losses are those of a run without it)."""
     raw = raw_recipe(root, steps=STEPS, checkpoint_every=1)
-    raw["run"].update(distributed=mode, keep_checkpoints=2 * STEPS, evaluate=True, eval_max_new_tokens=4, seed=3)
+    raw["run"].update(distributed=mode, keep_checkpoints=2 * STEPS, evaluate=evaluate, eval_max_new_tokens=4, seed=3)
     for stage in raw["stages"]:
-        stage.update(batch_size=batch_size, grad_accum=grad_accum)
+        stage.update(batch_size=batch_size, grad_accum=grad_accum, eval_every=1 if evaluate else 0)
     return raw
 
 
@@ -44,7 +47,7 @@ def test_hf_two_ranks_ddp_and_fsdp_match_one_process_and_resume(tmp_path):
     P.save_family("qwen2_vl", 0, root / "qwen2_vl")
     recipes = {}
     for name, mode, kw in (("ddp", "ddp", dict(batch_size=1, grad_accum=2)),
-                           ("fsdp", "fsdp", dict(batch_size=1, grad_accum=2)),
+                           ("fsdp", "fsdp", dict(batch_size=1, grad_accum=2, evaluate=True)),
                            ("single", "ddp", dict(batch_size=2, grad_accum=1))):
         recipes[name] = tmp_path / f"{name}.toml"
         recipes[name].write_text(to_toml(parse_recipe(hf_raw(root, mode, **kw))))
@@ -62,8 +65,9 @@ def test_hf_two_ranks_ddp_and_fsdp_match_one_process_and_resume(tmp_path):
     assert_close(losses(out), a, bound)
     assert res.stdout.count("stage sft (instruct):") == 1  # rank 0 alone reports
     for stage in ("align", "sft"):
-        result = json.loads((out / "eval" / f"{stage}-step{STEPS}.json").read_text())
-        assert len(result["predictions"]) == len(QUESTIONS) and result["val_loss"] > 0
+        for step in range(1, STEPS + 1):  # mid-stage (sharded) and at the stage's end
+            result = json.loads((out / "eval" / f"{stage}-step{step}.json").read_text())
+            assert len(result["predictions"]) == len(QUESTIONS) and result["val_loss"] > 0
 
     out = tmp_path / "ddp"
     run_until_checkpoints(recipes["ddp"], out, 2, count=STEPS + 1)  # align's, then sft's first
