@@ -14,9 +14,13 @@ import torch.distributed as tdist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from fastvlm.integrations.hf_load import load_patched
 from fastvlm.integrations.hf_trainable import HFVLM, layer_list
 from fastvlm.integrations.transformers import patch
+from fastvlm.nn.lora import LoRALinear
 from fastvlm.train import checkpoint as ckpt
+from fastvlm.train.build import finish_stage
+from fastvlm.train.export import load_for_inference
 from fastvlm.train.recipe import parse_recipe, to_toml
 from tests import hf_patch_models as H
 from tests import hf_processors as P
@@ -75,6 +79,14 @@ def test_hf_two_ranks_ddp_and_fsdp_match_one_process_and_resume(tmp_path):
     res = run(recipes["ddp"], out, 1, "--resume")
     assert "resuming from s01-sft" in res.stdout
     assert_close(losses(out), a, bound)
+    # Its last checkpoint (DCP) loads for fastvlm eval / export with the stage's adapters: folded
+    # in, they give final/'s weights exactly.
+    model, processor, recipe = load_for_inference(ckpt.complete_checkpoints(out / "checkpoints")[-1])
+    assert any(isinstance(m, LoRALinear) for m in model.modules()) and processor.processor.chat_template
+    finish_stage(model, recipe.stages[1])
+    final = load_patched(out / "final", torch.float32).state_dict()
+    assert model.hf.state_dict().keys() == final.keys()
+    assert all(torch.equal(v, final[k]) for k, v in model.hf.state_dict().items())
 
 
 def test_fsdp_refuses_a_training_micro_batch_without_images(tmp_path, seed):
