@@ -179,8 +179,6 @@ def test_hf_refusals(root, tmp_path):
     with pytest.raises(ValueError, match=r"stages\[1\] \(sft\).type: model.source = 'hf' trains align and "
                                          r"instruct stages, got 'lm'"):
         parse_recipe(raw, ["stages.sft.type=lm", "stages.sft.lr={llm = 1e-3}"])
-    with pytest.raises(ValueError, match="run.evaluate: the VQA evaluation runs on fastvlm.VLM models only"):
-        parse_recipe(raw, ["run.evaluate=true"])
     with pytest.raises(ValueError, match="checkpointing.llm: a Hugging Face LLM checkpoints each decoder layer"):
         parse_recipe(raw, ["stages.sft.checkpointing={llm = 'selective'}"])
 

@@ -35,7 +35,9 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from fastvlm.integrations import hf_attention
 from fastvlm.integrations.hf_load import load_patched
@@ -45,6 +47,7 @@ from fastvlm.nn.lora import LoRALinear
 
 VISION_TOWERS = ("vision_tower", "visual", "vision_model")  # the inner model's vision child, per family
 CONNECTOR_IN_TOWER = "merger"  # Qwen-VL keeps its projectors (merger, deepstack mergers) in the vision tower
+PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")  # what makes the forward run the tower
 BOOKKEEPING = ("labels", "image_files", "ids", "num_samples", "real_tokens", "row_tokens", "supervised_tokens",
                "overflow_rows", "sample_images")
 
@@ -115,6 +118,8 @@ class HFVLM(nn.Module):
     def forward(self, labels: torch.Tensor | None = None, **inputs):
         """With labels: the mean next-token cross-entropy over supervised tokens (fused with
         the LM head). Without: the model's output (logits)."""
+        if labels is not None and self.training and not any(k in inputs for k in PIXEL_INPUTS):
+            check_tower_runs(self.vision_tower)
         out = self.model(**inputs, labels=labels)
         return out.loss if labels is not None else out
 
@@ -187,6 +192,17 @@ class HFVLM(nn.Module):
 
     def save_pretrained(self, path, **kwargs) -> None:
         self.model.save_pretrained(path, **kwargs)
+
+
+def check_tower_runs(tower: nn.Module) -> None:
+    """A training micro-batch without images skips the tower; refused when its layers are
+    FSDP-sharded: the other ranks' micro-batches may run them, and their gathers would wait
+    for this rank forever (fastvlm.VLM runs a blank image instead; HF families have none yet)."""
+    if isinstance(layer_list(tower)[1][0], FSDPModule):
+        rank = tdist.get_rank() if tdist.is_initialized() else 0
+        raise ValueError(f"batch: rank {rank}'s micro-batch holds no image, and under run.distributed = 'fsdp' "
+                         f"every rank must run the sharded vision tower of a Hugging Face VLM; use 'ddp', or data "
+                         f"whose micro-batches all hold an image (e.g. without text-only samples)")
 
 
 def layer_list(tower: nn.Module) -> tuple[str, nn.ModuleList]:

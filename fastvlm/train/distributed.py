@@ -11,9 +11,9 @@ per stage, wraps the model (``Distributed.wrap``):
   image, see ``VLM.blank_image_term``, so that every rank runs the same collectives
   whatever its micro-batches hold). Frozen parameters have no gradient and are never
   all-reduced.
-- ``fsdp``: ``fully_shard`` on each decoder block and each vision encoder block,
-  then on the micro-batch-loss module as the root (embeddings, norms, connector,
-  heads), with a ``MixedPrecisionPolicy`` that
+- ``fsdp``: ``fully_shard`` on each of the model's ``fsdp_units()`` (every decoder
+  block and vision encoder block: ``VLM.fsdp_units``, ``HFVLM.fsdp_units``), then on
+  the micro-batch-loss module as the root (embeddings, norms, connector, heads), with a ``MixedPrecisionPolicy`` that
   gathers parameters in the dtypes the stage's precision policy stores them in (frozen
   ones in the compute dtype, trainable ones and norms in fp32; autocast computes in the
   stage's dtype, as in one process) and reduces gradients in fp32. The optimizer
@@ -133,7 +133,7 @@ class Distributed:
         # stage's dtype, so a sharded step is the one-process step (a bf16 param_dtype would
         # also round the norms' and adapters' weights, which one process never does).
         policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-        for part in fsdp_units(model):
+        for part in model.fsdp_units():  # the model's own (fastvlm.train.losses.TrainableModel)
             fully_shard(part, mesh=mesh, mp_policy=policy)
         fully_shard(forward, mesh=mesh, mp_policy=policy)
         self.root = forward
@@ -168,16 +168,6 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """Modules sharded as units of their own: every decoder and vision encoder block. The
-    rest (embeddings, norms, connector, heads) is the root's unit, gathered for the whole
-    micro-batch: stage code reaches into parts (the contrastive stage embeds text without the
-    LLM's forward), which only works for parameters gathered by an enclosing forward. Blocks,
-    not the tower, also because a wrapped transformers tower breaks its hidden-state capture
-    (it looks modules up by class name)."""
-    return list(model.language_model.model.layers) + list(model.vision_tower.blocks)
 
 
 def pick_device(name: str) -> torch.device:

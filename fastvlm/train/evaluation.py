@@ -18,6 +18,7 @@ writes RUN/eval/<name>.json and .md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import string
@@ -29,7 +30,9 @@ import torch
 
 from fastvlm.data import Sample, encode_conversation, encode_prompt, load_tokenizer
 from fastvlm.data.images import BadImageCounter, BadImageError, open_image
+from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.train import distributed
+from fastvlm.train.hf_evaluation import generate_hf_answers, hf_validation_loss, prompt_text
 from fastvlm.train.preference_eval import evaluate_preference
 from fastvlm.train.recipe import Recipe
 from fastvlm.train.stage_data import RunData, check_skipped, prepare_data, preprocessor_for
@@ -94,8 +97,10 @@ def _as_sample(sample):
 
 
 def questions_of(samples: Sequence, tokenizer, template: str, image_tokens: int, question_types=None,
-                 system: str | None = None) -> list[dict]:
-    """One entry per question turn: id, turn, type, prompt ids, reference answer, image paths."""
+                 system: str | None = None, prompt_of=None) -> list[dict]:
+    """One entry per question turn: id, turn, type, prompt ids, reference answer, image paths.
+    `prompt_of(turns)`: the prompt of the turns before an answer instead of its ids (a
+    Hugging Face VLM's rendered text: fastvlm.train.hf_evaluation.prompt_text)."""
 
     questions = []
     for raw in samples:
@@ -107,7 +112,8 @@ def questions_of(samples: Sequence, tokenizer, template: str, image_tokens: int,
         for turn, (k, qtype) in enumerate(zip(answers, types)):
             prefix = turns[:k]
             used = sum(_text(t).count(IMAGE_TAG) for t in prefix)
-            prompt = encode_prompt(prefix, tokenizer, template, image_tokens, system=system)
+            prompt = (prompt_of(prefix) if prompt_of is not None
+                      else encode_prompt(prefix, tokenizer, template, image_tokens, system=system))
             first_prompt = first_prompt or prompt
             # prefix_lm's bidirectional prefix, as in training: what precedes the first answer.
             questions.append({"id": sample.id, "turn": turn, "type": qtype, "answer": _text(turns[k]),
@@ -205,6 +211,9 @@ def evaluate(model, tokenizer, samples: Sequence, *, image_root, preprocessor, t
              batch_size: int = 32, loss: bool = True, system: str | None = None, skipped=None) -> dict:
     """Accuracy per question type and overall, and the validation loss.
 
+    `model`: a fastvlm.VLM, or a Hugging Face VLM (HFVLM, `tokenizer` its run's processor:
+    fastvlm.train.hf_build.RunProcessor; `preprocessor`, `template` and `image_tokens` are
+    unused) evaluated through its processor and its own generate (fastvlm.train.hf_evaluation).
     `samples`: fastvlm.data Samples or LLaVA dict records (a record's ``question_types``
     / ``question_type`` fields give the types, as the synthetic dataset writes them;
     `question_types` maps sample id -> per-turn list or one type instead; otherwise
@@ -223,19 +232,31 @@ def evaluate(model, tokenizer, samples: Sequence, *, image_root, preprocessor, t
         raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    tokenizer = load_tokenizer(tokenizer)
-    if tokenizer.image_token_id != model.config.image_token_id:
-        raise ValueError(f"tokenizer: image token id {tokenizer.image_token_id} differs from the model's "
-                         f"image_token_id {model.config.image_token_id}")
+    hf = isinstance(model, HFVLM)
+    if not hf:
+        tokenizer = load_tokenizer(tokenizer)
+        if tokenizer.image_token_id != model.config.image_token_id:
+            raise ValueError(f"tokenizer: image token id {tokenizer.image_token_id} differs from the model's "
+                             f"image_token_id {model.config.image_token_id}")
     was_training = model.training
     model.eval()
     try:
-        questions = questions_of(samples, tokenizer, template, image_tokens, question_types, system)
-        predictions = generate_answers(model, tokenizer, questions, image_root=image_root, preprocessor=preprocessor,
-                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
-        val = (validation_loss(model, tokenizer, samples, image_root=image_root, preprocessor=preprocessor,
-                               template=template, image_tokens=image_tokens, batch_size=batch_size, system=system)
-               if loss else (None, 0))
+        if hf:
+            questions = questions_of(samples, None, None, None, question_types, system,
+                                     functools.partial(prompt_text, tokenizer, system=system))
+            predictions = [first_answer(text) for text in generate_hf_answers(
+                model, tokenizer, questions, image_root=image_root, max_new_tokens=max_new_tokens,
+                batch_size=batch_size)]
+            val = (hf_validation_loss(model, tokenizer, [_as_sample(s) for s in samples], image_root=image_root,
+                                      batch_size=batch_size, system=system) if loss else (None, 0))
+        else:
+            questions = questions_of(samples, tokenizer, template, image_tokens, question_types, system)
+            predictions = generate_answers(model, tokenizer, questions, image_root=image_root,
+                                           preprocessor=preprocessor, max_new_tokens=max_new_tokens,
+                                           batch_size=batch_size)
+            val = (validation_loss(model, tokenizer, samples, image_root=image_root, preprocessor=preprocessor,
+                                   template=template, image_tokens=image_tokens, batch_size=batch_size,
+                                   system=system) if loss else (None, 0))
     finally:
         model.train(was_training)
     return score(questions, predictions, chance) | {"val_loss": val[0], "val_tokens": val[1],
@@ -342,8 +363,9 @@ def eval_inputs(recipe: Recipe, run_dir: Path, model, split: str = "validation",
     # majority answer's share over exactly those questions (meta.json's split-wide "types"
     # level counts only last turns, of the whole validation split).
     chance = majority_chance(samples, types) if data.chance is not None and types else data.chance
-    return dict(samples=samples, image_root=data.image_root, preprocessor=preprocessor_for(model),
-                template=recipe.data.template, image_tokens=model.image_tokens, chance=chance,
+    hf = isinstance(model, HFVLM)  # evaluated through its processor (data.tokenizer): no preprocessor here
+    return dict(samples=samples, image_root=data.image_root, preprocessor=None if hf else preprocessor_for(model),
+                template=recipe.data.template, image_tokens=None if hf else model.image_tokens, chance=chance,
                 question_types=types or None, skipped=bad)
 
 

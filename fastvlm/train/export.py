@@ -59,7 +59,7 @@ from fastvlm.train import checkpoint as ckpt
 from fastvlm.train import peft_llava
 from fastvlm.train.build import stage_model
 from fastvlm.train.distributed import load_model_from_dcp
-from fastvlm.train.hf_export import export_hf_run
+from fastvlm.train.hf_export import export_hf_run, load_hf_run
 from fastvlm.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoRAConfig, apply_lora, lora_layers
 from fastvlm.train.recipe import load_recipe
 from fastvlm.train.stage_data import preprocessor_for
@@ -342,12 +342,15 @@ def _peft_adapter(model, trained: list[str]) -> tuple[dict, dict]:
 
 def load_for_inference(run_or_checkpoint) -> tuple:
     """(model, tokenizer, recipe) of a run directory (RUN/final if written, else its newest
-    complete checkpoint) or of one checkpoint directory; LoRA layers come back as trained."""
+    complete checkpoint) or of one checkpoint directory; LoRA layers come back as trained.
+    A Hugging Face VLM run's: (HFVLM, its RunProcessor, recipe)."""
     path = Path(run_or_checkpoint)
     if not path.exists():
         raise ValueError(f"run_or_checkpoint: {path} does not exist")
     run_dir = path.parent.parent if ckpt.NAME.match(path.name) else path
     recipe = load_recipe(run_dir / "recipe.toml")
+    if _hf_run_dir(path) is not None:  # a Hugging Face VLM run: its model and processor (the "tokenizer")
+        return (*load_hf_run(path, run_dir, recipe), recipe)
     tokenizer = load_tokenizer(run_dir / "tokenizer", image_token=recipe.model.image_token)
     if not ckpt.NAME.match(path.name):
         if (path / "final" / "config.json").is_file():

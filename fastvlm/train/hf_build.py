@@ -15,8 +15,9 @@
   Adapters are fastvlm's LoRALinear (fastvlm.train.lora / quant, by module name), merged at
   the stage's end by fastvlm.train.build.finish_stage as for the native VLM.
 
-The Hugging Face path has no feature cache (the tower encodes its pixels every step) and
-no built-in VQA evaluation (recipe validation asks for ``run.evaluate = false``).
+The Hugging Face path has no feature cache (the tower encodes its pixels every step); its
+VQA evaluation goes through the processor and the model's own generate
+(fastvlm.train.hf_evaluation).
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.nn.lora import dequantized_weight, lora_layers
 from fastvlm.train import checkpoint as ckpt
 from fastvlm.train.build import finish_stage, stage_model
+from fastvlm.train.distributed import load_model_from_dcp
 from fastvlm.train.hf_build import RunProcessor
 from fastvlm.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoRAConfig
 from fastvlm.train.quant import quantized_state_keys
@@ -44,10 +45,22 @@ def checkpoint_model(recipe: Recipe, run_dir: Path, checkpoint: Path) -> tuple[H
     index = read_json(checkpoint / "meta.json", "checkpoint")["stage_index"]
     with torch.random.fork_rng():
         model = stage_model(recipe, None, index, run_dir, torch.device("cpu"))
-    if (checkpoint / "dcp").is_dir():
-        raise ValueError(f"run: {checkpoint} is a distributed run's checkpoint; export it from RUN/final (hf)")
-    ckpt.load_weights(checkpoint / "model.safetensors", model)
+    if (checkpoint / "dcp").is_dir():  # a distributed run's: the weights of its sharded model, of any world size
+        load_model_from_dcp(checkpoint / "dcp", model)
+    else:
+        ckpt.load_weights(checkpoint / "model.safetensors", model)
     return model.eval(), index
+
+
+def load_hf_run(source: Path, run_dir: Path, recipe: Recipe) -> tuple[HFVLM, RunProcessor]:
+    """(model, processor) of a Hugging Face VLM run for inference (``fastvlm eval``): RUN/final
+    when `source` is the run directory and it is written, else the checkpoint `source` (or the
+    run's newest) with its stage's adapters as trained."""
+    if not ckpt.NAME.match(source.name) and (run_dir / "final" / "config.json").is_file():
+        model = HFVLM(load_patched(run_dir / "final", torch.float32)).eval()
+    else:
+        model, _ = checkpoint_model(recipe, run_dir, source if ckpt.NAME.match(source.name) else _newest(run_dir))
+    return model, run_processor(recipe)
 
 
 def export_hf_run(source: Path, run_dir: Path, recipe: Recipe, out: Path, final: Path, format: str,

@@ -437,9 +437,6 @@ def validate_hf(recipe: Recipe) -> None:
     for key in ("min_pixels", "max_pixels"):
         if getattr(d, key) < 0:
             raise ValueError(f"data.{key}: expected pixels >= 0 (0 = the processor's own), got {getattr(d, key)}")
-    if recipe.run.evaluate:
-        raise ValueError("run.evaluate: the VQA evaluation runs on fastvlm.VLM models only; set run.evaluate = "
-                         "false for model.source = 'hf' (evaluate the exported model with its own generate)")
     policies = set()
     for i, s in enumerate(recipe.stages):
         where = f"stages[{i}] ({s.name})"

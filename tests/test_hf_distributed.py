@@ -1,0 +1,109 @@
+"""torchrun DDP and FSDP2 of a Hugging Face VLM run (model.source = "hf", tiny Qwen2-VL with its
+processor, align then LoRA instruct) on 2 CPU ranks (gloo): the per-step losses of one
+process on the same global batch, within the bound tests/test_distributed.py derives (the
+difference of two one-process runs that split the global batch differently, plus a few
+fp32 roundings per step); a 2-rank DDP run SIGKILLed (every rank) and resumed in one
+process continues on those losses; the FSDP run evaluates (VQA, generate) during each
+stage (sharded) and at its end. One test: each run is a few processes that import torch and transformers."""
+import json
+import math
+
+import pytest
+import torch
+import torch.distributed as tdist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from fastvlm.integrations.hf_load import load_patched
+from fastvlm.integrations.hf_trainable import HFVLM, layer_list
+from fastvlm.integrations.transformers import patch
+from fastvlm.nn.lora import LoRALinear
+from fastvlm.train import checkpoint as ckpt
+from fastvlm.train.build import finish_stage
+from fastvlm.train.export import load_for_inference
+from fastvlm.train.recipe import parse_recipe, to_toml
+from tests import hf_patch_models as H
+from tests import hf_processors as P
+from tests.test_hf_train import QUESTIONS, SIZES, raw_recipe, records
+
+from .dist_launch import losses, run, run_until_checkpoints
+from .test_distributed import EPS32, assert_close
+
+STEPS = 2
+
+
+def hf_raw(root, mode: str, batch_size: int, grad_accum: int, evaluate: bool = False) -> dict:
+    """align then LoRA instruct (raw_recipe), `evaluate`: after each stage's first step (on the
+    sharded model under FSDP: every rank generates in lockstep) and at its end (evaluation
+    forks the RNG: the losses are those of a run without it)."""
+    raw = raw_recipe(root, steps=STEPS, checkpoint_every=1)
+    raw["run"].update(distributed=mode, keep_checkpoints=2 * STEPS, evaluate=evaluate, eval_max_new_tokens=4, seed=3)
+    for stage in raw["stages"]:
+        stage.update(batch_size=batch_size, grad_accum=grad_accum, eval_every=1 if evaluate else 0)
+    return raw
+
+
+def test_hf_two_ranks_ddp_and_fsdp_match_one_process_and_resume(tmp_path):
+    root = tmp_path / "data"
+    P.write_images(root / "img", SIZES, seed=0)
+    # every sample with an image: each rank's micro-batch runs the tower (FSDP gathers its layers)
+    (root / "train.json").write_text(json.dumps([r for r in records() if "image" in r]))
+    P.save_family("qwen2_vl", 0, root / "qwen2_vl")
+    recipes = {}
+    for name, mode, kw in (("ddp", "ddp", dict(batch_size=1, grad_accum=2)),
+                           ("fsdp", "fsdp", dict(batch_size=1, grad_accum=2, evaluate=True)),
+                           ("single", "ddp", dict(batch_size=2, grad_accum=1))):
+        recipes[name] = tmp_path / f"{name}.toml"
+        recipes[name].write_text(to_toml(parse_recipe(hf_raw(root, mode, **kw))))
+    refs = {}
+    for name in ("ddp", "single"):
+        run(recipes[name], tmp_path / f"ref-{name}", 1)
+        refs[name] = losses(tmp_path / f"ref-{name}")
+    a, b = refs["ddp"], refs["single"]
+    assert len(a) == 2 * STEPS and set(a) == set(b) and all(math.isfinite(v) for v in a.values())
+    orderings = max(abs(a[k] - b[k]) for k in a)
+    bound = {k: 4 * orderings + 8 * (i + 1) * EPS32 * abs(a[k]) for i, k in enumerate(sorted(a))}
+
+    out = tmp_path / "fsdp"
+    res = run(recipes["fsdp"], out, 2)
+    assert_close(losses(out), a, bound)
+    assert res.stdout.count("stage sft (instruct):") == 1  # rank 0 alone reports
+    for stage in ("align", "sft"):
+        for step in range(1, STEPS + 1):  # mid-stage (sharded) and at the stage's end
+            result = json.loads((out / "eval" / f"{stage}-step{step}.json").read_text())
+            assert len(result["predictions"]) == len(QUESTIONS) and result["val_loss"] > 0
+
+    out = tmp_path / "ddp"
+    run_until_checkpoints(recipes["ddp"], out, 2, count=STEPS + 1)  # align's, then sft's first
+    assert ckpt.complete_checkpoints(out / "checkpoints")[-1].name.startswith("s01-sft")
+    res = run(recipes["ddp"], out, 1, "--resume")
+    assert "resuming from s01-sft" in res.stdout
+    assert_close(losses(out), a, bound)
+    # Its last checkpoint (DCP) loads for fastvlm eval / export with the stage's adapters: folded
+    # in, they give final/'s weights exactly.
+    model, processor, recipe = load_for_inference(ckpt.complete_checkpoints(out / "checkpoints")[-1])
+    assert any(isinstance(m, LoRALinear) for m in model.modules()) and processor.processor.chat_template
+    finish_stage(model, recipe.stages[1])
+    final = load_patched(out / "final", torch.float32).state_dict()
+    assert model.hf.state_dict().keys() == final.keys()
+    assert all(torch.equal(v, final[k]) for k, v in model.hf.state_dict().items())
+
+
+def test_fsdp_refuses_a_training_micro_batch_without_images(tmp_path, seed):
+    """A text-only micro-batch skips the tower, whose FSDP-sharded layers the other ranks may
+    be gathering: an error naming the rank rather than a hang (one process, a group of 1)."""
+    model = HFVLM(patch(H.build("qwen2_vl", seed))).train()
+    ids = torch.randint(0, H.TEXT_MAX, (1, 12), generator=torch.Generator().manual_seed(seed))
+    assert torch.isfinite(model(input_ids=ids, labels=ids))  # unsharded: the tower is not needed
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in layer_list(model.vision_tower)[1]:
+            fully_shard(layer, mesh=mesh)
+        with pytest.raises(ValueError, match="batch: rank 0's micro-batch holds no image, and under "
+                                             "run.distributed = 'fsdp'"):
+            model(input_ids=ids, labels=ids)
+        model.eval()  # evaluation runs every rank on the same inputs: allowed
+        assert torch.isfinite(model(input_ids=ids, labels=ids))
+    finally:
+        tdist.destroy_process_group()
