@@ -83,7 +83,7 @@ def test_every_patched_family_has_a_processor(name):
         pytest.skip(f"{name}: its processor needs {P.missing(name)} (requirements/test.txt), not installed here")
     assert P.buildable(name), f"{name}: tests/hf_processors.py builds no processor for it"
     proc = P.build_processor(name)
-    assert proc.tokenizer.convert_tokens_to_ids(proc.image_token) == H.IMAGE
+    assert proc.tokenizer.convert_tokens_to_ids(proc.tokenizer.image_token) == H.IMAGE
 
 
 @pytest.mark.parametrize("name", FAMILIES)
