@@ -60,8 +60,9 @@ QWEN_TEMPLATE = (
     "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-# Idefics3-8B-Llama3 / SmolVLM(2)-Instruct: "User:" / "Assistant:" turns ended by
-# <end_of_utterance>, a colon without a space before a leading image (SmolVLM's BOS)
+# SmolVLM(2)-Instruct (Idefics3-8B-Llama3's, with SmolVLM's <|im_start|> in place of its
+# <|begin_of_text|>): "User:" / "Assistant:" turns ended by <end_of_utterance>, no space
+# after the colon before a leading image
 IDEFICS3_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
     "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
@@ -119,7 +120,7 @@ def build_tokenizer(name: str):
     for tok in filler:
         vocab[tok] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
-    specials = SPECIALS[_group(name)]
+    specials = SPECIALS[group]
     backend.add_special_tokens(extra + specials)  # the filler ones keep their ids
     assert backend.token_to_id(specials[-1]) == H.IMAGE and backend.get_vocab_size() == H.VOCAB
     kwargs = {"pad_token": specials[0], "eos_token": specials[2]}
