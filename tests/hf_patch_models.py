@@ -118,13 +118,16 @@ def _smolvlm(attn):
     return SmolVLMForConditionalGeneration(cfg)
 
 
+ONEVISION_PINPOINTS = [[28, 28], [28, 56], [56, 28]]
+
+
 def _llava_onevision(attn):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     # anyres: a 28x28 base tile plus a grid of 28x28 tiles (1x1, 1x2 or 2x1) chosen from each
     # image's size, unpadded back to its aspect ratio, a newline embedding after each row
     cfg = LlavaOnevisionConfig(text_config=LLAMA, vision_config=dict(SIGLIP, patch_size=7), image_token_index=IMAGE,
-                               video_token_index=VOCAB - 4, image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]],
+                               video_token_index=VOCAB - 4, image_grid_pinpoints=ONEVISION_PINPOINTS,
                                attn_implementation=attn)
     return LlavaOnevisionForConditionalGeneration(cfg)
 

@@ -1,6 +1,6 @@
 """`fastvlm train` on Hugging Face VLMs (model.source = "hf"): a tiny Qwen2-VL saved with its
 processor, trained through train() (align, then instruct with LoRA), a SIGKILLed run resumed
-with the same losses, and the refusals."""
+with the same losses, and the refusals; a tiny Idefics3 (image splitting) through train()."""
 from __future__ import annotations
 
 import json
@@ -108,6 +108,31 @@ def test_hf_run_trains_the_stages_groups_and_saves_the_familys_format(trained):
     state = model.hf.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
     assert AutoProcessor.from_pretrained(result["final"] / "tokenizer").chat_template
+
+
+def test_hf_run_of_an_idefics3_family_model(root, tmp_path):
+    """Idefics3 (SmolVLM-Instruct's architecture: image splitting into tiles, pixel_attention_mask)
+    through train(): LoRA instruct on packed rows for two steps, the tower untouched, the
+    projection and the LLM trained, final/ the family's own directory."""
+    P.save_family("idefics3", 0, tmp_path / "idefics3")
+    raw = raw_recipe(root, steps=2)
+    raw["model"]["path"] = str(tmp_path / "idefics3")
+    raw["stages"] = raw["stages"][1:]
+    recipe = parse_recipe(raw)
+    before = groups_of(build_model(recipe, None, 0))
+    result = train(recipe, tmp_path / "run", progress=False, echo=lambda *a: None)
+    after = groups_of(result["model"])
+    assert all(torch.equal(before["vision"][k], v) for k, v in after["vision"].items())
+    for group in ("connector", "llm"):
+        assert any(not torch.equal(before[group][k], v) for k, v in after[group].items()), group
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    loaded = AutoModelForImageTextToText.from_pretrained(result["final"])
+    assert type(loaded).__name__ == "Idefics3ForConditionalGeneration"
+    state = result["model"].hf.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    assert AutoProcessor.from_pretrained(result["final"] / "tokenizer").chat_template == P.IDEFICS3_TEMPLATE
 
 
 def prompt_inputs(processor, root) -> dict:

@@ -26,8 +26,8 @@ from tests import hf_processors as P
 from tests.test_hf_data import IMAGE_SIZES, RECORDS, usable
 from tests.utils import assert_close, assert_close_float64, error_bound
 
-# the families tests/hf_processors.py builds a processor for (Idefics3 / SmolVLM / LLaVA-OneVision: none yet)
-FAMILIES = [n for n in H.FAMILIES if P._group(n) in P.SPECIALS]
+# the families tests/hf_processors.py builds a processor for here (SmolVLM's needs num2words)
+FAMILIES = [n for n in H.FAMILIES if P.buildable(n)]
 # Gemma's RMSNorm computes in float32 whatever the model's dtype, so a float64 Gemma 3 /
 # PaliGemma carries float32 rounding (its weight gradients sum over tokens in float32):
 # bounded by plain PyTorch's float32 error there, float64's elsewhere.
@@ -151,12 +151,14 @@ def test_parameter_groups_partition_the_model(name, seed):
     assert len(ids) == len(set(ids)) == len(names)
     assert all(groups.values()), {k: len(v) for k, v in groups.items()}
     by_group = {g: {names[id(p)] for p in ps} for g, ps in groups.items()}
-    assert all("language_model" in n or "lm_head" in n for n in by_group["llm"])
-    assert all(n.startswith(("model.vision_tower", "model.visual")) and "merger" not in n
+    # Idefics3 / SmolVLM name their decoder text_model, their tower vision_model, their
+    # pixel-shuffle projection connector
+    assert all("language_model" in n or "text_model" in n or "lm_head" in n for n in by_group["llm"])
+    assert all(n.startswith(("model.vision_tower", "model.visual", "model.vision_model")) and "merger" not in n
                for n in by_group["vision"])
     # Qwen3-VL's deepstack_merger_list is connector too
     assert all("projector" in n or "merger" in n or "mm_" in n or "image_newline" in n
-               for n in by_group["connector"])
+               or n.startswith("model.connector.") for n in by_group["connector"])
 
 
 def test_save_and_load_round_trip(items, tmp_path, seed):
