@@ -37,8 +37,10 @@ def reference_grads(q, k, v, dout, layout, scale):
     return attention_grads(dense, q, k, v, dout, layout, scale, torch.float64)
 
 
-# the interpreter's backward tiles: other than the forward's, so the two block maps differ
+# the interpreter's backward tiles: other than the forward's, so the two block maps differ;
+# the fast pass forms dQ = dS K, or dQ^T = K^T dS^T with transposed_dq (sm90's small tiles)
 INTERPRETER_BWD_CONFIG = kernels.TileConfig(32, 16, 4, 1)
+INTERPRETER_BWD_TRANSPOSED_DQ = kernels.TileConfig(32, 16, 4, 1, transposed_dq=True)
 
 
 def run_kernels(q, k, v, dout, layout, scale, cfg=kernels.INTERPRETER_CONFIG, bwd_cfg=None, deterministic=False):
@@ -86,22 +88,24 @@ def shape_id(s):
     return f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}D{s[4]}-{s[5]}".replace("torch.", "")
 
 
-# the fused backward (the default) at every shape; the deterministic one (its dQ kernel is
-# the only code it does not share) at the two GQA shapes, fp32 and fp16
-MODES = [(s, False) for s in SHAPES] + [(s, True) for s in (SHAPES[0], SHAPES[3])]
+# the fused backward (the default) at every shape, its dQ^T form (transposed_dq) at two of
+# them (fp32 GQA at an odd N, fp16 at head_dim 256); the deterministic one (its dQ kernel
+# is the only code it does not share) at the two GQA shapes, fp32 and fp16
+MODES = ([(s, "fused_dq", INTERPRETER_BWD_CONFIG) for s in SHAPES]
+         + [(s, "fused_dqT", INTERPRETER_BWD_TRANSPOSED_DQ) for s in (SHAPES[0], SHAPES[4])]
+         + [(s, "deterministic", INTERPRETER_BWD_CONFIG) for s in (SHAPES[0], SHAPES[3])])
 
 
-@pytest.mark.parametrize("shape,deterministic", MODES,
-                         ids=[f"{shape_id(s)}-{'deterministic' if det else 'fused_dq'}" for s, det in MODES])
+@pytest.mark.parametrize("shape,mode,bwd_cfg", MODES, ids=[f"{shape_id(s)}-{mode}" for s, mode, _ in MODES])
 @pytest.mark.parametrize("kind,split", KIND_CASES, ids=KIND_IDS)
-def test_kernels_match_reference(kind, split, shape, deterministic, seed):
-    """Both backward modes: the single dK/dV pass that adds dQ with fp32 atomics (5 products)
-    and the deterministic dQ + dK/dV kernels, at backward tiles other than the forward's."""
+def test_kernels_match_reference(kind, split, shape, mode, bwd_cfg, seed):
+    """Both backward modes: the single dK/dV pass that adds dQ with fp32 atomics (5 products;
+    dQ = dS K or dQ^T = K^T dS^T) and the deterministic dQ + dK/dV kernels, at backward
+    tiles other than the forward's."""
     batch, hq, hkv, n, d, dtype = shape
     layout = layout_for(seed, kind, split, batch, n)
     q, k, v, dout = make_inputs(batch, hq, hkv, n, d, dtype)
-    results = run_kernels(q, k, v, dout, layout, d ** -0.5, bwd_cfg=INTERPRETER_BWD_CONFIG,
-                          deterministic=deterministic)
+    results = run_kernels(q, k, v, dout, layout, d ** -0.5, bwd_cfg=bwd_cfg, deterministic=mode == "deterministic")
     check_against_reference(layout, q, k, v, dout, results)
 
 
@@ -297,7 +301,7 @@ def test_custom_op_passes_opcheck(seed):
     q, k, v, _ = make_inputs(1, 2, 1, 40, 32, torch.float32)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), layout.lo, layout.hi,
             layout.is_image, *bm.tensors, layout.kind_code, True, 0.2, cfg.block_m, cfg.block_n,
-            cfg.num_warps, cfg.num_stages, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, False)
+            cfg.num_warps, cfg.num_stages, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, False, False)
     torch.library.opcheck(torch.ops.fastvlm.mm_attention_fwd.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))

@@ -23,8 +23,10 @@ every dK/dV element is written by exactly one program.
 
 Backward: dK/dV computes S^T = K Q^T directly, so P^T and dS^T come out of the
 tensor cores in the layout the dV and dK products take. Fast mode: that pass also
-adds dQ = dS K to an fp32 buffer with atomics (5 products per tile). Deterministic
-mode: a separate dQ kernel (3 products) at the forward's tiles, no atomics.
+adds dQ = dS K to an fp32 buffer with atomics (5 products per tile; formed as
+dQ^T = K^T dS^T where the backward tile says transposed_dq). Deterministic mode: a
+separate dQ kernel (3 products) at the forward's tiles, no atomics.
+tests/test_attention_backward_aot.py checks both in the compiled code.
 """
 from __future__ import annotations
 
@@ -314,7 +316,8 @@ def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don
                delta_base, stride_lse, lo_base, hi_base, img_base, cut_lo_base, cut_hi_base, offs_n, offs_d, img_k,
                N, D, qk_scale, sm_scale,
                IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
-               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, HAS_CUT: tl.constexpr):
+               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, HAS_CUT: tl.constexpr,
+               TRANSPOSED_DQ: tl.constexpr):
     """One query block against this program's key block, in transposed form: S^T = K Q^T
     is computed directly, so P^T and dS^T come out of the tensor cores in the layout the
     dV += P^T dO and dK += dS^T Q products take (no transposes through shared memory).
@@ -334,9 +337,16 @@ def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don
     dv = dv + tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
     dk = dk + tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
     if FUSED_DQ:
-        dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION) * sm_scale
-        mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-        tl.atomic_add(dq_base + _row_offsets(offs_m, offs_d, stride_dqn), dq, mask=mask, sem="relaxed")
+        if TRANSPOSED_DQ:
+            # dQ^T = K^T dS^T: its M is head_dim, not the query block (see TileConfig)
+            dqt = tl.dot(tl.trans(k), dst.to(k.dtype), input_precision=PRECISION) * sm_scale  # [D, queries]
+            mask = (offs_d[:, None] < D) & (offs_m[None, :] < N)
+            ptrs = dq_base + offs_m.to(tl.int64)[None, :] * stride_dqn + offs_d[:, None]  # int64: _row_offsets
+            tl.atomic_add(ptrs, dqt, mask=mask, sem="relaxed")
+        else:
+            dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION) * sm_scale
+            mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+            tl.atomic_add(dq_base + _row_offsets(offs_m, offs_d, stride_dqn), dq, mask=mask, sem="relaxed")
     return dk, dv
 
 
@@ -349,7 +359,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT
                    H, HKV, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
                    ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
-                   HAS_CUT: tl.constexpr):
+                   HAS_CUT: tl.constexpr, TRANSPOSED_DQ: tl.constexpr):
     """dK, dV of one key block (and with FUSED_DQ its share of every dQ, in fp32 DQ)."""
     kb = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
@@ -377,13 +387,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT
             dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don, stride_dqn,
                                 lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
                                 CUT_LO + b * N, CUT_HI + b * N, offs_n, offs_d, img_k, N, D, qk_scale, sm_scale,
-                                False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION, FUSED_DQ, HAS_CUT)
+                                False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION, FUSED_DQ, HAS_CUT,
+                                TRANSPOSED_DQ)
         for i in range(n_full):
             qb = tl.load(FULL_Q_IDX + lists * TQ + i)
             dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don, stride_dqn,
                                 lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
                                 CUT_LO + b * N, CUT_HI + b * N, offs_n, offs_d, img_k, N, D, qk_scale, sm_scale,
-                                True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION, FUSED_DQ, HAS_CUT)
+                                True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION, FUSED_DQ, HAS_CUT,
+                                TRANSPOSED_DQ)
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     ptrs = b * stride_dkb + hk * stride_dkh + _row_offsets(offs_n, offs_d, stride_dkn)
     tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
@@ -397,6 +409,11 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # backward tiles, fast mode: the dK/dV pass forms its dQ share as dQ^T = K^T dS^T (M =
+    # head_dim; dS^T is the B operand as it stands) instead of dQ = dS K (M = the query
+    # block). A wgmma needs 64 rows per warp group: below that, dS K runs as mma.sync with
+    # K reloaded from shared memory into registers every tile. mma.sync parts want dS K.
+    transposed_dq: bool = False
 
 
 INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
@@ -409,13 +426,16 @@ INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
 # asserts it) and ..._triton3.6_2026-12-06.txt (the GPU image's Triton): tensor-core
 # redundancy 1.0 everywhere (64 rows per warp group: 8 warps only on 128-row products); no
 # forward spill but at head_dim 256 split on sm90 (3.9 KB; Triton 3.6 adds 32 B in sm80's
-# split forward); dK/dV spills <= 1 KiB up to head_dim 128 (sm90 D128: 84/72 B plain,
-# 172/240 B split in the fused pass), ~3 KB at 256; within A100's 164 KiB and H100's
+# split forward); dK/dV spills <= 1 KiB up to head_dim 128 (sm90 D128: 24/16 B plain,
+# 168/164 B split in the fused pass), ~3 KB at 256; within A100's 164 KiB and H100's
 # 227 KiB of shared memory. Not yet tuned by timing. Other parts (sm86/89, sm120: ~100 KiB)
-# get the small fallback.
+# get the small fallback. transposed_dq on sm90's 32- and 16-row backward tiles: every
+# backward product a wgmma; at D128 the fused pass went from 84/72 B (split 172/240 B)
+# of spills and 140 KB of shared memory to 24/16 B (168/164 B) and 115 KB
+# (tests/test_attention_backward_aot.py); on sm80/89 dQ^T costs spills and replication.
 _SM90 = ((64, TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 2)),
-         (128, TileConfig(128, 32, 8, 3), TileConfig(32, 128, 8, 2)),
-         (256, TileConfig(64, 32, 4, 2), TileConfig(16, 64, 4, 2)))
+         (128, TileConfig(128, 32, 8, 3), TileConfig(32, 128, 8, 2, transposed_dq=True)),
+         (256, TileConfig(64, 32, 4, 2), TileConfig(16, 64, 4, 2, transposed_dq=True)))
 # sm80's mma.sync splits a dQ product of 32 or 64 query rows over 8 warps with replication
 # (redundancy 1.4 / 1.2 in the report), and 16 rows over 4: its backward tiles differ
 _SM80 = ((64, _SM90[0][1], TileConfig(64, 64, 4, 2)),
@@ -626,7 +646,8 @@ def backward_launches(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv
         full_q_idx,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), dq_sum.stride(0), dq_sum.stride(1), dq_sum.stride(2),
         b * h * n, h, hkv, h // hkv, n, d, tq, tk, scale * LOG2E, scale),
-        dict(constexprs(dkdv_cfg), FUSED_DQ=not deterministic)))
+        dict(constexprs(dkdv_cfg), FUSED_DQ=not deterministic,
+             TRANSPOSED_DQ=dkdv_cfg.transposed_dq and not deterministic)))
     if not deterministic:
         steps.append(lambda: dq.copy_(dq_sum))
     return dq, dk, dv, steps
