@@ -1,12 +1,15 @@
 """``bench_train.py --hf FAMILY``: a LoRA SFT step on a Hugging Face VLM, fastvlm against
 the stacks users run, the same samples and weights in the same run.
 
-- ``fastvlm``: the model loaded and patched by ``fastvlm.integrations.hf_load.load_patched``
-  (fastvlm attention on the packed layout, fused LM-head loss, vision checkpointing),
-  PEFT LoRA on the LLM projections, driven through ``HFVLM``; the samples through
+- ``fastvlm``: the model as ``fastvlm train`` builds an ``instruct`` stage of a
+  ``model.source = "hf"`` run: loaded and patched by ``fastvlm.integrations.hf_load.load_patched``
+  (fastvlm attention on the packed layout, fused LM-head loss, vision checkpointing policy),
+  shaped by ``fastvlm.train.hf_build.shape_hf_stage`` (fastvlm's LoRALinear on the same LLM
+  projections with the same rank, alpha and dropout as the PEFT variants; decoder layers
+  recomputed in backward), driven through ``HFVLM``; the samples through
   ``HFProcessorDataset`` (the processor's chat template, labels from character offsets)
   and packed by ``HFPackedCollator`` into rows of ``--budget`` tokens, one row per
-  micro-batch;
+  micro-batch (the patched forward runs a row's live tokens only, not its padding);
 - ``trl``: TRL's ``SFTTrainer`` with a ``peft_config``, as its docs set up a VLM: a
   conversational dataset (``messages`` + ``images``), its vision collator (padded: TRL
   refuses packing and padding-free for vision data), ``assistant_only_loss`` (the chat
@@ -251,18 +254,22 @@ def _to(batch: dict, device) -> dict:
 
 
 def build_fastvlm(path, device, dtype, batch_size, budget, r):
-    from peft import get_peft_model
-
+    """The model as ``fastvlm train`` builds an ``instruct`` stage of a ``model.source = "hf"``
+    run (fastvlm.train.hf_build: load + patch, fastvlm's LoRALinear on the same projections,
+    the tower and projector frozen, each decoder layer recomputed in backward)."""
     from fastvlm.data.hf_collate import HFPackedCollator
     from fastvlm.data.packing import pack
     from fastvlm.integrations.hf_load import load_patched
     from fastvlm.integrations.hf_trainable import HFVLM
+    from fastvlm.train.hf_build import shape_hf_stage
+    from fastvlm.train.recipe import LoRASection, Stage
 
     items, pad_id = _items(path)
-    hf = load_patched(path, torch.float32).to(device)
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    hf.config.use_cache = False
-    model = HFVLM(get_peft_model(hf, _lora(r))).train()
+    model = HFVLM(load_patched(path, torch.float32)).to(device)
+    model.hf.config.use_cache = False
+    shape_hf_stage(model, Stage(type="instruct", lr={"llm": 1e-4}, finetune="lora", checkpointing={"llm": "full"},
+                                lora=LoRASection(r=r, alpha=2 * r, dropout=0.0, targets=",".join(LLM_TARGETS))))
+    model.train()
     collate = HFPackedCollator(pad_id, budget)
     rows = [_to(collate([items[i] for i in row]), device)
             for row in pack([len(it["input_ids"]) for it in items], budget, "bfd")]

@@ -9,6 +9,7 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 from fastvlm.nn import FusedMLPConnector
@@ -117,12 +118,22 @@ def checkpointed_forward(layer: nn.Module, previous, policy: CheckpointPolicy, i
     checkpointing already recomputes the layer, or nothing needs gradients, and for a
     quantised layer on CPU (see is_quantized). `previous`: see call_original."""
     original = functools.partial(call_original, layer, previous)
-    if (not torch.is_grad_enabled() or not policy.checkpoints(index)
+    if (not _needs_grad(layer, args, kwargs) or not policy.checkpoints(index)
             or (is_quantized(layer) and not any(p.is_cuda for p in layer.parameters()))
             or (getattr(layer, "gradient_checkpointing", False) and layer.training)):
         return original(*args, **kwargs)
     x = args[0] if args else kwargs.get("hidden_states")
     return checkpoint(original, *args, use_reentrant=False, **checkpoint_kwargs(policy, x.shape[-1]), **kwargs)
+
+
+def _needs_grad(layer: nn.Module, args, kwargs) -> bool:
+    """Whether this call records a graph: grad mode on and a parameter of the layer or a tensor
+    input requiring a gradient (a frozen tower on pixels records none, and a checkpoint of it
+    would only add its dispatch mode's cost to every op)."""
+    if not torch.is_grad_enabled():
+        return False
+    return (any(p.requires_grad for p in layer.parameters())
+            or any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((args, kwargs))))
 
 
 def output_class(model: nn.Module):

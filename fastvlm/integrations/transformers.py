@@ -64,6 +64,7 @@ from fastvlm.integrations.hf_modules import (
     projector_parts,
     replace_child,
 )
+from fastvlm.integrations.hf_unpad import drop_padding
 from fastvlm.nn.checkpointing import CheckpointPolicy
 
 SUPPORTED_TRANSFORMERS = ("5.23", "5.24")  # [min, max): the range the tests ran on; pyproject's `hf` extra
@@ -307,9 +308,11 @@ class PatchedForward:
                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         kwargs.update(zip(names, args))
         if self.attention:
-            kwargs[hf_attention.LAYOUT_KWARG] = _layout_for(model, state.family, kwargs, segment_ids)
             if _output_attentions(model, kwargs):  # reaches the attention function, which then runs eager
                 kwargs["output_attentions"] = True
+            if state.fused_loss and segment_ids is not None:  # a packed loss forward: its live tokens only
+                kwargs, segment_ids = drop_padding(model, kwargs, segment_ids)
+            kwargs[hf_attention.LAYOUT_KWARG] = _layout_for(model, state.family, kwargs, segment_ids)
         elif segment_ids is not None:
             raise ValueError("segment_ids: packed segments need the fastvlm attention (patch with attention=True)")
         if not (state.fused_loss and kwargs.get("labels") is not None):

@@ -319,20 +319,13 @@ class AttentionLayout:
         id (images keep their runs, offset per row). Each kind stays within its segment, so a
         token attends to exactly the keys it did; per-token work (projections, MLPs, the loss)
         then skips the padding that fixed-length rows carry."""
-        live = (self.segment_ids >= 0).flatten()
-        index = live.nonzero().squeeze(1)
-        b, n = self.shape
-        row = torch.arange(b, device=self.device).repeat_interleave(n)[index]
-        seg = self.segment_ids.flatten()[index].long()
-        starts = torch.ones_like(seg, dtype=torch.bool)
-        starts[1:] = (seg[1:] != seg[:-1]) | (row[1:] != row[:-1])
-        new_seg = (starts.cumsum(0) - 1).to(self.segment_ids.dtype)
+        new_seg, index, row = live_segments_as_one_row(self.segment_ids)
         img = self.image_ids.flatten()[index].long()
         stride = int(self.image_ids.max()) + 1 if index.numel() else 1
         new_img = torch.where(img >= 0, img + row * stride, -1).to(self.image_ids.dtype)
         prefix = None if self.prefix_mask is None else self.prefix_mask.flatten()[index][None]
         branch = None if self.branch_ids is None else self.branch_ids.flatten()[index][None]
-        return AttentionLayout(new_seg[None], new_img[None], prefix, self.kind, split_softmax=self.split_softmax,
+        return AttentionLayout(new_seg, new_img[None], prefix, self.kind, split_softmax=self.split_softmax,
                                window=self.window, branch_ids=branch), index
 
     def __repr__(self):
@@ -611,6 +604,19 @@ class AttentionLayout:
                     img[b, start:start + length] = i
         return cls(seg.to(device), img.to(device), None if pre is None else pre.to(device), kind,
                    split_softmax=split_softmax)
+
+
+def live_segments_as_one_row(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The live tokens (segment id >= 0) of every row of `segment_ids` [B, N], in order, as one
+    row: (their segment ids [1, T], renumbered 0, 1, ... so that a new segment starts wherever
+    the id or the row changes; their flat indices into [B * N]; their rows [T])."""
+    b, n = segment_ids.shape
+    index = (segment_ids >= 0).flatten().nonzero().squeeze(1)
+    row = torch.arange(b, device=segment_ids.device).repeat_interleave(n)[index]
+    seg = segment_ids.flatten()[index].long()
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[1:] = (seg[1:] != seg[:-1]) | (row[1:] != row[:-1])
+    return (starts.cumsum(0) - 1).to(segment_ids.dtype)[None], index, row
 
 
 def _int_rows(values, arg: str, row_lengths: list[int] | None = None) -> list[list[int]]:
