@@ -281,12 +281,12 @@ def format_row(r: dict) -> str:
 
 
 def source_commit() -> str:
-    """The commit the kernels were compiled from (+dirty when the worktree differs from it)."""
-    git = ["git", "-C", str(Path(__file__).resolve().parent)]
+    """The commit the kernels were compiled from (+dirty when the package or this tool differ from it)."""
+    git = ["git", "-C", str(Path(__file__).resolve().parents[1])]
     try:
         head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True)
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "fastvlm",
+                                      "benchmarks/attention_resources.py"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
