@@ -404,7 +404,7 @@ INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
 # match wins. The forward (and the deterministic dQ kernel) walk the forward's block map,
 # dK/dV the backward's, each at its own tiles (the backward's block_m query rows x block_n
 # key rows). Chosen without a GPU from the report of the real launch (GQA 4:1, N=8192),
-# `python benchmarks/attention_resources.py --matrix --fp16-bounds 128`, kept as
+# `python benchmarks/attention_resources.py --matrix --candidates --fp16-bounds 128`, kept as
 # benchmarks/results/attention_resources_triton3.8_2026-12-06.txt (tests/test_attention_aot.py
 # asserts it) and ..._triton3.6_2026-12-06.txt (the GPU image's Triton): tensor-core
 # redundancy 1.0 everywhere (64 rows per warp group: 8 warps only on 128-row products); no
