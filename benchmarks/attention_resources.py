@@ -1,11 +1,11 @@
 """Compile the attention kernels as a real launch does, for a GPU target, without a GPU.
 
     python benchmarks/attention_resources.py --cap 90 --head-dim 128 [--fwd 128,64,8,3] [--bwd 64,128,8,2]
-    python benchmarks/attention_resources.py --matrix [--jobs 2] [--json]
+    python benchmarks/attention_resources.py --matrix [--candidates] [--jobs 2] [--json]
 
 The launches are the launchers' own (fastvlm.kernels.attention.forward_launches /
 backward_launches) on meta tensors of a realistic call (B=1, 32 q heads, 8 kv heads:
-GQA 4:1, N=8192 unless --n), and each kernel is specialised by Triton's own binder:
+GQA 4:1, N=8192), and each kernel is specialised by Triton's own binder:
 pointers, and the integer arguments divisible by 16 (strides, D, N, TQ, TK, H...),
 get the divisibility a launch gives them, an integer equal to 1 becomes a constant, the
 constexprs are the launch's. (Marking only pointers and strides, as this tool once did,
@@ -20,9 +20,11 @@ ratio, 1.0 when no two warps compute the same product.
 
 --matrix compiles every entry of the tile tables (sm80 and sm90, the fallback at
 sm89), head_dim 64 / 128 / 256, bf16 (fp16 where --fp16-bounds says), plain causal
-and mmca split, every kernel of both backward modes; tests/test_attention_aot.py
-asserts on its rows. ptxas usage is taken from Triton's own ptxas run and kept
-beside the compiled kernel in Triton's cache, so a warm cache answers without compiling.
+and mmca split, every kernel of both backward modes; --candidates adds the alternatives
+`auto` times (kernels.candidate_configs; rows marked alt, each distinct compile once).
+tests/test_attention_aot.py asserts on the rows of --matrix --candidates. ptxas usage is
+taken from Triton's own ptxas run and kept beside the compiled kernel in Triton's cache,
+so a warm cache answers without compiling.
 """
 from __future__ import annotations
 
@@ -195,20 +197,32 @@ def useful_work(kernel: str, variant: str, consts: dict) -> int | None:
 
 
 # ---- jobs ------------------------------------------------------------------------------------
-def table_configs(cap: int, head_dim: int) -> tuple[K.TileConfig, K.TileConfig]:
-    return K.gpu_config((cap // 10, cap % 10), head_dim), K.gpu_config((cap // 10, cap % 10), head_dim, backward=True)
+def config_pairs(cap: int, head_dim: int, candidates: bool = False) -> tuple[tuple[K.TileConfig, K.TileConfig], ...]:
+    """(forward, backward) tiles: the table's entry, then (candidates) the alternatives `auto` times."""
+    capability = (cap // 10, cap % 10)
+    if candidates:
+        return K.candidate_configs(capability, head_dim)
+    return ((K.gpu_config(capability, head_dim), K.gpu_config(capability, head_dim, backward=True)),)
 
 
-def kernel_jobs(cap: int, head_dim: int, dtype: str, fwd: K.TileConfig, bwd: K.TileConfig) -> list[dict]:
-    """Every kernel of one call, plain and split (the delta kernel once: it has no variants)."""
-    jobs = []
-    for variant in VARIANTS:
-        for kernel in call_launches(head_dim, dtype, fwd, bwd, variant):
-            if kernel == "_bwd_delta" and variant != "plain":
-                continue
-            jobs.append(dict(cap=cap, head_dim=head_dim, dtype=dtype, variant=variant if kernel != "_bwd_delta"
-                             else "any", kernel=kernel, fwd=list(fwd.__dict__.values()),
-                             bwd=list(bwd.__dict__.values())))
+def kernel_jobs(cap: int, head_dim: int, dtype: str, pairs, delta: bool = True) -> list[dict]:
+    """Every kernel of one call per (forward, backward) pair, plain and split, each distinct
+    compile once: a kernel whose constexprs and options (the pair's tiles reach a kernel
+    only through them) another pair already brought is not compiled again (the delta
+    kernel has no variants or tiles: once, if asked for). `table` marks the
+    kernels of the first pair (the tile table's entry)."""
+    jobs, seen = [], set()
+    for n_pair, (fwd, bwd) in enumerate(pairs):
+        for variant in VARIANTS:
+            for kernel, launch in call_launches(head_dim, dtype, fwd, bwd, variant).items():
+                is_delta = kernel == "_bwd_delta"
+                key = (kernel, "any" if is_delta else variant, *sorted(launch.kwargs.items()))
+                if key in seen or (is_delta and not delta):
+                    continue
+                seen.add(key)
+                jobs.append(dict(cap=cap, head_dim=head_dim, dtype=dtype, variant=key[1], kernel=kernel,
+                                 table=n_pair == 0, fwd=list(fwd.__dict__.values()),
+                                 bwd=list(bwd.__dict__.values())))
     return jobs
 
 
@@ -232,15 +246,16 @@ def run_job(job: dict) -> dict:
     return out
 
 
-def matrix_jobs(caps=MATRIX_CAPS, fp16_bounds=None) -> list[dict]:
-    """Each table entry per (target, head_dim 64/128/256): bf16 always, fp16 for the head_dims
-    in fp16_bounds (all if None). fp16 and bf16 tiles have the same bytes."""
+def matrix_jobs(caps=MATRIX_CAPS, fp16_bounds=None, candidates=False, delta=True) -> list[dict]:
+    """Each table entry (and with candidates, each alternative `auto` times, in bf16) per
+    (target, head_dim 64/128/256): bf16 always, fp16 for the head_dims in fp16_bounds (all
+    if None). fp16 and bf16 tiles have the same bytes."""
     jobs = []
     for cap in caps:
         for d in HEAD_DIMS:
             for dtype in ("bf16", "fp16"):
                 if dtype == "bf16" or fp16_bounds is None or d in fp16_bounds:
-                    jobs += kernel_jobs(cap, d, dtype, *table_configs(cap, d))
+                    jobs += kernel_jobs(cap, d, dtype, config_pairs(cap, d, candidates and dtype == "bf16"), delta)
     return jobs
 
 
@@ -254,7 +269,8 @@ def run_all(jobs: list[dict], workers: int) -> list[dict]:
 
 def format_row(r: dict) -> str:
     head = (f"sm{r['cap']} D{r['head_dim']:<3d} {r['dtype']} {r['variant']:10s} {r['kernel']:17s} "
-            f"{r['block'][0]}x{r['block'][1]} w{r['num_warps']} s{r['num_stages']}")
+            f"{'table' if r['table'] else 'alt  '} {r['block'][0]}x{r['block'][1]} w{r['num_warps']} "
+            f"s{r['num_stages']}")
     if "error" in r:
         return f"{head} FAILED {r['error']}"
     tc = "wgmma" if r["wgmma"] else "mma" if r["mma"] else "no tensor cores"
@@ -262,6 +278,18 @@ def format_row(r: dict) -> str:
            f", {tc} work/iter {r['loop_work']} = {r['redundancy']} x useful {r['useful']}")
     return (f"{head} shared {r['shared']:6d} B / {r['limit']} {'ok ' if r['ok'] else 'OVER'}, "
             f"{r['regs']} regs, spills {r['spill_st']}/{r['spill_ld']} B st/ld{red}")
+
+
+def source_commit() -> str:
+    """The commit the kernels were compiled from (+dirty when the package or this tool differ from it)."""
+    git = ["git", "-C", str(Path(__file__).resolve().parents[1])]
+    try:
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "fastvlm",
+                                      "benchmarks/attention_resources.py"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main(argv=None):
@@ -272,21 +300,26 @@ def main(argv=None):
     p.add_argument("--bwd", default=None, help="backward tiles, likewise")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
     p.add_argument("--matrix", action="store_true", help="every tile-table entry for sm80/sm89/sm90")
+    p.add_argument("--candidates", action="store_true",
+                   help="also the alternatives `auto` times (kernels.candidate_configs), each distinct compile once")
+    p.add_argument("--no-delta", action="store_true", help="leave out the delta kernel (no tiles, no tensor cores)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     p.add_argument("--json", action="store_true", help="also print one JSON line of all rows")
     p.add_argument("--fp16-bounds", default=None,
-                   help="--matrix: fp16 only for these head_dims, e.g. 128 (default: every one)")
+                   help="--matrix: fp16 only for these head_dims, e.g. 128, or none (default: every one)")
     args = p.parse_args(argv)
     t0 = time.monotonic()
+    print(f"# triton {triton.__version__}, fastvlm commit {source_commit()}, GQA 4:1 N=8192 launches")
     if args.matrix:
-        bounds = None if args.fp16_bounds is None else {int(b) for b in args.fp16_bounds.split(",")}
-        jobs = matrix_jobs(fp16_bounds=bounds)
+        bounds = (None if args.fp16_bounds is None else set() if args.fp16_bounds == "none"
+                  else {int(b) for b in args.fp16_bounds.split(",")})
+        jobs = matrix_jobs(fp16_bounds=bounds, candidates=args.candidates, delta=not args.no_delta)
     else:
-        fwd, bwd = table_configs(args.cap, args.head_dim)
+        (fwd, bwd), *alternatives = config_pairs(args.cap, args.head_dim, args.candidates)
         fwd = K.TileConfig(*map(int, args.fwd.split(","))) if args.fwd else fwd
         bwd = K.TileConfig(*map(int, args.bwd.split(","))) if args.bwd else bwd
         print(f"# forward {fwd}\n# backward {bwd}")
-        jobs = kernel_jobs(args.cap, args.head_dim, args.dtype, fwd, bwd)
+        jobs = kernel_jobs(args.cap, args.head_dim, args.dtype, [(fwd, bwd), *alternatives], not args.no_delta)
     rows = run_all(jobs, args.jobs)
     print("\n".join(format_row(r) for r in rows))
     print(f"# {len(rows)} kernels in {time.monotonic() - t0:.0f} s (triton {triton.__version__})")

@@ -421,7 +421,7 @@ INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
 # match wins. The forward (and the deterministic dQ kernel) walk the forward's block map,
 # dK/dV the backward's, each at its own tiles (the backward's block_m query rows x block_n
 # key rows). Chosen without a GPU from the report of the real launch (GQA 4:1, N=8192),
-# `python benchmarks/attention_resources.py --matrix --fp16-bounds 128`, kept as
+# `python benchmarks/attention_resources.py --matrix --candidates --fp16-bounds 128`, kept as
 # benchmarks/results/attention_resources_triton3.8_2026-12-06.txt (tests/test_attention_aot.py
 # asserts it) and ..._triton3.6_2026-12-06.txt (the GPU image's Triton): tensor-core
 # redundancy 1.0 everywhere (64 rows per warp group: 8 warps only on 128-row products); no
@@ -461,16 +461,20 @@ def gpu_config(capability: tuple[int, int], head_dim: int, backward: bool = Fals
 
 # Alternatives (forward, backward) that `auto` times against the table's pair on the first
 # call of each shape (fastvlm.ops.attention): taller query tiles amortise the k/v loads on
-# long rows, shorter ones waste less on partial tiles. One that does not fit (out of
-# shared memory on that part) is dropped by the measurement.
-_SM80_SM90_ALTERNATIVES = (
+# long rows, shorter ones waste less on partial tiles. Kept from the same report run with
+# --candidates (tests/test_attention_aot.py asserts them too): tensor-core redundancy 1.0,
+# within shared memory, forward and dQ spills <= 128 B (sm90 split: 76 B at D64 128x128,
+# 36-56 B at D128; the timing judges those), dK/dV <= 2 KiB. Dropped by that report: on
+# sm80, D64 128x128 / 64x128 (split forward 1 KB of spills, fused dK/dV+dQ redundancy 1.2)
+# and both D128 pairs (split forward 0.8-1 KB of spills); at D256 64x64 everywhere
+# (forward 4-30 KB, dK/dV 4-55 KB of spills).
+_SM90_ALTERNATIVES = (
     (64, ((TileConfig(128, 128, 8, 2), TileConfig(64, 128, 8, 2)),
           (TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 2)))),
     (128, ((TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 2)),
-           (TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 2)))),
-    (256, ((TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 1)),)))
-_ALTERNATIVES = {(8, 0): _SM80_SM90_ALTERNATIVES, (9, 0): _SM80_SM90_ALTERNATIVES,
-                 (10, 0): _SM80_SM90_ALTERNATIVES}
+           (TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 2)))))
+_SM80_ALTERNATIVES = ((64, ((TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 2)),)),)
+_ALTERNATIVES = {(8, 0): _SM80_ALTERNATIVES, (9, 0): _SM90_ALTERNATIVES, (10, 0): _SM90_ALTERNATIVES}
 
 
 def candidate_configs(capability: tuple[int, int], head_dim: int) -> tuple[tuple[TileConfig, TileConfig], ...]:
