@@ -34,7 +34,6 @@ import random
 import sys
 from pathlib import Path
 
-import hf_sft
 import torch
 
 from common import markdown_table, median_time, peak_memory, results_path, run_training_benchmark, save_results
@@ -264,6 +263,10 @@ def one_case(shape, variant, path, device, repeats, budget, hf_batch, r, seed):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if any(a == "--hf" or a.startswith("--hf=") for a in argv):
+        # imported for --hf only: hf_sft pulls in PEFT and transformers' Trainer (~6 s of CPU per
+        # process), which the parent and the fastvlm variant of the LLaVA benchmark never use
+        import hf_sft
+
         return hf_sft.main(argv, __doc__, __file__)
     args, settings, env, rows = run_training_benchmark(
         argv, __doc__, "bench_train", __file__,

@@ -5,6 +5,7 @@ follows from the format; what the layers and models compute is checked against t
 dequantized weights in float64, with the rule of tests/utils.
 """
 import copy
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from fastvlm.nn.lora import LoRALinear
 from fastvlm.train.lora import lora_layers
-from fastvlm.train.quant import NF4_BLOCKSIZE, apply_qlora, dequantized_weight, to_nf4
+from fastvlm.train.quant import NF4_BLOCKSIZE, apply_qlora, dequantized_weight, quantized_state_keys, to_nf4
 from tests.lora_models import ALL_PROJ, TinyVLM, tiny_llama
 from tests.utils import assert_close, assert_close_rescaled, unit_roundoff
 
@@ -147,6 +148,18 @@ def test_transformers_checkpointing_reaches_qlora_adapters(seed):
     model(ids, labels=ids).loss.backward()
     grads = [m.lora_B.grad for m in lora_layers(model).values()]  # B = 0 at init, so A's grad is 0
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_nf4_state_keys_without_bitsandbytes_imported(monkeypatch):
+    """Every checkpoint asks which keys are NF4; a process that never imported bitsandbytes
+    holds no NF4 layer, and must not pay that import (~2 s of CPU per training process)."""
+    model = nn.Sequential(nn.Linear(4, 64), nn.Linear(64, 4))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # an import of it now raises
+    assert quantized_state_keys(model, model.state_dict()) == set()
+    monkeypatch.undo()
+    model[1] = to_nf4(model[1], torch.float32)
+    keys = quantized_state_keys(model, model.state_dict())
+    assert "1.weight" in keys and "1.bias" not in keys and all(k.startswith("1.weight") for k in keys)
 
 
 def test_merge_into_nf4_is_refused():

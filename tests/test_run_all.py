@@ -10,9 +10,10 @@ import report  # noqa: E402
 
 
 def test_run_all_smoke_subset(tmp_path):
-    # each benchmark's smoke run has its own test; two cheap ones exercise the runner here
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--smoke", "--only", "memory",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    # each benchmark's smoke run has its own test; a cheap one exercises the runner here, started
+    # as `fastvlm bench all` starts it (the CLI's options: test_build_and_cli, without a run)
+    proc = subprocess.run([sys.executable, "-m", "fastvlm", "bench", "all", "--smoke", "--only", "memory",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text()
     assert "| memory | passed |" in summary

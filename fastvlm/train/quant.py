@@ -13,6 +13,8 @@ stage folds each adapter into its dequantized base (``merge_quantized``).
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -49,8 +51,9 @@ def to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
 def quantized_state_keys(model: nn.Module, state_keys) -> set[str]:
     """The keys of `state_keys` (a state dict's) that belong to an NF4 weight: the packed
     weight and the quantisation state bitsandbytes adds beside it (``<weight>.absmax``, ...)."""
-    import bitsandbytes as bnb
-
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:  # never imported, so no layer is a Linear4bit: every checkpoint of a run without
+        return set()  # NF4 asks, and importing bitsandbytes costs a fresh process ~2 s of CPU
     weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     if not weights:
         return set()
