@@ -5,14 +5,15 @@ difference of two one-process runs that split the global batch differently, plus
 fp32 roundings per step); a 2-rank DDP run SIGKILLed (every rank) and resumed in one
 process continues on those losses; the FSDP run evaluates (VQA, generate) during each
 stage (sharded) and at its end. One test: each run is a few processes that import torch and transformers."""
+import copy
 import json
 import math
 
-import pytest
 import torch
 import torch.distributed as tdist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from fastvlm.integrations.hf_load import load_patched
 from fastvlm.integrations.hf_trainable import HFVLM, layer_list
@@ -89,21 +90,36 @@ def test_hf_two_ranks_ddp_and_fsdp_match_one_process_and_resume(tmp_path):
     assert all(torch.equal(v, final[k]) for k, v in model.hf.state_dict().items())
 
 
-def test_fsdp_refuses_a_training_micro_batch_without_images(tmp_path, seed):
-    """A text-only micro-batch skips the tower, whose FSDP-sharded layers the other ranks may
-    be gathering: an error naming the rank rather than a hang (one process, a group of 1)."""
+def test_fsdp_micro_batch_without_images_runs_a_blank_image(tmp_path, seed):
+    """A text-only training micro-batch under FSDP runs the sharded tower (and the merger) on a
+    blank image weighted 0, so that its rank joins the gathers other ranks' images make: the
+    loss and every gradient are exactly those of the micro-batch alone, the tower's and the
+    merger's gradients are zeros (present, as on a rank with images). One process, a group of
+    1; one process without FSDP runs no blank image (no gradient there)."""
     model = HFVLM(patch(H.build("qwen2_vl", seed))).train()
+    alone = copy.deepcopy(model)
     ids = torch.randint(0, H.TEXT_MAX, (1, 12), generator=torch.Generator().manual_seed(seed))
-    assert torch.isfinite(model(input_ids=ids, labels=ids))  # unsharded: the tower is not needed
+    want = alone(input_ids=ids, labels=ids)
+    want.backward()
+    in_tower = {id(p) for p in model.vision_tower.parameters()}  # Qwen2-VL's merger included
+    tower = {n for n, p in model.named_parameters() if id(p) in in_tower}
+    assert tower and all(p.grad is None for n, p in alone.named_parameters() if n in tower)
     tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         for layer in layer_list(model.vision_tower)[1]:
             fully_shard(layer, mesh=mesh)
-        with pytest.raises(ValueError, match="batch: rank 0's micro-batch holds no image, and under "
-                                             "run.distributed = 'fsdp'"):
-            model(input_ids=ids, labels=ids)
-        model.eval()  # evaluation runs every rank on the same inputs: allowed
-        assert torch.isfinite(model(input_ids=ids, labels=ids))
+        got = model(input_ids=ids, labels=ids)
+        got.backward()
+        assert torch.equal(got, want)
+        for name, p in model.named_parameters():
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            if name in tower:
+                assert grad is not None and not grad.any(), name
+            else:
+                assert torch.equal(grad, alone.get_parameter(name).grad), name  # every LLM weight has one
+        model.eval()  # evaluation runs every rank on the same inputs: no blank image
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids, labels=ids), want)
     finally:
         tdist.destroy_process_group()
