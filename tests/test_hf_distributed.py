@@ -28,7 +28,7 @@ from tests import hf_processors as P
 from tests.test_hf_train import QUESTIONS, SIZES, raw_recipe, records
 
 from .dist_launch import losses, run, run_until_checkpoints
-from .test_distributed import EPS32, assert_close
+from .test_distributed import EPS32, assert_close, images_per_micro_batch
 
 STEPS = 2
 
@@ -47,15 +47,26 @@ def hf_raw(root, mode: str, batch_size: int, grad_accum: int, evaluate: bool = F
 def test_hf_two_ranks_ddp_and_fsdp_match_one_process_and_resume(tmp_path):
     root = tmp_path / "data"
     P.write_images(root / "img", SIZES, seed=0)
-    # every sample with an image: each rank's micro-batch runs the tower (FSDP gathers its layers)
-    (root / "train.json").write_text(json.dumps([r for r in records() if "image" in r]))
+    # the samples with an image, and two text-only ones: they make a packed row of their own,
+    # so that in each sft step one rank's micro-batch holds no image (checked below), which
+    # runs the FSDP-sharded tower on a blank image while the other rank's runs it on images
+    with_image = [r for r in records() if "image" in r]
+    text_only = [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Say it again. " * 2},
+                                                   {"from": "gpt", "value": "It is said again, " * 2}]}
+                 for i in range(2)]
+    (root / "train.json").write_text(json.dumps(with_image + text_only))
+    (root / "val.json").write_text(json.dumps(with_image))  # the VQA questions
     P.save_family("qwen2_vl", 0, root / "qwen2_vl")
     recipes = {}
     for name, mode, kw in (("ddp", "ddp", dict(batch_size=1, grad_accum=2)),
                            ("fsdp", "fsdp", dict(batch_size=1, grad_accum=2, evaluate=True)),
                            ("single", "ddp", dict(batch_size=2, grad_accum=1))):
+        raw = hf_raw(root, mode, **kw)
+        raw["data"]["val"] = str(root / "val.json")
         recipes[name] = tmp_path / f"{name}.toml"
-        recipes[name].write_text(to_toml(parse_recipe(hf_raw(root, mode, **kw))))
+        recipes[name].write_text(to_toml(parse_recipe(raw)))
+    held = images_per_micro_batch(recipes["fsdp"], tmp_path / "plan", 1, 2 * STEPS, key="pixel_values")
+    assert held == [False, True, True, False], held  # rank 0 takes a step's first, rank 1 its second
     refs = {}
     for name in ("ddp", "single"):
         run(recipes[name], tmp_path / f"ref-{name}", 1)

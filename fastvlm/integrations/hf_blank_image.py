@@ -9,8 +9,12 @@ own ``get_image_features`` (the tower and the projector, Qwen's mergers and deep
 mergers included) on one minimal image of the family's input shape, and returns 0 times
 the sum of what a batch's embeddings would receive: exactly 0 (the features are finite),
 whose gradients are zeros on exactly the parameters an image gives gradients to, so the
-loss and the gradient are those of the micro-batch alone. ``fastvlm.VLM.blank_image_term``
-does the same for the native VLM.
+loss and the gradient are those of the micro-batch alone. ``blank_image_in_embeddings``
+adds it to the input embeddings (not to the loss): the tower then runs where a batch's
+images run it, before the decoder, and the decoder's first layer gets an input that needs
+a gradient, as image features give it; otherwise FSDP would reduce that layer's gradients
+at the end of backward on this rank and during it on the others (a collective mismatch).
+``fastvlm.VLM.blank_image_term`` does the same for the native VLM.
 
 The blank image per family (``blank_image_inputs``):
 
@@ -22,6 +26,8 @@ The blank image per family (``blank_image_inputs``):
 - Idefics3 / SmolVLM: one tile at the tower's size with its ``pixel_attention_mask``.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -78,3 +84,17 @@ def tensors(value) -> list[torch.Tensor]:
     if isinstance(value, (list, tuple)):
         return [t for item in value for t in tensors(item)]
     return []
+
+
+@contextlib.contextmanager
+def blank_image_in_embeddings(hf: nn.Module):
+    """Within: the next call of `hf`'s input embeddings adds blank_image_term(hf) to its output."""
+    def add(module, args, output):
+        handle.remove()  # once: the forward's token embeddings
+        return output + blank_image_term(hf)
+
+    handle = hf.get_input_embeddings().register_forward_hook(add)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -28,6 +28,7 @@ It is the trainer's model seam (fastvlm.train.losses.TrainableModel), as ``fastv
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -39,7 +40,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from fastvlm.integrations import hf_attention
-from fastvlm.integrations.hf_blank_image import blank_image_term
+from fastvlm.integrations.hf_blank_image import blank_image_in_embeddings
 from fastvlm.integrations.hf_load import load_patched
 from fastvlm.integrations.transformers import _layout_for, family_of, unwrap
 from fastvlm.models.feature_cache import FeatureCache
@@ -118,16 +119,11 @@ class HFVLM(nn.Module):
     def forward(self, labels: torch.Tensor | None = None, **inputs):
         """With labels: the mean next-token cross-entropy over supervised tokens (fused with
         the LM head). Without: the model's output (logits)."""
-        blank = None
-        if labels is not None and self.training and not any(k in inputs for k in PIXEL_INPUTS) \
-                and tower_sharded(self.vision_tower):
-            # before the decoder, where a batch with images runs the tower: every rank gathers
-            # the sharded units in the same order
-            blank = blank_image_term(self.hf)
-        out = self.model(**inputs, labels=labels)
-        if labels is None:
-            return out
-        return out.loss if blank is None else out.loss + blank
+        blank = (labels is not None and self.training and not any(k in inputs for k in PIXEL_INPUTS)
+                 and tower_sharded(self.vision_tower))
+        with blank_image_in_embeddings(self.hf) if blank else contextlib.nullcontext():
+            out = self.model(**inputs, labels=labels)
+        return out.loss if labels is not None else out
 
     def final_hidden(self, **inputs) -> torch.Tensor:
         """[B, N, H]: the decoder's last hidden states (after its final norm), which the
