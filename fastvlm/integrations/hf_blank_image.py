@@ -1,5 +1,5 @@
 """A blank image through a Hugging Face VLM's image path, weighted 0: what a training
-micro-batch without images adds to its loss when the vision tower is FSDP-sharded.
+micro-batch without images adds to its input embeddings when the vision tower is FSDP-sharded.
 
 Under FSDP each rank gathers a sharded block's weights as it runs it, and reduces every
 unit's gradients by parameter: a rank whose micro-batch holds no image would skip the
@@ -66,7 +66,7 @@ def blank_image_inputs(hf: nn.Module) -> dict[str, torch.Tensor]:
 
 def blank_image_term(hf: nn.Module) -> torch.Tensor:
     """Exactly 0, computed from one blank image by `hf`'s image path (tower and projector):
-    added to a training loss, it runs the modules a batch with images runs and gives their
+    added to a training forward, it runs the modules a batch with images runs and gives their
     parameters zero gradients, leaving the loss and every other gradient unchanged."""
     out = hf.model.get_image_features(**blank_image_inputs(hf))
     features = tensors([out.pooler_output, getattr(out, "deepstack_features", None)])  # Qwen3-VL's deepstack
