@@ -226,13 +226,14 @@ def mixed_raw(mode: str, root, batch_size: int = 1, grad_accum: int = 2, chunk: 
     return raw
 
 
-def images_per_micro_batch(recipe_path, run_dir, index: int, count: int) -> list[bool]:
-    """Whether each of stage `index`'s first `count` micro-batches holds an image."""
+def images_per_micro_batch(recipe_path, run_dir, index: int, count: int, key: str = "images") -> list[bool]:
+    """Whether each of stage `index`'s first `count` micro-batches holds an image (`key`: the
+    batch's pixels, ``pixel_values`` for a Hugging Face VLM)."""
     recipe = load_recipe(recipe_path)
     data = prepare_data(recipe, run_dir)
     model = build_model(recipe, data.tokenizer, recipe.run.seed)
     batches = iter(StageBatches(recipe.stages[index], recipe, data, model, seed=recipe.run.seed + index))
-    return [next(batches)["images"] is not None for _ in range(count)]
+    return [next(batches).get(key) is not None for _ in range(count)]
 
 
 def test_contrastive_and_align_pair_the_samples_with_an_image():

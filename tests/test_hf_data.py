@@ -235,6 +235,21 @@ def test_image_token_estimate_without_the_processors_count(root, name, monkeypat
     assert own == [t - w for t, w in zip(true, wrappers)]
 
 
+@pytest.mark.parametrize("name", [n for n in ("llava_onevision", "smolvlm", "idefics3") if n in FAMILIES])
+def test_image_token_estimate_is_the_processors_expansion(root, name):
+    """The image part of the length estimates is exactly what the processor puts in place of
+    a sample's image placeholders (its ids less the render's tokens, one placeholder token
+    per image), on samples of one image and of two of different sizes: LLaVA-OneVision gives
+    each image of a multi-image sample its base tile only, SmolVLM's count holds its tile tags
+    and newlines (as Idefics3's own count does)."""
+    ds = dataset(root, name)
+    assert sorted(len(s.images) for s in ds.samples) == [0, 1, 1, 2]
+    for i, sample in enumerate(ds.samples):
+        text, _ = ds.render(sample)
+        rendered = len(ds.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert ds._image_tokens(sample) == len(ds[i]["input_ids"]) - rendered + len(sample.images), sample.id
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_packed_rows_hold_whole_samples(root, name):
     """One row of `budget` tokens: each sample's tokens, labels and per-token inputs in

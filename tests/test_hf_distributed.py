@@ -5,14 +5,15 @@ difference of two one-process runs that split the global batch differently, plus
 fp32 roundings per step); a 2-rank DDP run SIGKILLed (every rank) and resumed in one
 process continues on those losses; the FSDP run evaluates (VQA, generate) during each
 stage (sharded) and at its end. One test: each run is a few processes that import torch and transformers."""
+import copy
 import json
 import math
 
-import pytest
 import torch
 import torch.distributed as tdist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from fastvlm.integrations.hf_load import load_patched
 from fastvlm.integrations.hf_trainable import HFVLM, layer_list
@@ -27,7 +28,7 @@ from tests import hf_processors as P
 from tests.test_hf_train import QUESTIONS, SIZES, raw_recipe, records
 
 from .dist_launch import losses, run, run_until_checkpoints
-from .test_distributed import EPS32, assert_close
+from .test_distributed import EPS32, assert_close, images_per_micro_batch
 
 STEPS = 2
 
@@ -46,15 +47,26 @@ def hf_raw(root, mode: str, batch_size: int, grad_accum: int, evaluate: bool = F
 def test_hf_two_ranks_ddp_and_fsdp_match_one_process_and_resume(tmp_path):
     root = tmp_path / "data"
     P.write_images(root / "img", SIZES, seed=0)
-    # every sample with an image: each rank's micro-batch runs the tower (FSDP gathers its layers)
-    (root / "train.json").write_text(json.dumps([r for r in records() if "image" in r]))
+    # the samples with an image, and two text-only ones: they make a packed row of their own,
+    # so that in each sft step one rank's micro-batch holds no image (checked below), which
+    # runs the FSDP-sharded tower on a blank image while the other rank's runs it on images
+    with_image = [r for r in records() if "image" in r]
+    text_only = [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Say it again. " * 2},
+                                                   {"from": "gpt", "value": "It is said again, " * 2}]}
+                 for i in range(2)]
+    (root / "train.json").write_text(json.dumps(with_image + text_only))
+    (root / "val.json").write_text(json.dumps(with_image))  # the VQA questions
     P.save_family("qwen2_vl", 0, root / "qwen2_vl")
     recipes = {}
     for name, mode, kw in (("ddp", "ddp", dict(batch_size=1, grad_accum=2)),
                            ("fsdp", "fsdp", dict(batch_size=1, grad_accum=2, evaluate=True)),
                            ("single", "ddp", dict(batch_size=2, grad_accum=1))):
+        raw = hf_raw(root, mode, **kw)
+        raw["data"]["val"] = str(root / "val.json")
         recipes[name] = tmp_path / f"{name}.toml"
-        recipes[name].write_text(to_toml(parse_recipe(hf_raw(root, mode, **kw))))
+        recipes[name].write_text(to_toml(parse_recipe(raw)))
+    held = images_per_micro_batch(recipes["fsdp"], tmp_path / "plan", 1, 2 * STEPS, key="pixel_values")
+    assert held == [False, True, True, False], held  # rank 0 takes a step's first, rank 1 its second
     refs = {}
     for name in ("ddp", "single"):
         run(recipes[name], tmp_path / f"ref-{name}", 1)
@@ -89,21 +101,36 @@ def test_hf_two_ranks_ddp_and_fsdp_match_one_process_and_resume(tmp_path):
     assert all(torch.equal(v, final[k]) for k, v in model.hf.state_dict().items())
 
 
-def test_fsdp_refuses_a_training_micro_batch_without_images(tmp_path, seed):
-    """A text-only micro-batch skips the tower, whose FSDP-sharded layers the other ranks may
-    be gathering: an error naming the rank rather than a hang (one process, a group of 1)."""
+def test_fsdp_micro_batch_without_images_runs_a_blank_image(tmp_path, seed):
+    """A text-only training micro-batch under FSDP runs the sharded tower (and the merger) on a
+    blank image weighted 0, so that its rank joins the gathers other ranks' images make: the
+    loss and every gradient are exactly those of the micro-batch alone, the tower's and the
+    merger's gradients are zeros (present, as on a rank with images). One process, a group of
+    1; one process without FSDP runs no blank image (no gradient there)."""
     model = HFVLM(patch(H.build("qwen2_vl", seed))).train()
+    alone = copy.deepcopy(model)
     ids = torch.randint(0, H.TEXT_MAX, (1, 12), generator=torch.Generator().manual_seed(seed))
-    assert torch.isfinite(model(input_ids=ids, labels=ids))  # unsharded: the tower is not needed
+    want = alone(input_ids=ids, labels=ids)
+    want.backward()
+    in_tower = {id(p) for p in model.vision_tower.parameters()}  # Qwen2-VL's merger included
+    tower = {n for n, p in model.named_parameters() if id(p) in in_tower}
+    assert tower and all(p.grad is None for n, p in alone.named_parameters() if n in tower)
     tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         for layer in layer_list(model.vision_tower)[1]:
             fully_shard(layer, mesh=mesh)
-        with pytest.raises(ValueError, match="batch: rank 0's micro-batch holds no image, and under "
-                                             "run.distributed = 'fsdp'"):
-            model(input_ids=ids, labels=ids)
-        model.eval()  # evaluation runs every rank on the same inputs: allowed
-        assert torch.isfinite(model(input_ids=ids, labels=ids))
+        got = model(input_ids=ids, labels=ids)
+        got.backward()
+        assert torch.equal(got, want)
+        for name, p in model.named_parameters():
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            if name in tower:
+                assert grad is not None and not grad.any(), name
+            else:
+                assert torch.equal(grad, alone.get_parameter(name).grad), name  # every LLM weight has one
+        model.eval()  # evaluation runs every rank on the same inputs: no blank image
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids, labels=ids), want)
     finally:
         tdist.destroy_process_group()

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fastvlm.data.formats import read_samples
 from fastvlm.data.hf_collate import HFPackedCollator, HFPaddedCollator
 from fastvlm.data.hf_processor import HFProcessorDataset
+from fastvlm.integrations.hf_blank_image import blank_image_term
 from fastvlm.integrations.hf_load import load_patched
 from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.integrations.transformers import patch
@@ -159,6 +160,25 @@ def test_parameter_groups_partition_the_model(name, seed):
     # Qwen3-VL's deepstack_merger_list is connector too
     assert all("projector" in n or "merger" in n or "mm_" in n or "image_newline" in n
                or n.startswith("model.connector.") for n in by_group["connector"])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_blank_image_runs_what_an_image_runs(items, name, seed):
+    """hf_blank_image (what a text-only training micro-batch adds under FSDP) on the family's
+    minimal input: exactly 0, with zero gradients on exactly the parameters outside the LLM
+    that a sample's image (through the family's processor) gives gradients to: the same
+    tower blocks and projector, so the same FSDP gathers and gradient reductions."""
+    vlm = model(name, seed, torch.float32)
+    item = next(it for it in items[name] if it["num_images"] == 1)
+    vlm(**vlm.batch_inputs(HFPaddedCollator(0)([item]), "cpu")).backward()
+    llm = {id(p) for p in vlm.parameter_groups()["llm"]}
+    image_path = {n for n, p in vlm.named_parameters() if p.grad is not None and id(p) not in llm}
+    vlm.zero_grad(set_to_none=True)
+    term = blank_image_term(vlm.hf)
+    term.backward()
+    grads = {n: p.grad for n, p in vlm.named_parameters() if p.grad is not None}
+    assert term.item() == 0 and image_path and set(grads) == image_path
+    assert not any(g.any() for g in grads.values())
 
 
 def test_save_and_load_round_trip(items, tmp_path, seed):

@@ -49,6 +49,7 @@ from transformers import AutoProcessor
 
 from fastvlm.data.conversation import IGNORE_INDEX, _check_coverage, _classify, _describe
 from fastvlm.data.formats import IMAGE_TAG, Sample, estimate_length
+from fastvlm.data.hf_image_tokens import estimator_code, sample_image_tokens
 from fastvlm.data.images import BadImageCounter, BadImageError, open_image
 from fastvlm.data.lengths import cached_array, code_hash
 
@@ -370,9 +371,8 @@ class HFProcessorDataset(Dataset):
                 continue
         if not sizes:
             return 0
-        if hasattr(self.processor, "_get_num_multimodal_tokens"):
-            return int(sum(self.processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]))
-        return sum(self._measured_image_tokens(size) for size in sizes)
+        counted = sample_image_tokens(self.processor, sizes, self.__dict__.setdefault("_tile_token_memo", {}))
+        return counted if counted is not None else sum(self._measured_image_tokens(size) for size in sizes)
 
     def _measured_image_tokens(self, size: tuple[int, int]) -> int:
         """Placeholder tokens of one image of `size` (height, width), by running the processor
@@ -407,7 +407,8 @@ class HFProcessorDataset(Dataset):
             if not hasattr(self, "_memo"):
                 self._memo = self._estimate_all()
             return self._memo
-        options = "|".join([f"estimator={code_hash(HFProcessorDataset._estimate_all)}", f"n={len(self)}",
+        estimator = [HFProcessorDataset._estimate_all, HFProcessorDataset._image_tokens, *estimator_code()]
+        options = "|".join([f"estimator={''.join(code_hash(f) for f in estimator)}", f"n={len(self)}",
                             f"processor={self._processor_hash()}", f"system={self.system!r}",
                             f"image_root={self.image_root}", f"calibration={CALIBRATION}"])
         return cached_array(self.data_path, options, self._estimate_all)

@@ -28,6 +28,7 @@ It is the trainer's model seam (fastvlm.train.losses.TrainableModel), as ``fastv
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -35,11 +36,11 @@ import re
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from fastvlm.integrations import hf_attention
+from fastvlm.integrations.hf_blank_image import blank_image_in_embeddings
 from fastvlm.integrations.hf_load import load_patched
 from fastvlm.integrations.transformers import _layout_for, family_of, unwrap
 from fastvlm.models.feature_cache import FeatureCache
@@ -118,9 +119,10 @@ class HFVLM(nn.Module):
     def forward(self, labels: torch.Tensor | None = None, **inputs):
         """With labels: the mean next-token cross-entropy over supervised tokens (fused with
         the LM head). Without: the model's output (logits)."""
-        if labels is not None and self.training and not any(k in inputs for k in PIXEL_INPUTS):
-            check_tower_runs(self.vision_tower)
-        out = self.model(**inputs, labels=labels)
+        blank = (labels is not None and self.training and not any(k in inputs for k in PIXEL_INPUTS)
+                 and tower_sharded(self.vision_tower))
+        with blank_image_in_embeddings(self.hf) if blank else contextlib.nullcontext():
+            out = self.model(**inputs, labels=labels)
         return out.loss if labels is not None else out
 
     def final_hidden(self, **inputs) -> torch.Tensor:
@@ -194,15 +196,11 @@ class HFVLM(nn.Module):
         self.model.save_pretrained(path, **kwargs)
 
 
-def check_tower_runs(tower: nn.Module) -> None:
-    """A training micro-batch without images skips the tower; refused when its layers are
-    FSDP-sharded: the other ranks' micro-batches may run them, and their gathers would wait
-    for this rank forever (fastvlm.VLM runs a blank image instead; HF families have none yet)."""
-    if isinstance(layer_list(tower)[1][0], FSDPModule):
-        rank = tdist.get_rank() if tdist.is_initialized() else 0
-        raise ValueError(f"batch: rank {rank}'s micro-batch holds no image, and under run.distributed = 'fsdp' "
-                         f"every rank must run the sharded vision tower of a Hugging Face VLM; use 'ddp', or data "
-                         f"whose micro-batches all hold an image (e.g. without text-only samples)")
+def tower_sharded(tower: nn.Module) -> bool:
+    """Whether the tower's layers are FSDP-sharded: then a training micro-batch without
+    images runs a blank one (hf_blank_image), or its rank would skip the gathers that
+    other ranks' micro-batches with images run (a hang)."""
+    return isinstance(layer_list(tower)[1][0], FSDPModule)
 
 
 def layer_list(tower: nn.Module) -> tuple[str, nn.ModuleList]:
