@@ -50,7 +50,7 @@ def loop_shared_writes(ttgir: str) -> list[int]:
 
 
 def probe(cap: int, head_dim: int, variant: str) -> list[dict]:
-    fwd, bwd = resources.table_configs(cap, head_dim)
+    (fwd, bwd), = resources.config_pairs(cap, head_dim)  # the table's entry
     launches = resources.call_launches(head_dim, "bf16", fwd, bwd, variant)
     target = GPUTarget("cuda", cap, 32)
     rows = []
