@@ -53,12 +53,16 @@ def root(tmp_path_factory):
 
 def spread(model: HFVLM, seed: int) -> HFVLM:
     """Weights of unit-scale outputs per layer: a tiny model at its init std (0.02) answers
-    every prompt with one repeated token, which would hide a wrong prompt or image."""
+    every prompt with one repeated token, which would hide a wrong prompt or image.
+    Embeddings at a tenth of that: Gemma multiplies them by sqrt(hidden), and at unit scale
+    the last prompt token's embedding (the same in every prompt) outweighed the rest of
+    the prompt (measured on gemma3: 1-4 distinct answers over 8 draws, 7-10 at a tenth)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / p.shape[-1] ** 0.5)
+                scale = 0.1 if "embed" in name else 1.0
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale / p.shape[-1] ** 0.5)
     return model
 
 
