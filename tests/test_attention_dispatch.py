@@ -98,6 +98,17 @@ def fake_flash_attn(monkeypatch):
     module = types.ModuleType("flash_attn")
     module.flash_attn_varlen_func = fake_flash_varlen
     monkeypatch.setitem(sys.modules, "flash_attn", module)
+    attention_module._flash_varlen.cache_clear()
+    yield
+    attention_module._flash_varlen.cache_clear()  # the fake must not outlive the test
+
+
+def test_flash_installed_without_a_gpu_is_unavailable_not_an_error(fake_flash_attn, monkeypatch):
+    """`fastvlm info` on a machine with flash-attn but no GPU (a login node) used to raise
+    from get_device_capability."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    why = backend.why_unavailable("multimodal_attention", "flash_attn", torch.device("cuda"))
+    assert why == "no CUDA device is available"
 
 
 @pytest.mark.parametrize("batch,hq,hkv,n,d", [(1, 2, 2, 37, 16), (3, 4, 2, 29, 24), (2, 6, 1, 50, 8)])

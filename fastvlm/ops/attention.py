@@ -57,6 +57,8 @@ def _flash_available(device: torch.device):
         return f"flash-attn runs on CUDA tensors only, not {device.type!r}"
     if _flash_varlen() is None:
         return "flash-attn is not installed (pip install fastvlm[flash])"
+    if not torch.cuda.is_available():  # flash-attn installed on a machine without a GPU (a login node)
+        return "no CUDA device is available"
     if torch.cuda.get_device_capability(device) < (8, 0):
         return "flash-attn 2 needs compute capability 8.0 or newer"
     return True
