@@ -30,6 +30,8 @@ SPECIALS = {
                  "<video>", "<x1>", "<image>"],
     "llava_onevision": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<x1>", "<video>", "<x2>", "<x3>", "<image>"],
 }
+# a turn's end where it is not the tokenizer's EOS (Gemma 3's generation config stops at both)
+END_OF_TURN = {"gemma3": ["<end_of_turn>"]}
 # special tokens placed on the last filler ids below TEXT_MAX (the family needs more than 8):
 # Idefics3 / SmolVLM tile tags, a grid of up to 2 x 2 tiles (IDEFICS_PIXELS)
 FILLER_SPECIALS = {"idefics3": ["<row_1_col_1>", "<row_1_col_2>", "<row_2_col_1>", "<row_2_col_2>"]}
@@ -201,8 +203,14 @@ def save_family(name: str, seed: int, path, chat_template: bool = True) -> Path:
     its tokenizer and processor (with the chat template)."""
     path = Path(path)
     model = H.build(name, seed)
+    processor = build_processor(name, chat_template)
+    # generate stops where the family's own generation config says: the tokenizer's EOS and
+    # the end of a turn (the tiny configs' defaults name ids of ordinary tokens here)
+    tok = processor.tokenizer
+    ends = [tok.eos_token_id] + [tok.convert_tokens_to_ids(t) for t in END_OF_TURN.get(_group(name), [])]
+    model.generation_config.update(eos_token_id=ends, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
     model.save_pretrained(path)
-    build_processor(name, chat_template).save_pretrained(path)
+    processor.save_pretrained(path)
     return path
 
 

@@ -68,7 +68,8 @@ def spread(model: HFVLM, seed: int) -> HFVLM:
 
 def own_generate(model: HFVLM, processor: RunProcessor, sample, turn_index: int, image_root) -> str:
     """The model's greedy answer to one question, from the processor's own chat-template
-    inputs (images inside the messages), cut at EOS and at the first newline."""
+    inputs (images inside the messages), cut where its generation config stops (EOS, end of
+    turn) and at the first newline."""
     turns = sample.conversations
     answers = [k for k, t in enumerate(turns) if t["from"] == "gpt"]
     messages = to_messages(turns[:answers[turn_index]])
@@ -80,11 +81,11 @@ def own_generate(model: HFVLM, processor: RunProcessor, sample, turn_index: int,
     inputs = processor.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                      return_dict=True, return_tensors="pt")
     inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
-    eos = processor.processor.tokenizer.eos_token_id
+    ends = model.hf.generation_config.eos_token_id  # the checkpoint's own stopping tokens
     with torch.no_grad():
-        out = model.hf.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=eos)
+        out = model.hf.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    new = new[:new.index(eos)] if eos in new else new
+    new = new[:next((k for k, t in enumerate(new) if t in ends), len(new))]
     return first_answer(processor.processor.tokenizer.decode(new, skip_special_tokens=True))
 
 
