@@ -34,8 +34,10 @@ ctest: $(DEPS_STAMP)
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check .
 
+# One pytest worker per core, a test file to one worker (its module fixtures built once).
+PYTEST_WORKERS ?= auto
 pytest: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 test: build lint ctest pytest
 

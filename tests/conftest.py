@@ -13,6 +13,12 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (make test: one worker per core) each worker takes its share of the
+# cores, so workers do not oversubscribe them; subprocess runs set their own counts.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+
 
 def pytest_collection_modifyitems(config, items):
     # `seeded`: the tests whose inputs FASTVLM_TEST_SEED changes (the stress run's subset).
