@@ -178,21 +178,30 @@ def loop_tensor_work(ptx: str, num_warps: int) -> list[int]:
 
 _TMA_LOAD = re.compile(r"\bcp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global")
 _TMA_STORE = re.compile(r"\bcp\.async\.bulk\.tensor\.\dd\.global\.shared")
-_ASYNC_COPY = re.compile(r"\bcp\.async\.c[ag]\.")  # per-thread 4/8/16-byte copies, masked by src-size
-_GLOBAL_LOAD = re.compile(r"\bld\.global\.")
+# per-thread loads: cp.async copies (size in bytes last but one operand) and ld.global
+_THREAD_LOAD = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\s.*?,\s*(0x[0-9a-f]+|\d+)\s*(?:,[^;]*)?;"
+                          r"|\bld\.global\.(?:\w+\.)*?(v[248]\.)?[bfsu](\d+)\b")
 
 
 def loop_loads(ptx: str) -> list[dict]:
-    """Loads in each innermost loop that does tensor-core work: TMA tile copies (one
-    instruction per tile, or per 128-byte-wide slab of it: bounds checked by the copy
-    engine), per-thread cp.async copies and ld.global loads (masked per element: the
-    pointer path's tiles, and the small per-row metadata: block indices, image flags, lse)."""
+    """Loads of each innermost loop that does tensor-core work: TMA tile copies (whole
+    tiles, bounds checked by the copy engine), and per-thread loads, split into 16-byte ones
+    (the pointer path's share of a Q/K/V/dO tile, masked per element) and narrower ones
+    (per-row metadata: block indices, image flags, lse and delta)."""
     rows = []
     for body in innermost_loops(ptx):
         text = "\n".join(body)
-        if _WGMMA.search(text) or _MMA.search(text):
-            rows.append({"tma": len(_TMA_LOAD.findall(text)), "cp_async": len(_ASYNC_COPY.findall(text)),
-                         "ld_global": len(_GLOBAL_LOAD.findall(text))})
+        if not (_WGMMA.search(text) or _MMA.search(text)):
+            continue
+        wide = narrow = 0
+        for m in _THREAD_LOAD.finditer(text):
+            if m.group(1):
+                size = int(m.group(1), 0)
+            else:
+                size = int(m.group(3)) // 8 * (int(m.group(2)[1]) if m.group(2) else 1)
+            wide += size >= 16
+            narrow += size < 16
+        rows.append({"tma": len(_TMA_LOAD.findall(text)), "wide": wide, "narrow": narrow})
     return rows
 
 
@@ -314,8 +323,7 @@ def format_row(r: dict) -> str:
     red = ("" if "redundancy" not in r else
            f", {tc} work/iter {r['loop_work']} = {r['redundancy']} x useful {r['useful']}")
     loads = "" if not r["loop_loads"] else (
-        ", loop loads tma/cp.async/ld.global " + " ".join(f"{x['tma']}/{x['cp_async']}/{x['ld_global']}"
-                                                          for x in r["loop_loads"]))
+        ", loop loads tma/16B/narrow " + " ".join(f"{x['tma']}/{x['wide']}/{x['narrow']}" for x in r["loop_loads"]))
     tma = f", TMA ld/st {r['tma_loads']}/{r['tma_stores']}" if r["tma_loads"] or r["tma_stores"] else ""
     return (f"{head} shared {r['shared']:6d} B / {r['limit']} {'ok ' if r['ok'] else 'OVER'}, "
             f"{r['regs']} regs, spills {r['spill_st']}/{r['spill_ld']} B st/ld{red}{tma}{loads}")

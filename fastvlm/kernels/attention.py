@@ -27,6 +27,13 @@ adds dQ = dS K to an fp32 buffer with atomics (5 products per tile; formed as
 dQ^T = K^T dS^T where the backward tile says transposed_dq). Deterministic mode: a
 separate dQ kernel (3 products) at the forward's tiles, no atomics.
 tests/test_attention_backward_aot.py checks both in the compiled code.
+
+Tile loads and stores (TileConfig.tma): through TMA tensor descriptors, one per (batch,
+head) slice, made on the device (tl.make_tensor_descriptor: Triton 3.6 and 3.8, the
+interpreter too), whose bounds stand in for the row and head_dim masks; else through
+pointers with masks (sm80, unaligned tensors). Triton's warp specialisation
+(tl.range(..., warp_specialize=True)) is not used: on sm90 neither 3.6 nor 3.8 applies
+it to these loops (ignored at 8 warps, the compiler's pass fails at 4).
 """
 from __future__ import annotations
 
@@ -485,13 +492,14 @@ INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
 # of spills and 140 KB of shared memory to 24/16 B (168/164 B) and 115 KB
 # (tests/test_attention_backward_aot.py); on sm80/89 dQ^T costs spills and replication.
 # TMA (tma=True) on sm90's forward tiles, which the forward and the deterministic dQ kernel
-# take: in the same report with `--tma off` for the pointer kernels, Triton 3.8 / 3.6, fewer
-# registers at every head_dim (plain forward D64 117 -> 113 / 125 -> 122, D128 139 -> 122 /
-# 145 -> 122, D256 240 -> 200 / 239 -> 199; dQ D128 154 -> 140 / 154 -> 141), spills no
-# higher (dQ D256 40/40 B -> 0), 16-24 B more shared memory (the copies' mbarriers; split
-# forward D64 +1 KiB). Not on the dK/dV tiles: there k, v, dk, dv fill the 255 registers
-# and TMA's staging raised the fused pass's spills at D128 from 24/16 to 276/396 B (split
-# 168/164 -> 464/692); mixed at D64, level at D256.
+# take. Against the pointer kernels (the reports before it; `--tma off` compiles them),
+# Triton 3.8 / 3.6: fewer registers at every head_dim (plain forward D64 117 -> 113 /
+# 125 -> 122, D128 139 -> 122 / 145 -> 122, D256 240 -> 200 / 239 -> 199; dQ D128
+# 154 -> 140 / 154 -> 141), dQ spills at D256 40/40 B -> 0 (split 132/136 -> 36/60 /
+# 176/192 -> 44/76), the split forward at D256 level (3.9 KB), 16-24 B more shared memory
+# (the copies' mbarriers; split forward +1 KiB). Not on the dK/dV tiles: there k, v, dk,
+# dv fill the 255 registers and TMA's staging raised the fused pass's spills at D128 from
+# 24/16 to 276/396 B (split 168/164 -> 464/692); mixed at D64, level at D256.
 _SM90 = ((64, TileConfig(128, 64, 8, 3, tma=True), TileConfig(64, 128, 8, 2)),
          (128, TileConfig(128, 32, 8, 3, tma=True), TileConfig(32, 128, 8, 2, transposed_dq=True)),
          (256, TileConfig(64, 32, 4, 2, tma=True), TileConfig(16, 64, 4, 2, transposed_dq=True)))
@@ -523,8 +531,9 @@ def gpu_config(capability: tuple[int, int], head_dim: int, backward: bool = Fals
 # call of each shape (fastvlm.ops.attention): taller query tiles amortise the k/v loads on
 # long rows, shorter ones waste less on partial tiles. Kept from the same report run with
 # --candidates (tests/test_attention_aot.py asserts them too): tensor-core redundancy 1.0,
-# within shared memory, forward and dQ spills <= 128 B (sm90 split: 76 B at D64 128x128,
-# 36-56 B at D128; the timing judges those), dK/dV <= 2 KiB. Dropped by that report: on
+# within shared memory, forward and dQ spills <= 128 B (sm90 split forward, through TMA:
+# 36 / 100 B at D64 128x128 on Triton 3.8 / 3.6, 8-44 B at D128; the timing judges those),
+# dK/dV <= 2 KiB. Dropped by that report: on
 # sm80, D64 128x128 / 64x128 (split forward 1 KB of spills, fused dK/dV+dQ redundancy 1.2)
 # and both D128 pairs (split forward 0.8-1 KB of spills); at D256 64x64 everywhere
 # (forward 4-30 KB, dK/dV 4-55 KB of spills).
