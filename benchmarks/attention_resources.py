@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -142,10 +143,9 @@ _WGMMA = re.compile(r"\bwgmma\.mma_async\.\S*\.m(\d+)n(\d+)k(\d+)\.")
 _MMA = re.compile(r"\bmma\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.")
 
 
-def loop_tensor_work(ptx: str, num_warps: int) -> list[int]:
-    """Tensor-core multiply-adds (m*n*k summed over the warps that issue them) of one
-    iteration of each innermost loop of the PTX, in program order. A loop is a label and
-    the backward branch to it; wgmma is issued per warp group (4 warps), mma per warp."""
+def innermost_loops(ptx: str) -> list[list[str]]:
+    """The lines of each innermost loop of the PTX, in program order. A loop is a label and
+    the backward branch to it."""
     lines = ptx.splitlines()
     labels = {}
     loops = []
@@ -156,10 +156,17 @@ def loop_tensor_work(ptx: str, num_warps: int) -> list[int]:
         elif (m := _BRANCH.search(s)) and m.group(1) in labels:
             loops.append((labels[m.group(1)], i))
     innermost = [(a, b) for a, b in loops if not any(a < c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [lines[a:b + 1] for a, b in sorted(innermost)]
+
+
+def loop_tensor_work(ptx: str, num_warps: int) -> list[int]:
+    """Tensor-core multiply-adds (m*n*k summed over the warps that issue them) of one
+    iteration of each innermost loop of the PTX that has any, in program order; wgmma is
+    issued per warp group (4 warps), mma per warp."""
     work = []
-    for a, b in sorted(innermost):
+    for body in innermost_loops(ptx):
         total = 0
-        for line in lines[a:b + 1]:
+        for line in body:
             if m := _WGMMA.search(line):
                 total += (num_warps // 4) * int(m.group(1)) * int(m.group(2)) * int(m.group(3))
             elif m := _MMA.search(line):
@@ -167,6 +174,35 @@ def loop_tensor_work(ptx: str, num_warps: int) -> list[int]:
         if total:
             work.append(total)
     return work
+
+
+_TMA_LOAD = re.compile(r"\bcp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global")
+_TMA_STORE = re.compile(r"\bcp\.async\.bulk\.tensor\.\dd\.global\.shared")
+# per-thread loads: cp.async copies (size in bytes last but one operand) and ld.global
+_THREAD_LOAD = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\s.*?,\s*(0x[0-9a-f]+|\d+)\s*(?:,[^;]*)?;"
+                          r"|\bld\.global\.(?:\w+\.)*?(v[248]\.)?[bfsu](\d+)\b")
+
+
+def loop_loads(ptx: str) -> list[dict]:
+    """Loads of each innermost loop that does tensor-core work: TMA tile copies (whole
+    tiles, bounds checked by the copy engine), and per-thread loads, split into 16-byte ones
+    (the pointer path's share of a Q/K/V/dO tile, masked per element) and narrower ones
+    (per-row metadata: block indices, image flags, lse and delta)."""
+    rows = []
+    for body in innermost_loops(ptx):
+        text = "\n".join(body)
+        if not (_WGMMA.search(text) or _MMA.search(text)):
+            continue
+        wide = narrow = 0
+        for m in _THREAD_LOAD.finditer(text):
+            if m.group(1):
+                size = int(m.group(1), 0)
+            else:
+                size = int(m.group(3)) // 8 * (int(m.group(2)[1]) if m.group(2) else 1)
+            wide += size >= 16
+            narrow += size < 16
+        rows.append({"tma": len(_TMA_LOAD.findall(text)), "wide": wide, "narrow": narrow})
+    return rows
 
 
 def compile_launch(launch: K.Launch, cap: int) -> dict:
@@ -186,6 +222,8 @@ def compile_launch(launch: K.Launch, cap: int) -> dict:
     return {"shared": compiled.metadata.shared, **usage,
             "loop_work": loop_tensor_work(ptx, options["num_warps"]),
             "wgmma": bool(_WGMMA.search(ptx)), "mma": bool(_MMA.search(ptx)),
+            "tma_loads": len(_TMA_LOAD.findall(ptx)), "tma_stores": len(_TMA_STORE.findall(ptx)),
+            "loop_loads": loop_loads(ptx), "global_scratch": compiled.metadata.global_scratch_size,
             "specialised": [launch.kernel.arg_names[path[0]] for path, attr in src.attrs.items() if attr]}
 
 
@@ -231,6 +269,7 @@ def run_job(job: dict) -> dict:
     variant = "plain" if job["variant"] == "any" else job["variant"]
     launch = call_launches(job["head_dim"], job["dtype"], fwd, bwd, variant)[job["kernel"]]
     out = dict(job, num_warps=launch.kwargs.get("num_warps", 4), num_stages=launch.kwargs.get("num_stages", 3),
+               tma=bool(launch.kwargs.get("USE_TMA")),
                block=[launch.kwargs.get("BLOCK_M"), launch.kwargs.get("BLOCK_N")], limit=SHARED_LIMIT[job["cap"]])
     t0 = time.monotonic()
     try:
@@ -259,6 +298,13 @@ def matrix_jobs(caps=MATRIX_CAPS, fp16_bounds=None, candidates=False, delta=True
     return jobs
 
 
+def with_tma(job: dict, on: bool) -> dict:
+    """The job with its configs' tma flag forced (on only where the target has TMA)."""
+    on = on and job["cap"] >= 90
+    fwd, bwd = (dataclasses.replace(K.TileConfig(*job[c]), tma=on) for c in ("fwd", "bwd"))
+    return dict(job, fwd=list(fwd.__dict__.values()), bwd=list(bwd.__dict__.values()))
+
+
 def run_all(jobs: list[dict], workers: int) -> list[dict]:
     if workers <= 1:
         return [run_job(j) for j in jobs]
@@ -270,14 +316,17 @@ def run_all(jobs: list[dict], workers: int) -> list[dict]:
 def format_row(r: dict) -> str:
     head = (f"sm{r['cap']} D{r['head_dim']:<3d} {r['dtype']} {r['variant']:10s} {r['kernel']:17s} "
             f"{'table' if r['table'] else 'alt  '} {r['block'][0]}x{r['block'][1]} w{r['num_warps']} "
-            f"s{r['num_stages']}")
+            f"s{r['num_stages']}{' tma' if r.get('tma') else ''}")
     if "error" in r:
         return f"{head} FAILED {r['error']}"
     tc = "wgmma" if r["wgmma"] else "mma" if r["mma"] else "no tensor cores"
     red = ("" if "redundancy" not in r else
            f", {tc} work/iter {r['loop_work']} = {r['redundancy']} x useful {r['useful']}")
+    loads = "" if not r["loop_loads"] else (
+        ", loop loads tma/16B/narrow " + " ".join(f"{x['tma']}/{x['wide']}/{x['narrow']}" for x in r["loop_loads"]))
+    tma = f", TMA ld/st {r['tma_loads']}/{r['tma_stores']}" if r["tma_loads"] or r["tma_stores"] else ""
     return (f"{head} shared {r['shared']:6d} B / {r['limit']} {'ok ' if r['ok'] else 'OVER'}, "
-            f"{r['regs']} regs, spills {r['spill_st']}/{r['spill_ld']} B st/ld{red}")
+            f"{r['regs']} regs, spills {r['spill_st']}/{r['spill_ld']} B st/ld{red}{tma}{loads}")
 
 
 def source_commit() -> str:
@@ -305,6 +354,9 @@ def main(argv=None):
     p.add_argument("--no-delta", action="store_true", help="leave out the delta kernel (no tiles, no tensor cores)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     p.add_argument("--json", action="store_true", help="also print one JSON line of all rows")
+    p.add_argument("--tma", choices=("table", "on", "off"), default="table",
+                   help="TMA tensor descriptors for the tile loads/stores: as the configs say, or forced "
+                        "(on: where the target has TMA, sm90+) for a comparison")
     p.add_argument("--fp16-bounds", default=None,
                    help="--matrix: fp16 only for these head_dims, e.g. 128, or none (default: every one)")
     args = p.parse_args(argv)
@@ -320,6 +372,8 @@ def main(argv=None):
         bwd = K.TileConfig(*map(int, args.bwd.split(","))) if args.bwd else bwd
         print(f"# forward {fwd}\n# backward {bwd}")
         jobs = kernel_jobs(args.cap, args.head_dim, args.dtype, [(fwd, bwd), *alternatives], not args.no_delta)
+    if args.tma != "table":
+        jobs = [with_tma(j, args.tma == "on") for j in jobs]
     rows = run_all(jobs, args.jobs)
     print("\n".join(format_row(r) for r in rows))
     print(f"# {len(rows)} kernels in {time.monotonic() - t0:.0f} s (triton {triton.__version__})")

@@ -126,3 +126,22 @@ def test_launch_specialisation_reaches_the_compiler(matrix):
     fwd = next(r for r in matrix if r["kernel"] == "_attn_fwd" and r["cap"] == 90 and r["head_dim"] == 128)
     names = set(fwd["specialised"])
     assert {"D", "N", "TQ", "TK", "H", "Q", "stride_qn"} <= names and "GROUP" not in names
+
+
+def test_sm90_forward_tiles_load_through_tma(matrix):
+    """sm90's forward tiles (kernels' table: tma on the forward and the deterministic dQ
+    kernel) bring K and V into each tile loop as TMA copies, with no 16-byte per-thread load
+    (the pointer path's masked share of a tile) left there, and store their output tile
+    through TMA; only per-row metadata (block index, image flags) is loaded per thread.
+    The same detector sees the pointer kernels' tile loads: dK/dV on sm90 and all of sm80."""
+    for r in matrix:
+        if r["kernel"] == "_bwd_delta":
+            continue
+        loops = r["loop_loads"]
+        assert len(loops) == 2, r
+        if r["cap"] == 90 and r["kernel"] in FWD_KERNELS:
+            assert r["tma"] and r["tma_stores"] >= 1, r
+            assert all(x["tma"] >= 2 and x["wide"] == 0 for x in loops), r
+        else:
+            assert not r["tma"] and r["tma_loads"] == r["tma_stores"] == 0, r
+            assert all(x["wide"] > 0 for x in loops), r

@@ -4,6 +4,7 @@ On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest) at tiny
 sizes, fp32 and fp16 only (the interpreter's bf16 tl.dot is wrong); the
 bf16 matrix at realistic sizes is marked `gpu`.
 """
+import dataclasses
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import torch
 
 from fastvlm.kernels import attention as kernels
 from fastvlm.ops import AttentionLayout, multimodal_attention, multimodal_attention_varlen
+from fastvlm.ops import attention as attention_ops
 from fastvlm.ops.attention import attention_reference
 from fastvlm.ops.backend import resolve_backend
 from tests.layouts import attention_grads, attention_grads_in_dtype, random_layout, random_metadata
@@ -160,6 +162,72 @@ def test_empty_tiles_are_never_visited(device, seed):
         assert torch.equal(dv[:, :, cols], clean[3][:, :, cols])
 
 
+# ---- TMA tensor descriptors ------------------------------------------------------------------
+# TileConfig.tma (sm90's table): the Q/K/V/dO tiles come through tl.make_tensor_descriptor,
+# whose bounds zero-fill rows past N and columns past D and clip the O/dQ/dK/dV stores. The
+# interpreter runs descriptors with their bounds, so that path is checked here like the
+# pointer one: GQA at an odd N (D64), head_dim 80 in a 128-wide block, D128 at N=45.
+def with_tma(cfg):
+    return dataclasses.replace(cfg, tma=True)
+
+
+TMA_MODES = ([(s, "fused_dq", with_tma(INTERPRETER_BWD_CONFIG)) for s in SHAPES[:3]]
+             + [(SHAPES[0], "fused_dqT", with_tma(INTERPRETER_BWD_TRANSPOSED_DQ)),
+                (SHAPES[1], "deterministic", with_tma(INTERPRETER_BWD_CONFIG))])
+
+
+def record_tma(monkeypatch) -> list:
+    """(kernel, USE_TMA) of every launch from now on: which path the launchers chose."""
+    seen = []
+    call = kernels.Launch.__call__
+
+    def recording(self):
+        seen.append((self.kernel.__name__, self.kwargs.get("USE_TMA")))
+        call(self)
+    monkeypatch.setattr(kernels.Launch, "__call__", recording)
+    return seen
+
+
+@pytest.mark.parametrize("shape,mode,bwd_cfg", TMA_MODES, ids=[f"{shape_id(s)}-{mode}" for s, mode, _ in TMA_MODES])
+@pytest.mark.parametrize("kind,split", KIND_CASES, ids=KIND_IDS)
+def test_tma_kernels_match_reference(kind, split, shape, mode, bwd_cfg, seed, monkeypatch):
+    batch, hq, hkv, n, d, dtype = shape
+    layout = layout_for(seed, kind, split, batch, n)
+    q, k, v, dout = make_inputs(batch, hq, hkv, n, d, dtype)
+    seen = record_tma(monkeypatch)
+    results = run_kernels(q, k, v, dout, layout, d ** -0.5, cfg=with_tma(kernels.INTERPRETER_CONFIG),
+                          bwd_cfg=bwd_cfg, deterministic=mode == "deterministic")
+    check_against_reference(layout, q, k, v, dout, results)
+    tiled = [use for name, use in seen if name != "_bwd_delta"]
+    # the forward, dK/dV (+dQ) and the deterministic mode's dQ kernel: all through descriptors
+    assert len(tiled) == (3 if mode == "deterministic" else 2) and all(tiled), seen
+
+
+def test_tma_falls_back_to_pointers_where_unaligned(seed, monkeypatch):
+    """TMA wants 16-byte row strides: head_dim 36 in fp16 (72-byte rows) takes the pointer path."""
+    layout = layout_for(seed, "mmca", True, 1, 45)
+    q, k, v, dout = make_inputs(1, 2, 1, 45, 36, torch.float16)
+    seen = record_tma(monkeypatch)
+    results = run_kernels(q, k, v, dout, layout, 36 ** -0.5, cfg=with_tma(kernels.INTERPRETER_CONFIG),
+                          bwd_cfg=with_tma(INTERPRETER_BWD_CONFIG))
+    check_against_reference(layout, q, k, v, dout, results)
+    assert seen and not any(use for _, use in seen), seen
+
+
+def test_tma_flags_reach_the_kernels_through_the_custom_ops(seed, monkeypatch):
+    """The autograd path rebuilds the tile configs from the custom ops' arguments: the
+    forward's and the backward's tma flags must survive that, each for its own kernels."""
+    layout = layout_for(seed, "image_bidirectional", False, 2, 50)
+    q, k, v, dout = make_inputs(2, 4, 2, 50, 64, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    seen = record_tma(monkeypatch)
+    cfgs = (with_tma(kernels.INTERPRETER_CONFIG), INTERPRETER_BWD_CONFIG)  # forward through TMA, dK/dV not
+    out = attention_ops._triton_attention(*leaves, layout, 64 ** -0.5, cfgs, False)
+    out.backward(dout)
+    check_against_reference(layout, q, k, v, dout, (out.detach(), *(t.grad for t in leaves)))
+    assert [use for name, use in seen if name != "_bwd_delta"] == [True, False], seen
+
+
 # ---- int32 offsets ---------------------------------------------------------------------------
 def _huge_view(buf: torch.Tensor, like: torch.Tensor, strides, offset: int) -> torch.Tensor:
     view = buf.as_strided(like.shape, strides, offset)
@@ -294,14 +362,16 @@ def test_varlen_rejects_bad_input():
 
 
 # ---- torch.library custom op -----------------------------------------------------------------
-def test_custom_op_passes_opcheck(seed):
+@pytest.mark.parametrize("tma", [False, True])
+def test_custom_op_passes_opcheck(tma, seed):
     layout = layout_for(seed, "mmca", True, 1, 40)
     cfg = kernels.INTERPRETER_CONFIG
     bm = layout.block_map(cfg.block_m, cfg.block_n)
     q, k, v, _ = make_inputs(1, 2, 1, 40, 32, torch.float32)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), layout.lo, layout.hi,
             layout.is_image, *bm.tensors, layout.kind_code, True, 0.2, cfg.block_m, cfg.block_n,
-            cfg.num_warps, cfg.num_stages, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, False, False)
+            cfg.num_warps, cfg.num_stages, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, False, False,
+            None, tma, tma)
     torch.library.opcheck(torch.ops.fastvlm.mm_attention_fwd.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))

@@ -27,9 +27,17 @@ adds dQ = dS K to an fp32 buffer with atomics (5 products per tile; formed as
 dQ^T = K^T dS^T where the backward tile says transposed_dq). Deterministic mode: a
 separate dQ kernel (3 products) at the forward's tiles, no atomics.
 tests/test_attention_backward_aot.py checks both in the compiled code.
+
+Tile loads and stores (TileConfig.tma): through TMA tensor descriptors, one per (batch,
+head) slice, made on the device (tl.make_tensor_descriptor: Triton 3.6 and 3.8, the
+interpreter too), whose bounds stand in for the row and head_dim masks; else through
+pointers with masks (sm80, unaligned tensors). Triton's warp specialisation
+(tl.range(..., warp_specialize=True)) is not used: on sm90 neither 3.6 nor 3.8 applies
+it to these loops (ignored at 8 warps, the compiler's pass fails at 4).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -96,11 +104,46 @@ def _load_rows(base, offs, offs_d, stride_n, N, D):
 
 
 @triton.jit
-def _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N: tl.constexpr):
+def _rows_src(base, stride_n, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Where [BLOCK_R, BLOCK_D] tiles of the [N, D] rows at base come from. USE_TMA: a
+    tensor descriptor (sm90's TMA copies a whole tile to shared memory asynchronously; its
+    bounds zero-fill rows >= N and columns >= D on loads and clip them on stores, so no
+    per-element mask is formed). Else the pointer itself, for _load_rows' masked loads."""
+    src = base
+    if USE_TMA:
+        src = tl.make_tensor_descriptor(base, shape=[N, D], strides=[stride_n, 1], block_shape=[BLOCK_R, BLOCK_D])
+    return src
+
+
+@triton.jit
+def _load_tile(src, row0, stride_n, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows row0 .. row0 + BLOCK_R of a _rows_src source, zero past N and past D."""
+    if USE_TMA:
+        tile = src.load([row0, 0])
+    else:
+        tile = _load_rows(src, row0 + tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_D), stride_n, N, D)
+    return tile
+
+
+@triton.jit
+def _store_tile(dst, row0, tile, stride_n, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """Stores the rows < N and columns < D of a tile at row0 of a _rows_src destination."""
+    if USE_TMA:
+        dst.store([row0, 0], tile)
+    else:
+        offs = row0 + tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, BLOCK_D)
+        tl.store(dst + _row_offsets(offs, offs_d, stride_n), tile, mask=(offs[:, None] < N) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _load_kv_tile(kb, k_src, v_src, img_base, stride_kn, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  USE_TMA: tl.constexpr):
     """Key block kb: its positions, k and v rows (zero past N), and its image flags."""
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, offs_n, offs_d, stride_kn, N, D)
-    v = _load_rows(v_base, offs_n, offs_d, stride_kn, N, D)
+    k = _load_tile(k_src, kb * BLOCK_N, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
+    v = _load_tile(v_src, kb * BLOCK_N, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
     img_k = tl.load(img_base + offs_n, mask=offs_n < N, other=0)
     return offs_n, k, v, img_k
 
@@ -128,11 +171,12 @@ def _load_lse(lse_base, offs_m, N):
 
 # ---- forward ---------------------------------------------------------------------------------
 @triton.jit
-def _fwd_tile(q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, cut_lo, cut_hi, img_q, img_base, N, D,
+def _fwd_tile(q, kb, k_base, v_base, stride_kn, offs_m, lo, hi, cut_lo, cut_hi, img_q, img_base, N, D,
               qk_scale, m0, l0, acc0, m1, l1, acc1,
               IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
-              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr):
-    offs_n, k, v, img_k = _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N)
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr,
+              USE_TMA: tl.constexpr):
+    offs_n, k, v, img_k = _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     ok = _allowed(offs_m[:, None], offs_n[None, :], lo[:, None], hi[:, None], cut_lo[:, None], cut_hi[:, None],
                   img_q[:, None], img_k[None, :], N, IS_FULL, ISOLATE_IMAGES, HAS_CUT)
@@ -161,7 +205,8 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG, CUT_LO, CUT_HI,
               stride_ob, stride_oh, stride_on, stride_rbr, stride_rb, stride_rh, stride_rn, stride_lse,
               H, GROUP, N, D, TQ, TK, qk_scale,
               ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr,
+              USE_TMA: tl.constexpr):
     qb = tl.program_id(0)
     # int64 from here on: b * stride_qb (and bh * N * branches) exceeds 2^31 once a tensor
     # holds more than 2^31 elements (B=16, H=32, N=32k, D=128), and int32 wraps on a GPU
@@ -170,11 +215,11 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG, CUT_LO, CUT_HI,
     h = bh % H
     hk = h // GROUP
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, D)
+    q_src = _rows_src(Q + b * stride_qb + h * stride_qh, stride_qn, N, D, BLOCK_M, BLOCK_D, USE_TMA)
+    q = _load_tile(q_src, qb * BLOCK_M, stride_qn, N, D, BLOCK_M, BLOCK_D, USE_TMA)
     lo, hi, cut_lo, cut_hi, img_q = _load_row_meta(LO, HI, IMG, CUT_LO, CUT_HI, b, offs_m, N, HAS_CUT)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_kb + hk * stride_kh
+    k_base = _rows_src(K + b * stride_kb + hk * stride_kh, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
+    v_base = _rows_src(V + b * stride_kb + hk * stride_kh, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
     img_base = IMG + b * N
 
     m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -185,27 +230,30 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG, CUT_LO, CUT_HI,
     for i in range(tl.load(KV_NUM + lists)):
         kb = tl.load(KV_IDX + lists * TK + i)
         m0, l0, acc0, m1, l1, acc1 = _fwd_tile(
-            q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, cut_lo, cut_hi, img_q, img_base, N, D,
-            qk_scale, m0, l0, acc0, m1, l1, acc1, False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION, HAS_CUT)
+            q, kb, k_base, v_base, stride_kn, offs_m, lo, hi, cut_lo, cut_hi, img_q, img_base, N, D,
+            qk_scale, m0, l0, acc0, m1, l1, acc1, False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, BLOCK_D, PRECISION,
+            HAS_CUT, USE_TMA)
     for i in range(tl.load(FULL_KV_NUM + lists)):
         kb = tl.load(FULL_KV_IDX + lists * TK + i)
         m0, l0, acc0, m1, l1, acc1 = _fwd_tile(
-            q, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, cut_lo, cut_hi, img_q, img_base, N, D,
-            qk_scale, m0, l0, acc0, m1, l1, acc1, True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION, HAS_CUT)
+            q, kb, k_base, v_base, stride_kn, offs_m, lo, hi, cut_lo, cut_hi, img_q, img_base, N, D,
+            qk_scale, m0, l0, acc0, m1, l1, acc1, True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, BLOCK_D, PRECISION,
+            HAS_CUT, USE_TMA)
 
-    row_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     lse_ptrs = LSE + bh * N + offs_m
     out0, lse0 = _finish_branch(m0, l0, acc0)
     tl.store(lse_ptrs, lse0, mask=offs_m < N)
     if SPLIT:
         out1, lse1 = _finish_branch(m1, l1, acc1)
         tl.store(lse_ptrs + stride_lse, lse1, mask=offs_m < N)
-        obr = OBR + b * stride_rb + h * stride_rh + _row_offsets(offs_m, offs_d, stride_rn)
-        tl.store(obr, out0.to(OBR.dtype.element_ty), mask=row_mask)
-        tl.store(obr + stride_rbr, out1.to(OBR.dtype.element_ty), mask=row_mask)
+        obr = OBR + b * stride_rb + h * stride_rh
+        for br in tl.static_range(2):
+            dst = _rows_src(obr + br * stride_rbr, stride_rn, N, D, BLOCK_M, BLOCK_D, USE_TMA)
+            _store_tile(dst, qb * BLOCK_M, (out1 if br else out0).to(OBR.dtype.element_ty), stride_rn, N, D,
+                        BLOCK_M, BLOCK_D, USE_TMA)
         out0 = out0 + out1
-    o_ptrs = O + b * stride_ob + h * stride_oh + _row_offsets(offs_m, offs_d, stride_on)
-    tl.store(o_ptrs, out0.to(O.dtype.element_ty), mask=row_mask)
+    o_dst = _rows_src(O + b * stride_ob + h * stride_oh, stride_on, N, D, BLOCK_M, BLOCK_D, USE_TMA)
+    _store_tile(o_dst, qb * BLOCK_M, out0.to(O.dtype.element_ty), stride_on, N, D, BLOCK_M, BLOCK_D, USE_TMA)
 
 
 # ---- backward --------------------------------------------------------------------------------
@@ -246,11 +294,12 @@ def _ds_tile(s, dp, ok, key_is_image, lse0, delta0, lse1, delta1, SPLIT: tl.cons
 
 
 @triton.jit
-def _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, cut_lo, cut_hi, img_q, img_base,
+def _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, lo, hi, cut_lo, cut_hi, img_q, img_base,
              N, D, qk_scale, lse0, delta0, lse1, delta1,
              IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
-             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr):
-    offs_n, k, v, img_k = _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, offs_d, N, D, BLOCK_N)
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr,
+             USE_TMA: tl.constexpr):
+    offs_n, k, v, img_k = _load_kv_tile(kb, k_base, v_base, img_base, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ok = _allowed(offs_m[:, None], offs_n[None, :], lo[:, None], hi[:, None], cut_lo[:, None], cut_hi[:, None],
@@ -279,36 +328,38 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT_HI,
                  stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_lse,
                  H, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
                  ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr,
+                 USE_TMA: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
     b = bh // H
     h = bh % H
     hk = h // GROUP
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, D)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, N, D)
+    q_src = _rows_src(Q + b * stride_qb + h * stride_qh, stride_qn, N, D, BLOCK_M, BLOCK_D, USE_TMA)
+    do_src = _rows_src(DO + b * stride_dob + h * stride_doh, stride_don, N, D, BLOCK_M, BLOCK_D, USE_TMA)
+    q = _load_tile(q_src, qb * BLOCK_M, stride_qn, N, D, BLOCK_M, BLOCK_D, USE_TMA)
+    do = _load_tile(do_src, qb * BLOCK_M, stride_don, N, D, BLOCK_M, BLOCK_D, USE_TMA)
     lo, hi, cut_lo, cut_hi, img_q = _load_row_meta(LO, HI, IMG, CUT_LO, CUT_HI, b, offs_m, N, HAS_CUT)
     lse0, delta0, lse1, delta1 = _row_stats(LSE + bh * N, DELTA + bh * N, stride_lse, offs_m, N, SPLIT)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_kb + hk * stride_kh
+    k_base = _rows_src(K + b * stride_kb + hk * stride_kh, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
+    v_base = _rows_src(V + b * stride_kb + hk * stride_kh, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
     img_base = IMG + b * N
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lists = b * TQ + qb
     for i in range(tl.load(KV_NUM + lists)):
         kb = tl.load(KV_IDX + lists * TK + i)
-        dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, cut_lo, cut_hi, img_q,
+        dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, lo, hi, cut_lo, cut_hi, img_q,
                       img_base, N, D, qk_scale, lse0, delta0, lse1, delta1,
-                      False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION, HAS_CUT)
+                      False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, BLOCK_D, PRECISION, HAS_CUT, USE_TMA)
     for i in range(tl.load(FULL_KV_NUM + lists)):
         kb = tl.load(FULL_KV_IDX + lists * TK + i)
-        dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, offs_d, lo, hi, cut_lo, cut_hi, img_q,
+        dq = _dq_tile(q, do, dq, kb, k_base, v_base, stride_kn, offs_m, lo, hi, cut_lo, cut_hi, img_q,
                       img_base, N, D, qk_scale, lse0, delta0, lse1, delta1,
-                      True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, PRECISION, HAS_CUT)
-    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    ptrs = DQ + b * stride_dqb + h * stride_dqh + _row_offsets(offs_m, offs_d, stride_dqn)
-    tl.store(ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+                      True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_N, BLOCK_D, PRECISION, HAS_CUT, USE_TMA)
+    dq_dst = _rows_src(DQ + b * stride_dqb + h * stride_dqh, stride_dqn, N, D, BLOCK_M, BLOCK_D, USE_TMA)
+    _store_tile(dq_dst, qb * BLOCK_M, (dq * sm_scale).to(DQ.dtype.element_ty), stride_dqn, N, D, BLOCK_M, BLOCK_D,
+                USE_TMA)
 
 
 @triton.jit
@@ -316,15 +367,15 @@ def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don
                delta_base, stride_lse, lo_base, hi_base, img_base, cut_lo_base, cut_hi_base, offs_n, offs_d, img_k,
                N, D, qk_scale, sm_scale,
                IS_FULL: tl.constexpr, ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr,
-               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, HAS_CUT: tl.constexpr,
-               TRANSPOSED_DQ: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
+               HAS_CUT: tl.constexpr, TRANSPOSED_DQ: tl.constexpr, USE_TMA: tl.constexpr):
     """One query block against this program's key block, in transposed form: S^T = K Q^T
     is computed directly, so P^T and dS^T come out of the tensor cores in the layout the
     dV += P^T dO and dK += dS^T Q products take (no transposes through shared memory).
     FUSED_DQ: also dQ += dS K for these query rows, added to fp32 dQ with atomics."""
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_base, offs_m, offs_d, stride_qn, N, D)
-    do = _load_rows(do_base, offs_m, offs_d, stride_don, N, D)
+    q = _load_tile(q_base, qb * BLOCK_M, stride_qn, N, D, BLOCK_M, BLOCK_D, USE_TMA)
+    do = _load_tile(do_base, qb * BLOCK_M, stride_don, N, D, BLOCK_M, BLOCK_D, USE_TMA)
     lo, hi, cut_lo, cut_hi, img_q = _load_row_meta(lo_base, hi_base, img_base, cut_lo_base, cut_hi_base, 0, offs_m,
                                                    N, HAS_CUT)  # bases are per row b
     lse0, delta0, lse1, delta1 = _row_stats(lse_base, delta_base, stride_lse, offs_m, N, SPLIT)
@@ -359,7 +410,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT
                    H, HKV, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
                    ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
-                   HAS_CUT: tl.constexpr, TRANSPOSED_DQ: tl.constexpr):
+                   HAS_CUT: tl.constexpr, TRANSPOSED_DQ: tl.constexpr, USE_TMA: tl.constexpr):
     """dK, dV of one key block (and with FUSED_DQ its share of every dQ, in fp32 DQ)."""
     kb = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
@@ -367,8 +418,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT
     hk = bhk % HKV
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, N, D)
-    v = _load_rows(V + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, N, D)
+    k = _load_tile(_rows_src(K + b * stride_kb + hk * stride_kh, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA),
+                   kb * BLOCK_N, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
+    v = _load_tile(_rows_src(V + b * stride_kb + hk * stride_kh, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA),
+                   kb * BLOCK_N, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
     img_k = tl.load(IMG + b * N + offs_n, mask=offs_n < N, other=0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -377,8 +430,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT
     n_full = tl.load(FULL_Q_NUM + lists)
     for g in range(GROUP):  # the q heads sharing this kv head: sums stay in registers
         h = hk * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+        q_base = _rows_src(Q + b * stride_qb + h * stride_qh, stride_qn, N, D, BLOCK_M, BLOCK_D, USE_TMA)
+        do_base = _rows_src(DO + b * stride_dob + h * stride_doh, stride_don, N, D, BLOCK_M, BLOCK_D, USE_TMA)
         dq_base = DQ + b * stride_dqb + h * stride_dqh
         lse_base = LSE + (b * H + h) * N
         delta_base = DELTA + (b * H + h) * N
@@ -387,19 +440,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT
             dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don, stride_dqn,
                                 lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
                                 CUT_LO + b * N, CUT_HI + b * N, offs_n, offs_d, img_k, N, D, qk_scale, sm_scale,
-                                False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION, FUSED_DQ, HAS_CUT,
-                                TRANSPOSED_DQ)
+                                False, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, BLOCK_D, PRECISION, FUSED_DQ,
+                                HAS_CUT, TRANSPOSED_DQ, USE_TMA)
         for i in range(n_full):
             qb = tl.load(FULL_Q_IDX + lists * TQ + i)
             dk, dv = _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don, stride_dqn,
                                 lse_base, delta_base, stride_lse, LO + b * N, HI + b * N, IMG + b * N,
                                 CUT_LO + b * N, CUT_HI + b * N, offs_n, offs_d, img_k, N, D, qk_scale, sm_scale,
-                                True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, PRECISION, FUSED_DQ, HAS_CUT,
-                                TRANSPOSED_DQ)
-    mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    ptrs = b * stride_dkb + hk * stride_dkh + _row_offsets(offs_n, offs_d, stride_dkn)
-    tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+                                True, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, BLOCK_D, PRECISION, FUSED_DQ,
+                                HAS_CUT, TRANSPOSED_DQ, USE_TMA)
+    dk_dst = _rows_src(DK + b * stride_dkb + hk * stride_dkh, stride_dkn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
+    dv_dst = _rows_src(DV + b * stride_dkb + hk * stride_dkh, stride_dkn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
+    _store_tile(dk_dst, kb * BLOCK_N, (dk * sm_scale).to(DK.dtype.element_ty), stride_dkn, N, D, BLOCK_N, BLOCK_D,
+                USE_TMA)
+    _store_tile(dv_dst, kb * BLOCK_N, dv.to(DV.dtype.element_ty), stride_dkn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
 
 
 # ---- tile configs ----------------------------------------------------------------------------
@@ -414,6 +468,10 @@ class TileConfig:
     # block). A wgmma needs 64 rows per warp group: below that, dS K runs as mma.sync with
     # K reloaded from shared memory into registers every tile. mma.sync parts want dS K.
     transposed_dq: bool = False
+    # Q/K/V/dO tile loads and O/dQ/dK/dV stores through TMA tensor descriptors (sm90+):
+    # whole tiles copied asynchronously, the tensor's bounds instead of per-element masks.
+    # The launchers fall back to pointers where a tensor is not 16-byte aligned (TMA's rule).
+    tma: bool = False
 
 
 INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
@@ -433,13 +491,23 @@ INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
 # backward product a wgmma; at D128 the fused pass went from 84/72 B (split 172/240 B)
 # of spills and 140 KB of shared memory to 24/16 B (168/164 B) and 115 KB
 # (tests/test_attention_backward_aot.py); on sm80/89 dQ^T costs spills and replication.
-_SM90 = ((64, TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 2)),
-         (128, TileConfig(128, 32, 8, 3), TileConfig(32, 128, 8, 2, transposed_dq=True)),
-         (256, TileConfig(64, 32, 4, 2), TileConfig(16, 64, 4, 2, transposed_dq=True)))
+# TMA (tma=True) on sm90's forward tiles, which the forward and the deterministic dQ kernel
+# take. Against the pointer kernels (the reports before it; `--tma off` compiles them),
+# Triton 3.8 / 3.6: fewer registers at every head_dim (plain forward D64 117 -> 113 /
+# 125 -> 122, D128 139 -> 122 / 145 -> 122, D256 240 -> 200 / 239 -> 199; dQ D128
+# 154 -> 140 / 154 -> 141), dQ spills at D256 40/40 B -> 0 (split 132/136 -> 36/60 /
+# 176/192 -> 44/76), the split forward at D256 level (3.9 KB), 16-24 B more shared memory
+# (the copies' mbarriers; split forward +1 KiB). Not on the dK/dV tiles: there k, v, dk,
+# dv fill the 255 registers and TMA's staging raised the fused pass's spills at D128 from
+# 24/16 to 276/396 B (split 168/164 -> 464/692); mixed at D64, level at D256.
+_SM90 = ((64, TileConfig(128, 64, 8, 3, tma=True), TileConfig(64, 128, 8, 2)),
+         (128, TileConfig(128, 32, 8, 3, tma=True), TileConfig(32, 128, 8, 2, transposed_dq=True)),
+         (256, TileConfig(64, 32, 4, 2, tma=True), TileConfig(16, 64, 4, 2, transposed_dq=True)))
 # sm80's mma.sync splits a dQ product of 32 or 64 query rows over 8 warps with replication
 # (redundancy 1.4 / 1.2 in the report), and 16 rows over 4: its backward tiles differ
-_SM80 = ((64, _SM90[0][1], TileConfig(64, 64, 4, 2)),
-         (128, _SM90[1][1], TileConfig(64, 128, 8, 2)),
+# (its forward tiles are sm90's, through pointers: no TMA before sm90)
+_SM80 = ((64, TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 2)),
+         (128, TileConfig(128, 32, 8, 3), TileConfig(64, 128, 8, 2)),
          (256, TileConfig(32, 32, 4, 2), TileConfig(32, 32, 4, 2)))
 _GPU_CONFIGS = {(8, 0): _SM80, (9, 0): _SM90, (10, 0): _SM90}
 _FALLBACK_CONFIGS = ((64, TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 2)),
@@ -463,16 +531,17 @@ def gpu_config(capability: tuple[int, int], head_dim: int, backward: bool = Fals
 # call of each shape (fastvlm.ops.attention): taller query tiles amortise the k/v loads on
 # long rows, shorter ones waste less on partial tiles. Kept from the same report run with
 # --candidates (tests/test_attention_aot.py asserts them too): tensor-core redundancy 1.0,
-# within shared memory, forward and dQ spills <= 128 B (sm90 split: 76 B at D64 128x128,
-# 36-56 B at D128; the timing judges those), dK/dV <= 2 KiB. Dropped by that report: on
+# within shared memory, forward and dQ spills <= 128 B (sm90 split forward, through TMA:
+# 36 / 100 B at D64 128x128 on Triton 3.8 / 3.6, 8-44 B at D128; the timing judges those),
+# dK/dV <= 2 KiB. Dropped by that report: on
 # sm80, D64 128x128 / 64x128 (split forward 1 KB of spills, fused dK/dV+dQ redundancy 1.2)
 # and both D128 pairs (split forward 0.8-1 KB of spills); at D256 64x64 everywhere
 # (forward 4-30 KB, dK/dV 4-55 KB of spills).
-_SM90_ALTERNATIVES = (
-    (64, ((TileConfig(128, 128, 8, 2), TileConfig(64, 128, 8, 2)),
-          (TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 2)))),
-    (128, ((TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 2)),
-           (TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 2)))))
+_SM90_ALTERNATIVES = (  # forward tiles through TMA, as the table's
+    (64, ((TileConfig(128, 128, 8, 2, tma=True), TileConfig(64, 128, 8, 2)),
+          (TileConfig(64, 64, 4, 3, tma=True), TileConfig(64, 64, 4, 2)))),
+    (128, ((TileConfig(128, 64, 8, 3, tma=True), TileConfig(64, 128, 8, 2)),
+           (TileConfig(64, 64, 4, 3, tma=True), TileConfig(64, 64, 4, 2)))))
 _SM80_ALTERNATIVES = ((64, ((TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 2)),)),)
 _ALTERNATIVES = {(8, 0): _SM80_ALTERNATIVES, (9, 0): _SM90_ALTERNATIVES, (10, 0): _SM90_ALTERNATIVES}
 
@@ -531,7 +600,47 @@ class Launch:
     kwargs: dict
 
     def __call__(self):
-        self.kernel[self.grid](*self.args, **self.kwargs)
+        if self.kwargs.get("USE_TMA") and not INTERPRETED:
+            with _tma_scratch():
+                self.kernel[self.grid](*self.args, **self.kwargs)
+        else:
+            self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+@contextlib.contextmanager
+def _tma_scratch():
+    """Descriptors made on the device (tl.make_tensor_descriptor) are written to a global
+    scratch buffer that Triton asks an allocator for at launch; without one set
+    (triton.set_allocator) the launch raises. A caller's own allocator is kept, else a
+    torch one serves this launch only (the allocator is a context variable)."""
+    from triton.runtime import _allocation
+    if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(_torch_scratch)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_ready(cfg: TileConfig, *tensors: torch.Tensor) -> bool:
+    """Whether the kernels may take these [B, H, N, D] tensors through TMA descriptors: each
+    (batch, head) slice is one descriptor, and TMA wants its base address and row stride
+    in 16-byte multiples (the unit stride on D the launchers already ensure)."""
+    if not cfg.tma or (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device) < (9, 0)):
+        return False  # TMA is sm90's; a tma config on an older part takes the pointer path
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+    return True
 
 
 def attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx, *,
@@ -575,7 +684,8 @@ def forward_launches(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, ful
         h, h // hkv, n, d, tq, tk, scale * LOG2E), dict(
         ISOLATE_IMAGES=kind in IMAGE_ISOLATING_KINDS, SPLIT=split, EVEN_N=n % cfg.block_n == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype),
-        HAS_CUT=cut is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        HAS_CUT=cut is not None, USE_TMA=_tma_ready(cfg, q, k, v, out, obr),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return out, obr, lse, [launch]
 
 
@@ -629,7 +739,7 @@ def backward_launches(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv
     def constexprs(c: TileConfig):
         return dict(ISOLATE_IMAGES=kind in IMAGE_ISOLATING_KINDS, SPLIT=split, EVEN_N=n % c.block_n == 0,
                     BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-                    HAS_CUT=cut is not None,
+                    HAS_CUT=cut is not None, USE_TMA=_tma_ready(c, q, k, v, dout, dq, dk, dv),
                     # backward loops stage q and dO tiles (twice the forward's bytes): at most 2 stages
                     num_warps=c.num_warps, num_stages=min(c.num_stages, 2))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

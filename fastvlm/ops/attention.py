@@ -258,7 +258,7 @@ def _triton_attention(q, k, v, layout: AttentionLayout, scale: float, cfgs, dete
     out, _, _ = torch.ops.fastvlm.mm_attention_fwd(
         q, k, v, layout.lo, layout.hi, layout.is_image, *fwd_map.tensors[:4], *bwd_map.tensors[4:],
         layout.kind_code, layout.split_softmax, scale, *_config_ints(fwd), *_config_ints(bwd), bwd.transposed_dq,
-        deterministic, layout.cut)
+        deterministic, layout.cut, fwd.tma, bwd.tma)
     return out
 
 
@@ -436,12 +436,13 @@ if _kernels is not None:
                           full_q_idx: torch.Tensor, kind: int, split: bool, scale: float,
                           block_m: int, block_n: int, num_warps: int, num_stages: int,
                           bwd_block_m: int, bwd_block_n: int, bwd_num_warps: int, bwd_num_stages: int,
-                          bwd_transposed_dq: bool, deterministic: bool, cut: torch.Tensor | None = None
+                          bwd_transposed_dq: bool, deterministic: bool, cut: torch.Tensor | None = None,
+                          tma: bool = False, bwd_tma: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(out, branch outputs [2 or 0, B, H, N, D], lse [branches, B, H, N] in log2 units).
         The kv lists are the forward's block map, the q lists the backward's (bwd_* tiles);
-        cut: the layout's (shared prompt) or None."""
-        cfg = _kernels.TileConfig(block_m, block_n, num_warps, num_stages)
+        cut: the layout's (shared prompt) or None; tma, bwd_tma: the configs' TMA flags."""
+        cfg = _kernels.TileConfig(block_m, block_n, num_warps, num_stages, tma=tma)
         return _kernels.attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num,
                                           full_kv_idx, kind=kind, split=split, scale=scale, cfg=cfg, cut=cut)
 
@@ -461,10 +462,12 @@ if _kernels is not None:
                           full_q_idx: torch.Tensor, kind: int, split: bool, scale: float,
                           block_m: int, block_n: int, num_warps: int, num_stages: int,
                           bwd_block_m: int, bwd_block_n: int, bwd_num_warps: int, bwd_num_stages: int,
-                          bwd_transposed_dq: bool, deterministic: bool, cut: torch.Tensor | None = None
+                          bwd_transposed_dq: bool, deterministic: bool, cut: torch.Tensor | None = None,
+                          tma: bool = False, bwd_tma: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cfg = _kernels.TileConfig(block_m, block_n, num_warps, num_stages)
-        dkdv_cfg = _kernels.TileConfig(bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages, bwd_transposed_dq)
+        cfg = _kernels.TileConfig(block_m, block_n, num_warps, num_stages, tma=tma)
+        dkdv_cfg = _kernels.TileConfig(bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages, bwd_transposed_dq,
+                                       tma=bwd_tma)
         return _kernels.attention_backward(
             dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx,
             q_num, q_idx, full_q_num, full_q_idx, kind=kind, split=split, scale=scale, cfg=cfg,
