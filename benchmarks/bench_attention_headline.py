@@ -13,8 +13,8 @@ cut short keeps the comparisons that matter most:
      SDPA (plain causal), FA2 varlen (PyTorch's own kernel; flash-attn's where carried)
   1  FlexAttention for image_bidirectional and mmca (their targets; a compile per mask)
   2  fastvlm `auto`: each candidate tile pair timed, the chosen one recorded (forward
-     only and forward+backward) and timed; then the table's tiles on the plain grid (the
-     table runs the longest-first work order; auto compiled these kernels as a candidate)
+     only and forward+backward) and timed; then the table's tiles on the plain grid (on
+     sm90 the table runs the longest-first work order; auto compiled these kernels as a candidate)
   3  FlexAttention for the causal cases, fastvlm's deterministic backward
 Compile cost, estimated for a cold H100 machine (Triton 1-3 s a kernel, a FlexAttention
 forward+backward compile tens of seconds): round 0 about 10 Triton kernels (forward, delta,

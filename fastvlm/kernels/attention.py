@@ -601,13 +601,17 @@ def pick_config(device: torch.device, head_dim: int, backward: bool = False) -> 
 # dK/dV spills more bytes, outside its tile loops: tests/test_attention_aot.py), and the
 # makespan model (benchmarks/attention_schedule.py) gives it the persistent grid's gain
 # where the hardware hands out blocks in index order (what it does; no CUDA guarantee).
-# `auto` times the table's tiles on the plain grid too (candidate_configs).
+# `auto` times the table's tiles on the plain grid too (candidate_configs). sm90 and newer
+# only: on sm80 the split forward at D64 / D128 spilled 16-28 B with it where the plain grid
+# spills none (the aot matrix run of 2026-12-06), so sm80 and the fallback parts keep the plain grid.
 TABLE_GRID = "longest_first"
+TABLE_GRID_FROM = (9, 0)
 
 
 def gpu_config(capability: tuple[int, int], head_dim: int, backward: bool = False) -> TileConfig:
     table = _GPU_CONFIGS.get(tuple(capability), _FALLBACK_CONFIGS)
-    return replace(next(bwd if backward else fwd for bound, fwd, bwd in table if head_dim <= bound), grid=TABLE_GRID)
+    cfg = next(bwd if backward else fwd for bound, fwd, bwd in table if head_dim <= bound)
+    return replace(cfg, grid=TABLE_GRID) if tuple(capability) >= TABLE_GRID_FROM else cfg
 
 
 # Alternatives (forward, backward) that `auto` times against the table's pair on the first

@@ -20,7 +20,7 @@ table's config serves instead (every process and rank then runs the same
 kernels; flash-attn is then never picked by ``auto``).
 
 The Triton kernels run their work items (row blocks per head; dK/dV: key blocks) in the
-order the config's grid names (TileConfig.grid: the table's runs them longest-first, by the
+order the config's grid names (TileConfig.grid: sm90's table runs them longest-first, by the
 block map's tile counts, BlockMap.row_order / column_order, computed on the device and
 cached with the map; the forward's order is reused by the deterministic dQ kernel).
 kernels.persistent_grid's rule falls back to the plain grid where the work is uniform
