@@ -21,7 +21,10 @@ ratio, 1.0 when no two warps compute the same product.
 --matrix compiles every entry of the tile tables (sm80 and sm90, the fallback at
 sm89), head_dim 64 / 128 / 256, bf16 (fp16 where --fp16-bounds says), plain causal
 and mmca split, every kernel of both backward modes; --candidates adds the alternatives
-`auto` times (kernels.candidate_configs; rows marked alt, each distinct compile once).
+`auto` times (kernels.candidate_configs; rows marked alt, each distinct compile once; the
+table's tiles on the plain grid only at GRID_COMPARISON). Each row names its work-order
+grid (TileConfig.grid) and counts the spill instructions (SASS STL/LDL, nvdisasm) inside
+the tile loops, where a spill costs once per tile rather than once per program.
 tests/test_attention_aot.py asserts on the rows of --matrix --candidates. ptxas usage is
 taken from Triton's own ptxas run and kept beside the compiled kernel in Triton's cache,
 so a warm cache answers without compiling.
@@ -41,6 +44,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile for real, before the kernels are defined
@@ -63,6 +67,8 @@ USAGE_FILE = "fastvlm_ptxas_usage.json"
 VARIANTS = {"plain": ("causal", False), "mmca split": ("mmca", True)}
 KIND_CODES = {"causal": 0, "mmca": 3}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+H100_SMS = 132
+GRID_NAMES = {code: name for name, code in K.GRIDS.items()}
 
 # Matrix products of one tile per kernel (plain / split): what the loop body must do once.
 # forward: S = QK^T, PV (split: one PV per branch); dQ: S, dP, dS K; dK/dV: S^T, dP^T,
@@ -91,13 +97,20 @@ def call_launches(head_dim: int, dtype: str, fwd: K.TileConfig, bwd: K.TileConfi
 
     common = dict(kind=KIND_CODES[kind], split=split, scale=head_dim ** -0.5)
     fwd_map, bwd_map = block_map(fwd), block_map(bwd)
+    # a config's grid as persistent_grid gives it on a causal layout of an H100 (132 SMs; the
+    # program count reaches the kernel only as the launch's), over the map's work order
+    row_order = torch.empty(batch * fwd_map[0].shape[1], dtype=torch.int32, **meta)
+    col_order = torch.empty(batch * bwd_map[4].shape[1], dtype=torch.int32, **meta)
+    programs, dkdv_programs = ({"plain": 0, "longest_first": -1}.get(cfg.grid, K.PERSISTENT_PER_SM * H100_SMS)
+                               for cfg in (fwd, bwd))
     out, obr, lse, launches = K.forward_launches(q, k, k.clone(), lo, lo.clone(), is_image, *fwd_map[:4],
-                                                 cfg=fwd, **common)
+                                                 cfg=fwd, order=row_order, programs=programs, **common)
     found = {kernel_name(launch): launch for launch in launches}
     for deterministic in (True, False):
         *_, steps = K.backward_launches(q.clone(), q, k, k.clone(), out, obr, lse, lo, lo.clone(), is_image,
                                         *fwd_map[:4], *bwd_map[4:], cfg=fwd, dkdv_cfg=bwd,
-                                        deterministic=deterministic, **common)
+                                        deterministic=deterministic, row_order=row_order, col_order=col_order,
+                                        programs=programs, dkdv_programs=dkdv_programs, **common)
         found.update((kernel_name(s), s) for s in steps if isinstance(s, K.Launch))
     return found
 
@@ -205,6 +218,36 @@ def loop_loads(ptx: str) -> list[dict]:
     return rows
 
 
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_SASS_BRANCH = re.compile(r"\bBRA\b[^;]*?(\.L_x_\d+)")
+_SASS_SPILL = re.compile(r"\b(?:STL|LDL)\b")
+_SASS_TENSOR = re.compile(r"\b(?:HGMMA|HMMA)\b")
+
+
+def loop_spill_instructions(cubin: bytes) -> list[int] | None:
+    """Local-memory (spill) instructions, STL + LDL, in each innermost SASS loop that issues
+    tensor-core work (the tile loops), in program order; None without nvdisasm. ptxas's spill
+    bytes count every spill; those outside the tile loops run once per program (or per GQA
+    head), those inside once per tile."""
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not nvdisasm.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        lines = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    labels, loops = {}, []
+    for i, line in enumerate(lines):
+        if m := _SASS_LABEL.match(line):
+            labels[m.group(1)] = i
+        elif (m := _SASS_BRANCH.search(line)) and m.group(1) in labels:
+            loops.append((labels[m.group(1)], i))
+    innermost = [(a, b) for a, b in loops if not any(a < c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [sum(bool(_SASS_SPILL.search(x)) for x in lines[a:b + 1]) for a, b in sorted(innermost)
+            if any(_SASS_TENSOR.search(x) for x in lines[a:b + 1])]
+
+
 def compile_launch(launch: K.Launch, cap: int) -> dict:
     """Compile one launch for sm_<cap> through ptxas: shared memory, ptxas usage, loop work."""
     target = GPUTarget("cuda", cap, 32)
@@ -221,6 +264,7 @@ def compile_launch(launch: K.Launch, cap: int) -> dict:
     ptx = compiled.asm["ptx"]
     return {"shared": compiled.metadata.shared, **usage,
             "loop_work": loop_tensor_work(ptx, options["num_warps"]),
+            "loop_spills": loop_spill_instructions(compiled.asm["cubin"]),
             "wgmma": bool(_WGMMA.search(ptx)), "mma": bool(_MMA.search(ptx)),
             "tma_loads": len(_TMA_LOAD.findall(ptx)), "tma_stores": len(_TMA_STORE.findall(ptx)),
             "loop_loads": loop_loads(ptx), "global_scratch": compiled.metadata.global_scratch_size,
@@ -235,11 +279,23 @@ def useful_work(kernel: str, variant: str, consts: dict) -> int | None:
 
 
 # ---- jobs ------------------------------------------------------------------------------------
-def config_pairs(cap: int, head_dim: int, candidates: bool = False) -> tuple[tuple[K.TileConfig, K.TileConfig], ...]:
-    """(forward, backward) tiles: the table's entry, then (candidates) the alternatives `auto` times."""
+# where --matrix --candidates compiles the table's tiles on the plain grid too (a candidate
+# `auto` times everywhere): the grids compared (tests/test_attention_aot.py); elsewhere those
+# kernels differ from the table's only in the work-item lookup at their top
+GRID_COMPARISON = ((90, 128),)
+
+
+def config_pairs(cap: int, head_dim: int, candidates: bool = False,
+                 matrix: bool = False) -> tuple[tuple[K.TileConfig, K.TileConfig], ...]:
+    """(forward, backward) tiles: the table's entry, then (candidates) the alternatives `auto` times
+    (for the matrix, the table's tiles on another grid only at GRID_COMPARISON)."""
     capability = (cap // 10, cap % 10)
     if candidates:
-        return K.candidate_configs(capability, head_dim)
+        pairs = K.candidate_configs(capability, head_dim)
+        if matrix and (cap, head_dim) not in GRID_COMPARISON:
+            tiles = lambda pair: tuple(replace(c, grid="plain") for c in pair)  # noqa: E731
+            pairs = pairs[:1] + tuple(p for p in pairs[1:] if tiles(p) != tiles(pairs[0]))
+        return pairs
     return ((K.gpu_config(capability, head_dim), K.gpu_config(capability, head_dim, backward=True)),)
 
 
@@ -270,6 +326,7 @@ def run_job(job: dict) -> dict:
     launch = call_launches(job["head_dim"], job["dtype"], fwd, bwd, variant)[job["kernel"]]
     out = dict(job, num_warps=launch.kwargs.get("num_warps", 4), num_stages=launch.kwargs.get("num_stages", 3),
                tma=bool(launch.kwargs.get("USE_TMA")),
+               grid=GRID_NAMES[launch.kwargs.get("GRID", 0)],
                block=[launch.kwargs.get("BLOCK_M"), launch.kwargs.get("BLOCK_N")], limit=SHARED_LIMIT[job["cap"]])
     t0 = time.monotonic()
     try:
@@ -294,7 +351,8 @@ def matrix_jobs(caps=MATRIX_CAPS, fp16_bounds=None, candidates=False, delta=True
         for d in HEAD_DIMS:
             for dtype in ("bf16", "fp16"):
                 if dtype == "bf16" or fp16_bounds is None or d in fp16_bounds:
-                    jobs += kernel_jobs(cap, d, dtype, config_pairs(cap, d, candidates and dtype == "bf16"), delta)
+                    pairs = config_pairs(cap, d, candidates and dtype == "bf16", matrix=True)
+                    jobs += kernel_jobs(cap, d, dtype, pairs, delta)
     return jobs
 
 
@@ -316,7 +374,7 @@ def run_all(jobs: list[dict], workers: int) -> list[dict]:
 def format_row(r: dict) -> str:
     head = (f"sm{r['cap']} D{r['head_dim']:<3d} {r['dtype']} {r['variant']:10s} {r['kernel']:17s} "
             f"{'table' if r['table'] else 'alt  '} {r['block'][0]}x{r['block'][1]} w{r['num_warps']} "
-            f"s{r['num_stages']}{' tma' if r.get('tma') else ''}")
+            f"s{r['num_stages']} {r.get('grid', 'plain'):13s}{' tma' if r.get('tma') else ''}")
     if "error" in r:
         return f"{head} FAILED {r['error']}"
     tc = "wgmma" if r["wgmma"] else "mma" if r["mma"] else "no tensor cores"
@@ -326,7 +384,8 @@ def format_row(r: dict) -> str:
         ", loop loads tma/16B/narrow " + " ".join(f"{x['tma']}/{x['wide']}/{x['narrow']}" for x in r["loop_loads"]))
     tma = f", TMA ld/st {r['tma_loads']}/{r['tma_stores']}" if r["tma_loads"] or r["tma_stores"] else ""
     return (f"{head} shared {r['shared']:6d} B / {r['limit']} {'ok ' if r['ok'] else 'OVER'}, "
-            f"{r['regs']} regs, spills {r['spill_st']}/{r['spill_ld']} B st/ld{red}{tma}{loads}")
+            f"{r['regs']} regs, spills {r['spill_st']}/{r['spill_ld']} B st/ld "
+            f"(spill instructions in the tile loops {r.get('loop_spills')}){red}{tma}{loads}")
 
 
 def source_commit() -> str:
@@ -348,6 +407,8 @@ def main(argv=None):
     p.add_argument("--fwd", default=None, help="forward tiles block_m,block_n,num_warps,num_stages (default: table)")
     p.add_argument("--bwd", default=None, help="backward tiles, likewise")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    p.add_argument("--grid", default="table", choices=("table", *K.GRIDS),
+                   help="one config: the configs' own grid (TileConfig.grid), or this one for both")
     p.add_argument("--matrix", action="store_true", help="every tile-table entry for sm80/sm89/sm90")
     p.add_argument("--candidates", action="store_true",
                    help="also the alternatives `auto` times (kernels.candidate_configs), each distinct compile once")
@@ -370,6 +431,8 @@ def main(argv=None):
         (fwd, bwd), *alternatives = config_pairs(args.cap, args.head_dim, args.candidates)
         fwd = K.TileConfig(*map(int, args.fwd.split(","))) if args.fwd else fwd
         bwd = K.TileConfig(*map(int, args.bwd.split(","))) if args.bwd else bwd
+        if args.grid != "table":  # the same tiles on another grid
+            fwd, bwd = (replace(c, grid=args.grid) for c in (fwd, bwd))
         print(f"# forward {fwd}\n# backward {bwd}")
         jobs = kernel_jobs(args.cap, args.head_dim, args.dtype, [(fwd, bwd), *alternatives], not args.no_delta)
     if args.tma != "table":

@@ -30,6 +30,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # the interpreter must be on before triton kernels are defined
@@ -99,7 +100,21 @@ def cpu_methods_for(layout: AttentionLayout):
     return out
 
 
-def methods_for(layout: AttentionLayout, plain: bool, device: str, smoke: bool):
+def grid_methods(layout: AttentionLayout) -> dict:
+    """fastvlm_grid_<name>: the static table's tiles on each work-order grid (TileConfig.grid:
+    plain, longest_first, persistent; where persistent_grid's rule declines one, e.g. uniform
+    work, the plain grid runs and the row is the plain grid's time)."""
+    from fastvlm.ops import attention as attention_op
+
+    def run(grid):
+        def fn(q, k, v):
+            cfgs = tuple(replace(kernels.pick_config(q.device, q.shape[-1], bwd), grid=grid) for bwd in (False, True))
+            return attention_op._triton_attention(q, k, v, layout, q.shape[-1] ** -0.5, cfgs, False)
+        return fn
+    return {f"fastvlm_grid_{grid}": (run(grid), None) for grid in kernels.GRIDS}
+
+
+def methods_for(layout: AttentionLayout, plain: bool, device: str, smoke: bool, grids: bool = False):
     """name -> (callable(q, k, v) -> out, setup seconds or None), for those that express the mask."""
     if device == "cpu" and not smoke:
         return cpu_methods_for(layout)
@@ -107,6 +122,8 @@ def methods_for(layout: AttentionLayout, plain: bool, device: str, smoke: bool):
     # the Triton kernel (tiles timed per shape on CUDA); "fastvlm_auto" is what backend="auto"
     # serves, which differs only where flash-attn is installed and the mask is packed causal
     out = {"fastvlm": (lambda q, k, v: multimodal_attention(q, k, v, layout, backend="triton"), None)}
+    if grids:
+        out.update(grid_methods(layout))
     if (device == "cuda" and layout.is_packed_causal
             and why_unavailable("multimodal_attention", "flash_attn", layout.device) is None):
         out["fastvlm_auto"] = (lambda q, k, v: multimodal_attention(q, k, v, layout), None)
@@ -267,7 +284,8 @@ def _run_grid(args, device: str, dtype, sink: Path | None) -> list[dict]:
                     q = torch.randn(args.batch, args.heads, n, d, device=device, dtype=dtype)
                     k = torch.randn(args.batch, hkv, n, d, device=device, dtype=dtype)
                     v = torch.randn_like(k)
-                    for method, (fn, setup_s) in methods_for(layout, name == "plain", device, args.smoke).items():
+                    for method, (fn, setup_s) in methods_for(layout, name == "plain", device, args.smoke,
+                                                          args.grids).items():
                         res = measure(fn, q, k, v, device, args.repeats, fwd_warmup)
                         row = {"layout": name, "kind": kind, "N": n, "head_dim": d, "window": args.window,
                                "method": method, **res}
@@ -432,6 +450,8 @@ def parse_args(argv=None):
                    help="a sliding window on every layout (keys >= W positions before the query dropped)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the .json, .md and .png")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--grids", action="store_true",
+                   help="also time the table's tiles on each work-order grid (plain, longest_first, persistent)")
     args = p.parse_args(argv)
     tiny = args.smoke
     if tiny and args.device == "cuda":

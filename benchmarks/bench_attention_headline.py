@@ -13,7 +13,8 @@ cut short keeps the comparisons that matter most:
      SDPA (plain causal), FA2 varlen (PyTorch's own kernel; flash-attn's where carried)
   1  FlexAttention for image_bidirectional and mmca (their targets; a compile per mask)
   2  fastvlm `auto`: each candidate tile pair timed, the chosen one recorded (forward
-     only and forward+backward) and timed
+     only and forward+backward) and timed; then the table's tiles on the plain grid (on
+     sm90 the table runs the longest-first work order; auto compiled these kernels as a candidate)
   3  FlexAttention for the causal cases, fastvlm's deterministic backward
 Compile cost, estimated for a cold H100 machine (Triton 1-3 s a kernel, a FlexAttention
 forward+backward compile tens of seconds): round 0 about 10 Triton kernels (forward, delta,
@@ -32,6 +33,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -97,15 +99,21 @@ def methods(layout, name: str, kind: str, device: str, scale: float, head_dim: i
             block_mask = flex_block_mask(layout)
             return lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
         out.append((1 if kind in TARGET_KINDS else 3, "flex", make_flex))
+    plain_grid = tuple(replace(c, grid="plain") for c in table)  # the table's tiles, one program per item
     out += [(2, "fastvlm_auto",
              lambda: lambda q, k, v: multimodal_attention(q, k, v, layout, scale=scale, backend="triton")),
+            # after auto, which compiles these kernels as one of its candidates
+            (2, "fastvlm_table_plain_grid",
+             lambda: lambda q, k, v: attention_op._triton_attention(q, k, v, layout, scale, plain_grid, False)),
             (3, "fastvlm_table_deterministic",
              lambda: lambda q, k, v: attention_op._triton_attention(q, k, v, layout, scale, table, True))]
     return out
 
 
 def config_names(cfgs) -> str:
-    return " / ".join(f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" for c in cfgs)
+    """The tiles and the work-order grid (TileConfig.grid; where persistent_grid's rule declines
+    it, e.g. uniform work, the plain grid ran)."""
+    return " / ".join(f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages} {c.grid}" for c in cfgs)
 
 
 def auto_choice(q, k, layout, training: bool) -> str:
@@ -192,6 +200,8 @@ def main(argv=None) -> int:
                 row.update(run_method(make, q, k, v, device, repeats, args.smoke, heads, kv_heads, method))
             if method in ("fastvlm_table", "fastvlm_table_deterministic"):
                 row["config"] = config_names(table_configs(device, d))
+            if method == "fastvlm_table_plain_grid":
+                row["config"] = config_names(tuple(replace(c, grid="plain") for c in table_configs(device, d)))
             if method == "fastvlm_auto" and "fwd_bwd_ms" in row:
                 row["config"] = auto_choice(q, k, layout, training=True)
                 row["config_fwd_only"] = auto_choice(q, k, layout, training=False)

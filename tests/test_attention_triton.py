@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fastvlm.kernels import attention as kernels
 from fastvlm.ops import AttentionLayout, multimodal_attention, multimodal_attention_varlen
@@ -228,6 +230,144 @@ def test_tma_flags_reach_the_kernels_through_the_custom_ops(seed, monkeypatch):
     assert [use for name, use in seen if name != "_bwd_delta"] == [True, False], seen
 
 
+# ---- persistent, longest-first grid -----------------------------------------------------------
+def run_persistent(q, k, v, dout, layout, scale, programs, dkdv_programs, deterministic, bwd_cfg=None):
+    """run_kernels on the longest-first grids (programs -1) or on persistent grids of `programs`
+    (forward, dQ) and `dkdv_programs` (dK/dV) programs."""
+    cfg = kernels.INTERPRETER_CONFIG
+    bwd_cfg = INTERPRETER_BWD_CONFIG if bwd_cfg is None else bwd_cfg
+    bm, bwd_bm = layout.block_map(cfg.block_m, cfg.block_n), layout.block_map(bwd_cfg.block_m, bwd_cfg.block_n)
+    meta = (layout.lo, layout.hi, layout.is_image)
+    kw = dict(kind=layout.kind_code, split=layout.split_softmax, scale=scale, cfg=cfg, cut=layout.cut)
+    out, obr, lse = kernels.attention_forward(q, k, v, *meta, *bm.tensors[:4], out=poisoned(like=q),
+                                              order=bm.row_order(), programs=programs, **kw)
+    grads = kernels.attention_backward(dout, q, k, v, out, obr, lse, *meta, *bm.tensors[:4], *bwd_bm.tensors[4:],
+                                       grads=tuple(poisoned(like=t) for t in (q, k, v)), dkdv_cfg=bwd_cfg,
+                                       deterministic=deterministic, row_order=bm.row_order(),
+                                       col_order=bwd_bm.column_order(), programs=programs,
+                                       dkdv_programs=dkdv_programs, **kw)
+    return out, *grads
+
+
+# GQA, N = 77 (fp32) and 129 (fp16): neither a multiple of a block; packed rows with padding.
+# Longest-first one program per item; persistent with fewer programs than items (each takes
+# several, in snake order) and with more (some take none)
+GRID_CASES = [("causal", False, SHAPES[0], "fewer"), ("causal", False, SHAPES[3], "more"),
+              ("causal", False, SHAPES[3], "longest_first"), ("mmca", True, SHAPES[3], "fewer"),
+              ("mmca", True, SHAPES[0], "more"), ("mmca", True, SHAPES[0], "longest_first"),
+              ("image_bidirectional", False, SHAPES[0], "fewer")]
+
+
+@pytest.mark.parametrize("kind,split,shape,programs", GRID_CASES,
+                         ids=[f"{k}{'_split' * s}-{shape_id(sh)}-{p}" for k, s, sh, p in GRID_CASES])
+def test_longest_first_grids_match_reference(kind, split, shape, programs, seed):
+    """Forward, fast and deterministic backward on the longest-first and persistent grids:
+    float64-reference close, and the deterministic backward (and the forward) bitwise those
+    of the plain grid: each item is the plain grid's program, unchanged."""
+    batch, hq, hkv, n, d, dtype = shape
+    layout = layout_for(seed, kind, split, batch, n)
+    q, k, v, dout = make_inputs(batch, hq, hkv, n, d, dtype)
+    cfg = kernels.INTERPRETER_CONFIG
+    items = batch * hq * -(-n // cfg.block_m), batch * hkv * -(-n // INTERPRETER_BWD_CONFIG.block_n)
+    progs = {"fewer": (3, 2), "more": (items[0] + 5, items[1] + 3), "longest_first": (-1, -1)}[programs]
+    if programs != "longest_first":
+        assert (progs[0] < items[0] and progs[1] < items[1]) == (programs == "fewer")
+    plain = run_kernels(q, k, v, dout, layout, d ** -0.5, bwd_cfg=INTERPRETER_BWD_CONFIG, deterministic=True)
+    for deterministic in (True, False):
+        got = run_persistent(q, k, v, dout, layout, d ** -0.5, *progs, deterministic)
+        check_against_reference(layout, q, k, v, dout, got)
+        same = got if deterministic else got[:1]
+        assert all(torch.equal(a, b) for a, b in zip(same, plain)), f"deterministic={deterministic}"
+
+
+def test_persistent_grid_fused_dq_transposed(seed):
+    """The fast backward's dQ^T form (sm90's small tiles) on a persistent dK/dV grid, head_dim 256."""
+    batch, hq, hkv, n, d, dtype = SHAPES[4]
+    layout = layout_for(seed, "mmca", True, batch, n)
+    q, k, v, dout = make_inputs(batch, hq, hkv, n, d, dtype)
+    got = run_persistent(q, k, v, dout, layout, d ** -0.5, 2, 2, False, bwd_cfg=INTERPRETER_BWD_TRANSPOSED_DQ)
+    check_against_reference(layout, q, k, v, dout, got)
+
+
+@triton.jit
+def _count_items(ORDER, COUNT, ITEMS, HEADS, BLOCKS):
+    """What a persistent program of the kernels visits: +1 per (block, batch*head) item."""
+    for r in range(kernels._item_rounds(ITEMS)):
+        blk, b, h = kernels._work_item(ORDER, r, HEADS, BLOCKS)
+        tl.atomic_add(COUNT + (b * HEADS + h) * BLOCKS + blk, 1)
+        tl.store(COUNT + ITEMS + tl.program_id(0), r + 1)  # how many items this program took
+
+
+@pytest.mark.parametrize("kind", ["causal", "mmca", "prefix_lm"])
+def test_work_order_is_longest_first_and_covers_every_item_once(kind, seed):
+    """row_order / column_order: each (batch, block) once, by non-increasing tile count; the
+    kernels' persistent programs (their own _item_rounds / _work_item) visit every (batch,
+    head, block) item exactly once for program counts below, at and above the items, and a
+    program's count of items differs from another's by at most one."""
+    rng = random.Random(seed)
+    layout = layout_for(seed, kind, False, 3, rng.randint(40, 200))
+    bm = layout.block_map(16, 32)
+    for order, num, full in ((bm.row_order(), bm.kv_num_blocks, bm.full_kv_num_blocks),
+                             (bm.column_order(), bm.q_num_blocks, bm.full_q_num_blocks)):
+        counts = (num + full).flatten()
+        assert order.dtype == torch.int32 and torch.equal(order.sort().values, torch.arange(counts.numel(),
+                                                                                            dtype=torch.int32))
+        assert (counts[order.long()].diff() <= 0).all()
+        assert order is (bm.row_order() if num is bm.kv_num_blocks else bm.column_order())  # cached
+        blocks = num.shape[1]
+        heads = rng.randint(1, 4)
+        items = order.numel() * heads
+        for programs in (1, 2, rng.randint(3, items), items, items + rng.randint(1, 9)):
+            count = torch.zeros(items + programs, dtype=torch.int32)
+            _count_items[(programs,)](order, count, items, heads, blocks)
+            assert torch.equal(count[:items], torch.ones(items, dtype=torch.int32)), programs
+            taken = count[items:]
+            assert int(taken.max()) - int(taken.min()) <= 1 and int(taken.sum()) == items, programs
+
+
+def test_persistent_grid_rule(seed):
+    """persistent_grid: the plain grid where the config asks for none, where the items fit one
+    round of programs, or where every item has the same work (asked only then)."""
+    cpu = torch.device("cpu")
+    programs = kernels.INTERPRETER_SMS * kernels.PERSISTENT_PER_SM
+    cfg = kernels.TileConfig(16, 32, 4, 1, grid="persistent")
+    ordered = kernels.TileConfig(16, 32, 4, 1, grid="longest_first")
+    asked = []
+
+    def uniform(answer):
+        return lambda: asked.append(answer) or answer
+    assert kernels.persistent_grid(cfg, cpu, programs + 1, uniform(False)) == programs
+    assert kernels.persistent_grid(cfg, cpu, programs + 1, uniform(None)) == programs  # unknown: persistent
+    assert kernels.persistent_grid(ordered, cpu, programs + 1, uniform(False)) == -1
+    assert kernels.persistent_grid(cfg, cpu, programs + 1, uniform(True)) == 0
+    assert asked == [False, None, False, True]
+    assert kernels.persistent_grid(cfg, cpu, programs, uniform(False)) == 0
+    assert kernels.persistent_grid(ordered, cpu, programs, uniform(False)) == 0
+    assert kernels.persistent_grid(kernels.TileConfig(16, 32, 4, 1), cpu, 10 ** 6, uniform(False)) == 0
+    assert len(asked) == 4
+    with pytest.raises(ValueError, match="cfg.grid"):
+        kernels.persistent_grid(kernels.TileConfig(16, 32, 4, 1, grid="snake"), cpu, 10, uniform(False))
+    # a row of one bidirectional prefix: every query block sees every key block
+    n = 100
+    full = AttentionLayout(torch.zeros(1, n, dtype=torch.int32), torch.full((1, n), -1, dtype=torch.int32),
+                           torch.ones(1, n, dtype=torch.bool), "prefix_lm")
+    assert full.block_map(16, 32).uniform_work() == (True, True)
+    assert AttentionLayout.from_lengths([[n]], n).block_map(16, 32).uniform_work() == (False, False)
+
+
+def test_persistent_grid_refuses_a_missing_order(seed):
+    layout = layout_for(seed, "causal", False, 1, 40)
+    q, k, v, _ = make_inputs(1, 1, 1, 40, 16, torch.float32)
+    cfg = kernels.INTERPRETER_CONFIG
+    bm = layout.block_map(cfg.block_m, cfg.block_n)
+    meta = (layout.lo, layout.hi, layout.is_image)
+    kw = dict(kind=layout.kind_code, split=False, scale=0.25, cfg=cfg)
+    for order in (None, bm.column_order(), bm.row_order().long()):
+        for programs in (-1, 2):
+            with pytest.raises(ValueError, match="order"):
+                kernels.attention_forward(q, k, v, *meta, *bm.tensors[:4], order=order, programs=programs, **kw)
+
+
 # ---- int32 offsets ---------------------------------------------------------------------------
 def _huge_view(buf: torch.Tensor, like: torch.Tensor, strides, offset: int) -> torch.Tensor:
     view = buf.as_strided(like.shape, strides, offset)
@@ -378,9 +518,13 @@ def test_custom_op_passes_opcheck(tma, seed):
 
 
 def test_compiles_without_graph_break(seed):
-    layout = layout_for(seed, "image_bidirectional", False, 1, 40)
-    layout.block_map(kernels.INTERPRETER_CONFIG.block_m, kernels.INTERPRETER_CONFIG.block_n)
-    q, k, v, dout = make_inputs(1, 2, 1, 40, 32, torch.float32)
+    """Traced with the block map built before (its work order is not: computed in the graph,
+    not cached on the map) on the interpreter's persistent grid: 2 heads x 5 query blocks
+    are more items than its 6 programs."""
+    layout = layout_for(seed, "image_bidirectional", False, 1, 70)
+    bm = layout.block_map(kernels.INTERPRETER_CONFIG.block_m, kernels.INTERPRETER_CONFIG.block_n)
+    assert 2 * bm.num_q_blocks > kernels.INTERPRETER_SMS * kernels.PERSISTENT_PER_SM
+    q, k, v, dout = make_inputs(1, 2, 1, 70, 32, torch.float32)
 
     def step(q, k, v):
         return multimodal_attention(q, k, v, layout, backend="triton") * 2

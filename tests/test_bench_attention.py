@@ -14,7 +14,7 @@ from tests.utils import check_op
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_attention import measure, varlen_method  # noqa: E402
+from bench_attention import grid_methods, measure, varlen_method  # noqa: E402
 
 
 @pytest.mark.parametrize("window", [None, 7])
@@ -67,3 +67,26 @@ def test_varlen_baselines_return_the_query_shape_with_padding_zeroed(seed):
     assert out.shape == q.shape and (out.transpose(1, 2)[padding] == 0).all()
     res = measure(run, q.detach(), k.detach(), v.detach(), "cpu", repeats=1, fwd_warmup=0, bwd_warmup=0)
     assert "error" not in res and res["fwd_bwd_ms"] > 0
+
+
+def test_grid_methods_time_each_grid_on_the_same_result(seed):
+    """--grids: the table's tiles on each work-order grid (plain, longest-first, persistent),
+    each a different launch (in the interpreter: 2 heads x 7 query blocks, more items than the
+    persistent grid's 6 programs) of the same per-item code: output, dK and dV bitwise the
+    plain grid's; dQ (the fast backward's fp32 atomics, summed in the grid's order) and all
+    of them float64-reference close."""
+    from tests.test_attention_triton import check_against_reference
+
+    torch.manual_seed(seed)
+    layout = AttentionLayout.from_lengths([[60, 40]], 100)
+    q, k, v = (torch.randn(1, 2, 100, 16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(1, 2, 100, 16)
+    results = {}
+    for name, (fn, setup) in grid_methods(layout).items():
+        out = fn(q, k, v)
+        results[name] = (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
+    assert sorted(results) == ["fastvlm_grid_longest_first", "fastvlm_grid_persistent", "fastvlm_grid_plain"]
+    base = results["fastvlm_grid_plain"]
+    for name, got in results.items():
+        check_against_reference(layout, q.detach(), k.detach(), v.detach(), dout, got)
+        assert all(torch.equal(got[i], base[i]) for i in (0, 2, 3)), name

@@ -21,6 +21,16 @@ for backward, where each branch has its own delta = rowsum(dO * O_branch).
 GQA: the dK/dV program of a kv head loops over the q heads of its group, so
 every dK/dV element is written by exactly one program.
 
+Work order (TileConfig.grid, causal-like layouts, where persistent_grid's rule takes it):
+the work items, (row block, batch*head) pairs, run longest-first: the block map's row
+blocks sorted by their tile counts (dK/dV: its key blocks by theirs), each repeated over
+the heads, so the short rows fill the grid's tail. "longest_first": one program per item
+as a 1-D grid in that order (the hardware hands out blocks in index order);
+"persistent": a few programs per SM, program p taking items p, 2P-1-p, 2P+p, ... (snake
+order: the programs' loads differ by about one item). benchmarks/attention_schedule.py
+models the makespans. Each item is the plain grid's program body unchanged: results are
+bitwise those of the plain grid; the deterministic backward stays deterministic.
+
 Backward: dK/dV computes S^T = K Q^T directly, so P^T and dS^T come out of the
 tensor cores in the layout the dV and dK products take. Fast mode: that pass also
 adds dQ = dS K to an fp32 buffer with atomics (5 products per tile; formed as
@@ -38,7 +48,8 @@ it to these loops (ignored at 8 warps, the compiler's pass fails at 4).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -169,6 +180,38 @@ def _load_lse(lse_base, offs_m, N):
     return tl.where(lse == float("-inf"), float("inf"), lse)
 
 
+@triton.jit
+def _item_rounds(ITEMS):
+    """How many work items this persistent program takes: one per round of P = num_programs
+    items, the last round partial (see _work_item for which program takes which)."""
+    p = tl.program_id(0)
+    P = tl.num_programs(0)
+    full = ITEMS // P
+    last = tl.where(full % 2 == 0, p, P - 1 - p)  # this program's place in the last round
+    return full + (last < ITEMS % P).to(tl.int32)
+
+
+@triton.jit
+def _grid_item(HEADS):
+    """(block, batch row, head) of a plain-grid program, grid (blocks, B * HEADS). Row and head
+    in int64 (offsets: see _attn_fwd), divided in int32."""
+    bh = tl.program_id(1)
+    return tl.program_id(0), (bh // HEADS).to(tl.int64), (bh % HEADS).to(tl.int64)
+
+
+@triton.jit
+def _work_item(ORDER, r, HEADS, BLOCKS):
+    """(block, batch row, head) of this program's item in round r. Items run in snake
+    order over the longest-first list (program p takes r*P + p in even rounds, r*P + P-1-p in
+    odd ones); item w is entry w // HEADS of ORDER (b * BLOCKS + block, by descending tile
+    count) at head w % HEADS, so the heads of one block are neighbours."""
+    p = tl.program_id(0)
+    P = tl.num_programs(0)
+    w = r * P + tl.where(r % 2 == 0, p, P - 1 - p)
+    j = tl.load(ORDER + w // HEADS)
+    return j % BLOCKS, (j // BLOCKS).to(tl.int64), (w % HEADS).to(tl.int64)
+
+
 # ---- forward ---------------------------------------------------------------------------------
 @triton.jit
 def _fwd_tile(q, kb, k_base, v_base, stride_kn, offs_m, lo, hi, cut_lo, cut_hi, img_q, img_base, N, D,
@@ -199,20 +242,15 @@ def _finish_branch(m, l, acc):
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG, CUT_LO, CUT_HI,
-              KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
-              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-              stride_ob, stride_oh, stride_on, stride_rbr, stride_rb, stride_rh, stride_rn, stride_lse,
-              H, GROUP, N, D, TQ, TK, qk_scale,
-              ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr,
-              USE_TMA: tl.constexpr):
-    qb = tl.program_id(0)
-    # int64 from here on: b * stride_qb (and bh * N * branches) exceeds 2^31 once a tensor
-    # holds more than 2^31 elements (B=16, H=32, N=32k, D=128), and int32 wraps on a GPU
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+def _fwd_row_block(qb, b, h, Q, K, V, O, OBR, LSE, LO, HI, IMG, CUT_LO, CUT_HI,
+                   KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_ob, stride_oh, stride_on, stride_rbr, stride_rb, stride_rh, stride_rn, stride_lse,
+                   H, GROUP, N, D, TQ, TK, qk_scale,
+                   ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr,
+                   USE_TMA: tl.constexpr):
+    bh = b * H + h
     hk = h // GROUP
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q_src = _rows_src(Q + b * stride_qb + h * stride_qh, stride_qn, N, D, BLOCK_M, BLOCK_D, USE_TMA)
@@ -254,6 +292,39 @@ def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG, CUT_LO, CUT_HI,
         out0 = out0 + out1
     o_dst = _rows_src(O + b * stride_ob + h * stride_oh, stride_on, N, D, BLOCK_M, BLOCK_D, USE_TMA)
     _store_tile(o_dst, qb * BLOCK_M, out0.to(O.dtype.element_ty), stride_on, N, D, BLOCK_M, BLOCK_D, USE_TMA)
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, OBR, LSE, LO, HI, IMG, CUT_LO, CUT_HI,
+              KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
+              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+              stride_ob, stride_oh, stride_on, stride_rbr, stride_rb, stride_rh, stride_rn, stride_lse,
+              H, GROUP, N, D, TQ, TK, qk_scale, ORDER, ITEMS,
+              ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr,
+              GRID: tl.constexpr, USE_TMA: tl.constexpr):
+    """GRID 0: grid (query blocks, B*H), one query block each; 1: the same items as a 1-D grid
+    in the longest-first work order; 2: a few persistent programs walking that order."""
+    if GRID == 2:  # persistent programs, several items each
+        for r in range(_item_rounds(ITEMS)):
+            qb, b, h = _work_item(ORDER, r, H, TQ)
+            _fwd_row_block(qb, b, h, Q, K, V, O, OBR, LSE, LO, HI, IMG, CUT_LO, CUT_HI, KV_NUM, KV_IDX, FULL_KV_NUM,
+                           FULL_KV_IDX, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                           stride_ob, stride_oh, stride_on, stride_rbr, stride_rb, stride_rh, stride_rn,
+                           stride_lse, H, GROUP, N, D, TQ, TK, qk_scale, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M,
+                           BLOCK_N, BLOCK_D, PRECISION, HAS_CUT, USE_TMA)
+    else:
+        # int64 from here on: b * stride_qb (and bh * N * branches) exceeds 2^31 once a tensor
+        # holds more than 2^31 elements (B=16, H=32, N=32k, D=128), and int32 wraps on a GPU
+        if GRID == 1:  # one program per item, launched longest-first
+            qb, b, h = _work_item(ORDER, 0, H, TQ)
+        else:
+            qb, b, h = _grid_item(H)
+        _fwd_row_block(qb, b, h, Q, K, V, O, OBR, LSE, LO, HI, IMG,
+                       CUT_LO, CUT_HI, KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_qb, stride_qh, stride_qn,
+                       stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on, stride_rbr, stride_rb,
+                       stride_rh, stride_rn, stride_lse, H, GROUP, N, D, TQ, TK, qk_scale, ISOLATE_IMAGES, SPLIT,
+                       EVEN_N, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, HAS_CUT, USE_TMA)
 
 
 # ---- backward --------------------------------------------------------------------------------
@@ -322,18 +393,15 @@ def _row_stats(lse_base, delta_base, stride_lse, offs_m, N, SPLIT: tl.constexpr)
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT_HI,
-                 KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
-                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                 stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_lse,
-                 H, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
-                 ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr,
-                 USE_TMA: tl.constexpr):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
-    b = bh // H
-    h = bh % H
+def _dq_row_block(qb, b, h, Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT_HI,
+                  KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
+                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                  stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_lse,
+                  H, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
+                  ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr,
+                  USE_TMA: tl.constexpr):
+    bh = b * H + h
     hk = h // GROUP
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q_src = _rows_src(Q + b * stride_qb + h * stride_qh, stride_qn, N, D, BLOCK_M, BLOCK_D, USE_TMA)
@@ -360,6 +428,36 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT_HI,
     dq_dst = _rows_src(DQ + b * stride_dqb + h * stride_dqh, stride_dqn, N, D, BLOCK_M, BLOCK_D, USE_TMA)
     _store_tile(dq_dst, qb * BLOCK_M, (dq * sm_scale).to(DQ.dtype.element_ty), stride_dqn, N, D, BLOCK_M, BLOCK_D,
                 USE_TMA)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT_HI,
+                 KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_lse,
+                 H, GROUP, N, D, TQ, TK, qk_scale, sm_scale, ORDER, ITEMS,
+                 ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_CUT: tl.constexpr,
+                 GRID: tl.constexpr, USE_TMA: tl.constexpr):
+    """Grids as _attn_fwd's, over the forward's work order (its block map's)."""
+    if GRID == 2:
+        for r in range(_item_rounds(ITEMS)):
+            qb, b, h = _work_item(ORDER, r, H, TQ)
+            _dq_row_block(qb, b, h, Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT_HI, KV_NUM, KV_IDX,
+                          FULL_KV_NUM, FULL_KV_IDX, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                          stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_lse, H,
+                          GROUP, N, D, TQ, TK, qk_scale, sm_scale, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, BLOCK_N,
+                          BLOCK_D, PRECISION, HAS_CUT, USE_TMA)
+    else:
+        if GRID == 1:  # one program per item, launched longest-first
+            qb, b, h = _work_item(ORDER, 0, H, TQ)
+        else:
+            qb, b, h = _grid_item(H)
+        _dq_row_block(qb, b, h, Q, K, V, DO, DQ, LSE, DELTA, LO, HI, IMG,
+                      CUT_LO, CUT_HI, KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, stride_qb, stride_qh, stride_qn,
+                      stride_kb, stride_kh, stride_kn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
+                      stride_dqn, stride_lse, H, GROUP, N, D, TQ, TK, qk_scale, sm_scale, ISOLATE_IMAGES, SPLIT,
+                      EVEN_N, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, HAS_CUT, USE_TMA)
 
 
 @triton.jit
@@ -402,20 +500,18 @@ def _dkdv_tile(k, v, dk, dv, qb, q_base, do_base, dq_base, stride_qn, stride_don
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT_HI,
-                   Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
-                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                   stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
-                   stride_dqb, stride_dqh, stride_dqn, stride_lse,
-                   H, HKV, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
-                   ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
-                   HAS_CUT: tl.constexpr, TRANSPOSED_DQ: tl.constexpr, USE_TMA: tl.constexpr):
-    """dK, dV of one key block (and with FUSED_DQ its share of every dQ, in fp32 DQ)."""
-    kb = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)  # int64 offsets: see _attn_fwd
-    b = bhk // HKV
-    hk = bhk % HKV
+def _dkdv_column_block(kb, b, hk, Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT_HI,
+                       Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
+                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                       stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                       stride_dqb, stride_dqh, stride_dqn, stride_lse,
+                       H, HKV, GROUP, N, D, TQ, TK, qk_scale, sm_scale,
+                       ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
+                       HAS_CUT: tl.constexpr, TRANSPOSED_DQ: tl.constexpr,
+                       USE_TMA: tl.constexpr):
+    """dK, dV of key block kb of batch row b, kv head hk (int64: see _attn_fwd), and with
+    FUSED_DQ its share of every dQ, in fp32 DQ."""
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(_rows_src(K + b * stride_kb + hk * stride_kh, stride_kn, N, D, BLOCK_N, BLOCK_D, USE_TMA),
@@ -456,6 +552,40 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT
     _store_tile(dv_dst, kb * BLOCK_N, dv.to(DV.dtype.element_ty), stride_dkn, N, D, BLOCK_N, BLOCK_D, USE_TMA)
 
 
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT_HI,
+                   Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                   stride_dqb, stride_dqh, stride_dqn, stride_lse,
+                   H, HKV, GROUP, N, D, TQ, TK, qk_scale, sm_scale, ORDER, ITEMS,
+                   ISOLATE_IMAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
+                   HAS_CUT: tl.constexpr, TRANSPOSED_DQ: tl.constexpr, GRID: tl.constexpr,
+                   USE_TMA: tl.constexpr):
+    """Grids as _attn_fwd's over (key block, B*Hkv), longest-first by the key blocks' own counts."""
+    if GRID == 2:
+        for r in range(_item_rounds(ITEMS)):
+            kb, b, hk = _work_item(ORDER, r, HKV, TK)
+            _dkdv_column_block(kb, b, hk, Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LO, HI, IMG, CUT_LO, CUT_HI, Q_NUM,
+                               Q_IDX, FULL_Q_NUM, FULL_Q_IDX, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                               stride_kn, stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                               stride_dqb, stride_dqh, stride_dqn, stride_lse, H, HKV, GROUP, N, D, TQ, TK, qk_scale,
+                               sm_scale, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+                               FUSED_DQ, HAS_CUT, TRANSPOSED_DQ, USE_TMA)
+    else:
+        if GRID == 1:  # one program per item, launched longest-first
+            kb, b, hk = _work_item(ORDER, 0, HKV, TK)
+        else:
+            kb, b, hk = _grid_item(HKV)
+        _dkdv_column_block(kb, b, hk, Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
+                           LO, HI, IMG, CUT_LO, CUT_HI, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, stride_qb, stride_qh,
+                           stride_qn, stride_kb, stride_kh, stride_kn, stride_dob, stride_doh, stride_don,
+                           stride_dkb, stride_dkh, stride_dkn, stride_dqb, stride_dqh, stride_dqn, stride_lse, H,
+                           HKV, GROUP, N, D, TQ, TK, qk_scale, sm_scale, ISOLATE_IMAGES, SPLIT, EVEN_N, BLOCK_M,
+                           BLOCK_N, BLOCK_D, PRECISION, FUSED_DQ, HAS_CUT, TRANSPOSED_DQ, USE_TMA)
+
+
 # ---- tile configs ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TileConfig:
@@ -472,9 +602,20 @@ class TileConfig:
     # whole tiles copied asynchronously, the tensor's bounds instead of per-element masks.
     # The launchers fall back to pointers where a tensor is not 16-byte aligned (TMA's rule).
     tma: bool = False
+    # the work order of the grid (see the module docstring and persistent_grid): "plain",
+    # "longest_first" (one program per item, launched longest-first) or "persistent"
+    grid: str = "plain"
 
 
-INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
+GRIDS = {"plain": 0, "longest_first": 1, "persistent": 2}
+# persistent programs per SM. Over-subscribing is safe (a program waiting for a slot takes
+# half a share: the snake order keeps both halves balanced), under-subscribing idles SMs: 2
+# covers the table's kernels, 1 resident per SM at D128 (8 warps, 139-255 registers), 2 at
+# D64 / D256.
+PERSISTENT_PER_SM = 2
+# the interpreter's "SMs": a persistent grid of a few programs, fewer than most tests' items
+INTERPRETER_SMS = 3
+INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1, grid="persistent")
 # compute capability -> ((head_dim <= bound, forward config, backward config), ...), first
 # match wins. The forward (and the deterministic dQ kernel) walk the forward's block map,
 # dK/dV the backward's, each at its own tiles (the backward's block_m query rows x block_n
@@ -485,7 +626,8 @@ INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1)
 # redundancy 1.0 everywhere (64 rows per warp group: 8 warps only on 128-row products); no
 # forward spill but at head_dim 256 split on sm90 (3.9 KB; Triton 3.6 adds 32 B in sm80's
 # split forward); dK/dV spills <= 1 KiB up to head_dim 128 (sm90 D128: 24/16 B plain,
-# 168/164 B split in the fused pass), ~3 KB at 256; within A100's 164 KiB and H100's
+# 168/164 B split in the fused pass on the plain grid; 80/72 and 228 B on sm90's longest-first
+# grid, ..._2026-12-06_longest_first.txt), ~3 KB at 256; within A100's 164 KiB and H100's
 # 227 KiB of shared memory. Not yet tuned by timing. Other parts (sm86/89, sm120: ~100 KiB)
 # get the small fallback. transposed_dq on sm90's 32- and 16-row backward tiles: every
 # backward product a wgmma; at D128 the fused pass went from 84/72 B (split 172/240 B)
@@ -522,9 +664,25 @@ def pick_config(device: torch.device, head_dim: int, backward: bool = False) -> 
     return gpu_config(torch.cuda.get_device_capability(device), head_dim, backward)
 
 
+# The tables' grid: the work items longest-first, one program each. Not "persistent": its
+# outer loop keeps every kernel argument live across the items; at sm90 D128 (Triton 3.8,
+# benchmarks/results/attention_grids_sm90_triton3.8_2026-12-06.txt) forward and dQ take
+# +17..45 registers and dK/dV 2-4x the spill bytes of the plain grid. The longest-first
+# 1-D grid compiles like the plain one (registers equal or fewer, no forward / dQ spill;
+# dK/dV spills more bytes, outside its tile loops: tests/test_attention_aot.py), and the
+# makespan model (benchmarks/attention_schedule.py) gives it the persistent grid's gain
+# where the hardware hands out blocks in index order (what it does; no CUDA guarantee).
+# `auto` times the table's tiles on the plain grid too (candidate_configs). sm90 and newer
+# only: on sm80 the split forward at D64 / D128 spilled 16-28 B with it where the plain grid
+# spills none (the aot matrix run of 2026-12-06), so sm80 and the fallback parts keep the plain grid.
+TABLE_GRID = "longest_first"
+TABLE_GRID_FROM = (9, 0)
+
+
 def gpu_config(capability: tuple[int, int], head_dim: int, backward: bool = False) -> TileConfig:
     table = _GPU_CONFIGS.get(tuple(capability), _FALLBACK_CONFIGS)
-    return next(bwd if backward else fwd for bound, fwd, bwd in table if head_dim <= bound)
+    cfg = next(bwd if backward else fwd for bound, fwd, bwd in table if head_dim <= bound)
+    return replace(cfg, grid=TABLE_GRID) if tuple(capability) >= TABLE_GRID_FROM else cfg
 
 
 # Alternatives (forward, backward) that `auto` times against the table's pair on the first
@@ -551,7 +709,41 @@ def candidate_configs(capability: tuple[int, int], head_dim: int) -> tuple[tuple
     table = _ALTERNATIVES.get(tuple(capability), ())
     extra = next((pairs for bound, pairs in table if head_dim <= bound), ())
     first = (gpu_config(capability, head_dim), gpu_config(capability, head_dim, backward=True))
-    return (first,) + tuple(c for c in extra if c != first)
+    # the table's tiles on the plain grid too: the longest-first order's gain is a model's
+    # (benchmarks/attention_schedule.py) until timed; the kernels are the same code per item
+    plain = tuple(replace(c, grid="plain") for c in first)
+    return (first,) + tuple(c for c in (*extra, plain) if c != first)
+
+
+def persistent_grid(cfg: TileConfig, device: torch.device, items: int, uniform) -> int:
+    """The launchers' `programs` for `items` work items: 0 the plain grid, -1 one program per
+    item in the longest-first order, P > 0 that many persistent programs. uniform: a callable
+    giving whether every item has the same tile count (True), not (False) or unknown (None);
+    called only when the rest of the rule passes, since it may wait on the device. The rule:
+    the config's grid where the items fill more than one round of PERSISTENT_PER_SM programs
+    per SM (within one round every item starts at once and the order changes nothing) and
+    the work is not uniform: with equal items (full bidirectional rows, a window) the
+    hardware's own block scheduler already balances them, and the plain grid saves the
+    order lookups (and the persistent loop's registers). Else the plain grid."""
+    if cfg.grid not in GRIDS:
+        raise ValueError(f"cfg.grid: expected one of {sorted(GRIDS)}, got {cfg.grid!r}")
+    if cfg.grid == "plain":
+        return 0
+    programs = PERSISTENT_PER_SM * multiprocessors(device)
+    if items <= programs or uniform() is True:
+        return 0
+    return programs if cfg.grid == "persistent" else -1
+
+
+def multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda" or INTERPRETED:
+        return INTERPRETER_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -644,14 +836,19 @@ def _tma_ready(cfg: TileConfig, *tensors: torch.Tensor) -> bool:
 
 
 def attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx, *,
-                      kind: int, split: bool, scale: float, cfg: TileConfig, out=None, cut=None):
+                      kind: int, split: bool, scale: float, cfg: TileConfig, out=None, cut=None,
+                      order=None, programs: int = 0):
     """Returns (out, branch_outs or empty, lse [branches, B, H, N] in log2 units).
 
     q [B, H, N, D], k/v [B, Hkv, N, D], any strides with unit stride on D; out
     is allocated like q (same strides) unless given. cut: the layout's (int32 [2, B, N]) or None.
+    programs (persistent_grid's): 0 one program per row block and head; -1 the same in the
+    longest-first `order` (the block map's row_order(): every (batch, row block) once); P > 0
+    P persistent programs walking it.
     """
     *outputs, launches = forward_launches(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx,
-                                          kind=kind, split=split, scale=scale, cfg=cfg, out=out, cut=cut)
+                                          kind=kind, split=split, scale=scale, cfg=cfg, out=out, cut=cut,
+                                          order=order, programs=programs)
     for launch in launches:
         launch()
     return tuple(outputs)
@@ -662,8 +859,25 @@ def _cut_rows(cut, lo, hi):
     return (lo, hi) if cut is None else (cut[0], cut[1])
 
 
+def _grid(programs: int, order, blocks: int, batch: int, heads: int, what: str):
+    """The launch grid and the kernels' (ORDER, ITEMS, GRID) for `programs` (persistent_grid's):
+    plain (blocks, batch * heads); or the blocks * batch * heads items in `order`, one program
+    each (-1) or over `programs` persistent programs."""
+    if programs == 0:
+        return (blocks, batch * heads), (None, 0, GRIDS["plain"])
+    if order is None or order.dtype != torch.int32 or tuple(order.shape) != (batch * blocks,):
+        raise ValueError(f"{what}: a longest-first grid needs the block map's int32 order of its {batch} x "
+                         f"{blocks} (batch, block) entries, got "
+                         f"{None if order is None else (tuple(order.shape), order.dtype)}")
+    items = blocks * batch * heads
+    if programs < 0:
+        return (items,), (order, items, GRIDS["longest_first"])
+    return (programs,), (order, items, GRIDS["persistent"])
+
+
 def forward_launches(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx, *,
-                     kind: int, split: bool, scale: float, cfg: TileConfig, out=None, cut=None):
+                     kind: int, split: bool, scale: float, cfg: TileConfig, out=None, cut=None,
+                     order=None, programs: int = 0):
     """attention_forward's outputs (allocated, not yet written) and its launches."""
     q, k, v = kernel_inputs(q, k, v)
     b, h, n, d = q.shape
@@ -675,16 +889,18 @@ def forward_launches(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, ful
     _check_block_map(n, cfg, kv_num, kv_idx)
     tq, tk = kv_num.shape[1], kv_idx.shape[2]
     img = is_image.view(torch.uint8)
-    grid = (tq, b * h)
+    # the flat (b, row block) lists of the map: b * tq entries (tq per batch row)
+    grid, (order, items, grid_code) = _grid(programs, order, tq, b, h, "order")
+    order = kv_num if order is None else order  # a pointer the plain grid never reads
     launch = Launch(_attn_fwd, grid, (
         q, k, v, out, obr, lse, lo, hi, img, *_cut_rows(cut, lo, hi), kv_num, kv_idx, full_kv_num, full_kv_idx,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), obr.stride(0), obr.stride(1), obr.stride(2),
         obr.stride(3), b * h * n,
-        h, h // hkv, n, d, tq, tk, scale * LOG2E), dict(
+        h, h // hkv, n, d, tq, tk, scale * LOG2E, order, items), dict(
         ISOLATE_IMAGES=kind in IMAGE_ISOLATING_KINDS, SPLIT=split, EVEN_N=n % cfg.block_n == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype),
-        HAS_CUT=cut is not None, USE_TMA=_tma_ready(cfg, q, k, v, out, obr),
+        HAS_CUT=cut is not None, USE_TMA=_tma_ready(cfg, q, k, v, out, obr), GRID=grid_code,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return out, obr, lse, [launch]
 
@@ -692,10 +908,13 @@ def forward_launches(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num, ful
 def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num,
                        full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, *, kind: int, split: bool,
                        scale: float, cfg: TileConfig, dkdv_cfg: TileConfig | None = None, grads=None,
-                       deterministic: bool = False, cut=None):
+                       deterministic: bool = False, cut=None, row_order=None, col_order=None,
+                       programs: int = 0, dkdv_programs: int = 0):
     """Returns (dq, dk, dv); grads, if given, are the preallocated output tensors. The kv
     lists are the forward's block map (cfg's tiles: the dQ kernel runs at them), the q lists
-    the backward's (dkdv_cfg's tiles, default cfg: the dK/dV kernel's).
+    the backward's (dkdv_cfg's tiles, default cfg: the dK/dV kernel's). programs /
+    dkdv_programs (as attention_forward's): the dQ kernel walks the forward map's row_order (the
+    forward's order, reused), the dK/dV kernel the backward map's column_order.
 
     deterministic=False: one dK/dV pass that also adds each tile's dQ share to an fp32
     buffer with atomics (5 matrix products per tile; the order of those fp32 additions
@@ -704,7 +923,8 @@ def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, k
     *grads, steps = backward_launches(
         dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx,
         full_q_num, full_q_idx, kind=kind, split=split, scale=scale, cfg=cfg, dkdv_cfg=dkdv_cfg, grads=grads,
-        deterministic=deterministic, cut=cut)
+        deterministic=deterministic, cut=cut, row_order=row_order, col_order=col_order, programs=programs,
+        dkdv_programs=dkdv_programs)
     for step in steps:
         step()
     return tuple(grads)
@@ -713,7 +933,8 @@ def attention_backward(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, k
 def backward_launches(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num,
                       full_kv_idx, q_num, q_idx, full_q_num, full_q_idx, *, kind: int, split: bool,
                       scale: float, cfg: TileConfig, dkdv_cfg: TileConfig | None = None, grads=None,
-                      deterministic: bool = False, cut=None):
+                      deterministic: bool = False, cut=None, row_order=None, col_order=None,
+                      programs: int = 0, dkdv_programs: int = 0):
     """attention_backward's gradients (allocated, not yet written) and its steps, in order:
     kernel launches (Launch) and, in the fused mode, the final copy of fp32 dQ."""
     q, k, v = kernel_inputs(q, k, v)
@@ -736,10 +957,10 @@ def backward_launches(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv
         dout.stride(0), dout.stride(1), dout.stride(2), h, n, d), dict(BLOCK_M=64, BLOCK_D=block_d))]
     img = is_image.view(torch.uint8)
 
-    def constexprs(c: TileConfig):
+    def constexprs(c: TileConfig, grid_code: int):
         return dict(ISOLATE_IMAGES=kind in IMAGE_ISOLATING_KINDS, SPLIT=split, EVEN_N=n % c.block_n == 0,
                     BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-                    HAS_CUT=cut is not None, USE_TMA=_tma_ready(c, q, k, v, dout, dq, dk, dv),
+                    HAS_CUT=cut is not None, USE_TMA=_tma_ready(c, q, k, v, dout, dq, dk, dv), GRID=grid_code,
                     # backward loops stage q and dO tiles (twice the forward's bytes): at most 2 stages
                     num_warps=c.num_warps, num_stages=min(c.num_stages, 2))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -747,20 +968,23 @@ def backward_launches(dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv
     if deterministic:
         dq_sum = dq
         tq, tk = kv_num.shape[1], kv_idx.shape[2]
-        steps.append(Launch(_attn_bwd_dq, (tq, b * h), (
+        grid, (order, items, grid_code) = _grid(programs, row_order, tq, b, h, "row_order")
+        steps.append(Launch(_attn_bwd_dq, grid, (
             q, k, v, dout, dq, lse, delta, lo, hi, img, *_cut_rows(cut, lo, hi), kv_num, kv_idx, full_kv_num,
             full_kv_idx,
             *strides, dq.stride(0), dq.stride(1), dq.stride(2), b * h * n,
-            h, h // hkv, n, d, tq, tk, scale * LOG2E, scale), constexprs(cfg)))
+            h, h // hkv, n, d, tq, tk, scale * LOG2E, scale, kv_num if order is None else order, items),
+            constexprs(cfg, grid_code)))
     else:  # dQ summed over key blocks by atomics, in fp32, then rounded once
         dq_sum = torch.zeros(b, h, n, d, dtype=torch.float32, device=q.device)
     tk, tq = q_num.shape[1], q_idx.shape[2]
-    steps.append(Launch(_attn_bwd_dkdv, (tk, b * hkv), (
+    grid, (order, items, grid_code) = _grid(dkdv_programs, col_order, tk, b, hkv, "col_order")
+    steps.append(Launch(_attn_bwd_dkdv, grid, (
         q, k, v, dout, dk, dv, dq_sum, lse, delta, lo, hi, img, *_cut_rows(cut, lo, hi), q_num, q_idx, full_q_num,
         full_q_idx,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), dq_sum.stride(0), dq_sum.stride(1), dq_sum.stride(2),
-        b * h * n, h, hkv, h // hkv, n, d, tq, tk, scale * LOG2E, scale),
-        dict(constexprs(dkdv_cfg), FUSED_DQ=not deterministic,
+        b * h * n, h, hkv, h // hkv, n, d, tq, tk, scale * LOG2E, scale, q_num if order is None else order, items),
+        dict(constexprs(dkdv_cfg, grid_code), FUSED_DQ=not deterministic,
              TRANSPOSED_DQ=dkdv_cfg.transposed_dq and not deterministic)))
     if not deterministic:
         steps.append(lambda: dq.copy_(dq_sum))

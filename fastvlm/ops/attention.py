@@ -19,6 +19,13 @@ traces or a CUDA graph captures, and with FASTVLM_AUTOTUNE=0, the static per-GPU
 table's config serves instead (every process and rank then runs the same
 kernels; flash-attn is then never picked by ``auto``).
 
+The Triton kernels run their work items (row blocks per head; dK/dV: key blocks) in the
+order the config's grid names (TileConfig.grid: sm90's table runs them longest-first, by the
+block map's tile counts, BlockMap.row_order / column_order, computed on the device and
+cached with the map; the forward's order is reused by the deterministic dQ kernel).
+kernels.persistent_grid's rule falls back to the plain grid where the work is uniform
+(read once per block map, a wait on the device) or fills one round of the GPU.
+
 The reference backend has two paths that compute the same function:
 - ``dense``: materialises the [B, N, N] mask (tests, small N);
 - ``blockwise``: walks the layout's block map with an online softmax over
@@ -255,10 +262,18 @@ def _triton_attention(q, k, v, layout: AttentionLayout, scale: float, cfgs, dete
     fwd_map, bwd_map = layout.block_map(fwd.block_m, fwd.block_n), layout.block_map(bwd.block_m, bwd.block_n)
     # strides the kernels take, fixed here so the fake impls' empty_like match the real outputs
     q, k, v = _kernels.kernel_inputs(q, k, v)
+    b, hq, _, _ = q.shape
+    # work-order grids (kernels.persistent_grid's rule): the forward and the deterministic dQ
+    # kernel over the forward map's row blocks, dK/dV over the backward map's key blocks
+    programs = _kernels.persistent_grid(fwd, q.device, b * hq * fwd_map.num_q_blocks,
+                                        lambda: (fwd_map.uniform_work() or (None,))[0])
+    dkdv_programs = _kernels.persistent_grid(bwd, q.device, b * k.shape[1] * bwd_map.num_kv_blocks,
+                                             lambda: (bwd_map.uniform_work() or (None, None))[1])
     out, _, _ = torch.ops.fastvlm.mm_attention_fwd(
         q, k, v, layout.lo, layout.hi, layout.is_image, *fwd_map.tensors[:4], *bwd_map.tensors[4:],
         layout.kind_code, layout.split_softmax, scale, *_config_ints(fwd), *_config_ints(bwd), bwd.transposed_dq,
-        deterministic, layout.cut, fwd.tma, bwd.tma)
+        deterministic, layout.cut, fwd.tma, bwd.tma, fwd_map.row_order() if programs else None,
+        bwd_map.column_order() if dkdv_programs else None, programs, dkdv_programs)
     return out
 
 
@@ -437,14 +452,20 @@ if _kernels is not None:
                           block_m: int, block_n: int, num_warps: int, num_stages: int,
                           bwd_block_m: int, bwd_block_n: int, bwd_num_warps: int, bwd_num_stages: int,
                           bwd_transposed_dq: bool, deterministic: bool, cut: torch.Tensor | None = None,
-                          tma: bool = False, bwd_tma: bool = False
+                          tma: bool = False, bwd_tma: bool = False,
+                          row_order: torch.Tensor | None = None, col_order: torch.Tensor | None = None,
+                          programs: int = 0, dkdv_programs: int = 0
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(out, branch outputs [2 or 0, B, H, N, D], lse [branches, B, H, N] in log2 units).
         The kv lists are the forward's block map, the q lists the backward's (bwd_* tiles);
-        cut: the layout's (shared prompt) or None; tma, bwd_tma: the configs' TMA flags."""
+        cut: the layout's (shared prompt) or None; tma, bwd_tma: the configs' TMA flags.
+        programs, dkdv_programs (kernels.persistent_grid's): 0 the plain grid, -1
+        longest-first, P persistent programs (the forward and deterministic dQ over
+        row_order, dK/dV over col_order)."""
         cfg = _kernels.TileConfig(block_m, block_n, num_warps, num_stages, tma=tma)
         return _kernels.attention_forward(q, k, v, lo, hi, is_image, kv_num, kv_idx, full_kv_num,
-                                          full_kv_idx, kind=kind, split=split, scale=scale, cfg=cfg, cut=cut)
+                                          full_kv_idx, kind=kind, split=split, scale=scale, cfg=cfg, cut=cut,
+                                          order=row_order, programs=programs)
 
     @_mm_attention_fwd.register_fake
     def _(q, k, v, lo, hi, is_image, *rest):
@@ -463,7 +484,9 @@ if _kernels is not None:
                           block_m: int, block_n: int, num_warps: int, num_stages: int,
                           bwd_block_m: int, bwd_block_n: int, bwd_num_warps: int, bwd_num_stages: int,
                           bwd_transposed_dq: bool, deterministic: bool, cut: torch.Tensor | None = None,
-                          tma: bool = False, bwd_tma: bool = False
+                          tma: bool = False, bwd_tma: bool = False,
+                          row_order: torch.Tensor | None = None, col_order: torch.Tensor | None = None,
+                          programs: int = 0, dkdv_programs: int = 0
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = _kernels.TileConfig(block_m, block_n, num_warps, num_stages, tma=tma)
         dkdv_cfg = _kernels.TileConfig(bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages, bwd_transposed_dq,
@@ -471,7 +494,8 @@ if _kernels is not None:
         return _kernels.attention_backward(
             dout, q, k, v, out, obr, lse, lo, hi, is_image, kv_num, kv_idx, full_kv_num, full_kv_idx,
             q_num, q_idx, full_q_num, full_q_idx, kind=kind, split=split, scale=scale, cfg=cfg,
-            dkdv_cfg=dkdv_cfg, deterministic=deterministic, cut=cut)
+            dkdv_cfg=dkdv_cfg, deterministic=deterministic, cut=cut, row_order=row_order, col_order=col_order,
+            programs=programs, dkdv_programs=dkdv_programs)
 
     @_mm_attention_bwd.register_fake
     def _(dout, q, k, v, *rest):

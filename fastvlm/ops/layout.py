@@ -105,6 +105,49 @@ class BlockMap:
     def to(self, device) -> "BlockMap":
         return BlockMap(self.block_q, self.block_k, self.seq_len, *(t.to(device) for t in self.tensors))
 
+    # ---- work order of the kernels' longest-first grids (fastvlm.kernels.attention) -------------
+    def row_order(self) -> torch.Tensor:
+        """int32 [B * Tq]: every (batch row b, query block i) once as b * Tq + i, by descending
+        number of tiles to visit (partial + full; ties in index order). A longest-first grid
+        walks it; the forward and the deterministic dQ kernel share it.
+        Computed on the device (one argsort of B * Tq counts) and cached."""
+        return self._cached("row_order", lambda: _longest_first(self.kv_num_blocks, self.full_kv_num_blocks))
+
+    def column_order(self) -> torch.Tensor:
+        """int32 [B * Tk]: every (b, key block j) once as b * Tk + j, by descending number of
+        query blocks (the dK/dV kernel's own counts); as row_order."""
+        return self._cached("column_order", lambda: _longest_first(self.q_num_blocks, self.full_q_num_blocks))
+
+    def uniform_work(self) -> tuple[bool, bool] | None:
+        """(every query block visits as many tiles, every key block as many), or None where that
+        cannot be read now (torch.compile tracing, a CUDA graph capturing). Reading it waits
+        for the block map on the device once; the answer is cached."""
+        if torch.compiler.is_compiling() or (self.kv_num_blocks.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+
+        def read():
+            rows = self.kv_num_blocks + self.full_kv_num_blocks
+            cols = self.q_num_blocks + self.full_q_num_blocks
+            lo_hi = torch.stack([rows.min(), rows.max(), cols.min(), cols.max()]).tolist()
+            return lo_hi[0] == lo_hi[1], lo_hi[2] == lo_hi[3]
+        return self._cached("uniform_work", read)
+
+    def _cached(self, name: str, make):
+        """A value derived from the lists, kept on this (frozen) map. Not kept while
+        torch.compile traces: it would hold the trace's tensors past it."""
+        derived = getattr(self, "_derived", None)
+        if derived is not None and name in derived:
+            return derived[name]
+        got = make()
+        if not torch.compiler.is_compiling():
+            object.__setattr__(self, "_derived", {**(derived or {}), name: got})
+        return got
+
+
+def _longest_first(num: torch.Tensor, full_num: torch.Tensor) -> torch.Tensor:
+    counts = (num + full_num).flatten()
+    return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+
 
 def _check_window(window) -> None:
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
