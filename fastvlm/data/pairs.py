@@ -2,7 +2,11 @@
 
 A sample's caption is its last assistant turn; its one image is decoded in the
 DataLoader workers like every other image (a bad file skips the pair, counted in
-``skipped``). ``PairCollator`` pads the captions of a batch into ``input_ids`` with a
+``skipped``). The captions are tokenized once, when ``lengths()`` measures them: a
+contrastive stage passes over the same pairs for many epochs, and tokenizing each
+caption again between image decodes cost ~15 ms of the tiny demo's ~145 ms contrastive
+step (one CPU thread; the batch's captions then ran with a cold tokenizer each time).
+``PairCollator`` pads the captions of a batch into ``input_ids`` with a
 ``text_mask`` and stacks the images.
 """
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -36,16 +41,34 @@ class CaptionPairs(Dataset):
         self.preprocessor = preprocessor
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.skipped = BadImageCounter()
+        # every caption's ids as one flat int64 array + offsets (a list of Python ints per
+        # caption takes several times the memory on a large captions file); filled by lengths()
+        self._ids: np.ndarray | None = None
+        self._offsets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def caption_ids(self, index: int) -> list[int]:
+    def _encode_caption(self, index: int) -> list[int]:
         return self.tokenizer.encode(caption_of(self.samples[index]))[0] or [self.pad_id]
 
+    def caption_ids(self, index: int) -> list[int]:
+        if self._ids is None:
+            return self._encode_caption(index)
+        return self._ids[self._offsets[index]:self._offsets[index + 1]].tolist()
+
+    def _caption_tensor(self, index: int) -> torch.Tensor:
+        if self._ids is None:
+            return torch.tensor(self._encode_caption(index), dtype=torch.long)
+        return torch.from_numpy(self._ids[self._offsets[index]:self._offsets[index + 1]].copy())
+
     def lengths(self) -> list[int]:
-        """Caption tokens per sample (what a batch's width depends on)."""
-        return [len(self.caption_ids(i)) for i in range(len(self))]
+        """Caption tokens per sample (what a batch's width depends on); keeps the ids."""
+        if self._ids is None:
+            encoded = [self._encode_caption(i) for i in range(len(self))]
+            self._offsets = np.cumsum([0] + [len(ids) for ids in encoded], dtype=np.int64)
+            self._ids = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=int(self._offsets[-1]))
+        return np.diff(self._offsets).tolist()
 
     def __getitem__(self, index: int) -> dict | None:
         sample = self.samples[index]
@@ -53,7 +76,7 @@ class CaptionPairs(Dataset):
         loaded = load_image_and_key(path, self.preprocessor, counter=self.skipped)
         if loaded is None:
             return None
-        return {"pixel_values": loaded[0][None], "input_ids": torch.tensor(self.caption_ids(index)),
+        return {"pixel_values": loaded[0][None], "input_ids": self._caption_tensor(index),
                 "id": sample.id, "index": index, "image_files": [path], "image_keys": [loaded[1]]}
 
 
