@@ -627,7 +627,7 @@ INTERPRETER_CONFIG = TileConfig(16, 32, 4, 1, grid="persistent")
 # forward spill but at head_dim 256 split on sm90 (3.9 KB; Triton 3.6 adds 32 B in sm80's
 # split forward); dK/dV spills <= 1 KiB up to head_dim 128 (sm90 D128: 24/16 B plain,
 # 168/164 B split in the fused pass on the plain grid; 80/72 and 228 B on sm90's longest-first
-# grid, ..._2026-12-06_longest_first.txt), ~3 KB at 256; within A100's 164 KiB and H100's
+# grid, the table's: the reports list both), ~3 KB at 256; within A100's 164 KiB and H100's
 # 227 KiB of shared memory. Not yet tuned by timing. Other parts (sm86/89, sm120: ~100 KiB)
 # get the small fallback. transposed_dq on sm90's 32- and 16-row backward tiles: every
 # backward product a wgmma; at D128 the fused pass went from 84/72 B (split 172/240 B)
