@@ -34,10 +34,11 @@ ctest: $(DEPS_STAMP)
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check .
 
-# One pytest worker per core, a test file to one worker (its module fixtures built once).
+# One pytest worker per core, a test file to one worker (its module fixtures built once),
+# the longest files first (tests/conftest.py orders them by tests/file_seconds.json).
 PYTEST_WORKERS ?= auto
 pytest: build
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test: build lint ctest pytest
 

@@ -2,9 +2,18 @@
 
 Without a GPU, Triton kernels run under the interpreter, which must be switched
 on before any kernel module is imported, hence here, at collection start.
+
+The test files run longest first (tests/file_seconds.json, rewritten by
+`pytest --file-seconds tests/file_seconds.json ...`): under pytest-xdist's loadfile
+a file is one unit of work, handed out in collection order (make test passes
+--no-loadscope-reorder), so the run ends on short files instead of one worker
+finishing a long file while the others wait.
 """
+import json
 import os
 import zlib
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +29,26 @@ if _WORKERS > 1:
     torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
 
 
+FILE_SECONDS_PATH = Path(__file__).with_name("file_seconds.json")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--file-seconds", metavar="PATH", default=None,
+                     help="write each test file's seconds (setup, call, teardown summed) to PATH as JSON")
+
+
+def _file_seconds() -> dict[str, float]:
+    try:
+        return json.loads(FILE_SECONDS_PATH.read_text())
+    except FileNotFoundError:
+        return {}
+
+
 def pytest_collection_modifyitems(config, items):
+    # Longest files first (stable: a file's tests keep their order); a file not yet timed
+    # goes after the timed ones.
+    seconds = _file_seconds()
+    items.sort(key=lambda item: -seconds.get(item.path.name, 0.0))
     # `seeded`: the tests whose inputs FASTVLM_TEST_SEED changes (the stress run's subset).
     for item in items:
         if "seed" in getattr(item, "fixturenames", ()):
@@ -31,6 +59,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_SPENT = defaultdict(float)
+
+
+def pytest_runtest_logreport(report):
+    # Under xdist the controller receives every worker's reports, so it sums the whole run.
+    _SPENT[report.nodeid.split("::")[0].rsplit("/", 1)[-1]] += report.duration
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--file-seconds")
+    if path and not hasattr(session.config, "workerinput"):  # the controller (or the only process)
+        Path(path).write_text(json.dumps({f: round(t, 1) for f, t in sorted(_SPENT.items())}, indent=0) + "\n")
 
 
 def _base_seed():
