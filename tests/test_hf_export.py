@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from fastvlm.cli import main as cli_main
 from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.nn.lora import dequantized_weight, lora_layers
 from fastvlm.train import checkpoint as ckpt
@@ -149,7 +150,7 @@ def saved(out: Path) -> tuple[str, dict[str, torch.Tensor]]:
 def test_export_dtype_is_the_bases_unless_given(tmp_path, seed):
     """A bfloat16 base (the model trained in float32): --format hf writes bfloat16 (config and
     weights: the float32 export's values rounded) from a checkpoint and from final/, --dtype
-    writes its own; peft's OUT/base (image_newline trained) is bfloat16, the adapter float32."""
+    (the command's) writes its own; peft's OUT/base (image_newline trained) is bfloat16, the adapter float32."""
     base = bf16_base("llava_onevision", tmp_path / "base")
     run = tmp_path / "run"
     fake_run(base, run, seed)
@@ -161,7 +162,8 @@ def test_export_dtype_is_the_bases_unless_given(tmp_path, seed):
         dtype, weights = saved(out)
         assert dtype == "bfloat16" and weights.keys() == expected.keys()
         assert all(torch.equal(v, expected[k]) for k, v in weights.items())
-    dtype, weights = saved(export(run, tmp_path / "fp16", "hf", dtype=torch.float16))
+    assert cli_main(["export", str(run), str(tmp_path / "fp16"), "--format", "hf", "--dtype", "fp16"]) == 0
+    dtype, weights = saved(tmp_path / "fp16")
     assert dtype == "float16" and all(v.dtype == torch.float16 for v in weights.values())
     export(run, run / "final", "hf", dtype=torch.float32)  # final/ as the trainer writes it: float32
     dtype, weights = saved(export(run, tmp_path / "from-final", "hf"))
