@@ -283,7 +283,11 @@ def _add_export_args(parser) -> None:
                              "for a model.source = 'hf' run's family class), fastvlm (native); hf: a "
                              "model.source = 'hf' run as its family's own save_pretrained dir")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                        help="weight dtype of the export (default: the LLM's)")
+                        help="weight dtype of the export. Default: hf (and peft's OUT/base) of a "
+                             "model.source = 'hf' run: the base model's own, the dtype (or torch_dtype) of "
+                             "model.path's config.json (float32 where none or gone); hf-llava (and its peft "
+                             "OUT/base): the LLM's; a peft adapter: float32 for an hf run, else as trained; "
+                             "fastvlm: as trained")
     parser.add_argument("--allow-causal", action="store_true",
                         help="hf-llava: export a model trained with a non-causal attention layout anyway "
                              "(HF runs causal attention; logits differ)")

@@ -3,15 +3,24 @@
 - ``hf``: OUT is the family's ``save_pretrained`` directory with the LoRA merged (the run's
   final/ model, or a checkpoint's model with its stage's adapters folded in), the processor
   and its chat template beside it: ``AutoModelForImageTextToText.from_pretrained(OUT)`` and
-  ``AutoProcessor.from_pretrained(OUT)`` load the trained model.
+  ``AutoProcessor.from_pretrained(OUT)`` load the trained model. Its weights are in the base
+  model's own dtype (``base_dtype``: ``dtype`` / ``torch_dtype`` of ``model.path``'s
+  config.json, bfloat16 for the released checkpoints; float32 where it names none or is
+  gone), unless ``--dtype`` says otherwise.
 - ``peft``: OUT is a PEFT LoRA adapter of the newest checkpoint (or the one given), whose
   stage still holds its adapters: ``adapter_config.json`` and ``adapter_model.safetensors``
-  at the top of OUT, every LoRA layer under transformers' module names, the trained
-  projector in ``modules_to_save``, and ``base_model_name_or_path`` naming the base: the
-  run's ``model.path`` when the checkpoint's weights outside the projector and the adapters
-  are still its own, else ``OUT/base``, written beside the adapter (the base an earlier
-  stage trained). ``PeftModel.from_pretrained(<family class>.from_pretrained(BASE), OUT)``
-  gives the trained model (for a QLoRA stage, whose base was NF4, the base in full precision).
+  at the top of OUT, every LoRA layer under transformers' module names (float32 unless
+  ``--dtype``), the trained projector in ``modules_to_save`` (its modules: PEFT wraps each
+  in place of the original, so a container without a forward of its own, such as Qwen3-VL's
+  ``deepstack_merger_list``, is given by its items), and ``base_model_name_or_path``
+  naming the base: the run's ``model.path`` when the checkpoint's weights outside those
+  modules and the adapters are still its own, else ``OUT/base``, written beside the adapter
+  in the base's dtype as for ``hf`` (the base an earlier stage trained, or a connector
+  parameter no module holds alone, which ``modules_to_save`` cannot carry: LLaVA-NeXT /
+  OneVision's ``image_newline``, once its stage trained it; left out, and the base
+  ``model.path``, while it is the base's value). ``PeftModel.from_pretrained(<family
+  class>.from_pretrained(BASE), OUT)`` gives the trained model (for a QLoRA stage, whose base
+  was NF4, the base in full precision).
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from fastvlm.integrations.hf_load import load_patched
 from fastvlm.integrations.hf_trainable import HFVLM
@@ -38,6 +48,23 @@ from fastvlm.utils.io import read_json
 def run_processor(recipe: Recipe) -> RunProcessor:
     m = recipe.model
     return RunProcessor.load(Path(m.tokenizer or m.path), recipe.data.chat_template)
+
+
+def base_dtype(recipe: Recipe) -> torch.dtype:
+    """The dtype the base model's config.json records (``dtype``, or ``torch_dtype``, the name
+    older transformers write; the text config's where the top level has none),
+    float32 where it records none or ``model.path`` is gone: what an export defaults to."""
+    file = Path(recipe.model.path).expanduser() / "config.json"
+    config = read_json(file, "model.path") if file.is_file() else {}
+    for part in (config, config.get("text_config") or {}):
+        name = part.get("dtype") or part.get("torch_dtype")
+        if name is not None:
+            dtype = getattr(torch, str(name).removeprefix("torch."), None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"model.path: {file} names dtype {name!r}, not a floating-point torch dtype "
+                                 "(pass --dtype)")
+            return dtype
+    return torch.float32
 
 
 def checkpoint_model(recipe: Recipe, run_dir: Path, checkpoint: Path) -> tuple[HFVLM, int]:
@@ -69,21 +96,22 @@ def export_hf_run(source: Path, run_dir: Path, recipe: Recipe, out: Path, final:
     empty directory `out`, which is renamed to `final` once complete."""
     processor = run_processor(recipe)
     checkpoint = source if ckpt.NAME.match(source.name) else None
+    model_dtype = dtype or base_dtype(recipe)
     if format == "hf":
         if checkpoint is None and (run_dir / "final" / "config.json").is_file():
-            hf = load_patched(run_dir / "final", dtype or torch.float32)
+            hf = load_patched(run_dir / "final", model_dtype)
         else:
             checkpoint = checkpoint or _newest(run_dir)
             model, index = checkpoint_model(recipe, run_dir, checkpoint)
             finish_stage(model, recipe.stages[index])  # the adapters folded in (an NF4 base dequantized)
-            hf = model.hf.to(dtype) if dtype is not None else model.hf
+            hf = model.hf.to(model_dtype)
         hf.save_pretrained(out)
     else:
         model, index = checkpoint_model(recipe, run_dir, checkpoint or _newest(run_dir))
         tensors, config = peft_adapter(model)
         base = Path(recipe.model.path).expanduser()
         if _base_differs(model, base, config["modules_to_save"] or []):
-            bare = _without_adapters(model)
+            bare = _without_adapters(model).to(model_dtype)
             bare.save_pretrained(out / "base")
             processor.save(out / "base")
             base = final / "base"
@@ -107,20 +135,24 @@ def _hf_name(model: HFVLM, name: str) -> str:
     return name.removeprefix(prefix)
 
 
+# PEFT refuses these in modules_to_save (its wrapper stands in for the module, so it calls its
+# forward; a container has none of its own): their items are named instead
+CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
 def connector_modules(model: HFVLM) -> list[str]:
-    """The outermost modules (transformers' names) holding only connector parameters: what
-    modules_to_save carries. A connector parameter outside such a module is an error."""
+    """The outermost modules (transformers' names), containers aside, holding only connector
+    parameters: what modules_to_save carries. A connector parameter outside all of them (a
+    bare parameter of a larger module) is not in the adapter: the export compares it with the
+    base's and writes a base of its own when it differs (``_base_differs``)."""
     connector = re.compile(model.GROUP_PATTERNS["connector"])
     params = {n for n, _ in model.named_parameters() if connector.fullmatch(n)}
     found = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules():  # parents before their children
         own = {f"{name}.{n}" for n, _ in module.named_parameters()}
-        if name and own and own <= params and not any(name.startswith(f + ".") for f in found):
+        if name and own and own <= params and not isinstance(module, CONTAINERS) and \
+                not any(name.startswith(f + ".") for f in found):
             found.append(name)
-    left = sorted(p for p in params if not any(p.startswith(f + ".") for f in found))
-    if left:
-        raise ValueError(f"model: connector parameters {left} sit outside any module of their own; a PEFT "
-                         "adapter's modules_to_save cannot carry them (export --format hf)")
     return [_hf_name(model, n) for n in found]
 
 
@@ -138,8 +170,8 @@ def peft_adapter(model: HFVLM) -> tuple[dict, dict]:
     tensors = {}
     for name, layer in layers.items():
         hf = _hf_name(model, name)
-        tensors[f"{PEFT_PREFIX}{hf}.lora_A.weight"] = layer.lora_A.detach().cpu()
-        tensors[f"{PEFT_PREFIX}{hf}.lora_B.weight"] = layer.lora_B.detach().cpu()
+        tensors[f"{PEFT_PREFIX}{hf}.lora_A.weight"] = layer.lora_A.detach().float().cpu()
+        tensors[f"{PEFT_PREFIX}{hf}.lora_B.weight"] = layer.lora_B.detach().float().cpu()
     modules = connector_modules(model)
     for module in modules:
         for name, p in model.hf.get_submodule(module).named_parameters():
