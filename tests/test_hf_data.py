@@ -5,6 +5,7 @@ packing / padding, and every refusal naming its sample or key."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from fastvlm.data import PackedBatchSampler, make_loader
 from fastvlm.data.formats import read_samples
 from fastvlm.data.hf_collate import HFPackedCollator, HFPaddedCollator, concat_padded
-from fastvlm.data.hf_processor import HFProcessorDataset, RenderError
+from fastvlm.data.hf_processor import HFProcessorDataset, RenderError, to_messages
 from fastvlm.data.images import open_image
 from tests import hf_patch_models as H
 from tests import hf_processors as P
@@ -107,6 +108,31 @@ def test_label_mask_token_for_token(root, name):
         assert not (ids[sup] == H.IMAGE).any()
         assert item["num_images"] == len(sample.images) and len(item["image_files"]) == len(sample.images)
         assert int((ids == H.IMAGE).sum()) > 0 or not sample.images
+
+
+# llava-1.5-hf's template shape: an answer ends with ' ' and the next turn, no end-of-turn token
+LLAVA_NO_EOS = P.LLAVA_TEMPLATE.replace("{{ part['text'] }}{% endfor %}</s>", "{{ part['text'] }}{% endfor %} ")
+
+
+def test_answer_without_end_of_turn_gets_the_eos(root):
+    """A template that renders no special token after an answer: the tokenizer's EOS is
+    inserted after each answer and supervised (the model learns to stop), with one warning;
+    a template with its own end of turn is left as it renders."""
+    assert "</s>" not in LLAVA_NO_EOS
+    ds = dataset(root, "llava", chat_template=LLAVA_NO_EOS)
+    tok = ds.processor.tokenizer
+    with pytest.warns(UserWarning, match="EOS '</s>' is added after each such answer"):
+        items = [ds[i] for i in usable("llava")]
+    for i, item in zip(usable("llava"), items):
+        text, spans = ds.render(ds.samples[i])
+        assert text.count("</s>") == len(answers(RECORDS[i])) == len(spans)
+        assert all(text.startswith("</s>", end) for _, end in spans)
+        assert supervised_runs(tok, item["input_ids"], item["labels"]) == [a + "</s>" for a in answers(RECORDS[i])]
+    own = dataset(root, "llava")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text, _ = own.render(own.samples[1])
+    assert text == own._render(to_messages(own.samples[1].conversations))
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "gemma3", "paligemma"])

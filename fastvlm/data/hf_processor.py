@@ -12,7 +12,9 @@ Labels come from character offsets, never from per-family rules:
 2. the render is tokenized with offsets; a token is supervised iff its characters lie in
    an assistant message's span (fastvlm.data.conversation's rules: a token straddling a
    span boundary is an error), plus the end-of-turn token after each answer (whitespace
-   tokens, then a special token, e.g. ``<|im_end|>``, ``<end_of_turn>``, ``</s>``);
+   tokens, then a special token, e.g. ``<|im_end|>``, ``<end_of_turn>``, ``</s>``; a
+   template that renders none after an answer, as llava-1.5-hf's, gets the tokenizer's EOS
+   inserted there, as LLaVA's own training ends each answer);
 3. the processor's ids (image placeholders expanded, BOS or wrappers added) are aligned to
    the render's tokens by a sequence diff: tokens the processor inserted (image runs,
    ``<start_of_image>`` wrappers) are never supervised; a supervised token the processor
@@ -38,6 +40,7 @@ import difflib
 import hashlib
 import inspect
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -253,6 +256,8 @@ class HFProcessorDataset(Dataset):
         self.image_checks = dict(image_checks or {})
         self.skipped = BadImageCounter()
         self.specials, self.image_ids = _special_ids(tok), _image_ids(self.processor)
+        self.special_texts = tuple(sorted(tok.convert_ids_to_tokens(sorted(self.specials - self.image_ids))))
+        self.eos_added = False  # warned once
         self.prefix_lm = _is_prefix_lm(self.processor)
         self.length_calibration: float | None = None
 
@@ -278,7 +283,29 @@ class HFProcessorDataset(Dataset):
         if isinstance(placeholder, str) and text.count(placeholder) != len(sample.images):
             raise RenderError(f"sample {sample.id!r}: the chat template rendered {text.count(placeholder)} image "
                               f"placeholder(s) {placeholder!r} for {len(sample.images)} image(s)")
-        return text, [s for s, m in zip(spans, messages) if m["role"] == "assistant" and s is not None]
+        answers = [s for s, m in zip(spans, messages) if m["role"] == "assistant" and s is not None]
+        return self._end_answers(text, answers)
+
+    def _end_answers(self, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+        """Each answer followed by a special token (its end of turn, supervised with it): where
+        the template renders none (llava-1.5-hf's ends an answer with ' ' and the next
+        'USER:'), the tokenizer's EOS is inserted after the answer, as LLaVA's own training
+        ends each answer; without it the model would never learn to stop."""
+        eos = self.processor.tokenizer.eos_token
+        if not eos:
+            return text, spans
+        ended, shift = [], 0
+        for start, end in spans:
+            start, end = start + shift, end + shift
+            if not text[end:].lstrip().startswith(self.special_texts):
+                if not self.eos_added:
+                    warnings.warn(f"the chat template renders no special token after an answer; the tokenizer's "
+                                  f"EOS {eos!r} is added after each such answer (supervised)", stacklevel=2)
+                    self.eos_added = True
+                text = text[:end] + eos + text[end:]
+                shift += len(eos)
+            ended.append((start, end))
+        return text, ended
 
     def _render_tokens(self, sample: Sample, text: str, spans):
         """(the render's ids, offsets [n, 2], supervised per token)."""
