@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fastvlm.integrations.hf_load import load_patched
+from fastvlm.integrations.hf_load import load_patched, stored_dtype
 from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.nn.lora import dequantized_weight, lora_layers
 from fastvlm.train import checkpoint as ckpt
@@ -36,8 +36,7 @@ from fastvlm.utils.io import read_json
 
 
 def run_processor(recipe: Recipe) -> RunProcessor:
-    m = recipe.model
-    return RunProcessor.load(Path(m.tokenizer or m.path), recipe.data.chat_template)
+    return RunProcessor.of_recipe(recipe)
 
 
 def checkpoint_model(recipe: Recipe, run_dir: Path, checkpoint: Path) -> tuple[HFVLM, int]:
@@ -170,7 +169,7 @@ def _base_differs(model: HFVLM, base: Path, trained: list[str]) -> bool:
     if not (base / "config.json").is_file():
         return True
     # by transformers' own loading: a checkpoint may store older key names (Qwen2-VL's do)
-    reference = type(model.hf).from_pretrained(base, dtype=torch.float32).state_dict()
+    reference = type(model.hf).from_pretrained(base, dtype=stored_dtype(base)).state_dict()
     quantized = {f"{n}.weight" for n, m in lora_layers(model.hf).items() if m.quantized}
     for key, value in _base_weights(model).items():
         if any(key.startswith(t + ".") for t in trained) or key in quantized:
