@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fastvlm.integrations.hf_load import load_patched
+from fastvlm.integrations.hf_load import load_patched, stored_dtype
 from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.nn.lora import dequantized_weight, lora_layers
 from fastvlm.train import checkpoint as ckpt
@@ -46,8 +46,7 @@ from fastvlm.utils.io import read_json
 
 
 def run_processor(recipe: Recipe) -> RunProcessor:
-    m = recipe.model
-    return RunProcessor.load(Path(m.tokenizer or m.path), recipe.data.chat_template)
+    return RunProcessor.of_recipe(recipe)
 
 
 def base_dtype(recipe: Recipe) -> torch.dtype:
@@ -202,7 +201,7 @@ def _base_differs(model: HFVLM, base: Path, trained: list[str]) -> bool:
     if not (base / "config.json").is_file():
         return True
     # by transformers' own loading: a checkpoint may store older key names (Qwen2-VL's do)
-    reference = type(model.hf).from_pretrained(base, dtype=torch.float32).state_dict()
+    reference = type(model.hf).from_pretrained(base, dtype=stored_dtype(base)).state_dict()
     quantized = {f"{n}.weight" for n, m in lora_layers(model.hf).items() if m.quantized}
     for key, value in _base_weights(model).items():
         if any(key.startswith(t + ".") for t in trained) or key in quantized:
