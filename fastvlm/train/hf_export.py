@@ -83,7 +83,8 @@ def load_hf_run(source: Path, run_dir: Path, recipe: Recipe) -> tuple[HFVLM, Run
     when `source` is the run directory and it is written, else the checkpoint `source` (or the
     run's newest) with its stage's adapters as trained."""
     if not ckpt.NAME.match(source.name) and (run_dir / "final" / "config.json").is_file():
-        model = HFVLM(load_patched(run_dir / "final", torch.float32)).eval()
+        final = run_dir / "final"  # in the dtype it is stored in (float32 where it mixes dtypes)
+        model = HFVLM(load_patched(final, stored_dtype(final))).eval()
     else:
         model, _ = checkpoint_model(recipe, run_dir, source if ckpt.NAME.match(source.name) else _newest(run_dir))
     return model, run_processor(recipe)
