@@ -8,6 +8,8 @@ else is refused before any weight is read, naming the class and the supported li
 from __future__ import annotations
 
 import inspect
+import json
+import struct
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from fastvlm.integrations.transformers import (
 )
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def family_class_name(config) -> str:
@@ -44,6 +47,40 @@ def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(f"dtype: expected one of {', '.join(DTYPES)} (a name or the torch.dtype), got {dtype!r}")
+
+
+def stored_dtype(path) -> torch.dtype:
+    """The dtype directory `path`'s checkpoint stores its floating weights in: loading in it
+    neither rounds a weight nor widens one (a bf16 7B loads in 15 GB, not float32's 30). Read
+    from the safetensors headers (no tensor read), else the config's ``dtype`` / ``torch_dtype``;
+    float32 where neither says, or where the files mix dtypes (bf16 and fp16 both fit it exactly;
+    float64 where some weight is float64)."""
+    path = Path(path)
+    found = set()
+    for file in _weight_files(path):
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        found |= {t["dtype"] for k, t in header.items() if k != "__metadata__" and "F" in t["dtype"]}
+    if len(found) == 1 and next(iter(found)) in SAFETENSORS_DTYPES:
+        return SAFETENSORS_DTYPES[found.pop()]
+    if found:
+        return torch.float64 if "F64" in found else torch.float32
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    named = config.get("dtype") or config.get("torch_dtype")
+    return DTYPES.get(named, torch.float32) if isinstance(named, str) else torch.float32
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of the checkpoint in `path` (its index's shards, or the single file)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else []
 
 
 def _check_patch_options(options: dict) -> None:

@@ -46,6 +46,15 @@ def bf16_supported(device: torch.device) -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
+def native_bf16(device: torch.device, recipe: Recipe) -> bool:
+    """Whether the stage's bf16 runs as bf16 where it trains. On the meta device (a dry run) that
+    is where the recipe would run, not this host: run.device = 'cpu', this host's CPU; else a
+    GPU (bf16 as asked)."""
+    if device.type == "meta":
+        return recipe.run.device != "cpu" or bf16_supported(torch.device("cpu"))
+    return bf16_supported(device)
+
+
 def _existing(path: str, key: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
@@ -123,7 +132,7 @@ def prepare_stage(model: VLM, stage: Stage, recipe: Recipe, device: torch.device
     """Freeze all but the groups the stage trains, add its adapters/heads; returns the
     stage's runtime settings (precision policy, ...)."""
     if isinstance(model, HFVLM):
-        return _prepare_hf_stage(model, stage, device)
+        return _prepare_hf_stage(model, stage, recipe, device)
     model.requires_grad_(False)
     tower = model.vision_tower
     if stage.type == "contrastive":
@@ -137,29 +146,38 @@ def prepare_stage(model: VLM, stage: Stage, recipe: Recipe, device: torch.device
         model.language_model.requires_grad_(True)
     elif stage.type == "align":
         if not tower.frozen:
-            tower.freeze(torch.bfloat16 if bf16_supported(device) else None)
+            tower.freeze(torch.bfloat16 if native_bf16(device, recipe) else None)
     else:  # instruct, preference
         _prepare_instruct(model, stage, device)
     model.multi_modal_projector.requires_grad_("connector" in stage.lr)
     model.config.attention_kind = stage.attention_kind or recipe.model.attention_kind
     tower.set_checkpointing(stage.checkpointing.get("vision", "none"))
     model.language_model.set_checkpointing(stage.checkpointing.get("llm", "none"))
-    precision = stage.precision
-    if precision == "bf16" and not bf16_supported(device):
-        precision = "fp32"  # emulated bf16 on a CPU without it is slower and no more useful
-    mp = MixedPrecision(precision)
+    mp = MixedPrecision(stage_precision(stage, recipe, device))
     mp.prepare(model, cast_frozen=stage.type != "contrastive")
     return {"precision": mp}
 
 
-def _prepare_hf_stage(model: HFVLM, stage: Stage, device: torch.device) -> dict:
-    shape_hf_stage(model, stage)
+def stage_precision(stage: Stage, recipe: Recipe, device: torch.device) -> str:
+    if stage.precision == "bf16" and not native_bf16(device, recipe):
+        return "fp32"  # emulated bf16 on a CPU without it is slower and no more useful
+    return stage.precision
+
+
+def _prepare_hf_stage(model: HFVLM, stage: Stage, recipe: Recipe, device: torch.device) -> dict:
+    """The model is loaded in its stored dtype (bf16...), and each stage's precision casts it:
+    the weights then have the dtypes they had when the run loaded it in float32. Only the first
+    stage's shaping sees the load's dtype, so its QLoRA quantizes from float32 (exact), as then."""
+    mp = MixedPrecision(stage_precision(stage, recipe, device))
+    if mp.precision == "fp32":  # an fp32 stage runs all of it in float32
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+    first = not getattr(model, "stage_prepared", False)
+    shape_hf_stage(model, stage, quantize_from=torch.float32 if first else None)
     model.to(device)
-    precision = stage.precision
-    if precision == "bf16" and not bf16_supported(device):
-        precision = "fp32"
-    mp = MixedPrecision(precision)
     mp.prepare(model)
+    model.stage_prepared = True
     return {"precision": mp}
 
 

@@ -34,7 +34,7 @@ from transformers import AutoConfig
 from fastvlm.data import estimate_length
 from fastvlm.data.packing import pack
 from fastvlm.data.preference import PreferencePair
-from fastvlm.integrations.hf_load import family_class_name
+from fastvlm.integrations.hf_load import family_class_name, stored_dtype
 from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.integrations.transformers import UnsupportedModelError, patch
 from fastvlm.models.vlm import VLM
@@ -173,7 +173,8 @@ def _group_and_memory_lines(model, stage: Stage, mem: dict, note: str) -> list[s
 
 def hf_model_on_meta(recipe: Recipe) -> HFVLM:
     """The Hugging Face VLM of model.path built on the meta device from its config.json
-    alone (its class, patched as the run patches it; no weight read)."""
+    alone (its class, patched as the run patches it, in the dtype the run loads it in; no
+    weight read)."""
     path = Path(recipe.model.path).expanduser()
     if not (path / "config.json").is_file():
         raise ValueError(f"model.path: {path} holds no config.json (a transformers model directory)")
@@ -182,8 +183,8 @@ def hf_model_on_meta(recipe: Recipe) -> HFVLM:
         cls = getattr(transformers, family_class_name(config))
     except UnsupportedModelError as err:
         raise ValueError(f"model.{err}") from None
-    with torch.device("meta"):
-        hf = cls._from_config(config, dtype=torch.float32)
+    with torch.device("meta"):  # in the dtype the run loads it in (fastvlm.train.hf_build.build_hf_model)
+        hf = cls._from_config(config, dtype=stored_dtype(path))
     return HFVLM(patch(hf, checkpointing=recipe.stages[0].checkpointing.get("vision", "none")))
 
 
@@ -198,8 +199,10 @@ def hf_dry_run(recipe: Recipe, out: Path | None = None, world_size: int = 1) -> 
         data, missing = _run_data(recipe, out)
     except ValueError as err:  # no processor beside a bare config: the plan needs one
         data, missing = None, str(err)
+    loaded = sum(p.numel() * p.element_size() for p in model.parameters())
     lines = [f"recipe {recipe.name} (hash {recipe.digest()}): hf model {type(model.hf).__name__}, "
-             f"{sum(p.numel() for p in model.parameters()):,} parameters"]
+             f"{sum(p.numel() for p in model.parameters()):,} parameters, loaded in "
+             f"{str(next(model.parameters()).dtype).removeprefix('torch.')} ({_gib(loaded).strip()})"]
     if missing:
         lines.append(f"no data ({missing}): optimizer steps only where max_steps sets them")
     mode = recipe.run.distributed

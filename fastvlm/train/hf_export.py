@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fastvlm.integrations.hf_load import load_patched
+from fastvlm.integrations.hf_load import load_patched, stored_dtype
 from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.nn.lora import dequantized_weight, lora_layers
 from fastvlm.train import checkpoint as ckpt
@@ -46,8 +46,7 @@ from fastvlm.utils.io import read_json
 
 
 def run_processor(recipe: Recipe) -> RunProcessor:
-    m = recipe.model
-    return RunProcessor.load(Path(m.tokenizer or m.path), recipe.data.chat_template)
+    return RunProcessor.of_recipe(recipe)
 
 
 def base_dtype(recipe: Recipe) -> torch.dtype:
@@ -84,7 +83,8 @@ def load_hf_run(source: Path, run_dir: Path, recipe: Recipe) -> tuple[HFVLM, Run
     when `source` is the run directory and it is written, else the checkpoint `source` (or the
     run's newest) with its stage's adapters as trained."""
     if not ckpt.NAME.match(source.name) and (run_dir / "final" / "config.json").is_file():
-        model = HFVLM(load_patched(run_dir / "final", torch.float32)).eval()
+        final = run_dir / "final"  # in the dtype it is stored in (float32 where it mixes dtypes)
+        model = HFVLM(load_patched(final, stored_dtype(final))).eval()
     else:
         model, _ = checkpoint_model(recipe, run_dir, source if ckpt.NAME.match(source.name) else _newest(run_dir))
     return model, run_processor(recipe)
@@ -202,7 +202,7 @@ def _base_differs(model: HFVLM, base: Path, trained: list[str]) -> bool:
     if not (base / "config.json").is_file():
         return True
     # by transformers' own loading: a checkpoint may store older key names (Qwen2-VL's do)
-    reference = type(model.hf).from_pretrained(base, dtype=torch.float32).state_dict()
+    reference = type(model.hf).from_pretrained(base, dtype=stored_dtype(base)).state_dict()
     quantized = {f"{n}.weight" for n, m in lora_layers(model.hf).items() if m.quantized}
     for key, value in _base_weights(model).items():
         if any(key.startswith(t + ".") for t in trained) or key in quantized:

@@ -26,11 +26,12 @@ COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.f
 NF4_BLOCKSIZE = 64  # QLoRA's block; absmax of each block is itself 8-bit quantized (double quant)
 
 
-def to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+def to_nf4(linear: nn.Linear, compute_dtype: torch.dtype, quantize_from: torch.dtype | None = None) -> nn.Module:
     """A frozen bitsandbytes Linear4bit (NF4, double quant) holding `linear`'s weights.
 
     The weight is quantized in the dtype it has (load a model in bf16 to quantize
-    bf16 weights); `compute_dtype` is what the matmul runs in. Eval and training
+    bf16 weights), or in `quantize_from` (cast here, one layer at a time; the dequantized
+    weight comes back in it); `compute_dtype` is what the matmul runs in. Eval and training
     run the same matmul (bitsandbytes' CPU inference repacking is off, see
     ``keep_trainable_4bit_format``), so an evaluation pass never changes training.
     """
@@ -41,7 +42,8 @@ def to_nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
                           compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
                           device="meta")
     # Params4bit quantizes when moved to a real device.
-    q.weight = bnb.nn.Params4bit(w.data, requires_grad=False, quant_type="nf4",
+    data = w.data if quantize_from is None else w.data.to(quantize_from)
+    q.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_type="nf4",
                                  compress_statistics=True, blocksize=NF4_BLOCKSIZE, module=q).to(w.device)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
@@ -91,9 +93,11 @@ def enable_input_require_grads(model: nn.Module):
 
 def apply_qlora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
                 trainable=(), rslora: bool = False, compute_dtype: str = "bf16",
-                input_grads: bool = True, *, llm=None, vision=None) -> nn.Module:
-    """Quantize the targeted Linears to NF4, put LoRA on them, keep norms and
-    `trainable` modules in fp32. Arguments as ``apply_lora``."""
+                input_grads: bool = True, *, llm=None, vision=None,
+                quantize_from: torch.dtype | None = None) -> nn.Module:
+    """Quantize the targeted Linears to NF4 (from their own dtype, or `quantize_from`: see
+    ``to_nf4``), put LoRA on them, keep norms and `trainable` modules in fp32. Arguments as
+    ``apply_lora``."""
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
     # everything is validated before the first layer is quantized
@@ -103,7 +107,7 @@ def apply_qlora(model: nn.Module, targets=None, r: int = 16, alpha: float = 32.0
         raise ValueError(f"targets: QLoRA quantizes plain nn.Linear layers only; matched {not_linear}")
     cd = COMPUTE_DTYPES[compute_dtype]
     for name, module in found.items():
-        set_submodule(model, name, to_nf4(module, cd))
+        set_submodule(model, name, to_nf4(module, cd, quantize_from))
     apply_lora(model, targets, r, alpha, dropout, trainable, rslora)
     for module in model.modules():
         if is_norm(module):

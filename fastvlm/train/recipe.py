@@ -126,6 +126,8 @@ class LoRASection:
     dropout: float = 0.0
     targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     vision_blocks: int = 0          # LoRA on the last N vision blocks too (needs lr.vision)
+    # the tower's Linears LoRA adapts; model.source = "hf": left at this default, the family's own
+    # (fastvlm.integrations.transformers.Family.vision_linears: Qwen2.5-VL's qkv, proj, gate/up/down_proj)
     vision_targets: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"
 
 

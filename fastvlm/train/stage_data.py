@@ -205,7 +205,7 @@ def run_tokenizer(recipe: Recipe, run_dir: Path, samples: list, files: dict | No
     m = recipe.model
     if m.source == "hf":  # the model directory's own processor (never trained, never copied into the run)
         key = "model.tokenizer" if m.tokenizer else "model.path"
-        return RunProcessor.load(_exists(m.tokenizer or m.path, key), recipe.data.chat_template)
+        return RunProcessor.of_recipe(recipe, _exists(m.tokenizer or m.path, key))
     if m.source == "tiny":
         data = {k: _file_key(v) for k, v in sorted((files or {}).items())}
         origin = {"source": "tiny", "vocab_size": m.tiny.vocab_size, "seed": recipe.run.seed, "data": data}
