@@ -104,7 +104,6 @@ def per_sample_loss(model: HFVLM, processor: RunProcessor, samples, image_root) 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_predictions_are_the_models_own_greedy_generate(family, root, seed):
-    model = spread(HFVLM.from_pretrained(root / family, torch.float64), seed)
     processor = RunProcessor.load(root / family)
     samples = list(read_samples(root / "questions.json"))
     types = read_question_types(root / "questions.json")
@@ -112,12 +111,20 @@ def test_hf_predictions_are_the_models_own_greedy_generate(family, root, seed):
     image_root = root / "data" / "images"
     kw = dict(image_root=image_root, preprocessor=None, template=None, image_tokens=None, chance=chance,
               question_types=types, max_new_tokens=NEW_TOKENS)
-    result = evaluate(model, processor, samples, batch_size=4, **kw)
+    # A draw whose answers hardly depend on the prompt would make the comparison below vacuous:
+    # about 2% of gemma3's draws stop at once on every prompt (one answer, ""; 3 of 132 seeds
+    # measured), so such a draw is replaced by the next. A model whose prompts never change
+    # its answers still fails here.
+    for draw in range(8):
+        model = spread(HFVLM.from_pretrained(root / family, torch.float64), seed + draw)
+        result = evaluate(model, processor, samples, batch_size=4, **kw)
+        if len({p["prediction"] for p in result["predictions"]}) > 2:
+            break
+    found = [(p["id"], p["turn"], p["prediction"]) for p in result["predictions"]]
+    assert len({p for _, _, p in found}) > 2, found  # the prompts and images do change the answers
     expected = [(s.id, k, own_generate(model, processor, s, k, image_root))
                 for s in samples for k in range(len(types[s.id]))]
-    found = [(p["id"], p["turn"], p["prediction"]) for p in result["predictions"]]
     assert found == expected
-    assert len({p for _, _, p in found}) > 2, found  # the prompts and images do change the answers
     # padded batches vs each conversation alone: the same float64 sums in another order (a
     # few roundings of each per-token loss, observed ~1 eps64 relative)
     assert result["val_loss"] == pytest.approx(per_sample_loss(model, processor, samples, image_root),
