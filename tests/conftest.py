@@ -3,11 +3,11 @@
 Without a GPU, Triton kernels run under the interpreter, which must be switched
 on before any kernel module is imported, hence here, at collection start.
 
-The test files run longest first (tests/file_seconds.json, rewritten by
-`pytest --file-seconds tests/file_seconds.json ...`): under pytest-xdist's loadfile
-a file is one unit of work, handed out in collection order (make test passes
---no-loadscope-reorder), so the run ends on short files instead of one worker
-finishing a long file while the others wait.
+The test files run longest first, by tests/file_seconds.json (a completed
+`pytest --file-seconds tests/file_seconds.json ...` run updates the entries of the
+files it ran): under pytest-xdist's loadfile a file is one unit of work, handed out
+in collection order (make test passes --no-loadscope-reorder), so the run ends on
+short files instead of one worker finishing a long file while the others wait.
 """
 import json
 import os
@@ -37,11 +37,12 @@ def pytest_addoption(parser):
                      help="write each test file's seconds (setup, call, teardown summed) to PATH as JSON")
 
 
-def _file_seconds() -> dict[str, float]:
+def _file_seconds(path: Path = FILE_SECONDS_PATH) -> dict[str, float]:
     try:
-        return json.loads(FILE_SECONDS_PATH.read_text())
-    except FileNotFoundError:
+        seconds = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing or damaged: the files keep their collection order
         return {}
+    return seconds if isinstance(seconds, dict) else {}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -69,10 +70,17 @@ def pytest_runtest_logreport(report):
     _SPENT[report.nodeid.split("::")[0].rsplit("/", 1)[-1]] += report.duration
 
 
-def pytest_sessionfinish(session):
+def pytest_sessionfinish(session, exitstatus):
     path = session.config.getoption("--file-seconds")
-    if path and not hasattr(session.config, "workerinput"):  # the controller (or the only process)
-        Path(path).write_text(json.dumps({f: round(t, 1) for f, t in sorted(_SPENT.items())}, indent=0) + "\n")
+    if not path or hasattr(session.config, "workerinput") or not _SPENT:  # the controller (or the only process)
+        return
+    if exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        return  # interrupted: partial sums would misorder the next run
+    # the files that ran replace their entries; the others keep theirs (a run of a few files)
+    merged = _file_seconds(Path(path)) | {f: round(t, 1) for f, t in _SPENT.items()}
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(dict(sorted(merged.items())), indent=0) + "\n")
+    tmp.replace(path)
 
 
 def _base_seed():

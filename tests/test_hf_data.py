@@ -15,6 +15,8 @@ from fastvlm.data.formats import read_samples
 from fastvlm.data.hf_collate import HFPackedCollator, HFPaddedCollator, concat_padded
 from fastvlm.data.hf_processor import HFProcessorDataset, RenderError, to_messages
 from fastvlm.data.images import open_image
+from fastvlm.train.hf_build import RunProcessor
+from fastvlm.train.hf_evaluation import prompt_text
 from tests import hf_patch_models as H
 from tests import hf_processors as P
 
@@ -133,6 +135,33 @@ def test_answer_without_end_of_turn_gets_the_eos(root):
         warnings.simplefilter("error")
         text, _ = own.render(own.samples[1])
     assert text == own._render(to_messages(own.samples[1].conversations))
+
+
+def test_inserted_eos_is_a_label_with_train_on_prompt_when_it_is_the_pad(root):
+    """train_on_prompt drops padding ids from the labels, but not an answer's end of turn
+    that has the pad id (a tokenizer whose pad is its EOS)."""
+    ds = dataset(root, "llava", chat_template=LLAVA_NO_EOS, train_on_prompt=True)
+    tok = ds.processor.tokenizer
+    tok.pad_token = tok.eos_token
+    with pytest.warns(UserWarning, match="EOS"):
+        item = ds[0]
+    ids, labels = item["input_ids"], item["labels"]
+    eos = ids == tok.eos_token_id
+    assert int(eos.sum()) == len(answers(RECORDS[0])) and torch.equal(labels[eos], ids[eos])
+
+
+def test_evaluation_prompts_end_earlier_answers_as_training_does(root):
+    """The prompt of a later question holds the earlier answers as training renders them: with
+    the EOS where the template ends an answer with none, unchanged where it has its own."""
+    turns = RECORDS[1]["conversations"][:4]  # system, question, answer, the next question
+    own = RunProcessor.load(root / "llava")
+    plain = own.processor.apply_chat_template(to_messages(turns), tokenize=False, add_generation_prompt=True)
+    assert prompt_text(own, turns) == plain and plain.count("</s>") == 1
+    bare = RunProcessor(own.processor, LLAVA_NO_EOS)
+    text = prompt_text(bare, turns)
+    assert text.count("</s>") == 1 and "The first.</s>" in text and text.endswith("ASSISTANT:")
+    assert prompt_text(bare, turns[:2]) == own.processor.apply_chat_template(
+        to_messages(turns[:2]), chat_template=LLAVA_NO_EOS, tokenize=False, add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "gemma3", "paligemma"])

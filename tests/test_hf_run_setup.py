@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from fastvlm.integrations.hf_load import stored_dtype
+from fastvlm.integrations.hf_load import config_dtype, stored_dtype
 from fastvlm.integrations.hf_trainable import HFVLM, layer_list
 from fastvlm.integrations.transformers import family_of, patch
 from fastvlm.nn.lora import LoRALinear, dequantized_weight
@@ -19,6 +19,7 @@ from fastvlm.train import build, hf_build, hf_evaluation
 from fastvlm.train.dryrun import hf_dry_run, hf_model_on_meta
 from fastvlm.train.export import export
 from fastvlm.train.hf_build import RunProcessor, shape_hf_stage
+from fastvlm.train.hf_export import base_dtype
 from fastvlm.train.precision import is_norm
 from fastvlm.train.recipe import parse_recipe
 from fastvlm.train.stage_data import prepare_data
@@ -140,6 +141,27 @@ def test_stored_dtype_reads_the_weights_then_the_config(root, tmp_path):
     save_file({"a": torch.zeros(2, dtype=torch.bfloat16), "b": torch.zeros(2, dtype=torch.float16),
                "i": torch.zeros(2, dtype=torch.int64)}, tmp_path / "model.safetensors")
     assert stored_dtype(tmp_path) == torch.float32  # mixed: one that holds both exactly
+
+
+def test_config_dtype_names_as_transformers_writes_them(root, tmp_path):
+    """"bfloat16" or "torch.bfloat16", under dtype or torch_dtype, at the top or in the text
+    config: one reading for the load (stored_dtype) and the export (base_dtype); a name that
+    is not a float dtype is an error for the export, float32 for the load."""
+    assert config_dtype({"torch_dtype": "torch.float16"}) == torch.float16
+    assert config_dtype({"text_config": {"dtype": "bfloat16"}}) == torch.bfloat16
+    assert config_dtype({"vision_config": {"dtype": "bfloat16"}}) is None
+    with pytest.raises(ValueError, match="'int8' is not one of"):
+        config_dtype({"dtype": "int8"})
+    config = json.loads((root / "qwen2_vl" / "config.json").read_text())
+    config.pop("dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "torch_dtype": "torch.bfloat16"}))
+    assert stored_dtype(tmp_path) == torch.bfloat16
+    recipe = recipe_for(root, tmp_path, 0)
+    assert base_dtype(recipe) == torch.bfloat16
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "int8"}))
+    assert stored_dtype(tmp_path) == torch.float32
+    with pytest.raises(ValueError, match=r"model.path: .*config.json names dtype 'int8'.*pass --dtype"):
+        base_dtype(recipe)
 
 
 @pytest.mark.parametrize("name", list(H.FAMILIES))

@@ -177,7 +177,7 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
-def _image_ids(processor) -> set[int]:
+def image_token_ids(processor) -> set[int]:
     tok = processor.tokenizer
     names = {getattr(obj, attr, None) for obj in (tok, processor) for attr in ("image_token", "video_token")}
     ids = {tok.convert_tokens_to_ids(n) for n in names if isinstance(n, str)}
@@ -204,6 +204,32 @@ def supervised_tokens(text: str, offsets: np.ndarray, ids: list[int], spans, spe
         if j < len(ids) and ids[j] in specials:
             sup[run + [j]] = True
     return sup
+
+
+def special_texts(tokenizer, image_ids: set[int]) -> tuple[str, ...]:
+    """The texts of the tokenizer's special tokens but the image placeholders: what may end an
+    answer in a render."""
+    return tuple(sorted(tokenizer.convert_ids_to_tokens(sorted(_special_ids(tokenizer) - image_ids))))
+
+
+def end_answers(text: str, spans: list[tuple[int, int]], tokenizer, specials: tuple[str, ...]
+                ) -> tuple[str, list[tuple[int, int]], bool]:
+    """(text, spans, whether an answer had no end): each answer (a [start, end) span of
+    `text`) followed by a special token, its end of turn, supervised with it. Where the
+    template renders none (llava-1.5-hf's ends an answer with ' ' and the next 'USER:'),
+    the tokenizer's EOS is inserted after the answer, as LLaVA's own training ends each
+    answer: without it the model would never learn to stop. Training and the evaluation's
+    prompts (earlier answers of a conversation) render answers alike."""
+    eos = tokenizer.eos_token or ""
+    ended, shift, missing = [], 0, False
+    for start, end in spans:
+        start, end = start + shift, end + shift
+        if not text[end:].lstrip().startswith(specials):
+            missing = True
+            text = text[:end] + eos + text[end:]
+            shift += len(eos)
+        ended.append((start, end))
+    return text, ended, missing
 
 
 def align(render_ids: list[int], processor_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -255,9 +281,9 @@ class HFProcessorDataset(Dataset):
         self.data_path = data_path if data_path is not None else getattr(samples, "path", None)
         self.image_checks = dict(image_checks or {})
         self.skipped = BadImageCounter()
-        self.specials, self.image_ids = _special_ids(tok), _image_ids(self.processor)
-        self.special_texts = tuple(sorted(tok.convert_ids_to_tokens(sorted(self.specials - self.image_ids))))
-        self.eos_added = False  # warned once
+        self.specials, self.image_ids = _special_ids(tok), image_token_ids(self.processor)
+        self.special_texts = special_texts(tok, self.image_ids)
+        self.warned = False  # an answer without an end of turn: warned once
         self.prefix_lm = _is_prefix_lm(self.processor)
         self.length_calibration: float | None = None
 
@@ -287,25 +313,15 @@ class HFProcessorDataset(Dataset):
         return self._end_answers(text, answers)
 
     def _end_answers(self, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
-        """Each answer followed by a special token (its end of turn, supervised with it): where
-        the template renders none (llava-1.5-hf's ends an answer with ' ' and the next
-        'USER:'), the tokenizer's EOS is inserted after the answer, as LLaVA's own training
-        ends each answer; without it the model would never learn to stop."""
-        eos = self.processor.tokenizer.eos_token
-        if not eos:
-            return text, spans
-        ended, shift = [], 0
-        for start, end in spans:
-            start, end = start + shift, end + shift
-            if not text[end:].lstrip().startswith(self.special_texts):
-                if not self.eos_added:
-                    warnings.warn(f"the chat template renders no special token after an answer; the tokenizer's "
-                                  f"EOS {eos!r} is added after each such answer (supervised)", stacklevel=2)
-                    self.eos_added = True
-                text = text[:end] + eos + text[end:]
-                shift += len(eos)
-            ended.append((start, end))
-        return text, ended
+        text, spans, inserted = end_answers(text, spans, self.processor.tokenizer, self.special_texts)
+        if inserted and not self.warned:
+            self.warned = True
+            eos = self.processor.tokenizer.eos_token
+            warnings.warn("the chat template renders no special token after an answer; "
+                          + (f"the tokenizer's EOS {eos!r} is added after each such answer (supervised)" if eos else
+                             "the tokenizer has no EOS to add there: the model will not learn to stop"),
+                          stacklevel=3)
+        return text, spans
 
     def _render_tokens(self, sample: Sample, text: str, spans):
         """(the render's ids, offsets [n, 2], supervised per token)."""
@@ -332,7 +348,8 @@ class HFProcessorDataset(Dataset):
             raise RenderError(f"sample {sample.id!r}: no token is supervised (no assistant text in the render)")
         if self.train_on_prompt:
             pad = self.processor.tokenizer.pad_token_id
-            keep = ~np.isin(pids, list(self.image_ids | ({pad} if pad is not None else set())))
+            # every token but images and padding; an answer's end of turn is kept where it is the pad id
+            keep = assistant | ~np.isin(pids, list(self.image_ids | ({pad} if pad is not None else set())))
         else:
             keep = assistant
         labels = np.where(keep, pids, IGNORE_INDEX)

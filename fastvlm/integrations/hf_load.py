@@ -70,8 +70,24 @@ def stored_dtype(path) -> torch.dtype:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return torch.float32
-    named = config.get("dtype") or config.get("torch_dtype")
-    return DTYPES.get(named, torch.float32) if isinstance(named, str) else torch.float32
+    try:
+        return config_dtype(config) or torch.float32
+    except ValueError:
+        return torch.float32
+
+
+def config_dtype(config: dict) -> torch.dtype | None:
+    """The dtype a config.json records (``dtype``, or ``torch_dtype`` as older transformers
+    write it, "bfloat16" or "torch.bfloat16"; the text config's where the top level has
+    none), None where it records none; a name outside DTYPES is a ValueError."""
+    for part in (config, config.get("text_config") or {}):
+        name = part.get("dtype") or part.get("torch_dtype")
+        if name is not None:
+            dtype = DTYPES.get(str(name).removeprefix("torch."))
+            if dtype is None:
+                raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+            return dtype
+    return None
 
 
 def _weight_files(path: Path) -> list[Path]:

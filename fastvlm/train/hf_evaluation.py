@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 
 from fastvlm.data.hf_collate import HFPaddedCollator
-from fastvlm.data.hf_processor import HFProcessorDataset, to_messages
+from fastvlm.data.hf_processor import (
+    HFProcessorDataset,
+    end_answers,
+    image_token_ids,
+    message_spans,
+    special_texts,
+    to_messages,
+)
 from fastvlm.data.images import open_image
 from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.train.hf_build import RunProcessor
@@ -32,9 +39,19 @@ from fastvlm.train.hf_build import RunProcessor
 
 def prompt_text(processor: RunProcessor, turns: list[dict], system: str | None = None) -> str:
     """The chat template's render of `turns` (LLaVA-form, ending on a user turn) followed by
-    the generation prompt: what the model continues with its answer."""
-    return processor.processor.apply_chat_template(to_messages(turns, system), chat_template=processor.chat_template,
-                                                   tokenize=False, add_generation_prompt=True)
+    the generation prompt: what the model continues with its answer. Earlier answers end as
+    in training (an EOS where the template renders no end of turn: hf_processor.end_answers)."""
+    proc = processor.processor
+    messages = to_messages(turns, system)
+
+    def render(messages):
+        return proc.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False,
+                                        add_generation_prompt=True)
+    if not any(m["role"] == "assistant" for m in messages):
+        return render(messages)
+    text, spans = message_spans(render, messages, "(an evaluation prompt)")
+    answers = [s for s, m in zip(spans, messages) if m["role"] == "assistant" and s is not None]
+    return end_answers(text, answers, proc.tokenizer, special_texts(proc.tokenizer, image_token_ids(proc)))[0]
 
 
 def _eos_ids(model: HFVLM, processor: RunProcessor) -> list[int]:

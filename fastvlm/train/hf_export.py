@@ -5,7 +5,7 @@
   and its chat template beside it: ``AutoModelForImageTextToText.from_pretrained(OUT)`` and
   ``AutoProcessor.from_pretrained(OUT)`` load the trained model. Its weights are in the base
   model's own dtype (``base_dtype``: ``dtype`` / ``torch_dtype`` of ``model.path``'s
-  config.json, bfloat16 for the released checkpoints; float32 where it names none or is
+  config.json, e.g. bfloat16 for Qwen and Gemma 3, float16 for llava-hf's; float32 where it names none or is
   gone), unless ``--dtype`` says otherwise.
 - ``peft``: OUT is a PEFT LoRA adapter of the newest checkpoint (or the one given), whose
   stage still holds its adapters: ``adapter_config.json`` and ``adapter_model.safetensors``
@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fastvlm.integrations.hf_load import load_patched, stored_dtype
+from fastvlm.integrations.hf_load import config_dtype, load_patched, stored_dtype
 from fastvlm.integrations.hf_trainable import HFVLM
 from fastvlm.nn.lora import dequantized_weight, lora_layers
 from fastvlm.train import checkpoint as ckpt
@@ -50,20 +50,15 @@ def run_processor(recipe: Recipe) -> RunProcessor:
 
 
 def base_dtype(recipe: Recipe) -> torch.dtype:
-    """The dtype the base model's config.json records (``dtype``, or ``torch_dtype``, the name
-    older transformers write; the text config's where the top level has none),
-    float32 where it records none or ``model.path`` is gone: what an export defaults to."""
+    """The dtype the base model's config.json records (hf_load.config_dtype: ``dtype`` or
+    ``torch_dtype``, the text config's where the top level has none), float32 where it
+    records none or ``model.path`` is gone: what an export defaults to."""
     file = Path(recipe.model.path).expanduser() / "config.json"
     config = read_json(file, "model.path") if file.is_file() else {}
-    for part in (config, config.get("text_config") or {}):
-        name = part.get("dtype") or part.get("torch_dtype")
-        if name is not None:
-            dtype = getattr(torch, str(name).removeprefix("torch."), None)
-            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-                raise ValueError(f"model.path: {file} names dtype {name!r}, not a floating-point torch dtype "
-                                 "(pass --dtype)")
-            return dtype
-    return torch.float32
+    try:
+        return config_dtype(config) or torch.float32
+    except ValueError as err:
+        raise ValueError(f"model.path: {file} names {err} (pass --dtype)") from None
 
 
 def checkpoint_model(recipe: Recipe, run_dir: Path, checkpoint: Path) -> tuple[HFVLM, int]:
@@ -96,22 +91,21 @@ def export_hf_run(source: Path, run_dir: Path, recipe: Recipe, out: Path, final:
     empty directory `out`, which is renamed to `final` once complete."""
     processor = run_processor(recipe)
     checkpoint = source if ckpt.NAME.match(source.name) else None
-    model_dtype = dtype or base_dtype(recipe)
     if format == "hf":
         if checkpoint is None and (run_dir / "final" / "config.json").is_file():
-            hf = load_patched(run_dir / "final", model_dtype)
+            hf = load_patched(run_dir / "final", dtype or base_dtype(recipe))
         else:
             checkpoint = checkpoint or _newest(run_dir)
             model, index = checkpoint_model(recipe, run_dir, checkpoint)
             finish_stage(model, recipe.stages[index])  # the adapters folded in (an NF4 base dequantized)
-            hf = model.hf.to(model_dtype)
+            hf = model.hf.to(dtype or base_dtype(recipe))
         hf.save_pretrained(out)
     else:
         model, index = checkpoint_model(recipe, run_dir, checkpoint or _newest(run_dir))
         tensors, config = peft_adapter(model)
         base = Path(recipe.model.path).expanduser()
         if _base_differs(model, base, config["modules_to_save"] or []):
-            bare = _without_adapters(model).to(model_dtype)
+            bare = _without_adapters(model).to(dtype or base_dtype(recipe))
             bare.save_pretrained(out / "base")
             processor.save(out / "base")
             base = final / "base"
