@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from fastvlm.integrations.hf_load import config_dtype, stored_dtype
 from fastvlm.integrations.hf_trainable import HFVLM, layer_list
-from fastvlm.integrations.transformers import family_of, patch
+from fastvlm.integrations.transformers import patch
 from fastvlm.nn.lora import LoRALinear, dequantized_weight
 from fastvlm.train import build, hf_build, hf_evaluation
 from fastvlm.train.dryrun import hf_dry_run, hf_model_on_meta
@@ -312,8 +312,6 @@ def test_default_vision_targets_are_the_familys_tower_linears(root, name, seed):
     model = HFVLM(patch(H.build(name, seed)))
     _, layers = layer_list(model.vision_tower)
     linears = {id(m) for m in layers[-1].modules() if isinstance(m, torch.nn.Linear)}
-    assert {n.rpartition(".")[2] for n, m in layers[-1].named_modules()
-            if isinstance(m, torch.nn.Linear)} == set(family_of(model.hf).vision_linears)
     shape_hf_stage(model, vision_lora_stage(root))
     adapted = {id(m.base_layer) for m in model.vision_tower.modules() if isinstance(m, LoRALinear)}
     assert adapted == linears

@@ -80,13 +80,7 @@ class Family:
     token_types: bool = False       # the layout reads token_type_ids (Gemma 3, PaliGemma)
     qwen_vision: bool = False       # vision attention by cu_seqlens
     merger: str | None = None       # class of norm + MLP mergers whose MLP runs fused (Qwen3-VL)
-    # the Linears of a vision tower layer (a recipe's default vision LoRA targets): CLIP / SigLIP's
-    vision_linears: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
-
-QWEN2_VISION_LINEARS = ("qkv", "proj", "fc1", "fc2")
-QWEN2_5_VISION_LINEARS = ("qkv", "proj", "gate_proj", "up_proj", "down_proj")  # a gated MLP
-QWEN3_VISION_LINEARS = ("qkv", "proj", "linear_fc1", "linear_fc2")
 
 
 FAMILIES = {
@@ -101,15 +95,13 @@ FAMILIES = {
     "PaliGemmaForConditionalGeneration": Family("PaliGemma", "paligemma", "prefix_lm", None, "model.vision_tower",
                                                 token_types=True),
     "Qwen2VLForConditionalGeneration": Family("Qwen2-VL", "qwen2_vl", "causal", "model.visual.merger.mlp",
-                                              "model.visual", qwen_vision=True, vision_linears=QWEN2_VISION_LINEARS),
+                                              "model.visual", qwen_vision=True),
     "Qwen2_5_VLForConditionalGeneration": Family("Qwen2.5-VL", "qwen2_5_vl", "causal", "model.visual.merger.mlp",
-                                                 "model.visual", qwen_vision=True,
-                                                 vision_linears=QWEN2_5_VISION_LINEARS),
+                                                 "model.visual", qwen_vision=True),
     # Qwen3-VL's mergers (and deepstack mergers) hold their LayerNorm beside fc1/act/fc2 in one
     # module: their forward runs the MLP fused (hf_modules.fused_merger_forward)
     "Qwen3VLForConditionalGeneration": Family("Qwen3-VL", "qwen3_vl", "causal", None, "model.visual",
-                                              qwen_vision=True, merger="Qwen3VLVisionPatchMerger",
-                                              vision_linears=QWEN3_VISION_LINEARS),
+                                              qwen_vision=True, merger="Qwen3VLVisionPatchMerger"),
     # Idefics3 / SmolVLM: pixel shuffle, then one Linear (nothing to fuse)
     "Idefics3ForConditionalGeneration": Family("Idefics3", "idefics3", "causal", None, "model.vision_model"),
     "SmolVLMForConditionalGeneration": Family("SmolVLM", "smolvlm", "causal", None, "model.vision_model"),

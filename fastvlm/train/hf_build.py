@@ -18,7 +18,7 @@
   LoRA / QLoRA / full fine-tuning (``lr.llm``; full includes the output head) and LoRA on
   the tower's last ``lora.vision_blocks`` layers, or the whole tower (``lr.vision``). The
   tower's LoRA targets are ``lora.vision_targets``; left at its default (CLIP / SigLIP's
-  names), the family's own Linears of a tower layer (``Family.vision_linears``).
+  names), every Linear of a tower layer, by the names the family gives them.
   Adapters are fastvlm's LoRALinear (fastvlm.train.lora / quant, by module name), merged at
   the stage's end by fastvlm.train.build.finish_stage as for the native VLM.
 
@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from fastvlm.data.hf_processor import HFProcessorDataset, load_processor, set_pixel_budget
 from fastvlm.integrations.hf_load import load_patched, stored_dtype
 from fastvlm.integrations.hf_trainable import HFVLM, layer_list
-from fastvlm.integrations.transformers import UnsupportedModelError, family_of
+from fastvlm.integrations.transformers import UnsupportedModelError
 from fastvlm.train.lora import apply_lora
 from fastvlm.train.quant import apply_qlora
 from fastvlm.train.recipe import LoRASection, Recipe, Stage
@@ -169,13 +169,14 @@ def _instruct(model: HFVLM, stage: Stage, quantize_from: torch.dtype | None) -> 
 
 
 def vision_targets(model: HFVLM, lora, layer: torch.nn.Module) -> list[str]:
-    """The Linear names ``lora.vision_targets`` lists (left at its default: the family's
-    own), each checked to name a Linear of the tower's `layer`."""
+    """The Linear names ``lora.vision_targets`` lists (left at its default: every Linear of
+    the tower's `layer`, by its own names: Qwen2.5-VL's qkv, proj, gate / up / down_proj),
+    each checked to name a Linear of `layer`."""
+    linears = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
     listed = lora.vision_targets
     if listed == LoRASection.vision_targets:
-        listed = ",".join(family_of(model.hf).vision_linears)
+        listed = ",".join(dict.fromkeys(n.rpartition(".")[2] for n in linears))
     targets = [t.strip() for t in listed.split(",") if t.strip()]
-    linears = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
     if missing or not targets:
         leaves = ", ".join(dict.fromkeys(n.rpartition(".")[2] for n in linears))

@@ -127,7 +127,7 @@ class LoRASection:
     targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     vision_blocks: int = 0          # LoRA on the last N vision blocks too (needs lr.vision)
     # the tower's Linears LoRA adapts; model.source = "hf": left at this default, the family's own
-    # (fastvlm.integrations.transformers.Family.vision_linears: Qwen2.5-VL's qkv, proj, gate/up/down_proj)
+    # (every Linear of a tower layer, by the family's names: Qwen2.5-VL's qkv, proj, gate/up/down_proj)
     vision_targets: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"
 
 
