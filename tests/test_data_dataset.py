@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastvlm.data.lengths as cache
 from fastvlm.data import encode_conversation, read_samples, synthetic_vqa, train_bpe_tokenizer
 from fastvlm.data.collate import PackedCollator, PaddedCollator, model_inputs
 from fastvlm.data.dataset import CALIBRATION, CALIBRATION_SAMPLES, VLMDataset, make_loader
@@ -118,6 +119,9 @@ def test_bad_images_skip_and_count_through_the_loader(synthetic, num_workers, se
 
 def test_lengths_cached_next_to_the_data(synthetic, tmp_path, monkeypatch):
     splits, samples, _ = synthetic
+    # the process's memory of lengths starts empty: a test file run before this one in the
+    # same process (xdist worker) may have estimated data of the same bytes (same key)
+    monkeypatch.setattr(cache, "_MEMORY", {})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))
     dataset = _dataset(synthetic)
     lengths = dataset.lengths()
@@ -131,8 +135,6 @@ def test_lengths_cached_next_to_the_data(synthetic, tmp_path, monkeypatch):
     covered = sum(e >= t for e, t in zip(lengths, true))
     assert len(samples) <= CALIBRATION_SAMPLES and covered >= math.ceil(CALIBRATION * (len(samples) - 1))
     # a fresh dataset (new process state) reads the file instead of estimating again
-    import fastvlm.data.lengths as cache
-
     marked = np.load(cached[0])
     marked[0] += 1
     np.save(cached[0], marked)
@@ -151,9 +153,8 @@ def test_lengths_cached_next_to_the_data(synthetic, tmp_path, monkeypatch):
 
 def test_lengths_cache_falls_back_when_nothing_is_writable(synthetic, tmp_path, monkeypatch):
     """Data folder read-only -> user cache folder; that too -> memory (still correct)."""
-    import fastvlm.data.lengths as cache
-
     splits, samples, _ = synthetic
+    monkeypatch.setattr(cache, "_MEMORY", {})  # as above: nothing remembered from earlier files
     real_save = cache._save
     refused = []
 
